@@ -1,0 +1,114 @@
+"""The ``dsv3`` command line (CONTRACT.md). Bad input ends with one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsv3.errors import DsvError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="YAML run config (see configs/); default: the tiny CPU model")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3", description="Train and run DeepSeek-V3-architecture language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="corpus -> tokenizer -> packed token shards")
+    _add_config_args(p, required=True)
+    p = sub.add_parser("train", help="pre-train (prepares data first when needed; resumes from out_dir)")
+    _add_config_args(p, required=False)
+    p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
+    # the deepspeed launcher appends --local_rank=N (the rank is also in $LOCAL_RANK)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP module")
+    return parser
+
+
+def _cmd_prepare(args) -> None:
+    from data_pipeline.prepare import prepare
+    from dsv3.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(prepare(cfg))
+
+
+def _print_sample(run_dir, cfg) -> None:
+    from dsv3 import load_model, load_tokenizer
+    from dsv3.generation import generate
+
+    model = load_model(run_dir)
+    tok = load_tokenizer(run_dir)
+    prompt = cfg.train.sample_prompt
+    ids = generate(model, tok.encode(prompt, bos=True), cfg.train.sample_tokens, temperature=0.8, top_k=50,
+                   top_p=0.95, seed=cfg.train.seed, eos_ids=[tok.eos_id])
+    print("----- sample -----")
+    print(prompt + tok.decode(ids))
+    print("------------------", flush=True)
+
+
+def _cmd_train(args) -> None:
+    from dsv3.config import load_config
+    from dsv3.training.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not args.no_sample:
+        _print_sample(run_dir, cfg)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _cmd_generate(args) -> None:
+    from dsv3 import load_model, load_tokenizer
+    from dsv3.generation import generate
+
+    if args.speculative:
+        raise DsvError("--speculative mtp is not available yet; run without --speculative")
+    if args.max_new_tokens <= 0:
+        raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive")
+    if not 0 < args.top_p <= 1:
+        raise DsvError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.temperature < 0 or args.top_k < 0:
+        raise DsvError("--temperature and --top-k must be >= 0")
+    model = load_model(args.ckpt)
+    tok = load_tokenizer(args.ckpt)
+    if args.max_new_tokens >= model.cfg.max_seq_len:
+        raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be below the model's max_seq_len "
+                       f"{model.cfg.max_seq_len}")
+    ids = generate(model, tok.encode(args.prompt, bos=True), args.max_new_tokens, args.temperature, args.top_k,
+                   args.top_p, args.seed, eos_ids=[tok.eos_id])
+    print(args.prompt + tok.decode(ids))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dsv3`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate}
+    try:
+        handlers[args.command](args)
+    except DsvError as err:
+        print(f"dsv3: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("dsv3: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

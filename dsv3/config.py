@@ -1,0 +1,364 @@
+"""Typed run configuration: dataclasses loaded from YAML, dotted ``KEY=VALUE`` overrides.
+
+A run config has five sections, each a dataclass below: ``model`` (the DeepSeek-V3
+hyper-parameters under their official names), ``data``, ``train``, ``ckpt`` and
+``parallel``. ``load_config(path, overrides)`` reads a YAML file (or the built-in tiny
+default when ``path`` is None), applies overrides such as ``train.steps=50``, checks every
+key and type, and validates the combination. Any problem raises :class:`DsvError` with one
+line naming the value and the fix.
+
+The shipped sizes live in ``configs/*.yaml``; ``configs/tiny.yaml`` equals the dataclass
+defaults, so a missing key in a YAML file always means "the tiny default".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsv3.errors import DsvError
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 architecture hyper-parameters (names as in the official inference code).
+
+    Defaults are the ``tiny`` CPU size. See ``ARCHITECTURE.md`` / DeepSeek-V3 report §2 for
+    the meaning of each; sizes of the 671B model are in ``configs/deepseek_v3_671b.yaml``.
+    """
+
+    vocab_size: int = 4096
+    dim: int = 256
+    inter_dim: int = 768  # dense SwiGLU hidden size of the first n_dense_layers blocks
+    moe_inter_dim: int = 192  # hidden size of each routed and shared expert
+    n_layers: int = 4
+    n_dense_layers: int = 1
+    n_heads: int = 4
+    # DeepSeekMoE (§2.1.2)
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    n_expert_groups: int = 2
+    n_limited_groups: int = 1
+    route_scale: float = 1.0
+    # Multi-head Latent Attention (§2.1.1); q_lora_rank 0 = no query compression
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # Rotary embeddings with YaRN (DeepSeek-V2 §3.1 / appendix); YaRN is on when rope_factor > 1
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    # Multi-Token Prediction (§2.2): depth D
+    mtp_depth: int = 1
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02  # 671B config: 0.006 (V3 report §4.2)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: ``qk_nope_head_dim + qk_rope_head_dim`` (192 for 671B)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and packing settings for ``dsv3 prepare`` / ``dsv3 train``."""
+
+    # None or "" = the Python standard library source of the running interpreter; else a
+    # local .txt/.jsonl/.parquet file or folder, or a datasets hub name.
+    source: str | None = None
+    seq_len: int = 256
+    text_field: str = "text"  # column holding the text in jsonl/parquet/hub sources
+    val_fraction: float = 0.02  # share of documents held out for validation
+    num_proc: int = 2  # tokenization worker processes
+    tokenizer_sample_size: int = 300_000  # sentencepiece input_sentence_size (lines sampled)
+    cache_dir: str | None = None  # where prepared data lives; None = $DSV3_CACHE or ~/.cache/dsv3
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and logging (defaults follow DeepSeek-V3 report §4.2 where it applies)."""
+
+    steps: int = 600
+    seed: int = 1234
+    out_dir: str = "runs/tiny"
+    log_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3  # weight of the MTP loss (§2.2.2)
+    balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (eq. 17)
+    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (§2.1.2)
+    eval_every: int = 100
+    eval_batches: int = 4  # validation size, in global batches
+    sample_prompt: str = "def "
+    sample_tokens: int = 80
+
+
+@dataclass
+class CkptConfig:
+    every: int = 200  # save every N optimizer steps (and always at the end)
+    keep_last: int = 3  # older checkpoints are deleted
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Global batch = micro_batch_size * grad_accum * data-parallel size."""
+
+    zero_stage: int = 0
+    ep: int = 1  # expert parallelism degree
+    pp: int = 1  # pipeline stages
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except DsvError:
+                pass
+        names = " or ".join(_type_name(a) for a in args)
+        raise DsvError(f"config key {key}={value!r} has the wrong type; expected {names}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, float) and value.is_integer() and key.endswith("steps"):
+        return int(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise DsvError(
+        f"config key {key}={value!r} has the wrong type; expected {_type_name(tp)}, "
+        f"e.g. {key}={_example(tp)}"
+    )
+
+
+def _example(tp: Any) -> str:
+    return {int: "8", float: "0.5", bool: "true", str: "text"}.get(tp, "...")
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = [f.name for f in dataclasses.fields(section_obj)]
+    for key, value in values.items():
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f"; did you mean {section}.{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise DsvError(f"unknown config key {section}.{key}{hint}")
+        setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text:
+        raise DsvError(f"override {text!r} is not KEY=VALUE; write it like train.steps=50")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise DsvError(f"override key {key!r} must be section.name, e.g. train.steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts[0], parts[1], value
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    """Build a :class:`Config` from a nested dict (e.g. a parsed YAML file). No validation."""
+    cfg = Config()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DsvError(f"{where} must be a YAML mapping of sections (model:, data:, train:, ...)")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for section, values in raw.items():
+        if section not in sections:
+            raise DsvError(f"unknown config section {section!r} in {where}; valid: {', '.join(sorted(sections))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise DsvError(f"config section {section!r} in {where} must be a mapping of key: value")
+        _apply(getattr(cfg, section), section, values)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load, override and validate a run config.
+
+    Args:
+        path: YAML file; None = the built-in tiny default (``configs/tiny.yaml``).
+        overrides: dotted ``section.key=value`` strings; values are parsed as YAML scalars.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        DsvError: missing or unparsable file, unknown key, wrong type, or an invalid
+            combination (see :func:`validate`).
+    """
+    raw: dict[str, Any] = {}
+    where = "the default config"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise DsvError(f"config file {p} does not exist; pass an existing YAML file to --config (see configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DsvError(f"config file {p} is not valid YAML ({first}); fix the file or pick one from configs/") from None
+    cfg = config_from_dict(raw, where)
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        if section not in {f.name for f in dataclasses.fields(cfg)}:
+            raise DsvError(f"unknown config section {section!r} in override {text!r}; valid: ckpt, data, model, parallel, train")
+        _apply(getattr(cfg, section), section, {key: value})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check that the config describes a buildable model and a possible run.
+
+    Raises:
+        DsvError: the first problem found, naming the values and a fix.
+    """
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.kv_lora_rank": m.kv_lora_rank,
+        "model.qk_nope_head_dim": m.qk_nope_head_dim, "model.qk_rope_head_dim": m.qk_rope_head_dim,
+        "model.v_head_dim": m.v_head_dim, "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len, "train.steps": t.steps, "train.log_every": t.log_every,
+        "ckpt.every": cfg.ckpt.every, "parallel.micro_batch_size": p.micro_batch_size,
+        "parallel.grad_accum": p.grad_accum, "parallel.ep": p.ep, "parallel.pp": p.pp,
+        "data.num_proc": d.num_proc,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise DsvError(f"{key}={value} must be a positive integer")
+    nonneg = {"model.q_lora_rank": m.q_lora_rank, "model.mtp_depth": m.mtp_depth,
+              "model.n_dense_layers": m.n_dense_layers, "model.n_shared_experts": m.n_shared_experts,
+              "train.warmup_steps": t.warmup_steps}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise DsvError(f"{key}={value} must be >= 0")
+    if m.qk_rope_head_dim % 2:
+        raise DsvError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates channel pairs)")
+    if m.n_dense_layers > m.n_layers:
+        raise DsvError(f"model.n_dense_layers={m.n_dense_layers} exceeds model.n_layers={m.n_layers}; lower it")
+    if m.n_dense_layers < m.n_layers:
+        if m.n_routed_experts <= 0 or m.moe_inter_dim <= 0:
+            raise DsvError("model.n_routed_experts and model.moe_inter_dim must be positive when MoE layers exist "
+                           "(or set model.n_dense_layers=model.n_layers)")
+        if m.n_expert_groups <= 0 or m.n_routed_experts % m.n_expert_groups:
+            divs = [g for g in range(1, m.n_routed_experts + 1) if m.n_routed_experts % g == 0]
+            raise DsvError(f"model.n_routed_experts={m.n_routed_experts} is not divisible into "
+                           f"model.n_expert_groups={m.n_expert_groups}; choose n_expert_groups in {divs}")
+        per_group = m.n_routed_experts // m.n_expert_groups
+        if m.n_expert_groups > 1 and per_group < 2:
+            raise DsvError(f"model.n_expert_groups={m.n_expert_groups} leaves {per_group} expert per group; a group "
+                           "is scored by its two best experts, so use at most n_routed_experts/2 groups")
+        if not 1 <= m.n_limited_groups <= m.n_expert_groups:
+            raise DsvError(f"model.n_limited_groups={m.n_limited_groups} must be between 1 and "
+                           f"model.n_expert_groups={m.n_expert_groups}")
+        kept = m.n_limited_groups * per_group
+        if not 1 <= m.n_activated_experts <= kept:
+            raise DsvError(f"model.n_activated_experts={m.n_activated_experts} must be between 1 and the "
+                           f"{kept} experts that n_limited_groups={m.n_limited_groups} groups of {per_group} hold; "
+                           "raise n_limited_groups or lower n_activated_experts")
+        if m.n_routed_experts % p.ep:
+            divs = [e for e in range(1, m.n_routed_experts + 1) if m.n_routed_experts % e == 0]
+            raise DsvError(f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
+                           f"choose ep in {divs}")
+    if m.rope_factor < 1:
+        raise DsvError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
+    if m.rope_factor > 1 and not m.beta_fast > m.beta_slow > 0:
+        raise DsvError(f"YaRN needs model.beta_fast > model.beta_slow > 0, got {m.beta_fast} and {m.beta_slow}")
+    if d.seq_len > m.max_seq_len:
+        raise DsvError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len "
+                       "or raise model.max_seq_len")
+    if m.mtp_depth >= d.seq_len:
+        raise DsvError(f"model.mtp_depth={m.mtp_depth} must be smaller than data.seq_len={d.seq_len}")
+    if m.vocab_size < 384:
+        raise DsvError(f"model.vocab_size={m.vocab_size} is too small: the tokenizer needs 256 byte pieces plus "
+                       "special tokens and merges; use at least 384")
+    if not 0 < d.val_fraction < 0.5:
+        raise DsvError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
+    if t.precision not in ("fp32", "bf16"):
+        raise DsvError(f"train.precision={t.precision!r} is not supported; use fp32 or bf16")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        raise DsvError(f"train.lr={t.lr} must be a positive number")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise DsvError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise DsvError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.zero_stage == 3:
+        raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 1 or 2")
+    if p.pp > 1:
+        raise DsvError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
+    if p.ep > 1:
+        raise DsvError(f"parallel.ep={p.ep}: expert parallelism is not available yet; use parallel.ep=1")
+    if cfg.ckpt.keep_last < 1:
+        raise DsvError(f"ckpt.keep_last={cfg.ckpt.keep_last} must be at least 1")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML, atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

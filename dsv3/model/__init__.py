@@ -1,0 +1,26 @@
+"""The DeepSeek-V3 model in plain PyTorch (no DeepSpeed, no process groups).
+
+Files: ``norm.py`` RMSNorm; ``rope.py`` rotary embeddings + YaRN; ``attention.py`` MLA and the
+latent decode cache; ``moe.py`` dense MLP, sigmoid gate, grouped experts, DeepSeekMoE;
+``transformer.py`` blocks, MTP modules, the full model, ``init_weights`` and counts.
+"""
+
+from dsv3.model.attention import MLA, LatentCache
+from dsv3.model.moe import MLP, MoE, Experts, Gate
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rope, rope_cos_sin, rope_frequencies, yarn_softmax_scale
+from dsv3.model.transformer import (
+    IGNORE_INDEX,
+    Block,
+    MTPModule,
+    Transformer,
+    TrainOutput,
+    count_parameters,
+    flops_per_token,
+)
+
+__all__ = [
+    "MLA", "LatentCache", "MLP", "MoE", "Experts", "Gate", "RMSNorm", "apply_rope", "rope_cos_sin",
+    "rope_frequencies", "yarn_softmax_scale", "IGNORE_INDEX", "Block", "MTPModule", "Transformer",
+    "TrainOutput", "count_parameters", "flops_per_token",
+]

@@ -1,0 +1,149 @@
+"""Multi-head Latent Attention, MLA (stages 3 and 5).
+
+Sources: DeepSeek-V2 (arXiv 2405.04434) §2.1, eq. 1-11; DeepSeek-V3 report §2.1.1.
+
+Dims: B batch, T new tokens, S cached + new tokens, H heads, dn = qk_nope_head_dim,
+dr = qk_rope_head_dim, dv = v_head_dim, C = kv_lora_rank, Rq = q_lora_rank.
+
+Per token ``h`` (dim):
+  queries  c_q = RMSNorm(W_qa h) (Rq), q = W_qb c_q -> per head [q_nope (dn); q_rope (dr)]
+           (one projection ``q_proj`` when q_lora_rank = 0)
+  keys     W_kva h -> [c_kv (C); k_rope (dr)]; c_kv is RMSNormed; W_kvb c_kv -> per head
+           [k_nope (dn); v (dv)]; k_rope is one vector shared by all heads (decoupled RoPE)
+  scores   (q_nope . k_nope + q_rope . k_rope) * softmax_scale, causal softmax, W_o.
+
+Two computation paths give the same result:
+- training / full forward (``cache is None``): expand keys and values per head and call
+  ``scaled_dot_product_attention``;
+- decode (``cache`` given): the *absorbed* form. Only ``c_kv`` and the rotated ``k_rope`` are
+  cached (C + dr values per token per layer); W_kvb's key half is folded into the query
+  (``q_nope W_uk``: dn -> C) and its value half applied after the attention (C -> dv), so the
+  cache is never re-expanded (V2 §2.1.3 "absorb").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rope, yarn_softmax_scale
+
+
+class LatentCache:
+    """Per-layer MLA decode cache: normalized ``c_kv`` and rotated ``k_rope`` per position.
+
+    Attributes:
+        kv: (B, max_len, kv_lora_rank) latent keys/values.
+        pe: (B, max_len, qk_rope_head_dim) rotated rope keys.
+    Positions ``[0, length)`` are filled; ``length`` grows by the tokens of each forward.
+    """
+
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype: torch.dtype, device=None):
+        self.kv = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[1]
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE.
+
+    Module names match the Hugging Face DeepSeek-V3 checkpoint keys (``q_a_proj``,
+    ``q_a_layernorm``, ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+    ``kv_b_proj``, ``o_proj``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = yarn_softmax_scale(cfg)
+        qk = cfg.qk_head_dim
+        if cfg.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.n_heads, -1))  # (B, T, H, dn + dr)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend over the sequence (training) or over the cache plus the new tokens (decode).
+
+        Args:
+            x: (B, T, dim) hidden states of the new tokens.
+            cos, sin: (T, dr/2) rope tables for the absolute positions of the new tokens.
+            cache: decode cache; the new tokens are appended at ``cache.length``.
+            attn_mask: optional boolean (B or 1, 1, T, S) mask, True = may attend; replaces
+                the plain causal mask (used for left padding).
+
+        Returns:
+            (B, T, dim), dtype of ``x``.
+        """
+        B, T, _ = x.shape
+        q = self._queries(x)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, C)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, dr): one key for all heads
+
+        if cache is None:
+            kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.dn + self.dv))  # (B, T, H, dn+dv)
+            k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+            qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
+            kh = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+            vh = v.transpose(1, 2)  # (B, H, T, dv)
+            if attn_mask is None:
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
+            else:
+                o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=self.softmax_scale)
+            o = o.transpose(1, 2).flatten(2)  # (B, T, H*dv)
+            return self.o_proj(o)
+
+        start = cache.length
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"decode cache holds {cache.max_len} positions; {end} needed")
+        cache.kv[:B, start:end] = c_kv.to(cache.kv.dtype)
+        cache.pe[:B, start:end] = k_pe.squeeze(2).to(cache.pe.dtype)
+        cache.length = end
+        kv_c = cache.kv[:B, :end]  # (B, S, C)
+        pe_c = cache.pe[:B, :end]  # (B, S, dr)
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.dn + self.dv))  # (H, dn+dv, C)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, dn, C), (H, dv, C)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, kv_c) + torch.einsum("bthr,bsr->bhts", q_pe, pe_c)
+        scores = scores.float() * self.softmax_scale  # (B, H, T, S)
+        if attn_mask is None:
+            pos_q = torch.arange(start, end, device=x.device)[:, None]
+            attn_mask = torch.arange(end, device=x.device)[None, :] <= pos_q  # (T, S)
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        p = scores.softmax(dim=-1).to(x.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, kv_c)  # (B, T, H, C)
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, dv)
+        return self.o_proj(o.flatten(2))

@@ -1,0 +1,251 @@
+"""Feed-forward layers: the dense SwiGLU MLP and DeepSeekMoE (stage 6).
+
+Source: DeepSeek-V3 report §2.1.2, eq. 12-16 (gate), §2.1.2 "auxiliary-loss-free load
+balancing", eq. 17-20 (complementary sequence-wise balance loss); SwiGLU (Shazeer, 2020).
+
+Dims: N tokens (B*T flattened), D = dim, E = n_routed_experts, K = n_activated_experts,
+G = n_expert_groups, I = moe_inter_dim.
+
+    h' = h + sum_shared FFN_s(h) + sum_{i in TopK} g_i FFN_i(h)
+
+No token is ever dropped: every token reaches all K of its experts (no capacity factor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    Shapes: x (..., dim) -> (..., dim). Used for the dense layers (hidden ``inter_dim``) and
+    the shared experts (hidden ``n_shared_experts * moe_inter_dim``).
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with a selection-only bias and group-limited top-k (V3 §2.1.2).
+
+    Parameters / buffers (Hugging Face names):
+        weight: (E, D) expert centroids ``e_i``.
+        e_score_correction_bias: (E,) float32 load-balancing bias ``b_i``; a buffer with no
+            gradient, updated by the trainer after each optimizer step (see
+            :func:`dsv3.training.balance.update_expert_bias`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens.
+
+        1. ``s_i = sigmoid(x . e_i)`` in fp32;
+        2. selection score ``s_i + b_i``;
+        3. if G > 1: a group's score is the sum of its two best selection scores; keep the
+           ``n_limited_groups`` best groups, mask the rest to -inf;
+        4. top-K selection scores pick the experts;
+        5. weights are the *unbiased* ``s_i`` of the picked experts, normalized to sum 1, times
+           ``route_scale``: the bias decides who wins, never how much.
+
+        Args:
+            x: (N, D).
+
+        Returns:
+            weights (N, K) float32, indices (N, K) int64, scores (N, E) float32 (the ``s_i``).
+        """
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        select = scores + self.e_score_correction_bias  # (N, E)
+        if self.n_groups > 1:
+            grouped = select.unflatten(-1, (self.n_groups, -1))  # (N, G, E/G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # True = drop
+            select = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
+        indices = select.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)  # (N, K)
+        weights = weights / weights.sum(-1, keepdim=True) * self.route_scale
+        return weights, indices, scores
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[rows of group e] @ w[e].T`` for every group e, as one grouped product.
+
+    Args:
+        x: (M, In) rows sorted by group.
+        w: (E, Out, In) one weight per group.
+        offsets: (E,) int32 cumulative row counts (end row of each group).
+
+    Returns:
+        (M, Out), dtype of ``x``.
+
+    Uses ``torch._grouped_mm`` when the build has it and the row strides are 16-byte aligned
+    (its requirement); otherwise a padded batched product: rows are scattered into an
+    (E, max_rows, In) block, multiplied with one ``bmm`` and gathered back.
+    """
+    out_dim, in_dim = w.shape[1], w.shape[2]
+    item = x.element_size()
+    if _HAS_GROUPED_MM and (in_dim * item) % 16 == 0 and (out_dim * item) % 16 == 0:
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    E = w.shape[0]
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()  # (E,)
+    counts = offsets.long() - starts
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # (M,)
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]  # (M,)
+    width = int(counts.max()) if x.shape[0] else 0
+    padded = x.new_zeros(E, width, in_dim).index_put((expert, slot), x)  # (E, C, In)
+    return torch.bmm(padded, w.transpose(-2, -1))[expert, slot]  # (M, Out)
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch._grouped_mm`` rejects expanded (stride-0) gradients, which e.g. ``y.sum()`` makes.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        return g.contiguous()
+
+
+class Experts(nn.Module):
+    """The routed experts of one MoE layer, stored stacked for grouped matrix products.
+
+    Parameters: ``gate_proj`` and ``up_proj`` (E, I, D), ``down_proj`` (E, D, I); expert e's
+    SwiGLU is ``down_proj[e] @ (silu(gate_proj[e] @ x) * (up_proj[e] @ x))``. The Hugging Face
+    per-expert keys ``experts.{e}.gate_proj.weight`` are slices ``gate_proj[e]``.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Send each token to its K experts, run every expert once, combine by the gate weights.
+
+        Tokens are sorted by expert so that each expert's rows are contiguous, then the three
+        projections run as grouped matrix products (no Python loop over experts).
+
+        Args:
+            x: (N, D); weights: (N, K) float32; indices: (N, K) int64.
+
+        Returns:
+            (N, D) weighted sum of expert outputs, dtype of ``x``.
+        """
+        N, K = indices.shape
+        flat = indices.flatten()  # (N*K,)
+        order = flat.argsort(stable=True)  # (N*K,) sorted by expert
+        token = order // K  # (N*K,) source token of each sorted row
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,)
+        xs = _ContiguousGrad.apply(x[token])  # (N*K, D)
+        h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
+        ys = grouped_matmul(_ContiguousGrad.apply(h), self.down_proj, offsets)  # (N*K, D)
+        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, _ContiguousGrad.apply(ys))
+
+
+@dataclass
+class MoEAux:
+    """Side outputs of one MoE layer for the trainer.
+
+    Attributes:
+        balance_loss: scalar float32, ``sum_i f_i P_i`` averaged over the sequences of the
+            batch (eq. 17-20, *without* the weight alpha).
+        load: (E,) int64 tokens routed to each expert in this forward.
+    """
+
+    balance_loss: torch.Tensor
+    load: torch.Tensor
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: shared experts + gated routed experts (V3 §2.1.2, eq. 12-16).
+
+    Submodule names follow the Hugging Face checkpoints: ``gate``, ``experts``,
+    ``shared_experts``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.n_activated_experts
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = (
+            MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """Apply the layer.
+
+        Args:
+            x: (B, T, D).
+            valid: optional (B, T) bool, False for padding positions that must not count in
+                the load statistics or the balance loss.
+
+        Returns:
+            y (B, T, D) (the FFN output, without the residual), and :class:`MoEAux`.
+        """
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)  # (N, D)
+        weights, indices, scores = self.gate(flat)
+        y = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, D), self._aux(indices, scores, B, T, valid)
+
+    def _aux(self, indices, scores, B, T, valid) -> MoEAux:
+        """Expert load and the sequence-wise balance loss (eq. 17-20).
+
+        ``f_i = E / (K T) * count_i`` and ``P_i = mean_t s_i / sum_j s_j`` per sequence;
+        loss = ``sum_i f_i P_i`` averaged over sequences. With ``valid``, T is the number of
+        valid tokens of the sequence.
+        """
+        E, K = self.n_experts, self.top_k
+        hits = torch.zeros(B * T, E, device=scores.device).scatter_(1, indices, 1.0)  # (N, E)
+        probs = scores / scores.sum(-1, keepdim=True)  # (N, E)
+        if valid is not None:
+            m = valid.reshape(B * T, 1).float()
+            hits, probs = hits * m, probs * m
+            n_tok = valid.sum(1).clamp(min=1).float()  # (B,)
+        else:
+            n_tok = torch.full((B,), float(T), device=scores.device)
+        hits = hits.view(B, T, E)
+        f = hits.sum(1) * (E / (K * n_tok))[:, None]  # (B, E)
+        p = probs.view(B, T, E).sum(1) / n_tok[:, None]  # (B, E)
+        balance = (f * p).sum(-1).mean()
+        load = hits.sum((0, 1)).round().long()  # (E,)
+        return MoEAux(balance_loss=balance, load=load)

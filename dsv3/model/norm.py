@@ -1,0 +1,25 @@
+"""RMSNorm (Zhang & Sennrich, 2019), used before attention, FFN, the head and inside MLA."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x**2) + eps) * weight``, computed in fp32, returned in ``x.dtype``.
+
+    Args:
+        dim: size of the last axis.
+        eps: added to the mean square (DeepSeek-V3: 1e-6).
+
+    Shapes: ``x`` (..., dim) -> (..., dim).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)

@@ -1,0 +1,94 @@
+"""Rotary position embeddings with YaRN frequency scaling (stage 4).
+
+Sources: RoFormer (Su et al., 2021) for the rotation; YaRN (Peng et al., 2023) and
+DeepSeek-V2 (arXiv 2405.04434) appendix B for the frequency ramp and the attention scale.
+
+DeepSeek's weights expect the *interleaved-pair* convention: channels (0, 1), (2, 3), ... of
+the rope slice form the complex numbers that are rotated. dsv3 uses that layout internally,
+so Hugging Face / official checkpoints import with no permutation of ``q_b_proj`` or
+``kv_a_proj_with_mqa`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsv3.config import ModelConfig
+
+
+def _correction_dim(n_rotations: float, dim: int, base: float, max_len: int) -> float:
+    """Channel index whose wavelength completes ``n_rotations`` turns over ``max_len`` tokens."""
+    return dim * math.log(max_len / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rope channel pairs, with YaRN applied when ``rope_factor > 1``.
+
+    ``theta_j = rope_theta ** (-2j / d)`` for ``j < d/2`` (``d = qk_rope_head_dim``). With YaRN,
+    pairs whose wavelength is short (index below the ``beta_fast`` correction point) keep
+    ``theta_j``, long ones (above the ``beta_slow`` point) use ``theta_j / rope_factor``, and a
+    linear ramp blends the two in between (YaRN eq. 18-19, "NTK-by-parts").
+
+    Returns:
+        float32 tensor (d/2,), radians per position.
+    """
+    d = cfg.qk_rope_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if cfg.rope_factor > 1:
+        low = max(math.floor(_correction_dim(cfg.beta_fast, d, cfg.rope_theta, cfg.original_seq_len)), 0)
+        high = min(math.ceil(_correction_dim(cfg.beta_slow, d, cfg.rope_theta, cfg.original_seq_len)), d - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: short wavelength, extrapolate; 0: long wavelength, interpolate
+        inv_freq = inv_freq / cfg.rope_factor * (1 - keep) + inv_freq * keep
+    return inv_freq.float()
+
+
+def yarn_softmax_scale(cfg: ModelConfig) -> float:
+    """Attention logit scale: ``qk_head_dim ** -0.5``, times ``mscale**2`` under YaRN.
+
+    ``mscale = 0.1 * cfg.mscale * ln(rope_factor) + 1`` (YaRN eq. 22; DeepSeek-V2 appendix B).
+    For the 671B config (rope_factor 40, mscale 1) mscale = 1.368888 and the scale is
+    ``192 ** -0.5 * 1.368888**2`` = 0.135234.
+    """
+    scale = cfg.qk_head_dim ** -0.5
+    if cfg.rope_factor > 1:
+        m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
+        scale = scale * m * m
+    return scale
+
+
+def rope_cos_sin(cfg: ModelConfig, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables of ``cos(p * theta_j)`` and ``sin(p * theta_j)``.
+
+    Returns:
+        (cos, sin), each float32 (max_len, qk_rope_head_dim / 2); max_len defaults to
+        ``cfg.max_seq_len``.
+    """
+    n = max_len or cfg.max_seq_len
+    angles = torch.outer(torch.arange(n, dtype=torch.float32), rope_frequencies(cfg))
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` by the position angles.
+
+    Pair ``(x[2j], x[2j+1])`` at position p becomes
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)`` with angle ``p * theta_j`` (RoFormer eq. 34).
+
+    Args:
+        x: (B, T, H, d) rope slice of queries or keys (any float dtype).
+        cos, sin: (T, d/2) float32 rows for the T positions of ``x``.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, d/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, d/2)
+    c = cos[None, :, None, :]  # (1, T, 1, d/2)
+    s = sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, H, d/2, 2)
+    return out.flatten(-2).to(x.dtype)

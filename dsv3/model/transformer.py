@@ -1,0 +1,296 @@
+"""The DeepSeek-V3 model: embedding, blocks, head and Multi-Token Prediction (stages 2, 7, 8).
+
+Source: DeepSeek-V3 report §2 (architecture), §2.2 (MTP, eq. 21-25).
+
+Dims: B batch, T tokens, D = dim, V = vocab_size, E = n_routed_experts.
+
+Module and parameter names equal the Hugging Face ``DeepseekV3ForCausalLM`` keys with the
+``model.`` prefix dropped (``embed_tokens``, ``layers.N.self_attn.q_a_proj``, ``norm``,
+``lm_head``), so checkpoint import/export is a rename table. MTP module k is stored by
+Hugging Face as layer ``n_layers + k - 1``; here it is ``mtp.{k-1}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.attention import MLA, LatentCache
+from dsv3.model.moe import MLP, MoE, Experts, Gate
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import rope_cos_sin
+
+IGNORE_INDEX = -100  # label value that carries no loss (padding, prompt tokens in SFT)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``h += MLA(norm(h))``, ``h += FFN(norm(h))``.
+
+    The FFN is a dense SwiGLU :class:`MLP` for the first ``n_dense_layers`` layers, else a
+    :class:`MoE` (DeepSeek-V3: 3 dense layers, then 58 MoE layers).
+    """
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.is_moe = layer_id >= cfg.n_dense_layers
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, h, cos, sin, cache=None, attn_mask=None, valid=None):
+        """Args: h (B, T, D); cos/sin (T, dr/2). Returns (h (B, T, D), MoEAux or None)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, attn_mask)
+        x = self.post_attention_layernorm(h)
+        if self.is_moe:
+            y, aux = self.mlp(x, valid)
+            return h + y, aux
+        return h + self.mlp(x), None
+
+
+class SharedHead(nn.Module):
+    """The final norm of an MTP module; the projection itself is the model's ``lm_head``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+
+
+class MTPModule(Block):
+    """One Multi-Token Prediction depth k (V3 §2.2, eq. 21-23).
+
+    ``h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)]`` (embedding half first, as in
+    the released checkpoints), then one transformer block; the shared output head (after this
+    module's own norm) predicts ``t_{i+k+1}``. ``enorm``, ``hnorm``, ``eh_proj`` and
+    ``shared_head.norm`` follow the Hugging Face key names. The embedding and the output head
+    are the main model's (shared, not copied).
+    """
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__(layer_id, cfg)
+        self.enorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb, cos, sin, valid=None):
+        """Args: h_prev (B, T', D) previous depth's states, emb (B, T', D) embeddings of the
+        tokens k ahead. Returns (h (B, T', D) before the head norm, MoEAux or None)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
+        return super().forward(h, cos, sin, valid=valid)
+
+
+@dataclass
+class TrainOutput:
+    """What a training forward returns (sums, so the trainer can normalize globally).
+
+    Attributes:
+        lm_loss_sum: scalar fp32, summed next-token cross-entropy over labelled positions.
+        lm_tokens: scalar int64, number of labelled positions.
+        mtp_loss_sum: (D_mtp,) fp32 summed cross-entropy of each MTP depth.
+        mtp_tokens: (D_mtp,) int64 labelled positions per depth.
+        balance_loss: scalar fp32, sum over MoE layers of the sequence-wise balance loss
+            (eq. 17-20), unweighted by alpha.
+        expert_load: (L_moe, E) int64 tokens routed to each expert of each MoE layer (main
+            layers first, then the MTP modules' layers).
+    """
+
+    lm_loss_sum: torch.Tensor
+    lm_tokens: torch.Tensor
+    mtp_loss_sum: torch.Tensor
+    mtp_tokens: torch.Tensor
+    balance_loss: torch.Tensor
+    expert_load: torch.Tensor
+
+    def local_loss(self, mtp_lambda: float, alpha: float) -> torch.Tensor:
+        """``L_main + lambda/D * sum_k L_mtp_k + alpha * L_bal`` with means over this batch."""
+        loss = self.lm_loss_sum / self.lm_tokens.clamp(min=1)
+        if self.mtp_loss_sum.numel():
+            loss = loss + mtp_lambda * (self.mtp_loss_sum / self.mtp_tokens.clamp(min=1)).mean()
+        return loss + alpha * self.balance_loss
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 language model (main model + MTP modules).
+
+    ``model(input_ids)`` returns the main head's logits, float32 (B, T, V) (CONTRACT.md
+    Python API). ``model(input_ids, labels)`` returns a :class:`TrainOutput`. With a decode
+    cache from :meth:`new_cache`, the call processes only the new tokens and appends them to
+    the cache.
+
+    Build big configurations on the meta device (``with torch.device("meta"):``) to count
+    parameters without memory, then ``to_empty(device=...)`` and :meth:`init_weights`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.mtp_depth))
+        cos, sin = rope_cos_sin(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialize every parameter (the one place that does so).
+
+        All linear, embedding, expert and gate weights ~ N(0, ``init_std``) (V3 report §4.2:
+        0.006), RMSNorm weights = 1, balancing biases = 0, rope tables recomputed (they are
+        non-persistent buffers, so a model built on the meta device needs them).
+
+        Args:
+            seed: if given, initialize from ``torch.Generator().manual_seed(seed)`` so the
+                result does not depend on the global RNG state.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
+                _normal_(module.weight, std, gen)
+            elif isinstance(module, Experts):
+                for w in (module.gate_proj, module.up_proj, module.down_proj):
+                    _normal_(w, std, gen)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            if isinstance(module, Gate):
+                module.e_score_correction_bias.zero_()
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """(Re)compute the rope tables on the model's device, in float32."""
+        cos, sin = rope_cos_sin(self.cfg)
+        self.rope_cos = cos.to(self.rope_cos.device)
+        self.rope_sin = sin.to(self.rope_sin.device)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[LatentCache]:
+        """Allocate the latent decode cache: one :class:`LatentCache` per main layer.
+
+        Holds ``kv_lora_rank + qk_rope_head_dim`` values per token per layer (576 for 671B).
+        """
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        dtype = dtype or self.embed_tokens.weight.dtype
+        dev = self.embed_tokens.weight.device
+        return [LatentCache(batch, max_len, self.cfg, dtype, dev) for _ in self.layers]
+
+    def _trunk(self, input_ids, cache=None, attn_mask=None, valid=None):
+        """Embed and run the main blocks. Returns (h (B, T, D) before the final norm, auxes)."""
+        B, T = input_ids.shape
+        start = cache[0].length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        h = self.embed_tokens(input_ids)  # (B, T, D)
+        auxes = []
+        for i, layer in enumerate(self.layers):
+            h, aux = layer(h, cos, sin, None if cache is None else cache[i], attn_mask, valid)
+            if aux is not None:
+                auxes.append(aux)
+        return h, auxes
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: list[LatentCache] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ):
+        """Run the model.
+
+        Args:
+            input_ids: (B, T) int64 token ids.
+            labels: (B, T) int64 next-token targets (``labels[:, i]`` = token i+1), or
+                ``IGNORE_INDEX``. When given, returns a :class:`TrainOutput` including the MTP
+                losses: depth k at position i reads the embedding of ``input_ids[:, i+k]`` and
+                predicts ``labels[:, i+k]`` = token i+k+1, for i < T-k.
+            cache: decode cache from :meth:`new_cache` (inference only).
+            attn_mask: optional bool (B, 1, T, S) mask, True = may attend (left padding).
+
+        Returns:
+            logits (B, T, V) float32 if ``labels`` is None, else :class:`TrainOutput`.
+        """
+        if labels is None:
+            h, _ = self._trunk(input_ids, cache, attn_mask)
+            return self.lm_head(self.norm(h)).float()
+        valid = labels != IGNORE_INDEX  # (B, T)
+        h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid)
+        lm_sum = _ce_sum(self.lm_head(self.norm(h)), labels)
+        T = input_ids.shape[1]
+        mtp_sums, mtp_tokens = [], []
+        for k, module in enumerate(self.mtp, start=1):
+            emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
+            target = labels[:, k:]  # (B, T-k)
+            h, aux = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k], valid[:, k:])
+            if aux is not None:
+                auxes.append(aux)
+            mtp_sums.append(_ce_sum(self.lm_head(module.shared_head.norm(h)), target))
+            mtp_tokens.append((target != IGNORE_INDEX).sum())
+        dev = lm_sum.device
+        return TrainOutput(
+            lm_loss_sum=lm_sum,
+            lm_tokens=valid.sum(),
+            mtp_loss_sum=torch.stack(mtp_sums) if mtp_sums else torch.zeros(0, device=dev),
+            mtp_tokens=torch.stack(mtp_tokens) if mtp_tokens else torch.zeros(0, dtype=torch.long, device=dev),
+            balance_loss=sum((a.balance_loss for a in auxes), torch.zeros((), device=dev)),
+            expert_load=torch.stack([a.load for a in auxes]) if auxes else torch.zeros(0, 0, dtype=torch.long),
+        )
+
+    def moe_gates(self) -> list[Gate]:
+        """Every router, in the order of :attr:`TrainOutput.expert_load` rows."""
+        mods = [layer.mlp.gate for layer in self.layers if layer.is_moe]
+        return mods + [m.mlp.gate for m in self.mtp if m.is_moe]
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32 over positions whose label is not IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _normal_(w: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+    if w.device.type == "meta":
+        return
+    if gen is None or w.device.type == "cpu":
+        w.normal_(0.0, std, generator=gen)
+    else:
+        w.copy_(torch.empty(w.shape, dtype=w.dtype).normal_(0.0, std, generator=gen))
+
+
+def count_parameters(model: Transformer) -> dict[str, int]:
+    """Parameter counts: ``main`` (no MTP), ``mtp``, ``total`` and ``activated`` per token.
+
+    ``activated`` counts the main model with only ``n_activated_experts`` of each MoE layer's
+    routed experts (plus embedding and head), the usual "37B activated" figure.
+    """
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    main = total - mtp
+    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+    inactive = cfg.n_moe_layers * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
+    return {"main": main, "mtp": mtp, "total": total, "activated": main - inactive}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of the main model.
+
+    6 * (activated matmul parameters, embedding excluded) + attention scores and values:
+    ``6 * n_layers * n_heads * seq_len * (qk_head_dim + v_head_dim) / 2`` (causal half).
+    """
+    d, h = cfg.dim, cfg.n_heads
+    attn = (cfg.q_lora_rank * (d + h * cfg.qk_head_dim) if cfg.q_lora_rank else d * h * cfg.qk_head_dim)
+    attn += d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attn += h * cfg.v_head_dim * d
+    dense_ffn = 3 * d * cfg.inter_dim
+    moe_ffn = 3 * d * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts) + d * cfg.n_routed_experts
+    matmul = cfg.n_layers * attn + cfg.n_dense_layers * dense_ffn + cfg.n_moe_layers * moe_ffn + d * cfg.vocab_size
+    attn_scores = cfg.n_layers * h * seq_len * (cfg.qk_head_dim + cfg.v_head_dim) / 2 * 2
+    return 6.0 * matmul + 3.0 * attn_scores

@@ -1,0 +1,1 @@
+"""Pre-training (stage 9): the training loop, LR schedule, load balancing, checkpoints, logging."""

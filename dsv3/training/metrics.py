@@ -1,0 +1,68 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# metrics.jsonl key -> TensorBoard tag (grouped so the dashboard reads well)
+TB_TAGS = {
+    "loss": "loss/total",
+    "lm_loss": "loss/lm",
+    "mtp_loss": "loss/mtp",
+    "balance_loss": "loss/balance",
+    "val_loss": "loss/val",
+    "lr": "optim/lr",
+    "grad_norm": "optim/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s",
+    "step_time_s": "perf/step_time_s",
+    "tokens": "progress/tokens",
+    "expert_load_max_over_mean": "moe/load_max_over_mean",
+}
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; a no-op object on other ranks.
+
+    On resume from step k, records with ``step > k`` left by the interrupted run are
+    dropped from ``metrics.jsonl`` and TensorBoard is opened with ``purge_step=k+1``, so the
+    logs continue at k+1 without duplicate or stale points.
+    """
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool, config_text: str | None = None):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step > 0 else None)
+        if config_text and start_step == 0:
+            self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (must hold ``step``) to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key in TB_TAGS and value is not None:
+                self.writer.add_scalar(TB_TAGS[key], value, step)
+            elif key.startswith("expert_load/"):
+                self.writer.add_scalar("moe/" + key.split("/", 1)[1], value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

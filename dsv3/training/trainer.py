@@ -1,0 +1,246 @@
+"""The pre-training loop (``dsv3 train``): DeepSpeed engine, global-batch losses, aux-free balancing.
+
+One optimizer step consumes a global batch of ``micro_batch_size * grad_accum * dp`` packed
+windows, chosen by :func:`data_pipeline.dataset.global_sample_indices` from the step number
+and the seed alone, so the sample sequence does not depend on the number of processes, and a
+resumed run reads exactly what an uninterrupted one would.
+
+Losses are means over the whole global batch: each micro-batch's summed cross-entropy is
+divided by the number of labelled tokens of the global batch (counted before the step and
+all-reduced), then scaled by ``grad_accum * dp`` to undo DeepSpeed's averaging over
+micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * balance
+(V3 report §2.1.2 eq. 17-20, §2.2 eq. 25).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
+from data_pipeline.prepare import prepare
+from dsv3.config import Config, save_config
+from dsv3.errors import DsvError
+from dsv3.model import IGNORE_INDEX, Transformer
+from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from dsv3.parallel.engine import build_engine, trainer_clips
+from dsv3.training.balance import update_expert_bias
+from dsv3.training.checkpoint import latest_tag, save_checkpoint
+from dsv3.training.metrics import MetricsLogger
+from dsv3.training.schedule import lr_at
+
+
+def _log(info: DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(msg, flush=True)
+
+
+def split_window(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) packed windows -> inputs (B, T) and next-token labels (B, T)."""
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def mtp_label_counts(labels: torch.Tensor, depth: int) -> torch.Tensor:
+    """(depth,) int64: labelled positions seen by each MTP depth k (``labels[:, k:]``)."""
+    return torch.stack([(labels[:, k:] != IGNORE_INDEX).sum() for k in range(1, depth + 1)]) if depth else \
+        torch.zeros(0, dtype=torch.long)
+
+
+class Trainer:
+    """Pre-trains a :class:`Transformer` as ``cfg`` says; :meth:`run` does the whole job."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.info = init_distributed()
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        dp = self.info.world_size
+        p = cfg.parallel
+        self.dp = dp
+        self.global_batch = p.micro_batch_size * p.grad_accum * dp
+
+        # data: rank 0 prepares (or finds the cache), the others then read the same folder
+        if self.info.is_main:
+            self.data_dir = prepare(cfg)
+        barrier()
+        if not self.info.is_main:
+            self.data_dir = prepare(cfg, progress=False)
+        self.train_data = PackedDataset(self.data_dir, "train", cfg.data.seq_len)
+        self.val_data = PackedDataset(self.data_dir, "val", cfg.data.seq_len)
+        if len(self.train_data) < self.global_batch:
+            raise DsvError(f"the training split has {len(self.train_data)} windows of data.seq_len={cfg.data.seq_len}, "
+                           f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch")
+
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.ckpt_root.mkdir(exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+            tok = self.out_dir / "tokenizer.model"
+            tmp = tok.with_name(".tokenizer.model.tmp")
+            tmp.write_bytes((self.data_dir / "tokenizer.model").read_bytes())
+            tmp.replace(tok)
+        barrier()
+
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+        model.init_weights(seed=cfg.train.seed)
+        model.to(self.info.device)
+        self.engine, self.optimizer = build_engine(model, cfg, dp)
+        self.manual_clip = trainer_clips(cfg)
+        self.model: Transformer = self.engine.module
+        self.start_step = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        tag = latest_tag(self.ckpt_root) if self.ckpt_root.is_dir() else None
+        if tag is None:
+            return
+        _, state = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        if state is None:
+            raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
+        self.start_step = int(state["step"])
+        _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, step: int) -> dict[str, float]:
+        """Run optimizer step ``step`` (0-based) over its global batch; return its metrics."""
+        cfg, p = self.cfg, self.cfg.parallel
+        indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
+        micro = rank_micro_batches(indices, self.info.rank, self.dp, p.micro_batch_size, p.grad_accum)
+        batches = [split_window(self.train_data.batch(mb)) for mb in micro]
+        dev = self.info.device
+        depth = cfg.model.mtp_depth
+        counts = torch.zeros(1 + depth, dtype=torch.float64)
+        for _, labels in batches:
+            counts[0] += (labels != IGNORE_INDEX).sum()
+            counts[1:] += mtp_label_counts(labels, depth)
+        all_reduce_sum(counts)
+        n_lm, n_mtp = counts[0].clamp(min=1).item(), counts[1:].clamp(min=1).to(dev).float()
+
+        lr = lr_at(step, cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scale = p.grad_accum * self.dp  # undo DeepSpeed's mean over micro-batches and ranks
+        lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
+        stats = torch.zeros(3 + depth, dtype=torch.float64)  # lm_sum, balance, spare, mtp sums
+        load = None
+        grad_norm = None
+        for i, (inputs, labels) in enumerate(batches):
+            out = self.engine(inputs.to(dev), labels.to(dev))
+            loss = out.lm_loss_sum / n_lm
+            if depth:
+                loss = loss + lam / depth * (out.mtp_loss_sum / n_mtp).sum()
+            loss = loss * scale + alpha * out.balance_loss
+            self.engine.backward(loss)
+            if self.manual_clip and i == len(batches) - 1:  # gradients are all-reduced now
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.engine.step()
+            stats[0] += out.lm_loss_sum.detach().double().cpu()
+            stats[1] += out.balance_loss.detach().double().cpu() / (p.grad_accum * self.dp)
+            stats[3:] += out.mtp_loss_sum.detach().double().cpu()
+            load = out.expert_load.detach().cpu() if load is None else load + out.expert_load.detach().cpu()
+        all_reduce_sum(stats)
+        if load is not None and load.numel():
+            all_reduce_sum(load)
+            update_expert_bias(self.model.moe_gates(), load, cfg.train.bias_update_speed)
+        lm = (stats[0] / n_lm).item()
+        mtp = (stats[3:] / n_mtp.double().cpu()).mean().item() if depth else 0.0
+        bal = stats[1].item()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        rec = {
+            "loss": lm + lam * mtp + alpha * bal,
+            "lm_loss": lm,
+            "mtp_loss": mtp,
+            "balance_loss": bal,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        }
+        if load is not None and load.numel():
+            lf = load.float()
+            ratio = (lf.max(-1).values / lf.mean(-1).clamp(min=1e-9))
+            rec["expert_load_max_over_mean"] = ratio.mean().item()
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss (main head) over the first ``eval_batches`` global batches of
+        validation windows (the same windows whatever the parallel layout)."""
+        cfg = self.cfg
+        n = min(len(self.val_data), cfg.train.eval_batches * self.global_batch)
+        mine = list(range(self.info.rank, n, self.dp))
+        totals = torch.zeros(2, dtype=torch.float64)
+        self.engine.eval()
+        for i in range(0, len(mine), cfg.parallel.micro_batch_size):
+            inputs, labels = split_window(self.val_data.batch(mine[i : i + cfg.parallel.micro_batch_size]))
+            out = self.model(inputs.to(self.info.device), labels.to(self.info.device))
+            totals[0] += out.lm_loss_sum.double().cpu()
+            totals[1] += out.lm_tokens.double().cpu()
+        self.engine.train()
+        all_reduce_sum(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def client_state(self, step: int) -> dict:
+        return {"step": step, "tokens": step * self.global_batch * self.cfg.data.seq_len,
+                "world_size": self.dp}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop_after: int | None = None) -> Path:
+        """Train from ``start_step`` to ``train.steps``; returns the run directory.
+
+        Args:
+            stop_after: save a checkpoint and return after this optimizer step, as an
+                interrupted run would (a later :meth:`run` on the same out_dir resumes).
+        """
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = self.global_batch * cfg.data.seq_len
+        logger = MetricsLogger(self.out_dir, self.start_step, self.info.is_main,
+                               yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _log(self.info, f"training {cfg.model.n_layers}-layer model, {sum(p.numel() for p in self.model.parameters()):,} "
+                        f"parameters, {self.dp} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
+                        f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
+        if self.start_step == 0 and t.eval_every > 0:
+            val = self.evaluate()
+            logger.log({"step": 0, "val_loss": val, "tokens": 0})
+            _log(self.info, f"step 0 | val_loss {val:.4f}")
+        t0 = time.perf_counter()
+        for step in range(self.start_step, t.steps):
+            rec = self.train_step(step)
+            done = step + 1
+            rec = {"step": done, **rec, "tokens": done * tokens_per_step}
+            elapsed = time.perf_counter() - t0
+            rec["step_time_s"] = elapsed
+            rec["tokens_per_s"] = tokens_per_step / max(elapsed, 1e-9)
+            if not math.isfinite(rec["loss"]):
+                raise DsvError(f"loss became {rec['loss']} at step {done}; lower train.lr or check the data")
+            if t.eval_every > 0 and (done % t.eval_every == 0 or done == t.steps):
+                rec["val_loss"] = self.evaluate()
+            if done % t.log_every == 0 or done == 1 or done == t.steps or "val_loss" in rec:
+                logger.log(rec)
+                extra = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                _log(self.info, f"step {done}/{t.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+                                f"mtp {rec['mtp_loss']:.4f} | lr {rec['lr']:.2e} | grad_norm {rec['grad_norm']:.3f} | "
+                                f"{rec['tokens_per_s']:.0f} tok/s{extra}")
+            stopping = stop_after is not None and done >= stop_after
+            if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
+                save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
+                                self.out_dir / "tokenizer.model", self.info.is_main)
+            if stopping:
+                break
+            t0 = time.perf_counter()  # evaluation and saving do not count as step time
+        logger.close()
+        return self.out_dir
+
+
+def train(cfg: Config) -> Path:
+    """Run ``dsv3 train`` for ``cfg``: prepare data if needed, train, checkpoint, resume.
+
+    Returns:
+        The run directory.
+    """
+    trainer = Trainer(cfg)
+    return trainer.run()

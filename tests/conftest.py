@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real corpus (files of this interpreter's standard library) and a
+tiny model configuration that trains in seconds."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "json/__init__.py",
+                "heapq.py", "bisect.py", "fractions.py", "shlex.py", "string.py", "colorsys.py", "csv.py"]
+
+
+def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[str]:
+    """Overrides for a 2-layer model with every DeepSeek-V3 part (MLA, MoE, MTP) that runs fast."""
+    base = {
+        "data.source": str(corpus), "data.cache_dir": str(cache), "data.seq_len": 64, "data.num_proc": 1,
+        "model.vocab_size": 512, "model.dim": 64, "model.inter_dim": 128, "model.moe_inter_dim": 32,
+        "model.n_layers": 2, "model.n_heads": 2, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 16,
+        "model.qk_rope_head_dim": 8, "model.v_head_dim": 16, "model.max_seq_len": 128,
+        "train.steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2,
+        "train.warmup_steps": 2, "train.out_dir": str(out_dir), "ckpt.every": 3,
+        "parallel.micro_batch_size": 4, "train.sample_tokens": 8,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_FILES:
+        src = STDLIB / name
+        shutil.copyfile(src, d / name.replace("/", "_"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dsv3-cache")
+
+
+def run_dsv3(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the dsv3 CLI in a subprocess (under torchrun when nproc > 1)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv3"]
+    else:
+        cmd = [sys.executable, "-m", "dsv3"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dsv3 {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

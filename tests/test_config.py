@@ -1,0 +1,69 @@
+"""Config loading, overrides and validation: every bad value is one clear DsvError line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.config import Config, load_config
+from dsv3.errors import DsvError
+from dsv3.model import Transformer, count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def error_of(overrides, path=None):
+    with pytest.raises(DsvError) as info:
+        load_config(path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_tiny_yaml_equals_defaults():
+    assert load_config(ROOT / "configs" / "tiny.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses_and_builds_on_meta(name):
+    cfg = load_config(ROOT / "configs" / name)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    counts = count_parameters(model)
+    assert counts["main"] > 0 and counts["activated"] <= counts["main"]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=50", "train.lr=1e-3", "data.source=/x", "parallel.zero_stage=1",
+                             "train.precision=bf16", "model.q_lora_rank=32"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.data.source, cfg.parallel.zero_stage) == (50, 1e-3, "/x", 1)
+    assert cfg.model.q_lora_rank == 32 and cfg.train.precision == "bf16"
+    assert load_config(None, ["data.source=null"]).data.source is None
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.stepz=5"], "unknown config key train.stepz; did you mean train.steps?"),
+    (["trian.steps=5"], "unknown config section 'trian'"),
+    (["train.steps=many"], "train.steps='many' has the wrong type; expected int"),
+    (["train.steps"], "is not KEY=VALUE"),
+    (["model.n_expert_groups=3"], "n_routed_experts=8 is not divisible into model.n_expert_groups=3; choose n_expert_groups in [1, 2, 4, 8]"),
+    (["model.n_limited_groups=3"], "n_limited_groups=3 must be between 1 and model.n_expert_groups=2"),
+    (["model.n_activated_experts=5"], "n_activated_experts=5 must be between 1 and the 4 experts"),
+    (["model.qk_rope_head_dim=15"], "qk_rope_head_dim=15 must be even"),
+    (["model.n_dense_layers=9"], "n_dense_layers=9 exceeds model.n_layers=4"),
+    (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=1024"),
+    (["train.precision=fp16"], "train.precision='fp16' is not supported; use fp32 or bf16"),
+    (["model.n_expert_groups=8", "model.n_limited_groups=4"], "leaves 1 expert per group"),
+])
+def test_validation_messages(overrides, needle):
+    assert needle in error_of(overrides)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n  dim: :\n")
+    assert "is not valid YAML" in error_of([], bad)
+    assert "does not exist" in error_of([], tmp_path / "nope.yaml")
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    assert "must be a YAML mapping" in error_of([], notmap)

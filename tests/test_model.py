@@ -1,0 +1,223 @@
+"""Component tests of the model math against values computed by hand or by plain loops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.config import ModelConfig
+from dsv3.model import Gate, MoE, Transformer, apply_rope, rope_frequencies, yarn_softmax_scale
+from dsv3.model.moe import Experts
+from dsv3.training.balance import update_expert_bias
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=2,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
+                n_limited_groups=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                max_seq_len=64, mtp_depth=2, route_scale=2.5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def gate_with_scores(logits_row, bias, cfg):
+    """A gate whose raw logits for input e_0 = [1, 0, ...] are ``logits_row``."""
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor(logits_row)
+        gate.e_score_correction_bias.copy_(torch.tensor(bias))
+    x = torch.zeros(1, cfg.dim)
+    x[0, 0] = 1.0
+    return gate, x
+
+
+def test_gate_bias_changes_winners_not_weights():
+    cfg = small_cfg(n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
+    logits = [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0]
+    gate, x = gate_with_scores(logits, [0.0] * 8, cfg)
+    w, idx, s = gate(x)
+    assert sorted(idx[0].tolist()) == [0, 1]
+    # a bias that lifts expert 5 above expert 1 makes it win ...
+    gate2, _ = gate_with_scores(logits, [0, 0, 0, 0, 0, 1.0, 0, 0], cfg)
+    w2, idx2, _ = gate2(x)
+    assert sorted(idx2[0].tolist()) == [0, 5]
+    # ... but its weight is its unbiased sigmoid score, normalized, times route_scale
+    s0, s5 = 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))
+    got = dict(zip(idx2[0].tolist(), w2[0].tolist()))
+    assert got[0] == pytest.approx(2.5 * s0 / (s0 + s5), rel=1e-6)
+    assert got[5] == pytest.approx(2.5 * s5 / (s0 + s5), rel=1e-6)
+    assert w.dtype == torch.float32 and s.dtype == torch.float32
+
+
+def test_group_limited_routing_with_all_negative_selection_scores():
+    # 4 groups of 2; a large negative bias makes every selection score negative. Masked groups
+    # must be -inf, not 0, or a masked expert (score 0 > negative) would win.
+    cfg = small_cfg(n_expert_groups=4, n_limited_groups=1, n_activated_experts=2)
+    logits = [0.0, 0.1, 3.0, 2.9, -1.0, -1.0, 0.5, 0.4]
+    gate, x = gate_with_scores(logits, [-5.0] * 8, cfg)
+    _, idx, _ = gate(x)
+    assert sorted(idx[0].tolist()) == [2, 3]  # group 1 has the best top-2 sum
+    # with two groups kept, group 3 (0.5 + 0.4) beats group 0 (0.1 + 0.0)
+    cfg2 = small_cfg(n_expert_groups=4, n_limited_groups=2, n_activated_experts=4)
+    gate2, x = gate_with_scores(logits, [-5.0] * 8, cfg2)
+    _, idx2, _ = gate2(x)
+    assert sorted(idx2[0].tolist()) == [2, 3, 6, 7]
+
+
+def test_group_score_is_sum_of_top_two():
+    # group 0 holds one excellent expert (3.0) + a bad one; group 1 two good ones (2.0, 2.0).
+    cfg = small_cfg(n_routed_experts=4, n_expert_groups=2, n_limited_groups=1, n_activated_experts=1)
+    logits = [3.0, -3.0, 2.0, 2.0]
+    gate, x = gate_with_scores(logits, [0.0] * 4, cfg)
+    _, idx, _ = gate(x)
+    sig = torch.sigmoid(torch.tensor(logits))
+    assert (sig[2] + sig[3]) > (sig[0] + sig[1])
+    assert idx[0].tolist() in ([2], [3])
+
+
+@pytest.mark.parametrize("H", [10, 16])  # 10: padded-bmm fallback (unaligned rows); 16: torch._grouped_mm
+def test_experts_grouped_matches_loop(H):
+    torch.manual_seed(0)
+    E, D, N, K = 6, 12, 20, 2
+    ex = Experts(E, D, H)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(N, D, requires_grad=True)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    idx[:, :] = idx.clamp(max=E - 2)  # expert E-1 gets no token
+    idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % (E - 1), idx[:, 1])
+    w = torch.rand(N, K)
+    y = ex(x, w, idx)
+    ref = torch.zeros(N, D)
+    for n in range(N):
+        for k in range(K):
+            e = idx[n, k]
+            h = F.silu(x[n] @ ex.gate_proj[e].T) * (x[n] @ ex.up_proj[e].T)
+            ref[n] += w[n, k] * (h @ ex.down_proj[e].T)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(N, D)
+    gy = torch.autograd.grad((y * g).sum(), [x, ex.gate_proj], retain_graph=True)
+    gr = torch.autograd.grad((ref * g).sum(), [x, ex.gate_proj])
+    torch.testing.assert_close(gy[0], gr[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gy[1], gr[1], atol=1e-5, rtol=1e-5)
+    assert gy[1][E - 1].abs().sum() == 0  # unused expert: zero gradient
+    # an expanded (stride-0) upstream gradient also works
+    y.sum().backward()
+
+
+def test_balance_loss_by_hand():
+    cfg = small_cfg(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1, dim=4)
+    moe = MoE(cfg)
+    idx = torch.tensor([[0], [0], [1]])  # one sequence of 3 tokens
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.5], [0.8, 0.2, 0.5, 0.5], [0.2, 0.6, 0.1, 0.1]])
+    aux = moe._aux(idx, scores, 1, 3, None)
+    f = torch.tensor([2, 1, 0, 0]) * 4 / (1 * 3)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    assert aux.balance_loss.item() == pytest.approx((f * p).sum().item(), rel=1e-6)
+    assert aux.load.tolist() == [2, 1, 0, 0]
+
+
+def test_bias_update_sign():
+    cfg = small_cfg(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1)
+    gate = Gate(cfg)
+    update_expert_bias([gate], torch.tensor([[6, 2, 4, 4]]), 0.001)
+    assert gate.e_score_correction_bias.tolist() == pytest.approx([-0.001, 0.001, 0.0, 0.0])
+
+
+def test_rope_rotation_by_hand():
+    cfg = small_cfg(qk_rope_head_dim=4, rope_theta=100.0)
+    inv = rope_frequencies(cfg)
+    assert inv.tolist() == pytest.approx([1.0, 0.1])
+    p = 3
+    angles = torch.tensor([[p * 1.0, p * 0.1]])
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    y = apply_rope(x, angles.cos(), angles.sin()).flatten()
+    c0, s0, c1, s1 = math.cos(3), math.sin(3), math.cos(0.3), math.sin(0.3)
+    expect = [1 * c0 - 2 * s0, 1 * s0 + 2 * c0, 3 * c1 - 4 * s1, 3 * s1 + 4 * c1]
+    assert y.tolist() == pytest.approx(expect, rel=1e-6)
+
+
+def test_yarn_frequencies_and_softmax_scale():
+    cfg = ModelConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, rope_factor=40.0, original_seq_len=4096,
+                      beta_fast=32, beta_slow=1, mscale=1.0, max_seq_len=163840)
+    assert yarn_softmax_scale(cfg) == pytest.approx(0.135234, abs=5e-7)
+    base = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    inv = rope_frequencies(cfg).double()
+    # correction range for these settings: low = floor(10.35) = 10, high = ceil(22.93) = 23
+    low = math.floor(64 * math.log(4096 / (32 * 2 * math.pi)) / (2 * math.log(10000)))
+    high = math.ceil(64 * math.log(4096 / (1 * 2 * math.pi)) / (2 * math.log(10000)))
+    assert (low, high) == (10, 23)
+    torch.testing.assert_close(inv[: low + 1], base[: low + 1].float().double())  # short wavelengths kept
+    torch.testing.assert_close(inv[high:], (base[high:] / 40).float().double())  # long ones / factor
+    mid = 16
+    ramp = (mid - low) / (high - low)
+    assert inv[mid].item() == pytest.approx(base[mid].item() * (1 - ramp) + base[mid].item() / 40 * ramp, rel=1e-6)
+    assert yarn_softmax_scale(ModelConfig()) == pytest.approx((32 + 16) ** -0.5)
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(cfg)
+    m.init_weights(seed=seed)
+    with torch.no_grad():  # exercise the routing bias too
+        for g in m.moe_gates():
+            g.e_score_correction_bias.uniform_(-0.05, 0.05)
+    return m.eval()
+
+
+def test_causality_later_token_never_changes_earlier_logits():
+    cfg = small_cfg(init_std=0.2)
+    m = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 5) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-5, rtol=0)  # routing order may change summation order
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+
+
+def test_mtp_targets_shifted_exactly_once():
+    cfg = small_cfg(mtp_depth=2)
+    m = build(cfg)
+    window = torch.randint(0, cfg.vocab_size, (2, 17))  # T+1 tokens
+    inputs, labels = window[:, :-1], window[:, 1:]
+    out = m(inputs, labels)
+    T = inputs.shape[1]
+    with torch.no_grad():
+        h, _ = m._trunk(inputs)
+        main = m.lm_head(m.norm(h))
+        lm = F.cross_entropy(main.flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
+        torch.testing.assert_close(out.lm_loss_sum, lm)
+        for k in (1, 2):
+            mod = m.mtp[k - 1]
+            emb = m.embed_tokens(window[:, k : T])  # token i+k, for i < T-k
+            h, _ = mod(h[:, : T - k], emb, m.rope_cos[: T - k], m.rope_sin[: T - k])
+            logits = m.lm_head(mod.shared_head.norm(h))
+            target = window[:, k + 1 : T + 1]  # token i+k+1
+            ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+            torch.testing.assert_close(out.mtp_loss_sum[k - 1], ce)
+            assert out.mtp_tokens[k - 1].item() == 2 * (T - k)
+
+
+def test_ignore_index_labels_carry_no_loss():
+    cfg = small_cfg()
+    m = build(cfg)
+    window = torch.randint(0, cfg.vocab_size, (1, 11))
+    labels = window[:, 1:].clone()
+    labels[:, :4] = -100
+    out = m(window[:, :-1], labels)
+    assert out.lm_tokens.item() == 6
+    assert out.mtp_tokens.tolist() == [6, 6]  # depth k sees labels[:, k:]: 9-3 and 8-2 valid
+
+
+def test_train_output_load_counts_every_token_k_times():
+    cfg = small_cfg()
+    m = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, 10))
+    out = m(x, x)
+    # 2 MoE layers in the main model (n_dense_layers=1 of 3) + 2 MTP modules
+    assert out.expert_load.shape == (4, cfg.n_routed_experts)
+    assert out.expert_load.sum(1).tolist() == [60, 60, 54, 48]

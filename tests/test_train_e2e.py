@@ -1,0 +1,99 @@
+"""End to end: prepare -> train -> checkpoint -> resume -> generate, through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_dsv3, tiny_overrides
+
+TIMING = {"tokens_per_s", "step_time_s"}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def stop_after(overrides, step):
+    """Train until ``step`` then save and stop, as an interrupted run would."""
+    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
+            f"Trainer(load_config(None, sys.argv[1:])).run(stop_after={step})")
+    subprocess.run([sys.executable, "-c", code, *overrides], check=True, capture_output=True, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, data_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "full"
+    proc = run_dsv3(["train", *tiny_overrides(corpus_dir, data_cache, out)])
+    return out, proc
+
+
+def test_run_directory_contents(trained):
+    out, proc = trained
+    assert (out / "config.yaml").is_file() and (out / "tokenizer.model").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000006"
+    for step in ("step_0000003", "step_0000006"):
+        assert (out / "checkpoints" / step / "model.safetensors").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    recs = read_metrics(out)
+    steps = [r["step"] for r in recs]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    for r in recs[1:]:
+        for key in ("loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+            assert key in r, key
+        assert r["tokens"] == r["step"] * 4 * 64
+        assert r["loss"] == pytest.approx(r["lm_loss"] + 0.3 * r["mtp_loss"] + 1e-4 * r["balance_loss"], rel=1e-9)
+    assert "val_loss" in recs[0] and "val_loss" in recs[3] and "val_loss" in recs[6]
+    assert recs[6]["lm_loss"] < recs[1]["lm_loss"]
+    assert "----- sample -----" in proc.stdout
+
+
+def test_resume_is_exact(trained, corpus_dir, data_cache, tmp_path):
+    full, _ = trained
+    out = tmp_path / "resumed"
+    overrides = tiny_overrides(corpus_dir, data_cache, out)
+    stop_after(overrides, 4)  # checkpoints at 3 (ckpt.every) and 4 (the stop)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    run_dsv3(["train", "--no-sample", *overrides])
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(full))
+
+
+def test_generate_reproducible(trained):
+    out, _ = trained
+    greedy = ["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    a, b = run_dsv3(greedy).stdout, run_dsv3(greedy).stdout
+    assert a == b and a.startswith("def ")
+    sampled = ["generate", "--ckpt", str(out / "checkpoints" / "step_0000003"), "--prompt", "import",
+               "--max-new-tokens", "12", "--seed", "7"]
+    assert run_dsv3(sampled).stdout == run_dsv3(sampled).stdout
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("dsv3: error: ")
+    return lines[0]
+
+
+def test_bad_input_errors(tmp_path, data_cache):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: 5\n")
+    assert "not valid YAML" in one_line_error(run_dsv3(["train", "--config", str(bad)], check=False))
+    missing = tmp_path / "no-such-corpus"
+    msg = one_line_error(run_dsv3(["train", f"data.source={missing}", f"data.cache_dir={data_cache}",
+                                   f"train.out_dir={tmp_path / 'r'}"], check=False))
+    assert str(missing) in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n\n")
+    msg = one_line_error(run_dsv3(["prepare", "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.source={empty}",
+                                   f"data.cache_dir={data_cache}"], check=False))
+    assert "empty" in msg
+    assert "does not exist" in one_line_error(run_dsv3(["generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
+                                                       check=False))
