@@ -20,12 +20,13 @@ are dropped. Every failure is a one-line :class:`DsvError`.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
 
@@ -169,6 +170,17 @@ def describe_source(source: str | None) -> str:
     return str(source)
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn ``datasets`` progress bars on or off for the duration of a ``with`` block."""
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
 def _first_line(exc: BaseException) -> str:
     while exc.__cause__ is not None and not str(exc).strip():
         exc = exc.__cause__
@@ -259,11 +271,13 @@ def load_corpus(source: str | None, text_field: str = "text", cache_dir: str | P
     cache = str(cache_dir) if cache_dir is not None else None
     label = describe_source(source)
     if kind == "hub":
-        ds = _load_hub(str(source), text_field, cache)
+        ds = _load_hub(str(source), text_field, cache)  # download progress stays visible
     else:
-        ds = _load_local(label, files, text_field, cache)
-    ds = ds.filter(lambda batch: [isinstance(t, str) and not t.isspace() and t != "" for t in batch["text"]],
-                   batched=True, batch_size=1000, keep_in_memory=True, desc="dropping blank documents")
+        with progress_bars(False):  # reading local files is quick; keep stderr clean
+            ds = _load_local(label, files, text_field, cache)
+    with progress_bars(False):
+        ds = ds.filter(lambda batch: [isinstance(t, str) and not t.isspace() and t != "" for t in batch["text"]],
+                       batched=True, batch_size=1000, keep_in_memory=True)
     if len(ds) == 0:
         raise DsvError(f"data.source={label} contains no text (all documents are empty or whitespace); "
                        "point data.source at a non-empty corpus")

@@ -17,11 +17,11 @@ run leaves no folder that looks complete.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import datasets
 import numpy as np
 
-from data_pipeline.corpus import describe_source, load_corpus, source_fingerprint
+from data_pipeline.corpus import describe_source, load_corpus, progress_bars, source_fingerprint
 from dsv3.config import Config, DataConfig
 from dsv3.errors import DsvError
 from dsv3.tokenizer import TOKENIZER_VERSION, Tokenizer, train_tokenizer
@@ -167,19 +167,6 @@ def _write_bin(tokens: datasets.Dataset, path: Path, dtype: str) -> tuple[int, i
     return n_tokens, n_bytes, digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    was = datasets.is_progress_bar_enabled()
-    if enabled:
-        datasets.enable_progress_bars()
-    else:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
-
-
 def prepare(cfg: Config, progress: bool = True) -> Path:
     """Build (or find in the cache) the prepared data for ``cfg``.
 
@@ -192,7 +179,8 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
 
     Args:
         cfg: the run config (``data``, ``model.vocab_size`` and ``train.seed`` are used).
-        progress: show ``datasets`` progress bars and print a one-line summary.
+        progress: print a one-line summary to stdout, and show ``datasets`` progress bars
+            for tokenization when stderr is a terminal (so logs and errors stay clean).
 
     Returns:
         The prepared folder ``<cache_root>/prepared/<key>/``; returned immediately if it
@@ -212,7 +200,7 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
     build = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=out.parent))
     start = time.perf_counter()
     try:
-        with _progress_bars(progress):
+        with progress_bars(progress and getattr(sys.stderr, "isatty", lambda: False)()):
             ds = load_corpus(d.source, d.text_field, cache_dir=hf_cache_dir(d))
             train_idx, val_idx = split_documents(len(ds), d.val_fraction, cfg.train.seed)
             parts = {"train": ds.select(train_idx, keep_in_memory=True),

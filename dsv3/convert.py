@@ -388,8 +388,13 @@ class _Writer:
         self.file.write(memoryview(data))
         self.written[name] += data.nbytes
 
-    def close(self) -> None:
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.file.close()
+        if exc_type is not None:
+            return
         for name, (dtype, shape) in self.entries.items():
             if self.written[name] != math.prod(shape) * _itemsize(dtype):
                 raise RuntimeError(f"internal: {name} was not completely written")
@@ -500,6 +505,38 @@ _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weig
 _FUSED = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
+def _map_hf_key(key: str, cfg: ModelConfig) -> list[tuple[str, int | None, tuple[int, int] | None]] | None:
+    """The dsv3 destination(s) of one Hugging Face tensor.
+
+    Returns ``[(dsv3 name, expert slot or None, rows of a fused gate_up_proj or None), ...]``;
+    ``[]`` for tensors dsv3 does not store (MTP copies of the embedding and head, rope tables,
+    MTP layers beyond ``cfg.mtp_depth``); None for a layer index beyond every layer.
+    """
+    name = key.removeprefix("model.")
+    m = _LAYER.match(name)
+    if not m:
+        return [] if name.endswith("rotary_emb.inv_freq") else [(name, None, None)]
+    layer, rest = int(m.group(1)), m.group(2)
+    if rest.endswith("rotary_emb.inv_freq"):
+        return []  # a non-persistent table some old exports saved
+    if layer < cfg.n_layers:
+        prefix = f"layers.{layer}"
+    elif layer < cfg.n_layers + cfg.mtp_depth:
+        prefix = f"mtp.{layer - cfg.n_layers}"
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return []  # dsv3 shares the main embedding and output head
+    else:
+        return None
+    em, fm = _EXPERT.match(rest), _FUSED.match(rest)
+    if em:
+        return [(f"{prefix}.mlp.experts.{em.group(2)}", int(em.group(1)), None)]
+    if fm and fm.group(1) == "gate_up_proj":
+        inter = cfg.moe_inter_dim
+        return [(f"{prefix}.mlp.experts.gate_proj", None, (0, inter)),
+                (f"{prefix}.mlp.experts.up_proj", None, (inter, 2 * inter))]
+    return [(f"{prefix}.{rest}", None, None)]
+
+
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from dsv3.model import Transformer
 
@@ -535,49 +572,21 @@ def _plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
     sources: dict[str, list[_Source]] = {}
     src_dtypes: dict[str, set[str]] = {}
     dropped_heads: list[tuple[str, str]] = []
-    n_total = cfg.n_layers + cfg.mtp_depth
     for key in sorted(wmap):
         if key.endswith("_scale_inv"):
             continue  # consumed with its weight
-        name = key[len("model."):] if key.startswith("model.") else key
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a non-persistent table some old exports saved
-        m = _LAYER.match(name)
-        if m:
-            layer, rest = int(m.group(1)), m.group(2)
-            if layer >= n_total:
-                if layer >= cfg.n_layers + int(_get(hf, "num_nextn_predict_layers", "num_mtp_layers") or 0):
-                    raise DsvError(f"unexpected tensor {key} in {src / wmap[key]}: config.json has "
-                                   f"{cfg.n_layers} layers and {cfg.mtp_depth} MTP layer(s); fix config.json")
-                continue
-            prefix = f"layers.{layer}" if layer < cfg.n_layers else f"mtp.{layer - cfg.n_layers}"
-            if layer >= cfg.n_layers and rest in ("embed_tokens.weight", "shared_head.head.weight"):
-                if rest == "shared_head.head.weight":
-                    dropped_heads.append((key, wmap[key]))
-                continue  # dsv3 shares the main embedding and output head
-            em, fm = _EXPERT.match(rest), _FUSED.match(rest)
-            if em:
-                target = f"{prefix}.mlp.experts.{em.group(2)}"
-                pieces = [_Source(key, wmap[key], index=int(em.group(1)))]
-            elif fm and fm.group(1) == "gate_up_proj":
-                inter = cfg.moe_inter_dim
-                pieces = []
-                for part, rows in (("gate_proj", (0, inter)), ("up_proj", (inter, 2 * inter))):
-                    sources.setdefault(f"{prefix}.mlp.experts.{part}", []).append(_Source(key, wmap[key], rows=rows))
-                    src_dtypes.setdefault(f"{prefix}.mlp.experts.{part}", set()).add(headers[key][0])
-                target = None
-            elif fm:
-                target, pieces = f"{prefix}.mlp.experts.down_proj", [_Source(key, wmap[key])]
-            else:
-                target, pieces = f"{prefix}.{rest}", [_Source(key, wmap[key])]
-        else:
-            target, pieces = name, [_Source(key, wmap[key])]
-        if target is not None:
-            sources.setdefault(target, []).extend(pieces)
+        targets = _map_hf_key(key, cfg)
+        if targets is None:
+            raise DsvError(f"unexpected tensor {key} in {src / wmap[key]}: config.json has {cfg.n_layers} layers "
+                           f"and {cfg.mtp_depth} MTP layer(s); the checkpoint does not match config.json")
+        if not targets and key.endswith("shared_head.head.weight"):
+            dropped_heads.append((key, wmap[key]))
+        for target, index, rows in targets:
+            if target not in shapes:
+                raise DsvError(f"unexpected tensor {key} in {src / wmap[key]} (no dsv3 parameter {target}); "
+                               "the checkpoint does not match config.json")
+            sources.setdefault(target, []).append(_Source(key, wmap[key], index=index, rows=rows))
             src_dtypes.setdefault(target, set()).add(headers[key][0])
-        if target is not None and target not in shapes:
-            raise DsvError(f"unexpected tensor {key} in {src / wmap[key]} (no dsv3 parameter {target}); "
-                           "the checkpoint does not match config.json")
     # FP8 scales
     for target, pieces in sources.items():
         for p in pieces:
@@ -761,12 +770,9 @@ def import_hf(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     tmp = _prepare_out(out)
     try:
         entries = {name: (plan.dtypes[name], plan.shapes[name]) for name in plan.sources}
-        writer = _Writer(tmp / DSV3_WEIGHTS, entries, {"format": "pt", "source": "huggingface"})
-        try:
+        with _Writer(tmp / DSV3_WEIGHTS, entries, {"format": "pt", "source": "huggingface"}) as writer:
             for name, index, tensor in _iter_import(plan):
                 writer.write(name, tensor, index)
-        finally:
-            writer.close()
         seq_len = min(DataConfig().seq_len, plan.cfg.max_seq_len)
         save_config(Config(model=plan.cfg, data=DataConfig(seq_len=seq_len)), tmp / "config.yaml")
         for name in TOKENIZER_FILES:
@@ -914,15 +920,12 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
         with safe_open(str(weights), framework="pt") as f:
             for file, idxs in zip(names, shards):
                 entries = {plan[i][0]: (plan[i][3], plan[i][4]) for i in idxs}
-                writer = _Writer(tmp / file, entries, {"format": "pt"})
-                try:
+                with _Writer(tmp / file, entries, {"format": "pt"}) as writer:
                     for i in idxs:
                         key, name, slot, td, _ = plan[i]
                         t = f.get_tensor(name) if slot is None else f.get_slice(name)[slot]
                         writer.write(key, t.to(td))
                         weight_map[key] = file
-                finally:
-                    writer.close()
                 total += writer.total
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: _sort_key(kv[0])))}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Single-node training with the DeepSpeed launcher. NPROC processes (default: GPUs present,
+# or 1 on CPU). Extra arguments go to `dsv3 train`, e.g.
+#   launch/deepspeed.sh --config configs/tiny.yaml parallel.zero_stage=1
+# Several nodes: pass a hostfile (see launch/hostfile.example) with DS_HOSTFILE=path.
+set -euo pipefail
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
+fi
+args=(--num_gpus "$NPROC")
+if [ -n "${DS_HOSTFILE:-}" ]; then
+  args=(--hostfile "$DS_HOSTFILE")
+fi
+exec deepspeed "${args[@]}" --module dsv3 train "$@"

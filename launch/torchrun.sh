@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Single-node training with torchrun: one process per GPU, or NPROC processes on CPU (gloo).
+# Extra arguments go to `dsv3 train`, e.g.
+#   launch/torchrun.sh --config configs/tiny.yaml train.steps=100
+#   NPROC=2 launch/torchrun.sh parallel.micro_batch_size=4
+set -euo pipefail
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
+fi
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  # CPU: split the cores between the processes
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+fi
+exec torchrun --standalone --nproc_per_node="$NPROC" -m dsv3 train "$@"

@@ -1,0 +1,388 @@
+"""Parity with Hugging Face transformers' DeepSeek-V3, and the import/export converter.
+
+Reference: ``transformers.DeepseekV3ForCausalLM`` (transformers >= 5), eager attention, fp32,
+random weights of unit-scale activations (so logits spread and greedy choices are not near
+ties) and a random routing bias (so the selection-only bias path is exercised).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from dsv3 import load_model  # noqa: E402
+from dsv3.config import Config, ModelConfig, save_config  # noqa: E402
+from dsv3.convert import (  # noqa: E402
+    dequantize_fp8,
+    export_hf,
+    hf_config_to_model_config,
+    import_hf,
+    load_hf_model,
+    model_config_to_hf,
+)
+from dsv3.errors import DsvError  # noqa: E402
+from dsv3.generation import generate  # noqa: E402
+from dsv3.model import Transformer  # noqa: E402
+
+VOCAB = 128
+TOL = 1e-4
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def hf_config(**kw) -> DeepseekV3Config:
+    """A tiny DeepSeek-V3 config: dim 64, 8 experts of which 2 active, 64 positions."""
+    base = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64,
+        routed_scaling_factor=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    base.update(kw)
+    return DeepseekV3Config(**base)
+
+
+def random_hf_model(cfg: DeepseekV3Config, seed: int) -> DeepseekV3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg._attn_implementation = "eager"
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:  # RMSNorm weights
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:  # unit-scale activations: std = fan_in ** -0.5
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.3, 0.3)
+    return model
+
+
+def hf_load(path: Path):
+    model, info = DeepseekV3ForCausalLM.from_pretrained(str(path), output_loading_info=True,
+                                                        attn_implementation="eager")
+    return model.eval(), info
+
+
+CASES = {
+    # no query compression, one expert group, plain rope, all layers MoE
+    "nolora-g1-rope-dense0": dict(q_lora_rank=None, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                  num_hidden_layers=2),
+    # query compression, 4 groups of 2 (2 kept), YaRN active beyond 16 positions, 2 dense layers
+    "lora-g4-yarn-dense2": dict(q_lora_rank=24, n_group=4, topk_group=2, first_k_dense_replace=2,
+                                rope_parameters=dict(YARN)),
+    # YaRN with mscale = mscale_all_dim != 1, rotate-half weight layout (rope_interleave false)
+    "lora-g2-yarn-mscale-halfrope": dict(q_lora_rank=24, rope_interleave=False,
+                                         rope_parameters=dict(YARN, mscale=0.7, mscale_all_dim=0.7)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_export_parity(case, tmp_path):
+    """HF -> import -> dsv3 logits; dsv3 -> export -> HF logits; greedy decoding agrees."""
+    cfg = hf_config(**CASES[case])
+    ref = random_hf_model(cfg, seed=len(case))
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="60KB")  # several shards + index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+
+    import_hf(tmp_path / "hf", tmp_path / "dsv3")
+    model = load_model(tmp_path / "dsv3")
+    assert model.cfg.mtp_depth == 0  # transformers does not save MTP layers
+
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = model(ids)
+    diff = (got - want).abs().max().item()
+    assert diff < TOL, f"{case}: import parity {diff:.3g}"
+
+    # the same weights loaded straight from the HF folder (no files written)
+    with torch.no_grad():
+        assert (load_hf_model(tmp_path / "hf")(ids) - want).abs().max().item() < TOL
+
+    if model.cfg.rope_factor > 1:  # YaRN must matter at these lengths: without it logits move
+        off = Transformer(ModelConfig(**{**vars(model.cfg), "rope_factor": 1.0}))
+        off.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (off.eval()(ids) - want).abs().max().item() > 1e-2
+
+    export_hf(tmp_path / "dsv3", tmp_path / "hf2", max_shard_bytes=100_000)
+    back, info = hf_load(tmp_path / "hf2")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert back.model.rotary_emb.attention_scaling == 1.0
+    with torch.no_grad():
+        diff2 = (back(ids).logits - want).abs().max().item()
+    assert diff2 < TOL, f"{case}: export parity {diff2:.3g}"
+
+    prompt = ids[0, :5].tolist()
+    back.generation_config.eos_token_id = None
+    back.generation_config.pad_token_id = 0
+    hf_out = back.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 5:].tolist()
+    ours = generate(model, prompt, max_new_tokens=8, temperature=0)
+    assert ours == hf_out
+
+
+def dsv3_checkpoint(folder: Path, mcfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model."""
+    model = Transformer(mcfg)
+    model.init_weights(seed=seed)
+    with torch.no_grad():
+        for gate in model.moe_gates():
+            gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_config(Config(model=mcfg), folder / "config.yaml")
+    return model.eval()
+
+
+def test_mtp_roundtrip_and_bf16_export(tmp_path):
+    """dsv3 (with MTP) -> HF -> dsv3 is exact; HF loads all but the MTP layer without complaint."""
+    mcfg = ModelConfig(vocab_size=VOCAB, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+                       n_heads=4, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2,
+                       n_limited_groups=1, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+                       qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, mtp_depth=1, rope_factor=4.0,
+                       original_seq_len=16, init_std=0.1)
+    model = dsv3_checkpoint(tmp_path / "ckpt", mcfg)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_json["architectures"] == ["DeepseekV3ForCausalLM"] and hf_json["model_type"] == "deepseek_v3"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+              "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.7.down_proj.weight"):
+        assert f"model.layers.2.{k}" in keys
+
+    back, info = hf_load(tmp_path / "hf")
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert info["unexpected_keys"] and all(k.startswith("model.layers.2.") for k in info["unexpected_keys"])
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids)).abs().max().item() < TOL
+
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    orig = model.state_dict()
+    assert set(again) == set(orig)
+    for k, v in orig.items():
+        assert torch.equal(again[k], v), k
+
+    export_hf(tmp_path / "ckpt", tmp_path / "hf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "hf16" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.self_attn.o_proj.weight").get_dtype() == "BF16"
+        assert f.get_slice("model.layers.1.mlp.gate.weight").get_dtype() == "F32"
+        assert f.get_slice("model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
+
+
+def test_fused_expert_layout_is_accepted(tmp_path):
+    """``experts.gate_up_proj`` (E, 2I, D) + ``experts.down_proj`` (E, D, I), transformers' in-memory layout."""
+    ref = random_hf_model(hf_config(), seed=5)
+    ref.save_pretrained(tmp_path / "hf")
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}  # fused names
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (load_hf_model(tmp_path / "hf")(ids) - ref(ids).logits).abs().max().item() < TOL
+
+
+# --------------------------------------------------------------------------- FP8
+
+
+def quantize_fp8(w: torch.Tensor, block: int):
+    """Blockwise e4m3 quantization as in DeepSeek's release: ``w ~= q * scale_inv`` per block."""
+    m, n = w.shape
+    gm, gn = math.ceil(m / block), math.ceil(n / block)
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
+    s = torch.empty(gm, gn)
+    for i in range(gm):
+        for j in range(gn):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s[i, j] = blk.abs().max().clamp(min=1e-12) / 448.0
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s[i, j]).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def reference_dequant(q: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
+    out = torch.empty(q.shape)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            rows, cols = slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block)
+            out[rows, cols] = q[rows, cols].float() * s[i, j]
+    return out.to(torch.bfloat16)
+
+
+def test_dequantize_fp8_blocks():
+    w = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))  # partial edge blocks
+    q, s = quantize_fp8(w, 128)
+    assert s.shape == (2, 3)
+    got = dequantize_fp8(q, s)
+    assert got.dtype == torch.bfloat16 and got.shape == w.shape
+    assert torch.equal(got, reference_dequant(q, s, 128))
+    assert ((got.float() - w).abs() <= 0.07 * w.abs() + 1e-2).all()  # e4m3 keeps ~2-3 significant bits
+    with pytest.raises(DsvError, match="scale"):
+        dequantize_fp8(q, s[:, :2])
+
+
+def test_import_fp8_checkpoint(tmp_path):
+    ref = random_hf_model(hf_config(q_lora_rank=24), seed=7)
+    ref.save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(f))
+    block, quantized, expect = 16, {}, {}
+    for k, v in state.items():
+        if k.startswith("model.layers.") and k.endswith(".weight") and v.dim() == 2 and ".mlp.gate." not in k:
+            q, s = quantize_fp8(v, block)
+            quantized[k], quantized[k + "_scale_inv"] = q, s
+            expect[k] = reference_dequant(q, s, block)
+        else:
+            quantized[k] = v
+    save_file(quantized, str(f))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+
+    import_hf(tmp_path / "hf", tmp_path / "dsv3")
+    got = load_file(str(tmp_path / "dsv3" / "model.safetensors"))
+    assert got["layers.0.self_attn.q_b_proj.weight"].dtype == torch.bfloat16
+    assert got["layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert torch.equal(got["layers.0.self_attn.q_b_proj.weight"], expect["model.layers.0.self_attn.q_b_proj.weight"])
+    assert torch.equal(got["layers.0.mlp.down_proj.weight"], expect["model.layers.0.mlp.down_proj.weight"])
+    for e in range(8):
+        hf_key = f"model.layers.2.mlp.experts.{e}.gate_proj.weight"
+        assert torch.equal(got["layers.2.mlp.experts.gate_proj"][e], expect[hf_key])
+
+
+# --------------------------------------------------------------------------- configs
+
+
+OFFICIAL_671B = {  # config.json of the official release (rope_scaling style, remote-code keys)
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+    "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128,
+    "vocab_size": 129280, "initializer_range": 0.02,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
+
+
+def test_official_config_maps_to_architecture_table():
+    cfg = hf_config_to_model_config(OFFICIAL_671B)
+    assert (cfg.dim, cfg.n_layers, cfg.n_dense_layers, cfg.inter_dim, cfg.n_heads) == (7168, 61, 3, 18432, 128)
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == \
+        (1536, 512, 128, 64, 128)
+    assert (cfg.n_routed_experts, cfg.n_shared_experts, cfg.n_activated_experts) == (256, 1, 8)
+    assert (cfg.n_expert_groups, cfg.n_limited_groups, cfg.moe_inter_dim, cfg.route_scale) == (8, 4, 2048, 2.5)
+    assert (cfg.rope_factor, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow, cfg.mscale) == (40, 4096, 32, 1, 1)
+    assert (cfg.vocab_size, cfg.max_seq_len, cfg.mtp_depth, cfg.rms_norm_eps) == (129280, 163840, 1, 1e-6)
+    # the transformers 5 form of the same config gives the same result
+    assert hf_config_to_model_config(model_config_to_hf(cfg)) == cfg
+    new_style = DeepseekV3Config(**{k: v for k, v in OFFICIAL_671B.items()
+                                    if k not in ("topk_method", "scoring_func", "moe_layer_freq",
+                                                 "quantization_config")}).to_dict()
+    assert hf_config_to_model_config(new_style) == cfg
+
+
+def test_exported_config_builds_in_transformers():
+    mcfg = ModelConfig(rope_factor=4.0, original_seq_len=256, mscale=0.0, q_lora_rank=32, mtp_depth=2)
+    hf = model_config_to_hf(mcfg)
+    assert hf_config_to_model_config(hf) == mcfg
+    built = DeepseekV3Config(**hf)
+    assert built.rope_parameters["rope_type"] == "yarn" and built.num_nextn_predict_layers == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["LlamaForCausalLM"]}, "unknown architecture"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ({"topk_method": "greedy"}, "topk_method='greedy'"),
+    ({"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True"),
+    ({"rope_scaling": dict(OFFICIAL_671B["rope_scaling"], mscale=0.707)}, "mscale=0.707"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
+])
+def test_unsupported_config_values(change, message):
+    with pytest.raises(DsvError, match=message):
+        hf_config_to_model_config({**OFFICIAL_671B, **change})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def sharded_hf(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hf") / "model"
+    random_hf_model(hf_config(), seed=11).save_pretrained(d, max_shard_size="60KB")
+    return d
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard(sharded_hf, tmp_path):
+    d = copy_folder(sharded_hf, tmp_path / "hf")
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(DsvError, match=f"shard .*{shard.name}.* is missing"):
+        import_hf(d, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_shape(sharded_hf, tmp_path):
+    d = copy_folder(sharded_hf, tmp_path / "hf")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DsvError, match=r"experts\.0\.down_proj\.weight has shape \[64, 32\], expected \[64, 48\]"):
+        import_hf(d, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture_and_missing_config(sharded_hf, tmp_path):
+    d = copy_folder(sharded_hf, tmp_path / "hf")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MixtralForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DsvError, match="unknown architecture"):
+        import_hf(d, tmp_path / "out")
+    (d / "config.json").unlink()
+    with pytest.raises(DsvError, match="no config.json"):
+        import_hf(d, tmp_path / "out")
+
+
+def test_missing_tensor_and_nonempty_out(sharded_hf, tmp_path):
+    d = copy_folder(sharded_hf, tmp_path / "hf")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(DsvError, match="experts"):
+        import_hf(d, tmp_path / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(DsvError, match="not empty"):
+        import_hf(sharded_hf, tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
