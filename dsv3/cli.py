@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher appends --local_rank=N (the rank is also in $LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -32,7 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP module")
+    p = sub.add_parser("convert", help="import / export the Hugging Face DeepSeek-V3 layout")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR", help="Hugging Face folder (config.json + safetensors) to import")
+    src.add_argument("--to-hf", metavar="CKPT", help="dsv3 run directory or checkpoint folder to export")
+    p.add_argument("--out", required=True, metavar="DIR", help="new output folder")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep", help="weight dtype to write")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="export shard size limit (GiB)")
     return parser
+
+
+def _cmd_convert(args) -> None:
+    import torch
+
+    from dsv3.convert import export_hf, import_hf
+
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.from_hf:
+        out = import_hf(args.from_hf, args.out, dtype=dtype)
+    else:
+        if args.max_shard_gb <= 0:
+            raise DsvError(f"--max-shard-gb {args.max_shard_gb} must be positive")
+        out = export_hf(args.to_hf, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=dtype)
+    print(f"wrote {out}")
 
 
 def _cmd_prepare(args) -> None:
@@ -98,7 +120,7 @@ def _cmd_generate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate}
+    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert}
     try:
         handlers[args.command](args)
     except DsvError as err:

@@ -8,21 +8,18 @@ when known, ``tokenizer.model``.
 
 Name mapping (dsv3 module names equal the Hugging Face keys minus the ``model.`` prefix):
 
-==============================================================  ==========================================
-Hugging Face                                                    dsv3
-==============================================================  ==========================================
-``model.embed_tokens.weight`` / ``model.norm.weight``           ``embed_tokens.weight`` / ``norm.weight``
-``lm_head.weight``                                              ``lm_head.weight``
-``model.layers.N.<rest>`` (N < n_layers)                        ``layers.N.<rest>``
-``model.layers.N.mlp.experts.E.gate_proj.weight`` (I, D)        ``layers.N.mlp.experts.gate_proj[E]`` (E, I, D)
-``... experts.E.up_proj.weight`` (I, D) / ``down_proj`` (D, I)  ``experts.up_proj[E]`` / ``experts.down_proj[E]``
-``model.layers.N.mlp.experts.gate_up_proj`` (E, 2I, D)          ``experts.gate_proj`` = rows [:I], ``up_proj`` = [I:]
-``model.layers.N.mlp.experts.down_proj`` (E, D, I)              ``experts.down_proj``
-``model.layers.{n_layers+k}.<rest>`` (MTP module k+1)           ``mtp.k.<rest>`` (enorm, hnorm, eh_proj,
-                                                                shared_head.norm and the block's weights)
-``model.layers.{n_layers+k}.embed_tokens`` / ``shared_head.head`` dropped on import (dsv3 shares the main
-                                                                embedding and head); written on export
-==============================================================  ==========================================
+- ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``
+  -> ``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``;
+- ``model.layers.N.<rest>`` (N < n_layers) -> ``layers.N.<rest>``;
+- ``model.layers.N.mlp.experts.E.{gate,up}_proj.weight`` (I, D) and ``...down_proj.weight``
+  (D, I) -> slice E of the stacked ``layers.N.mlp.experts.{gate,up}_proj`` (E, I, D) and
+  ``...down_proj`` (E, D, I);
+- fused ``model.layers.N.mlp.experts.gate_up_proj`` (E, 2I, D) -> ``gate_proj`` = rows [:I],
+  ``up_proj`` = rows [I:]; fused ``...experts.down_proj`` (E, D, I) -> ``down_proj``;
+- ``model.layers.{n_layers + k}.<rest>`` (MTP module k + 1) -> ``mtp.k.<rest>`` (``enorm``,
+  ``hnorm``, ``eh_proj``, ``shared_head.norm`` and the block's weights); that layer's
+  ``embed_tokens`` and ``shared_head.head`` are dropped on import (dsv3 shares the main
+  embedding and head) and written as copies on export, as in the official release.
 
 Per-expert keys are what the official checkpoints hold and what transformers 5
 ``save_pretrained`` writes for ``DeepseekV3ForCausalLM`` (its in-memory fused
@@ -211,13 +208,12 @@ def hf_config_to_model_config(hf: dict) -> ModelConfig:
         n_dense_layers=int(_get(hf, "first_k_dense_replace")),
         n_heads=int(_get(hf, "num_attention_heads")),
         n_routed_experts=int(_get(hf, "n_routed_experts")),
-        n_shared_experts=int(hf.get("n_shared_experts") or 0) if "n_shared_experts" in hf
-        else HF_DEFAULTS["n_shared_experts"],
+        n_shared_experts=int(hf.get("n_shared_experts", HF_DEFAULTS["n_shared_experts"]) or 0),
         n_activated_experts=int(_get(hf, "num_experts_per_tok")),
         n_expert_groups=int(n_group),
         n_limited_groups=int(topk_group),
         route_scale=float(_get(hf, "routed_scaling_factor")),
-        q_lora_rank=int(hf["q_lora_rank"] or 0) if "q_lora_rank" in hf else HF_DEFAULTS["q_lora_rank"],
+        q_lora_rank=int(hf.get("q_lora_rank", HF_DEFAULTS["q_lora_rank"]) or 0),  # null = no query compression
         kv_lora_rank=int(_get(hf, "kv_lora_rank")),
         qk_nope_head_dim=int(_get(hf, "qk_nope_head_dim")),
         qk_rope_head_dim=int(_get(hf, "qk_rope_head_dim")),
@@ -509,8 +505,8 @@ def _map_hf_key(key: str, cfg: ModelConfig) -> list[tuple[str, int | None, tuple
     """The dsv3 destination(s) of one Hugging Face tensor.
 
     Returns ``[(dsv3 name, expert slot or None, rows of a fused gate_up_proj or None), ...]``;
-    ``[]`` for tensors dsv3 does not store (MTP copies of the embedding and head, rope tables,
-    MTP layers beyond ``cfg.mtp_depth``); None for a layer index beyond every layer.
+    ``[]`` for tensors dsv3 does not store (the MTP layers' copies of the embedding and head,
+    saved rope tables); None for a layer index beyond ``n_layers + mtp_depth``.
     """
     name = key.removeprefix("model.")
     m = _LAYER.match(name)
@@ -609,8 +605,10 @@ def _plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
             if fused and slots:
                 raise DsvError(f"{src} holds both fused and per-expert weights for {target}; the checkpoint is corrupt")
             if slots and slots != list(range(want[0])):
-                raise DsvError(f"{src} holds experts {_ranges(slots)} of {target}, expected 0..{want[0] - 1}; "
-                               "the checkpoint does not match config.json n_routed_experts")
+                lacking = sorted(set(range(want[0])) - set(slots))
+                problem = f"lacks experts {lacking[:8]}" if lacking else "holds duplicate or extra experts"
+                raise DsvError(f"{src} {problem} for {target} (config.json n_routed_experts={want[0]}); "
+                               "the checkpoint is incomplete or does not match config.json")
         for p in pieces:
             got = headers[p.key][1]
             if p.index is not None:
@@ -636,10 +634,6 @@ def _plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
     return _Plan(src=src, hf=hf, cfg=cfg, sources=sources, dtypes=dtypes, shapes=shapes,
                  rope_permute=hf.get("rope_interleave", True) is False, fp8_block=(int(block[0]), int(block[1])),
                  dropped_heads=dropped_heads)
-
-
-def _ranges(xs: list[int]) -> str:
-    return f"{xs[0]}..{xs[-1]} ({len(xs)} of them)" if xs else "none"
 
 
 def _iter_import(plan: _Plan) -> Iterator[tuple[str, int | None, torch.Tensor]]:
@@ -928,11 +922,12 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
                         weight_map[key] = file
                 total += writer.total
         if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: _sort_key(kv[0])))}
+            ordered = dict(sorted(weight_map.items(), key=lambda kv: _sort_key(kv[0])))
+            index = {"metadata": {"total_size": total}, "weight_map": ordered}
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         hf = model_config_to_hf(cfg)
-        floats = {plan[i][3] for s in shards for i in s if plan[i][3].is_floating_point and "mlp.gate." not in plan[i][0]}
-        hf["dtype"] = str(next(iter(floats)) if len(floats) == 1 else torch.float32).removeprefix("torch.")
+        floats = {td for key, _, _, td, _ in plan if td.is_floating_point and ".mlp.gate." not in key}
+        hf["dtype"] = str(floats.pop() if len(floats) == 1 else torch.float32).removeprefix("torch.")
         if (folder / "tokenizer.model").is_file():  # dsv3.tokenizer fixes <pad>=0, <s>=2, </s>=3
             hf.update(pad_token_id=0, bos_token_id=2, eos_token_id=3)
             shutil.copyfile(folder / "tokenizer.model", tmp / "tokenizer.model")

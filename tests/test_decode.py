@@ -20,6 +20,16 @@ from dsv3.model import Transformer, apply_rope
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine the
+    spinning worker threads make each op orders of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=128, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=3, n_dense_layers=1, n_heads=4,
                 n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,

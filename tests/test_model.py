@@ -188,14 +188,16 @@ def test_mtp_targets_shifted_exactly_once():
     T = inputs.shape[1]
     with torch.no_grad():
         h, _ = m._trunk(inputs)
-        main = m.lm_head(m.norm(h))
+        h = m.norm(h)  # MTP depth 1 reads the main model's post-norm state
+        main = m.lm_head(h)
         lm = F.cross_entropy(main.flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
         torch.testing.assert_close(out.lm_loss_sum, lm)
         for k in (1, 2):
             mod = m.mtp[k - 1]
             emb = m.embed_tokens(window[:, k : T])  # token i+k, for i < T-k
             h, _ = mod(h[:, : T - k], emb, m.rope_cos[: T - k], m.rope_sin[: T - k])
-            logits = m.lm_head(mod.shared_head.norm(h))
+            h = mod.shared_head.norm(h)
+            logits = m.lm_head(h)
             target = window[:, k + 1 : T + 1]  # token i+k+1
             ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
             torch.testing.assert_close(out.mtp_loss_sum[k - 1], ce)
@@ -221,3 +223,22 @@ def test_train_output_load_counts_every_token_k_times():
     # 2 MoE layers in the main model (n_dense_layers=1 of 3) + 2 MTP modules
     assert out.expert_load.shape == (4, cfg.n_routed_experts)
     assert out.expert_load.sum(1).tolist() == [60, 60, 54, 48]
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients():
+    from dsv3.parallel.checkpointing import apply_activation_checkpointing
+
+    cfg = small_cfg()
+    plain, ckpt = build(cfg).train(), build(cfg).train()
+    apply_activation_checkpointing(ckpt)
+    window = torch.randint(0, cfg.vocab_size, (2, 13))
+    outs = []
+    for m in (plain, ckpt):
+        out = m(window[:, :-1], window[:, 1:])
+        out.local_loss(0.3, 1e-4).backward()
+        outs.append(out)
+    assert torch.equal(outs[0].expert_load, outs[1].expert_load)
+    torch.testing.assert_close(outs[0].lm_loss_sum, outs[1].lm_loss_sum, rtol=0, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ckpt.named_parameters()]

@@ -36,6 +36,16 @@ from dsv3.model import Transformer  # noqa: E402
 VOCAB = 128
 TOL = 1e-4
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine the
+    spinning worker threads make each op orders of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
@@ -135,12 +145,20 @@ def test_import_export_parity(case, tmp_path):
 
 
 def dsv3_checkpoint(folder: Path, mcfg: ModelConfig, seed: int = 0) -> Transformer:
-    """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model."""
+    """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model.
+
+    Norm weights are random too (1 + 0.3 N(0, 1)): with unit weights a norm applied twice is
+    the same as once, which would hide which hidden state the MTP modules read.
+    """
     model = Transformer(mcfg)
     model.init_weights(seed=seed)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in model.moe_gates():
-            gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+            gate.e_score_correction_bias.uniform_(-0.3, 0.3, generator=g)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     save_config(Config(model=mcfg), folder / "config.yaml")
@@ -197,6 +215,41 @@ def test_fused_expert_layout_is_accepted(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (load_hf_model(tmp_path / "hf")(ids) - ref(ids).logits).abs().max().item() < TOL
+
+
+def test_mtp_matches_transformers_mtp_model(tmp_path):
+    """dsv3's MTP losses equal those of transformers' generic ``MtpModel`` on exported weights.
+
+    ``MtpModel`` reads the main model's post-final-norm state for depth 1 and each depth's
+    ``shared_head.norm`` output for the next, as the released DeepSeek-V3 MTP weights expect.
+    """
+    layers = pytest.importorskip("transformers.modeling_layers")
+    if not hasattr(layers, "MtpModel"):
+        pytest.skip("this transformers version has no MtpModel")
+    mcfg = ModelConfig(vocab_size=VOCAB, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+                       n_heads=4, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2,
+                       n_limited_groups=1, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+                       qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, mtp_depth=2, init_std=0.12)
+    model = dsv3_checkpoint(tmp_path / "ckpt", mcfg, seed=3)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    main, _ = hf_load(tmp_path / "hf")
+    # transformers finds MTP weights through this list (it names layer 61 of the 671B model)
+    main._keys_to_ignore_on_load_unexpected = [r"model\.layers\.2\..*", r"model\.layers\.3\..*"]
+    mtp = layers.MtpModel.from_pretrained(main).eval()
+    assert torch.equal(mtp.layers[1].eh_proj.weight, model.mtp[1].eh_proj.weight)
+
+    T = 24
+    window = torch.randint(0, VOCAB, (1, T + 1), generator=torch.Generator().manual_seed(4))
+    inputs, labels = window[:, :T], window[:, 1:]
+    with torch.no_grad():
+        out = model(inputs, labels)
+        h = main(inputs, output_hidden_states=True).hidden_states[-1]  # (1, T, D), after model.norm
+        for k in (1, 2):
+            pos = torch.arange(k, T)[None]
+            h = mtp.forward_layer(k - 1, h[:, : T - k], pos, None, input_ids=inputs[:, k:])
+            logits = mtp._project_to_logits(h)  # (1, T-k, V)
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, k:].flatten(), reduction="sum")
+            assert abs(ce.item() - out.mtp_loss_sum[k - 1].item()) < 1e-4 * ce.item(), k
 
 
 # --------------------------------------------------------------------------- FP8
@@ -379,7 +432,7 @@ def test_missing_tensor_and_nonempty_out(sharded_hf, tmp_path):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"]
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(DsvError, match="experts"):
+    with pytest.raises(DsvError, match=r"lacks experts \[3\] for layers\.1\.mlp\.experts\.up_proj"):
         import_hf(d, tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")

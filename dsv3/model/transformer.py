@@ -68,6 +68,12 @@ class MTPModule(Block):
     module's own norm) predicts ``t_{i+k+1}``. ``enorm``, ``hnorm``, ``eh_proj`` and
     ``shared_head.norm`` follow the Hugging Face key names. The embedding and the output head
     are the main model's (shared, not copied).
+
+    ``h^{k-1}`` is the state the previous depth hands to its output head, i.e. *after* its
+    final norm: the main model's ``norm(h)`` for k = 1, ``shared_head.norm(h^{k-1})`` of the
+    previous module for k > 1. This is what the released DeepSeek-V3 MTP weights expect
+    (transformers' ``MtpModel`` and the serving engines feed the post-norm state; feeding the
+    pre-norm state changes the MTP logits completely).
     """
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
@@ -78,8 +84,9 @@ class MTPModule(Block):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h_prev, emb, cos, sin, valid=None):
-        """Args: h_prev (B, T', D) previous depth's states, emb (B, T', D) embeddings of the
-        tokens k ahead. Returns (h (B, T', D) before the head norm, MoEAux or None)."""
+        """Args: h_prev (B, T', D) previous depth's normalized states (see the class doc),
+        emb (B, T', D) embeddings of the tokens k ahead. Returns (h (B, T', D) before the head
+        norm, MoEAux or None)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
         return super().forward(h, cos, sin, valid=valid)
 
@@ -223,7 +230,8 @@ class Transformer(nn.Module):
             return self.lm_head(self.norm(h)).float()
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid)
-        lm_sum = _ce_sum(self.lm_head(self.norm(h)), labels)
+        h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1
+        lm_sum = _ce_sum(self.lm_head(h), labels)
         T = input_ids.shape[1]
         mtp_sums, mtp_tokens = [], []
         for k, module in enumerate(self.mtp, start=1):
@@ -232,7 +240,8 @@ class Transformer(nn.Module):
             h, aux = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k], valid[:, k:])
             if aux is not None:
                 auxes.append(aux)
-            mtp_sums.append(_ce_sum(self.lm_head(module.shared_head.norm(h)), target))
+            h = module.shared_head.norm(h)  # (B, T-k, D): read by the head and by depth k+1
+            mtp_sums.append(_ce_sum(self.lm_head(h), target))
             mtp_tokens.append((target != IGNORE_INDEX).sum())
         dev = lm_sum.device
         return TrainOutput(

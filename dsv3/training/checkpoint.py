@@ -105,8 +105,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if tag:
                 return root / tag
     if (p / "config.json").is_file():
-        raise DsvError(f"{p} looks like a Hugging Face folder; importing those is not supported yet, "
-                       "pass a dsv3 run directory or checkpoint folder")
+        raise DsvError(f"{p} looks like a Hugging Face folder; import it with "
+                       f"dsv3 convert --from-hf {p} --out DIR, or pass it to load_model / dsv3 generate directly")
     raise DsvError(f"{p} holds no dsv3 checkpoint (no {WEIGHTS} or checkpoints/{LATEST}); "
                    "train first with dsv3 train or pass the right folder")
 
@@ -126,7 +126,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Load a trained model for inference (CONTRACT.md Python API).
 
     Args:
-        path: a run directory (its latest checkpoint) or a checkpoint folder.
+        path: a run directory (its latest checkpoint), a checkpoint folder, or a Hugging Face
+            DeepSeek-V3 folder (config.json + safetensors).
         device: where to put the weights.
         dtype: parameter dtype (float buffers such as the routing bias stay float32).
 
@@ -139,8 +140,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from dsv3.convert import is_hf_folder, load_hf_model
     from dsv3.model import Transformer
 
+    if is_hf_folder(path):
+        return load_hf_model(path, device=device, dtype=dtype).eval()
     folder = resolve_checkpoint(path)
     cfg = read_checkpoint_config(folder)
     with torch.device("meta"):

@@ -26,6 +26,7 @@ from data_pipeline.prepare import prepare
 from dsv3.config import Config, save_config
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX, Transformer
+from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.training.balance import update_expert_bias
@@ -89,6 +90,8 @@ class Trainer:
         model = Transformer(cfg.model)
         model.init_weights(seed=cfg.train.seed)
         model.to(self.info.device)
+        if cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
         self.engine, self.optimizer = build_engine(model, cfg, dp)
         self.manual_clip = trainer_clips(cfg)
         self.model: Transformer = self.engine.module
