@@ -82,9 +82,28 @@ def data_key(cfg: Config, fingerprint: dict[str, Any] | None = None) -> str:
         "seq_len": d.seq_len,
         "val_fraction": d.val_fraction,
         "text_field": d.text_field,
+        "tokenizer": _file_sha256(given_tokenizer(d)) if d.tokenizer else None,
     }
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def given_tokenizer(d: DataConfig) -> Path:
+    """The sentencepiece file named by ``data.tokenizer`` (a file, run dir or checkpoint folder).
+
+    Raises:
+        DsvError: nothing usable at that path.
+    """
+    p = Path(d.tokenizer).expanduser()
+    for cand in (p, p / "tokenizer.model"):
+        if cand.is_file():
+            return cand
+    raise DsvError(f"data.tokenizer={d.tokenizer} is not a sentencepiece model file nor a folder holding "
+                   "tokenizer.model; point it at one, or leave it unset to train a tokenizer on the corpus")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def prepared_path(cfg: Config) -> Path:
@@ -207,8 +226,15 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
                      "val": ds.select(val_idx, keep_in_memory=True)}
 
             t0 = time.perf_counter()
-            tok = train_tokenizer(_iter_texts(parts["train"]), cfg.model.vocab_size, build / "tokenizer.model",
-                                  d.tokenizer_sample_size, seed=cfg.train.seed)
+            if d.tokenizer:
+                shutil.copyfile(given_tokenizer(d), build / "tokenizer.model")
+                tok = Tokenizer.load(build / "tokenizer.model")
+                if tok.vocab_size > cfg.model.vocab_size:
+                    raise DsvError(f"data.tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
+                                   f"{cfg.model.vocab_size}; use a matching tokenizer or raise model.vocab_size")
+            else:
+                tok = train_tokenizer(_iter_texts(parts["train"]), cfg.model.vocab_size, build / "tokenizer.model",
+                                      d.tokenizer_sample_size, seed=cfg.train.seed)
             t_tokenizer = time.perf_counter() - t0
 
             t0 = time.perf_counter()

@@ -90,13 +90,16 @@ class DataConfig:
     num_proc: int = 2  # tokenization worker processes
     tokenizer_sample_size: int = 100_000  # sentencepiece input_sentence_size: text chunks (<= 8 lines / 4 KiB each) sampled
     cache_dir: str | None = None  # where prepared data lives; None = $DSV3_CACHE or ~/.cache/dsv3
+    # an existing sentencepiece model (file, run dir or checkpoint folder) to use instead of
+    # training one; defaults to the tokenizer of train.init_from when that has one
+    tokenizer: str | None = None
 
 
 @dataclass
 class TrainConfig:
     """Optimization and logging (defaults follow DeepSeek-V3 report §4.2 where it applies)."""
 
-    steps: int = 600
+    steps: int = 800
     seed: int = 1234
     out_dir: str = "runs/tiny"
     log_every: int = 10
@@ -113,6 +116,9 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (§2.1.2)
     eval_every: int = 100
     eval_batches: int = 4  # validation size, in global batches
+    # start from these weights (dsv3 run dir / checkpoint folder, or a Hugging Face folder);
+    # the model section is then taken from it. Ignored when out_dir already has a checkpoint.
+    init_from: str | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 80
 

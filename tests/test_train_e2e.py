@@ -97,3 +97,16 @@ def test_bad_input_errors(tmp_path, data_cache):
     assert "empty" in msg
     assert "does not exist" in one_line_error(run_dsv3(["generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
                                                        check=False))
+
+
+def test_convert_round_trip_through_cli(trained, tmp_path):
+    out, _ = trained
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    run_dsv3(["convert", "--to-hf", str(out), "--out", str(hf)])
+    assert (hf / "config.json").is_file()
+    run_dsv3(["convert", "--from-hf", str(hf), "--out", str(back)])
+    greedy = ["--prompt", "class ", "--max-new-tokens", "10", "--temperature", "0"]
+    texts = {run_dsv3(["generate", "--ckpt", str(p), *greedy]).stdout for p in (out, hf, back)}
+    assert len(texts) == 1
+    msg = one_line_error(run_dsv3(["convert", "--to-hf", str(out), "--out", str(hf)], check=False))
+    assert str(hf) in msg

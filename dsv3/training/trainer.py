@@ -14,6 +14,7 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -23,14 +24,15 @@ import yaml
 
 from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
 from data_pipeline.prepare import prepare
-from dsv3.config import Config, save_config
+from dsv3.config import Config, save_config, validate
+from dsv3.convert import is_hf_folder
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX, Transformer
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.training.balance import update_expert_bias
-from dsv3.training.checkpoint import latest_tag, save_checkpoint
+from dsv3.training.checkpoint import latest_tag, load_model, resolve_checkpoint, save_checkpoint
 from dsv3.training.metrics import MetricsLogger
 from dsv3.training.schedule import lr_at
 
@@ -51,10 +53,39 @@ def mtp_label_counts(labels: torch.Tensor, depth: int) -> torch.Tensor:
         torch.zeros(0, dtype=torch.long)
 
 
+def with_init_from(cfg: Config) -> tuple[Config, dict[str, torch.Tensor] | None]:
+    """Load ``train.init_from`` and adopt its model section (and, unless set, its tokenizer).
+
+    Returns:
+        (config, state dict of the initial weights), or (cfg, None) without init_from.
+
+    Raises:
+        DsvError: ``init_from`` holds no loadable model, or the result is invalid.
+    """
+    if not cfg.train.init_from:
+        return cfg, None
+    cfg = copy.deepcopy(cfg)
+    model = load_model(cfg.train.init_from)
+    cfg.model = model.cfg  # e.g. mtp_depth as present in the weights, not as config.json claims
+    if cfg.data.tokenizer is None:
+        src = Path(cfg.train.init_from)
+        candidates = [src / "tokenizer.model"]
+        if not is_hf_folder(src):
+            candidates.append(resolve_checkpoint(src) / "tokenizer.model")
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DsvError(f"train.init_from={src} has no tokenizer.model; set data.tokenizer to the sentencepiece "
+                           "model these weights were trained with")
+        cfg.data.tokenizer = str(found)
+    validate(cfg)
+    return cfg, model.state_dict()
+
+
 class Trainer:
     """Pre-trains a :class:`Transformer` as ``cfg`` says; :meth:`run` does the whole job."""
 
     def __init__(self, cfg: Config):
+        cfg, init_state = with_init_from(cfg)
         self.cfg = cfg
         self.info = init_distributed()
         self.out_dir = Path(cfg.train.out_dir)
@@ -89,6 +120,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model)
         model.init_weights(seed=cfg.train.seed)
+        resuming = self.ckpt_root.is_dir() and latest_tag(self.ckpt_root) is not None
+        if init_state is not None and not resuming:
+            model.load_state_dict(init_state)
+            _log(self.info, f"initialized weights from {cfg.train.init_from}")
         model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
