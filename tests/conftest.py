@@ -31,6 +31,18 @@ def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[st
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny-matrix tests with one intra-op thread: they gain nothing from more,
+    and on a busy 2-core machine spinning worker threads slow each op by orders of magnitude."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
