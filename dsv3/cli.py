@@ -39,7 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="new output folder")
     p.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep", help="weight dtype to write")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="export shard size limit (GiB)")
+    p = sub.add_parser("plan", help="parameter counts, FLOPs and memory per GPU for a layout")
+    _add_config_args(p, required=True)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gib", type=float, default=None)
     return parser
+
+
+def _cmd_plan(args) -> None:
+    from dsv3.config import load_config
+    from dsv3.plan import plan
+
+    print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gib))
 
 
 def _cmd_convert(args) -> None:
@@ -120,7 +131,8 @@ def _cmd_generate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert}
+    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert,
+                "plan": _cmd_plan}
     try:
         handlers[args.command](args)
     except DsvError as err:

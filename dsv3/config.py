@@ -352,14 +352,23 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if p.zero_stage not in (0, 1, 2, 3):
         raise DsvError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.ckpt.keep_last < 1:
+        raise DsvError(f"ckpt.keep_last={cfg.ckpt.keep_last} must be at least 1")
+
+
+def check_trainable(cfg: Config) -> None:
+    """Reject layouts the trainer cannot run yet (``dsv3 plan`` still accepts them).
+
+    Raises:
+        DsvError: ZeRO-3, expert parallelism or pipeline parallelism requested.
+    """
+    p = cfg.parallel
     if p.zero_stage == 3:
         raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 1 or 2")
     if p.pp > 1:
         raise DsvError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
     if p.ep > 1:
         raise DsvError(f"parallel.ep={p.ep}: expert parallelism is not available yet; use parallel.ep=1")
-    if cfg.ckpt.keep_last < 1:
-        raise DsvError(f"ckpt.keep_last={cfg.ckpt.keep_last} must be at least 1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

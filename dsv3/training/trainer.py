@@ -24,7 +24,7 @@ import yaml
 
 from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
 from data_pipeline.prepare import prepare
-from dsv3.config import Config, save_config, validate
+from dsv3.config import Config, check_trainable, save_config, validate
 from dsv3.convert import is_hf_folder
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX, Transformer
@@ -85,6 +85,7 @@ class Trainer:
     """Pre-trains a :class:`Transformer` as ``cfg`` says; :meth:`run` does the whole job."""
 
     def __init__(self, cfg: Config):
+        check_trainable(cfg)
         cfg, init_state = with_init_from(cfg)
         self.cfg = cfg
         self.info = init_distributed()
