@@ -114,6 +114,7 @@ class TrainConfig:
     mtp_lambda: float = 0.3  # weight of the MTP loss (§2.2.2)
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (eq. 17)
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (§2.1.2)
+    nonfinite: str = "stop"  # NaN/Inf loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step
     eval_every: int = 100
     eval_batches: int = 4  # validation size, in global batches
     # start from these weights (dsv3 run dir / checkpoint folder, or a Hugging Face folder);
@@ -346,6 +347,8 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
     if t.precision not in ("fp32", "bf16"):
         raise DsvError(f"train.precision={t.precision!r} is not supported; use fp32 or bf16")
+    if t.nonfinite not in ("stop", "skip"):
+        raise DsvError(f"train.nonfinite={t.nonfinite!r} must be stop or skip")
     if not (t.lr > 0 and math.isfinite(t.lr)):
         raise DsvError(f"train.lr={t.lr} must be a positive number")
     if not 0 <= t.min_lr_ratio <= 1:

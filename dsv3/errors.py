@@ -11,3 +11,19 @@ class DsvError(Exception):
     """A user-fixable problem. ``str(err)`` is one line: what is wrong, then how to fix it."""
 
     exit_code = 2
+
+
+class StopRequested(Exception):
+    """Training stopped early on SIGTERM / SIGUSR1 after saving a checkpoint; run again to resume.
+
+    Exit code 75 (EX_TEMPFAIL: "try again"); SLURM scripts requeue on it.
+    """
+
+    exit_code = 75
+
+
+class TrainingDiverged(Exception):
+    """The loss or gradient became NaN/Inf and ``train.nonfinite=stop``; the last good
+    checkpoint is still ``latest``. Exit code 3."""
+
+    exit_code = 3

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, run_dsv3, tiny_overrides
 
@@ -110,3 +111,34 @@ def test_convert_round_trip_through_cli(trained, tmp_path):
     assert len(texts) == 1
     msg = one_line_error(run_dsv3(["convert", "--to-hf", str(out), "--out", str(hf)], check=False))
     assert str(hf) in msg
+
+
+def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "bf16"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
+        "train.precision": "bf16", "parallel.zero_stage": 1, "train.steps": 4, "ckpt.every": 4,
+        "train.eval_every": 4})])
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
+    assert all(0 < r["grad_norm"] < 100 for r in recs[1:])
+    assert recs[4]["val_loss"] < recs[0]["val_loss"]
+    from dsv3 import load_model
+
+    model = load_model(out)
+    assert next(model.parameters()).dtype == torch.float32
+    bias = model.moe_gates()[0].e_score_correction_bias
+    assert bias.dtype == torch.float32 and bias.abs().max() > 0  # updated every step, kept in fp32
+
+
+def test_tensorboard_events_match_metrics(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = trained
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/total", "loss/lm", "loss/mtp", "loss/val", "optim/lr", "optim/grad_norm", "perf/tokens_per_s"} <= tags
+    events = acc.Scalars("loss/lm")
+    recs = [r for r in read_metrics(out) if "lm_loss" in r]
+    assert [e.step for e in events] == [r["step"] for r in recs]
+    assert [e.value for e in events] == pytest.approx([r["lm_loss"] for r in recs], rel=1e-6)

@@ -13,7 +13,7 @@ from torch import nn
 from dsv3.config import Config
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks.
 
     Global batch (sequences per optimizer step) = micro_batch_size * grad_accum * dp_size.
@@ -31,6 +31,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -56,23 +57,43 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int):
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` can be turned into a no-op (``skip_next = True``).
+
+    DeepSpeed's fp32, bf16 and ZeRO optimizers all end in this ``step()``, so setting the
+    flag before the engine's step skips the update everywhere (weights, moments and the
+    step count stay as they were); DeepSpeed then clears the gradients as usual.
+    """
+
+    skip_next = False
+
+    def step(self, closure=None):  # noqa: D102
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with torch AdamW (report §4.2 betas).
+
+    ``load_universal``: the checkpoint to resume is a DeepSpeed universal checkpoint (used
+    when the number of data-parallel ranks changed since the save).
 
     Float buffers (the MoE balancing biases, rope tables) are kept in fp32 even when the
     engine casts the module to bf16: the bias moves in steps of 1e-3 that bf16 cannot hold.
 
     Returns:
-        (engine, optimizer)
+        (engine, the :class:`GuardedAdamW` inside it)
     """
     import deepspeed
 
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    opt = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     fp32_buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.is_floating_point()}
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, dp_size))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, dp_size, load_universal))
     restore_buffers(engine.module, fp32_buffers)
-    return engine, optimizer
+    return engine, opt
 
 
 def restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:

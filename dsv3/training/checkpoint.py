@@ -7,28 +7,37 @@ Layout under ``<out_dir>/checkpoints/``::
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
         config.yaml               the run's resolved config
         tokenizer.model           the sentencepiece model
+        rng_rankNNNNN.json        each rank's Python / NumPy / torch RNG states
+        manifest.json             every file with its size; written once all ranks finished
     latest                        name of the newest complete folder
 
 ``latest`` is rewritten (temp file + rename) only after every rank has finished writing, so
-an interrupted save leaves the previous checkpoint as the one that resumes.
+an interrupted save leaves the previous checkpoint as the one that resumes. On start-up a
+checkpoint whose files do not match its manifest is reported and the previous good one is
+used instead (:func:`resume_candidates`).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from dsv3.config import Config, config_from_dict, save_config
 from dsv3.errors import DsvError
-from dsv3.parallel.distributed import barrier
+from dsv3.parallel.distributed import all_reduce_sum, barrier
 
 WEIGHTS = "model.safetensors"
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,31 +63,206 @@ def latest_tag(ckpt_root: Path) -> str | None:
     return tag
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch (CPU and CUDA) RNG states, JSON-serializable."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode("ascii")
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank:05d}.json"
+
+
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, is_main: bool) -> Path:
+                    tokenizer_path: Path, rank: int) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
+
+    Every rank writes its part of the DeepSpeed state and its RNG states; rank 0 adds
+    ``model.safetensors``, ``config.yaml``, ``tokenizer.model`` and, once all ranks are done,
+    ``manifest.json`` (every file with its size) and then moves ``latest``.
 
     Returns:
         The step folder.
+
+    Raises:
+        DsvError: the checkpoint could not be written (disk full, permission denied, ...);
+            ``latest`` still names the previous checkpoint.
     """
     from safetensors.torch import save_file
 
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     folder = ckpt_root / tag
-    if is_main:
-        state = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
-        tmp = folder / f".{WEIGHTS}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)})
-        os.replace(tmp, folder / WEIGHTS)
-        save_config(cfg, folder / "config.yaml")
-        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    failure = torch.zeros(1)
+    error = ""
+    try:
+        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+        atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
+        if rank == 0:
+            state = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
+            tmp = folder / f".{WEIGHTS}.tmp"
+            save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)})
+            os.replace(tmp, folder / WEIGHTS)
+            save_config(cfg, folder / "config.yaml")
+            shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    except (OSError, RuntimeError) as exc:
+        failure += 1
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    all_reduce_sum(failure)
+    if failure.item() == 0 and rank == 0:
+        try:
+            manifest = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+            atomic_write_text(folder / MANIFEST, json.dumps(
+                {"step": step, "world_size": client_state.get("world_size"), "files": manifest}, indent=1))
+            atomic_write_text(ckpt_root / LATEST, tag + "\n")
+        except OSError as exc:
+            failure += 1
+            error = f"{type(exc).__name__}: {exc}"
     barrier()
-    if is_main:
-        atomic_write_text(ckpt_root / LATEST, tag + "\n")
+    if failure.item() > 0 or error:
+        previous = _previous_good(ckpt_root, exclude=tag)
+        if rank == 0 and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise DsvError(f"could not write checkpoint {folder} ({error or 'failed on another rank'}); {keep}; "
+                       "free disk space or fix the permissions of train.out_dir, then run again to resume")
+    if rank == 0:
         _prune(ckpt_root, cfg.ckpt.keep_last, keep=tag)
     barrier()
     return folder
+
+
+def _previous_good(ckpt_root: Path, exclude: str) -> str | None:
+    for folder in sorted(ckpt_root.glob("step_*"), reverse=True):
+        if folder.name != exclude and checkpoint_problem(folder) is None:
+            return folder.name
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, intact checkpoint, or None if it is.
+
+    Checks that ``manifest.json`` exists (written only after every rank finished), that every
+    file it lists is present with its recorded size, and that the weights file's header reads.
+    """
+    from safetensors import safe_open
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "it was never completed (no manifest.json)"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, OSError):
+        return "its manifest.json is unreadable"
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
+        return f"{WEIGHTS} is unreadable ({type(exc).__name__})"
+    return None
+
+
+def resume_candidates(ckpt_root: Path) -> list[tuple[str, str | None]]:
+    """Checkpoints to try on start-up, newest first: ``[(tag, problem or None), ...]``.
+
+    The folder named by ``latest`` comes first; older step folders follow, so a corrupt
+    latest checkpoint falls back to the previous good one.
+    """
+    latest_file = ckpt_root / LATEST
+    if not latest_file.is_file():
+        return []
+    latest = latest_file.read_text(encoding="utf-8").strip()
+    found = sorted((p.name for p in ckpt_root.glob("step_*") if p.is_dir()), reverse=True)
+    # folders newer than latest are saves that never completed
+    tags = ([latest] if latest in found else []) + [t for t in found if t < latest]
+    return [(t, checkpoint_problem(ckpt_root / t)) for t in tags]
+
+
+def saved_world_size(folder: Path) -> int | None:
+    """Number of data-parallel ranks that wrote the checkpoint in ``folder`` (from its manifest)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("world_size")
+    except (OSError, ValueError):
+        return None
+
+
+def needs_repartition(folder: Path, world_size: int) -> bool:
+    """True if the optimizer state in ``folder`` is partitioned over a different number of ranks.
+
+    ZeRO stages 1-2 and DeepSpeed's bf16 optimizer shard the fp32 master weights and Adam
+    moments by data-parallel rank; resuming on another rank count needs them re-partitioned.
+    """
+    saved = saved_world_size(folder)
+    return saved is not None and saved != world_size and any(folder.glob("*zero_pp_rank_*optim_states.pt"))
+
+
+def to_universal(ckpt_root: Path, tag: str) -> Path:
+    """Convert checkpoint ``tag`` to DeepSpeed's layout-independent universal format.
+
+    Writes ``<ckpt_root>/universal/<tag>/`` (once; reused later) with
+    ``deepspeed.checkpoint.ds_to_universal``. Run on one rank; the others wait.
+
+    Returns:
+        ``<ckpt_root>/universal``, the folder to pass to ``engine.load_checkpoint``.
+    """
+    import subprocess
+    import sys
+
+    root = ckpt_root / "universal"
+    out = root / tag
+    if not (out / "zero").is_dir():
+        tmp = root / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_root / tag),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise DsvError(f"could not re-partition checkpoint {ckpt_root / tag} for a new process count ({last}); "
+                           "resume with the process count it was saved with")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return root
+
+
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG states from ``folder``; False if that rank saved none."""
+    f = _rng_file(folder, rank)
+    if not f.is_file():
+        return False
+    set_rng_state(json.loads(f.read_text(encoding="utf-8")))
+    return True
 
 
 def _prune(ckpt_root: Path, keep_last: int, keep: str) -> None:

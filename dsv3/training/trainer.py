@@ -15,7 +15,8 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 from __future__ import annotations
 
 import copy
-import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -26,13 +27,23 @@ from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_mic
 from data_pipeline.prepare import prepare
 from dsv3.config import Config, check_trainable, save_config, validate
 from dsv3.convert import is_hf_folder
-from dsv3.errors import DsvError
+from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.model import IGNORE_INDEX, Transformer
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.training.balance import update_expert_bias
-from dsv3.training.checkpoint import latest_tag, load_model, resolve_checkpoint, save_checkpoint
+from dsv3.training.checkpoint import (
+    load_model,
+    load_rng,
+    needs_repartition,
+    to_universal,
+    resolve_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    seed_everything,
+    tag_for,
+)
 from dsv3.training.metrics import MetricsLogger
 from dsv3.training.schedule import lr_at
 
@@ -118,31 +129,52 @@ class Trainer:
             tmp.replace(tok)
         barrier()
 
-        torch.manual_seed(cfg.train.seed)
+        seed_everything(cfg.train.seed + self.info.rank)
         model = Transformer(cfg.model)
         model.init_weights(seed=cfg.train.seed)
-        resuming = self.ckpt_root.is_dir() and latest_tag(self.ckpt_root) is not None
-        if init_state is not None and not resuming:
+        self.resume_tag = self._pick_checkpoint()
+        if init_state is not None and self.resume_tag is None:
             model.load_state_dict(init_state)
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
         model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.engine, self.optimizer = build_engine(model, cfg, dp)
+        self.universal = self.resume_tag is not None and needs_repartition(self.ckpt_root / self.resume_tag, dp)
+        self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
         self.manual_clip = trainer_clips(cfg)
         self.model: Transformer = self.engine.module
         self.start_step = 0
         self._resume()
 
+    def _pick_checkpoint(self) -> str | None:
+        """The newest intact checkpoint to resume from; corrupt ones are reported and skipped."""
+        for tag, problem in resume_candidates(self.ckpt_root):
+            if problem is None:
+                return tag
+            _log(self.info, f"warning: checkpoint {self.ckpt_root / tag} is unusable: {problem}; trying an older one")
+        return None
+
     def _resume(self) -> None:
-        tag = latest_tag(self.ckpt_root) if self.ckpt_root.is_dir() else None
+        tag = self.resume_tag
         if tag is None:
             return
-        _, state = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        load_dir = self.ckpt_root
+        if self.universal:
+            if self.info.is_main:
+                _log(self.info, f"re-partitioning {self.ckpt_root / tag} for {self.dp} process(es)")
+                to_universal(self.ckpt_root, tag)
+            barrier()
+            load_dir = self.ckpt_root / "universal"
+        _, state = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if state is None:
             raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
         self.start_step = int(state["step"])
-        _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}")
+        same_layout = state.get("world_size") == self.dp
+        if not load_rng(self.ckpt_root / tag, self.info.rank) or not same_layout:
+            # a new layout: fresh per-rank streams, still a function of seed, step and rank only
+            seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
+        _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
+                        + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"))
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
@@ -175,15 +207,21 @@ class Trainer:
                 loss = loss + lam / depth * (out.mtp_loss_sum / n_mtp).sum()
             loss = loss * scale + alpha * out.balance_loss
             self.engine.backward(loss)
-            if self.manual_clip and i == len(batches) - 1:  # gradients are all-reduced now
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.engine.step()
             stats[0] += out.lm_loss_sum.detach().double().cpu()
             stats[1] += out.balance_loss.detach().double().cpu() / (p.grad_accum * self.dp)
             stats[3:] += out.mtp_loss_sum.detach().double().cpu()
+            if i == len(batches) - 1:  # gradients are all-reduced now; decide before the update
+                if self.manual_clip:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                bad = torch.tensor([0.0 if torch.isfinite(stats).all() else 1.0])
+                if grad_norm is not None and not torch.isfinite(grad_norm):
+                    bad += 1
+                finite = all_reduce_sum(bad).item() == 0
+                self.optimizer.skip_next = not finite
+            self.engine.step()
             load = out.expert_load.detach().cpu() if load is None else load + out.expert_load.detach().cpu()
         all_reduce_sum(stats)
-        if load is not None and load.numel():
+        if load is not None and load.numel() and finite:
             all_reduce_sum(load)
             update_expert_bias(self.model.moe_gates(), load, cfg.train.bias_update_speed)
         lm = (stats[0] / n_lm).item()
@@ -199,11 +237,29 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         }
+        if not finite:
+            rec["skipped"] = True
         if load is not None and load.numel():
             lf = load.float()
             ratio = (lf.max(-1).values / lf.mean(-1).clamp(min=1e-9))
             rec["expert_load_max_over_mean"] = ratio.mean().item()
         return rec
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 on any rank ask every rank to save and stop after the current step."""
+        self._signal = 0
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, handler)
+
+    def _stop_agreed(self) -> bool:
+        """True on every rank if any rank received a stop signal (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self._signal else 0.0])
+        return all_reduce_sum(flag).item() > 0
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -225,7 +281,9 @@ class Trainer:
 
     def client_state(self, step: int) -> dict:
         return {"step": step, "tokens": step * self.global_batch * self.cfg.data.seq_len,
-                "world_size": self.dp}
+                "world_size": self.dp,
+                # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
+                "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after: int | None = None) -> Path:
@@ -237,6 +295,7 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = self.global_batch * cfg.data.seq_len
+        self._install_signal_handlers()
         logger = MetricsLogger(self.out_dir, self.start_step, self.info.is_main,
                                yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _log(self.info, f"training {cfg.model.n_layers}-layer model, {sum(p.numel() for p in self.model.parameters()):,} "
@@ -254,8 +313,17 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             rec["step_time_s"] = elapsed
             rec["tokens_per_s"] = tokens_per_step / max(elapsed, 1e-9)
-            if not math.isfinite(rec["loss"]):
-                raise DsvError(f"loss became {rec['loss']} at step {done}; lower train.lr or check the data")
+            if rec.get("skipped"):
+                what = f"non-finite loss or gradient at step {done} (loss {rec['loss']}, grad_norm {rec['grad_norm']})"
+                if t.nonfinite == "stop":
+                    logger.log(rec)
+                    logger.close()
+                    good = resume_candidates(self.ckpt_root)
+                    last = next((tag for tag, problem in good if problem is None), None)
+                    raise TrainingDiverged(f"{what}; stopped without updating the weights; the last good checkpoint "
+                                           f"is {last or 'none'}; lower train.lr, check the data, or set "
+                                           "train.nonfinite=skip")
+                _log(self.info, f"warning: skipped the update of step {done}: {what}")
             if t.eval_every > 0 and (done % t.eval_every == 0 or done == t.steps):
                 rec["val_loss"] = self.evaluate()
             if done % t.log_every == 0 or done == 1 or done == t.steps or "val_loss" in rec:
@@ -264,10 +332,15 @@ class Trainer:
                 _log(self.info, f"step {done}/{t.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
                                 f"mtp {rec['mtp_loss']:.4f} | lr {rec['lr']:.2e} | grad_norm {rec['grad_norm']:.3f} | "
                                 f"{rec['tokens_per_s']:.0f} tok/s{extra}")
-            stopping = stop_after is not None and done >= stop_after
+            signalled = self._stop_agreed()
+            stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.out_dir / "tokenizer.model", self.info.is_main)
+                                self.out_dir / "tokenizer.model", self.info.rank)
+            if signalled and done < t.steps:
+                logger.close()
+                raise StopRequested(f"stopped by signal at step {done} after saving {self.ckpt_root / tag_for(done)}; "
+                                    "run the same command again to resume")
             if stopping:
                 break
             t0 = time.perf_counter()  # evaluation and saving do not count as step time

@@ -1,0 +1,202 @@
+"""Checkpoints and fault tolerance: signals, exact resume, corrupt checkpoints, layout changes,
+the non-finite guard and failed saves."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_dsv3, tiny_overrides
+
+TIMING = {"tokens_per_s", "step_time_s"}
+
+
+def metrics(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def launch(args, nproc=1):
+    env_cmd = [sys.executable, "-m", "dsv3"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv3"]
+    import os
+
+    # same thread settings as conftest.run_dsv3, so numbers match runs made with it bit for bit
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.Popen(env_cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=240):
+    """Block until metrics.jsonl records ``step`` (or the process ends)."""
+    deadline = time.time() + timeout
+    f = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if f.is_file() and any(json.loads(x).get("step", -1) >= step for x in f.read_text().splitlines() if x):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never logged; stderr: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(x) for x in out]
+
+
+def test_signal_mid_run_then_resume_is_bitwise_identical(corpus_dir, data_cache, tmp_path):
+    extra = {"train.steps": 30, "ckpt.every": 50, "train.eval_every": 10}
+    ref = tmp_path / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
+    out = tmp_path / "run"
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)]
+    proc = launch(args)
+    wait_for_step(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("dsv3:")][-1]
+    assert "stopped by signal at step" in line and "run the same command again" in line
+    stopped = int(line.split("at step ")[1].split()[0])
+    assert 5 <= stopped < 30
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    run_dsv3(args)
+    assert metrics(out) == metrics(ref)
+    # TensorBoard: each step once, increasing, across the interruption
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss/lm")]
+    assert steps == sorted(set(steps)) and steps[-1] == 30 and len(steps) == 30
+
+
+def test_two_process_signal_to_one_rank_and_resume(corpus_dir, data_cache, tmp_path):
+    extra = {"train.steps": 16, "ckpt.every": 50, "train.eval_every": 8, "parallel.micro_batch_size": 2,
+             "parallel.zero_stage": 1}
+    ref = tmp_path / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)], nproc=2)
+    out = tmp_path / "run"
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)]
+    proc = launch(args, nproc=2)
+    wait_for_step(out, 3, proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    import os
+
+    os.kill(max(workers), signal.SIGUSR1)  # one rank only
+    proc.communicate(timeout=240)
+    assert proc.returncode != 0  # torchrun reports the workers' exit code 75 as a failure
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert 3 <= int(tag.split("_")[1]) < 16
+    run_dsv3(args, nproc=2)
+    assert metrics(out) == metrics(ref)
+
+
+def test_resume_with_a_different_process_count(corpus_dir, data_cache, tmp_path):
+    extra = {"train.steps": 6, "ckpt.every": 3, "train.eval_every": 3, "parallel.zero_stage": 1}
+    ref = tmp_path / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
+    out = tmp_path / "run"
+    two = tiny_overrides(corpus_dir, data_cache, out, **extra, **{"parallel.micro_batch_size": 2})
+    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
+            "Trainer(load_config(None, sys.argv[1:])).run(stop_after=3)")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-c", code,
+                    *two], check=False, capture_output=True, cwd=ROOT, timeout=300)
+    if not (out / "checkpoints" / "latest").is_file():  # torchrun has no -c: use a script file
+        script = tmp_path / "stop3.py"
+        script.write_text(code.replace("; ", "\n"))
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *two], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    assert json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())["world_size"] == 2
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)])
+    assert "saved with 2 process(es), now 1" in proc.stdout
+    got, want = metrics(out), metrics(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "lm_loss", "val_loss", "lr"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-3), (a["step"], key)
+
+
+def test_half_written_and_corrupt_checkpoints_fall_back(corpus_dir, data_cache, tmp_path):
+    extra = {"train.steps": 9, "ckpt.every": 3, "train.eval_every": 3, "ckpt.keep_last": 5}
+    ref = tmp_path / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
+    out = tmp_path / "run"
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)]
+    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
+            "Trainer(load_config(None, sys.argv[1:])).run(stop_after=6)")
+    subprocess.run([sys.executable, "-c", code, *args[2:]], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    ck = out / "checkpoints"
+    assert ck.joinpath("latest").read_text().strip() == "step_0000006"
+    # a save of step 9 that died half way: files but no manifest, latest not moved
+    half = ck / "step_0000009"
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    # and the latest checkpoint damaged on disk after it was written
+    weights = ck / "step_0000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = run_dsv3(args)
+    assert "checkpoint" in proc.stdout and "step_0000006 is unusable" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_0000003 at step 3" in proc.stdout
+    assert metrics(out) == metrics(ref)
+
+
+NAN_AT_STEP = """
+import sys, torch
+import dsv3.model.transformer as T
+calls = {"n": 0}
+plain = T.Transformer.forward
+def forward(self, input_ids, labels=None, **kw):
+    out = plain(self, input_ids, labels, **kw)
+    if labels is not None and self.training:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the 3rd training micro-batch = optimizer step 3
+            out.lm_loss_sum = out.lm_loss_sum * float("nan")
+    return out
+T.Transformer.forward = forward
+from dsv3.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_guard(corpus_dir, data_cache, tmp_path, policy):
+    out = tmp_path / policy
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_AT_STEP)
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
+        "train.steps": 5, "ckpt.every": 2, "train.eval_every": 0, "train.nonfinite": policy})]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    recs = metrics(out)
+    step3 = [r for r in recs if r["step"] == 3][0]
+    assert step3["skipped"] is True
+    if policy == "stop":
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        assert "non-finite loss or gradient at step 3" in proc.stderr and "last good checkpoint is step_0000002" in proc.stderr
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+        assert all(r["loss"] == r["loss"] for r in recs if r["step"] != 3)  # finite elsewhere
+        import torch
+
+        # the skipped update never reached AdamW: after 4 steps its step count is 3
+        state = torch.load(out / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {3.0}
+
+
+def test_failed_save_keeps_previous_checkpoint(corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_0000004").write_text("a file where the folder should go")
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
+        "train.steps": 6, "ckpt.every": 2, "train.eval_every": 0})]
+    proc = run_dsv3(args, check=False)
+    assert proc.returncode == 2
+    line = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")][-1]
+    assert "could not write checkpoint" in line and "previous checkpoint step_0000002 is intact" in line
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
