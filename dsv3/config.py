@@ -114,6 +114,7 @@ class TrainConfig:
     mtp_lambda: float = 0.3  # weight of the MTP loss (§2.2.2)
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (eq. 17)
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (§2.1.2)
+    peak_tflops: float | None = None  # per-process peak (e.g. 989 for an H100 in bf16); enables MFU logging
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step
     eval_every: int = 100
     eval_batches: int = 4  # validation size, in global batches

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# metrics.jsonl fields that measure the machine, not the training (excluded from equality checks)
+TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib", "mfu"}
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "json/__init__.py",
                 "heapq.py", "bisect.py", "fractions.py", "shlex.py", "string.py", "colorsys.py", "csv.py"]

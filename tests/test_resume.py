@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_dsv3, tiny_overrides
+from conftest import ROOT, TIMING, run_dsv3, tiny_overrides
 
-TIMING = {"tokens_per_s", "step_time_s"}
 
 
 def metrics(run_dir):

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_dsv3, tiny_overrides
+from conftest import ROOT, TIMING, run_dsv3, tiny_overrides
 
-TIMING = {"tokens_per_s", "step_time_s"}
 
 
 def read_metrics(run_dir):
@@ -137,7 +136,10 @@ def test_tensorboard_events_match_metrics(trained):
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"loss/total", "loss/lm", "loss/mtp", "loss/val", "optim/lr", "optim/grad_norm", "perf/tokens_per_s"} <= tags
+    assert {"loss/total", "loss/lm", "loss/mtp", "loss/balance", "loss/val", "optim/lr", "optim/grad_norm",
+            "perf/tokens_per_s", "perf/data_loading_share", "perf/model_tflops", "perf/peak_memory_mib",
+            "moe/load_max_over_mean", "moe/layer0", "moe/layer1"} <= tags  # 1 main MoE layer + 1 MTP layer
+    assert "config/text_summary" in acc.Tags()["tensors"]  # the resolved config as text
     events = acc.Scalars("loss/lm")
     recs = [r for r in read_metrics(out) if "lm_loss" in r]
     assert [e.step for e in events] == [r["step"] for r in recs]

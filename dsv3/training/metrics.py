@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ TB_TAGS = {
     "grad_norm": "optim/grad_norm",
     "tokens_per_s": "perf/tokens_per_s",
     "step_time_s": "perf/step_time_s",
+    "data_share": "perf/data_loading_share",
+    "tflops": "perf/model_tflops",
+    "mfu": "perf/mfu",
+    "peak_mem_mib": "perf/peak_memory_mib",
     "tokens": "progress/tokens",
     "expert_load_max_over_mean": "moe/load_max_over_mean",
 }
@@ -50,11 +55,14 @@ class MetricsLogger:
             self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (must hold ``step``) to metrics.jsonl and TensorBoard."""
+        """Append ``record`` (must hold ``step``) to metrics.jsonl and TensorBoard.
+
+        Keys containing "/" (per-layer expert load, ``expert_load/layer3``) go to TensorBoard only.
+        """
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({k: v for k, v in record.items() if "/" not in k}) + "\n")
         step = record["step"]
         for key, value in record.items():
             if key in TB_TAGS and value is not None:
@@ -63,6 +71,53 @@ class MetricsLogger:
                 self.writer.add_scalar("moe/" + key.split("/", 1)[1], value, step)
         self.writer.flush()
 
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Record the run's hyper-parameters with final metrics in TensorBoard's HParams tab."""
+        if self.writer is not None:
+            flat = {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))}
+            self.writer.add_hparams(flat, metrics, run_name=".")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Console:
+    """Rank 0's terminal output: a progress bar (loss, tokens/s, ETA) in an interactive
+    terminal; plain periodic lines when stdout is not a TTY (SLURM logs, pipes)."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def step(self, rec: dict[str, Any], total: int, line_due: bool) -> None:
+        """Advance by one step; print a log line when ``line_due`` (always for validation)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+            if "val_loss" in rec:
+                self.bar.write(f"step {rec['step']}/{total} | val_loss {rec['val_loss']:.4f}")
+            return
+        if line_due:
+            extra = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+            print(f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+                  f"mtp {rec['mtp_loss']:.4f} | lr {rec['lr']:.2e} | grad_norm {rec['grad_norm']:.3f} | "
+                  f"{rec['tokens_per_s']:.0f} tok/s{extra}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
