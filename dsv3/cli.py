@@ -5,12 +5,34 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3.errors import DsvError
+from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--config", required=required, help="YAML run config (see configs/); default: the tiny CPU model")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="token limit" + ("" if max_new_tokens else " per reply (default: min(256, max_seq_len/2))"))
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen ids; 1 = off")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _check_sampling(args, max_seq_len: int) -> None:
+    if not 0 < args.max_new_tokens < max_seq_len:
+        raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive and below the model's "
+                       f"max_seq_len {max_seq_len}")
+    if not 0 < args.top_p <= 1:
+        raise DsvError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.temperature < 0 or args.top_k < 0:
+        raise DsvError("--temperature and --top-k must be >= 0")
+    if args.repetition_penalty <= 0:
+        raise DsvError(f"--repetition-penalty {args.repetition_penalty} must be positive (1 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP module")
+    _add_sampling_args(p, max_new_tokens=100, temperature=0.8)
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="draft with the MTP module, verify with the main model (greedy only; stats on stderr)")
+    p.add_argument("--compare", action="store_true",
+                   help="with --speculative: also decode plainly, check the outputs match, report the speed-up")
+    p = sub.add_parser("chat", help="interactive chat on stdin/stdout (works with a pipe)")
+    p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(p, max_new_tokens=None, temperature=0.7)
     p = sub.add_parser("convert", help="import / export the Hugging Face DeepSeek-V3 layout")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face folder (config.json + safetensors) to import")
@@ -83,7 +108,7 @@ def _print_sample(run_dir, cfg) -> None:
     model = load_model(run_dir)
     tok = load_tokenizer(run_dir)
     prompt = cfg.train.sample_prompt
-    ids = generate(model, tok.encode(prompt, bos=True), cfg.train.sample_tokens, temperature=0.8, top_k=50,
+    ids = generate(model, tok.encode(prompt), cfg.train.sample_tokens, temperature=0.8, top_k=50,
                    top_p=0.95, seed=cfg.train.seed, eos_ids=[tok.eos_id])
     print("----- sample -----")
     print(prompt + tok.decode(ids))
@@ -107,36 +132,66 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from dsv3 import load_model, load_tokenizer
-    from dsv3.generation import generate
+    import time
 
-    if args.speculative:
-        raise DsvError("--speculative mtp is not available yet; run without --speculative")
+    from dsv3 import load_model, load_tokenizer
+    from dsv3.generation import check_speculative, generate, generate_speculative
+
     if args.max_new_tokens <= 0:
         raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive")
-    if not 0 < args.top_p <= 1:
-        raise DsvError(f"--top-p {args.top_p} must be in (0, 1]")
-    if args.temperature < 0 or args.top_k < 0:
-        raise DsvError("--temperature and --top-k must be >= 0")
+    if args.compare and not args.speculative:
+        raise DsvError("--compare only applies with --speculative mtp; add it or drop --compare")
     model = load_model(args.ckpt)
     tok = load_tokenizer(args.ckpt)
-    if args.max_new_tokens >= model.cfg.max_seq_len:
-        raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be below the model's max_seq_len "
-                       f"{model.cfg.max_seq_len}")
-    ids = generate(model, tok.encode(args.prompt, bos=True), args.max_new_tokens, args.temperature, args.top_k,
-                   args.top_p, args.seed, eos_ids=[tok.eos_id])
-    print(args.prompt + tok.decode(ids))
+    _check_sampling(args, model.cfg.max_seq_len)
+    prompt = tok.encode(args.prompt)
+    if not args.speculative:
+        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       eos_ids=[tok.eos_id], repetition_penalty=args.repetition_penalty)
+        print(args.prompt + tok.decode(ids))
+        return
+    check_speculative(model, args.temperature)
+    if args.compare:
+        generate(model, prompt, 2, 0.0)  # warm-up, so neither timing pays the first-call cost
+    res, st = generate_speculative(model, prompt, args.max_new_tokens, [tok.eos_id], args.repetition_penalty)
+    print(args.prompt + tok.decode(res.ids), flush=True)
+    print(f"speculative mtp: {st.accepted}/{st.drafted} drafts accepted ({st.acceptance_rate:.1%}), "
+          f"{st.tokens_per_forward:.2f} tokens per main-model forward, {st.tokens} tokens in {st.seconds:.2f} s "
+          f"({st.tokens / max(st.seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if args.compare:
+        t0 = time.perf_counter()
+        plain = generate(model, prompt, args.max_new_tokens, 0.0, eos_ids=[tok.eos_id],
+                         repetition_penalty=args.repetition_penalty)
+        dt = time.perf_counter() - t0
+        print(f"plain greedy: {len(plain)} tokens in {dt:.2f} s; speed-up {dt / max(st.seconds, 1e-9):.2f}x; "
+              f"outputs {'identical' if plain == res.ids else 'DIFFER'}", file=sys.stderr)
+
+
+def _cmd_chat(args) -> None:
+    from dsv3 import load_model, load_tokenizer
+    from dsv3.chat import chat_loop
+
+    model = load_model(args.ckpt)
+    tok = load_tokenizer(args.ckpt)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(256, model.cfg.max_seq_len // 2)
+    _check_sampling(args, model.cfg.max_seq_len)
+    chat_loop(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+              args.repetition_penalty)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert,
-                "plan": _cmd_plan}
+                "plan": _cmd_plan, "chat": _cmd_chat}
     try:
         handlers[args.command](args)
     except DsvError as err:
         print(f"dsv3: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except (StopRequested, TrainingDiverged) as err:
+        print(f"dsv3: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)

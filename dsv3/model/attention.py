@@ -1,6 +1,6 @@
 """Multi-head Latent Attention, MLA (stages 3 and 5).
 
-Sources: DeepSeek-V2 (arXiv 2405.04434) §2.1, eq. 1-11; DeepSeek-V3 report §2.1.1.
+Sources: DeepSeek-V3 report (arXiv 2412.19437) §2.1.1, eq. 1-11; DeepSeek-V2 (arXiv 2405.04434) §2.1.
 
 Dims: B batch, T new tokens, S cached + new tokens, H heads, dn = qk_nope_head_dim,
 dr = qk_rope_head_dim, dv = v_head_dim, C = kv_lora_rank, Rq = q_lora_rank.
@@ -96,7 +96,8 @@ class MLA(nn.Module):
 
         Args:
             x: (B, T, dim) hidden states of the new tokens.
-            cos, sin: (T, dr/2) rope tables for the absolute positions of the new tokens.
+            cos, sin: (T, dr/2) rope tables for the absolute positions of the new tokens, or
+                (B, T, dr/2) for per-row positions (see :func:`dsv3.model.rope.apply_rope`).
             cache: decode cache; the new tokens are appended at ``cache.length``.
             attn_mask: optional boolean (B or 1, 1, T, S) mask, True = may attend; replaces
                 the plain causal mask (used for left padding).

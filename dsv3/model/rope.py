@@ -1,7 +1,8 @@
 """Rotary position embeddings with YaRN frequency scaling (stage 4).
 
-Sources: RoFormer (Su et al., 2021) for the rotation; YaRN (Peng et al., 2023) and
-DeepSeek-V2 (arXiv 2405.04434) appendix B for the frequency ramp and the attention scale.
+Sources: RoFormer (Su et al., 2021) for the rotation; YaRN (Peng et al., 2023) for the
+frequency ramp and the attention scale, as DeepSeek-V2 (arXiv 2405.04434) and V3 use it to
+extend the context window.
 
 DeepSeek's weights expect the *interleaved-pair* convention: channels (0, 1), (2, 3), ... of
 the rope slice form the complex numbers that are rotated. dsv3 uses that layout internally,
@@ -50,7 +51,7 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 def yarn_softmax_scale(cfg: ModelConfig) -> float:
     """Attention logit scale: ``qk_head_dim ** -0.5``, times ``mscale**2`` under YaRN.
 
-    ``mscale = 0.1 * cfg.mscale * ln(rope_factor) + 1`` (YaRN eq. 22; DeepSeek-V2 appendix B).
+    ``mscale = 0.1 * cfg.mscale * ln(rope_factor) + 1`` (YaRN eq. 22).
     For the 671B config (rope_factor 40, mscale 1) mscale = 1.368888 and the scale is
     ``192 ** -0.5 * 1.368888**2`` = 0.135234.
     """
@@ -81,14 +82,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Args:
         x: (B, T, H, d) rope slice of queries or keys (any float dtype).
-        cos, sin: (T, d/2) float32 rows for the T positions of ``x``.
+        cos, sin: (T, d/2) float32 rows for the T positions of ``x``, or (B, T, d/2) when
+            each row has its own positions (left-padded batches).
 
     Returns:
         Tensor of the shape and dtype of ``x``.
     """
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, d/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, d/2)
-    c = cos[None, :, None, :]  # (1, T, 1, d/2)
-    s = sin[None, :, None, :]
+    c = cos.unsqueeze(-2) if cos.dim() == 3 else cos[None, :, None, :]  # (B or 1, T, 1, d/2)
+    s = sin.unsqueeze(-2) if sin.dim() == 3 else sin[None, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, H, d/2, 2)
     return out.flatten(-2).to(x.dtype)

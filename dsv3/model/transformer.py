@@ -83,12 +83,13 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, valid=None):
+    def forward(self, h_prev, emb, cos, sin, valid=None, cache=None):
         """Args: h_prev (B, T', D) previous depth's normalized states (see the class doc),
-        emb (B, T', D) embeddings of the tokens k ahead. Returns (h (B, T', D) before the head
-        norm, MoEAux or None)."""
+        emb (B, T', D) embeddings of the tokens k ahead, cache: optional decode cache of this
+        module's attention (see :meth:`Transformer.mtp_draft`). Returns (h (B, T', D) before
+        the head norm, MoEAux or None)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
-        return super().forward(h, cos, sin, valid=valid)
+        return super().forward(h, cos, sin, cache=cache, valid=valid)
 
 
 @dataclass
@@ -189,13 +190,16 @@ class Transformer(nn.Module):
         dev = self.embed_tokens.weight.device
         return [LatentCache(batch, max_len, self.cfg, dtype, dev) for _ in self.layers]
 
-    def _trunk(self, input_ids, cache=None, attn_mask=None, valid=None):
+    def _trunk(self, input_ids, cache=None, attn_mask=None, valid=None, position_ids=None):
         """Embed and run the main blocks. Returns (h (B, T, D) before the final norm, auxes)."""
         B, T = input_ids.shape
         start = cache[0].length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if position_ids is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, dr/2)
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, dr/2)
         h = self.embed_tokens(input_ids)  # (B, T, D)
         auxes = []
         for i, layer in enumerate(self.layers):
@@ -210,6 +214,7 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         cache: list[LatentCache] | None = None,
         attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ):
         """Run the model.
 
@@ -221,13 +226,21 @@ class Transformer(nn.Module):
                 predicts ``labels[:, i+k]`` = token i+k+1, for i < T-k.
             cache: decode cache from :meth:`new_cache` (inference only).
             attn_mask: optional bool (B, 1, T, S) mask, True = may attend (left padding).
+            position_ids: optional (B, T) int64 rope positions of the tokens (default:
+                consecutive from the cache length, or from 0); inference only, for batches
+                whose rows start at different offsets (left padding).
 
         Returns:
             logits (B, T, V) float32 if ``labels`` is None, else :class:`TrainOutput`.
+
+        Raises:
+            ValueError: the sequence does not fit ``max_seq_len`` or the cache, or
+                ``position_ids`` is given together with ``labels``.
         """
         if labels is None:
-            h, _ = self._trunk(input_ids, cache, attn_mask)
-            return self.lm_head(self.norm(h)).float()
+            return self.lm_head(self.hidden_states(input_ids, cache, attn_mask, position_ids)).float()
+        if position_ids is not None:
+            raise ValueError("position_ids is for inference only; it cannot be combined with labels")
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid)
         h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1
@@ -252,6 +265,67 @@ class Transformer(nn.Module):
             balance_loss=sum((a.balance_loss for a in auxes), torch.zeros((), device=dev)),
             expert_load=torch.stack([a.load for a in auxes]) if auxes else torch.zeros(0, 0, dtype=torch.long),
         )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: list[LatentCache] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The main model's final states *after* the final norm: (B, T, D), parameter dtype.
+
+        ``lm_head`` of them is the logits of :meth:`forward`; they are also what MTP depth 1
+        reads (:meth:`mtp_draft`). Arguments as in :meth:`forward`.
+        """
+        h, _ = self._trunk(input_ids, cache, attn_mask, position_ids=position_ids)
+        return self.norm(h)
+
+    def new_mtp_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """Allocate the decode cache of MTP depth 1's attention (for :meth:`mtp_draft`).
+
+        Raises:
+            ValueError: the model has no MTP module, or ``max_len > max_seq_len``.
+        """
+        if not len(self.mtp):
+            raise ValueError("the model has no MTP module (model.mtp_depth = 0)")
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        dtype = dtype or self.embed_tokens.weight.dtype
+        return LatentCache(batch, max_len, self.cfg, dtype, self.embed_tokens.weight.device)
+
+    def mtp_draft(self, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
+                  last_only: bool = False) -> torch.Tensor:
+        """Run MTP depth 1 incrementally: logits of the token after ``next_ids``.
+
+        MTP position i combines the main model's post-norm state ``h_i`` (which predicted
+        token i+1) with the embedding of token i+1 and predicts token i+2, exactly as in
+        training (rope position i, causal attention over MTP positions 0..i). The new
+        positions are appended to ``cache`` at ``cache.length``; to discard them set
+        ``cache.length`` back.
+
+        Args:
+            h_prev: (B, T, D) post-norm main states of positions ``cache.length ...`` (from
+                :meth:`hidden_states`).
+            next_ids: (B, T) int64 ids of the tokens one ahead of those positions.
+            cache: from :meth:`new_mtp_cache`.
+            last_only: project only the last position through the head (drafting needs no more).
+
+        Returns:
+            (B, T, V) float32 logits of the tokens two ahead ((B, 1, V) with ``last_only``).
+
+        Raises:
+            ValueError: no MTP module, or the cache is full.
+        """
+        if not len(self.mtp):
+            raise ValueError("the model has no MTP module (model.mtp_depth = 0)")
+        module = self.mtp[0]
+        start, T = cache.length, next_ids.shape[1]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        h, _ = module(h_prev, self.embed_tokens(next_ids), cos, sin, cache=cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(module.shared_head.norm(h)).float()
 
     def moe_gates(self) -> list[Gate]:
         """Every router, in the order of :attr:`TrainOutput.expert_load` rows."""

@@ -1,0 +1,297 @@
+"""The dsv3 chat format, its training labels, streaming detokenization and the chat loop.
+
+Chat format (shared by ``dsv3 sft``, ``dsv3 chat`` and exports). A conversation is a list
+of messages ``{"role": "system" | "user" | "assistant", "content": str}`` and is encoded as::
+
+    <s> <|system|> SYSTEM <|end|> <|user|> USER <|end|> <|assistant|> REPLY <|end|> <|user|> ...
+
+* ``<s>`` (BOS, id 2) once at the start; then, per message, the role token (``<|system|>`` 4,
+  ``<|user|>`` 5, ``<|assistant|>`` 6), the content's tokens, and ``<|end|>`` (7).
+* The template adds **no text of its own**: no newline, no space, nothing between a role
+  token and the content or between ``<|end|>`` and the next role token. The content is
+  encoded exactly as given (leading/trailing whitespace and newlines inside it are kept), so
+  ``decode`` of a content span gives the content back.
+* Content can never forge a turn boundary: a literal ``<|user|>`` (or any role string)
+  inside a message is encoded as its UTF-8 byte pieces, not as the role id.
+* To ask the model for a reply, the encoding ends with ``<|assistant|>``
+  (``add_generation_prompt=True``); the model answers with the reply tokens and
+  ``<|end|>``, on which generation stops.
+
+Messages may come in any order (a system message is normally first, and only once).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+from dsv3.errors import DsvError
+from dsv3.model import IGNORE_INDEX
+from dsv3.tokenizer import CHAT_TOKENS
+
+SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = 4, 5, 6, 7
+ROLE_IDS = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
+
+Message = Mapping[str, str]
+
+
+def encode_content(tok, text: str) -> list[int]:
+    """Encode message text with no chat special ids in the result.
+
+    Role strings that occur literally in ``text`` (``"<|end|>"``, ...) become their UTF-8
+    byte pieces, which decode to the same characters.
+
+    Args:
+        tok: a :class:`dsv3.tokenizer.Tokenizer`.
+        text: the content.
+
+    Returns:
+        Token ids; ``tok.decode`` of them is ``text``.
+    """
+    ids: list[int] = []
+    for i in tok.encode(text):
+        if SYSTEM_ID <= i <= END_ID:
+            ids.extend(tok.piece_to_id(f"<0x{b:02X}>") for b in CHAT_TOKENS[i - SYSTEM_ID].encode("utf-8"))
+        else:
+            ids.append(i)
+    return ids
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if isinstance(messages, (str, bytes)) or not len(messages):
+        raise DsvError("a conversation needs at least one message ({'role': ..., 'content': ...})")
+    for k, m in enumerate(messages):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLE_IDS or not isinstance(m.get("content"), str):
+            raise DsvError(f"message {k} must be a mapping with role one of {sorted(ROLE_IDS)} and a text "
+                           f"content; got {m!r:.80}")
+
+
+def _segments(tok, messages: Sequence[Message]):
+    """Yield (ids, trained) spans of the encoding, in order (BOS first)."""
+    _check_messages(messages)
+    yield [tok.bos_id], False
+    for m in messages:
+        yield [ROLE_IDS[m["role"]]], False
+        yield encode_content(tok, m["content"]) + [END_ID], m["role"] == "assistant"
+
+
+def encode_chat(tok, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    """Encode a conversation in the dsv3 chat format (see the module docstring).
+
+    Args:
+        tok: a :class:`dsv3.tokenizer.Tokenizer`.
+        messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
+        add_generation_prompt: end with ``<|assistant|>`` so the model writes the next reply.
+
+    Returns:
+        Token ids: ``[2, role, *content, 7, role, *content, 7, ...]`` (+ ``6``).
+
+    Raises:
+        DsvError: no messages, an unknown role, or a content that is not a string.
+    """
+    ids = [i for span, _ in _segments(tok, messages) for i in span]
+    if add_generation_prompt:
+        ids.append(ASSISTANT_ID)
+    return ids
+
+
+def chat_labels(tok, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    """Inputs and next-token labels for supervised fine-tuning on a conversation.
+
+    ``ids = encode_chat(tok, messages, add_generation_prompt=False)``. ``labels`` has the
+    length of ``ids`` and follows :meth:`dsv3.model.Transformer.forward`'s convention
+    (``labels[i]`` is the target of position i, i.e. token i+1): ``labels[i] = ids[i+1]``
+    when token i+1 belongs to an assistant message's content or is that message's closing
+    ``<|end|>``, else ``IGNORE_INDEX`` (-100). So the model learns to write replies and to
+    end them, never the system or user text, the role tokens or BOS; the last label is
+    always ``IGNORE_INDEX``. Pass both straight to ``model(ids, labels)``.
+
+    Example, ``[system "S", user "U", assistant "A"]`` with one token per text::
+
+        ids    = [<s>,  <|system|>, S,    <|end|>, <|user|>, U,    <|end|>, <|assistant|>, A, <|end|>]
+        labels = [-100, -100,       -100, -100,    -100,     -100, -100,    A,             <|end|>, -100]
+
+    Args:
+        tok: a :class:`dsv3.tokenizer.Tokenizer`.
+        messages: as in :func:`encode_chat`.
+
+    Returns:
+        (ids, labels), two lists of ints of equal length.
+
+    Raises:
+        DsvError: the conversation has no assistant message (nothing to learn), or bad
+            messages as in :func:`encode_chat`.
+    """
+    ids: list[int] = []
+    trained: list[bool] = []
+    for span, learn in _segments(tok, messages):
+        ids.extend(span)
+        trained.extend([learn] * len(span))
+    if not any(trained):
+        raise DsvError("the conversation has no assistant message, so it has nothing to train on; "
+                       "add an assistant reply or drop the conversation")
+    labels = [ids[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
+    return ids, labels
+
+
+def chat_stop_ids(tok) -> list[int]:
+    """Ids that end an assistant reply: ``<|end|>``, EOS, and ``<|user|>`` / ``<|system|>`` (a
+    model that starts another turn has finished its reply)."""
+    return [END_ID, tok.eos_id, USER_ID, SYSTEM_ID]
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one by one, get only new, complete text back.
+
+    Byte-fallback tokenizers split a character outside the vocabulary into several byte
+    tokens; decoding a prefix that ends inside such a character gives U+FFFD. The decoder
+    decodes the ids since the last point where the text was complete and withholds a
+    trailing run of U+FFFD until a later id completes (or breaks) the character, so the
+    concatenation of everything returned equals ``tok.decode(all ids)`` and no broken
+    character is ever emitted early.
+    """
+
+    def __init__(self, tok):
+        """Args: tok: a :class:`dsv3.tokenizer.Tokenizer` (anything with ``decode``)."""
+        self.tok = tok
+        self._ids: list[int] = []  # ids since the last complete point
+        self._sent = 0  # characters of decode(self._ids) already returned
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that became complete ("" if none)."""
+        self._ids.append(int(token_id))
+        text = self.tok.decode(self._ids)
+        stable = len(text.rstrip("\ufffd"))
+        new = text[self._sent : stable] if stable > self._sent else ""
+        if stable == len(text):
+            self._ids, self._sent = [], 0  # nothing pending: later text decodes on its own
+        else:
+            self._sent = max(self._sent, stable)
+        return new
+
+    def flush(self) -> str:
+        """Return whatever is still withheld (U+FFFD for a truly incomplete character) and reset."""
+        text = self.tok.decode(self._ids)[self._sent :]
+        self._ids, self._sent = [], 0
+        return text
+
+
+def fit_conversation(tok, system: str | None, turns: list[Message], budget: int) -> tuple[list[int], int]:
+    """Encode ``[system] + turns`` with a generation prompt, dropping the oldest turns to fit.
+
+    Whole exchanges are dropped from the front (a user message and the assistant reply that
+    follows it) until the encoding has at most ``budget`` ids or only the last user message
+    is left; the system message is always kept. ``turns`` is shortened in place.
+
+    Args:
+        tok: the tokenizer.
+        system: system prompt or None.
+        turns: the user/assistant messages so far, the last one being the new user message.
+        budget: the number of prompt ids that still leaves room for the reply.
+
+    Returns:
+        (ids, number of messages dropped). The ids may still exceed ``budget`` when the last
+        message alone is too long (generation then keeps only its last ids).
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    dropped = 0
+    while True:
+        ids = encode_chat(tok, head + turns)
+        if len(ids) <= budget or len(turns) <= 1:
+            return ids, dropped
+        del turns[0]
+        dropped += 1
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            del turns[0]
+            dropped += 1
+
+
+def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+              top_k: int = 50, top_p: float = 0.95, seed: int | None = None, repetition_penalty: float = 1.0,
+              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
+              interactive: bool | None = None) -> None:
+    """Run a multi-turn conversation: one user message per input line, streamed replies.
+
+    Each input line (without its line break) is a user message; ``/reset`` forgets the
+    conversation (the system prompt stays), ``/exit`` or end of input ends the loop. Blank
+    lines are ignored. Each reply is streamed to ``stdout`` as it is generated (complete
+    characters only, see :class:`StreamDecoder`) and ends with one ``"\\n"``; it stops at
+    any of :func:`chat_stop_ids` (not printed) or after ``max_new_tokens``. When the context
+    (``max_seq_len - max_new_tokens`` prompt ids) is full, the oldest exchanges are
+    dropped. The ``"> "`` prompt and notices are written only when ``interactive``, so piped
+    output holds nothing but the replies.
+
+    Args:
+        model: a :class:`dsv3.model.Transformer`.
+        tok: its tokenizer.
+        system: optional system prompt.
+        max_new_tokens: reply length limit (``1 <= n < max_seq_len``).
+        temperature, top_k, top_p, repetition_penalty: sampling (see :mod:`dsv3.generation`).
+        seed: sampling seed; reply k uses ``seed + k`` (None = unseeded).
+        stdin, stdout, stderr: streams (default: the process's).
+        interactive: show prompts and notices; default ``stdin.isatty()``.
+
+    Raises:
+        DsvError: ``max_new_tokens`` does not leave room for a prompt.
+    """
+    from dsv3.generation import generate
+
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if interactive is None:
+        interactive = stdin.isatty()
+    limit = model.cfg.max_seq_len
+    if not 1 <= max_new_tokens < limit:
+        raise DsvError(f"--max-new-tokens {max_new_tokens} must be between 1 and the model's max_seq_len - 1 "
+                       f"({limit - 1})")
+    budget = limit - max_new_tokens
+    stops = chat_stop_ids(tok)
+    turns: list[Message] = []
+    replies = 0
+    if interactive:
+        print("dsv3 chat: type a message and press Enter; /reset starts over, /exit or Ctrl-D quits",
+              file=stderr, flush=True)
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            if interactive:
+                stdout.write("\n")
+                stdout.flush()
+            return
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            turns = []
+            if interactive:
+                print("(conversation reset)", file=stderr, flush=True)
+            continue
+        if not command:
+            continue
+        turns.append({"role": "user", "content": text})
+        ids, dropped = fit_conversation(tok, system, turns, budget)
+        if interactive and dropped:
+            print(f"(context full: dropped the {dropped} oldest messages)", file=stderr, flush=True)
+        if interactive and len(ids) > budget:
+            print(f"(message too long: only its last {budget} tokens are read)", file=stderr, flush=True)
+        decoder = StreamDecoder(tok)
+
+        def stream(i: int) -> None:
+            if i not in stops:
+                piece = decoder.push(i)
+                if piece:
+                    stdout.write(piece)
+                    stdout.flush()
+
+        out = generate(model, ids, max_new_tokens, temperature, top_k, top_p,
+                       None if seed is None else seed + replies, eos_ids=stops, on_token=stream,
+                       repetition_penalty=repetition_penalty)
+        stdout.write(decoder.flush() + "\n")
+        stdout.flush()
+        replies += 1
+        reply = out[:-1] if out and out[-1] in stops else out
+        turns.append({"role": "assistant", "content": tok.decode(reply)})
