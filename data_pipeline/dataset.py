@@ -131,6 +131,12 @@ class PackedDataset(torch.utils.data.Dataset):
             out[row] = self._window(int(i))
         return torch.from_numpy(out)
 
+    def batch_xy(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows ``indices`` split into inputs (B, seq_len) and next-token labels (B, seq_len),
+        int64, as separate tensors (masking labels in place never touches the inputs)."""
+        b = self.batch(indices)
+        return b[:, :-1].clone(), b[:, 1:].clone()
+
     def verify(self) -> None:
         """Check the bin file's sha256 against ``meta.json`` (reads the whole file).
 

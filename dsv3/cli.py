@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
     # the deepspeed launcher appends --local_rank=N (the rank is also in $LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)")
+    _add_config_args(p, required=True)
+    p.add_argument("--no-sample", action="store_true", help="do not print a sample reply at the end")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--prompt", required=True)
@@ -131,6 +135,33 @@ def _cmd_train(args) -> None:
         dist.destroy_process_group()
 
 
+def _cmd_sft(args) -> None:
+    from dsv3.config import load_config
+    from dsv3.training.trainer import train
+
+    cfg = load_config(args.config, [*args.overrides, "data.format=chat"])
+    if not cfg.train.init_from:
+        raise DsvError("dsv3 sft needs train.init_from=DIR: the run, checkpoint or Hugging Face folder to fine-tune")
+    run_dir = train(cfg)
+    import torch.distributed as dist
+
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not args.no_sample:
+        from dsv3 import load_model, load_tokenizer
+        from dsv3.chat import chat_stop_ids, encode_chat
+        from dsv3.generation import generate
+
+        model, tok = load_model(run_dir), load_tokenizer(run_dir)
+        question = cfg.train.sample_prompt
+        ids = encode_chat(tok, [{"role": "user", "content": question}])
+        stops = chat_stop_ids(tok)
+        reply = generate(model, ids, cfg.train.sample_tokens, temperature=0, eos_ids=stops, repetition_penalty=1.3)
+        answer = tok.decode([i for i in reply if i not in stops])
+        print(f"----- sample -----\nuser: {question}\nassistant: {answer}\n------------------", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _cmd_generate(args) -> None:
     import time
 
@@ -183,7 +214,7 @@ def _cmd_chat(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert,
+    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert, "sft": _cmd_sft,
                 "plan": _cmd_plan, "chat": _cmd_chat}
     try:
         handlers[args.command](args)

@@ -84,6 +84,7 @@ class DataConfig:
     # None or "" = the Python standard library source of the running interpreter; else a
     # local .txt/.jsonl/.parquet file or folder, or a datasets hub name.
     source: str | None = None
+    format: str = "text"  # text: packed documents (pre-training); chat: conversations (dsv3 sft)
     seq_len: int = 256
     text_field: str = "text"  # column holding the text in jsonl/parquet/hub sources
     val_fraction: float = 0.02  # share of documents held out for validation
@@ -348,6 +349,8 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
     if t.precision not in ("fp32", "bf16"):
         raise DsvError(f"train.precision={t.precision!r} is not supported; use fp32 or bf16")
+    if d.format not in ("text", "chat"):
+        raise DsvError(f"data.format={d.format!r} must be text (pre-training) or chat (fine-tuning)")
     if t.nonfinite not in ("stop", "skip"):
         raise DsvError(f"train.nonfinite={t.nonfinite!r} must be stop or skip")
     if not (t.lr > 0 and math.isfinite(t.lr)):
@@ -363,16 +366,17 @@ def validate(cfg: Config) -> None:
 def check_trainable(cfg: Config) -> None:
     """Reject layouts the trainer cannot run yet (``dsv3 plan`` still accepts them).
 
+    Expert parallelism (``parallel.ep`` > 1) is accepted; whether ``ep`` divides the number
+    of processes is checked at start-up (:func:`dsv3.parallel.expert_parallel.check_layout`).
+
     Raises:
-        DsvError: ZeRO-3, expert parallelism or pipeline parallelism requested.
+        DsvError: ZeRO-3 or pipeline parallelism requested.
     """
     p = cfg.parallel
     if p.zero_stage == 3:
         raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 1 or 2")
     if p.pp > 1:
         raise DsvError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
-    if p.ep > 1:
-        raise DsvError(f"parallel.ep={p.ep}: expert parallelism is not available yet; use parallel.ep=1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -11,4 +11,5 @@ args=(--num_gpus "$NPROC")
 if [ -n "${DS_HOSTFILE:-}" ]; then
   args=(--hostfile "$DS_HOSTFILE")
 fi
-exec deepspeed "${args[@]}" --module dsv3 train "$@"
+# --no_local_rank: the rank reaches dsv3 through $LOCAL_RANK, not an extra argument
+exec deepspeed "${args[@]}" --no_local_rank --module dsv3 train "$@"

@@ -199,3 +199,17 @@ def test_failed_save_keeps_previous_checkpoint(corpus_dir, data_cache, tmp_path)
     line = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")][-1]
     assert "could not write checkpoint" in line and "previous checkpoint step_0000002 is intact" in line
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_bf16_resume_is_bitwise_identical(corpus_dir, data_cache, tmp_path):
+    extra = {"train.steps": 4, "ckpt.every": 10, "train.eval_every": 2, "train.precision": "bf16",
+             "parallel.zero_stage": 1}
+    ref = tmp_path / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
+    out = tmp_path / "run"
+    args = tiny_overrides(corpus_dir, data_cache, out, **extra)
+    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
+            "Trainer(load_config(None, sys.argv[1:])).run(stop_after=2)")
+    subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    run_dsv3(["train", "--no-sample", *args])
+    assert metrics(out) == metrics(ref)

@@ -40,21 +40,34 @@ def trainer_clips(cfg: Config) -> bool:
 
     DeepSpeed's plain fp32 path (ZeRO stage 0) neither reports the global gradient norm nor
     exposes it, so there the trainer calls ``clip_grad_norm_`` on the all-reduced gradients.
+    With expert parallelism the trainer also clips for bf16 at ZeRO stage 0: DeepSpeed's
+    optimizer there (``FP16_UnfusedOptimizer``) leaves expert gradients out of the norm; the
+    trainer's :func:`dsv3.parallel.expert_parallel.clip_grad_norm_` counts every expert once.
     """
-    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
+    p = cfg.parallel
+    return p.zero_stage == 0 and (cfg.train.precision == "fp32" or p.ep > 1)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: matrices (and stacked expert weights) decay; norms and vectors do not."""
-    decay, no_decay = [], []
+    """AdamW groups: matrices (and stacked expert weights) decay; norms and vectors do not.
+
+    Expert-parallel expert weights (``param.allreduce = False``, see
+    :mod:`dsv3.parallel.expert_parallel`) form their own decaying group per expert group,
+    marked ``moe=True`` and named by ``param.group_name``: DeepSpeed's ZeRO-1/2 and bf16
+    optimizers partition and reduce such a group over its expert-data-parallel ranks.
+    """
+    decay, no_decay, experts = [], [], {}
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        if getattr(p, "allreduce", True) is False:
+            experts.setdefault(p.group_name, []).append(p)
+        else:
+            (decay if p.ndim >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-    ]
+    ] + [{"params": ps, "weight_decay": weight_decay, "moe": True, "name": name} for name, ps in experts.items()]
 
 
 class GuardedAdamW(torch.optim.AdamW):

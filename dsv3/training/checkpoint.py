@@ -106,6 +106,11 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     ``model.safetensors``, ``config.yaml``, ``tokenizer.model`` and, once all ranks are done,
     ``manifest.json`` (every file with its size) and then moves ``latest``.
 
+    With expert parallelism (:mod:`dsv3.parallel.expert_parallel`) each EP rank also writes
+    its experts into DeepSpeed's per-expert files under their global index, and the experts of
+    all EP ranks are gathered to rank 0 first, so ``model.safetensors`` always holds the whole
+    model in the single-process layout.
+
     Returns:
         The step folder.
 
@@ -115,15 +120,19 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     """
     from safetensors.torch import save_file
 
+    from dsv3.parallel.expert_parallel import ep_modules, full_state_dict, save_expert_files
+
     tag = tag_for(step)
     folder = ckpt_root / tag
     failure = torch.zeros(1)
     error = ""
+    state = full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
     try:
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+        if ep_modules(engine.module):
+            save_expert_files(engine.module, ckpt_root, tag)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
-            state = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
             tmp = folder / f".{WEIGHTS}.tmp"
             save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)})
             os.replace(tmp, folder / WEIGHTS)

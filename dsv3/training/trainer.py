@@ -15,6 +15,7 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 from __future__ import annotations
 
 import copy
+import resource
 import signal
 import threading
 import time
@@ -24,11 +25,12 @@ import torch
 import yaml
 
 from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
-from data_pipeline.prepare import prepare
+from data_pipeline.chat_data import ChatDataset, prepare_chat
+from data_pipeline.prepare import given_tokenizer, prepare
 from dsv3.config import Config, check_trainable, save_config, validate
 from dsv3.convert import is_hf_folder
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
-from dsv3.model import IGNORE_INDEX, Transformer
+from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
@@ -37,6 +39,8 @@ from dsv3.training.checkpoint import (
     load_model,
     load_rng,
     needs_repartition,
+    read_checkpoint_config,
+    saved_world_size,
     to_universal,
     resolve_checkpoint,
     resume_candidates,
@@ -44,18 +48,13 @@ from dsv3.training.checkpoint import (
     seed_everything,
     tag_for,
 )
-from dsv3.training.metrics import MetricsLogger
+from dsv3.training.metrics import Console, MetricsLogger
 from dsv3.training.schedule import lr_at
 
 
 def _log(info: DistInfo, msg: str) -> None:
     if info.is_main:
         print(msg, flush=True)
-
-
-def split_window(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) packed windows -> inputs (B, T) and next-token labels (B, T)."""
-    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 def mtp_label_counts(labels: torch.Tensor, depth: int) -> torch.Tensor:
@@ -100,6 +99,11 @@ class Trainer:
         cfg, init_state = with_init_from(cfg)
         self.cfg = cfg
         self.info = init_distributed()
+        self.ep = cfg.parallel.ep
+        if self.ep > 1:
+            from dsv3.parallel.expert_parallel import check_layout
+
+            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         dp = self.info.world_size
@@ -108,13 +112,15 @@ class Trainer:
         self.global_batch = p.micro_batch_size * p.grad_accum * dp
 
         # data: rank 0 prepares (or finds the cache), the others then read the same folder
-        if self.info.is_main:
-            self.data_dir = prepare(cfg)
-        barrier()
-        if not self.info.is_main:
-            self.data_dir = prepare(cfg, progress=False)
-        self.train_data = PackedDataset(self.data_dir, "train", cfg.data.seq_len)
-        self.val_data = PackedDataset(self.data_dir, "val", cfg.data.seq_len)
+        for turn in ("main", "others"):  # rank 0 prepares (or finds the cache), then the others read it
+            if self.info.is_main == (turn == "main"):
+                self.data_dir = self._prepare(progress=self.info.is_main)
+            barrier()
+        if cfg.data.format == "chat":
+            self.train_data, self.val_data = ChatDataset(self.data_dir, "train"), ChatDataset(self.data_dir, "val")
+        else:
+            self.train_data = PackedDataset(self.data_dir, "train", cfg.data.seq_len)
+            self.val_data = PackedDataset(self.data_dir, "val", cfg.data.seq_len)
         if len(self.train_data) < self.global_batch:
             raise DsvError(f"the training split has {len(self.train_data)} windows of data.seq_len={cfg.data.seq_len}, "
                            f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch")
@@ -136,6 +142,12 @@ class Trainer:
         if init_state is not None and self.resume_tag is None:
             model.load_state_dict(init_state)
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
+        self._check_resume_layout()
+        if self.ep > 1:  # before moving to the device: only this rank's experts go there
+            from dsv3.parallel.expert_parallel import apply_expert_parallel, describe
+
+            apply_expert_parallel(model, self.ep)
+            _log(self.info, describe(model))
         model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -145,6 +157,32 @@ class Trainer:
         self.model: Transformer = self.engine.module
         self.start_step = 0
         self._resume()
+
+    def _check_resume_layout(self) -> None:
+        """With expert parallelism, resuming needs the layout of the save (same ``parallel.ep``
+        and process count): expert weights and optimizer shards are split by EP rank.
+
+        Raises:
+            DsvError: the checkpoint to resume was saved with another ep or process count.
+        """
+        tag = self.resume_tag
+        if tag is None:
+            return
+        folder = self.ckpt_root / tag
+        saved_ep = read_checkpoint_config(folder).parallel.ep
+        saved_world = saved_world_size(folder)
+        if saved_ep != self.ep or (self.ep > 1 and saved_world not in (None, self.dp)):
+            raise DsvError(f"checkpoint {folder} was saved with parallel.ep={saved_ep} on {saved_world} process(es); "
+                           f"resuming it with parallel.ep={self.ep} on {self.dp} is not supported; resume with the "
+                           "saved layout, or start a new run from its weights with train.init_from")
+
+    def _prepare(self, progress: bool) -> Path:
+        if self.cfg.data.format == "chat":
+            if not self.cfg.data.tokenizer:
+                raise DsvError("fine-tuning on conversations needs the model's tokenizer: set train.init_from to "
+                               "the run to fine-tune, or data.tokenizer")
+            return prepare_chat(self.cfg, given_tokenizer(self.cfg.data), progress=progress)
+        return prepare(self.cfg, progress=progress)
 
     def _pick_checkpoint(self) -> str | None:
         """The newest intact checkpoint to resume from; corrupt ones are reported and skipped."""
@@ -165,7 +203,12 @@ class Trainer:
                 to_universal(self.ckpt_root, tag)
             barrier()
             load_dir = self.ckpt_root / "universal"
-        _, state = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        load_fn = None
+        if self.ep > 1:
+            from dsv3.parallel.expert_parallel import expert_load_fn
+
+            load_fn = expert_load_fn(self.model)
+        _, state = self.engine.load_checkpoint(str(load_dir), tag=tag, custom_load_fn=load_fn)
         if state is None:
             raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
         self.start_step = int(state["step"])
@@ -180,9 +223,11 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """Run optimizer step ``step`` (0-based) over its global batch; return its metrics."""
         cfg, p = self.cfg, self.cfg.parallel
+        t_data = time.perf_counter()
         indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
         micro = rank_micro_batches(indices, self.info.rank, self.dp, p.micro_batch_size, p.grad_accum)
-        batches = [split_window(self.train_data.batch(mb)) for mb in micro]
+        batches = [self.train_data.batch_xy(mb) for mb in micro]
+        self._data_time = time.perf_counter() - t_data
         dev = self.info.device
         depth = cfg.model.mtp_depth
         counts = torch.zeros(1 + depth, dtype=torch.float64)
@@ -211,7 +256,11 @@ class Trainer:
             stats[1] += out.balance_loss.detach().double().cpu() / (p.grad_accum * self.dp)
             stats[3:] += out.mtp_loss_sum.detach().double().cpu()
             if i == len(batches) - 1:  # gradients are all-reduced now; decide before the update
-                if self.manual_clip:
+                if self.manual_clip and self.ep > 1:
+                    from dsv3.parallel.expert_parallel import clip_grad_norm_
+
+                    grad_norm = clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                elif self.manual_clip:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
                 bad = torch.tensor([0.0 if torch.isfinite(stats).all() else 1.0])
                 if grad_norm is not None and not torch.isfinite(grad_norm):
@@ -243,6 +292,8 @@ class Trainer:
             lf = load.float()
             ratio = (lf.max(-1).values / lf.mean(-1).clamp(min=1e-9))
             rec["expert_load_max_over_mean"] = ratio.mean().item()
+            for i, r in enumerate(ratio.tolist()):
+                rec[f"expert_load/layer{i}"] = r
         return rec
 
     def _install_signal_handlers(self) -> None:
@@ -269,10 +320,17 @@ class Trainer:
         n = min(len(self.val_data), cfg.train.eval_batches * self.global_batch)
         mine = list(range(self.info.rank, n, self.dp))
         totals = torch.zeros(2, dtype=torch.float64)
+        mbs = cfg.parallel.micro_batch_size
+        chunks = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        if self.ep > 1:  # the MoE all-to-all needs every rank in every forward: pad with discarded windows
+            most = (n + self.dp - 1) // self.dp  # rank 0's share, the largest
+            chunks += [None] * ((most + mbs - 1) // mbs - len(chunks))
         self.engine.eval()
-        for i in range(0, len(mine), cfg.parallel.micro_batch_size):
-            inputs, labels = split_window(self.val_data.batch(mine[i : i + cfg.parallel.micro_batch_size]))
+        for chunk in chunks:
+            inputs, labels = self.val_data.batch_xy(chunk if chunk is not None else [0])
             out = self.model(inputs.to(self.info.device), labels.to(self.info.device))
+            if chunk is None:
+                continue
             totals[0] += out.lm_loss_sum.double().cpu()
             totals[1] += out.lm_tokens.double().cpu()
         self.engine.train()
@@ -280,10 +338,13 @@ class Trainer:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     def client_state(self, step: int) -> dict:
-        return {"step": step, "tokens": step * self.global_batch * self.cfg.data.seq_len,
-                "world_size": self.dp,
-                # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
-                "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        state = {"step": step, "tokens": step * self.global_batch * self.cfg.data.seq_len,
+                 "world_size": self.dp,
+                 # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
+                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        if self.ep > 1:  # DeepSpeed's MoE save reserves this key; EP checkpoints resume on their own layout only
+            del state["universal_checkpoint_info"]
+        return state
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after: int | None = None) -> Path:
@@ -298,13 +359,14 @@ class Trainer:
         self._install_signal_handlers()
         logger = MetricsLogger(self.out_dir, self.start_step, self.info.is_main,
                                yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _log(self.info, f"training {cfg.model.n_layers}-layer model, {sum(p.numel() for p in self.model.parameters()):,} "
+        console = Console(self.info.is_main, self.start_step, t.steps)
+        console.write(f"training {cfg.model.n_layers}-layer model, {sum(p.numel() for p in self.model.parameters()):,} "
                         f"parameters, {self.dp} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
         if self.start_step == 0 and t.eval_every > 0:
             val = self.evaluate()
             logger.log({"step": 0, "val_loss": val, "tokens": 0})
-            _log(self.info, f"step 0 | val_loss {val:.4f}")
+            console.write(f"step 0 | val_loss {val:.4f}")
         t0 = time.perf_counter()
         for step in range(self.start_step, t.steps):
             rec = self.train_step(step)
@@ -313,25 +375,25 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             rec["step_time_s"] = elapsed
             rec["tokens_per_s"] = tokens_per_step / max(elapsed, 1e-9)
+            rec.update(self._perf(rec, elapsed))
             if rec.get("skipped"):
                 what = f"non-finite loss or gradient at step {done} (loss {rec['loss']}, grad_norm {rec['grad_norm']})"
                 if t.nonfinite == "stop":
                     logger.log(rec)
                     logger.close()
+                    console.close()
                     good = resume_candidates(self.ckpt_root)
                     last = next((tag for tag, problem in good if problem is None), None)
                     raise TrainingDiverged(f"{what}; stopped without updating the weights; the last good checkpoint "
                                            f"is {last or 'none'}; lower train.lr, check the data, or set "
                                            "train.nonfinite=skip")
-                _log(self.info, f"warning: skipped the update of step {done}: {what}")
+                console.write(f"warning: skipped the update of step {done}: {what}")
             if t.eval_every > 0 and (done % t.eval_every == 0 or done == t.steps):
                 rec["val_loss"] = self.evaluate()
-            if done % t.log_every == 0 or done == 1 or done == t.steps or "val_loss" in rec:
+            due = done % t.log_every == 0 or done == 1 or done == t.steps or "val_loss" in rec
+            if due:
                 logger.log(rec)
-                extra = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                _log(self.info, f"step {done}/{t.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
-                                f"mtp {rec['mtp_loss']:.4f} | lr {rec['lr']:.2e} | grad_norm {rec['grad_norm']:.3f} | "
-                                f"{rec['tokens_per_s']:.0f} tok/s{extra}")
+            console.step(rec, t.steps, due)
             signalled = self._stop_agreed()
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
@@ -339,13 +401,31 @@ class Trainer:
                                 self.out_dir / "tokenizer.model", self.info.rank)
             if signalled and done < t.steps:
                 logger.close()
+                console.close()
                 raise StopRequested(f"stopped by signal at step {done} after saving {self.ckpt_root / tag_for(done)}; "
                                     "run the same command again to resume")
             if stopping:
                 break
             t0 = time.perf_counter()  # evaluation and saving do not count as step time
+        console.close()
+        if self.start_step < t.steps and "val_loss" in rec:
+            logger.log_hparams({f"{sec}.{k}": v for sec, d in cfg.to_dict().items() for k, v in d.items()},
+                               {"hparam/final_val_loss": rec["val_loss"]})
         logger.close()
         return self.out_dir
+
+    def _perf(self, rec: dict, step_time: float) -> dict[str, float]:
+        """Throughput extras: model TFLOP/s (and MFU when ``train.peak_tflops`` is set), the
+        share of the step spent loading data, peak memory of this process."""
+        achieved = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * rec["tokens_per_s"] / 1e12
+        out = {"tflops": achieved, "data_share": self._data_time / max(step_time, 1e-9)}
+        if self.cfg.train.peak_tflops:
+            out["mfu"] = achieved / (self.cfg.train.peak_tflops * self.dp)
+        if self.info.device.type == "cuda":
+            out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            out["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
 
 
 def train(cfg: Config) -> Path:
