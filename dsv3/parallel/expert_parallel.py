@@ -32,7 +32,16 @@ only, ZeRO partitions them there, and checkpoints save each EP rank's optimizer 
 Gradient scale: a local expert's gradient already sums the contributions of the tokens of all
 P ranks of its EP group; DeepSpeed sums it over the expert-data-parallel group and divides by
 the *whole* data-parallel size, exactly as for the other parameters, so gradients (and their
-norm) do not depend on P.
+norm) do not depend on P. ZeRO-1/2 and the bf16 optimizer report a norm that counts each
+expert once; where the trainer measures and clips itself (ZeRO stage 0) it uses
+:func:`clip_grad_norm_`, which sums the expert squares over the EP group.
+
+Checkpoints: DeepSpeed's MoE save path keeps the experts out of ``mp_rank_00_model_states.pt``
+and saves each EP rank's optimizer state (``expp_rank_*`` files at stage 0, ZeRO shards at
+stages 1-2); :func:`save_expert_files` writes the expert weights in DeepSpeed's per-expert
+files under their global index, which ``engine.load_checkpoint`` reads back for the local
+experts and :func:`expert_load_fn` stacks; :func:`full_state_dict` gathers every expert for
+the single-file ``model.safetensors``. Resuming needs the saved ``ep`` and process count.
 """
 
 from __future__ import annotations

@@ -360,7 +360,9 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, self.start_step, self.info.is_main,
                                yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         console = Console(self.info.is_main, self.start_step, t.steps)
-        console.write(f"training {cfg.model.n_layers}-layer model, {sum(p.numel() for p in self.model.parameters()):,} "
+        n_params = sum(p.numel() for p in self.model.parameters())  # with ep > 1, this rank's experts only
+        n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
+        console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
                         f"parameters, {self.dp} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
         if self.start_step == 0 and t.eval_every > 0:

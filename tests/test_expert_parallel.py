@@ -1,0 +1,215 @@
+"""Expert parallelism (parallel.ep): the split does not change the numbers, checkpoints hold
+every expert, and impossible layouts fail at start-up."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_dsv3, tiny_overrides
+
+KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens", "val_loss")
+TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib", "mfu"}
+COMMON = {"train.steps": 4, "ckpt.every": 2, "ckpt.keep_last": 2, "train.eval_every": 2, "train.sample_tokens": 4}
+
+
+def metrics(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def assert_same_metrics(got, want, rel=1e-5):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-7), (b["step"], key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir, data_cache, tmp_path_factory):
+    """One process, no expert parallelism: the numbers every layout must reproduce."""
+    out = tmp_path_factory.mktemp("ep") / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON)])
+    return out
+
+
+def train_ep(corpus_dir, data_cache, out, nproc, **extra):
+    """``dsv3 train`` with parallel.ep=2 on ``nproc`` processes, same global batch as the reference."""
+    mbs = 4 // nproc
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
+        "parallel.micro_batch_size": mbs, "parallel.ep": 2, **extra})]
+    proc = run_dsv3(args, nproc=nproc)
+    assert "expert parallelism ep=2: 4 of 8 routed experts per rank" in proc.stdout
+    return args
+
+
+def test_ep2_zero0_matches_ep1_and_checkpoint_holds_every_expert(reference, corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "ep2"
+    train_ep(corpus_dir, data_cache, out, nproc=2, **{"parallel.zero_stage": 0})
+    assert_same_metrics(metrics(out), metrics(reference))
+    from safetensors import safe_open
+
+    ck = out / "checkpoints" / "step_0000004"
+    with safe_open(str(ck / "model.safetensors"), "pt") as a, \
+            safe_open(str(reference / "checkpoints" / "step_0000004" / "model.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in b.keys():
+            assert a.get_slice(key).get_shape() == b.get_slice(key).get_shape(), key
+        assert a.get_slice("layers.1.mlp.experts.gate_proj").get_shape()[0] == 8
+        bias = "layers.1.mlp.gate.e_score_correction_bias"  # global loads -> the same bias updates
+        assert a.get_tensor(bias).abs().sum() > 0 and a.get_tensor(bias).equal(b.get_tensor(bias))
+    # DeepSpeed's per-expert files: every expert of every MoE layer once, under its global index
+    assert sorted(p.name for p in ck.glob("layer_*_expert_*")) == sorted(
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(8))
+    from dsv3 import load_model
+
+    model = load_model(out)
+    assert model.layers[1].mlp.experts.gate_proj.shape[0] == 8
+    proc = run_dsv3(["generate", "--ckpt", str(out), "--prompt", "def f(", "--max-new-tokens", "4",
+                     "--temperature", "0"])
+    assert "def f(" in proc.stdout
+
+
+def test_ep2_zero1_matches_ep1_and_resumes_bitwise(reference, corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "ep2"
+    args = train_ep(corpus_dir, data_cache, out, nproc=2, **{"parallel.zero_stage": 1})
+    full = metrics(out)
+    assert_same_metrics(full, metrics(reference))
+    # resume from step 2 as an interrupted run would: same layout -> bit for bit the same log
+    ck = out / "checkpoints"
+    shutil.rmtree(ck / "step_0000004")
+    (ck / "latest").write_text("step_0000002\n")
+    proc = run_dsv3(args, nproc=2)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert metrics(out) == full
+    # another layout cannot resume an expert-parallel checkpoint: one line, exit code 2
+    one = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "train.steps": 6})]
+    proc = run_dsv3(one, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("dsv3:") and "saved with parallel.ep=2 on 2 process(es)" in line
+
+
+def test_ep2_dp2_zero2_four_processes_matches_ep1(reference, corpus_dir, data_cache, tmp_path):
+    """ep=2 x 2 expert-data-parallel replicas: ZeRO-2 partitions each expert block (optimizer state
+    and gradients) over its 2 replicas and the other parameters over all 4 ranks."""
+    out = tmp_path / "ep2dp2"
+    train_ep(corpus_dir, data_cache, out, nproc=4, **{"parallel.zero_stage": 2})
+    assert_same_metrics(metrics(out), metrics(reference))
+
+
+UNIT = r"""
+import sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+from dsv3.config import ModelConfig
+from dsv3.model.moe import MoE
+from dsv3.parallel.expert_parallel import apply_expert_parallel, clip_grad_norm_, is_expert_param
+
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2,
+                  n_limited_groups=1, n_shared_experts=1, route_scale=2.5)
+
+
+def build(bias):
+    gen = torch.Generator().manual_seed(0)
+    m = MoE(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        m.gate.e_score_correction_bias.copy_(bias)
+    return m
+
+
+def inputs(r):
+    gen = torch.Generator().manual_seed(100 + r)
+    n = 5 + 2 * r  # a different number of tokens on each rank
+    return torch.randn(1, n, cfg.dim, generator=gen), torch.randn(1, n, cfg.dim, generator=gen)
+
+
+def check(bias, name):
+    # reference: one unsplit layer over the tokens of every rank
+    ref = build(bias)
+    xs = [inputs(r)[0].requires_grad_() for r in range(world)]
+    outs = [ref(x) for x in xs]
+    sum((y * inputs(r)[1]).sum() for r, (y, _) in enumerate(outs)).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9)
+
+    m = build(bias)
+    apply_expert_parallel(m, world)
+    x, c = inputs(rank)
+    x.requires_grad_()
+    y, aux = m(x)
+    assert torch.allclose(y, outs[rank][0], atol=1e-5, rtol=1e-5), (name, (y - outs[rank][0]).abs().max())
+    assert torch.equal(aux.load, outs[rank][1].load)
+    (y * c).sum().backward()
+    assert torch.allclose(x.grad, xs[rank].grad, atol=1e-5, rtol=1e-5), (name, "input gradient")
+    ex = m.experts
+    got = dict(m.named_parameters())
+    for n, p in ref.named_parameters():
+        g = got[n].grad
+        if is_expert_param(got[n]):  # local block: already summed over the tokens of every rank
+            want = p.grad[ex.first:ex.first + ex.num_local_experts]
+        else:  # replicated: data-parallel sum
+            dist.all_reduce(g)
+            want = p.grad
+        assert torch.allclose(g, want, atol=1e-5, rtol=1e-5), (name, n, (g - want).abs().max())
+    norm = clip_grad_norm_(m.parameters(), 1e9)
+    assert torch.allclose(norm, ref_norm, rtol=1e-5), (name, norm, ref_norm)
+    expert_sq = sum(float(p.grad.pow(2).sum()) for p in m.parameters() if is_expert_param(p))
+    sys.stdout.write(f"rank {rank} {name}: experts {ex.first}..{ex.first + ex.num_local_experts - 1} "
+                     f"received {'no' if expert_sq == 0 else 'some'} tokens\n")
+    sys.stdout.flush()
+    return expert_sq
+
+
+check(torch.zeros(cfg.n_routed_experts), "balanced")
+bias = torch.zeros(cfg.n_routed_experts)
+bias[: cfg.n_routed_experts // world] = 100.0  # route every token to the experts of rank 0
+sq = check(bias, "all to rank 0")
+assert (sq == 0) == (rank != 0), (rank, sq)
+print(f"rank {rank} OK", flush=True)
+dist.barrier()
+dist.destroy_process_group()  # a rank leaving while the other still talks aborts gloo at exit
+"""
+
+
+def test_ep_layer_matches_unsplit_layer_including_a_rank_without_tokens(tmp_path):
+    script = tmp_path / "ep_unit.py"
+    script.write_text(UNIT)
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "rank 0 OK" in proc.stdout and "rank 1 OK" in proc.stdout
+    assert "rank 1 all to rank 0: experts 4..7 received no tokens" in proc.stdout
+
+
+@pytest.mark.parametrize("ep, message", [
+    (2, "parallel.ep=2 does not divide the 1 process(es)"),
+    (3, "model.n_routed_experts=8 is not divisible by parallel.ep=3"),
+])
+def test_impossible_layout_is_one_line_exit_2(corpus_dir, data_cache, tmp_path, ep, message):
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, tmp_path / "run",
+                                                             **{"parallel.ep": ep})], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_trainable_accepts_ep():
+    from dsv3.config import check_trainable, load_config
+    from dsv3.errors import DsvError
+
+    check_trainable(load_config(None, ["parallel.ep=2"]))
+    with pytest.raises(DsvError, match="zero_stage=3"):
+        check_trainable(load_config(None, ["parallel.ep=2", "parallel.zero_stage=3"]))
