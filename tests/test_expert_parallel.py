@@ -36,13 +36,13 @@ def reference(corpus_dir, data_cache, tmp_path_factory):
     return out
 
 
-def train_ep(corpus_dir, data_cache, out, nproc, **extra):
-    """``dsv3 train`` with parallel.ep=2 on ``nproc`` processes, same global batch as the reference."""
+def train_ep(corpus_dir, data_cache, out, nproc, ep=2, **extra):
+    """``dsv3 train`` with parallel.ep=ep on ``nproc`` processes, same global batch as the reference."""
     mbs = 4 // nproc
     args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
-        "parallel.micro_batch_size": mbs, "parallel.ep": 2, **extra})]
+        "parallel.micro_batch_size": mbs, "parallel.ep": ep, **extra})]
     proc = run_dsv3(args, nproc=nproc)
-    assert "expert parallelism ep=2: 4 of 8 routed experts per rank" in proc.stdout
+    assert f"expert parallelism ep={ep}: {8 // ep} of 8 routed experts per rank" in proc.stdout
     return args
 
 
@@ -98,6 +98,13 @@ def test_ep2_dp2_zero2_four_processes_matches_ep1(reference, corpus_dir, data_ca
     and gradients) over its 2 replicas and the other parameters over all 4 ranks."""
     out = tmp_path / "ep2dp2"
     train_ep(corpus_dir, data_cache, out, nproc=4, **{"parallel.zero_stage": 2})
+    assert_same_metrics(metrics(out), metrics(reference))
+
+
+def test_ep4_four_processes_matches_ep1(reference, corpus_dir, data_cache, tmp_path):
+    """Every rank holds 2 of the 8 experts; no expert data parallelism."""
+    out = tmp_path / "ep4"
+    train_ep(corpus_dir, data_cache, out, nproc=4, ep=4, **{"parallel.zero_stage": 1})
     assert_same_metrics(metrics(out), metrics(reference))
 
 

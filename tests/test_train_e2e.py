@@ -140,6 +140,11 @@ def test_tensorboard_events_match_metrics(trained):
             "perf/tokens_per_s", "perf/data_loading_share", "perf/model_tflops", "perf/peak_memory_mib",
             "moe/load_max_over_mean", "moe/layer0", "moe/layer1"} <= tags  # 1 main MoE layer + 1 MTP layer
     assert "config/text_summary" in acc.Tags()["tensors"]  # the resolved config as text
+    assert {"moe_load/layer0", "moe_load/layer1"} <= set(acc.Tags()["histograms"])
+    assert {"moe_bias_spread/layer0", "moe_bias_spread/layer1"} <= tags
+    spread = acc.Scalars("moe_bias_spread/layer0")
+    assert [e.step for e in spread] == [1, 2, 3, 4, 5, 6]
+    assert spread[0].value == pytest.approx(0.002, abs=1e-6)  # one update of +-gamma from zero
     events = acc.Scalars("loss/lm")
     recs = [r for r in read_metrics(out) if "lm_loss" in r]
     assert [e.step for e in events] == [r["step"] for r in recs]

@@ -71,6 +71,20 @@ class MetricsLogger:
                 self.writer.add_scalar("moe/" + key.split("/", 1)[1], value, step)
         self.writer.flush()
 
+    def log_expert_load(self, step: int, load, bias) -> None:
+        """Per MoE layer: a histogram of the tokens each expert received in the step, and the
+        spread (max - min) of the load-balancing bias, in TensorBoard.
+
+        Args:
+            load: (L_moe, E) tokens per expert over the global batch.
+            bias: (L_moe, E) ``e_score_correction_bias`` after the update.
+        """
+        if self.writer is None:
+            return
+        for i, (row, b) in enumerate(zip(load, bias)):
+            self.writer.add_histogram(f"moe_load/layer{i}", row.float(), step)
+            self.writer.add_scalar(f"moe_bias_spread/layer{i}", float(b.max() - b.min()), step)
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Record the run's hyper-parameters with final metrics in TensorBoard's HParams tab."""
         if self.writer is not None:

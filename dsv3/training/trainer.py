@@ -270,9 +270,11 @@ class Trainer:
             self.engine.step()
             load = out.expert_load.detach().cpu() if load is None else load + out.expert_load.detach().cpu()
         all_reduce_sum(stats)
+        self.last_load = None
         if load is not None and load.numel() and finite:
             all_reduce_sum(load)
             update_expert_bias(self.model.moe_gates(), load, cfg.train.bias_update_speed)
+            self.last_load = load
         lm = (stats[0] / n_lm).item()
         mtp = (stats[3:] / n_mtp.double().cpu()).mean().item() if depth else 0.0
         bal = stats[1].item()
@@ -395,6 +397,9 @@ class Trainer:
             due = done % t.log_every == 0 or done == 1 or done == t.steps or "val_loss" in rec
             if due:
                 logger.log(rec)
+                if self.last_load is not None:
+                    bias = torch.stack([g.e_score_correction_bias.detach().cpu() for g in self.model.moe_gates()])
+                    logger.log_expert_load(done, self.last_load, bias)
             console.step(rec, t.steps, due)
             signalled = self._stop_agreed()
             stopping = signalled or (stop_after is not None and done >= stop_after)
