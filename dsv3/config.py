@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from dsv3.errors import DsvError
+from dsv3.fileio import atomic_write_text
 
 
 @dataclass
@@ -381,7 +382,4 @@ def check_trainable(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -29,15 +29,14 @@ Design points:
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
 from dsv3.errors import DsvError
+from dsv3.fileio import atomic_write_bytes
 
 #: Bumped whenever training settings change in a way that changes the learned model.
 TOKENIZER_VERSION = 1
@@ -108,16 +107,6 @@ def training_chunks(text: str) -> Iterator[str]:
         yield "".join(group)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str, sample_size: int,
@@ -182,7 +171,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DsvError(f"sentencepiece could not train a {vocab_size}-piece tokenizer ({first}); "
                        "use a larger corpus or a smaller model.vocab_size") from None
-    _atomic_write_bytes(out_path, model.getvalue())
+    atomic_write_bytes(out_path, model.getvalue())
     return Tokenizer.load(out_path)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TIMING, tiny_overrides
+from conftest import ROOT, tiny_overrides
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 pytestmark = pytest.mark.skipif(

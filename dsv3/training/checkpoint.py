@@ -33,18 +33,12 @@ import yaml
 
 from dsv3.config import Config, config_from_dict, save_config
 from dsv3.errors import DsvError
+from dsv3.fileio import atomic_write_text
 from dsv3.parallel.distributed import all_reduce_sum, barrier
 
 WEIGHTS = "model.safetensors"
 LATEST = "latest"
 MANIFEST = "manifest.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from dsv3.fileio import atomic_write_text
 
 # metrics.jsonl key -> TensorBoard tag (grouped so the dashboard reads well)
 TB_TAGS = {
@@ -45,9 +46,7 @@ class MetricsLogger:
         if self.path.exists():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step > 0 else None)

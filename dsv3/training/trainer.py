@@ -30,6 +30,7 @@ from data_pipeline.prepare import given_tokenizer, prepare
 from dsv3.config import Config, check_trainable, save_config, validate
 from dsv3.convert import is_hf_folder
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
+from dsv3.fileio import atomic_write_bytes
 from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -129,10 +130,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-            tok = self.out_dir / "tokenizer.model"
-            tmp = tok.with_name(".tokenizer.model.tmp")
-            tmp.write_bytes((self.data_dir / "tokenizer.model").read_bytes())
-            tmp.replace(tok)
+            atomic_write_bytes(self.out_dir / "tokenizer.model", (self.data_dir / "tokenizer.model").read_bytes())
         barrier()
 
         seed_everything(cfg.train.seed + self.info.rank)
