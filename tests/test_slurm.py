@@ -144,11 +144,13 @@ def test_usr1_saves_requeues_and_resumes(slurm, corpus_dir, data_cache, tmp_path
             break
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    # SLURM holds a requeued job back for a while before it may start; let it start now
+    # SLURM holds a requeued job back for a while before it may start; let it start sooner, but
+    # a few seconds after the requeue: slurmd refuses credentials issued within the second the
+    # old one was revoked ("Job credential revoked")
     deadline = time.time() + 240
     while time.time() < deadline and job_field(slurm, job, "Restarts") in (None, "0"):
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, capture_output=True)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], env=slurm, capture_output=True)
     state = wait_job(slurm, job, timeout=400)
     log = (tmp_path / "logs" / f"dsv3-train-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
