@@ -73,24 +73,62 @@ def test_ep2_zero0_matches_ep1_and_checkpoint_holds_every_expert(reference, corp
     assert "def f(" in proc.stdout
 
 
-def test_ep2_zero1_matches_ep1_and_resumes_bitwise(reference, corpus_dir, data_cache, tmp_path):
-    out = tmp_path / "ep2"
-    args = train_ep(corpus_dir, data_cache, out, nproc=2, **{"parallel.zero_stage": 1})
+@pytest.fixture(scope="module")
+def ep2_zero1(reference, corpus_dir, data_cache, tmp_path_factory):
+    """ep=2 on 2 processes under ZeRO-1: (run dir, its arguments)."""
+    out = tmp_path_factory.mktemp("ep") / "ep2"
+    return out, train_ep(corpus_dir, data_cache, out, nproc=2, **{"parallel.zero_stage": 1})
+
+
+def rewind(src, dst, tag="step_0000002"):
+    """Copy run ``src`` to ``dst`` as if it had been interrupted right after saving ``tag``."""
+    shutil.copytree(src, dst)
+    ck = dst / "checkpoints"
+    for later in ck.glob("step_*"):
+        if later.name > tag:
+            shutil.rmtree(later)
+    (ck / "latest").write_text(tag + "\n")
+    lines = (dst / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= int(tag[5:])))
+    return dst
+
+
+def test_ep2_zero1_matches_ep1_and_resumes_bitwise(ep2_zero1, reference, tmp_path):
+    out, args = ep2_zero1
     full = metrics(out)
     assert_same_metrics(full, metrics(reference))
     # resume from step 2 as an interrupted run would: same layout -> bit for bit the same log
-    ck = out / "checkpoints"
-    shutil.rmtree(ck / "step_0000004")
-    (ck / "latest").write_text("step_0000002\n")
-    proc = run_dsv3(args, nproc=2)
+    again = rewind(out, tmp_path / "again")
+    proc = run_dsv3([a.replace(str(out), str(again)) for a in args], nproc=2)
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert metrics(out) == full
-    # another layout cannot resume an expert-parallel checkpoint: one line, exit code 2
-    one = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "train.steps": 6})]
-    proc = run_dsv3(one, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("dsv3:") and "saved with parallel.ep=2 on 2 process(es)" in line
+    assert metrics(again) == full
+
+
+@pytest.mark.parametrize("nproc, ep, zero", [(1, 1, 0), (4, 4, 1)])
+def test_ep2_checkpoint_resumes_with_another_ep(ep2_zero1, reference, corpus_dir, data_cache, tmp_path, nproc, ep,
+                                                zero):
+    """E=2 -> E=1 (one process, plain AdamW) and E=2 -> E=4 (four processes, ZeRO-1 partitions): weights,
+    AdamW moments and step count come from the layout-free optimizer state, so the steps after the
+    resume match the uninterrupted single-process run (to float rounding: another summation order)."""
+    out = rewind(ep2_zero1[0], tmp_path / "resharded")
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
+        "parallel.micro_batch_size": 4 // nproc, "parallel.ep": ep, "parallel.zero_stage": zero})]
+    proc = run_dsv3(args, nproc=nproc)
+    assert f"at step 2 (saved with parallel.ep=2 on 2 process(es), now ep={ep} on {nproc})" in proc.stdout
+    got = metrics(out)
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
+    assert_same_metrics(got[3:], metrics(reference)[3:])
+
+
+def test_checkpoint_without_ep_cannot_resume_with_ep(reference, corpus_dir, data_cache, tmp_path):
+    out = rewind(reference, tmp_path / "run")
+    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
+        "parallel.micro_batch_size": 2, "parallel.ep": 2})]
+    proc = run_dsv3(args, nproc=2, check=False)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # each worker exits 2; torchrun reports 1
+    assert "exitcode  : 2" in proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")][0]
+    assert "saved with parallel.ep=1 on 1 process(es); resuming it with parallel.ep=2 on 2" in line
 
 
 def test_ep2_dp2_zero2_four_processes_matches_ep1(reference, corpus_dir, data_cache, tmp_path):

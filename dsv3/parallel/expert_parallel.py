@@ -41,7 +41,9 @@ and saves each EP rank's optimizer state (``expp_rank_*`` files at stage 0, ZeRO
 stages 1-2); :func:`save_expert_files` writes the expert weights in DeepSpeed's per-expert
 files under their global index, which ``engine.load_checkpoint`` reads back for the local
 experts and :func:`expert_load_fn` stacks; :func:`full_state_dict` gathers every expert for
-the single-file ``model.safetensors``. Resuming needs the saved ``ep`` and process count.
+the single-file ``model.safetensors``. With the saved ``ep`` and process count DeepSpeed's files
+resume the run bit for bit; any other layout resumes from the layout-free optimizer state of
+:mod:`dsv3.parallel.portable_state`.
 """
 
 from __future__ import annotations

@@ -115,16 +115,20 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     from safetensors.torch import save_file
 
     from dsv3.parallel.expert_parallel import ep_modules, full_state_dict, save_expert_files
+    from dsv3.parallel.portable_state import collect_portable_state, write_portable_state
 
     tag = tag_for(step)
     folder = ckpt_root / tag
     failure = torch.zeros(1)
     error = ""
     state = full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
+    expert_parallel = bool(ep_modules(engine.module))
+    portable = collect_portable_state(engine, cfg.parallel.ep) if expert_parallel else []  # collective
     try:
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
-        if ep_modules(engine.module):
+        if expert_parallel:
             save_expert_files(engine.module, ckpt_root, tag)
+            write_portable_state(folder, portable)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
             tmp = folder / f".{WEIGHTS}.tmp"

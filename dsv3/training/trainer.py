@@ -15,6 +15,7 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 from __future__ import annotations
 
 import copy
+import json
 import resource
 import signal
 import threading
@@ -141,6 +142,8 @@ class Trainer:
             model.load_state_dict(init_state)
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
         self._check_resume_layout()
+        if self.portable:  # weights and routing biases of the unsplit model; the optimizer state follows
+            model.load_state_dict(load_model(self.ckpt_root / self.resume_tag).state_dict())
         if self.ep > 1:  # before moving to the device: only this rank's experts go there
             from dsv3.parallel.expert_parallel import apply_expert_parallel, describe
 
@@ -149,7 +152,8 @@ class Trainer:
         model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.universal = self.resume_tag is not None and needs_repartition(self.ckpt_root / self.resume_tag, dp)
+        self.universal = (self.resume_tag is not None and not self.portable
+                          and needs_repartition(self.ckpt_root / self.resume_tag, dp))
         self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
         self.manual_clip = trainer_clips(cfg)
         self.model: Transformer = self.engine.module
@@ -157,22 +161,34 @@ class Trainer:
         self._resume()
 
     def _check_resume_layout(self) -> None:
-        """With expert parallelism, resuming needs the layout of the save (same ``parallel.ep``
-        and process count): expert weights and optimizer shards are split by EP rank.
+        """Decide how the checkpoint to resume is loaded; sets ``self.portable``.
+
+        With the saved layout (same ``parallel.ep`` and, with expert parallelism, the same
+        process count) DeepSpeed loads its own files. An expert-parallel checkpoint resumed
+        with another ``ep`` or process count is loaded from its layout-free optimizer state
+        (:mod:`dsv3.parallel.portable_state`).
 
         Raises:
-            DsvError: the checkpoint to resume was saved with another ep or process count.
+            DsvError: the checkpoint cannot be resumed with this layout (a checkpoint saved
+                without expert parallelism resumed with ``ep`` > 1).
         """
+        from dsv3.parallel.portable_state import has_portable_state
+
+        self.portable = False
         tag = self.resume_tag
         if tag is None:
             return
         folder = self.ckpt_root / tag
         saved_ep = read_checkpoint_config(folder).parallel.ep
         saved_world = saved_world_size(folder)
-        if saved_ep != self.ep or (self.ep > 1 and saved_world not in (None, self.dp)):
-            raise DsvError(f"checkpoint {folder} was saved with parallel.ep={saved_ep} on {saved_world} process(es); "
-                           f"resuming it with parallel.ep={self.ep} on {self.dp} is not supported; resume with the "
-                           "saved layout, or start a new run from its weights with train.init_from")
+        if saved_ep == self.ep and (self.ep == 1 or saved_world in (None, self.dp)):
+            return
+        if saved_ep > 1 and has_portable_state(folder):
+            self.portable = True
+            return
+        raise DsvError(f"checkpoint {folder} was saved with parallel.ep={saved_ep} on {saved_world} process(es); "
+                       f"resuming it with parallel.ep={self.ep} on {self.dp} is not supported; resume with the "
+                       "saved layout, or start a new run from its weights with train.init_from")
 
     def _prepare(self, progress: bool) -> Path:
         if self.cfg.data.format == "chat":
@@ -193,6 +209,9 @@ class Trainer:
     def _resume(self) -> None:
         tag = self.resume_tag
         if tag is None:
+            return
+        if self.portable:
+            self._resume_portable(self.ckpt_root / tag)
             return
         load_dir = self.ckpt_root
         if self.universal:
@@ -216,6 +235,19 @@ class Trainer:
             seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
         _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
                         + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"))
+
+    def _resume_portable(self, folder: Path) -> None:
+        """Resume an expert-parallel checkpoint on another layout from its layout-free state."""
+        from dsv3.parallel.portable_state import load_portable_state
+
+        load_portable_state(self.engine, folder)
+        self.start_step = int(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["step"])
+        self.engine.global_steps = self.start_step
+        self.engine.global_samples = self.start_step * self.global_batch
+        seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
+        saved = read_checkpoint_config(folder).parallel.ep
+        _log(self.info, f"resumed from {folder} at step {self.start_step} (saved with parallel.ep={saved} on "
+                        f"{saved_world_size(folder)} process(es), now ep={self.ep} on {self.dp})")
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
