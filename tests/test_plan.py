@@ -184,8 +184,10 @@ def test_activation_formula_matches_saved_tensors(one_torch_thread):
     weights in fp32) are kept too and are not per-token.
     """
     B, T = 2, 32
-    for precision in ("fp32", "bf16"):
-        cfg = load_config(None, TINY + ["model.v_head_dim=24", f"train.precision={precision}"])
+    wider = ["model.q_lora_rank=48", "model.n_routed_experts=16", "model.n_expert_groups=4", "model.n_limited_groups=2",
+             "model.n_activated_experts=4", "model.n_shared_experts=2", "model.n_layers=3"]
+    for precision, extra in (("fp32", []), ("bf16", []), ("fp32", wider), ("bf16", wider)):
+        cfg = load_config(None, TINY + extra + ["model.v_head_dim=24", f"train.precision={precision}"])
         torch.manual_seed(0)
         model = Transformer(cfg.model)
         model.init_weights(0)
@@ -207,10 +209,11 @@ def test_activation_formula_matches_saved_tensors(one_torch_thread):
             out = model(ids, labels)
         out.local_loss(0.3, 1e-4).backward()  # the saved tensors are what backward needs
         act = activation_bytes_per_token(cfg.model, precision)
-        main = act.embedding + act.block(False) + act.block(True) + act.head
+        n = cfg.model.n_layers
+        main = act.embedding + act.block(False) + (n - 1) * act.block(True) + act.head
         mtp = act.mtp_module() + act.head - 8
         expected = B * T * main + B * (T - 1) * mtp
-        assert sum(saved.values()) == pytest.approx(expected, rel=0.015), precision
+        assert sum(saved.values()) == pytest.approx(expected, rel=0.015), (precision, extra)
 
 
 def test_cli_plan_propose_and_errors(capsys):
