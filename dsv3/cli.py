@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=True)
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory-gib", type=float, default=None)
+    p.add_argument("--propose", action="store_true", help="search layouts that fit --gpu-memory-gib and rank them")
+    p.add_argument("--dispatch-dtype", choices=["fp8", "bf16", "fp32"], default=None,
+                   help="all-to-all dispatch dtype (default train.precision; DeepSeek-V3 used fp8)")
+    p.add_argument("--combine-dtype", choices=["fp8", "bf16", "fp32"], default=None,
+                   help="all-to-all combine dtype (default train.precision)")
     return parser
 
 
@@ -79,7 +84,8 @@ def _cmd_plan(args) -> None:
     from dsv3.config import load_config
     from dsv3.plan import plan
 
-    print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gib))
+    print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gib, args.propose,
+               args.dispatch_dtype, args.combine_dtype))
 
 
 def _cmd_convert(args) -> None:

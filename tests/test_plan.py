@@ -1,21 +1,42 @@
-"""dsv3 plan: counts and the static memory budget, checked against numbers worked out by hand."""
+"""dsv3 plan: counts, memory per GPU, bubble and all-to-all volume, checked against numbers
+worked out by hand and against the tensors autograd actually keeps."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
+from dsv3.cli import main
 from dsv3.config import check_trainable, load_config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
-from dsv3.plan import memory_per_gpu, plan, split_counts
+from dsv3.plan import (GIB, Layout, ModelParts, a2a_buffer_bytes, a2a_volume_per_step, activation_bytes_per_token,
+                       in_flight_micro_batches, memory_per_gpu, pipeline_bubble, plan, plan_layout, propose,
+                       split_counts, stage_layers)
 
 ROOT = Path(__file__).resolve().parents[1]
 V3 = ROOT / "configs" / "deepseek_v3_671b.yaml"
+# DeepSeek-V3's pre-training layout (report §3.2, §4.2): 2048 GPUs, 16 pipeline stages, 64-way
+# expert parallelism, ZeRO-1, 4K sequences, 15360 sequences per step. Assumed here: one
+# sequence per micro-batch, so 15360 / dp (= 128) = 120 micro-batches per step, and per-block
+# activation checkpointing standing in for DeepSeek's recomputation of RMSNorm and the MLA
+# up-projections and its FP8 activation caching (finer-grained, which dsv3 does not model).
+DEEPSEEK_LAYOUT = ["parallel.pp=16", "parallel.ep=64", "parallel.zero_stage=1", "parallel.micro_batch_size=1",
+                   "parallel.grad_accum=120", "parallel.activation_checkpointing=true", "data.seq_len=4096"]
+# the 2-layer model of tests/conftest.py (dense layer 0, MoE layer 1, one MTP module)
+TINY = ["model.vocab_size=512", "model.dim=64", "model.inter_dim=128", "model.moe_inter_dim=32", "model.n_layers=2",
+        "model.n_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+        "model.v_head_dim=16", "model.max_seq_len=128", "data.seq_len=64"]
 
 
-def test_671b_split_and_deepseek_layout_fits():
-    cfg = load_config(V3, ["parallel.pp=16", "parallel.ep=64"])
+@pytest.fixture(scope="module")
+def v3_parts():
+    with torch.device("meta"):
+        return ModelParts.of(Transformer(load_config(V3).model))
+
+
+def test_671b_split_and_deepseek_layout_fits(v3_parts):
+    cfg = load_config(V3, DEEPSEEK_LAYOUT)
     with torch.device("meta"):
         model = Transformer(cfg.model)
     experts, other = split_counts(model)
@@ -28,14 +49,183 @@ def test_671b_split_and_deepseek_layout_fits():
     assert mem.grads == pytest.approx(2 * local)
     assert mem.optimizer == pytest.approx(12 * (other / 16 / 128 + experts / 1024 / 2))
     assert mem.total / 2**30 == pytest.approx(10.02, abs=0.01)
+
+    sp = plan_layout(cfg, v3_parts, Layout(2048, 16, 64, 1, 1, 120, True))
+    assert sp.bubble == pytest.approx(15 / 135)  # (p-1)/(m+p-1)
+    assert [len(r) for r in stage_layers(61, 16)] == [4] * 13 + [3] * 3
+    # stage 0: 4 blocks, 16 micro-batches in flight, each block keeps its bf16 input (2 x 7168 bytes
+    # per token), plus one MoE block recomputed: its activations for one 4096-token micro-batch
+    act = activation_bytes_per_token(cfg.model, "bf16")
+    s0 = sp.stages[0]
+    assert s0.activations == pytest.approx(4096 * (16 * (4 * 2 * 7168 + 8) + act.block(True)))
+    assert max(s.total for s in sp.stages) == sp.memory.total < 80 * GIB
     text = plan(cfg, 2048, 80)
     assert "main 671,026,404,352" in text and "activated per token 37,552,282,624" in text
     assert "fits in 80 GiB" in text and "does NOT" not in text
+    assert "bubble 11.1% (1F1B: (p-1)/(m+p-1) = 15/135" in text
 
 
-def test_671b_without_model_parallelism_does_not_fit():
+def test_671b_deepseek_layout_without_checkpointing_does_not_fit(v3_parts):
+    cfg = load_config(V3, DEEPSEEK_LAYOUT)
+    sp = plan_layout(cfg, v3_parts, Layout(2048, 16, 64, 1, 1, 120, False))
+    # stage 0 keeps 16 micro-batches x 4096 tokens of 3 dense + 1 MoE block: far beyond 80 GiB
+    act = activation_bytes_per_token(cfg.model, "bf16")
+    assert sp.stages[0].activations == pytest.approx(16 * 4096 * (3 * act.block(False) + act.block(True) + 8))
+    assert sp.memory.total > 150 * GIB
+
+
+def test_671b_without_model_parallelism_does_not_fit_and_proposes():
     text = plan(load_config(V3), 2048, 80)
+    needs = 2 * 671_026_404_352  # bf16 weights alone, unpartitioned at pp=1 ep=1
+    assert "does NOT fit in 80 GiB: needs" in text and "GiB per GPU, has 80" in text
+    assert float(text.split("needs ")[1].split(" GiB")[0].replace(",", "")) * GIB > needs
+    assert "layouts fit in 80 GiB" in text and "use: parallel.pp=" in text
+
+
+def test_671b_on_8_gpus_cannot_fit(v3_parts):
+    cfg = load_config(V3)
+    text = plan(cfg, 8, 80, propose_layouts=True)
     assert "does NOT fit in 80 GiB" in text
+    # 682.6B parameters x 16 bytes = 10,172 GiB: 128 GPUs of 80 GiB at the very least
+    assert "no layout fits: the smallest needs" in text
+    assert "16 bytes per parameter, 10,172 GiB: at least 128 GPUs of 80 GiB" in text
+    fitting, smallest = propose(cfg, v3_parts, 8, 80)
+    assert fitting == [] and smallest.memory.total > 1000 * GIB
+
+
+def test_proposer_finds_a_fitting_layout_for_671b(v3_parts):
+    cfg = load_config(V3, DEEPSEEK_LAYOUT)
+    fitting, _ = propose(cfg, v3_parts, 2048, 80)
+    assert fitting and all(sp.memory.total <= 80 * GIB for sp in fitting)
+    layouts = [sp.layout for sp in fitting]
+    assert Layout(2048, 16, 64, 1, 1, 120, True) in layouts  # DeepSeek's own layout is among them
+    for lay in layouts:  # global batch kept: 15360 sequences; no ZeRO-2 with a pipeline
+        assert lay.micro_batch_size * lay.micro_batches * lay.dp == 15360
+        assert lay.pp == 1 or lay.zero_stage == 1
+    best = fitting[0]
+    assert best.fits(80) and plan_layout(cfg, v3_parts, best.layout).memory.total == best.memory.total
+
+
+def test_activation_bytes_by_hand():
+    m = load_config(None, TINY).model  # D=64 H=2 C=16 dn=16 dr=8 dv=16 F=128 I=32 E=8 K=2 G=2 Gk=1 V=512
+    a32 = activation_bytes_per_token(m, "fp32")
+    norm = 4 * 64 + 4 * 64 + 4 * 64 + 4  # fp32 input, normalized, output, 1/rms
+    assert a32.attention == norm + (4 * 24 + 4 * 16 + 4 * 16 + 4) + 4 * 2 * 24 * 2 + 4 * 2 * 32 + 4 * 2 * 16 + 4 * 2
+    assert a32.attention == 1776
+    assert a32.dense_ffn == norm + 4 * 4 * 128 == 2820
+    router = 4 * 8 + 8 * 2 + 4 * 2 + 12 + 8 * (2 * 2 + 1) + 2  # scores, top-K, weights, sums, group top-k, mask
+    routed = 16 * 2 + 3 * 4 * 2 * 64 + 4 * 4 * 2 * 32 + 4 * 2
+    assert a32.moe_ffn == norm + router + routed + 4 * 4 * 32 == 3994
+    assert a32.head == norm + 4 * 512 + 8 == 2828
+    assert a32.mtp_inner == 2 * (norm - 4 * 64) - 4 * 64 + 2 * 4 * 64 == 1288  # norm outputs go to cat
+    assert a32.block_input == 256 and a32.embedding == 8
+
+    a16 = activation_bytes_per_token(m, "bf16")
+    norm = 4 * 64 + 4 * 64 + 2 * 64 + 4
+    assert a16.attention == norm + (4 * 16 + 4 * 16 + 2 * 16 + 4) + 2 * 2 * 24 * 2 + 2 * 2 * 32 + 2 * 2 * 16 + 4 * 2
+    assert a16.attention == 1200
+    assert a16.dense_ffn == norm + 4 * 2 * 128 == 1668
+    router = 4 * 64 + 4 * 8 + 8 * 2 + 4 * 2 + 12 + 8 * (2 * 2 + 1) + 2  # + the gate's fp32 input copy
+    routed = 16 * 2 + 3 * 2 * 2 * 64 + 4 * 2 * 2 * 32 + 2 * 2
+    assert a16.moe_ffn == norm + router + routed + 4 * 2 * 32 == 2582
+    assert a16.head == norm + 4 * 512 + 8 == 2700
+    assert a16.mtp_inner == 2 * (norm - 2 * 64) + 2 * 2 * 64 == 1288
+    assert a16.block_input == 128
+    with pytest.raises(DsvError, match="train.precision='fp16'"):
+        activation_bytes_per_token(m, "fp16")
+
+
+def test_tiny_stage_activations_by_hand():
+    cfg = load_config(None, TINY + ["train.precision=fp32"])
+    with torch.device("meta"):
+        parts = ModelParts.of(Transformer(cfg.model))
+    tokens = 4 * 64
+    # pp=2: stage 0 = embedding + dense layer 0, 2 micro-batches in flight (m=3);
+    # stage 1 = MoE layer 1 + head + MTP module (MoE block + its head), 1 in flight
+    sp = plan_layout(cfg, parts, Layout(2, 2, 1, 1, 4, 3, False))
+    assert sp.stages[0].activations == tokens * 2 * (1776 + 2820 + 8)
+    assert sp.stages[1].activations == tokens * ((1776 + 3994) + 2828 + (1288 + 1776 + 3994) + 2820)
+    ck = plan_layout(cfg, parts, Layout(2, 2, 1, 1, 4, 3, True))
+    # checkpointed: block inputs (+ ids) per micro-batch in flight, plus the recomputed block once
+    assert ck.stages[0].activations == tokens * (2 * (256 + 8) + 1776 + 2820)
+    assert ck.stages[1].activations == tokens * ((256 + 2828 + 256 + 2820) + (1288 + 1776 + 3994))
+    assert sp.stages[0].a2a_buffers == 0 and sp.a2a_bytes == 0  # ep=1: no all-to-all
+    assert sp.bubble == pytest.approx(1 / 4)
+
+
+def test_bubble_and_in_flight():
+    assert pipeline_bubble(1, 8) == 0.0
+    assert pipeline_bubble(4, 8) == pytest.approx(3 / 11)
+    assert pipeline_bubble(16, 120) == pytest.approx(15 / 135)
+    assert [in_flight_micro_batches(4, s, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_micro_batches(4, s, 2) for s in range(4)] == [2, 2, 2, 1]
+    assert in_flight_micro_batches(1, 0, 60) == 1
+
+
+def test_a2a_volume_and_buffer_by_hand():
+    m = load_config(None, TINY).model  # K=2, D=64
+    tokens = 64
+    rows = tokens * 2 * 64 * 3 / 4  # ep=4: 3 of 4 rows leave the rank = 6144
+    fwd, bwd = rows * (2 + 2), rows * 2 * 2  # bf16 dispatch + combine; two gradient exchanges
+    assert a2a_volume_per_step(tokens, m, 4, 1, 3, 2, 2, 2) == 3 * (fwd + bwd) == 147_456
+    assert a2a_volume_per_step(tokens, m, 4, 5, 3, 2, 2, 2, recompute=True) == 5 * 3 * (2 * fwd + bwd) == 1_105_920
+    assert a2a_volume_per_step(tokens, m, 4, 1, 1, 1, 2, 2) == rows * (1 + 2) + bwd == 43_008  # fp8 dispatch
+    assert a2a_volume_per_step(tokens, m, 1, 1, 3, 2, 2, 2) == 0
+    assert a2a_buffer_bytes(tokens, m, 4, 1, 2) == 2 * tokens * 2 * 64 * (1 + 2) == 49_152
+
+
+def test_activation_formula_matches_saved_tensors(one_torch_thread):
+    """Sum the bytes of the tensors autograd saves for backward (each storage once, parameters
+    excluded) in a real forward of the tiny model and compare with the formula.
+
+    v_head_dim = qk_head_dim (24) so that CPU attention takes the fused kernel, as a GPU does
+    (the unfused fallback keeps the T x T attention matrix, which the formula does not count).
+    The MTP module sees T - 1 positions. Tolerance 1.5%: parameter-sized casts (norm and gate
+    weights in fp32) are kept too and are not per-token.
+    """
+    B, T = 2, 32
+    wider = ["model.q_lora_rank=48", "model.n_routed_experts=16", "model.n_expert_groups=4", "model.n_limited_groups=2",
+             "model.n_activated_experts=4", "model.n_shared_experts=2", "model.n_layers=3"]
+    for precision, extra in (("fp32", []), ("bf16", []), ("fp32", wider), ("bf16", wider)):
+        cfg = load_config(None, TINY + extra + ["model.v_head_dim=24", f"train.precision={precision}"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        model.init_weights(0)
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+            model.init_rope()
+        ids = torch.randint(0, cfg.model.vocab_size, (B, T))
+        labels = torch.roll(ids, -1, 1)
+        owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        saved = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in owned:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids, labels)
+        out.local_loss(0.3, 1e-4).backward()  # the saved tensors are what backward needs
+        act = activation_bytes_per_token(cfg.model, precision)
+        n = cfg.model.n_layers
+        main = act.embedding + act.block(False) + (n - 1) * act.block(True) + act.head
+        mtp = act.mtp_module() + act.head - 8
+        expected = B * T * main + B * (T - 1) * mtp
+        assert sum(saved.values()) == pytest.approx(expected, rel=0.015), (precision, extra)
+
+
+def test_cli_plan_propose_and_errors(capsys):
+    args = ["plan", "--config", str(V3), "--gpus", "2048", "--gpu-memory-gib", "80", "--propose",
+            "--dispatch-dtype", "fp8"] + DEEPSEEK_LAYOUT
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dispatch fp8, combine bf16" in out and "layouts fit in 80 GiB" in out
+    assert main(["plan", "--config", str(V3), "--gpus", "2048", "--propose"]) == 2
+    assert "--propose needs --gpu-memory-gib" in capsys.readouterr().err
+    assert main(["plan", "--config", str(V3), "--gpus", "2048", "parallel.ep=3"]) == 2
+    assert "not divisible by parallel.ep=3" in capsys.readouterr().err
 
 
 def test_bad_layouts():
