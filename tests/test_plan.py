@@ -74,8 +74,16 @@ def test_671b_deepseek_layout_without_checkpointing_does_not_fit(v3_parts):
     assert sp.memory.total > 150 * GIB
 
 
-def test_671b_without_model_parallelism_does_not_fit_and_proposes():
+NO_MODEL_PARALLELISM = ["parallel.pp=1", "parallel.ep=1", "parallel.activation_checkpointing=false"]
+
+
+def test_671b_config_is_deepseeks_layout_and_fits():
     text = plan(load_config(V3), 2048, 80)
+    assert "pp=16 ep=64" in text and "fits in 80 GiB" in text
+
+
+def test_671b_without_model_parallelism_does_not_fit_and_proposes():
+    text = plan(load_config(V3, NO_MODEL_PARALLELISM), 2048, 80)
     needs = 2 * 671_026_404_352  # bf16 weights alone, unpartitioned at pp=1 ep=1
     assert "does NOT fit in 80 GiB: needs" in text and "GiB per GPU, has 80" in text
     assert float(text.split("needs ")[1].split(" GiB")[0].replace(",", "")) * GIB > needs
@@ -83,7 +91,7 @@ def test_671b_without_model_parallelism_does_not_fit_and_proposes():
 
 
 def test_671b_on_8_gpus_cannot_fit(v3_parts):
-    cfg = load_config(V3)
+    cfg = load_config(V3, NO_MODEL_PARALLELISM)
     text = plan(cfg, 8, 80, propose_layouts=True)
     assert "does NOT fit in 80 GiB" in text
     # 682.6B parameters x 16 bytes = 10,172 GiB: 128 GPUs of 80 GiB at the very least
