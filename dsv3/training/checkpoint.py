@@ -93,7 +93,7 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, rank: int) -> Path:
+                    tokenizer_path: Path, rank: int, full_state=None) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
     Every rank writes its part of the DeepSpeed state and its RNG states; rank 0 adds
@@ -104,6 +104,9 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     its experts into DeepSpeed's per-expert files under their global index, and the experts of
     all EP ranks are gathered to rank 0 first, so ``model.safetensors`` always holds the whole
     model in the single-process layout.
+
+    ``full_state``: with pipeline parallelism, a collective callable returning the whole
+    model's state dict under the plain names on rank 0 (the engine holds one stage only).
 
     Returns:
         The step folder.
@@ -120,7 +123,7 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     folder = ckpt_root / tag
     failure = torch.zeros(1)
     error = ""
-    state = full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
+    state = full_state() if full_state is not None else full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
     try:
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
         if ep_modules(engine.module):

@@ -105,9 +105,14 @@ class Trainer:
             from dsv3.parallel.expert_parallel import check_layout
 
             check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size)
+        self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
+        if cfg.parallel.pp > 1:
+            from dsv3.parallel import pipeline
+
+            stage_blocks = pipeline.check_layout(cfg, self.info.world_size)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        dp = self.info.world_size
+        dp = self.info.world_size // cfg.parallel.pp
         p = cfg.parallel
         self.dp = dp
         self.global_batch = p.micro_batch_size * p.grad_accum * dp
@@ -150,9 +155,14 @@ class Trainer:
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.universal = self.resume_tag is not None and needs_repartition(self.ckpt_root / self.resume_tag, dp)
-        self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
+        if cfg.parallel.pp > 1:
+            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks)
+            _log(self.info, self.pipe.describe())
+            self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
+        else:
+            self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
+            self.model: Transformer = self.engine.module
         self.manual_clip = trainer_clips(cfg)
-        self.model: Transformer = self.engine.module
         self.start_step = 0
         self._resume()
 
@@ -220,6 +230,8 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
         """Run optimizer step ``step`` (0-based) over its global batch; return its metrics."""
+        if self.pipe is not None:
+            return self.pipe.train_step(self, step)
         cfg, p = self.cfg, self.cfg.parallel
         t_data = time.perf_counter()
         indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
@@ -316,6 +328,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean next-token loss (main head) over the first ``eval_batches`` global batches of
         validation windows (the same windows whatever the parallel layout)."""
+        if self.pipe is not None:
+            return self.pipe.evaluate(self)
         cfg = self.cfg
         n = min(len(self.val_data), cfg.train.eval_batches * self.global_batch)
         mine = list(range(self.info.rank, n, self.dp))
@@ -363,7 +377,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())  # with ep > 1, this rank's experts only
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
         console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
-                        f"parameters, {self.dp} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
+                        f"parameters, {self.info.world_size} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
         if self.start_step == 0 and t.eval_every > 0:
             val = self.evaluate()
@@ -403,7 +417,8 @@ class Trainer:
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.out_dir / "tokenizer.model", self.info.rank)
+                                self.out_dir / "tokenizer.model", self.info.rank,
+                                full_state=self.pipe.full_state_dict if self.pipe is not None else None)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()
