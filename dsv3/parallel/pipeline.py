@@ -318,6 +318,10 @@ class PipelineRun:
 
         self.engine._take_model_step = take_model_step
 
+    def save_state(self, folder) -> None:
+        """Write this stage's plain-name parameters and Adam state into ``folder`` (collective)."""
+        save_stage_state(self, folder)
+
     def describe(self) -> str:
         first = 0
         spans = []
@@ -502,3 +506,166 @@ class PipelineRun:
         self.recorder.clear()
         dist.all_reduce(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------------- layout-free resume
+STAGE_STATE = "pipe_stage{:02d}_optim.pt"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Number of Adam updates taken so far (0 before the first)."""
+    steps = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
+    return max(steps, default=0)
+
+
+@torch.no_grad()
+def portable_state(named: dict[str, nn.Parameter], optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: {"fp32", "exp_avg", "exp_avg_sq"}}`` CPU fp32 tensors of the full (unpartitioned)
+    parameters ``named``, whatever the ZeRO stage.
+
+    Collective over the data-parallel group under ZeRO-1 or the bf16 optimizer (DeepSpeed's
+    ``safe_get_full_*`` assemble the partitions): every rank of it must call with the same names.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {}
+    for name, p in named.items():
+        fp32 = safe_get_full_fp32_param(p)
+        if fp32 is not None:
+            entry = {"fp32": fp32}
+            for key in ADAM_KEYS:
+                entry[key] = safe_get_full_optimizer_state(p, key)
+        else:  # ZeRO stage 0, fp32: the torch optimizer holds the parameter itself
+            st = optimizer.state.get(p, {})
+            entry = {"fp32": p.detach()}
+            for key in ADAM_KEYS:
+                entry[key] = st.get(key)
+        out[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items() if v is not None}
+    return out
+
+
+@torch.no_grad()
+def set_portable_state(named: dict[str, nn.Parameter], optimizer, state: dict[str, dict[str, torch.Tensor]],
+                       step: int) -> None:
+    """Load what :func:`portable_state` returned into freshly built parameters and optimizer.
+
+    Sets the weights, the fp32 master weights (ZeRO-1 / bf16), Adam's moments and its step
+    count. Collective like :func:`portable_state`.
+
+    Raises:
+        DsvError: a parameter is missing from ``state`` or has another shape.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for name, p in named.items():
+        entry = state.get(name)
+        if entry is None or tuple(entry["fp32"].shape) != tuple(p.shape):
+            raise DsvError(f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
+                           "resume with the layout it was saved with")
+        p.data.copy_(entry["fp32"].to(p.device, p.dtype))
+        if hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
+            for key in ADAM_KEYS:
+                if key in entry:
+                    safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
+        elif all(k in entry for k in ADAM_KEYS) and step > 0:
+            optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                  **{k: entry[k].to(p.device, p.dtype).clone() for k in ADAM_KEYS}}
+    for st in optimizer.state.values():  # ZeRO's flat partitions
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+
+
+def save_stage_state(run: "PipelineRun", folder) -> None:
+    """Write this stage's parameters and Adam state under the plain names (collective).
+
+    One file per stage (``pipe_stage{SS}_optim.pt``), written by its first data-parallel rank.
+    """
+    from pathlib import Path
+
+    params = dict(run.model.named_parameters())
+    state = portable_state({n: params[n] for n in run.names}, run.optimizer)
+    if run.dp_rank == 0:
+        path = Path(folder) / STAGE_STATE.format(run.stage)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"step": adam_steps(run.optimizer), "params": state}, tmp)
+        tmp.replace(path)
+
+
+def read_portable(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:
+    """The per-parameter optimizer state of checkpoint ``folder`` under the plain names.
+
+    Handles checkpoints saved with pipelines (the ``pipe_stage*`` files) and single-stage
+    fp32 ZeRO-0 checkpoints (the torch optimizer's state in DeepSpeed's model-states file).
+
+    Returns:
+        (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
+
+    Raises:
+        DsvError: the checkpoint keeps its optimizer state in another form.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from dsv3.parallel.engine import param_groups
+
+    folder = Path(folder)
+    files = sorted(folder.glob("pipe_stage*_optim.pt"))
+    if cfg_saved.parallel.pp > 1:
+        if len(files) != cfg_saved.parallel.pp:
+            raise DsvError(f"checkpoint {folder} lacks the per-stage optimizer files of its {cfg_saved.parallel.pp} "
+                           "pipeline stages; resume with the layout it was saved with")
+        state, step = {}, 0
+        for f in files:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+            state.update(part["params"])
+            step = max(step, int(part["step"]))
+        return state, step
+    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        raise DsvError(f"checkpoint {folder} was saved with a partitioned (ZeRO / bf16) optimizer and "
+                       "parallel.pp=1; it resumes with pipelines only from fp32 ZeRO-0 saves; resume it with pp=1")
+    ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
+    opt = ds.get("optimizer") or {"state": {}}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    order = [name_of[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+    weights = load_file(str(folder / "model.safetensors"))
+    state, step = {}, 0
+    for i, name in enumerate(order):
+        entry = {"fp32": weights[name].float()}
+        st = opt["state"].get(i, {})
+        for key in ADAM_KEYS:
+            if key in st:
+                entry[key] = st[key].float()
+        if "step" in st:
+            step = max(step, int(st["step"]))
+        state[name] = entry
+    return state, step
+
+
+def resumes_portably(cfg: Config, folder) -> bool:
+    """True when resuming checkpoint ``folder`` with ``cfg`` goes through the plain-name
+    weights and per-parameter optimizer state (either side uses pipelines)."""
+    from dsv3.training.checkpoint import read_checkpoint_config
+
+    return cfg.parallel.pp > 1 or read_checkpoint_config(folder).parallel.pp > 1
+
+
+def resume_portable(trainer, folder) -> int:
+    """Load checkpoint ``folder``'s optimizer state into ``trainer``'s engine (its weights were
+    loaded into the plain model before the engine was built); returns the saved step.
+
+    Works across pipeline layouts (``pp`` = 2 <-> 1, other stage splits). Collective.
+    """
+    import json
+    from pathlib import Path
+
+    from dsv3.training.checkpoint import MANIFEST, read_checkpoint_config
+
+    saved = read_checkpoint_config(Path(folder))
+    state, adam_step = read_portable(folder, saved, trainer.model)
+    params = dict(trainer.model.named_parameters())
+    names = trainer.pipe.names if trainer.pipe is not None else list(params)
+    set_portable_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step)
+    return int(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["step"])

@@ -93,7 +93,7 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, rank: int, full_state=None) -> Path:
+                    tokenizer_path: Path, rank: int, full_state=None, extra_save=None) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
     Every rank writes its part of the DeepSpeed state and its RNG states; rank 0 adds
@@ -106,7 +106,8 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     model in the single-process layout.
 
     ``full_state``: with pipeline parallelism, a collective callable returning the whole
-    model's state dict under the plain names on rank 0 (the engine holds one stage only).
+    model's state dict under the plain names on rank 0 (the engine holds one stage only);
+    ``extra_save(folder)``: a collective callable writing more files into the step folder.
 
     Returns:
         The step folder.
@@ -128,6 +129,8 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
         if ep_modules(engine.module):
             save_expert_files(engine.module, ckpt_root, tag)
+        if extra_save is not None:
+            extra_save(folder)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
             tmp = folder / f".{WEIGHTS}.tmp"

@@ -142,6 +142,13 @@ class Trainer:
         model = Transformer(cfg.model)
         model.init_weights(seed=cfg.train.seed)
         self.resume_tag = self._pick_checkpoint()
+        self.portable = False  # resume from plain-name weights + per-parameter optimizer state
+        if self.resume_tag is not None:
+            from dsv3.parallel.pipeline import resumes_portably
+
+            self.portable = resumes_portably(cfg, self.ckpt_root / self.resume_tag)
+        if self.portable:
+            model.load_state_dict(load_model(self.ckpt_root / self.resume_tag).state_dict())
         if init_state is not None and self.resume_tag is None:
             model.load_state_dict(init_state)
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
@@ -154,7 +161,8 @@ class Trainer:
         model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.universal = self.resume_tag is not None and needs_repartition(self.ckpt_root / self.resume_tag, dp)
+        self.universal = (self.resume_tag is not None and not self.portable
+                          and needs_repartition(self.ckpt_root / self.resume_tag, dp))
         if cfg.parallel.pp > 1:
             self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks)
             _log(self.info, self.pipe.describe())
@@ -205,6 +213,17 @@ class Trainer:
         if tag is None:
             return
         load_dir = self.ckpt_root
+        if self.portable:
+            from dsv3.parallel.pipeline import resume_portable
+
+            self.start_step = resume_portable(self, self.ckpt_root / tag)
+            saved = read_checkpoint_config(self.ckpt_root / tag).parallel.pp
+            if not load_rng(self.ckpt_root / tag, self.info.rank) or saved != self.cfg.parallel.pp:
+                seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
+            _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
+                            + ("" if saved == self.cfg.parallel.pp else f" (saved with parallel.pp={saved}, "
+                               f"now {self.cfg.parallel.pp})"))
+            return
         if self.universal:
             if self.info.is_main:
                 _log(self.info, f"re-partitioning {self.ckpt_root / tag} for {self.dp} process(es)")
@@ -418,7 +437,8 @@ class Trainer:
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
                                 self.out_dir / "tokenizer.model", self.info.rank,
-                                full_state=self.pipe.full_state_dict if self.pipe is not None else None)
+                                full_state=self.pipe.full_state_dict if self.pipe is not None else None,
+                                extra_save=self.pipe.save_state if self.pipe is not None else None)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()

@@ -1,0 +1,161 @@
+"""Pipeline parallelism (parallel.pp): stages do not change the numbers, the tied embedding
+stays bitwise equal on its two stages, checkpoints resume across pp, bad layouts fail early."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_dsv3, tiny_overrides
+
+KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens", "val_loss")
+TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib", "mfu"}
+# global batch 8 = micro-batch 4 x 2 micro-batches; the 2-layer tiny model has one dense and one MoE block
+COMMON = {"train.steps": 6, "ckpt.every": 3, "train.eval_every": 3, "parallel.micro_batch_size": 4,
+          "parallel.grad_accum": 2, "train.precision": "fp32"}
+
+# runs a pp=2 training in-process and checks, after every optimizer step, that the two copies of
+# the tied embedding (first stage, last stage) are bitwise equal and moved
+TIED_CHECK = """
+import json, sys
+import torch, torch.distributed as dist
+from dsv3.config import load_config
+from dsv3.training.trainer import Trainer
+
+t = Trainer(load_config(None, sys.argv[1:]))
+start = t.model.embed_tokens.weight.detach().clone()
+checks = []
+plain = t.train_step
+
+def step(s):
+    rec = plain(s)
+    w = t.model.embed_tokens.weight.detach().clone()
+    ws = [torch.empty_like(w) for _ in range(dist.get_world_size())]
+    dist.all_gather(ws, w)
+    checks.append({"equal": all(torch.equal(ws[0], x) for x in ws), "moved": not torch.equal(w, start)})
+    return rec
+
+t.train_step = step
+t.run()
+if dist.get_rank() == 0:
+    open(t.out_dir / "tied_checks.json", "w").write(json.dumps(checks))
+"""
+
+
+def metrics(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def assert_same_metrics(got, want, tol=1e-5):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=tol, abs=tol), (b["step"], key, a[key], b[key])
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def rewind(run_dir, tag="step_0000003"):
+    """Make ``tag`` the checkpoint a restart resumes from (as if the run had stopped there)."""
+    ck = run_dir / "checkpoints"
+    for other in ck.glob("step_*"):
+        if other.name != tag:
+            shutil.rmtree(other)
+    (ck / "latest").write_text(tag + "\n")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir, data_cache, tmp_path_factory):
+    """One process, one stage: the numbers every pipeline layout must reproduce."""
+    out = tmp_path_factory.mktemp("pp") / "ref"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pp2(corpus_dir, data_cache, tmp_path_factory):
+    """pp=2 on 2 processes (one replica), with the tied-embedding check after every step."""
+    out = tmp_path_factory.mktemp("pp") / "pp2"
+    script = out.parent / "tied_check.py"
+    script.write_text(TIED_CHECK)
+    args = tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{"parallel.pp": 2})
+    import os
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "pipeline parallelism: 2 stages x 1 data-parallel replica(s) (stage 0: blocks 0-0; stage 1: blocks 1-1" \
+        in proc.stdout
+    assert "ZeRO-2/3 are not available with pipelines" in proc.stdout
+    return out
+
+
+def test_pp2_matches_pp1_and_tied_embedding_stays_equal(reference, pp2):
+    got, want = metrics(pp2), metrics(reference)
+    assert len([r for r in want if "loss" in r]) == 6
+    assert_same_metrics(got, want)
+    checks = json.loads((pp2 / "tied_checks.json").read_text())
+    assert len(checks) == 6 and all(c["equal"] for c in checks) and all(c["moved"] for c in checks)
+    # the saved weights are the whole model under the single-process names, equal to pp=1's
+    a, b = weights(pp2 / "checkpoints" / "step_0000006"), weights(reference / "checkpoints" / "step_0000006")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+
+
+def test_checkpoint_resumes_from_pp2_at_pp1(reference, pp2, corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "to_pp1"
+    shutil.copytree(pp2, out)
+    rewind(out)
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON)])
+    assert "resumed from" in proc.stdout and "(saved with parallel.pp=2, now 1)" in proc.stdout
+    assert_same_metrics(metrics(out), metrics(reference))
+
+
+def test_checkpoint_resumes_from_pp1_at_pp2(reference, corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "to_pp2"
+    shutil.copytree(reference, out)
+    rewind(out)
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON,
+                                                             **{"parallel.pp": 2})], nproc=2)
+    assert "(saved with parallel.pp=1, now 2)" in proc.stdout
+    assert_same_metrics(metrics(out), metrics(reference))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"parallel.pp": 2, "parallel.zero_stage": 2},
+     "parallel.zero_stage=2 is not available with pipeline parallelism (parallel.pp=2)"),
+    ({"parallel.pp": 2}, "parallel.pp=2 does not divide the 1 process(es)"),
+])
+def test_impossible_pipeline_layouts_fail_at_start(overrides, message, corpus_dir, data_cache, tmp_path):
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, tmp_path / "x", **overrides)],
+                    check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+
+
+def test_stage_split_checks():
+    from dsv3.config import load_config
+    from dsv3.errors import DsvError
+    from dsv3.parallel.pipeline import check_layout
+
+    def cfg(**kw):
+        return load_config(None, [f"{k}={v}" for k, v in {"model.n_layers": 4, **kw}.items()])
+
+    assert check_layout(cfg(**{"parallel.pp": 2}), 4) is None  # by parameter count, decided later
+    assert check_layout(cfg(**{"parallel.pp": 2, "parallel.pp_partition": "3,1"}), 2) == [3, 1]
+    with pytest.raises(DsvError, match=r"parallel.pp=5 stages but the model has only model.n_layers=4 blocks"):
+        check_layout(cfg(**{"parallel.pp": 5}), 5)
+    with pytest.raises(DsvError, match=r"parallel.pp_partition='2,1' must be .* sum to model.n_layers=4 \(e.g. 2,2\)"):
+        check_layout(cfg(**{"parallel.pp": 2, "parallel.pp_partition": "2,1"}), 2)
+    with pytest.raises(DsvError, match=r"parallel.pp=2 does not divide the 3 process\(es\)"):
+        check_layout(cfg(**{"parallel.pp": 2}), 3)
