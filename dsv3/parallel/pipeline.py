@@ -519,8 +519,32 @@ def adam_steps(optimizer: torch.optim.Optimizer) -> int:
     return max(steps, default=0)
 
 
+def _link_hp_state(ds_optimizer, create_step: int | None = None) -> None:
+    """(Re)link DeepSpeed's per-parameter views of the Adam state (ZeRO-1/2, bf16 optimizer).
+
+    DeepSpeed links them once, right after the optimizer step of the first parameter group,
+    when the later groups have no state yet, so ``safe_get_full_optimizer_state`` fails for
+    their parameters; linking again once every group has state fixes that. With
+    ``create_step`` the empty state of a fresh optimizer is created first (zero moments, that
+    step count), so a resumed state can be written into it.
+    """
+    flats = getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = getattr(ds_optimizer, "fp32_groups_flat_partition", None)
+    if flats is None or not hasattr(ds_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return
+    base = ds_optimizer.optimizer
+    if create_step is not None:
+        for flat in flats:
+            if not base.state[flat]:
+                base.state[flat].update(step=torch.tensor(float(create_step)), exp_avg=torch.zeros_like(flat),
+                                        exp_avg_sq=torch.zeros_like(flat))
+    ds_optimizer._hp_optimizer_states_linked = False
+    ds_optimizer._lazy_init_hp_params_optimizer_state()
+
+
 @torch.no_grad()
-def portable_state(named: dict[str, nn.Parameter], optimizer) -> dict[str, dict[str, torch.Tensor]]:
+def portable_state(named: dict[str, nn.Parameter], optimizer, ds_optimizer=None) -> dict[str, dict[str, torch.Tensor]]:
     """``{name: {"fp32", "exp_avg", "exp_avg_sq"}}`` CPU fp32 tensors of the full (unpartitioned)
     parameters ``named``, whatever the ZeRO stage.
 
@@ -529,13 +553,16 @@ def portable_state(named: dict[str, nn.Parameter], optimizer) -> dict[str, dict[
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    if ds_optimizer is not None and adam_steps(optimizer) > 0:
+        _link_hp_state(ds_optimizer)
     out = {}
     for name, p in named.items():
         fp32 = safe_get_full_fp32_param(p)
         if fp32 is not None:
             entry = {"fp32": fp32}
-            for key in ADAM_KEYS:
-                entry[key] = safe_get_full_optimizer_state(p, key)
+            if adam_steps(optimizer) > 0:
+                for key in ADAM_KEYS:
+                    entry[key] = safe_get_full_optimizer_state(p, key)
         else:  # ZeRO stage 0, fp32: the torch optimizer holds the parameter itself
             st = optimizer.state.get(p, {})
             entry = {"fp32": p.detach()}
@@ -547,7 +574,7 @@ def portable_state(named: dict[str, nn.Parameter], optimizer) -> dict[str, dict[
 
 @torch.no_grad()
 def set_portable_state(named: dict[str, nn.Parameter], optimizer, state: dict[str, dict[str, torch.Tensor]],
-                       step: int) -> None:
+                       step: int, ds_optimizer=None) -> None:
     """Load what :func:`portable_state` returned into freshly built parameters and optimizer.
 
     Sets the weights, the fp32 master weights (ZeRO-1 / bf16), Adam's moments and its step
@@ -558,6 +585,8 @@ def set_portable_state(named: dict[str, nn.Parameter], optimizer, state: dict[st
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    if ds_optimizer is not None and step > 0:
+        _link_hp_state(ds_optimizer, create_step=step)
     for name, p in named.items():
         entry = state.get(name)
         if entry is None or tuple(entry["fp32"].shape) != tuple(p.shape):
@@ -567,7 +596,7 @@ def set_portable_state(named: dict[str, nn.Parameter], optimizer, state: dict[st
         if hasattr(p, "_hp_mapping"):
             safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
             for key in ADAM_KEYS:
-                if key in entry:
+                if key in entry and step > 0:
                     safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
         elif all(k in entry for k in ADAM_KEYS) and step > 0:
             optimizer.state[p] = {"step": torch.tensor(float(step)),
@@ -585,7 +614,7 @@ def save_stage_state(run: "PipelineRun", folder) -> None:
     from pathlib import Path
 
     params = dict(run.model.named_parameters())
-    state = portable_state({n: params[n] for n in run.names}, run.optimizer)
+    state = portable_state({n: params[n] for n in run.names}, run.optimizer, run.engine.optimizer)
     if run.dp_rank == 0:
         path = Path(folder) / STAGE_STATE.format(run.stage)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -667,5 +696,5 @@ def resume_portable(trainer, folder) -> int:
     state, adam_step = read_portable(folder, saved, trainer.model)
     params = dict(trainer.model.named_parameters())
     names = trainer.pipe.names if trainer.pipe is not None else list(params)
-    set_portable_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step)
+    set_portable_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step, trainer.engine.optimizer)
     return int(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["step"])
