@@ -131,6 +131,33 @@ def test_checkpoint_resumes_from_pp1_at_pp2(reference, corpus_dir, data_cache, t
     assert_same_metrics(metrics(out), metrics(reference))
 
 
+def test_zero1_pipeline_with_activation_checkpointing_and_resume_chain(reference, corpus_dir, data_cache, tmp_path):
+    """ZeRO-1 + per-block activation checkpointing at pp=2 reproduces the reference; its step-3
+    checkpoint resumes at pp=1 (ZeRO-1), whose step-4 checkpoint resumes at pp=2 again (through
+    DeepSpeed's universal checkpoint)."""
+    zero1 = {**COMMON, "parallel.zero_stage": 1}
+    b = tmp_path / "b"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, b, **zero1, **{
+        "parallel.pp": 2, "parallel.activation_checkpointing": True})], nproc=2)
+    assert_same_metrics(metrics(b), metrics(reference))
+
+    c = tmp_path / "c"
+    shutil.copytree(b, c)
+    rewind(c)
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, c, **{**zero1, "ckpt.every": 2})])
+    assert "(saved with parallel.pp=2, now 1)" in proc.stdout
+    assert_same_metrics(metrics(c), metrics(reference))
+    assert any((c / "checkpoints" / "step_0000004").glob("zero_pp_rank_*optim_states.pt"))
+
+    d = tmp_path / "d"
+    shutil.copytree(c, d)
+    rewind(d, "step_0000004")
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, d, **zero1, **{
+        "parallel.pp": 2})], nproc=2)
+    assert "resumed from" in proc.stdout and "at step 4 (saved with parallel.pp=1, now 2)" in proc.stdout
+    assert_same_metrics(metrics(d), metrics(reference))
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"parallel.pp": 2, "parallel.zero_stage": 2},
      "parallel.zero_stage=2 is not available with pipeline parallelism (parallel.pp=2)"),

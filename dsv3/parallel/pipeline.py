@@ -625,8 +625,10 @@ def save_stage_state(run: "PipelineRun", folder) -> None:
 def read_portable(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:
     """The per-parameter optimizer state of checkpoint ``folder`` under the plain names.
 
-    Handles checkpoints saved with pipelines (the ``pipe_stage*`` files) and single-stage
-    fp32 ZeRO-0 checkpoints (the torch optimizer's state in DeepSpeed's model-states file).
+    Handles checkpoints saved with pipelines (the ``pipe_stage*`` files), single-stage fp32
+    ZeRO-0 checkpoints (the torch optimizer's state in DeepSpeed's model-states file) and
+    single-stage partitioned ones (ZeRO-1/2, bf16), through DeepSpeed's universal checkpoint
+    (converted once by rank 0 into ``checkpoints/universal/<tag>``; collective).
 
     Returns:
         (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
@@ -653,8 +655,7 @@ def read_portable(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, 
             step = max(step, int(part["step"]))
         return state, step
     if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        raise DsvError(f"checkpoint {folder} was saved with a partitioned (ZeRO / bf16) optimizer and "
-                       "parallel.pp=1; it resumes with pipelines only from fp32 ZeRO-0 saves; resume it with pp=1")
+        return _read_universal(folder, model)
     ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
     opt = ds.get("optimizer") or {"state": {}}
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -698,3 +699,41 @@ def resume_portable(trainer, folder) -> int:
     names = trainer.pipe.names if trainer.pipe is not None else list(params)
     set_portable_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step, trainer.engine.optimizer)
     return int(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["step"])
+
+
+def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
+    """Per-parameter state of a single-stage partitioned checkpoint via DeepSpeed's universal
+    format (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``). Collective."""
+    from dsv3.parallel.distributed import barrier
+    from dsv3.training.checkpoint import to_universal
+
+    failed = torch.zeros(1)
+    message = ""
+    if dist.get_rank() == 0:
+        try:
+            to_universal(folder.parent, folder.name)
+        except DsvError as exc:
+            failed += 1
+            message = str(exc)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise DsvError(message or f"could not convert checkpoint {folder} for a new pipeline layout")
+    barrier()
+    root = folder.parent / "universal" / folder.name / "zero"
+    state, step = {}, 0
+    for name, _ in model.named_parameters():
+        entry = {}
+        for key in ("fp32",) + ADAM_KEYS:
+            f = root / name / f"{key}.pt"
+            if f.is_file():
+                entry[key] = torch.load(f, map_location="cpu", weights_only=False)["param"].float()
+        if "fp32" not in entry:
+            raise DsvError(f"checkpoint {folder} has no universal state for {name}; resume with the layout it was "
+                           "saved with")
+        f = root / name / "step.pt"
+        if f.is_file():
+            value = torch.load(f, map_location="cpu", weights_only=False)
+            value = value.get("param", value) if isinstance(value, dict) else value
+            step = max(step, int(value))
+        state[name] = entry
+    return state, step
