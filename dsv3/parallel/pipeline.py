@@ -58,8 +58,7 @@ def check_layout(cfg: Config, world_size: int) -> list[int] | None:
 
     Raises:
         DsvError: pp does not divide the process count, there are more stages than blocks,
-            ZeRO-2/3 is requested, expert parallelism is requested, or ``pp_partition`` is
-            malformed.
+            ZeRO-2/3 is requested, or ``pp_partition`` is malformed.
     """
     p, n = cfg.parallel, cfg.model.n_layers
     if world_size % p.pp:
@@ -71,8 +70,6 @@ def check_layout(cfg: Config, world_size: int) -> list[int] | None:
     if p.zero_stage >= 2:
         raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
                        f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")
-    if p.ep > 1:
-        raise DsvError(f"parallel.ep={p.ep} with parallel.pp={p.pp} is not supported yet; use one of them")
     spec = str(getattr(p, "pp_partition", "parameters")).strip()
     if spec == "parameters":
         return None  # decided from the parameter counts once the model exists
@@ -337,14 +334,24 @@ class PipelineRun:
         """Global L2 gradient norm over all stages (the tied embedding counted once), clipping
         to ``max_norm`` in place (``torch.nn.utils.clip_grad_norm_`` on the unsplit model).
 
-        Collective over all ranks. Gradients must already be reduced (equal in a replica group).
+        Collective over all ranks. Gradients must already be reduced (equal in a replica group;
+        expert parameters within their expert-data-parallel group).
         """
+        from deepspeed.utils import groups
+
+        from dsv3.parallel.expert_parallel import is_expert_param
+
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         sq = torch.zeros(1, dtype=torch.float64)
-        if self.dp_rank == 0:
-            for p in params:
-                if not getattr(p, "ds_pipe_replicated", False):
-                    sq += torch.linalg.vector_norm(p.grad.detach().float()).double().pow(2).cpu()
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue  # the last stage's copy of the tied embedding
+            if is_expert_param(p):  # one copy per expert-data-parallel group
+                first = dist.get_rank(group=groups._get_expert_data_parallel_group(p.group_name)) == 0
+            else:
+                first = self.dp_rank == 0
+            if first:
+                sq += torch.linalg.vector_norm(p.grad.detach().float()).double().pow(2).cpu()
         dist.all_reduce(sq)
         total = sq.sqrt().float()[0]
         if max_norm > 0:
@@ -371,12 +378,15 @@ class PipelineRun:
         """The whole model's state dict under the plain names, on global rank 0 (else None).
 
         Collective: the first data-parallel replica of every stage sends its parameters to
-        rank 0. Buffers (the balancing biases) are equal on every rank already.
+        rank 0 (with expert parallelism, after gathering the experts of its EP group). Buffers
+        (the balancing biases) are equal on every rank already.
         """
+        params = dict(self.model.named_parameters())
         mine = {}
-        if self.dp_rank == 0:
-            params = dict(self.model.named_parameters())
-            mine = {n: params[n].detach().cpu().clone() for n in self.names}
+        for n in self.names:
+            value = _whole_experts(self.model, n, params[n].detach())  # collective over an EP group
+            if self.dp_rank == 0:
+                mine[n] = value.cpu().clone()
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if dist.get_rank() != 0:
@@ -544,12 +554,15 @@ def _link_hp_state(ds_optimizer, create_step: int | None = None) -> None:
 
 
 @torch.no_grad()
-def portable_state(named: dict[str, nn.Parameter], optimizer, ds_optimizer=None) -> dict[str, dict[str, torch.Tensor]]:
+def portable_state(named: dict[str, nn.Parameter], optimizer, ds_optimizer=None,
+                   model: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """``{name: {"fp32", "exp_avg", "exp_avg_sq"}}`` CPU fp32 tensors of the full (unpartitioned)
     parameters ``named``, whatever the ZeRO stage.
 
     Collective over the data-parallel group under ZeRO-1 or the bf16 optimizer (DeepSpeed's
     ``safe_get_full_*`` assemble the partitions): every rank of it must call with the same names.
+    With expert parallelism (``model`` given), each expert tensor is gathered whole over its
+    EP group (collective there too).
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -568,13 +581,14 @@ def portable_state(named: dict[str, nn.Parameter], optimizer, ds_optimizer=None)
             entry = {"fp32": p.detach()}
             for key in ADAM_KEYS:
                 entry[key] = st.get(key)
-        out[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items() if v is not None}
+        out[name] = {k: _whole_experts(model, name, v.detach().float()).cpu().clone()
+                     for k, v in entry.items() if v is not None}
     return out
 
 
 @torch.no_grad()
 def set_portable_state(named: dict[str, nn.Parameter], optimizer, state: dict[str, dict[str, torch.Tensor]],
-                       step: int, ds_optimizer=None) -> None:
+                       step: int, ds_optimizer=None, model: nn.Module | None = None) -> None:
     """Load what :func:`portable_state` returned into freshly built parameters and optimizer.
 
     Sets the weights, the fp32 master weights (ZeRO-1 / bf16), Adam's moments and its step
@@ -589,6 +603,8 @@ def set_portable_state(named: dict[str, nn.Parameter], optimizer, state: dict[st
         _link_hp_state(ds_optimizer, create_step=step)
     for name, p in named.items():
         entry = state.get(name)
+        if entry is not None:
+            entry = {k: _local_experts(model, name, v) for k, v in entry.items()}
         if entry is None or tuple(entry["fp32"].shape) != tuple(p.shape):
             raise DsvError(f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
                            "resume with the layout it was saved with")
@@ -614,7 +630,7 @@ def save_stage_state(run: "PipelineRun", folder) -> None:
     from pathlib import Path
 
     params = dict(run.model.named_parameters())
-    state = portable_state({n: params[n] for n in run.names}, run.optimizer, run.engine.optimizer)
+    state = portable_state({n: params[n] for n in run.names}, run.optimizer, run.engine.optimizer, run.model)
     if run.dp_rank == 0:
         path = Path(folder) / STAGE_STATE.format(run.stage)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -643,6 +659,9 @@ def read_portable(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, 
     from dsv3.parallel.engine import param_groups
 
     folder = Path(folder)
+    if cfg_saved.parallel.pp == 1 and cfg_saved.parallel.ep > 1:
+        raise DsvError(f"checkpoint {folder} was saved with parallel.ep={cfg_saved.parallel.ep} and no pipeline; "
+                       "it resumes only with its own layout (parallel.pp=1, the same ep and process count)")
     files = sorted(folder.glob("pipe_stage*_optim.pt"))
     if cfg_saved.parallel.pp > 1:
         if len(files) != cfg_saved.parallel.pp:
@@ -697,7 +716,8 @@ def resume_portable(trainer, folder) -> int:
     state, adam_step = read_portable(folder, saved, trainer.model)
     params = dict(trainer.model.named_parameters())
     names = trainer.pipe.names if trainer.pipe is not None else list(params)
-    set_portable_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step, trainer.engine.optimizer)
+    set_portable_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step, trainer.engine.optimizer,
+                       trainer.model)
     return int(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["step"])
 
 
@@ -737,3 +757,33 @@ def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
             step = max(step, int(value))
         state[name] = entry
     return state, step
+
+
+def _ep_module(model: nn.Module | None, name: str):
+    """The expert-parallel module owning parameter ``name`` of ``model``, or None."""
+    from dsv3.parallel.expert_parallel import ExpertParallelExperts
+
+    owner, _, leaf = name.rpartition(".")
+    if model is None or not owner:
+        return None
+    module = model.get_submodule(owner)
+    return module if isinstance(module, ExpertParallelExperts) else None
+
+
+def _whole_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` of parameter ``name``, with a local expert block gathered over its EP group
+    into all E experts (collective over that group); other parameters unchanged."""
+    m = _ep_module(model, name)
+    if m is None:
+        return value
+    parts = [torch.empty_like(value) for _ in range(m.ep_size)]
+    dist.all_gather(parts, value.contiguous(), group=m.group)
+    return torch.cat(parts)
+
+
+def _local_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a whole expert tensor (the inverse of :func:`_whole_experts`)."""
+    m = _ep_module(model, name)
+    if m is None or value.shape[0] != m.num_experts:
+        return value
+    return value[m.first : m.first + m.num_local_experts]

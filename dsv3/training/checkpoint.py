@@ -107,7 +107,8 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
 
     ``full_state``: with pipeline parallelism, a collective callable returning the whole
     model's state dict under the plain names on rank 0 (the engine holds one stage only);
-    ``extra_save(folder)``: a collective callable writing more files into the step folder.
+    ``extra_save(folder)``: a collective callable that writes the resumable state into the
+    step folder instead of DeepSpeed's ``engine.save_checkpoint``.
 
     Returns:
         The step folder.
@@ -126,10 +127,12 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     error = ""
     state = full_state() if full_state is not None else full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
     try:
-        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
-        if ep_modules(engine.module):
-            save_expert_files(engine.module, ckpt_root, tag)
-        if extra_save is not None:
+        if extra_save is None:
+            engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+            if ep_modules(engine.module):
+                save_expert_files(engine.module, ckpt_root, tag)
+        else:  # pipelines: dsv3's own layout-free state instead of DeepSpeed's per-stage files
+            folder.mkdir(parents=True, exist_ok=True)
             extra_save(folder)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:

@@ -101,15 +101,15 @@ class Trainer:
         self.cfg = cfg
         self.info = init_distributed()
         self.ep = cfg.parallel.ep
-        if self.ep > 1:
-            from dsv3.parallel.expert_parallel import check_layout
-
-            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size)
         self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
         if cfg.parallel.pp > 1:
             from dsv3.parallel import pipeline
 
             stage_blocks = pipeline.check_layout(cfg, self.info.world_size)
+        if self.ep > 1:
+            from dsv3.parallel.expert_parallel import check_layout
+
+            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size // cfg.parallel.pp)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         dp = self.info.world_size // cfg.parallel.pp
@@ -156,7 +156,7 @@ class Trainer:
         if self.ep > 1:  # before moving to the device: only this rank's experts go there
             from dsv3.parallel.expert_parallel import apply_expert_parallel, describe
 
-            apply_expert_parallel(model, self.ep)
+            apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
             _log(self.info, describe(model))
         model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
@@ -185,6 +185,8 @@ class Trainer:
         if tag is None:
             return
         folder = self.ckpt_root / tag
+        if read_checkpoint_config(folder).parallel.pp > 1:
+            return  # pipeline checkpoints keep every expert whole: any ep resumes them
         saved_ep = read_checkpoint_config(folder).parallel.ep
         saved_world = saved_world_size(folder)
         if saved_ep != self.ep or (self.ep > 1 and saved_world not in (None, self.dp)):
