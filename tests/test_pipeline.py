@@ -158,6 +158,26 @@ def test_zero1_pipeline_with_activation_checkpointing_and_resume_chain(reference
     assert_same_metrics(metrics(d), metrics(reference))
 
 
+def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(reference, corpus_dir, data_cache,
+                                                                         tmp_path):
+    """pp=2 x ep=2 (2 replicas per stage, each holding 4 of the 8 experts) against one process;
+    its checkpoint holds whole experts and resumes without pipelines or expert parallelism."""
+    out = tmp_path / "pp2ep2"
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
+        **COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2, "parallel.ep": 2})], nproc=4)
+    assert "expert parallelism ep=2: 4 of 8 routed experts per rank" in proc.stdout
+    assert "2 stages x 2 data-parallel replica(s)" in proc.stdout
+    assert_same_metrics(metrics(out), metrics(reference))
+    a, b = weights(out / "checkpoints" / "step_0000006"), weights(reference / "checkpoints" / "step_0000006")
+    assert sorted(a) == sorted(b) and a["layers.1.mlp.experts.gate_proj"].shape[0] == 8
+    for key in b:
+        assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+    rewind(out)
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON)])
+    assert "(saved with parallel.pp=2, now 1)" in proc.stdout
+    assert_same_metrics(metrics(out), metrics(reference))
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"parallel.pp": 2, "parallel.zero_stage": 2},
      "parallel.zero_stage=2 is not available with pipeline parallelism (parallel.pp=2)"),
