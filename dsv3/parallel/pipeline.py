@@ -264,7 +264,8 @@ def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], re
     t, p = cfg.train, cfg.parallel
     dp = dist.get_world_size() // p.pp
     loss = PipelineLoss(cfg.model.mtp_depth, t.mtp_lambda, t.balance_loss_alpha, p.grad_accum * dp, recorder)
-    return _stage_module_class()(layers, parts, num_stages=p.pp, loss_fn=loss, partition_method="parameters")
+    with torch.no_grad():  # DeepSpeed broadcasts the tied weight in place here: keep autograd out of it
+        return _stage_module_class()(layers, parts, num_stages=p.pp, loss_fn=loss, partition_method="parameters")
 
 
 def owned_names(model: Transformer, module: nn.Module) -> list[str]:
