@@ -38,9 +38,10 @@ def step(s):
     return rec
 
 t.train_step = step
+held = sorted(n for n, p in t.model.named_parameters() if not p.is_meta)
 t.run()
 if dist.get_rank() == 0:
-    open(t.out_dir / "tied_checks.json", "w").write(json.dumps(checks))
+    open(t.out_dir / "tied_checks.json", "w").write(json.dumps({"checks": checks, "held": held}))
 """
 
 
@@ -103,7 +104,11 @@ def test_pp2_matches_pp1_and_tied_embedding_stays_equal(reference, pp2):
     got, want = metrics(pp2), metrics(reference)
     assert len([r for r in want if "loss" in r]) == 6
     assert_same_metrics(got, want)
-    checks = json.loads((pp2 / "tied_checks.json").read_text())
+    got = json.loads((pp2 / "tied_checks.json").read_text())
+    checks = got["checks"]
+    # the first stage holds the embedding and block 0 only
+    assert got["held"] and all(n.startswith(("embed_tokens.", "layers.0.")) for n in got["held"])
+    assert "embed_tokens.weight" in got["held"] and any(n.startswith("layers.0.") for n in got["held"])
     assert len(checks) == 6 and all(c["equal"] for c in checks) and all(c["moved"] for c in checks)
     # the saved weights are the whole model under the single-process names, equal to pp=1's
     a, b = weights(pp2 / "checkpoints" / "step_0000006"), weights(reference / "checkpoints" / "step_0000006")

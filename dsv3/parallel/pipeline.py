@@ -122,8 +122,8 @@ class Recorder:
 class _Rope:
     """The model's rope tables (fp32), held outside any module so casts leave them alone."""
 
-    def __init__(self, model: Transformer):
-        self.cos, self.sin = model.rope_cos, model.rope_sin
+    def __init__(self, model: Transformer, device: torch.device | str | None = None):
+        self.cos, self.sin = model.rope_cos.to(device), model.rope_sin.to(device)
 
 
 class SharedEmbedding(nn.Module):
@@ -240,14 +240,17 @@ def _stage_module_class():
     return StagedPipeline
 
 
-def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], recorder: Recorder):
+def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], recorder: Recorder,
+                          device: torch.device | str | None = None):
     """The ``PipelineModule`` over ``model``'s own modules (see the module docstring).
 
     Collective: every rank must call it (DeepSpeed creates its process groups here).
+    DeepSpeed moves this stage's layers to the accelerator; ``device`` is where the rope
+    tables go (the same device).
     """
     from deepspeed.pipe import TiedLayerSpec
 
-    rope = _Rope(model)
+    rope = _Rope(model, device)
     layers: list[Any] = [TiedLayerSpec(TIE_KEY, SharedEmbedding, model.embed_tokens, forward_fn=_embed_first,
                                        tied_weight_attr="embed_tokens.weight")]
     row = 0
@@ -284,7 +287,8 @@ class PipelineRun:
         stage, dp_rank, dp: this rank's stage and data-parallel coordinates.
     """
 
-    def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None):
+    def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
+                 device: torch.device | str | None = None):
         import deepspeed
 
         from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers
@@ -292,7 +296,7 @@ class PipelineRun:
         self.cfg, self.model = cfg, model
         self.counts = counts or balanced_counts(model, cfg.parallel.pp)
         self.recorder = Recorder()
-        module = build_pipeline_module(model, cfg, self.counts, self.recorder)
+        module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
         t = cfg.train
         opt = GuardedAdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         fp32_buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
@@ -306,6 +310,7 @@ class PipelineRun:
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self.is_last = self.engine.is_last_stage()
         self.names = owned_names(model, self.engine.module)
+        self._release_others()
         self.pre_step = None  # set by the trainer: called after the gradients are reduced, before the update
         plain_step = self.engine._take_model_step
 
@@ -315,6 +320,18 @@ class PipelineRun:
             return _plain(lr_kwargs)
 
         self.engine._take_model_step = take_model_step
+
+    def _release_others(self) -> None:
+        """Drop this rank's copies of the other stages' parameters (they become meta tensors):
+        a rank holds one stage's weights; the plain model keeps every buffer (the routing
+        biases, updated on every rank) and the names."""
+        owned = set(self.names)
+        for name, p in list(self.model.named_parameters()):
+            if name not in owned:
+                owner, _, leaf = name.rpartition(".")
+                module = self.model.get_submodule(owner) if owner else self.model
+                module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                        requires_grad=p.requires_grad)
 
     def save_state(self, folder) -> None:
         """Write this stage's plain-name parameters and Adam state into ``folder`` (collective)."""
@@ -392,7 +409,7 @@ class PipelineRun:
         dist.gather_object(mine, gathered, dst=0)
         if dist.get_rank() != 0:
             return None
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if not v.is_meta}
         for part in gathered:
             state.update(part)
         return state

@@ -158,13 +158,14 @@ class Trainer:
 
             apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
             _log(self.info, describe(model))
-        model.to(self.info.device)
+        if cfg.parallel.pp == 1:  # with pipelines each rank moves only its stage (dsv3.parallel.pipeline)
+            model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.universal = (self.resume_tag is not None and not self.portable
                           and needs_repartition(self.ckpt_root / self.resume_tag, dp))
         if cfg.parallel.pp > 1:
-            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks)
+            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks, self.info.device)
             _log(self.info, self.pipe.describe())
             self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
         else:
