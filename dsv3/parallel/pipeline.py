@@ -41,6 +41,7 @@ from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX, Transformer
 from dsv3.model.transformer import _ce_sum
+from dsv3.parallel.distributed import all_reduce_sum
 
 TIE_KEY = "embed"
 
@@ -285,6 +286,7 @@ class PipelineRun:
         optimizer: the :class:`dsv3.parallel.engine.GuardedAdamW` inside it.
         counts: blocks per stage.
         stage, dp_rank, dp: this rank's stage and data-parallel coordinates.
+        names: plain-model names of the parameters this rank's stage holds.
     """
 
     def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
@@ -308,7 +310,6 @@ class PipelineRun:
         self.optimizer = opt
         self.stage = self.engine.stage_id
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
-        self.is_last = self.engine.is_last_stage()
         self.names = owned_names(model, self.engine.module)
         self._release_others()
         self.pre_step = None  # set by the trainer: called after the gradients are reduced, before the update
@@ -338,6 +339,7 @@ class PipelineRun:
         save_stage_state(self, folder)
 
     def describe(self) -> str:
+        """One start-up line: stages, replicas, the blocks of each stage."""
         first = 0
         spans = []
         for s, c in enumerate(self.counts):
@@ -370,7 +372,7 @@ class PipelineRun:
                 first = self.dp_rank == 0
             if first:
                 sq += torch.linalg.vector_norm(p.grad.detach().float()).double().pow(2).cpu()
-        dist.all_reduce(sq)
+        all_reduce_sum(sq)
         total = sq.sqrt().float()[0]
         if max_norm > 0:
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -437,7 +439,7 @@ class PipelineRun:
         for _, labels in batches:
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1:] += mtp_label_counts(labels, depth)
-        dist.all_reduce(counts)
+        all_reduce_sum(counts)
         counts /= cfg.parallel.pp  # every stage of a replica counted the same batch
         norm = counts.clamp(min=1).float()
         lr = lr_at(step, cfg.train)
@@ -461,7 +463,7 @@ class PipelineRun:
             bad = torch.tensor([0.0 if torch.isfinite(stats()).all() else 1.0])
             if state["grad_norm"] is not None and not torch.isfinite(state["grad_norm"]):
                 bad += 1
-            dist.all_reduce(bad)
+            all_reduce_sum(bad)
             state["finite"] = bad.item() == 0
             self.optimizer.skip_next = not state["finite"]
 
@@ -470,13 +472,13 @@ class PipelineRun:
         self.pre_step = None
         finite = state["finite"]
         totals = stats()
-        dist.all_reduce(totals)
+        all_reduce_sum(totals)
         gates = self.model.moe_gates()
         trainer.last_load = None
         load = None
         if gates:
             load = self.loads(len(gates), cfg.model.n_routed_experts)
-            dist.all_reduce(load)
+            all_reduce_sum(load)
             if finite:  # every rank updates every router (its copies of other stages' too)
                 update_expert_bias(gates, load, cfg.train.bias_update_speed)
                 trainer.last_load = load
@@ -532,7 +534,7 @@ class PipelineRun:
             totals[0] += lm_sum.double().cpu()
             totals[1] += lm_tokens.double().cpu()
         self.recorder.clear()
-        dist.all_reduce(totals)
+        all_reduce_sum(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -753,7 +755,7 @@ def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
         except DsvError as exc:
             failed += 1
             message = str(exc)
-    dist.all_reduce(failed)
+    all_reduce_sum(failed)
     if failed.item():
         raise DsvError(message or f"could not convert checkpoint {folder} for a new pipeline layout")
     barrier()

@@ -463,7 +463,7 @@ class Trainer:
         achieved = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * rec["tokens_per_s"] / 1e12
         out = {"tflops": achieved, "data_share": self._data_time / max(step_time, 1e-9)}
         if self.cfg.train.peak_tflops:
-            out["mfu"] = achieved / (self.cfg.train.peak_tflops * self.dp)
+            out["mfu"] = achieved / (self.cfg.train.peak_tflops * self.info.world_size)
         if self.info.device.type == "cuda":
             out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:
