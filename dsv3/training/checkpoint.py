@@ -4,6 +4,8 @@ Layout under ``<out_dir>/checkpoints/``::
 
     step_0000200/                 one folder per saved optimizer step
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's sharded engine state
+        pipe_stageSS_optim.pt     instead, with pipelines: stage SS's parameters and Adam state
+                                  under the single-process names (resumes at any pp)
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
         config.yaml               the run's resolved config
         tokenizer.model           the sentencepiece model
@@ -93,7 +95,7 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, rank: int, full_state=None, extra_save=None) -> Path:
+                    tokenizer_path: Path, rank: int, full_state=None, save_state=None) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
     Every rank writes its part of the DeepSpeed state and its RNG states; rank 0 adds
@@ -107,7 +109,7 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
 
     ``full_state``: with pipeline parallelism, a collective callable returning the whole
     model's state dict under the plain names on rank 0 (the engine holds one stage only);
-    ``extra_save(folder)``: a collective callable that writes the resumable state into the
+    ``save_state(folder)``: a collective callable that writes the resumable state into the
     step folder instead of DeepSpeed's ``engine.save_checkpoint``.
 
     Returns:
@@ -125,15 +127,16 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     folder = ckpt_root / tag
     failure = torch.zeros(1)
     error = ""
-    state = full_state() if full_state is not None else full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
+    # collective with expert parallelism or pipelines; the full model on rank 0
+    state = full_state() if full_state is not None else full_state_dict(engine.module)
     try:
-        if extra_save is None:
+        if save_state is None:
             engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
             if ep_modules(engine.module):
                 save_expert_files(engine.module, ckpt_root, tag)
         else:  # pipelines: dsv3's own layout-free state instead of DeepSpeed's per-stage files
             folder.mkdir(parents=True, exist_ok=True)
-            extra_save(folder)
+            save_state(folder)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
             tmp = folder / f".{WEIGHTS}.tmp"

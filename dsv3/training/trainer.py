@@ -441,7 +441,7 @@ class Trainer:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
                                 self.out_dir / "tokenizer.model", self.info.rank,
                                 full_state=self.pipe.full_state_dict if self.pipe is not None else None,
-                                extra_save=self.pipe.save_state if self.pipe is not None else None)
+                                save_state=self.pipe.save_state if self.pipe is not None else None)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()
