@@ -183,6 +183,48 @@ def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(ref
     assert_same_metrics(metrics(out), metrics(reference))
 
 
+NAN_AT_STEP_3 = """
+import sys, torch
+import dsv3.parallel.pipeline as P
+plain = P.HeadLayer.forward
+calls = {"n": 0}
+def forward(self, inputs):
+    lm_sum, mtp, balance, tokens = plain(self, inputs)
+    if torch.is_grad_enabled():
+        calls["n"] += 1
+        if calls["n"] == 3:  # the 3rd training micro-batch = optimizer step 3
+            lm_sum = lm_sum * float("nan")
+    return lm_sum, mtp, balance, tokens
+P.HeadLayer.forward = forward
+from dsv3.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_nonfinite_loss_on_the_last_stage_skips_the_update_on_every_stage(corpus_dir, data_cache, tmp_path):
+    import os
+
+    import torch
+
+    out = tmp_path / "nan"
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_AT_STEP_3)
+    args = tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 4, "ckpt.every": 4, "train.eval_every": 0,
+                                                          "train.nonfinite": "skip", "parallel.pp": 2})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "train", "--no-sample", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r.get("skipped", False) for r in recs] == [False, False, True, False]
+    # neither stage's AdamW took the skipped update: 3 steps after 4
+    for stage in (0, 1):
+        saved = torch.load(out / "checkpoints" / "step_0000004" / f"pipe_stage{stage:02d}_optim.pt", weights_only=True)
+        assert saved["step"] == 3
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"parallel.pp": 2, "parallel.zero_stage": 2},
      "parallel.zero_stage=2 is not available with pipeline parallelism (parallel.pp=2)"),
