@@ -140,6 +140,7 @@ class ParallelConfig:
     zero_stage: int = 0
     ep: int = 1  # expert parallelism degree
     pp: int = 1  # pipeline stages
+    pp_partition: str = "parameters"  # blocks per stage: by parameter count, or counts such as "2,3,3"
     micro_batch_size: int = 8
     grad_accum: int = 1
     activation_checkpointing: bool = False
@@ -370,14 +371,18 @@ def check_trainable(cfg: Config) -> None:
     Expert parallelism (``parallel.ep`` > 1) is accepted; whether ``ep`` divides the number
     of processes is checked at start-up (:func:`dsv3.parallel.expert_parallel.check_layout`).
 
+    Pipeline parallelism (``parallel.pp`` > 1) is checked at start-up as well
+    (:func:`dsv3.parallel.pipeline.check_layout`), ZeRO-2 with pipelines here.
+
     Raises:
-        DsvError: ZeRO-3 or pipeline parallelism requested.
+        DsvError: ZeRO-3 requested, or ZeRO-2 together with pipeline parallelism.
     """
     p = cfg.parallel
     if p.zero_stage == 3:
         raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 1 or 2")
-    if p.pp > 1:
-        raise DsvError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use parallel.pp=1")
+    if p.pp > 1 and p.zero_stage >= 2:
+        raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
+                       f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -241,5 +241,6 @@ def test_bad_layouts():
         memory_per_gpu(10, 10, gpus=100, pp=16, ep=1, zero_stage=1)
     with pytest.raises(DsvError, match="multiple of pp\\*ep=8"):
         memory_per_gpu(10, 10, gpus=12, pp=2, ep=4, zero_stage=1)
-    with pytest.raises(DsvError, match="pipeline parallelism is not available yet"):
-        check_trainable(load_config(None, ["parallel.pp=2"]))
+    check_trainable(load_config(None, ["parallel.pp=2"]))  # pipelines train (ZeRO 0-1)
+    with pytest.raises(DsvError, match="zero_stage=2 is not available with pipeline parallelism"):
+        check_trainable(load_config(None, ["parallel.pp=2", "parallel.zero_stage=2"]))

@@ -87,8 +87,11 @@ def check_layout(ep: int, n_routed_experts: int, world_size: int) -> None:
                        f"processes or choose an ep that divides {world_size}")
 
 
-def ensure_groups(ep: int) -> str:
+def ensure_groups(ep: int, pp: int = 1) -> str:
     """Create DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep`` (once).
+
+    With ``pp`` pipeline stages (ranks ``stage * world/pp + data_rank``), both kinds of group
+    stay inside one stage.
 
     Collective: every rank must call it. ``torch.distributed`` must be initialized (DeepSpeed's
     communication layer is started on top of it if needed).
@@ -103,7 +106,7 @@ def ensure_groups(ep: int) -> str:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     name = group_name(ep)
     if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep)
+        groups._create_expert_and_data_parallel(ep, pp_size=pp)
     return name
 
 
@@ -230,7 +233,7 @@ class ExpertParallelExperts(_DeepSpeedMoE):
                 f"ep={self.ep_size}")
 
 
-def apply_expert_parallel(model: nn.Module, ep: int) -> list[ExpertParallelExperts]:
+def apply_expert_parallel(model: nn.Module, ep: int, pp: int = 1) -> list[ExpertParallelExperts]:
     """Split the routed experts of every :class:`dsv3.model.moe.MoE` in ``model`` over ``ep`` ranks.
 
     Collective (creates the process groups). Each MoE's ``experts`` is replaced in place by an
@@ -242,6 +245,7 @@ def apply_expert_parallel(model: nn.Module, ep: int) -> list[ExpertParallelExper
     Args:
         model: any module containing dsv3 MoE layers (a :class:`~dsv3.model.Transformer`).
         ep: expert-parallel degree (> 1).
+        pp: pipeline stages (the EP groups lie within a stage's data-parallel ranks).
 
     Returns:
         The new modules, in ``model.named_modules()`` order.
@@ -252,8 +256,8 @@ def apply_expert_parallel(model: nn.Module, ep: int) -> list[ExpertParallelExper
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     world = dist.get_world_size() if dist.is_initialized() else 1
     for m in moes:
-        check_layout(ep, m.n_experts, world)
-    name = ensure_groups(ep)
+        check_layout(ep, m.n_experts, world // pp)
+    name = ensure_groups(ep, pp)
     for m in moes:
         m.experts = ExpertParallelExperts(m.experts, ep, name)
     return ep_modules(model)

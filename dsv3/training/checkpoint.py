@@ -4,6 +4,10 @@ Layout under ``<out_dir>/checkpoints/``::
 
     step_0000200/                 one folder per saved optimizer step
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's sharded engine state
+        layout_free_stageSS.pt    with pipelines or expert parallelism: stage SS's parameters and
+                                  AdamW state under the single-process names, experts whole
+                                  (resumes with any pp / ep / process count, see
+                                  dsv3.parallel.layout_free; pipelines write only these)
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
         config.yaml               the run's resolved config
         tokenizer.model           the sentencepiece model
@@ -93,7 +97,7 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, rank: int) -> Path:
+                    tokenizer_path: Path, rank: int, full_state=None, save_state=None) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
     Every rank writes its part of the DeepSpeed state and its RNG states; rank 0 adds
@@ -103,7 +107,14 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     With expert parallelism (:mod:`dsv3.parallel.expert_parallel`) each EP rank also writes
     its experts into DeepSpeed's per-expert files under their global index, and the experts of
     all EP ranks are gathered to rank 0 first, so ``model.safetensors`` always holds the whole
-    model in the single-process layout.
+    model in the single-process layout, and the optimizer state is written in that layout too
+    (``layout_free_stage00.pt``), so the checkpoint also resumes with another ``ep``, process
+    count or ZeRO stage (:mod:`dsv3.parallel.layout_free`).
+
+    ``full_state``: with pipeline parallelism, a collective callable returning the whole
+    model's state dict under the plain names on rank 0 (the engine holds one stage only);
+    ``save_state(folder)``: a collective callable that writes the resumable state into the
+    step folder instead of DeepSpeed's ``engine.save_checkpoint``.
 
     Returns:
         The step folder.
@@ -115,20 +126,29 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     from safetensors.torch import save_file
 
     from dsv3.parallel.expert_parallel import ep_modules, full_state_dict, save_expert_files
-    from dsv3.parallel.portable_state import collect_portable_state, write_portable_state
+    from dsv3.parallel.layout_free import gather_layout_free, write_layout_free
 
     tag = tag_for(step)
     folder = ckpt_root / tag
     failure = torch.zeros(1)
     error = ""
-    state = full_state_dict(engine.module)  # collective with expert parallelism; the full model on rank 0
-    expert_parallel = bool(ep_modules(engine.module))
-    portable = collect_portable_state(engine, cfg.parallel.ep) if expert_parallel else []  # collective
+    # collective with expert parallelism or pipelines; the full model on rank 0
+    state = full_state() if full_state is not None else full_state_dict(engine.module)
+    expert_parallel = save_state is None and bool(ep_modules(engine.module))
+    layout_free = None
+    if expert_parallel:  # collective: every rank's optimizer partition and experts, on rank 0
+        names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+        layout_free = gather_layout_free(engine.module, names, engine.optimizer)
     try:
-        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
-        if expert_parallel:
-            save_expert_files(engine.module, ckpt_root, tag)
-            write_portable_state(folder, portable)
+        if save_state is None:
+            engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+            if expert_parallel:
+                save_expert_files(engine.module, ckpt_root, tag)
+                if rank == 0:
+                    write_layout_free(folder, 0, layout_free)
+        else:  # pipelines: dsv3's own layout-free state instead of DeepSpeed's per-stage files
+            folder.mkdir(parents=True, exist_ok=True)
+            save_state(folder)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
             tmp = folder / f".{WEIGHTS}.tmp"

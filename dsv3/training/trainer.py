@@ -15,7 +15,6 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 from __future__ import annotations
 
 import copy
-import json
 import resource
 import signal
 import threading
@@ -102,13 +101,18 @@ class Trainer:
         self.cfg = cfg
         self.info = init_distributed()
         self.ep = cfg.parallel.ep
+        self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
+        if cfg.parallel.pp > 1:
+            from dsv3.parallel import pipeline
+
+            stage_blocks = pipeline.check_layout(cfg, self.info.world_size)
         if self.ep > 1:
             from dsv3.parallel.expert_parallel import check_layout
 
-            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size)
+            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size // cfg.parallel.pp)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        dp = self.info.world_size
+        dp = self.info.world_size // cfg.parallel.pp
         p = cfg.parallel
         self.dp = dp
         self.global_batch = p.micro_batch_size * p.grad_accum * dp
@@ -138,57 +142,39 @@ class Trainer:
         model = Transformer(cfg.model)
         model.init_weights(seed=cfg.train.seed)
         self.resume_tag = self._pick_checkpoint()
+        # another parallel layout than the save's: resume from plain-name weights + per-parameter
+        # optimizer state (dsv3.parallel.layout_free) instead of DeepSpeed's layout-bound files
+        self.layout_free = False
+        if self.resume_tag is not None:
+            from dsv3.parallel.layout_free import resumes_layout_free
+
+            self.layout_free = resumes_layout_free(cfg, self.ckpt_root / self.resume_tag, dp)
+        if self.layout_free:
+            model.load_state_dict(load_model(self.ckpt_root / self.resume_tag).state_dict())
         if init_state is not None and self.resume_tag is None:
             model.load_state_dict(init_state)
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
-        self._check_resume_layout()
-        if self.portable:  # weights and routing biases of the unsplit model; the optimizer state follows
-            model.load_state_dict(load_model(self.ckpt_root / self.resume_tag).state_dict())
         if self.ep > 1:  # before moving to the device: only this rank's experts go there
             from dsv3.parallel.expert_parallel import apply_expert_parallel, describe
 
-            apply_expert_parallel(model, self.ep)
+            apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
             _log(self.info, describe(model))
-        model.to(self.info.device)
+        if cfg.parallel.pp == 1:  # with pipelines each rank moves only its stage (dsv3.parallel.pipeline)
+            model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.universal = (self.resume_tag is not None and not self.portable
+        self.universal = (self.resume_tag is not None and not self.layout_free
                           and needs_repartition(self.ckpt_root / self.resume_tag, dp))
-        self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
+        if cfg.parallel.pp > 1:
+            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks, self.info.device)
+            _log(self.info, self.pipe.describe())
+            self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
+        else:
+            self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
+            self.model: Transformer = self.engine.module
         self.manual_clip = trainer_clips(cfg)
-        self.model: Transformer = self.engine.module
         self.start_step = 0
         self._resume()
-
-    def _check_resume_layout(self) -> None:
-        """Decide how the checkpoint to resume is loaded; sets ``self.portable``.
-
-        With the saved layout (same ``parallel.ep`` and, with expert parallelism, the same
-        process count) DeepSpeed loads its own files. An expert-parallel checkpoint resumed
-        with another ``ep`` or process count is loaded from its layout-free optimizer state
-        (:mod:`dsv3.parallel.portable_state`).
-
-        Raises:
-            DsvError: the checkpoint cannot be resumed with this layout (a checkpoint saved
-                without expert parallelism resumed with ``ep`` > 1).
-        """
-        from dsv3.parallel.portable_state import has_portable_state
-
-        self.portable = False
-        tag = self.resume_tag
-        if tag is None:
-            return
-        folder = self.ckpt_root / tag
-        saved_ep = read_checkpoint_config(folder).parallel.ep
-        saved_world = saved_world_size(folder)
-        if saved_ep == self.ep and (self.ep == 1 or saved_world in (None, self.dp)):
-            return
-        if saved_ep > 1 and has_portable_state(folder):
-            self.portable = True
-            return
-        raise DsvError(f"checkpoint {folder} was saved with parallel.ep={saved_ep} on {saved_world} process(es); "
-                       f"resuming it with parallel.ep={self.ep} on {self.dp} is not supported; resume with the "
-                       "saved layout, or start a new run from its weights with train.init_from")
 
     def _prepare(self, progress: bool) -> Path:
         if self.cfg.data.format == "chat":
@@ -210,10 +196,22 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        if self.portable:
-            self._resume_portable(self.ckpt_root / tag)
-            return
         load_dir = self.ckpt_root
+        if self.layout_free:
+            from dsv3.parallel.layout_free import resume_layout_free
+
+            folder = self.ckpt_root / tag
+            self.start_step = resume_layout_free(self, folder)
+            self.engine.global_steps = self.start_step
+            saved, now = read_checkpoint_config(folder).parallel, self.cfg.parallel
+            saved_world = saved_world_size(folder)
+            same = (saved.pp, saved.ep, saved_world) == (now.pp, now.ep, self.dp)
+            if not same or not load_rng(folder, self.info.rank):
+                seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
+            _log(self.info, f"resumed from {folder} at step {self.start_step}" + ("" if same else
+                 f" (saved with pp={saved.pp} ep={saved.ep} dp={saved_world}, now pp={now.pp} ep={now.ep} "
+                 f"dp={self.dp})"))
+            return
         if self.universal:
             if self.info.is_main:
                 _log(self.info, f"re-partitioning {self.ckpt_root / tag} for {self.dp} process(es)")
@@ -236,22 +234,11 @@ class Trainer:
         _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
                         + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"))
 
-    def _resume_portable(self, folder: Path) -> None:
-        """Resume an expert-parallel checkpoint on another layout from its layout-free state."""
-        from dsv3.parallel.portable_state import load_portable_state
-
-        load_portable_state(self.engine, folder)
-        self.start_step = int(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["step"])
-        self.engine.global_steps = self.start_step
-        self.engine.global_samples = self.start_step * self.global_batch
-        seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
-        saved = read_checkpoint_config(folder).parallel.ep
-        _log(self.info, f"resumed from {folder} at step {self.start_step} (saved with parallel.ep={saved} on "
-                        f"{saved_world_size(folder)} process(es), now ep={self.ep} on {self.dp})")
-
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
         """Run optimizer step ``step`` (0-based) over its global batch; return its metrics."""
+        if self.pipe is not None:
+            return self.pipe.train_step(self, step)
         cfg, p = self.cfg, self.cfg.parallel
         t_data = time.perf_counter()
         indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
@@ -348,6 +335,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean next-token loss (main head) over the first ``eval_batches`` global batches of
         validation windows (the same windows whatever the parallel layout)."""
+        if self.pipe is not None:
+            return self.pipe.evaluate(self)
         cfg = self.cfg
         n = min(len(self.val_data), cfg.train.eval_batches * self.global_batch)
         mine = list(range(self.info.rank, n, self.dp))
@@ -395,7 +384,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())  # with ep > 1, this rank's experts only
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
         console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
-                        f"parameters, {self.dp} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
+                        f"parameters, {self.info.world_size} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
         if self.start_step == 0 and t.eval_every > 0:
             val = self.evaluate()
@@ -435,7 +424,9 @@ class Trainer:
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.out_dir / "tokenizer.model", self.info.rank)
+                                self.out_dir / "tokenizer.model", self.info.rank,
+                                full_state=self.pipe.full_state_dict if self.pipe is not None else None,
+                                save_state=self.pipe.save_state if self.pipe is not None else None)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()
@@ -457,7 +448,7 @@ class Trainer:
         achieved = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * rec["tokens_per_s"] / 1e12
         out = {"tflops": achieved, "data_share": self._data_time / max(step_time, 1e-9)}
         if self.cfg.train.peak_tflops:
-            out["mfu"] = achieved / (self.cfg.train.peak_tflops * self.dp)
+            out["mfu"] = achieved / (self.cfg.train.peak_tflops * self.info.world_size)
         if self.info.device.type == "cuda":
             out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:

@@ -1,0 +1,343 @@
+"""Layout-free training state: resume a checkpoint with another parallel layout.
+
+DeepSpeed's checkpoint files are split by the layout that wrote them: by pipeline stage, by EP
+rank (each rank's block of routed experts) and, under ZeRO-1/2, by data-parallel rank (flat
+partitions of the fp32 master weights and Adam moments). Its universal-checkpoint converter
+re-partitions the last kind only, and handles neither pipelines with a tied embedding nor
+expert parallelism. So runs with pipelines or expert parallelism also write, per pipeline
+stage, the state of every parameter in the shape of the *unsplit* model:
+
+    layout_free_stage{SS}.pt    {"step": AdamW step count, "params": {name: {"fp32",
+                                "exp_avg", "exp_avg_sq"}}}: fp32 master weights and AdamW
+                                moments under the single-process names, routed experts whole
+                                (E, ...); written by the stage's first data-parallel rank
+
+A run with any other layout (``pp`` 2 <-> 1, ``ep`` 2 -> 1 or 4, another process count, ZeRO
+stage 0 <-> 1) reads them (:func:`read_layout_free`) and puts every value into whatever
+optimizer DeepSpeed built (:func:`set_layout_free_state`): the plain torch AdamW (fp32, ZeRO
+stage 0), the unfused bf16 optimizer (per-parameter fp32 copies), or the flat ZeRO-1/2 and
+bf16 partitions (through DeepSpeed's ``safe_set_full_*`` fragment API). Checkpoints without
+these files (``pp`` = ``ep`` = 1) are read from DeepSpeed's own files: the fp32 ZeRO-0 model
+states, or the universal checkpoint for partitioned ones. The restored state equals the saved
+one exactly; a resharded run then agrees with an uninterrupted one to float rounding (another
+summation order), not bit for bit.
+
+Cost: the whole optimizer state of a stage is gathered on its first data-parallel rank, in
+CPU memory, at each save (12 bytes per parameter) — fine up to models of a few billion
+parameters per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv3.config import Config
+from dsv3.errors import DsvError
+from dsv3.model import Transformer
+from dsv3.parallel.distributed import all_reduce_sum
+
+STAGE_STATE = "layout_free_stage{:02d}.pt"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Number of Adam updates taken so far (0 before the first)."""
+    steps = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
+    return max(steps, default=0)
+
+
+def _link_hp_state(ds_optimizer, create_step: int | None = None) -> None:
+    """(Re)link DeepSpeed's per-parameter views of the Adam state (ZeRO-1/2, bf16 optimizer).
+
+    DeepSpeed links them once, right after the optimizer step of the first parameter group,
+    when the later groups have no state yet, so ``safe_get_full_optimizer_state`` fails for
+    their parameters; linking again once every group has state fixes that. With
+    ``create_step`` the empty state of a fresh optimizer is created first (zero moments, that
+    step count), so a resumed state can be written into it.
+    """
+    flats = getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = getattr(ds_optimizer, "fp32_groups_flat_partition", None)
+    if flats is None or not hasattr(ds_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return
+    base = ds_optimizer.optimizer
+    if create_step is not None:
+        for flat in flats:
+            if not base.state[flat]:
+                base.state[flat].update(step=torch.tensor(float(create_step)), exp_avg=torch.zeros_like(flat),
+                                        exp_avg_sq=torch.zeros_like(flat))
+    ds_optimizer._hp_optimizer_states_linked = False
+    ds_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _master(ds_optimizer, p: nn.Parameter) -> nn.Parameter:
+    """The tensor the torch optimizer updates for ``p``: its fp32 copy in DeepSpeed's unfused
+    bf16 optimizer (bf16, ZeRO stage 0, expert parallelism), else ``p`` itself."""
+    for lp_group, hp_group in zip(getattr(ds_optimizer, "fp16_groups", ()), getattr(ds_optimizer, "fp32_groups", ())):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is p:
+                return hp
+    return p
+
+
+@torch.no_grad()
+def layout_free_state(named: dict[str, nn.Parameter], optimizer, ds_optimizer=None,
+                   model: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: {"fp32", "exp_avg", "exp_avg_sq"}}`` CPU fp32 tensors of the full (unpartitioned)
+    parameters ``named``, whatever the ZeRO stage.
+
+    Collective over the data-parallel group under ZeRO-1 or the bf16 optimizer (DeepSpeed's
+    ``safe_get_full_*`` assemble the partitions): every rank of it must call with the same names.
+    With expert parallelism (``model`` given), each expert tensor is gathered whole over its
+    EP group (collective there too).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if ds_optimizer is not None and adam_steps(optimizer) > 0:
+        _link_hp_state(ds_optimizer)
+    out = {}
+    for name, p in named.items():
+        fp32 = safe_get_full_fp32_param(p)
+        if fp32 is not None:
+            entry = {"fp32": fp32}
+            if adam_steps(optimizer) > 0:
+                for key in ADAM_KEYS:
+                    entry[key] = safe_get_full_optimizer_state(p, key)
+        else:  # ZeRO stage 0: the torch optimizer holds the parameter itself (or its fp32 copy)
+            master = _master(ds_optimizer, p)
+            st = optimizer.state.get(master, {})
+            entry = {"fp32": master.detach()}
+            for key in ADAM_KEYS:
+                entry[key] = st.get(key)
+        out[name] = {k: _whole_experts(model, name, v.detach().float()).cpu().clone()
+                     for k, v in entry.items() if v is not None}
+    return out
+
+
+@torch.no_grad()
+def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict[str, dict[str, torch.Tensor]],
+                       step: int, ds_optimizer=None, model: nn.Module | None = None) -> None:
+    """Load what :func:`layout_free_state` returned into freshly built parameters and optimizer.
+
+    Sets the weights, the fp32 master weights (ZeRO-1 / bf16), Adam's moments and its step
+    count. Not collective.
+
+    Raises:
+        DsvError: a parameter is missing from ``state`` or has another shape.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if ds_optimizer is not None and step > 0:
+        _link_hp_state(ds_optimizer, create_step=step)
+    for name, p in named.items():
+        entry = state.get(name)
+        if entry is not None:
+            entry = {k: _local_experts(model, name, v) for k, v in entry.items()}
+        if entry is None or tuple(entry["fp32"].shape) != tuple(p.shape):
+            raise DsvError(f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
+                           "resume with the layout it was saved with")
+        p.data.copy_(entry["fp32"].to(p.device, p.dtype))
+        if hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
+            for key in ADAM_KEYS:
+                if key in entry and step > 0:
+                    safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
+        elif all(k in entry for k in ADAM_KEYS) and step > 0:
+            master = _master(ds_optimizer, p)
+            master.data.copy_(entry["fp32"].to(master.device, master.dtype))
+            optimizer.state[master] = {"step": torch.tensor(float(step)),
+                                       **{k: entry[k].to(master.device, master.dtype).clone() for k in ADAM_KEYS}}
+    for st in optimizer.state.values():  # ZeRO's flat partitions
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+
+
+def gather_layout_free(model: nn.Module, names: list[str], ds_optimizer) -> dict:
+    """This stage's parameters ``names`` with their AdamW state, whole, for :func:`write_layout_free`.
+
+    Args:
+        model: the plain model (expert-parallel modules gather their experts whole).
+        names: the trainable parameters of this rank's stage, by plain name.
+        ds_optimizer: the engine's optimizer (DeepSpeed's ZeRO / bf16 wrapper, or the torch
+            optimizer itself).
+
+    Collective over the stage's data-parallel ranks (and EP groups); every rank gets the payload,
+    the stage's first data-parallel rank writes it.
+    """
+    optimizer = ds_optimizer if isinstance(ds_optimizer, torch.optim.Optimizer) else ds_optimizer.optimizer
+    params = dict(model.named_parameters())
+    state = layout_free_state({n: params[n] for n in names}, optimizer, ds_optimizer, model)
+    return {"step": adam_steps(optimizer), "params": state}
+
+
+def write_layout_free(folder: Path, stage: int, payload: dict) -> Path:
+    """Write ``payload`` as ``layout_free_stage{stage}.pt`` in the step folder (temp + rename).
+
+    Raises:
+        OSError: the file could not be written.
+    """
+    path = Path(folder) / STAGE_STATE.format(stage)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:
+    """The per-parameter optimizer state of checkpoint ``folder`` under the plain names.
+
+    Handles checkpoints saved with pipelines or expert parallelism (the ``layout_free_stage*``
+    files), single-stage fp32
+    ZeRO-0 checkpoints (the torch optimizer's state in DeepSpeed's model-states file) and
+    single-stage partitioned ones (ZeRO-1/2, bf16), through DeepSpeed's universal checkpoint
+    (converted once by rank 0 into ``checkpoints/universal/<tag>``; collective).
+
+    Returns:
+        (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
+
+    Raises:
+        DsvError: the checkpoint keeps its optimizer state in another form.
+    """
+    from safetensors.torch import load_file
+
+
+    folder = Path(folder)
+    files = sorted(folder.glob("layout_free_stage*.pt"))
+    if files or cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
+        if len(files) != cfg_saved.parallel.pp:
+            raise DsvError(f"checkpoint {folder} has {len(files)} layout-free state file(s) for its "
+                           f"{cfg_saved.parallel.pp} pipeline stage(s); it is incomplete or predates them: resume it "
+                           "with the layout it was saved with, or an older checkpoint")
+        state, step = {}, 0
+        for f in files:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+            state.update(part["params"])
+            step = max(step, int(part["step"]))
+        return state, step
+    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        return _read_universal(folder, model)
+    ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
+    opt = ds.get("optimizer") or {"state": {}}
+    # the saving run had neither pipelines nor expert parallelism: its optimizer groups were
+    # dsv3.parallel.engine.param_groups of the plain model (matrices and stacked experts, then
+    # vectors), and torch numbers the state by position in those groups
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    order = [n for n, p in trainable if p.ndim >= 2] + [n for n, p in trainable if p.ndim < 2]
+    weights = load_file(str(folder / "model.safetensors"))
+    state, step = {}, 0
+    for i, name in enumerate(order):
+        entry = {"fp32": weights[name].float()}
+        st = opt["state"].get(i, {})
+        for key in ADAM_KEYS:
+            if key in st:
+                entry[key] = st[key].float()
+        if "step" in st:
+            step = max(step, int(st["step"]))
+        state[name] = entry
+    return state, step
+
+
+def resumes_layout_free(cfg: Config, folder, dp: int) -> bool:
+    """True when resuming checkpoint ``folder`` with ``cfg`` on ``dp`` data-parallel ranks goes
+    through the plain-name weights and per-parameter optimizer state: either side uses
+    pipelines, ``parallel.ep`` changed, or an expert-parallel run changed its process count."""
+    from dsv3.training.checkpoint import read_checkpoint_config, saved_world_size
+
+    saved = read_checkpoint_config(folder).parallel
+    p = cfg.parallel
+    if p.pp > 1 or saved.pp > 1 or saved.ep != p.ep:
+        return True
+    return p.ep > 1 and saved_world_size(folder) not in (None, dp)
+
+
+def resume_layout_free(trainer, folder) -> int:
+    """Load checkpoint ``folder``'s optimizer state into ``trainer``'s engine (its weights were
+    loaded into the plain model before the engine was built); returns the saved step.
+
+    Works across layouts (``pp`` 2 <-> 1, other stage splits, ``ep`` changes, process counts,
+    ZeRO stage 0 <-> 1). Collective only when a partitioned checkpoint is first converted to
+    DeepSpeed's universal format.
+    """
+    from dsv3.training.checkpoint import MANIFEST, read_checkpoint_config
+
+    saved = read_checkpoint_config(Path(folder))
+    state, adam_step = read_layout_free(folder, saved, trainer.model)
+    params = dict(trainer.model.named_parameters())
+    names = trainer.pipe.names if trainer.pipe is not None else list(params)
+    set_layout_free_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step, trainer.engine.optimizer,
+                       trainer.model)
+    return int(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["step"])
+
+
+def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
+    """Per-parameter state of a single-stage partitioned checkpoint via DeepSpeed's universal
+    format (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``). Collective."""
+    from dsv3.parallel.distributed import barrier
+    from dsv3.training.checkpoint import to_universal
+
+    failed = torch.zeros(1)
+    message = ""
+    if dist.get_rank() == 0:
+        try:
+            to_universal(folder.parent, folder.name)
+        except DsvError as exc:
+            failed += 1
+            message = str(exc)
+    all_reduce_sum(failed)
+    if failed.item():
+        raise DsvError(message or f"could not convert checkpoint {folder} for a new pipeline layout")
+    barrier()
+    root = folder.parent / "universal" / folder.name / "zero"
+    state, step = {}, 0
+    for name, _ in model.named_parameters():
+        entry = {}
+        for key in ("fp32",) + ADAM_KEYS:
+            f = root / name / f"{key}.pt"
+            if f.is_file():
+                entry[key] = torch.load(f, map_location="cpu", weights_only=False)["param"].float()
+        if "fp32" not in entry:
+            raise DsvError(f"checkpoint {folder} has no universal state for {name}; resume with the layout it was "
+                           "saved with")
+        f = root / name / "step.pt"
+        if f.is_file():
+            value = torch.load(f, map_location="cpu", weights_only=False)
+            value = value.get("param", value) if isinstance(value, dict) else value
+            step = max(step, int(value))
+        state[name] = entry
+    return state, step
+
+
+def _ep_module(model: nn.Module | None, name: str):
+    """The expert-parallel module owning parameter ``name`` of ``model``, or None."""
+    from dsv3.parallel.expert_parallel import ExpertParallelExperts
+
+    owner, _, leaf = name.rpartition(".")
+    if model is None or not owner:
+        return None
+    module = model.get_submodule(owner)
+    return module if isinstance(module, ExpertParallelExperts) else None
+
+
+def _whole_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` of parameter ``name``, with a local expert block gathered over its EP group
+    into all E experts (collective over that group); other parameters unchanged."""
+    m = _ep_module(model, name)
+    if m is None:
+        return value
+    parts = [torch.empty_like(value) for _ in range(m.ep_size)]
+    dist.all_gather(parts, value.contiguous(), group=m.group)
+    return torch.cat(parts)
+
+
+def _local_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a whole expert tensor (the inverse of :func:`_whole_experts`)."""
+    m = _ep_module(model, name)
+    if m is None or value.shape[0] != m.num_experts:
+        return value
+    return value[m.first : m.first + m.num_local_experts]
+

@@ -1,0 +1,545 @@
+"""Pipeline parallelism (``parallel.pp`` > 1) with DeepSpeed's ``PipelineModule``.
+
+The plain :class:`dsv3.model.Transformer` is cut into a list of pipeline layers::
+
+    0       embedding            (tied, key "embed": its first use)
+    1..L    the L blocks         (one layer each)
+    L+1     embedding            (tied, key "embed": read by the MTP modules on the last stage)
+    L+2     head                 (final norm, output head, MTP modules, summed cross-entropies)
+
+The layers are thin adapters around the model's own modules (the same parameter objects),
+so weights read back under the plain model's names. Stage s owns a contiguous run of blocks;
+the first stage also owns the embedding, the last one the head and the MTP modules (and a
+tied copy of the embedding, kept bitwise equal to the first stage's: DeepSpeed sums the
+gradients of both copies over the tie group before each optimizer step, and both copies
+then take the same update). Blocks are assigned by parameter count
+(``parallel.pp_partition=parameters``) or by explicit per-stage block counts
+(``parallel.pp_partition="2,3,3"``).
+
+Activations sent between stages: ``(h (B, T, D), input_ids (B, T) int64, labels (B, T)
+int64, balance (scalar fp32))``; ``balance`` is the running sum of the MoE balance losses of
+the blocks so far (V3 report eq. 17-20), so the last stage's loss holds every stage's term
+and its gradient flows back through the pipe. Micro-batches per step = ``parallel.grad_accum``
+(DeepSpeed's 1F1B schedule).
+
+The loss is that of :meth:`dsv3.training.trainer.Trainer.train_step` (global-token
+normalization precomputed by the trainer and passed as the pipeline's "labels"); its parts,
+the validation sums and the expert loads are recorded on the stage that computes them and
+summed over ranks by the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv3.config import Config
+from dsv3.errors import DsvError
+from dsv3.model import IGNORE_INDEX, Transformer
+from dsv3.model.transformer import _ce_sum
+from dsv3.parallel.distributed import all_reduce_sum
+
+TIE_KEY = "embed"
+
+
+def check_layout(cfg: Config, world_size: int) -> list[int] | None:
+    """Validate ``parallel.pp`` against the run and return the blocks per stage.
+
+    Args:
+        cfg: the run's config.
+        world_size: number of processes.
+
+    Returns:
+        ``[c_0, ..., c_{pp-1}]``, blocks owned by each stage (each >= 1, summing to n_layers),
+        or None for ``pp_partition=parameters`` (see :func:`balanced_counts`).
+
+    Raises:
+        DsvError: pp does not divide the process count, there are more stages than blocks,
+            ZeRO-2/3 is requested, or ``pp_partition`` is malformed.
+    """
+    p, n = cfg.parallel, cfg.model.n_layers
+    if world_size % p.pp:
+        raise DsvError(f"parallel.pp={p.pp} does not divide the {world_size} process(es); run a multiple of {p.pp} "
+                       f"processes or choose a pp that divides {world_size}")
+    if p.pp > n:
+        raise DsvError(f"parallel.pp={p.pp} stages but the model has only model.n_layers={n} blocks; "
+                       f"use at most {n} stages")
+    if p.zero_stage >= 2:
+        raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
+                       f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")
+    spec = str(getattr(p, "pp_partition", "parameters")).strip()
+    if spec == "parameters":
+        return None  # decided from the parameter counts once the model exists
+    try:
+        counts = [int(x) for x in spec.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != p.pp or min(counts, default=0) < 1 or sum(counts) != n:
+        raise DsvError(f"parallel.pp_partition={spec!r} must be 'parameters' or {p.pp} positive block counts "
+                       f"separated by commas that sum to model.n_layers={n} (e.g. "
+                       f"{','.join(str(c) for c in _uniform(n, p.pp))})")
+    return counts
+
+
+def _uniform(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def balanced_counts(model: Transformer, pp: int) -> list[int]:
+    """Blocks per stage that balance the parameter count (embedding on the first stage,
+    final norm, head and MTP modules on the last), each stage at least one block."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [sum(p.numel() for p in block.parameters()) for block in model.layers]
+    weights[0] += model.embed_tokens.weight.numel()
+    weights[-1] += sum(p.numel() for m in (model.norm, model.lm_head, model.mtp, model.embed_tokens)
+                       for p in m.parameters())
+    parts = partition_balanced(weights=weights, num_parts=pp)
+    counts = [b - a for a, b in zip(parts[:-1], parts[1:])]
+    return counts if len(counts) == pp and min(counts) >= 1 else _uniform(len(weights), pp)
+
+
+@dataclass
+class Recorder:
+    """What the stages of this rank saw during one :func:`train_step` or evaluation."""
+
+    loads: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE row -> (E,) int64 summed
+    parts: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # per micro-batch, last stage
+
+    def clear(self) -> None:
+        self.loads.clear()
+        self.parts.clear()
+
+    def add_load(self, row: int, load: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training forwards only
+            load = load.detach().cpu()
+            self.loads[row] = self.loads[row] + load if row in self.loads else load
+
+
+class _Rope:
+    """The model's rope tables (fp32), held outside any module so casts leave them alone."""
+
+    def __init__(self, model: Transformer, device: torch.device | str | None = None):
+        self.cos, self.sin = model.rope_cos.to(device), model.rope_sin.to(device)
+
+
+class SharedEmbedding(nn.Module):
+    """The token embedding as a tied pipeline layer (``embed_tokens.weight`` is the tie)."""
+
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+
+def _embed_first(module: SharedEmbedding, inputs):
+    """First stage: (input_ids, labels) -> (h, input_ids, labels, balance=0)."""
+    input_ids, labels = inputs
+    h = module.embed_tokens(input_ids)
+    balance = torch.zeros((), dtype=torch.float32, device=h.device, requires_grad=torch.is_grad_enabled())
+    return h, input_ids, labels, balance
+
+
+def _embed_for_mtp(module: SharedEmbedding, inputs):
+    """Last stage: append the embeddings of all tokens (MTP depth k reads ``[:, k:]``)."""
+    h, input_ids, labels, balance = inputs
+    return h, input_ids, labels, balance, module.embed_tokens(input_ids)
+
+
+class BlockLayer(nn.Module):
+    """One :class:`dsv3.model.transformer.Block` as a pipeline layer (adds its balance loss)."""
+
+    def __init__(self, block: nn.Module, rope: _Rope, row: int | None, recorder: Recorder):
+        super().__init__()
+        self.block = block
+        self._rope, self._row, self._rec = rope, row, recorder
+
+    def forward(self, inputs):
+        h, input_ids, labels, balance = inputs
+        T = h.shape[1]
+        h, aux = self.block(h, self._rope.cos[:T], self._rope.sin[:T], None, None, labels != IGNORE_INDEX)
+        if aux is not None:
+            balance = balance + aux.balance_loss
+            self._rec.add_load(self._row, aux.load)
+        return h, input_ids, labels, balance
+
+
+class HeadLayer(nn.Module):
+    """Final norm, output head and the MTP modules (V3 §2.2), as in ``Transformer.forward``.
+
+    Returns (lm_loss_sum fp32 scalar, mtp_loss_sum (D_mtp,) fp32, balance fp32 scalar,
+    lm_tokens fp32 scalar).
+    """
+
+    def __init__(self, model: Transformer, rope: _Rope, first_row: int, recorder: Recorder):
+        super().__init__()
+        self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
+        self._rope, self._rec = rope, recorder
+        self._rows = []
+        row = first_row
+        for m in model.mtp:
+            self._rows.append(row if m.is_moe else None)
+            row += int(m.is_moe)
+
+    def forward(self, inputs):
+        h, input_ids, labels, balance, emb = inputs
+        valid = labels != IGNORE_INDEX
+        h = self.norm(h)
+        lm_sum = _ce_sum(self.lm_head(h), labels)
+        T = input_ids.shape[1]
+        sums = []
+        for k, (module, row) in enumerate(zip(self.mtp, self._rows), start=1):
+            h, aux = module(h[:, : T - k], emb[:, k:], self._rope.cos[: T - k], self._rope.sin[: T - k], valid[:, k:])
+            if aux is not None:
+                balance = balance + aux.balance_loss
+                self._rec.add_load(row, aux.load)
+            h = module.shared_head.norm(h)
+            sums.append(_ce_sum(self.lm_head(h), labels[:, k:]))
+        mtp = torch.stack(sums) if sums else lm_sum.new_zeros(0)
+        return lm_sum, mtp, balance, valid.sum().float()
+
+
+class PipelineLoss:
+    """The training loss on the last stage, exactly as the single-stage trainer forms it:
+    ``(LM_sum / N_lm + lambda/D * sum_k MTP_k / N_k) * scale + alpha * balance``.
+
+    ``labels`` is ``(1 + D,)`` fp32: the global labelled-token counts (main head, MTP depths).
+    """
+
+    def __init__(self, depth: int, mtp_lambda: float, alpha: float, scale: float, recorder: Recorder):
+        self.depth, self.lam, self.alpha, self.scale, self._rec = depth, mtp_lambda, alpha, scale, recorder
+        self.__name__ = "PipelineLoss"
+
+    def __call__(self, outputs, labels):
+        lm_sum, mtp_sum, balance, lm_tokens = outputs
+        norm = labels[0] if isinstance(labels, (tuple, list)) else labels
+        self._rec.parts.append(tuple(t.detach() for t in outputs))
+        loss = lm_sum / norm[0]
+        if self.depth:
+            loss = loss + self.lam / self.depth * (mtp_sum / norm[1:]).sum()
+        return loss * self.scale + self.alpha * balance
+
+
+def _stage_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    class StagedPipeline(PipelineModule):
+        """``PipelineModule`` with the stage boundaries decided by dsv3 (``layer_parts``)."""
+
+        def __init__(self, layers, layer_parts: list[int], **kwargs):
+            self._dsv3_parts = list(layer_parts)
+            super().__init__(layers=layers, **kwargs)
+
+        def _partition_layers(self, method="uniform"):  # noqa: ARG002 - boundaries are given
+            self.parts = list(self._dsv3_parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return StagedPipeline
+
+
+def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], recorder: Recorder,
+                          device: torch.device | str | None = None):
+    """The ``PipelineModule`` over ``model``'s own modules (see the module docstring).
+
+    Collective: every rank must call it (DeepSpeed creates its process groups here).
+    DeepSpeed moves this stage's layers to the accelerator; ``device`` is where the rope
+    tables go (the same device).
+    """
+    from deepspeed.pipe import TiedLayerSpec
+
+    rope = _Rope(model, device)
+    layers: list[Any] = [TiedLayerSpec(TIE_KEY, SharedEmbedding, model.embed_tokens, forward_fn=_embed_first,
+                                       tied_weight_attr="embed_tokens.weight")]
+    row = 0
+    for block in model.layers:
+        layers.append(BlockLayer(block, rope, row if block.is_moe else None, recorder))
+        row += int(block.is_moe)
+    layers.append(TiedLayerSpec(TIE_KEY, SharedEmbedding, model.embed_tokens, forward_fn=_embed_for_mtp,
+                                tied_weight_attr="embed_tokens.weight"))
+    layers.append(HeadLayer(model, rope, row, recorder))
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    parts = [0] + [1 + b for b in bounds[1:-1]] + [len(layers)]
+    t, p = cfg.train, cfg.parallel
+    dp = dist.get_world_size() // p.pp
+    loss = PipelineLoss(cfg.model.mtp_depth, t.mtp_lambda, t.balance_loss_alpha, p.grad_accum * dp, recorder)
+    with torch.no_grad():  # DeepSpeed broadcasts the tied weight in place here: keep autograd out of it
+        return _stage_module_class()(layers, parts, num_stages=p.pp, loss_fn=loss, partition_method="parameters")
+
+
+def owned_names(model: Transformer, module: nn.Module) -> list[str]:
+    """Plain-model parameter names of the parameters this rank's stage holds."""
+    mine = {id(p) for p in module.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in mine]
+
+
+class PipelineRun:
+    """Everything the trainer needs for ``parallel.pp`` > 1: engine, step, evaluation, weights.
+
+    Attributes:
+        engine: DeepSpeed's ``PipelineEngine``.
+        optimizer: the :class:`dsv3.parallel.engine.GuardedAdamW` inside it.
+        counts: blocks per stage.
+        stage, dp_rank, dp: this rank's stage and data-parallel coordinates.
+        names: plain-model names of the parameters this rank's stage holds.
+    """
+
+    def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
+                 device: torch.device | str | None = None):
+        import deepspeed
+
+        from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers
+
+        self.cfg, self.model = cfg, model
+        self.counts = counts or balanced_counts(model, cfg.parallel.pp)
+        self.recorder = Recorder()
+        module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
+        t = cfg.train
+        opt = GuardedAdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        fp32_buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
+        world = dist.get_world_size()
+        self.dp = world // cfg.parallel.pp
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
+                                                    config=deepspeed_config(cfg, self.dp))
+        restore_buffers(self.engine.module, fp32_buffers)
+        self.optimizer = opt
+        self.stage = self.engine.stage_id
+        self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        self.names = owned_names(model, self.engine.module)
+        self._release_others()
+        self.pre_step = None  # set by the trainer: called after the gradients are reduced, before the update
+        plain_step = self.engine._take_model_step
+
+        def take_model_step(lr_kwargs, _plain=plain_step):
+            if self.pre_step is not None:
+                self.pre_step()
+            return _plain(lr_kwargs)
+
+        self.engine._take_model_step = take_model_step
+
+    def _release_others(self) -> None:
+        """Drop this rank's copies of the other stages' parameters (they become meta tensors):
+        a rank holds one stage's weights; the plain model keeps every buffer (the routing
+        biases, updated on every rank) and the names."""
+        owned = set(self.names)
+        for name, p in list(self.model.named_parameters()):
+            if name not in owned:
+                owner, _, leaf = name.rpartition(".")
+                module = self.model.get_submodule(owner) if owner else self.model
+                module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                        requires_grad=p.requires_grad)
+
+    def save_state(self, folder) -> None:
+        """Write this stage's plain-name parameters and Adam state into ``folder`` (collective;
+        :mod:`dsv3.parallel.layout_free`)."""
+        from dsv3.parallel.layout_free import gather_layout_free, write_layout_free
+
+        payload = gather_layout_free(self.model, self.names, self.engine.optimizer)
+        if self.dp_rank == 0:
+            write_layout_free(folder, self.stage, payload)
+
+    def describe(self) -> str:
+        """One start-up line: stages, replicas, the blocks of each stage."""
+        first = 0
+        spans = []
+        for s, c in enumerate(self.counts):
+            spans.append(f"stage {s}: blocks {first}-{first + c - 1}")
+            first += c
+        return (f"pipeline parallelism: {len(self.counts)} stages x {self.dp} data-parallel replica(s) "
+                f"({'; '.join(spans)}; embedding tied between the first and last stage; "
+                "ZeRO-2/3 are not available with pipelines)")
+
+    @torch.no_grad()
+    def grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global L2 gradient norm over all stages (the tied embedding counted once), clipping
+        to ``max_norm`` in place (``torch.nn.utils.clip_grad_norm_`` on the unsplit model).
+
+        Collective over all ranks. Gradients must already be reduced (equal in a replica group;
+        expert parameters within their expert-data-parallel group).
+        """
+        from deepspeed.utils import groups
+
+        from dsv3.parallel.expert_parallel import is_expert_param
+
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        sq = torch.zeros(1, dtype=torch.float64)
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue  # the last stage's copy of the tied embedding
+            if is_expert_param(p):  # one copy per expert-data-parallel group
+                first = dist.get_rank(group=groups._get_expert_data_parallel_group(p.group_name)) == 0
+            else:
+                first = self.dp_rank == 0
+            if first:
+                sq += torch.linalg.vector_norm(p.grad.detach().float()).double().pow(2).cpu()
+        all_reduce_sum(sq)
+        total = sq.sqrt().float()[0]
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for p in params:
+                p.grad.detach().mul_(coef.to(p.grad.device))
+        return total
+
+    def batches(self, batches: list[tuple[torch.Tensor, torch.Tensor]], norm: torch.Tensor) -> Iterator:
+        """The engine's data iterator: ((input_ids, labels), norm) per micro-batch."""
+        dev = self.engine.device
+        for inputs, labels in batches:
+            yield (inputs.to(dev), labels.to(dev)), norm.to(dev)
+
+    def loads(self, n_rows: int, n_experts: int) -> torch.Tensor:
+        """(L_moe, E) int64: this rank's recorded expert loads in their rows, zeros elsewhere."""
+        out = torch.zeros(n_rows, n_experts, dtype=torch.long)
+        for row, load in self.recorder.loads.items():
+            out[row] += load
+        return out
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict under the plain names, on global rank 0 (else None).
+
+        Collective: the first data-parallel replica of every stage sends its parameters to
+        rank 0 (with expert parallelism, after gathering the experts of its EP group). Buffers
+        (the balancing biases) are equal on every rank already.
+        """
+        from dsv3.parallel.layout_free import _whole_experts
+
+        params = dict(self.model.named_parameters())
+        mine = {}
+        for n in self.names:
+            value = _whole_experts(self.model, n, params[n].detach())  # collective over an EP group
+            if self.dp_rank == 0:
+                mine[n] = value.cpu().clone()
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if not v.is_meta}
+        for part in gathered:
+            state.update(part)
+        return state
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, trainer, step: int) -> dict[str, float]:
+        """Optimizer step ``step`` with the pipeline; returns the metrics of
+        :meth:`dsv3.training.trainer.Trainer.train_step` (the last stage's values, summed over
+        the data-parallel replicas, on every rank)."""
+        import time
+
+        from data_pipeline.dataset import global_sample_indices, rank_micro_batches
+        from dsv3.training.balance import update_expert_bias
+        from dsv3.training.schedule import lr_at
+        from dsv3.training.trainer import mtp_label_counts
+
+        cfg, p = self.cfg, self.cfg.parallel
+        t_data = time.perf_counter()
+        indices = global_sample_indices(step, trainer.global_batch, len(trainer.train_data), cfg.train.seed)
+        micro = rank_micro_batches(indices, self.dp_rank, self.dp, p.micro_batch_size, p.grad_accum)
+        batches = [trainer.train_data.batch_xy(mb) for mb in micro]
+        trainer._data_time = time.perf_counter() - t_data
+        depth = cfg.model.mtp_depth
+        counts = torch.zeros(1 + depth, dtype=torch.float64)
+        for _, labels in batches:
+            counts[0] += (labels != IGNORE_INDEX).sum()
+            counts[1:] += mtp_label_counts(labels, depth)
+        all_reduce_sum(counts)
+        counts /= cfg.parallel.pp  # every stage of a replica counted the same batch
+        norm = counts.clamp(min=1).float()
+        lr = lr_at(step, cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
+        self.recorder.clear()
+        state: dict[str, Any] = {"grad_norm": None}
+
+        def stats() -> torch.Tensor:  # lm_sum, balance, spare, mtp sums of this rank's micro-batches
+            out = torch.zeros(3 + depth, dtype=torch.float64)
+            for lm_sum, mtp_sum, balance, _ in self.recorder.parts:
+                out[0] += lm_sum.double().cpu()
+                out[1] += balance.double().cpu() / (p.grad_accum * self.dp)
+                out[3:] += mtp_sum.double().cpu()
+            return out
+
+        def pre_step() -> None:  # gradients are reduced now: measure, clip, decide
+            if trainer.manual_clip:
+                state["grad_norm"] = self.grad_norm(cfg.train.grad_clip)
+            bad = torch.tensor([0.0 if torch.isfinite(stats()).all() else 1.0])
+            if state["grad_norm"] is not None and not torch.isfinite(state["grad_norm"]):
+                bad += 1
+            all_reduce_sum(bad)
+            state["finite"] = bad.item() == 0
+            self.optimizer.skip_next = not state["finite"]
+
+        self.pre_step = pre_step
+        self.engine.train_batch(self.batches(batches, norm))
+        self.pre_step = None
+        finite = state["finite"]
+        totals = stats()
+        all_reduce_sum(totals)
+        gates = self.model.moe_gates()
+        trainer.last_load = None
+        load = None
+        if gates:
+            load = self.loads(len(gates), cfg.model.n_routed_experts)
+            all_reduce_sum(load)
+            if finite:  # every rank updates every router (its copies of other stages' too)
+                update_expert_bias(gates, load, cfg.train.bias_update_speed)
+                trainer.last_load = load
+        lm = (totals[0] / counts[0].clamp(min=1)).item()
+        mtp = (totals[3:] / counts[1:].clamp(min=1)).mean().item() if depth else 0.0
+        bal = totals[1].item()
+        grad_norm = state["grad_norm"]
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        rec = {
+            "loss": lm + lam * mtp + alpha * bal,
+            "lm_loss": lm,
+            "mtp_loss": mtp,
+            "balance_loss": bal,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        }
+        if not finite:
+            rec["skipped"] = True
+        if load is not None and load.numel():
+            lf = load.float()
+            ratio = lf.max(-1).values / lf.mean(-1).clamp(min=1e-9)
+            rec["expert_load_max_over_mean"] = ratio.mean().item()
+            for i, r in enumerate(ratio.tolist()):
+                rec[f"expert_load/layer{i}"] = r
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self, trainer) -> float:
+        """Mean next-token loss over the validation windows of
+        :meth:`dsv3.training.trainer.Trainer.evaluate`, through the pipeline.
+
+        Every replica runs the same number of full micro-batches: short ones are topped up
+        with rows whose labels are all ignored (they add nothing to the sums)."""
+        cfg = self.cfg
+        n = min(len(trainer.val_data), cfg.train.eval_batches * trainer.global_batch)
+        mbs = cfg.parallel.micro_batch_size
+        mine = list(range(self.dp_rank, n, self.dp))
+        most = (n + self.dp - 1) // self.dp
+        chunks = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
+        chunks += [[]] * ((most + mbs - 1) // mbs - len(chunks))
+        batches = []
+        for chunk in chunks:
+            inputs, labels = trainer.val_data.batch_xy(chunk + [0] * (mbs - len(chunk)))
+            labels[len(chunk):] = IGNORE_INDEX
+            batches.append((inputs, labels))
+        self.recorder.clear()
+        ones = torch.ones(1 + cfg.model.mtp_depth)
+        self.engine.eval_batch(self.batches(batches, ones), reduce_output=None, bcast_loss=False,
+                               num_micro_batches=len(batches))
+        totals = torch.zeros(2, dtype=torch.float64)
+        for lm_sum, _, _, lm_tokens in self.recorder.parts:
+            totals[0] += lm_sum.double().cpu()
+            totals[1] += lm_tokens.double().cpu()
+        self.recorder.clear()
+        all_reduce_sum(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
