@@ -428,16 +428,19 @@ def run_tasks(todo: list[tuple[int, dict]], args: dict[str, Any], num_proc: int,
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_texts(tasks: list[dict], d: DataConfig, seed: int, cache_dir: str) -> Iterator[str]:
+def _tokenizer_texts(tasks: list[dict], d: DataConfig, seed: int, cache_dir: str, count: dict) -> Iterator[str]:
     """Training documents for the tokenizer: tasks in a seeded order, validation documents
-    skipped, until ``10 * tokenizer_sample_size`` trainer chunks were produced."""
+    skipped, until ``10 * tokenizer_sample_size`` trainer chunks were produced. ``count``
+    receives the numbers of documents read (``"docs"``) and yielded (``"train"``)."""
     budget = 10 * d.tokenizer_sample_size
     seen = 0
     for t in np.random.default_rng(seed).permutation(len(tasks)).tolist():
         u = val_offset(t, d.val_fraction, seed)
         for j, text in enumerate(iter_documents(tasks[t], d.text_field, cache_dir)):
+            count["docs"] += 1
             if is_val(j, u, d.val_fraction):
                 continue
+            count["train"] += 1
             yield text
             seen += sum(1 for _ in training_chunks(text))
             if seen >= budget:
@@ -520,8 +523,15 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
                                    f"{cfg.model.vocab_size}; use a matching tokenizer or raise model.vocab_size")
                 shutil.copyfile(given_tokenizer(d), model)
             else:
-                train_tokenizer(_tokenizer_texts(tasks, d, cfg.train.seed, cache_dir), cfg.model.vocab_size, model,
-                                d.tokenizer_sample_size, seed=cfg.train.seed)
+                count = {"docs": 0, "train": 0}
+                try:
+                    train_tokenizer(_tokenizer_texts(tasks, d, cfg.train.seed, cache_dir, count), cfg.model.vocab_size,
+                                    model, d.tokenizer_sample_size, seed=cfg.train.seed)
+                except DsvError:
+                    if count["train"]:
+                        raise
+                    _check_documents(count["docs"], d.source)
+                    raise
         elif rank != 0:
             _wait_for(model, "the tokenizer trained by prepare rank 0", float(os.environ.get("DSV3_PREPARE_WAIT", 7200)))
         tok = Tokenizer.load(model)
@@ -578,6 +588,16 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
     return out
 
 
+def _check_documents(n_docs: int, source: Any) -> None:
+    """Raise the one-line error for a corpus with no text or a single document."""
+    if n_docs == 0:
+        raise DsvError(f"data.source={describe_source(source) if not isinstance(source, list) else source} contains no "
+                       "text (all documents are empty or whitespace); point data.source at a non-empty corpus")
+    if n_docs < 2:
+        raise DsvError(f"the corpus has {n_docs} document(s) but needs at least 2 (one for training, one for "
+                       "validation); add files, or use a .jsonl file with one document per line")
+
+
 def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok: Tokenizer, dtype: str) -> dict[str, Any]:
     """``meta.json`` content from the finished task records (checks the split sizes)."""
     d = cfg.data
@@ -590,10 +610,7 @@ def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok: Tok
                 shards[s].append({"file": f"shards/{names[f'{s}.bin']}", "index": f"shards/{names[f'{s}.idx']}",
                                   "corpus": rec["corpus"], **info})
     total = {s: {k: sum(x[k] for x in shards[s]) for k in ("n_docs", "n_tokens", "n_bytes")} for s in SPLITS}
-    n_docs = total["train"]["n_docs"] + total["val"]["n_docs"]
-    if n_docs < 2:
-        raise DsvError(f"the corpus has {n_docs} document(s) but needs at least 2 (one for training, one for "
-                       "validation); add files, or use a .jsonl file with one document per line")
+    _check_documents(total["train"]["n_docs"] + total["val"]["n_docs"], d.source)
     need = d.seq_len + 1
     for s, fix in (("val", "raise data.val_fraction"), ("train", "use a larger corpus")):
         if total[s]["n_tokens"] < need:

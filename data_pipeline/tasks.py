@@ -57,6 +57,7 @@ def plan_tasks(source: str | None, shard_bytes: int, corpus: int = 0, text_field
         DsvError: as :func:`data_pipeline.corpus.resolve_source`, or a hub corpus that cannot
             be loaded or lacks ``text_field``.
     """
+    shard_bytes = max(1, int(shard_bytes))
     kind, files = resolve_source(source)
     if kind == "hub":
         n = len(_hub_dataset(str(source), text_field, cache_dir))
@@ -84,7 +85,7 @@ def plan_tasks(source: str | None, shard_bytes: int, corpus: int = 0, text_field
             continue
         flush()
         if ext in TEXT_EXTS or (ext in JSON_EXTS and not _is_json_array(f)):
-            step = max(TEXT_PIECE_BYTES, shard_bytes // TEXT_PIECE_BYTES * TEXT_PIECE_BYTES)
+            step = shard_bytes
             kind_ = "textsplit" if ext in TEXT_EXTS else "jsonl"
             for a in range(0, max(n, 1), step):
                 tasks.append({"corpus": corpus, "kind": kind_, "file": str(f), "start": a, "end": min(n, a + step)})

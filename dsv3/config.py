@@ -96,7 +96,7 @@ class DataConfig:
     # an existing sentencepiece model (file, run dir or checkpoint folder) to use instead of
     # training one; defaults to the tokenizer of train.init_from when that has one
     tokenizer: str | None = None
-    shard_mb: int = 8  # input MB per prepare task (one token shard each); raise to 256+ for TB corpora
+    shard_mb: float = 8.0  # input MB per prepare task (one token shard each); raise to 256+ for TB corpora
     # dsv3 prepare on several nodes: this node's rank and the node count (None = from
     # SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0 and 1)
     prepare_rank: int | None = None
