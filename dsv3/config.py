@@ -360,6 +360,9 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"train.precision={t.precision!r} is not supported; use fp32 or bf16")
     if d.format not in ("text", "chat"):
         raise DsvError(f"data.format={d.format!r} must be text (pre-training) or chat (fine-tuning)")
+    if isinstance(d.source, list) and d.format == "chat":
+        raise DsvError("data.source lists several corpora, which only pre-training (data.format=text) blends; "
+                       "give one source for fine-tuning")
     if t.nonfinite not in ("stop", "skip"):
         raise DsvError(f"train.nonfinite={t.nonfinite!r} must be stop or skip")
     if not (t.lr > 0 and math.isfinite(t.lr)):

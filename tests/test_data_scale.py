@@ -337,3 +337,14 @@ def test_prepare_blended_sources(tmp_path, capsys):
     with pytest.raises(DsvError) as e:
         prepare(cfg_for(json.dumps([{"path": str(a), "weight": 0}]), tmp_path / "cache"), progress=False)
     assert "weight" in one_line(e)
+
+
+def test_train_document_aware(corpus_dir, data_cache, tmp_path):
+    from conftest import run_dsv3, tiny_overrides
+
+    out = tmp_path / "run"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
+        "train.steps": 2, "train.eval_every": 2, "data.document_aware": "true"})])
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "lm_loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in recs if "loss" in r) and any("val_loss" in r for r in recs)
