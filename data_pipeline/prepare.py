@@ -561,8 +561,8 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
             return out
         meta = _merge(cfg, key, sources, fingerprint, tasks, records, tok, dtype)
         meta["seconds"] = {"tokenizer": round(t_tokenizer, 3), "tokenize": round(t_tokenize, 3)}
-        atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))
         try:
+            atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))
             os.replace(work, out)
         except OSError:
             if not is_prepared(out):  # not a concurrent prepare of the same key: a real error
