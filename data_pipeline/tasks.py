@@ -25,6 +25,7 @@ it and the byte offset.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -128,7 +129,9 @@ def _is_json_array(path: Path) -> bool:
         return True
 
 
+@functools.lru_cache(maxsize=2)
 def _hub_dataset(name: str, text_field: str, cache_dir: str | None):
+    """The hub corpus (memory-mapped Arrow), loaded once per process."""
     from data_pipeline.corpus import _load_hub
 
     return _load_hub(name, text_field, cache_dir)

@@ -225,7 +225,7 @@ def test_batch_documents_from_a_prepared_folder(tmp_path):
 
 
 def rank_stream(steps, gb, n, seed, dp, accum):
-    """Per step: the hash of every rank's micro-batches, and the step's samples in global order."""
+    """Per step: (hash of the step's samples in global order, hash of each rank's micro-batches)."""
     mbs = gb // (dp * accum)
     out = []
     for step in steps:
@@ -233,20 +233,29 @@ def rank_stream(steps, gb, n, seed, dp, accum):
         parts = [rank_micro_batches(idx, r, dp, mbs, accum) for r in range(dp)]
         assert len({sum(len(m) for m in p) for p in parts}) == 1  # every rank the same count
         flat = [i for m in range(accum) for r in range(dp) for i in parts[r][m]]
-        out.append(hashlib.sha256(np.asarray(flat, dtype=np.int64).tobytes()).hexdigest())
+        out.append((digest(flat), tuple(digest([i for m in p for i in m]) for p in parts)))
     return out
+
+
+def digest(ids):
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("stop,dp_after", [(7, 2), (7, 4), (5, 1), (10, 4)])
 def test_stop_and_resume_stream_equals_uninterrupted(stop, dp_after):
-    n, gb, seed, steps = 50, 8, 9, 25  # step 5 ends an epoch boundary-free; 10*8 = 80, 50*... epochs
+    # 25 steps of 8 over 50 samples: four epochs; dp 2 x accum 2 before the stop, dp_after ranks
+    # with the same global batch after it; steps 6 and 12 straddle epoch boundaries
+    n, gb, seed, steps = 50, 8, 9, 25
     uninterrupted = rank_stream(range(steps), gb, n, seed, dp=2, accum=2)
     state = loader_state(stop, gb, n, seed, "k")
     state = json.loads(json.dumps(state))  # as stored in a checkpoint
     check_loader_state(state, stop, gb, n, seed, "k", "ckpt")
     resumed = rank_stream(range(stop), gb, n, seed, dp=2, accum=2) + \
         rank_stream(range(state["consumed_samples"] // gb, steps), gb, n, seed, dp=dp_after, accum=8 // (2 * dp_after) or 1)
-    assert resumed == uninterrupted
+    assert len(resumed) == len(uninterrupted) == steps
+    assert [g for g, _ in resumed] == [g for g, _ in uninterrupted]  # the global stream, batch by batch
+    if dp_after == 2:  # same layout: every rank's batches too
+        assert resumed == uninterrupted
 
 
 def test_resume_exactly_at_an_epoch_boundary():
