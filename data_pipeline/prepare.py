@@ -365,7 +365,8 @@ class Progress:
 
     def task_done(self) -> None:
         self.done += 1
-        self.show()
+        if self.done == self.n_tasks or time.perf_counter() - self.last >= self.every:
+            self.show()
 
     def line(self) -> str:
         dt = max(time.perf_counter() - self.start, 1e-9)
