@@ -357,3 +357,22 @@ def test_train_document_aware(corpus_dir, data_cache, tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "lm_loss" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in recs if "loss" in r) and any("val_loss" in r for r in recs)
+
+
+def test_prepare_rank_world(monkeypatch, tmp_path):
+    from data_pipeline.prepare import prepare_rank_world
+
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
+    assert prepare_rank_world(cfg_for("", tmp_path).data) == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert prepare_rank_world(cfg_for("", tmp_path).data) == (1, 3)
+    assert prepare_rank_world(cfg_for("", tmp_path, **{"data.prepare_rank": 2, "data.prepare_world": 4}).data) == (2, 4)
+    with pytest.raises(DsvError) as e:
+        prepare_rank_world(cfg_for("", tmp_path, **{"data.prepare_rank": 4, "data.prepare_world": 4}).data)
+    assert "data.prepare_rank=4" in one_line(e)
+    with pytest.raises(DsvError) as e:
+        cfg_for(json.dumps([{"path": "a"}]), tmp_path, **{"data.format": "chat"})
+    assert "data.source" in one_line(e)
