@@ -202,6 +202,9 @@ def test_document_aware_packing_isolates_documents(one_torch_thread):
         out = model(inputs, labels, attn_mask=mask, position_ids=pos)
         assert out.lm_tokens.item() == 15 - 2
         assert out.mtp_tokens.tolist() == [(14 - 2) - 2]  # positions 3, 7 also cross (EOS ahead)
+        from dsv3.training.trainer import mtp_label_counts
+
+        assert mtp_label_counts(labels, 1, pos).tolist() == out.mtp_tokens.tolist()  # the trainer's normalizer
         out_b = model(other, torch.where(labels == IGNORE_INDEX, labels, torch.tensor([a + b2 + c + [40]])[:, 1:]),
                       attn_mask=document_attention_mask(pos), position_ids=pos)
         assert out.lm_loss_sum.item() != out_b.lm_loss_sum.item()
