@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from dsv3.errors import DsvError
-
-IGNORE_INDEX = -100  # same value as dsv3.model.transformer.IGNORE_INDEX
+from dsv3.model import IGNORE_INDEX
 
 
 def load_meta(prepared_dir: Path | str) -> dict[str, Any]:
