@@ -3,8 +3,11 @@
 Modules:
 
 * :mod:`data_pipeline.corpus` - find and load a corpus as a ``datasets.Dataset`` of documents;
-* :mod:`data_pipeline.prepare` - corpus -> tokenizer -> ``train.bin``/``val.bin`` (cached);
-* :mod:`data_pipeline.dataset` - :class:`PackedDataset` windows and the sample order.
+* :mod:`data_pipeline.tasks` - split a corpus into tokenization tasks, stream their documents;
+* :mod:`data_pipeline.prepare` - corpus -> tokenizer -> token shards (parallel, resumable, cached);
+* :mod:`data_pipeline.dataset` - :class:`PackedDataset` windows, document-aware packing,
+  blending, the sample order and the loader position;
+* :mod:`data_pipeline.bench` - prepare and loader throughput.
 
 The names below are importable from the package directly; modules are imported on first
 use, so ``from data_pipeline import PackedDataset`` does not import ``datasets``.
@@ -26,6 +29,13 @@ _EXPORTS = {
     "load_meta": "dataset",
     "global_sample_indices": "dataset",
     "rank_micro_batches": "dataset",
+    "document_positions": "dataset",
+    "document_attention_mask": "dataset",
+    "loader_state": "dataset",
+    "check_loader_state": "dataset",
+    "blend_index": "dataset",
+    "plan_tasks": "tasks",
+    "iter_documents": "tasks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,15 +1,21 @@
 """Training samples from a prepared folder, and the rank-independent sample order.
 
-:class:`PackedDataset` reads ``train.bin`` / ``val.bin`` (see :mod:`data_pipeline.prepare`)
-through a memory map and serves fixed windows of ``seq_len + 1`` tokens: inputs are
-``window[:-1]``, next-token targets ``window[1:]``. Documents are packed back to back,
-separated by EOS, so windows may span document boundaries.
+:class:`PackedDataset` reads the token shards of one split (see :mod:`data_pipeline.prepare`)
+through memory maps and serves fixed windows of ``seq_len + 1`` tokens: inputs are
+``window[:-1]``, next-token targets ``window[1:]``. Documents are packed back to back, each
+followed by EOS, so windows may span document boundaries; with document-aware packing
+(:meth:`PackedDataset.batch_documents`) position ids restart at each document, attention
+stays inside it, and the label that would predict the next document's first token is masked.
+A blended training split (several corpora) mixes the corpora's windows by weight
+(:func:`blend_index`).
 
 :func:`global_sample_indices` defines which samples make up optimizer step ``s`` of a run,
 independently of the number of data-parallel ranks; :func:`rank_micro_batches` cuts that
 step into the micro-batches of one rank. Together they make a run's data order a pure
 function of (seed, global batch, step), so resuming or changing the parallel layout does
-not change what the model sees.
+not change what the model sees, and skipping to any step costs O(1) (no replay).
+:func:`loader_state` / :func:`check_loader_state` store and check that position in a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 from dsv3.errors import DsvError
+from dsv3.model import IGNORE_INDEX
 
 
 def load_meta(prepared_dir: Path | str) -> dict[str, Any]:
@@ -45,11 +52,85 @@ def load_meta(prepared_dir: Path | str) -> dict[str, Any]:
     return meta
 
 
+def blend_counts(weights: Sequence[float], total: int) -> np.ndarray:
+    """Samples per corpus in a blend of ``total`` samples: ``total * w / sum(w)`` rounded by
+    largest remainder (ties to the lower index), so the counts sum to ``total``.
+
+    Returns:
+        int64 array, one count per corpus.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    rest = int(total - counts.sum())
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[:rest]] += 1
+    return counts
+
+
+def blend_index(n_windows: Sequence[int], weights: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blended training split: which corpus window is blended sample ``i``.
+
+    The blend has ``N = sum(n_windows)`` samples per epoch; corpus ``c`` contributes
+    ``k_c`` of them (:func:`blend_counts` of its weight), spread evenly: its ``j``-th
+    contribution sits at "time" ``(j + 0.5) / k_c`` and the blend is all contributions sorted
+    by time (ties by corpus). Contribution ``j`` is window ``perm_c[j % n_c]`` of the corpus,
+    ``perm_c`` a permutation seeded by ``seed`` and ``c``; so a corpus with a larger share
+    than its size repeats its windows (upsampling), a smaller one uses a seeded subset. The
+    sampler (:func:`global_sample_indices`) then shuffles the blend per epoch.
+
+    Args:
+        n_windows: windows of each corpus (each >= 1).
+        weights: positive relative weights.
+        seed: seed of the per-corpus permutations.
+
+    Returns:
+        ``(corpus, window)``: int16 and int64 arrays of length ``N``.
+    """
+    n = np.asarray(n_windows, dtype=np.int64)
+    counts = blend_counts(weights, int(n.sum()))
+    times, corpus, window = [], [], []
+    for c, (k, nc) in enumerate(zip(counts.tolist(), n.tolist())):
+        j = np.arange(k, dtype=np.int64)
+        times.append((j + 0.5) / max(k, 1))
+        corpus.append(np.full(k, c, dtype=np.int16))
+        perm = np.random.default_rng([seed, c]).permutation(nc)
+        window.append(perm[j % nc])
+    times_a, corpus_a = np.concatenate(times), np.concatenate(corpus)
+    order = np.lexsort((corpus_a, times_a))
+    return corpus_a[order], np.concatenate(window)[order]
+
+
+def blend_report(meta: dict[str, Any], seq_len: int, seed: int) -> list[dict[str, Any]]:
+    """The realized mix of a blended training split: per corpus its source, weight, target
+    share, realized share of samples per epoch, samples and tokens per epoch, and its own
+    windows (so ``samples / windows`` > 1 means it is repeated)."""
+    n_windows = _corpus_windows(meta, "train", seq_len)
+    weights = [c["weight"] for c in meta["corpora"]]
+    counts = blend_counts(weights, sum(n_windows))
+    total = max(int(counts.sum()), 1)
+    return [{"source": c["source"], "weight": c["weight"], "target_share": c["weight"] / sum(weights),
+             "share": int(k) / total, "samples": int(k), "tokens": int(k) * seq_len, "windows": int(nw)}
+            for c, k, nw in zip(meta["corpora"], counts.tolist(), n_windows)]
+
+
+def _corpus_windows(meta: dict[str, Any], split: str, seq_len: int) -> list[int]:
+    n_corpora = len(meta.get("corpora", [None]))
+    tokens = [0] * n_corpora
+    for sh in meta["shards"][split]:
+        tokens[sh.get("corpus", 0)] += sh["n_tokens"]
+    return [max(0, (t - 1) // seq_len) for t in tokens]
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Fixed-length windows over one split of a prepared folder.
 
-    Window ``i`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]``: consecutive windows
-    share one boundary token, so every token (except the first) is a target exactly once.
+    Window ``i`` of a corpus is its tokens ``[i*seq_len, i*seq_len + seq_len + 1)`` (the
+    split's shards of that corpus read as one stream): consecutive windows share one
+    boundary token, so every token (except the first) is a target exactly once. With one
+    corpus, sample ``i`` is window ``i``; a blended training split maps samples to corpus
+    windows by :func:`blend_index`; a blended validation split lists the corpora's windows
+    one corpus after the other.
 
     Args:
         prepared_dir: folder returned by :func:`data_pipeline.prepare.prepare`.
@@ -59,13 +140,15 @@ class PackedDataset(torch.utils.data.Dataset):
     Attributes:
         n_tokens: tokens in the split.
         meta: the parsed ``meta.json``.
+        eos_id: the separator id.
 
     Raises:
-        DsvError: missing/corrupt ``meta.json``, a missing bin file, or one whose size does
-            not match ``meta.json`` (truncated or corrupt).
+        DsvError: missing/corrupt ``meta.json``, a folder of an older format, a missing
+            shard or one whose size does not match ``meta.json`` (truncated), naming it.
 
-    The memory map is opened lazily per process, so instances are cheap to pickle into
-    DataLoader workers.
+    Memory maps are opened lazily per process, so instances are cheap to pickle into
+    DataLoader workers. Reading a window whose ids fall outside the vocabulary (a corrupt
+    shard) raises DsvError naming the shard; :meth:`verify` checks the sha256 checksums.
     """
 
     def __init__(self, prepared_dir: Path | str, split: str, seq_len: int):
@@ -77,46 +160,109 @@ class PackedDataset(torch.utils.data.Dataset):
         self.split = split
         self.seq_len = int(seq_len)
         self.meta = load_meta(self.folder)
-        self.path = self.folder / f"{split}.bin"
+        if "shards" not in self.meta:
+            raise DsvError(f"{self.folder} was prepared by an older dsv3 (no token shards); delete it and run dsv3 "
+                           "prepare again")
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.eos_id = int(self.meta["eos_id"])
+        self.vocab_size = int(self.meta.get("tokenizer_vocab_size", self.meta["vocab_size"]))
         self.n_tokens = int(self.meta["n_tokens"][split])
-        expected = self.n_tokens * self.dtype.itemsize
-        actual = self.path.stat().st_size if self.path.is_file() else None
-        if actual != expected:
-            raise DsvError(f"prepared shard {self.path} is truncated or corrupt (size {actual} bytes, expected "
-                           f"{expected}); delete folder {self.folder} and run dsv3 prepare again")
-        self._tokens: np.ndarray | None = None
+        self.shards = list(self.meta["shards"][split])
+        for sh in self.shards:
+            path = self.folder / sh["file"]
+            expected = sh["n_tokens"] * self.dtype.itemsize
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != expected:
+                raise DsvError(f"prepared shard {path} is truncated or corrupt (size {actual} bytes, expected "
+                               f"{expected}); delete folder {self.folder} and run dsv3 prepare again")
+        n_corpora = len(self.meta.get("corpora", [None]))
+        # per corpus: its shards and their start offsets in the corpus stream
+        self._corpus_shards = [[i for i, sh in enumerate(self.shards) if sh.get("corpus", 0) == c]
+                               for c in range(n_corpora)]
+        self._corpus_starts = [np.cumsum([0] + [self.shards[i]["n_tokens"] for i in ids]) for ids in self._corpus_shards]
+        self.corpus_windows = _corpus_windows(self.meta, split, self.seq_len)
+        self.weights = [c["weight"] for c in self.meta.get("corpora", [{"weight": 1.0}])]
+        self._blend: tuple[np.ndarray, np.ndarray] | None = None
+        self._maps: dict[int, np.ndarray] = {}
 
     @property
-    def tokens(self) -> np.ndarray:
-        """All token ids of the split, a read-only memory map of shape ``(n_tokens,)``."""
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return self._tokens
+    def blended(self) -> bool:
+        """Whether samples are drawn from several corpora by weight (training split of a blend)."""
+        return self.split == "train" and len(self.corpus_windows) > 1
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_tokens"] = None
+        state["_maps"] = {}
         return state
 
-    def __len__(self) -> int:
-        """Number of windows: ``(n_tokens - 1) // seq_len``."""
-        return max(0, (self.n_tokens - 1) // self.seq_len)
+    def _map(self, i: int) -> np.ndarray:
+        m = self._maps.get(i)
+        if m is None:
+            sh = self.shards[i]
+            m = np.memmap(self.folder / sh["file"], dtype=self.dtype, mode="r", shape=(sh["n_tokens"],))
+            self._maps[i] = m
+        return m
 
-    def _window(self, i: int) -> np.ndarray:
+    @property
+    def tokens(self) -> np.ndarray:
+        """All token ids of the split (shards in order, corpora concatenated), int64 copy of
+        shape ``(n_tokens,)``; for tests and small splits only."""
+        parts = [np.asarray(self._map(i), dtype=np.int64) for i in range(len(self.shards))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Number of samples: ``(n_tokens - 1) // seq_len`` for one corpus; the sum of the
+        corpora's windows for a blend."""
+        return int(sum(self.corpus_windows))
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Sample ``i`` as ``(corpus, window)``.
+
+        Raises:
+            IndexError: ``i`` outside ``[-len, len)``.
+        """
         n = len(self)
         if i < 0:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"sample {i} out of range for {n} samples of {self.split}")
-        start = i * self.seq_len
-        return self.tokens[start:start + self.seq_len + 1]
+        if self.blended:
+            if self._blend is None:
+                self._blend = blend_index(self.corpus_windows, self.weights, int(self.meta.get("seed", 0)))
+            return int(self._blend[0][i]), int(self._blend[1][i])
+        for c, nw in enumerate(self.corpus_windows):
+            if i < nw:
+                return c, i
+            i -= nw
+        raise AssertionError("unreachable")
+
+    def _window(self, i: int) -> np.ndarray:
+        c, w = self.locate(i)
+        start = w * self.seq_len
+        end = start + self.seq_len + 1
+        starts = self._corpus_starts[c]
+        k = int(np.searchsorted(starts, start, side="right")) - 1
+        parts = []
+        while start < end:
+            shard = self._corpus_shards[c][k]
+            lo = start - int(starts[k])
+            take = min(end - start, int(starts[k + 1]) - start)
+            part = self._map(shard)[lo:lo + take]
+            if len(part) and int(part.max()) >= self.vocab_size:
+                raise DsvError(f"prepared shard {self.folder / self.shards[shard]['file']} is corrupt (token id "
+                               f"{int(part.max())} >= vocabulary {self.vocab_size}); delete folder {self.folder} "
+                               "and run dsv3 prepare again")
+            parts.append(part)
+            start += take
+            k += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        """Window ``i`` as a ``torch.int64`` tensor of shape ``(seq_len + 1,)``.
+        """Sample ``i`` as a ``torch.int64`` tensor of shape ``(seq_len + 1,)``.
 
         Raises:
             IndexError: ``i`` outside ``[-len, len)``.
+            DsvError: the window holds ids outside the vocabulary (corrupt shard, named).
         """
         return torch.from_numpy(self._window(int(i)).astype(np.int64))
 
@@ -137,20 +283,76 @@ class PackedDataset(torch.utils.data.Dataset):
         b = self.batch(indices)
         return b[:, :-1].clone(), b[:, 1:].clone()
 
+    def batch_documents(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows ``indices`` for document-aware packing.
+
+        Returns:
+            ``(inputs, labels, position_ids)``, each int64 (B, seq_len). ``position_ids``
+            count from 0 at the window start and again after every EOS (a document's
+            first token); ``labels`` are the next tokens, except ``IGNORE_INDEX`` where the
+            input is EOS (its next token starts another document). Build the attention mask
+            with :func:`document_attention_mask` ``(position_ids)``.
+        """
+        inputs, labels = self.batch_xy(indices)
+        position_ids = document_positions(inputs, self.eos_id)
+        labels[inputs == self.eos_id] = IGNORE_INDEX
+        return inputs, labels, position_ids
+
     def verify(self) -> None:
-        """Check the bin file's sha256 against ``meta.json`` (reads the whole file).
+        """Check every shard's sha256 against ``meta.json`` (reads the whole split).
 
         Raises:
-            DsvError: checksum mismatch or no checksum recorded.
+            DsvError: a checksum mismatch or no checksum recorded, naming the shard.
         """
-        want = self.meta.get("sha256", {}).get(self.path.name)
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if want is None or digest.hexdigest() != want:
-            raise DsvError(f"prepared shard {self.path} is truncated or corrupt (sha256 mismatch); delete folder "
-                           f"{self.folder} and run dsv3 prepare again")
+        for sh in self.shards:
+            path = self.folder / sh["file"]
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            if sh.get("sha256") is None or digest.hexdigest() != sh["sha256"]:
+                raise DsvError(f"prepared shard {path} is truncated or corrupt (sha256 mismatch); delete folder "
+                               f"{self.folder} and run dsv3 prepare again")
+
+    def document_ends(self, shard: int) -> np.ndarray:
+        """End offsets (int64, exclusive) of the documents of shard ``shard`` (its ``.idx.npy``)."""
+        return np.load(self.folder / self.shards[shard]["index"], mmap_mode="r")
+
+
+def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids restarting at each document of packed windows.
+
+    Args:
+        inputs: (B, T) int64 token ids, documents separated by ``eos_id`` (each document's
+            EOS is its last token).
+
+    Returns:
+        (B, T) int64: ``j - s`` where ``s`` is the start of token ``j``'s document inside
+        the window (0 for the window's first, possibly partial, document).
+    """
+    B, T = inputs.shape
+    idx = torch.arange(T, device=inputs.device).expand(B, T)
+    after_eos = torch.zeros_like(inputs, dtype=torch.bool)
+    after_eos[:, 1:] = inputs[:, :-1] == eos_id
+    starts = torch.where(after_eos, idx, torch.zeros_like(idx))
+    return idx - torch.cummax(starts, dim=1).values
+
+
+def document_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask of document-aware packing.
+
+    Args:
+        position_ids: (B, T) int64 from :func:`document_positions` (0 starts a document).
+
+    Returns:
+        (B, 1, T, T) bool, True where query ``t`` may attend key ``s``: ``s <= t`` and both
+        in the same document (the boolean ``attn_mask`` of
+        ``torch.nn.functional.scaled_dot_product_attention``).
+    """
+    seg = (position_ids == 0).cumsum(dim=1)  # (B, T) document number inside the window
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
 @lru_cache(maxsize=4)
@@ -227,3 +429,47 @@ def rank_micro_batches(indices: Sequence[int], dp_rank: int, dp_size: int, micro
         start = (m * dp_size + dp_rank) * micro_batch_size
         out.append([int(i) for i in indices[start:start + micro_batch_size]])
     return out
+
+
+def loader_state(step: int, global_batch: int, n_samples: int, seed: int, data_key: str | None) -> dict[str, Any]:
+    """The loader's position after ``step`` optimizer steps, for a checkpoint's client state.
+
+    Returns:
+        ``{"consumed_samples", "epoch", "epoch_offset", "global_batch", "n_samples", "seed",
+        "data_key"}``: ``consumed_samples = step * global_batch`` stream positions were used;
+        the next one is position ``epoch_offset`` of epoch ``epoch``.
+    """
+    consumed = int(step) * int(global_batch)
+    epoch, offset = divmod(consumed, max(int(n_samples), 1))
+    return {"consumed_samples": consumed, "epoch": epoch, "epoch_offset": offset, "global_batch": int(global_batch),
+            "n_samples": int(n_samples), "seed": int(seed), "data_key": data_key}
+
+
+def check_loader_state(saved: dict[str, Any] | None, step: int, global_batch: int, n_samples: int, seed: int,
+                       data_key: str | None, where: str) -> None:
+    """Check that resuming at ``step`` continues the saved sample stream exactly.
+
+    The stream is a function of (data, seed, global batch) only, so the data-parallel size
+    may change as long as the global batch stays the same. A checkpoint without loader
+    state (older runs) is accepted as is.
+
+    Raises:
+        DsvError: other data, seed or global batch than at save time, or a step that does
+            not match the saved position (one line naming the values and the fix).
+    """
+    if not saved:
+        return
+    if saved.get("data_key") not in (None, data_key) or saved.get("n_samples") != n_samples:
+        raise DsvError(f"checkpoint {where} was trained on other prepared data (key {saved.get('data_key')}, "
+                       f"{saved.get('n_samples')} samples; now {data_key}, {n_samples}); resume with the same data.* "
+                       "settings, or start a new run from its weights with train.init_from")
+    if saved.get("seed") != seed:
+        raise DsvError(f"checkpoint {where} used train.seed={saved.get('seed')} (now {seed}), which orders the "
+                       "samples; resume with the same train.seed")
+    if saved.get("global_batch") != global_batch:
+        raise DsvError(f"checkpoint {where} used a global batch of {saved.get('global_batch')} samples (now "
+                       f"{global_batch}); keep parallel.micro_batch_size * parallel.grad_accum * processes equal "
+                       "(e.g. double grad_accum when halving the processes)")
+    if saved.get("consumed_samples") != step * global_batch:
+        raise DsvError(f"checkpoint {where} is inconsistent (step {step} but {saved.get('consumed_samples')} samples "
+                       "consumed); delete it to resume from an older one")

@@ -1,44 +1,65 @@
-"""``dsv3 prepare``: corpus -> tokenizer -> packed token files, cached by content key.
+"""``dsv3 prepare``: corpus -> tokenizer -> token shards, in parallel, resumable, cached by key.
 
-The prepared folder ``<cache>/prepared/<key>/`` holds
+Steps (see ``data_pipeline/README.md`` for the folder layout):
 
-* ``tokenizer.model`` - the sentencepiece model (see :mod:`dsv3.tokenizer`);
-* ``train.bin`` / ``val.bin`` - all documents of the split, each followed by EOS, as one
-  flat little-endian array of ``uint16`` ids (``uint32`` when vocab_size > 65536);
-* ``meta.json`` - sizes, dtype, special ids and checksums; written last, so a folder with
-  ``meta.json`` is complete.
+1. **Plan.** The source (or each corpus of a blend) is split into tasks of about
+   ``data.shard_mb`` MB of input (:mod:`data_pipeline.tasks`); nothing is loaded.
+2. **Tokenizer.** Trained once, on training documents streamed from the tasks in a seeded
+   order until ``10 * data.tokenizer_sample_size`` chunks were seen (sentencepiece keeps a
+   uniform sample of ``tokenizer_sample_size`` of them), or copied from ``data.tokenizer``.
+3. **Tasks.** Each task streams its documents, encodes them with sentencepiece in batches
+   (``data.num_proc`` worker processes on this node) and writes, for each split, one token
+   shard ``shards/<split>-<task>.bin`` (little-endian uint16, uint32 when vocab_size >
+   65536; every document followed by EOS), its document index ``<split>-<task>.idx.npy``
+   (int64 end offset of every document) and finally a record ``task-<task>.json`` with
+   sizes and sha256 checksums. A task whose record exists and whose shards verify is skipped,
+   so an interrupted prepare continues where it stopped. With several nodes
+   (``data.prepare_world`` > 1, or a SLURM job array), node ``r`` runs tasks ``t`` with
+   ``t % world == r``.
+4. **Merge.** When every task has its record, ``meta.json`` (shard list, totals, checksums,
+   blend) is written and the work folder ``<key>.partial`` is renamed to ``<key>``: a folder
+   without ``.partial`` always holds complete data.
 
-``<key>`` hashes everything that shapes these files (source content fingerprint, vocab
-size, tokenizer sample size, seed, seq_len, val_fraction, text_field, format versions), so
-changing any of them prepares a new folder and an unchanged config is a cache hit. The
-folder is built under a temporary name and renamed into place at the end; an interrupted
-run leaves no folder that looks complete.
+The train/validation split is by document: document ``j`` of task ``t`` is held out when
+``floor((j+1)f + u_t) > floor(j f + u_t)`` with ``f = data.val_fraction`` and ``u_t`` a
+seeded uniform offset per task (``1 - f`` for task 0, so the first document always goes to
+validation): every task holds out ``f`` of its documents, spread evenly, whatever the number of
+tasks or nodes.
+
+``<key>`` hashes everything that shapes the data (source fingerprints and weights, vocab
+size, tokenizer sample size, seed, seq_len, val_fraction, text_field, shard_mb, format
+versions); ``num_proc`` and the node split do not change it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 import time
+import zlib
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
-import datasets
 import numpy as np
 
-from data_pipeline.corpus import describe_source, load_corpus, progress_bars, source_fingerprint
+from data_pipeline.corpus import describe_source, source_fingerprint
+from data_pipeline.tasks import iter_documents, plan_tasks, task_bytes
 from dsv3.config import Config, DataConfig
 from dsv3.errors import DsvError
-from dsv3.tokenizer import TOKENIZER_VERSION, Tokenizer, train_tokenizer
+from dsv3.fileio import atomic_write_text
+from dsv3.tokenizer import TOKENIZER_VERSION, Tokenizer, train_tokenizer, training_chunks
 
 #: Bumped whenever the layout or content rules of a prepared folder change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
+#: Text per sentencepiece call in a task (characters); bounds a worker's memory.
+ENCODE_BATCH_CHARS = 1 << 20
 
 
 def cache_root(data_cfg: DataConfig) -> Path:
@@ -61,27 +82,57 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
-def data_key(cfg: Config, fingerprint: dict[str, Any] | None = None) -> str:
+def parse_sources(source: Any) -> list[tuple[str | None, float]]:
+    """``data.source`` as a list of ``(source, weight)`` corpora.
+
+    A single source (None, ``""``, a path or hub name) is one corpus of weight 1. A blend is
+    a list of mappings ``{path: <source>, weight: <positive number>}``; weights are
+    relative (normalized when sampling).
+
+    Raises:
+        DsvError: a list entry that is not such a mapping, or a weight that is not positive.
+    """
+    if not isinstance(source, list):
+        return [(source, 1.0)]
+    if not source:
+        raise DsvError("data.source is an empty list; give a path, or a list of {path: ..., weight: ...}")
+    out = []
+    for i, item in enumerate(source):
+        if not (isinstance(item, dict) and set(item) <= {"path", "weight"} and isinstance(item.get("path"), str)):
+            raise DsvError(f"data.source[{i}]={item!r} is not a corpus entry; write each as "
+                           "{path: <file, folder or hub name>, weight: <number>}")
+        w = item.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            raise DsvError(f"data.source[{i}].weight={w!r} must be a positive number")
+        out.append((item["path"], float(w)))
+    return out
+
+
+def data_key(cfg: Config, fingerprint: list[dict[str, Any]] | None = None) -> str:
     """The 16-hex-digit key of the prepared folder for ``cfg``.
 
     Args:
         cfg: the run config.
-        fingerprint: ``source_fingerprint(cfg.data.source)`` if already computed.
+        fingerprint: :func:`source_fingerprint` of each corpus, if already computed.
 
     Raises:
-        DsvError: the source does not exist (see :func:`data_pipeline.corpus.resolve_source`).
+        DsvError: a source that does not exist (see :func:`data_pipeline.corpus.resolve_source`).
     """
     d = cfg.data
+    sources = parse_sources(d.source)
+    if fingerprint is None:
+        fingerprint = [source_fingerprint(s) for s, _ in sources]
     parts = {
         "format_version": FORMAT_VERSION,
         "tokenizer_version": TOKENIZER_VERSION,
-        "source": fingerprint if fingerprint is not None else source_fingerprint(d.source),
+        "source": fingerprint[0] if len(sources) == 1 else [[f, w] for f, (_, w) in zip(fingerprint, sources)],
         "vocab_size": cfg.model.vocab_size,
         "tokenizer_sample_size": d.tokenizer_sample_size,
         "seed": cfg.train.seed,
         "seq_len": d.seq_len,
         "val_fraction": d.val_fraction,
         "text_field": d.text_field,
+        "shard_mb": d.shard_mb,
         "tokenizer": _file_sha256(given_tokenizer(d)) if d.tokenizer else None,
     }
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -103,7 +154,11 @@ def given_tokenizer(d: DataConfig) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def prepared_path(cfg: Config) -> Path:
@@ -116,190 +171,407 @@ def is_prepared(folder: Path) -> bool:
     return (Path(folder) / "meta.json").is_file()
 
 
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Choose validation documents deterministically.
+# ----------------------------------------------------------------------------- split rule
 
-    Args:
-        n_docs: number of documents (>= 2).
-        val_fraction: share held out; rounded, clamped to at least 1 val and 1 train doc.
-        seed: permutation seed.
+
+def val_offset(task_index: int, val_fraction: float, seed: int) -> float:
+    """``u_t`` of the split rule (module docstring): ``1 - f`` for task 0, else a seeded uniform."""
+    if task_index == 0:
+        return 1.0 - val_fraction
+    return zlib.crc32(f"{seed}:{task_index}".encode()) / 2**32
+
+
+def is_val(j: int, u: float, val_fraction: float) -> bool:
+    """Whether document ``j`` of a task with offset ``u`` is held out for validation."""
+    return int((j + 1) * val_fraction + u) > int(j * val_fraction + u)
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+def _shard_names(t: int) -> dict[str, str]:
+    names = {"record": f"task-{t:05d}.json"}
+    for s in SPLITS:
+        names[f"{s}.bin"] = f"{s}-{t:05d}.bin"
+        names[f"{s}.idx"] = f"{s}-{t:05d}.idx.npy"
+    return names
+
+
+def task_done(shards: Path, t: int, verify: bool = True) -> dict[str, Any] | None:
+    """The record of task ``t`` if it is finished and its files are intact, else None.
+
+    Intact: every shard and index exists with the recorded size and, when ``verify``,
+    the recorded sha256.
+    """
+    names = _shard_names(t)
+    try:
+        rec = json.loads((shards / names["record"]).read_text(encoding="utf-8"))
+        for s in SPLITS:
+            info = rec["splits"][s]
+            path = shards / names[f"{s}.bin"]
+            if path.stat().st_size != info["n_tokens"] * rec["itemsize"]:
+                return None
+            ends = np.load(shards / names[f"{s}.idx"])
+            if len(ends) != info["n_docs"] or (len(ends) and int(ends[-1]) != info["n_tokens"]):
+                return None
+            if verify and _file_sha256(path) != info["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rec
+
+
+class _Counter:
+    """Progress counts of one process, flushed to a queue (or a callback) now and then."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.pending = np.zeros(3, dtype=np.int64)  # docs, bytes, tokens
+        self.last = time.monotonic()
+
+    def add(self, docs: int, nbytes: int, tokens: int, force: bool = False) -> None:
+        self.pending += (docs, nbytes, tokens)
+        now = time.monotonic()
+        if self.sink is not None and (force or now - self.last > 0.5):
+            self.sink(("progress", *self.pending.tolist()))
+            self.pending[:] = 0
+            self.last = now
+
+
+def _encode_flat(tok: Tokenizer, texts: list[str], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts``; returns (all ids with EOS after each document, lengths incl. EOS)."""
+    ids = tok.encode_batch(texts, num_threads=1)
+    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lens.sum()), dtype=dtype)
+    ends = np.cumsum(lens)
+    mask = np.ones(len(flat), dtype=bool)
+    mask[ends - 1] = False
+    flat[mask] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(mask.sum()))
+    flat[ends - 1] = eos
+    return flat, lens
+
+
+def run_task(t: int, task: dict[str, Any], tok: Tokenizer, shards: Path, dtype: str, val_fraction: float,
+             seed: int, text_field: str, cache_dir: str | None, counter: _Counter | None = None) -> dict[str, Any]:
+    """Tokenize task ``t`` into its shards and record (see the module docstring).
+
+    Every file is written under a temporary name and renamed; the record is written last.
 
     Returns:
-        ``(train_indices, val_indices)``, each sorted ascending.
+        The task record: ``{"task", "corpus", "itemsize", "splits": {split: {"n_docs",
+        "n_tokens", "n_bytes", "sha256"}}}``.
 
     Raises:
-        DsvError: fewer than 2 documents.
+        DsvError: unreadable input (see :func:`data_pipeline.tasks.iter_documents`).
     """
-    if n_docs < 2:
-        raise DsvError(f"the corpus has {n_docs} document(s) but needs at least 2 (one for training, one for "
-                       "validation); add files, or use a .jsonl file with one document per line")
-    n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
-    perm = np.random.default_rng(seed).permutation(n_docs)
-    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
-
-
-class _EncodeDocs:
-    """``Dataset.map`` function: text batch -> ids (+EOS) and UTF-8 sizes.
-
-    Holds only the model path; each worker process loads the tokenizer on first use.
-    """
-
-    def __init__(self, model_path: Path):
-        self.model_path = str(model_path)
-        self._tok: Tokenizer | None = None
-
-    def __getstate__(self) -> dict:
-        return {"model_path": self.model_path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.model_path, self._tok = state["model_path"], None
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        if self._tok is None:
-            self._tok = Tokenizer.load(self.model_path)
-        texts = batch["text"]
-        return {"ids": self._tok.encode_batch(texts, eos=True, num_threads=1),
-                "n_bytes": [len(t.encode("utf-8")) for t in texts]}
-
-
-def _iter_texts(ds: datasets.Dataset, batch_size: int = 256) -> Iterator[str]:
-    for batch in ds.iter(batch_size=batch_size):
-        yield from batch["text"]
-
-
-def _write_bin(tokens: datasets.Dataset, path: Path, dtype: str) -> tuple[int, int, str]:
-    """Stream the ``ids`` column into ``path``; returns (n_tokens, n_text_bytes, sha256)."""
-    digest = hashlib.sha256()
-    n_tokens = n_bytes = 0
+    names = _shard_names(t)
     np_dtype = np.dtype(dtype).newbyteorder("<")
-    with open(path, "wb") as f:
-        for table in tokens.with_format("arrow").iter(batch_size=4096):
-            n_bytes += int(np.asarray(table.column("n_bytes").to_numpy()).sum())
-            for chunk in table.column("ids").chunks:
-                arr = chunk.flatten().to_numpy(zero_copy_only=False).astype(np_dtype, copy=False)
-                data = arr.tobytes()
-                f.write(data)
-                digest.update(data)
-                n_tokens += arr.size
-        f.flush()
-        os.fsync(f.fileno())
-    return n_tokens, n_bytes, digest.hexdigest()
+    u = val_offset(t, val_fraction, seed)
+    tmp = {s: shards / f".{names[f'{s}.bin']}.tmp" for s in SPLITS}
+    files = {s: open(tmp[s], "wb") for s in SPLITS}
+    digests = {s: hashlib.sha256() for s in SPLITS}
+    lens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    n_bytes = {s: 0 for s in SPLITS}
+    j = 0
+    try:
+        def flush(batch: dict[str, list[str]]) -> None:
+            for s, texts in batch.items():
+                if not texts:
+                    continue
+                flat, ln = _encode_flat(tok, texts, tok.eos_id, np_dtype)
+                data = flat.tobytes()
+                files[s].write(data)
+                digests[s].update(data)
+                lens[s].append(ln)
+                nb = sum(len(x.encode("utf-8")) for x in texts)
+                n_bytes[s] += nb
+                if counter is not None:
+                    counter.add(len(texts), nb, len(flat))
+                texts.clear()
+
+        batch: dict[str, list[str]] = {s: [] for s in SPLITS}
+        chars = 0
+        for text in iter_documents(task, text_field, cache_dir):
+            batch["val" if is_val(j, u, val_fraction) else "train"].append(text)
+            j += 1
+            chars += len(text)
+            if chars >= ENCODE_BATCH_CHARS:
+                flush(batch)
+                chars = 0
+        flush(batch)
+        splits = {}
+        for s in SPLITS:
+            files[s].flush()
+            os.fsync(files[s].fileno())
+            files[s].close()
+            ln = np.concatenate(lens[s]) if lens[s] else np.zeros(0, dtype=np.int64)
+            ends = np.cumsum(ln).astype(np.int64)
+            idx_tmp = shards / f".{names[f'{s}.idx']}.tmp.npy"
+            np.save(idx_tmp, ends)
+            os.replace(idx_tmp, shards / names[f"{s}.idx"])
+            os.replace(tmp[s], shards / names[f"{s}.bin"])
+            splits[s] = {"n_docs": int(len(ln)), "n_tokens": int(ends[-1]) if len(ends) else 0,
+                         "n_bytes": n_bytes[s], "sha256": digests[s].hexdigest()}
+    finally:
+        for s in SPLITS:
+            files[s].close()
+            tmp[s].unlink(missing_ok=True)
+    rec = {"task": t, "corpus": task["corpus"], "itemsize": np_dtype.itemsize, "splits": splits}
+    atomic_write_text(shards / names["record"], json.dumps(rec, indent=1))
+    if counter is not None:
+        counter.add(0, 0, 0, force=True)
+    return rec
 
 
-def prepare(cfg: Config, progress: bool = True) -> Path:
-    """Build (or find in the cache) the prepared data for ``cfg``.
+# worker-process state (set by the pool initializer)
+_W: dict[str, Any] = {}
 
-    Steps: load the corpus (:func:`data_pipeline.corpus.load_corpus`); hold out
-    ``data.val_fraction`` of the documents (:func:`split_documents`, seed ``train.seed``);
-    train the tokenizer on the training documents (``model.vocab_size``,
-    ``data.tokenizer_sample_size``, seed ``train.seed``); tokenize both splits with
-    ``data.num_proc`` processes; write ``train.bin``, ``val.bin``, ``tokenizer.model`` and
-    finally ``meta.json``.
+
+def _worker_init(queue, args) -> None:
+    _W["queue"], _W["args"] = queue, args
+    _W["tok"] = Tokenizer.load(args["model"])
+
+
+def _worker_run(item: tuple[int, dict]) -> tuple[str, Any]:
+    t, task = item
+    a = _W["args"]
+    try:
+        rec = run_task(t, task, _W["tok"], Path(a["shards"]), a["dtype"], a["val_fraction"], a["seed"],
+                       a["text_field"], a["cache_dir"], _Counter(_W["queue"].put))
+        return "done", rec
+    except DsvError as exc:
+        return "error", str(exc)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """docs/s, MB/s and tokens/s of a running prepare: a redrawn line on a terminal, a plain
+    line every ``every`` seconds otherwise (stderr), nothing when disabled."""
+
+    def __init__(self, enabled: bool, n_tasks: int, done_tasks: int, every: float = 10.0):
+        self.enabled = enabled
+        self.tty = enabled and getattr(sys.stderr, "isatty", lambda: False)()
+        self.n_tasks, self.done = n_tasks, done_tasks
+        self.every = 0.5 if self.tty else every
+        self.counts = np.zeros(3, dtype=np.int64)
+        self.start = self.last = time.perf_counter()
+
+    def add(self, docs: int, nbytes: int, tokens: int) -> None:
+        self.counts += (docs, nbytes, tokens)
+        if time.perf_counter() - self.last >= self.every:
+            self.show()
+
+    def task_done(self) -> None:
+        self.done += 1
+        if self.done == self.n_tasks or time.perf_counter() - self.last >= self.every:
+            self.show()
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        docs, nbytes, tokens = self.counts.tolist()
+        return (f"tokenizing: tasks {self.done}/{self.n_tasks}, {docs:,} docs, {nbytes / 1e6:.1f} MB, "
+                f"{tokens:,} tokens | {docs / dt:,.0f} docs/s, {nbytes / 1e6 / dt:.2f} MB/s, {tokens / dt:,.0f} tokens/s")
+
+    def show(self, final: bool = False) -> None:
+        self.last = time.perf_counter()
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + self.line() + ("\n" if final else ""))
+        else:
+            sys.stderr.write(self.line() + "\n")
+        sys.stderr.flush()
+
+
+def run_tasks(todo: list[tuple[int, dict]], args: dict[str, Any], num_proc: int, progress: Progress) -> None:
+    """Run tasks, in this process (``num_proc`` 1) or over a pool of worker processes.
+
+    Raises:
+        DsvError: the first task that failed (the others finish or are stopped).
+    """
+    if not todo:
+        return
+    if num_proc <= 1 or len(todo) == 1:
+        tok = Tokenizer.load(args["model"])
+        for t, task in todo:
+            run_task(t, task, tok, Path(args["shards"]), args["dtype"], args["val_fraction"], args["seed"],
+                     args["text_field"], args["cache_dir"], _Counter(lambda m: progress.add(*m[1:])))
+            progress.task_done()
+        return
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    queue = ctx.SimpleQueue()
+    # largest tasks first: the pool's tail is shorter
+    order = sorted(todo, key=lambda it: -task_bytes(it[1]))
+    with ctx.Pool(min(num_proc, len(todo)), initializer=_worker_init, initargs=(queue, args)) as pool:
+        results = pool.imap_unordered(_worker_run, order)
+        remaining = len(order)
+        while remaining:
+            try:
+                status, value = results.next(timeout=0.2)
+            except mp.TimeoutError:
+                status = None
+            while not queue.empty():
+                msg = queue.get()
+                progress.add(*msg[1:])
+            if status is None:
+                continue
+            remaining -= 1
+            if status == "error":
+                pool.terminate()
+                raise DsvError(value)
+            progress.task_done()
+        while not queue.empty():
+            progress.add(*queue.get()[1:])
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_texts(tasks: list[dict], d: DataConfig, seed: int, cache_dir: str, count: dict) -> Iterator[str]:
+    """Training documents for the tokenizer: tasks in a seeded order, validation documents
+    skipped, until ``10 * tokenizer_sample_size`` trainer chunks were produced. ``count``
+    receives the numbers of documents read (``"docs"``) and yielded (``"train"``)."""
+    budget = 10 * d.tokenizer_sample_size
+    seen = 0
+    for t in np.random.default_rng(seed).permutation(len(tasks)).tolist():
+        u = val_offset(t, d.val_fraction, seed)
+        for j, text in enumerate(iter_documents(tasks[t], d.text_field, cache_dir)):
+            count["docs"] += 1
+            if is_val(j, u, d.val_fraction):
+                continue
+            count["train"] += 1
+            yield text
+            seen += sum(1 for _ in training_chunks(text))
+            if seen >= budget:
+                return
+
+
+def _wait_for(path: Path, what: str, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout:
+            raise DsvError(f"waited {timeout:.0f}s for {what} ({path}); start prepare rank 0 first, or raise "
+                           "DSV3_PREPARE_WAIT (seconds)")
+        time.sleep(1.0)
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def prepare_rank_world(d: DataConfig) -> tuple[int, int]:
+    """This node's (rank, world) for ``dsv3 prepare``: ``data.prepare_rank``/``prepare_world``,
+    else a SLURM job array's ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``, else (0, 1).
+
+    Raises:
+        DsvError: a rank outside ``[0, world)``.
+    """
+    rank, world = d.prepare_rank, d.prepare_world
+    if rank is None and world is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    rank, world = rank or 0, world or 1
+    if not 0 <= rank < world:
+        raise DsvError(f"data.prepare_rank={rank} must be in [0, data.prepare_world={world})")
+    return rank, world
+
+
+def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> Path:
+    """Build (or find in the cache) the prepared data for ``cfg`` (module docstring).
 
     Args:
         cfg: the run config (``data``, ``model.vocab_size`` and ``train.seed`` are used).
-        progress: print a one-line summary to stdout, and show ``datasets`` progress bars
-            for tokenization when stderr is a terminal (so logs and errors stay clean).
+        progress: print progress (docs/s, MB/s, tokens/s) to stderr and a summary to stdout.
+        rank, world: this node's share of the tasks (:func:`prepare_rank_world`); rank 0
+            trains the tokenizer, the others wait for it.
 
     Returns:
-        The prepared folder ``<cache_root>/prepared/<key>/``; returned immediately if it
-        already exists and is complete.
+        The prepared folder ``<cache_root>/prepared/<key>/``. With ``world`` > 1 it exists
+        only once the last node has finished its tasks (that node merges).
 
     Raises:
-        DsvError: any corpus problem (see ``load_corpus``), fewer than 2 documents, or a
-            split with fewer than ``data.seq_len + 1`` tokens.
+        DsvError: any corpus problem, fewer than 2 documents, or a split with fewer than
+            ``data.seq_len + 1`` tokens (the work folder is then deleted).
     """
     d = cfg.data
-    fingerprint = source_fingerprint(d.source)
+    sources = parse_sources(d.source)
+    fingerprint = [source_fingerprint(s) for s, _ in sources]
     key = data_key(cfg, fingerprint)
     out = cache_root(d) / "prepared" / key
     if is_prepared(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=out.parent))
+    work = out.with_name(key + ".partial")
+    shards = work / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)
     start = time.perf_counter()
+    cache_dir = str(hf_cache_dir(d))
     try:
-        with progress_bars(progress and getattr(sys.stderr, "isatty", lambda: False)()):
-            ds = load_corpus(d.source, d.text_field, cache_dir=hf_cache_dir(d))
-            train_idx, val_idx = split_documents(len(ds), d.val_fraction, cfg.train.seed)
-            parts = {"train": ds.select(train_idx, keep_in_memory=True),
-                     "val": ds.select(val_idx, keep_in_memory=True)}
+        tasks = []
+        for c, (src, _) in enumerate(sources):
+            tasks += plan_tasks(src, d.shard_mb * 2**20, corpus=c, text_field=d.text_field, cache_dir=cache_dir)
+        if rank == 0 and not (work / "plan.json").is_file():
+            atomic_write_text(work / "plan.json", json.dumps({"key": key, "tasks": tasks}, indent=1))
 
-            t0 = time.perf_counter()
+        model = work / "tokenizer.model"
+        t0 = time.perf_counter()
+        if rank == 0 and not model.is_file():
             if d.tokenizer:
-                shutil.copyfile(given_tokenizer(d), build / "tokenizer.model")
-                tok = Tokenizer.load(build / "tokenizer.model")
+                tok = Tokenizer.load(given_tokenizer(d))
                 if tok.vocab_size > cfg.model.vocab_size:
                     raise DsvError(f"data.tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
                                    f"{cfg.model.vocab_size}; use a matching tokenizer or raise model.vocab_size")
+                shutil.copyfile(given_tokenizer(d), model)
             else:
-                tok = train_tokenizer(_iter_texts(parts["train"]), cfg.model.vocab_size, build / "tokenizer.model",
-                                      d.tokenizer_sample_size, seed=cfg.train.seed)
-            t_tokenizer = time.perf_counter() - t0
+                count = {"docs": 0, "train": 0}
+                try:
+                    train_tokenizer(_tokenizer_texts(tasks, d, cfg.train.seed, cache_dir, count), cfg.model.vocab_size,
+                                    model, d.tokenizer_sample_size, seed=cfg.train.seed)
+                except DsvError:
+                    if count["train"]:
+                        raise
+                    _check_documents(count["docs"], d.source)
+                    raise
+        elif rank != 0:
+            _wait_for(model, "the tokenizer trained by prepare rank 0", float(os.environ.get("DSV3_PREPARE_WAIT", 7200)))
+        tok = Tokenizer.load(model)
+        t_tokenizer = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            dtype = token_dtype(cfg.model.vocab_size)
-            encode = _EncodeDocs(build / "tokenizer.model")
-            features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")),
-                                          "n_bytes": datasets.Value("int64")})
-            stats: dict[str, dict[str, Any]] = {}
-            for split, part in parts.items():
-                tokens = part.map(
-                    encode, batched=True, batch_size=64, remove_columns=["text"], features=features,
-                    num_proc=max(1, min(d.num_proc, len(part))), load_from_cache_file=False,
-                    cache_file_name=str(build / f"tokens_{split}.arrow"),
-                    new_fingerprint=f"dsv3-{key}-{split}-{time.time_ns()}", desc=f"tokenizing {split}")
-                n_tokens, n_bytes, sha = _write_bin(tokens, build / f"{split}.bin", dtype)
-                stats[split] = {"n_docs": len(part), "n_tokens": n_tokens, "n_bytes": n_bytes, "sha256": sha}
-                del tokens
-            for f in build.glob("tokens_*.arrow"):
-                f.unlink()
-            t_tokenize = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dtype = token_dtype(cfg.model.vocab_size)
+        mine = [t for t in range(len(tasks)) if t % world == rank]
+        todo = [(t, tasks[t]) for t in mine if task_done(shards, t) is None]
+        prog = Progress(progress, len(mine), len(mine) - len(todo))
+        if progress and len(todo) < len(mine):
+            print(f"prepare: {len(mine) - len(todo)} of {len(mine)} tasks already done in {work}; continuing",
+                  flush=True)
+        args = {"model": str(model), "shards": str(shards), "dtype": dtype, "val_fraction": d.val_fraction,
+                "seed": cfg.train.seed, "text_field": d.text_field, "cache_dir": cache_dir}
+        run_tasks(todo, args, d.num_proc, prog)
+        if todo and prog.tty:
+            prog.show(final=True)
+        t_tokenize = time.perf_counter() - t0
 
-        need = d.seq_len + 1
-        if stats["val"]["n_tokens"] < need:
-            raise DsvError(f"the validation split has {stats['val']['n_tokens']} tokens but one sample needs "
-                           f"data.seq_len+1={need}; lower data.seq_len or raise data.val_fraction")
-        if stats["train"]["n_tokens"] < need:
-            raise DsvError(f"the training split has {stats['train']['n_tokens']} tokens but one sample needs "
-                           f"data.seq_len+1={need}; lower data.seq_len or use a larger corpus")
-
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "key": key,
-            "source": describe_source(d.source),
-            "vocab_size": cfg.model.vocab_size,
-            "tokenizer_vocab_size": tok.vocab_size,
-            "seq_len": d.seq_len,
-            "dtype": dtype,
-            "eos_id": tok.eos_id,
-            "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id,
-            "n_docs": {s: stats[s]["n_docs"] for s in SPLITS},
-            "n_tokens": {s: stats[s]["n_tokens"] for s in SPLITS},
-            "n_bytes": {s: stats[s]["n_bytes"] for s in SPLITS},
-            "sha256": {f"{s}.bin": stats[s]["sha256"] for s in SPLITS},
-            "text_field": d.text_field,
-            "val_fraction": d.val_fraction,
-            "tokenizer_sample_size": d.tokenizer_sample_size,
-            "seed": cfg.train.seed,
-            "source_fingerprint": fingerprint,
-            "seconds": {"tokenizer": round(t_tokenizer, 3), "tokenize": round(t_tokenize, 3)},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        with open(build / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(build, 0o755)  # mkdtemp makes it private; the cache may be shared
+        records = [task_done(shards, t, verify=False) for t in range(len(tasks))]
+        missing = sum(r is None for r in records)
+        if missing:
+            if progress:
+                print(f"prepare: this node's tasks are done; {missing} of {len(tasks)} tasks are still running on "
+                      "other nodes (the node that finishes last writes meta.json)", flush=True)
+            return out
+        meta = _merge(cfg, key, sources, fingerprint, tasks, records, tok, dtype)
+        meta["seconds"] = {"tokenizer": round(t_tokenizer, 3), "tokenize": round(t_tokenize, 3)}
         try:
-            os.replace(build, out)
+            atomic_write_text(work / "meta.json", json.dumps(meta, indent=2))
+            os.replace(work, out)
         except OSError:
             if not is_prepared(out):  # not a concurrent prepare of the same key: a real error
                 raise
-            shutil.rmtree(build, ignore_errors=True)  # another process finished first
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+    except DsvError:
+        if world == 1:
+            shutil.rmtree(work, ignore_errors=True)  # bad input or settings: nothing worth resuming
         raise
 
     if progress:
@@ -308,7 +580,79 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         print(f"prepared {out}: {sum(meta['n_docs'].values())} documents "
               f"({meta['n_docs']['train']} train / {meta['n_docs']['val']} val), {n_tok:,} tokens "
               f"({meta['n_tokens']['train']:,} / {meta['n_tokens']['val']:,}), {n_bytes / 1e6:.1f} MB text, "
-              f"{n_tok / max(n_bytes, 1):.3f} tokens/byte, vocab {tok.vocab_size}, "
+              f"{n_tok / max(n_bytes, 1):.3f} tokens/byte, vocab {tok.vocab_size}, {len(tasks)} shards, "
               f"{time.perf_counter() - start:.1f}s (tokenizer {t_tokenizer:.1f}s, tokenize {t_tokenize:.1f}s)",
               flush=True)
+        if len(sources) > 1:
+            print("blend: " + ", ".join(f"{c['source']} {c['share']:.1%} of samples ({c['tokens']:,} tokens per epoch, "
+                                        f"weight {c['weight']:.3g})" for c in meta["blend"]), flush=True)
     return out
+
+
+def _check_documents(n_docs: int, source: Any) -> None:
+    """Raise the one-line error for a corpus with no text or a single document."""
+    if n_docs == 0:
+        raise DsvError(f"data.source={describe_source(source) if not isinstance(source, list) else source} contains no "
+                       "text (all documents are empty or whitespace); point data.source at a non-empty corpus")
+    if n_docs < 2:
+        raise DsvError(f"the corpus has {n_docs} document(s) but needs at least 2 (one for training, one for "
+                       "validation); add files, or use a .jsonl file with one document per line")
+
+
+def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok: Tokenizer, dtype: str) -> dict[str, Any]:
+    """``meta.json`` content from the finished task records (checks the split sizes)."""
+    d = cfg.data
+    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for t, rec in enumerate(records):
+        names = _shard_names(t)
+        for s in SPLITS:
+            info = rec["splits"][s]
+            if info["n_tokens"]:
+                shards[s].append({"file": f"shards/{names[f'{s}.bin']}", "index": f"shards/{names[f'{s}.idx']}",
+                                  "corpus": rec["corpus"], **info})
+    total = {s: {k: sum(x[k] for x in shards[s]) for k in ("n_docs", "n_tokens", "n_bytes")} for s in SPLITS}
+    _check_documents(total["train"]["n_docs"] + total["val"]["n_docs"], d.source)
+    need = d.seq_len + 1
+    for s, fix in (("val", "raise data.val_fraction"), ("train", "use a larger corpus")):
+        if total[s]["n_tokens"] < need:
+            raise DsvError(f"the {'validation' if s == 'val' else 'training'} split has {total[s]['n_tokens']} tokens "
+                           f"but one sample needs data.seq_len+1={need}; lower data.seq_len or {fix}")
+    corpora = []
+    for c, (src, w) in enumerate(sources):
+        corpora.append({"source": describe_source(src), "weight": w, "fingerprint": fingerprint[c],
+                        "n_tokens": {s: sum(x["n_tokens"] for x in shards[s] if x["corpus"] == c) for s in SPLITS},
+                        "n_docs": {s: sum(x["n_docs"] for x in shards[s] if x["corpus"] == c) for s in SPLITS}})
+    for c in corpora:
+        if len(corpora) > 1 and c["n_tokens"]["train"] < need:
+            raise DsvError(f"corpus {c['source']} of the blend has {c['n_tokens']['train']} training tokens, fewer "
+                           f"than one sample (data.seq_len+1={need}); remove it from data.source or lower data.seq_len")
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "source": corpora[0]["source"] if len(corpora) == 1 else [c["source"] for c in corpora],
+        "vocab_size": cfg.model.vocab_size,
+        "tokenizer_vocab_size": tok.vocab_size,
+        "seq_len": d.seq_len,
+        "dtype": dtype,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "n_docs": {s: total[s]["n_docs"] for s in SPLITS},
+        "n_tokens": {s: total[s]["n_tokens"] for s in SPLITS},
+        "n_bytes": {s: total[s]["n_bytes"] for s in SPLITS},
+        "shards": shards,
+        "corpora": corpora,
+        "n_tasks": len(tasks),
+        "shard_mb": d.shard_mb,
+        "text_field": d.text_field,
+        "val_fraction": d.val_fraction,
+        "tokenizer_sample_size": d.tokenizer_sample_size,
+        "seed": cfg.train.seed,
+        "source_fingerprint": fingerprint[0] if len(corpora) == 1 else fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if len(corpora) > 1:
+        from data_pipeline.dataset import blend_report
+
+        meta["blend"] = blend_report(meta, d.seq_len, cfg.train.seed)
+    return meta

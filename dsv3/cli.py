@@ -104,11 +104,12 @@ def _cmd_convert(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare import prepare, prepare_rank_world
     from dsv3.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    print(prepare(cfg))
+    rank, world = prepare_rank_world(cfg.data)
+    print(prepare(cfg, rank=rank, world=world))
 
 
 def _print_sample(run_dir, cfg) -> None:

@@ -83,8 +83,9 @@ class DataConfig:
     """Corpus, tokenizer and packing settings for ``dsv3 prepare`` / ``dsv3 train``."""
 
     # None or "" = the Python standard library source of the running interpreter; else a
-    # local .txt/.jsonl/.parquet file or folder, or a datasets hub name.
-    source: str | None = None
+    # local .txt/.jsonl/.parquet file or folder, or a datasets hub name; or a blend: a list
+    # of {path: ..., weight: ...} (see data_pipeline/README.md)
+    source: str | list | None = None
     format: str = "text"  # text: packed documents (pre-training); chat: conversations (dsv3 sft)
     seq_len: int = 256
     text_field: str = "text"  # column holding the text in jsonl/parquet/hub sources
@@ -95,6 +96,13 @@ class DataConfig:
     # an existing sentencepiece model (file, run dir or checkpoint folder) to use instead of
     # training one; defaults to the tokenizer of train.init_from when that has one
     tokenizer: str | None = None
+    shard_mb: float = 8.0  # input MB per prepare task (one token shard each); raise to 256+ for TB corpora
+    # dsv3 prepare on several nodes: this node's rank and the node count (None = from
+    # SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0 and 1)
+    prepare_rank: int | None = None
+    prepare_world: int | None = None
+    # document-aware packing: positions restart at each document, attention stays within it
+    document_aware: bool = False
 
 
 @dataclass
@@ -296,7 +304,7 @@ def validate(cfg: Config) -> None:
         "data.seq_len": d.seq_len, "train.steps": t.steps, "train.log_every": t.log_every,
         "ckpt.every": cfg.ckpt.every, "parallel.micro_batch_size": p.micro_batch_size,
         "parallel.grad_accum": p.grad_accum, "parallel.ep": p.ep, "parallel.pp": p.pp,
-        "data.num_proc": d.num_proc,
+        "data.num_proc": d.num_proc, "data.shard_mb": d.shard_mb,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -353,6 +361,9 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"train.precision={t.precision!r} is not supported; use fp32 or bf16")
     if d.format not in ("text", "chat"):
         raise DsvError(f"data.format={d.format!r} must be text (pre-training) or chat (fine-tuning)")
+    if isinstance(d.source, list) and d.format == "chat":
+        raise DsvError("data.source lists several corpora, which only pre-training (data.format=text) blends; "
+                       "give one source for fine-tuning")
     if t.nonfinite not in ("stop", "skip"):
         raise DsvError(f"train.nonfinite={t.nonfinite!r} must be stop or skip")
     if not (t.lr > 0 and math.isfinite(t.lr)):

@@ -17,7 +17,8 @@ import torch
 import data_pipeline.prepare as prep
 from data_pipeline.corpus import default_corpus_files, load_corpus, resolve_source
 from data_pipeline.dataset import PackedDataset, global_sample_indices, load_meta, rank_micro_batches
-from data_pipeline.prepare import cache_root, data_key, prepare, prepared_path, split_documents
+from data_pipeline.prepare import cache_root, data_key, is_val, prepare, prepared_path, val_offset
+from data_pipeline.tasks import iter_documents
 from dsv3.config import DataConfig, load_config
 from dsv3.errors import DsvError
 from dsv3.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ def one_line(excinfo) -> str:
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     write_corpus(root / "corpus")
-    cfg = make_cfg(root / "corpus", root / "cache", **{"data.num_proc": 2})
+    cfg = make_cfg(root / "corpus", root / "cache", **{"data.num_proc": 2, "data.shard_mb": 0.004})
     out = prepare(cfg, progress=False)
     return cfg, out
 
@@ -72,26 +73,42 @@ def prepared(tmp_path_factory):
 # ----------------------------------------------------------------------------- prepare
 
 
+def split_docs(cfg, out):
+    """(train, val) documents by the split rule, from the folder's task plan."""
+    tasks = json.loads((out / "plan.json").read_text())["tasks"]
+    train, val = [], []
+    for t, task in enumerate(tasks):
+        u = val_offset(t, cfg.data.val_fraction, cfg.train.seed)
+        for j, doc in enumerate(iter_documents(task)):
+            (val if is_val(j, u, cfg.data.val_fraction) else train).append(doc)
+    return tasks, train, val
+
+
 def test_prepare_files_and_meta(prepared):
     cfg, out = prepared
     assert out.parent == cache_root(cfg.data) / "prepared" and out.name == data_key(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.model", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "plan.json", "shards", "tokenizer.model"]
     meta = load_meta(out)
     tok = Tokenizer.load(out / "tokenizer.model")
     docs = load_corpus(cfg.data.source, cache_dir=out.parent.parent / "hf_datasets")["text"]
     assert len(docs) == 12
-    train_idx, val_idx = split_documents(len(docs), cfg.data.val_fraction, cfg.train.seed)
-    assert len(val_idx) == round(12 * 0.2) and not set(train_idx) & set(val_idx)
-    assert meta["n_docs"] == {"train": len(train_idx), "val": len(val_idx)}
+    tasks, train, val = split_docs(cfg, out)
+    assert len(tasks) >= 4 and meta["n_tasks"] == len(tasks)  # 4 KB tasks of ~1 KB files
+    assert sorted(train + val) == sorted(docs) and val[0] == docs[0]  # task 0's first document is held out
+    assert meta["n_docs"] == {"train": len(train), "val": len(val)}
     assert meta["n_tokens"]["train"] + meta["n_tokens"]["val"] == sum(len(tok.encode(d)) + 1 for d in docs)
     assert (meta["dtype"], meta["eos_id"], meta["bos_id"], meta["pad_id"]) == ("uint16", 3, 2, 0)
     assert meta["vocab_size"] == 400 and meta["tokenizer_vocab_size"] == tok.vocab_size <= 400
     assert meta["key"] == out.name and meta["seq_len"] == 32
-    for split, idx in (("train", train_idx), ("val", val_idx)):
-        expected = [t for i in idx for t in tok.encode(docs[i], eos=True)]
-        stored = np.fromfile(out / f"{split}.bin", dtype="<u2")
+    for split, split_docs_ in (("train", train), ("val", val)):
+        expected = [t for d in split_docs_ for t in tok.encode(d, eos=True)]
+        stored = np.concatenate([np.fromfile(out / sh["file"], dtype="<u2") for sh in meta["shards"][split]])
         assert stored.tolist() == expected
         assert meta["n_tokens"][split] == len(expected)
+        # the document index: end offset of every document, per shard
+        ends = np.concatenate([np.load(out / sh["index"]) + sum(x["n_tokens"] for x in meta["shards"][split][:k])
+                               for k, sh in enumerate(meta["shards"][split])])
+        assert ends.tolist() == np.cumsum([len(tok.encode(d)) + 1 for d in split_docs_]).tolist()
     PackedDataset(out, "train", 32).verify()
     PackedDataset(out, "val", 32).verify()
 
@@ -104,7 +121,7 @@ def test_prepare_cache_hit(prepared, monkeypatch):
         raise AssertionError("cache hit must not retrain or retokenize")
 
     monkeypatch.setattr(prep, "train_tokenizer", boom)
-    monkeypatch.setattr(prep, "load_corpus", boom)
+    monkeypatch.setattr(prep, "run_tasks", boom)
     t0 = time.perf_counter()
     assert prepare(cfg, progress=False) == out
     assert time.perf_counter() - t0 < 2.0
@@ -115,7 +132,8 @@ def test_key_changes(prepared, tmp_path):
     cfg, out = prepared
     src = cfg.data.source
     base = data_key(cfg)
-    assert data_key(make_cfg(src, cache_root(cfg.data), **{"data.num_proc": 2})) == base
+    assert data_key(make_cfg(src, cache_root(cfg.data), **{"data.num_proc": 1, "data.shard_mb": 0.004})) == base
+    assert data_key(make_cfg(src, cache_root(cfg.data), **{"data.shard_mb": 0.008})) != base
     assert data_key(make_cfg(src, cache_root(cfg.data), **{"data.seq_len": 64})) != base
     assert data_key(make_cfg(src, cache_root(cfg.data), **{"model.vocab_size": 512})) != base
     assert data_key(make_cfg(src, cache_root(cfg.data), **{"train.seed": 8})) != base
@@ -174,12 +192,15 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert cache_root(DataConfig()) == Path.home() / ".cache" / "dsv3"
 
 
-def test_split_documents():
-    tr, va = split_documents(100, 0.02, 1)
-    assert len(va) == 2 and len(tr) == 98 and sorted(tr + va) == list(range(100))
-    assert split_documents(100, 0.02, 1) == (tr, va)
-    assert split_documents(100, 0.02, 2) != (tr, va)
-    assert split_documents(2, 0.01, 0)[1] != [] and split_documents(3, 0.49, 0)[0] != []
+def test_split_rule():
+    for t in range(5):
+        u = val_offset(t, 0.02, 1)
+        val = [j for j in range(1000) if is_val(j, u, 0.02)]
+        assert len(val) == 20  # exactly f of every 1000 documents, one in each run of 50
+        assert all(b - a == 50 for a, b in zip(val, val[1:]))
+    assert is_val(0, val_offset(0, 0.02, 1), 0.02)  # the first document of task 0 always validates
+    assert not is_val(1, val_offset(0, 0.02, 1), 0.02)
+    assert val_offset(3, 0.02, 1) == val_offset(3, 0.02, 1) != val_offset(3, 0.02, 2)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -282,7 +303,7 @@ def test_load_default_corpus(tmp_path):
 
 def test_packed_windows(prepared):
     _, out = prepared
-    tokens = np.fromfile(out / "train.bin", dtype="<u2").astype(np.int64)
+    tokens = PackedDataset(out, "train", 32).tokens
     for seq_len in (32, 7):
         ds = PackedDataset(out, "train", seq_len)
         assert len(ds) == (len(tokens) - 1) // seq_len
@@ -306,20 +327,27 @@ def test_packed_corruption(prepared, tmp_path):
     _, out = prepared
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    data = (copy / "val.bin").read_bytes()
-    (copy / "val.bin").write_bytes(data[:-2])
+    shard = copy / load_meta(copy)["shards"]["val"][0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-2])
     with pytest.raises(DsvError) as e:
         PackedDataset(copy, "val", 32)
     msg = one_line(e)
-    assert "val.bin" in msg and "truncated" in msg and str(copy) in msg
+    assert str(shard) in msg and "truncated" in msg
 
     flipped = bytearray(data)
     flipped[0] ^= 1
-    (copy / "val.bin").write_bytes(bytes(flipped))
+    shard.write_bytes(bytes(flipped))
     ds = PackedDataset(copy, "val", 32)  # size is right, content is not
     with pytest.raises(DsvError) as e:
         ds.verify()
-    assert "val.bin" in one_line(e)
+    assert str(shard) in one_line(e) and "sha256" in one_line(e)
+
+    flipped[2:4] = (65535).to_bytes(2, "little")  # an id outside the vocabulary: caught when read
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(DsvError) as e:
+        PackedDataset(copy, "val", 32)[0]
+    assert str(shard) in one_line(e) and "corrupt" in one_line(e)
 
     with pytest.raises(DsvError) as e:
         PackedDataset(tmp_path / "nothing", "train", 32)

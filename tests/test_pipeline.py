@@ -253,3 +253,5 @@ def test_stage_split_checks():
         check_layout(cfg(**{"parallel.pp": 2, "parallel.pp_partition": "2,1"}), 2)
     with pytest.raises(DsvError, match=r"parallel.pp=2 does not divide the 3 process\(es\)"):
         check_layout(cfg(**{"parallel.pp": 2}), 3)
+    with pytest.raises(DsvError, match=r"data.document_aware=true is not available with pipeline parallelism"):
+        check_layout(cfg(**{"parallel.pp": 2, "data.document_aware": True}), 2)

@@ -118,6 +118,10 @@ def test_resume_with_a_different_process_count(corpus_dir, data_cache, tmp_path)
         for key in ("loss", "lm_loss", "val_loss", "lr"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-3), (a["step"], key)
+    # the loader position is checked: another global batch would see another sample stream
+    other = tiny_overrides(corpus_dir, data_cache, out, **{**extra, "train.steps": 9, "parallel.micro_batch_size": 2})
+    proc = run_dsv3(["train", "--no-sample", *other], check=False)
+    assert proc.returncode == 2 and "global batch of 4 samples (now 2)" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_half_written_and_corrupt_checkpoints_fall_back(corpus_dir, data_cache, tmp_path):

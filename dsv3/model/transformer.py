@@ -83,13 +83,13 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, valid=None, cache=None):
+    def forward(self, h_prev, emb, cos, sin, valid=None, cache=None, attn_mask=None):
         """Args: h_prev (B, T', D) previous depth's normalized states (see the class doc),
         emb (B, T', D) embeddings of the tokens k ahead, cache: optional decode cache of this
-        module's attention (see :meth:`Transformer.mtp_draft`). Returns (h (B, T', D) before
-        the head norm, MoEAux or None)."""
+        module's attention (see :meth:`Transformer.mtp_draft`), attn_mask: optional bool
+        (B, 1, T', T') mask. Returns (h (B, T', D) before the head norm, MoEAux or None)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
-        return super().forward(h, cos, sin, cache=cache, valid=valid)
+        return super().forward(h, cos, sin, cache=cache, attn_mask=attn_mask, valid=valid)
 
 
 @dataclass
@@ -225,24 +225,24 @@ class Transformer(nn.Module):
                 losses: depth k at position i reads the embedding of ``input_ids[:, i+k]`` and
                 predicts ``labels[:, i+k]`` = token i+k+1, for i < T-k.
             cache: decode cache from :meth:`new_cache` (inference only).
-            attn_mask: optional bool (B, 1, T, S) mask, True = may attend (left padding).
+            attn_mask: optional bool (B, 1, T, S) mask, True = may attend (left padding, or
+                the block-diagonal causal mask of document-aware packing).
             position_ids: optional (B, T) int64 rope positions of the tokens (default:
-                consecutive from the cache length, or from 0); inference only, for batches
-                whose rows start at different offsets (left padding).
+                consecutive from the cache length, or from 0): per-row offsets (left padding),
+                or positions restarting at each document of a packed window. With ``labels``,
+                MTP depth k masks position i unless ``position_ids[i+k] == position_ids[i] + k``
+                (its target would belong to another document).
 
         Returns:
             logits (B, T, V) float32 if ``labels`` is None, else :class:`TrainOutput`.
 
         Raises:
-            ValueError: the sequence does not fit ``max_seq_len`` or the cache, or
-                ``position_ids`` is given together with ``labels``.
+            ValueError: the sequence does not fit ``max_seq_len`` or the cache.
         """
         if labels is None:
             return self.lm_head(self.hidden_states(input_ids, cache, attn_mask, position_ids)).float()
-        if position_ids is not None:
-            raise ValueError("position_ids is for inference only; it cannot be combined with labels")
         valid = labels != IGNORE_INDEX  # (B, T)
-        h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid)
+        h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid, position_ids=position_ids)
         h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1
         lm_sum = _ce_sum(self.lm_head(h), labels)
         T = input_ids.shape[1]
@@ -250,7 +250,14 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
             target = labels[:, k:]  # (B, T-k)
-            h, aux = module(h[:, : T - k], emb, self.rope_cos[: T - k], self.rope_sin[: T - k], valid[:, k:])
+            if position_ids is None:
+                cos, sin, mask = self.rope_cos[: T - k], self.rope_sin[: T - k], None
+            else:  # document-aware packing: stay inside each document
+                pos = position_ids[:, : T - k]
+                cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+                mask = None if attn_mask is None else attn_mask[:, :, : T - k, : T - k]
+                target = target.masked_fill(position_ids[:, k:] != pos + k, IGNORE_INDEX)
+            h, aux = module(h[:, : T - k], emb, cos, sin, target != IGNORE_INDEX, attn_mask=mask)
             if aux is not None:
                 auxes.append(aux)
             h = module.shared_head.norm(h)  # (B, T-k, D): read by the head and by depth k+1

@@ -59,9 +59,13 @@ def check_layout(cfg: Config, world_size: int) -> list[int] | None:
 
     Raises:
         DsvError: pp does not divide the process count, there are more stages than blocks,
-            ZeRO-2/3 is requested, or ``pp_partition`` is malformed.
+            ZeRO-2/3 is requested, ``pp_partition`` is malformed, or document-aware packing
+            is requested (its attention mask does not travel between stages yet).
     """
     p, n = cfg.parallel, cfg.model.n_layers
+    if cfg.data.document_aware:
+        raise DsvError(f"data.document_aware=true is not available with pipeline parallelism (parallel.pp={p.pp}) "
+                       "yet; set data.document_aware=false or parallel.pp=1")
     if world_size % p.pp:
         raise DsvError(f"parallel.pp={p.pp} does not divide the {world_size} process(es); run a multiple of {p.pp} "
                        f"processes or choose a pp that divides {world_size}")

@@ -15,6 +15,7 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 from __future__ import annotations
 
 import copy
+import json
 import resource
 import signal
 import threading
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
+from data_pipeline.dataset import (PackedDataset, check_loader_state, document_attention_mask, global_sample_indices,
+                                   loader_state, rank_micro_batches)
 from data_pipeline.chat_data import ChatDataset, prepare_chat
 from data_pipeline.prepare import given_tokenizer, prepare
 from dsv3.config import Config, check_trainable, save_config, validate
@@ -58,10 +60,17 @@ def _log(info: DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
-def mtp_label_counts(labels: torch.Tensor, depth: int) -> torch.Tensor:
-    """(depth,) int64: labelled positions seen by each MTP depth k (``labels[:, k:]``)."""
-    return torch.stack([(labels[:, k:] != IGNORE_INDEX).sum() for k in range(1, depth + 1)]) if depth else \
-        torch.zeros(0, dtype=torch.long)
+def mtp_label_counts(labels: torch.Tensor, depth: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(depth,) int64: labelled positions seen by each MTP depth k (``labels[:, k:]``; with
+    document-aware ``position_ids`` only those whose target is in the same document)."""
+    T = labels.shape[1]
+    out = []
+    for k in range(1, depth + 1):
+        ok = labels[:, k:] != IGNORE_INDEX
+        if position_ids is not None:
+            ok &= position_ids[:, k:] == position_ids[:, : T - k] + k
+        out.append(ok.sum())
+    return torch.stack(out) if depth else torch.zeros(0, dtype=torch.long)
 
 
 def with_init_from(cfg: Config) -> tuple[Config, dict[str, torch.Tensor] | None]:
@@ -203,6 +212,9 @@ class Trainer:
             folder = self.ckpt_root / tag
             self.start_step = resume_layout_free(self, folder)
             self.engine.global_steps = self.start_step
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            check_loader_state(manifest.get("data"), self.start_step, self.global_batch, len(self.train_data),
+                               self.cfg.train.seed, self._data_key(), str(folder))
             saved, now = read_checkpoint_config(folder).parallel, self.cfg.parallel
             saved_world = saved_world_size(folder)
             same = (saved.pp, saved.ep, saved_world) == (now.pp, now.ep, self.dp)
@@ -227,6 +239,8 @@ class Trainer:
         if state is None:
             raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
         self.start_step = int(state["step"])
+        check_loader_state(state.get("data"), self.start_step, self.global_batch, len(self.train_data),
+                           self.cfg.train.seed, self._data_key(), str(self.ckpt_root / tag))
         same_layout = state.get("world_size") == self.dp
         if not load_rng(self.ckpt_root / tag, self.info.rank) or not same_layout:
             # a new layout: fresh per-rank streams, still a function of seed, step and rank only
@@ -243,14 +257,14 @@ class Trainer:
         t_data = time.perf_counter()
         indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
         micro = rank_micro_batches(indices, self.info.rank, self.dp, p.micro_batch_size, p.grad_accum)
-        batches = [self.train_data.batch_xy(mb) for mb in micro]
+        batches = [self._batch(self.train_data, mb) for mb in micro]
         self._data_time = time.perf_counter() - t_data
         dev = self.info.device
         depth = cfg.model.mtp_depth
         counts = torch.zeros(1 + depth, dtype=torch.float64)
-        for _, labels in batches:
+        for _, labels, *extra in batches:
             counts[0] += (labels != IGNORE_INDEX).sum()
-            counts[1:] += mtp_label_counts(labels, depth)
+            counts[1:] += mtp_label_counts(labels, depth, *extra)
         all_reduce_sum(counts)
         n_lm, n_mtp = counts[0].clamp(min=1).item(), counts[1:].clamp(min=1).to(dev).float()
 
@@ -262,8 +276,8 @@ class Trainer:
         stats = torch.zeros(3 + depth, dtype=torch.float64)  # lm_sum, balance, spare, mtp sums
         load = None
         grad_norm = None
-        for i, (inputs, labels) in enumerate(batches):
-            out = self.engine(inputs.to(dev), labels.to(dev))
+        for i, (inputs, labels, *extra) in enumerate(batches):
+            out = self.engine(inputs.to(dev), labels.to(dev), **self._doc_kwargs(extra))
             loss = out.lm_loss_sum / n_lm
             if depth:
                 loss = loss + lam / depth * (out.mtp_loss_sum / n_mtp).sum()
@@ -348,8 +362,8 @@ class Trainer:
             chunks += [None] * ((most + mbs - 1) // mbs - len(chunks))
         self.engine.eval()
         for chunk in chunks:
-            inputs, labels = self.val_data.batch_xy(chunk if chunk is not None else [0])
-            out = self.model(inputs.to(self.info.device), labels.to(self.info.device))
+            inputs, labels, *extra = self._batch(self.val_data, chunk if chunk is not None else [0])
+            out = self.model(inputs.to(self.info.device), labels.to(self.info.device), **self._doc_kwargs(extra))
             if chunk is None:
                 continue
             totals[0] += out.lm_loss_sum.double().cpu()
@@ -358,8 +372,28 @@ class Trainer:
         all_reduce_sum(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
+    def _batch(self, data, indices) -> tuple:
+        """(inputs, labels) of samples ``indices``, plus position_ids with document-aware packing."""
+        if self.cfg.data.document_aware and isinstance(data, PackedDataset):
+            return data.batch_documents(indices)
+        return data.batch_xy(indices)
+
+    def _doc_kwargs(self, extra: list) -> dict:
+        """Model keyword arguments of document-aware packing: restarting positions and the
+        block-diagonal causal mask, built on the device."""
+        if not extra:
+            return {}
+        pos = extra[0].to(self.info.device)
+        return {"position_ids": pos, "attn_mask": document_attention_mask(pos)}
+
+    def _data_key(self) -> str | None:
+        meta = getattr(self.train_data, "meta", None)
+        return meta.get("key") if isinstance(meta, dict) else None
+
     def client_state(self, step: int) -> dict:
         state = {"step": step, "tokens": step * self.global_batch * self.cfg.data.seq_len,
+                 "data": loader_state(step, self.global_batch, len(self.train_data), self.cfg.train.seed,
+                                      self._data_key()),
                  "world_size": self.dp,
                  # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
