@@ -6,7 +6,9 @@
   (:func:`default_corpus_files`): real code and prose by many authors, present on every
   machine. On CPython 3.11 that is about 730 files / 12 MB.
 * a local ``.txt`` / ``.py`` / ``.md`` file: one document per file;
-* a local ``.jsonl`` / ``.json`` file: one document per record, text in ``text_field``;
+* a local ``.jsonl`` / ``.json`` file: one document per record, text in ``text_field``; also
+  compressed as ``.jsonl.gz`` / ``.json.gz`` (and ``.jsonl.zst`` when the ``zstandard``
+  module is installed), which ``datasets`` decompresses while reading;
 * a local ``.parquet`` file: one document per row, text in ``text_field``;
 * a local folder: all files of the kinds above, found recursively, mixed by extension;
 * anything else: a ``datasets`` hub name, loaded with ``split="train"`` (needs network or
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import glob
 import hashlib
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -33,11 +37,23 @@ import datasets
 from dsv3.errors import DsvError
 
 TEXT_EXTS = (".txt", ".py", ".md")
-JSON_EXTS = (".jsonl", ".json")
+#: Compressed JSON lines: only the compressions ``datasets`` can decompress in this environment.
+COMPRESSED_JSON_EXTS = (".jsonl.gz", ".json.gz") + ((".jsonl.zst",) if importlib.util.find_spec("zstandard") else ())
+JSON_EXTS = (".jsonl", ".json") + COMPRESSED_JSON_EXTS
 PARQUET_EXTS = (".parquet",)
 SUPPORTED_EXTS = TEXT_EXTS + JSON_EXTS + PARQUET_EXTS
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+
+
+def file_ext(path: Path | str) -> str:
+    """The lower-case extension of ``path`` that decides its reader: a supported compound
+    extension (``".jsonl.gz"``) if it has one, else its last suffix (``".txt"``)."""
+    name = Path(path).name.lower()
+    for ext in COMPRESSED_JSON_EXTS:
+        if name.endswith(ext):
+            return ext
+    return Path(name).suffix
 
 
 def stdlib_dir() -> Path:
@@ -118,13 +134,13 @@ def resolve_source(source: str | None) -> tuple[str, list[Path] | None]:
     source = str(source)
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix.lower() not in SUPPORTED_EXTS:
-            raise DsvError(f"data.source={source} has unsupported type {path.suffix or '(none)'!r}; use "
+        if file_ext(path) not in SUPPORTED_EXTS:
+            raise DsvError(f"data.source={source} has unsupported type {file_ext(path) or '(none)'!r}; use "
                            f"{'/'.join(SUPPORTED_EXTS)} files or a folder of them")
         return "local", [path.resolve()]
     if path.is_dir():
         files = sorted(p.resolve() for p in path.rglob("*")
-                       if p.suffix.lower() in SUPPORTED_EXTS and p.is_file()
+                       if file_ext(p) in SUPPORTED_EXTS and p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DsvError(f"data.source={source} is a folder with no {'/'.join(SUPPORTED_EXTS)} files; "
@@ -191,7 +207,7 @@ def _first_line(exc: BaseException) -> str:
 def _raise_unreadable(source: str, files: list[Path], exc: BaseException) -> None:
     """Turn a ``datasets`` loading failure on local files into a precise DsvError."""
     for f in files:
-        if f.suffix.lower() in TEXT_EXTS + JSON_EXTS:
+        if file_ext(f) in TEXT_EXTS + JSON_EXTS and file_ext(f) not in COMPRESSED_JSON_EXTS:
             bad = _first_bad_utf8(f)
             if bad is not None:
                 raise DsvError(f"file {f} is not valid UTF-8 (bad byte at offset {bad}); re-encode it as UTF-8 "
@@ -220,9 +236,9 @@ def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.
 
 def _load_local(source: str, files: list[Path], text_field: str, cache_dir: str | None) -> datasets.Dataset:
     groups = {
-        "text": [str(f) for f in files if f.suffix.lower() in TEXT_EXTS],
-        "json": [str(f) for f in files if f.suffix.lower() in JSON_EXTS],
-        "parquet": [str(f) for f in files if f.suffix.lower() in PARQUET_EXTS],
+        "text": [str(f) for f in files if file_ext(f) in TEXT_EXTS],
+        "json": [str(f) for f in files if file_ext(f) in JSON_EXTS],
+        "parquet": [str(f) for f in files if file_ext(f) in PARQUET_EXTS],
     }
     parts = []
     for builder, paths in groups.items():
@@ -230,7 +246,8 @@ def _load_local(source: str, files: list[Path], text_field: str, cache_dir: str 
             continue
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir, **kwargs)
+            ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
+                                       cache_dir=cache_dir, **kwargs)
         except Exception as exc:  # datasets wraps parser errors in several exception types
             _raise_unreadable(source, [Path(p) for p in paths], exc)
         where = f"data.source={source} ({builder} files)" if len(paths) > 1 else f"file {paths[0]}"

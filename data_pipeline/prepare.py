@@ -56,7 +56,7 @@ from dsv3.fileio import atomic_write_text
 from dsv3.tokenizer import TOKENIZER_VERSION, Tokenizer, train_tokenizer, training_chunks
 
 #: Bumped whenever the layout or content rules of a prepared folder change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: whole json/parquet files grouped into tasks (a new plan)
 SPLITS = ("train", "val")
 #: Text per sentencepiece call in a task (characters); bounds a worker's memory.
 ENCODE_BATCH_CHARS = 1 << 20

@@ -138,11 +138,83 @@ def test_large_text_file_and_jsonl_ranges(tmp_path, monkeypatch):
     plan = plan_tasks(str(jl), 700)
     assert len(plan) > 5
     assert [d for t in plan for d in iter_documents(t)] == [r["text"] for r in rows]
+    # records without the text (null or missing) are skipped, whole file or split alike ...
+    part = tmp_path / "part.jsonl"
+    part.write_text('{"text": "ok"}\n{"body": "x"}\n{"text": null}\n{"text": "end"}\n', encoding="utf-8")
+    for shard in (1000, 10):
+        assert [d for t in plan_tasks(str(part), shard) for d in iter_documents(t)] == ["ok", "end"]
+    # ... but a file without the column is an error naming it
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"body": "x"}\n', encoding="utf-8")
+    bad.write_text('{"body": "x"}\n{"body": "y"}\n', encoding="utf-8")
+    for shard in (1000, 10):
+        with pytest.raises(DsvError) as e:
+            [d for t in plan_tasks(str(bad), shard) for d in iter_documents(t)]
+        assert str(bad) in one_line(e) and "'text'" in one_line(e) and "body" in one_line(e)
+        assert "data.text_field" in one_line(e)
+
+
+def test_mixed_kind_plan_and_readers(tmp_path):
+    """Small files of one reader are grouped (text / json / parquet through datasets), large
+    ones split; documents come in file order with the same text whatever the plan."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"line one\r\nline two\rthree\n")
+    (src / "b.md").write_bytes(b"  \n\t\n")  # whitespace only: dropped
+    (src / "b[1].py").write_bytes(b"x = 1\n")  # glob characters in the name
+    (src / "c.jsonl").write_text('{"text": "j1", "n": 1}\n\n{"text": "j2\\r\\n", "n": 2}\n', encoding="utf-8")
+    with gzip.open(src / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "gz1"}\n{"text": "gz2"}\n')
+    (src / "e.json").write_text('[{"text": "arr1"}, {"text": "arr2"}]', encoding="utf-8")
+    pq.write_table(pa.table({"id": [1, 2], "text": ["pq1", "pq2"]}), src / "f.parquet")
+    big_rows = [f"big row {i} " + "w" * 40 for i in range(30)]
+    pq.write_table(pa.table({"text": big_rows}), src / "g.parquet", row_group_size=5)
+    big_jl = [f"record {i} " + "v" * 30 for i in range(40)]
+    (src / "h.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in big_jl), encoding="utf-8")
+    (src / "i.txt").write_text("last file\n", encoding="utf-8")
+    expected = (["line one\nline two\nthree\n", "x = 1\n", "j1", "j2\r\n", "gz1", "gz2", "arr1", "arr2", "pq1", "pq2"]
+                + big_rows + big_jl + ["last file\n"])
+    plan = plan_tasks(str(src), 1000)
+    kinds = [t["kind"] for t in plan]
+    assert kinds[:3] == ["files", "json_files", "parquet_files"]
+    assert plan[0]["files"] == [str(src / n) for n in ("a.txt", "b.md", "b[1].py")]
+    assert plan[1]["files"] == [str(src / n) for n in ("c.jsonl", "d.jsonl.gz", "e.json")]
+    assert plan[2]["files"] == [str(src / "f.parquet")]
+    assert set(kinds[3:-1]) == {"parquet", "jsonl"} and kinds[-1] == "files"
+    assert kinds.count("jsonl") == -(-(src / "h.jsonl").stat().st_size // 1000) >= 2
+    assert [d for t in plan for d in iter_documents(t)] == expected
+    # one task per file kind when everything fits: the same documents
+    whole = plan_tasks(str(src), 10**6)
+    assert [t["kind"] for t in whole] == ["files", "json_files", "parquet_files", "json_files", "files"]
+    assert [d for t in whole for d in iter_documents(t)] == expected
+
+    (src / "z.txt").write_bytes(b"ok \xff\n")
     with pytest.raises(DsvError) as e:
-        list(iter_documents(plan_tasks(str(bad), 100)[0]))
-    assert str(bad) in one_line(e) and "data.text_field" in one_line(e)
+        [d for t in plan_tasks(str(src), 10**6) for d in iter_documents(t)]
+    assert "z.txt" in one_line(e) and "UTF-8" in one_line(e) and "offset 3" in one_line(e)
+
+
+def test_prepare_compressed_jsonl_equals_uncompressed(tmp_path):
+    import gzip
+
+    rng = random.Random(5)
+    rows = "".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))), "id": i}) + "\n"
+                   for i in range(60))
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    (plain / "docs.jsonl").write_text(rows, encoding="utf-8")
+    with gzip.open(packed / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(rows)
+    ref = prepare(cfg_for(str(plain), tmp_path / "c1", **{"data.shard_mb": 1}), progress=False)
+    out = prepare(cfg_for(str(packed), tmp_path / "c2", **{"data.shard_mb": 1}), progress=False)
+    assert sum(load_meta(out)["n_docs"].values()) == 60
+    assert shard_digests(out) == shard_digests(ref)
+    assert (out / "tokenizer.model").read_bytes() == (ref / "tokenizer.model").read_bytes()
 
 
 # ----------------------------------------------------------------------------- document-aware packing
