@@ -166,15 +166,32 @@ class Experts(nn.Module):
         """
         N, K = indices.shape
         flat = indices.flatten()  # (N*K,)
+        if N * K < self.n_experts and not torch.is_grad_enabled():
+            return self._few_tokens(x, weights, flat, N, K)
         order = flat.argsort(stable=True)  # (N*K,) sorted by expert
         token = order // K  # (N*K,) source token of each sorted row
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        # scatter_add, not bincount: bincount sizes its output from the data (a host sync on GPU)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # (E,)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         xs = _ContiguousGrad.apply(x[token])  # (N*K, D)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
         ys = grouped_matmul(_ContiguousGrad.apply(h), self.down_proj, offsets)  # (N*K, D)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, _ContiguousGrad.apply(ys))
+
+    def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, N: int, K: int) -> torch.Tensor:
+        """Inference with fewer token-expert pairs than experts (decoding): gather only the
+        chosen experts' weights and run one batched product per projection.
+
+        Args: x (N, D); weights (N, K) float32; flat (N*K,) expert ids, token-major.
+        Returns: (N, D), dtype of ``x``.
+        """
+        xs = x.repeat_interleave(K, dim=0).unsqueeze(-1)  # (N*K, D, 1)
+        h = F.silu(torch.bmm(self.gate_proj.index_select(0, flat), xs)) * \
+            torch.bmm(self.up_proj.index_select(0, flat), xs)  # (N*K, I, 1)
+        ys = torch.bmm(self.down_proj.index_select(0, flat), h).view(N, K, -1)  # (N, K, D)
+        return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)  # (N, D)
 
 
 @dataclass
@@ -217,7 +234,8 @@ class MoE(nn.Module):
                 the load statistics or the balance loss.
 
         Returns:
-            y (B, T, D) (the FFN output, without the residual), and :class:`MoEAux`.
+            y (B, T, D) (the FFN output, without the residual), and :class:`MoEAux` (None in
+            inference: eval mode, no gradients and no ``valid`` mask).
         """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
@@ -225,6 +243,8 @@ class MoE(nn.Module):
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
+        if valid is None and not self.training and not torch.is_grad_enabled():
+            return y.view(B, T, D), None  # inference (generation): no load statistics needed
         return y.view(B, T, D), self._aux(indices, scores, B, T, valid)
 
     def _aux(self, indices, scores, B, T, valid) -> MoEAux:
