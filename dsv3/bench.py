@@ -353,7 +353,7 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
         vs_hf: also time transformers' DeepseekV3ForCausalLM in each setting.
         compile_model: ``torch.compile`` the dsv3 model.
         steps, reps, warmup: timed steps per round, rounds, untimed warm-up steps per side.
-        checkpointing: also time dsv3 with activation checkpointing.
+        checkpointing: also time dsv3 with activation checkpointing (not with ``compile_model``).
         hf_precisions: peer precisions (default: fp32, plus bf16 when ``precision`` is bf16).
 
     Returns:
@@ -384,8 +384,8 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
     model = build_dsv3(cfg, dev, precision, compile_model=compile_model, seed=seed)
     sides.append(Side("dsv3", model, make_optimizer(model, cfg, precision, master=True), _dsv3_loss(cfg),
                       cfg.train.grad_clip))
-    if checkpointing:
-        m2 = build_dsv3(cfg, dev, precision, checkpointing=True, compile_model=compile_model, seed=seed)
+    if checkpointing and not compile_model:  # (a second compilation would double the start-up time)
+        m2 = build_dsv3(cfg, dev, precision, checkpointing=True, seed=seed)
         sides.append(Side("dsv3+ckpt", m2, make_optimizer(m2, cfg, precision, master=True), _dsv3_loss(cfg),
                           cfg.train.grad_clip))
     parity = None
@@ -453,13 +453,17 @@ def _device_name(dev: torch.device) -> str:
 
 
 def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batches: tuple[int, ...] = (1, 8),
-                 prompt_len: int = 32, new_tokens: int = 64, reps: int = 3, device: str | None = None) -> dict[str, Any]:
+                 prompt_len: int = 32, new_tokens: int = 64, reps: int = 3, device: str | None = None,
+                 compile_model: bool = False) -> dict[str, Any]:
     """Greedy decode tokens/s for each batch size, dsv3's :func:`dsv3.generation.generate_batch`
     against transformers' ``generate`` on the same weights (same prompts, same number of new
     tokens, interleaved repetitions, median).
 
     Cache bytes per token are read from the preallocated latent cache tensors and checked
     against ``(kv_lora_rank + qk_rope_head_dim) * n_layers * bytes per value``.
+
+    ``compile_model``: decode with ``torch.compile(model, dynamic=True)`` (one compilation
+    for all cache lengths and batch sizes; its time is spent in the untimed warm-up run).
 
     Raises:
         DsvError: bad precision or lengths.
@@ -480,6 +484,7 @@ def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batc
     formula = (cfg.model.kv_lora_rank + cfg.model.qk_rope_head_dim) * cfg.model.n_layers * dtype.itemsize
     if per_token != formula:
         raise AssertionError(f"cache bytes per token {per_token} != formula {formula}")
+    runner = torch.compile(model, dynamic=True) if compile_model else model
     hf_models = {}
     if vs_hf:
         state = model.state_dict()
@@ -489,7 +494,7 @@ def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batc
     for B in batches:
         prompts = torch.randint(0, cfg.model.vocab_size, (B, prompt_len), generator=g)
         runs: dict[str, Callable[[], list[list[int]]]] = {
-            "dsv3": lambda p=prompts: [r.ids for r in generate_batch(model, p.tolist(), new_tokens, temperature=0)],
+            "dsv3": lambda p=prompts: [r.ids for r in generate_batch(runner, p.tolist(), new_tokens, temperature=0)],
         }
         for ex, hm in hf_models.items():
             def run_hf(p=prompts, hm=hm):
@@ -513,7 +518,8 @@ def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batc
             rows[f"{k}@b{B}"] = {"seconds": t, "tokens_per_s": B * new_tokens / t,
                                  "same_tokens_as_dsv3": outs[k] == outs["dsv3"]}
     result = {"kind": "decode", "precision": precision, "device": _device_name(dev), "prompt_len": prompt_len,
-              "new_tokens": new_tokens, "cache_bytes_per_token": per_token, "cache_bytes_formula": formula,
+              "new_tokens": new_tokens, "compile": compile_model, "threads": torch.get_num_threads(),
+              "cache_bytes_per_token": per_token, "cache_bytes_formula": formula,
               "results": rows, "torch": torch.__version__, "model": dict(vars(cfg.model))}
     for B in batches:
         result[f"tokens_per_s_b{B}"] = rows[f"dsv3@b{B}"]["tokens_per_s"]
@@ -600,7 +606,7 @@ def run_cli(kind: str, config: str | None, overrides: list[str], precision: str 
     if kind == "train":
         result = bench_train(cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps)
     elif kind == "decode":
-        result = bench_decode(cfg, precision, vs_hf=vs == "hf", reps=reps)
+        result = bench_decode(cfg, precision, vs_hf=vs == "hf", reps=reps, compile_model=compile_model)
     elif kind == "data":
         result = bench_data(cfg)
     else:

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train, decode)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (train)")
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")

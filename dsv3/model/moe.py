@@ -101,13 +101,16 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     Returns:
         (M, Out), dtype of ``x``.
 
-    Uses ``torch._grouped_mm`` when the build has it and the row strides are 16-byte aligned
-    (its requirement); otherwise a padded batched product: rows are scattered into an
-    (E, max_rows, In) block, multiplied with one ``bmm`` and gathered back.
+    Uses ``torch._grouped_mm`` where it runs (see :func:`_grouped_mm_ok`); otherwise a padded
+    batched product: rows are scattered into an (E, max_rows, In) block, multiplied with one
+    ``bmm`` and gathered back (the block size is read from the data: a host sync on GPU).
+
+    Measured on a 2-core CPU (fwd + bwd of one expert layer, E=16, D=512, I=256, 4096 rows):
+    ``_grouped_mm`` 83 ms fp32 / 42 ms bf16, padded ``bmm`` 92 / 52 ms, a Python loop over
+    experts 133 / 61 ms; so ``_grouped_mm`` is used wherever it is available.
     """
     out_dim, in_dim = w.shape[1], w.shape[2]
-    item = x.element_size()
-    if _HAS_GROUPED_MM and (in_dim * item) % 16 == 0 and (out_dim * item) % 16 == 0:
+    if _grouped_mm_ok(x, out_dim, in_dim):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     E = w.shape[0]
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()  # (E,)
@@ -120,6 +123,20 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm_ok(x: torch.Tensor, out_dim: int, in_dim: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: the build has it, row strides are
+    16-byte aligned, and the dtype is supported there (any on CPU in eager mode; bf16 on CUDA
+    from compute capability 9.0, and under ``torch.compile``, whose shape rules ask for bf16)."""
+    item = x.element_size()
+    if not _HAS_GROUPED_MM or (in_dim * item) % 16 or (out_dim * item) % 16:
+        return False
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return True
+    if x.dtype != torch.bfloat16:
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 class _ContiguousGrad(torch.autograd.Function):
