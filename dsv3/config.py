@@ -292,6 +292,8 @@ def validate(cfg: Config) -> None:
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
     if isinstance(t.peak_tflops, str) and t.peak_tflops != "auto":
         raise DsvError(f"train.peak_tflops={t.peak_tflops!r} must be a number (TFLOP/s per process) or auto")
+    if t.compile and cfg.parallel.ep > 1:
+        raise DsvError("train.compile=true is not supported with expert parallelism (parallel.ep > 1); drop one")
     if isinstance(t.peak_tflops, float) and t.peak_tflops <= 0:
         raise DsvError(f"train.peak_tflops={t.peak_tflops} must be positive (TFLOP/s per process) or auto")
     positive = {
