@@ -123,11 +123,16 @@ class MLA(nn.Module):
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
             kh = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
             vh = v.transpose(1, 2)  # (B, H, T, dv)
+            pad = self.dn + self.dr - self.dv
+            if pad > 0 and vh.dtype in (torch.bfloat16, torch.float16):
+                # flash kernels (CUDA, and CPU for half types) need one head dim for q, k and v:
+                # zero columns of v give zero output columns, dropped below
+                vh = F.pad(vh, (0, pad))
             if attn_mask is None:
                 o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
             else:
                 o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=self.softmax_scale)
-            o = o.transpose(1, 2).flatten(2)  # (B, T, H*dv)
+            o = o[..., : self.dv].transpose(1, 2).flatten(2)  # (B, T, H*dv)
             return self.o_proj(o)
 
         start = cache.length
