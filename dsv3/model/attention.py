@@ -124,9 +124,10 @@ class MLA(nn.Module):
             kh = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
             vh = v.transpose(1, 2)  # (B, H, T, dv)
             pad = self.dn + self.dr - self.dv
-            if pad > 0 and vh.dtype in (torch.bfloat16, torch.float16):
-                # flash kernels (CUDA, and CPU for half types) need one head dim for q, k and v:
-                # zero columns of v give zero output columns, dropped below
+            if pad > 0 and vh.is_cuda and vh.dtype in (torch.bfloat16, torch.float16):
+                # CUDA flash kernels need one head dim for q, k and v: zero columns of v give
+                # zero output columns, dropped below (on CPU the flash kernel was slower than
+                # the math path for these head sizes, so CPU keeps v as it is)
                 vh = F.pad(vh, (0, pad))
             if attn_mask is None:
                 o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
