@@ -131,16 +131,24 @@ class MasterWeightAdamW:
     @torch.no_grad()
     def step(self) -> None:
         """Update the masters with the model gradients, then copy them into the model."""
+        src, dst = [], []
         for p, m in zip(self.model_params, self.master_params):
-            m.grad = None if p.grad is None else p.grad.float()
+            if p.grad is None:
+                m.grad = None
+                continue
+            if m.grad is None:
+                m.grad = torch.empty_like(m)  # kept between steps: one fp32 buffer per parameter
+            src.append(p.grad)
+            dst.append(m.grad)
+        if dst:
+            torch._foreach_copy_(dst, src)  # bf16 -> fp32
         self.optimizer.step()
-        torch._foreach_copy_(self.model_params, self.master_params)
+        torch._foreach_copy_(self.model_params, self.master_params)  # fp32 -> bf16 (round to nearest)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the model's gradients (the fp32 gradient buffers are reused)."""
         for p in self.model_params:
             p.grad = None
-        for m in self.master_params:
-            m.grad = None
 
 
 def _adamw_kwargs(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -407,7 +415,7 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
                                   cfg.train.grad_clip))
 
     memory = {}
-    for s in sides[:2]:
+    for s in sides:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
