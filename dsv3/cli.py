@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-to-all dispatch dtype (default train.precision; DeepSeek-V3 used fp8)")
     p.add_argument("--combine-dtype", choices=["fp8", "bf16", "fp32"], default=None,
                    help="all-to-all combine dtype (default train.precision)")
+    p = sub.add_parser("bench", help="benchmarks: training step, decoding, data pipeline (JSON under bench/)")
+    p.add_argument("kind", choices=["train", "decode", "data"])
+    _add_config_args(p, required=False)
+    p.add_argument("--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train, decode)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round (train)")
+    p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
+    p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
     return parser
 
 
@@ -86,6 +95,13 @@ def _cmd_plan(args) -> None:
 
     print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gib, args.propose,
                args.dispatch_dtype, args.combine_dtype))
+
+
+def _cmd_bench(args) -> None:
+    from dsv3.bench import run_cli
+
+    run_cli(args.kind, args.config, args.overrides, args.precision, args.vs, args.compile, args.steps, args.reps,
+            args.out_dir)
 
 
 def _cmd_convert(args) -> None:
@@ -220,9 +236,14 @@ def _cmd_chat(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "bench" and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides given after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert, "sft": _cmd_sft,
-                "plan": _cmd_plan, "chat": _cmd_chat}
+                "plan": _cmd_plan, "chat": _cmd_chat, "bench": _cmd_bench}
     try:
         handlers[args.command](args)
     except DsvError as err:

@@ -124,7 +124,10 @@ class TrainConfig:
     mtp_lambda: float = 0.3  # weight of the MTP loss (§2.2.2)
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (eq. 17)
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (§2.1.2)
-    peak_tflops: float | None = None  # per-process peak (e.g. 989 for an H100 in bf16); enables MFU logging
+    # per-process peak (e.g. 989 for an H100 in bf16); enables MFU logging. "auto" measures a
+    # bf16/fp32 (as train.precision) square matmul once at start (dsv3.bench.measure_peak_tflops)
+    peak_tflops: float | str | None = None
+    compile: bool = False  # torch.compile the model inside the DeepSpeed engine
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step
     eval_every: int = 100
     eval_batches: int = 4  # validation size, in global batches
@@ -296,6 +299,14 @@ def validate(cfg: Config) -> None:
         DsvError: the first problem found, naming the values and a fix.
     """
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    if isinstance(t.peak_tflops, str) and t.peak_tflops != "auto":
+        raise DsvError(f"train.peak_tflops={t.peak_tflops!r} must be a number (TFLOP/s per process) or auto")
+    if t.compile and cfg.parallel.ep > 1:
+        raise DsvError("train.compile=true is not supported with expert parallelism (parallel.ep > 1); drop one")
+    if t.compile and cfg.parallel.pp > 1:
+        raise DsvError("train.compile=true is not supported with pipeline parallelism (parallel.pp > 1); drop one")
+    if isinstance(t.peak_tflops, float) and t.peak_tflops <= 0:
+        raise DsvError(f"train.peak_tflops={t.peak_tflops} must be positive (TFLOP/s per process) or auto")
     positive = {
         "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.kv_lora_rank": m.kv_lora_rank,

@@ -101,13 +101,16 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     Returns:
         (M, Out), dtype of ``x``.
 
-    Uses ``torch._grouped_mm`` when the build has it and the row strides are 16-byte aligned
-    (its requirement); otherwise a padded batched product: rows are scattered into an
-    (E, max_rows, In) block, multiplied with one ``bmm`` and gathered back.
+    Uses ``torch._grouped_mm`` where it runs (see :func:`_grouped_mm_ok`); otherwise a padded
+    batched product: rows are scattered into an (E, max_rows, In) block, multiplied with one
+    ``bmm`` and gathered back (the block size is read from the data: a host sync on GPU).
+
+    Measured on a 2-core CPU (fwd + bwd of one expert layer, E=16, D=512, I=256, 4096 rows):
+    ``_grouped_mm`` 83 ms fp32 / 42 ms bf16, padded ``bmm`` 92 / 52 ms, a Python loop over
+    experts 133 / 61 ms; so ``_grouped_mm`` is used wherever it is available.
     """
     out_dim, in_dim = w.shape[1], w.shape[2]
-    item = x.element_size()
-    if _HAS_GROUPED_MM and (in_dim * item) % 16 == 0 and (out_dim * item) % 16 == 0:
+    if _grouped_mm_ok(x, out_dim, in_dim):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     E = w.shape[0]
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()  # (E,)
@@ -120,6 +123,20 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm_ok(x: torch.Tensor, out_dim: int, in_dim: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: the build has it, row strides are
+    16-byte aligned, and the dtype is supported there (any on CPU in eager mode; bf16 on CUDA
+    from compute capability 9.0, and under ``torch.compile``, whose shape rules ask for bf16)."""
+    item = x.element_size()
+    if not _HAS_GROUPED_MM or (in_dim * item) % 16 or (out_dim * item) % 16:
+        return False
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return True
+    if x.dtype != torch.bfloat16:
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -166,15 +183,32 @@ class Experts(nn.Module):
         """
         N, K = indices.shape
         flat = indices.flatten()  # (N*K,)
+        if N * K < self.n_experts and not torch.is_grad_enabled():
+            return self._few_tokens(x, weights, flat, N, K)
         order = flat.argsort(stable=True)  # (N*K,) sorted by expert
         token = order // K  # (N*K,) source token of each sorted row
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        # scatter_add, not bincount: bincount sizes its output from the data (a host sync on GPU)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # (E,)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         xs = _ContiguousGrad.apply(x[token])  # (N*K, D)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
         ys = grouped_matmul(_ContiguousGrad.apply(h), self.down_proj, offsets)  # (N*K, D)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, _ContiguousGrad.apply(ys))
+
+    def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, N: int, K: int) -> torch.Tensor:
+        """Inference with fewer token-expert pairs than experts (decoding): gather only the
+        chosen experts' weights and run one batched product per projection.
+
+        Args: x (N, D); weights (N, K) float32; flat (N*K,) expert ids, token-major.
+        Returns: (N, D), dtype of ``x``.
+        """
+        xs = x.repeat_interleave(K, dim=0).unsqueeze(-1)  # (N*K, D, 1)
+        h = F.silu(torch.bmm(self.gate_proj.index_select(0, flat), xs)) * \
+            torch.bmm(self.up_proj.index_select(0, flat), xs)  # (N*K, I, 1)
+        ys = torch.bmm(self.down_proj.index_select(0, flat), h).view(N, K, -1)  # (N, K, D)
+        return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)  # (N, D)
 
 
 @dataclass
@@ -217,7 +251,8 @@ class MoE(nn.Module):
                 the load statistics or the balance loss.
 
         Returns:
-            y (B, T, D) (the FFN output, without the residual), and :class:`MoEAux`.
+            y (B, T, D) (the FFN output, without the residual), and :class:`MoEAux` (None in
+            inference: eval mode, no gradients and no ``valid`` mask).
         """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
@@ -225,6 +260,8 @@ class MoE(nn.Module):
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
+        if valid is None and not self.training and not torch.is_grad_enabled():
+            return y.view(B, T, D), None  # inference (generation): no load statistics needed
         return y.view(B, T, D), self._aux(indices, scores, B, T, valid)
 
     def _aux(self, indices, scores, B, T, valid) -> MoEAux:

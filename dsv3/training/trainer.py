@@ -182,6 +182,14 @@ class Trainer:
             self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
             self.model: Transformer = self.engine.module
         self.manual_clip = trainer_clips(cfg)
+        if cfg.train.compile:
+            self.engine.compile()
+        self.peak_tflops = cfg.train.peak_tflops
+        if self.peak_tflops == "auto":
+            from dsv3.bench import DTYPES, measure_peak_tflops
+
+            self.peak_tflops = measure_peak_tflops(DTYPES[cfg.train.precision], self.info.device)
+            _log(self.info, f"measured matmul peak: {self.peak_tflops:.3g} TFLOP/s ({cfg.train.precision}) per process")
         self.start_step = 0
         self._resume()
 
@@ -273,7 +281,8 @@ class Trainer:
             group["lr"] = lr
         scale = p.grad_accum * self.dp  # undo DeepSpeed's mean over micro-batches and ranks
         lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
-        stats = torch.zeros(3 + depth, dtype=torch.float64)  # lm_sum, balance, spare, mtp sums
+        # loss statistics and expert loads accumulate on the device: no host sync per micro-batch
+        stats = torch.zeros(3 + depth, dtype=torch.float64, device=dev)  # lm_sum, balance, spare, mtp sums
         load = None
         grad_norm = None
         for i, (inputs, labels, *extra) in enumerate(batches):
@@ -283,9 +292,9 @@ class Trainer:
                 loss = loss + lam / depth * (out.mtp_loss_sum / n_mtp).sum()
             loss = loss * scale + alpha * out.balance_loss
             self.engine.backward(loss)
-            stats[0] += out.lm_loss_sum.detach().double().cpu()
-            stats[1] += out.balance_loss.detach().double().cpu() / (p.grad_accum * self.dp)
-            stats[3:] += out.mtp_loss_sum.detach().double().cpu()
+            stats[0] += out.lm_loss_sum.detach().double()
+            stats[1] += out.balance_loss.detach().double() / (p.grad_accum * self.dp)
+            stats[3:] += out.mtp_loss_sum.detach().double()
             if i == len(batches) - 1:  # gradients are all-reduced now; decide before the update
                 if self.manual_clip and self.ep > 1:
                     from dsv3.parallel.expert_parallel import clip_grad_norm_
@@ -293,13 +302,16 @@ class Trainer:
                     grad_norm = clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
                 elif self.manual_clip:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                bad = torch.tensor([0.0 if torch.isfinite(stats).all() else 1.0])
-                if grad_norm is not None and not torch.isfinite(grad_norm):
-                    bad += 1
-                finite = all_reduce_sum(bad).item() == 0
+                bad = (~torch.isfinite(stats).all()).float().reshape(1)
+                if grad_norm is not None:
+                    bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm))).float().to(bad.device)
+                # the step's one host sync: whether to apply the update is decided on the host
+                finite = all_reduce_sum(bad.cpu()).item() == 0
                 self.optimizer.skip_next = not finite
             self.engine.step()
-            load = out.expert_load.detach().cpu() if load is None else load + out.expert_load.detach().cpu()
+            load = out.expert_load.detach() if load is None else load + out.expert_load.detach()
+        stats = stats.cpu()
+        load = load.cpu() if load is not None else None
         all_reduce_sum(stats)
         self.last_load = None
         if load is not None and load.numel() and finite:
@@ -481,8 +493,8 @@ class Trainer:
         share of the step spent loading data, peak memory of this process."""
         achieved = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * rec["tokens_per_s"] / 1e12
         out = {"tflops": achieved, "data_share": self._data_time / max(step_time, 1e-9)}
-        if self.cfg.train.peak_tflops:
-            out["mfu"] = achieved / (self.cfg.train.peak_tflops * self.info.world_size)
+        if self.peak_tflops:
+            out["mfu"] = achieved / (self.peak_tflops * self.info.world_size)
         if self.info.device.type == "cuda":
             out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:

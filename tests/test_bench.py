@@ -1,0 +1,175 @@
+"""``dsv3 bench``: result files, the transformers peer, the decode cache size, host syncs.
+
+Speed itself is measured by the benchmark, not asserted here (timings on a shared machine
+are noise); these tests check that the figures are computed from the right quantities.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsv3 import bench
+from dsv3.cli import main
+from dsv3.config import load_config
+from dsv3.errors import DsvError
+from dsv3.model import flops_per_token
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ["model.vocab_size=512", "model.dim=64", "model.inter_dim=128", "model.moe_inter_dim=32", "model.n_layers=2",
+        "model.n_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+        "model.v_head_dim=16", "model.max_seq_len=128", "data.seq_len=32", "parallel.micro_batch_size=2"]
+
+
+def test_bench_train_writes_result(tmp_path, capsys):
+    rc = main(["bench", "train", "--steps", "2", "--reps", "1", "--out-dir", str(tmp_path), *TINY])
+    assert rc == 0
+    files = list(tmp_path.glob("train-tiny-fp32-*.json"))
+    assert len(files) == 1
+    r = json.loads(files[0].read_text())
+    cfg = load_config(None, TINY)
+    assert r["tokens_per_step"] == 2 * 32 and r["batch"] == 2 and r["seq_len"] == 32
+    assert r["flops_per_token"] == flops_per_token(cfg.model, 32)
+    assert set(r["results"]) == {"dsv3", "dsv3+ckpt"}
+    for row in r["results"].values():
+        assert len(row) >= 6 and row["step_time_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(64 / row["step_time_s"])
+        assert row["model_tflops"] == pytest.approx(r["flops_per_token"] * row["tokens_per_s"] / 1e12)
+        assert row["mfu"] == pytest.approx(row["model_tflops"] / r["peak_tflops"]["fp32"])
+    assert r["peak_tflops"]["fp32"] > 0 and r["peak_tflops"]["bf16"] > 0
+    # activation checkpointing keeps only block inputs for the backward pass
+    assert 0 < r["results"]["dsv3+ckpt"]["activation_mib"] < 0.5 * r["results"]["dsv3"]["activation_mib"]
+    out = capsys.readouterr().out
+    assert "dsv3+ckpt" in out and "tokens_per_s" in out and f"wrote {files[0]}" in out
+
+
+def test_vs_hf_ratio_and_parity(tmp_path):
+    """The peer has dsv3's weights (logits equal at step 0) and the ratio uses its fastest setting."""
+    pytest.importorskip("transformers")
+    cfg = load_config(None, TINY)
+    assert bench.hf_parity(cfg) < 1e-4
+    r = bench.bench_train(cfg, "fp32", vs_hf=True, steps=1, reps=1, warmup=0, checkpointing=False)
+    hf_rows = {k: v for k, v in r["results"].items() if k.startswith("hf:")}
+    assert set(hf_rows) == {f"hf:fp32:{e}" for e in bench.HF_EXPERTS}
+    best = max(hf_rows.values(), key=lambda v: v["tokens_per_s"])
+    assert r["hf_tokens_per_s"] == best["tokens_per_s"]
+    assert r["speedup_vs_hf"] == pytest.approx(r["results"]["dsv3"]["tokens_per_s"] / best["tokens_per_s"])
+    assert r["hf_parity_max_abs_logit_diff"] < 1e-4
+    assert r["model"]["mtp_depth"] == 0 and r["notes"]  # transformers has no MTP: both run without it
+
+
+@pytest.mark.parametrize("precision,size", [("fp32", 4), ("bf16", 2)])
+def test_decode_cache_bytes_per_token(precision, size):
+    cfg = load_config(None, TINY)
+    r = bench.bench_decode(cfg, precision, batches=(1, 2), prompt_len=4, new_tokens=3, reps=1)
+    m = cfg.model
+    assert r["cache_bytes_per_token"] == (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers * size == (16 + 8) * 2 * size
+    assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b2"] > 0
+    assert r["results"]["dsv3@b2"]["tokens_per_s"] == pytest.approx(2 * 3 / r["results"]["dsv3@b2"]["seconds"])
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that make the host wait for the device on a GPU: reading a value
+    (``.item()``, ``.tolist()``, ``int(t)``, ``if t:``) and ops whose output size depends on
+    the data (``nonzero``, ``bincount``, ``repeat_interleave`` without ``output_size``...)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique", "_unique2", "unique_dim",
+               "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _one_step_syncs(precision: str) -> list[str]:
+    cfg = load_config(None, TINY)
+    model = bench.build_dsv3(cfg, torch.device("cpu"), precision)
+    side = bench.Side("dsv3", model, bench.make_optimizer(model, cfg, precision, master=True), bench._dsv3_loss(cfg),
+                      1.0)
+    (x, y), = bench._batches(cfg, 2, 32, 1, torch.device("cpu"))
+    side.step(x, y)  # first step: lazily created optimizer state
+    with SyncCounter() as counter:
+        side.step(x, y)
+    return counter.seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_step_has_no_host_sync(precision):
+    """Forward, backward, clipping and the AdamW update read no device value on the host."""
+    assert _one_step_syncs(precision) == []
+
+
+def test_sync_counter_sees_the_padded_expert_path(monkeypatch):
+    """The counter does catch a sync: the padded-bmm expert path sizes its block from the data."""
+    from dsv3.model import moe
+
+    monkeypatch.setattr(moe, "_HAS_GROUPED_MM", False)
+    assert "_local_scalar_dense" in _one_step_syncs("fp32")
+
+
+def test_master_weight_adamw_keeps_small_updates():
+    """bf16 weights with fp32 masters: updates below bf16 resolution accumulate in the master."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = bench.MasterWeightAdamW([{"params": [w], "weight_decay": 0.0}], lr=1e-4)
+    for _ in range(10):
+        w.grad = torch.ones_like(w)
+        opt.step()
+        opt.zero_grad()
+    master = opt.master_params[0]
+    assert master.dtype == torch.float32
+    assert master[0].item() == pytest.approx(1 - 10 * 1e-4, rel=1e-4)  # Adam's first steps move by ~lr
+    assert torch.equal(w, master.to(torch.bfloat16))
+    plain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    popt = torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0)
+    for _ in range(10):
+        plain.grad = torch.ones_like(plain)
+        popt.step()
+    assert torch.equal(plain, torch.ones_like(plain))  # pure bf16 loses every one of those updates
+
+
+def test_bad_input():
+    cfg = load_config(None, TINY)
+    with pytest.raises(DsvError, match="precision"):
+        bench.bench_train(cfg, "fp16")
+    with pytest.raises(DsvError, match="max_seq_len"):
+        bench.bench_decode(cfg, prompt_len=100, new_tokens=100)
+
+
+def test_bench_data_missing_module_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "data_pipeline.bench", None)  # import fails
+    assert main(["bench", "data", "--out-dir", str(tmp_path), *TINY]) == 2
+    assert "data_pipeline.bench" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_data_writes_what_the_pipeline_reports(monkeypatch, tmp_path, capsys):
+    import sys
+    import types
+
+    fake = types.ModuleType("data_pipeline.bench")
+    fake.bench_data = lambda cfg: {"tokens_per_s": 123.0, "seq_len": cfg.data.seq_len}
+    monkeypatch.setitem(sys.modules, "data_pipeline.bench", fake)
+    assert main(["bench", "data", "--out-dir", str(tmp_path), *TINY]) == 0
+    (f,) = tmp_path.glob("data-tiny-data-*.json")
+    r = json.loads(f.read_text())
+    assert r["tokens_per_s"] == 123.0 and r["seq_len"] == 32 and r["kind"] == "data"
+    assert "tokens_per_s" in capsys.readouterr().out
+
+
+def test_peak_tflops_auto_config():
+    assert load_config(None, ["train.peak_tflops=auto"]).train.peak_tflops == "auto"
+    assert load_config(None, ["train.peak_tflops=312"]).train.peak_tflops == 312.0
+    with pytest.raises(DsvError, match="peak_tflops"):
+        load_config(None, ["train.peak_tflops=fast"])
