@@ -499,23 +499,9 @@ class PipelineRun:
         grad_norm = state["grad_norm"]
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        rec = {
-            "loss": lm + lam * mtp + alpha * bal,
-            "lm_loss": lm,
-            "mtp_loss": mtp,
-            "balance_loss": bal,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        }
-        if not finite:
-            rec["skipped"] = True
-        if load is not None and load.numel():
-            lf = load.float()
-            ratio = lf.max(-1).values / lf.mean(-1).clamp(min=1e-9)
-            rec["expert_load_max_over_mean"] = ratio.mean().item()
-            for i, r in enumerate(ratio.tolist()):
-                rec[f"expert_load/layer{i}"] = r
-        return rec
+        from dsv3.training.metrics import step_record
+
+        return step_record(lm, mtp, bal, lam, alpha, lr, grad_norm, finite, load)
 
     @torch.no_grad()
     def evaluate(self, trainer) -> float:

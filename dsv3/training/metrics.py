@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dsv3.fileio import atomic_write_text
 
 # metrics.jsonl key -> TensorBoard tag (grouped so the dashboard reads well)
@@ -134,3 +136,41 @@ class Console:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def step_record(lm: float, mtp: float, balance: float, mtp_lambda: float, alpha: float, lr: float,
+                grad_norm, finite: bool, load: torch.Tensor | None) -> dict[str, float]:
+    """The metrics of one optimizer step, as logged to ``metrics.jsonl`` and TensorBoard.
+
+    Args:
+        lm, mtp, balance: global-batch means of the LM loss, the MTP loss (mean over depths)
+            and the balance loss (V3 report eq. 17-20, 25).
+        mtp_lambda, alpha: their weights in the total ``loss``.
+        lr: learning rate of the step.
+        grad_norm: global gradient norm (tensor or float; None -> NaN).
+        finite: False if the update was skipped (non-finite loss or gradient).
+        load: (L_moe, E) tokens routed to each expert of each MoE layer over the global
+            batch, or None.
+
+    Returns:
+        ``loss``, ``lm_loss``, ``mtp_loss``, ``balance_loss``, ``lr``, ``grad_norm``, ``skipped``
+        (only when skipped), and per-layer ``expert_load/layer{i}`` = max/mean load with their
+        mean ``expert_load_max_over_mean``.
+    """
+    rec = {
+        "loss": lm + mtp_lambda * mtp + alpha * balance,
+        "lm_loss": lm,
+        "mtp_loss": mtp,
+        "balance_loss": balance,
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+    }
+    if not finite:
+        rec["skipped"] = True
+    if load is not None and load.numel():
+        lf = load.float()
+        ratio = lf.max(-1).values / lf.mean(-1).clamp(min=1e-9)
+        rec["expert_load_max_over_mean"] = ratio.mean().item()
+        for i, r in enumerate(ratio.tolist()):
+            rec[f"expert_load/layer{i}"] = r
+    return rec

@@ -51,7 +51,7 @@ from dsv3.training.checkpoint import (
     seed_everything,
     tag_for,
 )
-from dsv3.training.metrics import Console, MetricsLogger
+from dsv3.training.metrics import Console, MetricsLogger, step_record
 from dsv3.training.schedule import lr_at
 
 
@@ -323,23 +323,7 @@ class Trainer:
         bal = stats[1].item()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        rec = {
-            "loss": lm + lam * mtp + alpha * bal,
-            "lm_loss": lm,
-            "mtp_loss": mtp,
-            "balance_loss": bal,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        }
-        if not finite:
-            rec["skipped"] = True
-        if load is not None and load.numel():
-            lf = load.float()
-            ratio = (lf.max(-1).values / lf.mean(-1).clamp(min=1e-9))
-            rec["expert_load_max_over_mean"] = ratio.mean().item()
-            for i, r in enumerate(ratio.tolist()):
-                rec[f"expert_load/layer{i}"] = r
-        return rec
+        return step_record(lm, mtp, bal, lam, alpha, lr, grad_norm, finite, load)
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 on any rank ask every rank to save and stop after the current step."""
