@@ -1,6 +1,7 @@
 """Shared fixtures: a small real corpus (files of this interpreter's standard library) and a
 tiny model configuration that trains in seconds."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # metrics.jsonl fields that measure the machine, not the training (excluded from equality checks)
 TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib", "mfu"}
+# the logged values two layouts of the same run must agree on
+METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens", "val_loss")
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "json/__init__.py",
                 "heapq.py", "bisect.py", "fractions.py", "shlex.py", "string.py", "colorsys.py", "csv.py"]
@@ -70,3 +73,20 @@ def run_dsv3(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = 
     if check and proc.returncode != 0:
         raise AssertionError(f"dsv3 {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` without the machine-dependent TIMING keys."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def assert_same_metrics(got: list[dict], want: list[dict], rel: float = 1e-5, abs_tol: float = 1e-7) -> None:
+    """Same logged steps, and every METRIC_KEYS value of ``want`` matched within ``rel`` / ``abs_tol``."""
+    import pytest
+
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in METRIC_KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=abs_tol), (b["step"], key, a[key], b[key])

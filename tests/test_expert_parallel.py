@@ -8,24 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_dsv3, tiny_overrides
+from conftest import ROOT, assert_same_metrics, read_metrics as metrics, run_dsv3, tiny_overrides
 
-KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens", "val_loss")
-TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib", "mfu"}
 COMMON = {"train.steps": 4, "ckpt.every": 2, "ckpt.keep_last": 2, "train.eval_every": 2, "train.sample_tokens": 4}
-
-
-def metrics(run_dir):
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
-
-
-def assert_same_metrics(got, want, rel=1e-5):
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
-        for key in KEYS:
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-7), (b["step"], key, a[key], b[key])
 
 
 @pytest.fixture(scope="module")

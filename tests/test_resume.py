@@ -9,13 +9,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, TIMING, run_dsv3, tiny_overrides
+from conftest import ROOT, read_metrics as metrics, run_dsv3, tiny_overrides
 
-
-
-def metrics(run_dir):
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
 
 
 def launch(args, nproc=1):
