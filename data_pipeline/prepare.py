@@ -98,10 +98,14 @@ def parse_sources(source: Any) -> list[tuple[str | None, float]]:
         raise DsvError("data.source is an empty list; give a path, or a list of {path: ..., weight: ...}")
     out = []
     for i, item in enumerate(source):
-        if not (isinstance(item, dict) and set(item) <= {"path", "weight"} and isinstance(item.get("path"), str)):
-            raise DsvError(f"data.source[{i}]={item!r} is not a corpus entry; write each as "
+        if not (isinstance(item, dict) and set(item) == {"path", "weight"} and isinstance(item.get("path"), str)):
+            keys = sorted(set(item) - {"path", "weight"}) if isinstance(item, dict) else []
+            missing = sorted({"path", "weight"} - set(item)) if isinstance(item, dict) else []
+            what = (f"unknown key(s) {', '.join(keys)}" if keys else f"missing {', '.join(missing)}" if missing
+                    else "not a mapping with a string path")
+            raise DsvError(f"data.source[{i}]={item!r} is not a corpus entry ({what}); write each as "
                            "{path: <file, folder or hub name>, weight: <number>}")
-        w = item.get("weight", 1.0)
+        w = item["weight"]
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
             raise DsvError(f"data.source[{i}].weight={w!r} must be a positive number")
         out.append((item["path"], float(w)))

@@ -9,7 +9,8 @@ from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--config", required=required, help="YAML run config (see configs/); default: the tiny CPU model")
+    p.add_argument("--config", required=required,
+                   help="YAML run config (see configs/)" + ("" if required else "; default: the tiny CPU model"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
 
 

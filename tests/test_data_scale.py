@@ -451,3 +451,16 @@ def test_prepare_rank_world(monkeypatch, tmp_path):
     with pytest.raises(DsvError) as e:
         cfg_for(json.dumps([{"path": "a"}]), tmp_path, **{"data.format": "chat"})
     assert "data.source" in one_line(e)
+
+
+def test_blend_entries_need_a_path_and_a_positive_weight():
+    from data_pipeline.prepare import parse_sources
+
+    assert parse_sources("a") == [("a", 1.0)]
+    assert parse_sources([{"path": "a", "weight": 3}, {"path": "b", "weight": 0.5}]) == [("a", 3.0), ("b", 0.5)]
+    with pytest.raises(DsvError, match=r"data.source\[1\]=.* is not a corpus entry \(missing weight\)"):
+        parse_sources([{"path": "a", "weight": 1}, {"path": "b"}])
+    with pytest.raises(DsvError, match=r"not a corpus entry \(unknown key\(s\) wieght\)"):
+        parse_sources([{"path": "a", "wieght": 1}])
+    with pytest.raises(DsvError, match=r"data.source\[0\].weight=0 must be a positive number"):
+        parse_sources([{"path": "a", "weight": 0}])

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dsv3.errors import DsvError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -64,9 +66,16 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        import subprocess
+
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        except (subprocess.CalledProcessError, OSError) as exc:  # DeepSpeed JIT-builds its CPU comm op with g++
+            raise DsvError(f"DeepSpeed could not build its C++ communication op ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); install a C++ compiler (g++, e.g. "
+                           "apt install g++ / build-essential) and run again") from None
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
