@@ -43,7 +43,7 @@ files under their global index, which ``engine.load_checkpoint`` reads back for 
 experts and :func:`expert_load_fn` stacks; :func:`full_state_dict` gathers every expert for
 the single-file ``model.safetensors``. With the saved ``ep`` and process count DeepSpeed's files
 resume the run bit for bit; any other layout resumes from the layout-free optimizer state of
-:mod:`dsv3.parallel.portable_state`.
+:mod:`dsv3.parallel.layout_free`.
 """
 
 from __future__ import annotations
