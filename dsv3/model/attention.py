@@ -124,11 +124,14 @@ class MLA(nn.Module):
             kh = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
             vh = v.transpose(1, 2)  # (B, H, T, dv)
             pad = self.dn + self.dr - self.dv
-            if pad > 0 and vh.dtype in (torch.bfloat16, torch.float16) and (vh.is_cuda or T >= 512):
+            half = vh.dtype in (torch.bfloat16, torch.float16)
+            if pad > 0 and ((vh.is_cuda and half) or (not vh.is_cuda and (not half or T >= 512))):
                 # flash kernels need one head dim for q, k and v: zero columns of v give zero
-                # output columns, dropped below. On CPU (bf16, 2 cores) the flash kernel beat the
-                # math one at 512 tokens (+14% per training step, 30% less activation memory)
-                # and lost at 256 (-4%), hence the length threshold there
+                # output columns, dropped below. On CPU the flash kernel (which skips the
+                # masked half of a causal product) beat the math one in fp32 (fwd + bwd, 4 x 256
+                # tokens, 4 heads: -18%; 512 tokens: -32%) and in bf16 from 512 tokens (+14%
+                # per training step, 30% less activation memory), but not in bf16 at 256
+                # tokens (-4% per step), hence the length threshold there
                 vh = F.pad(vh, (0, pad))
             if attn_mask is None:
                 o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)

@@ -111,6 +111,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     """
     out_dim, in_dim = w.shape[1], w.shape[2]
     if _grouped_mm_ok(x, out_dim, in_dim):
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            return _grouped_mm_cpu(x, w, offsets)  # opaque to the compiler: any dtype, no graph break
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     E = w.shape[0]
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()  # (E,)
@@ -127,16 +129,54 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 def _grouped_mm_ok(x: torch.Tensor, out_dim: int, in_dim: int) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: the build has it, row strides are
-    16-byte aligned, and the dtype is supported there (any on CPU in eager mode; bf16 on CUDA
-    from compute capability 9.0, and under ``torch.compile``, whose shape rules ask for bf16)."""
+    16-byte aligned, and the dtype is supported there (any on CPU, under ``torch.compile``
+    through the opaque :func:`_grouped_mm_cpu`; bf16 on CUDA from compute capability 9.0)."""
     item = x.element_size()
     if not _HAS_GROUPED_MM or (in_dim * item) % 16 or (out_dim * item) % 16:
         return False
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if x.device.type == "cpu":
         return True
     if x.dtype != torch.bfloat16:
         return False
     return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+if _HAS_GROUPED_MM:
+    # torch.compile traces torch._grouped_mm with shape rules written for CUDA bf16, and the
+    # fallback below reads its block size from the data (a graph break). On CPU the compiled
+    # model therefore calls the eager kernel through these two custom ops, whose backward is
+    # written out: dX = dY W (per group), dW_e = dY_e^T X_e.
+
+    @torch.library.custom_op("dsv3::grouped_mm_cpu", mutates_args=())
+    def _grouped_mm_cpu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(M, In) x (E, Out, In) -> (M, Out): rows ``offsets[e-1]:offsets[e]`` times ``w[e].T``."""
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+
+    @_grouped_mm_cpu.register_fake
+    def _(x, w, offsets):
+        return x.new_empty(x.shape[0], w.shape[1])
+
+    @torch.library.custom_op("dsv3::grouped_mm_cpu_weight_grad", mutates_args=())
+    def _grouped_mm_cpu_weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(M, In), (M, Out) -> (E, Out, In): ``g[rows of e].T @ x[rows of e]`` (zero for an empty group)."""
+        return torch._grouped_mm(g.t(), x, offs=offsets)
+
+    @_grouped_mm_cpu_weight_grad.register_fake
+    def _(x, g, offsets):
+        return x.new_empty(offsets.shape[0], g.shape[1], x.shape[1])
+
+    def _grouped_mm_cpu_setup(ctx, inputs, output):
+        x, w, offsets = inputs
+        ctx.save_for_backward(x, w, offsets)
+
+    def _grouped_mm_cpu_backward(ctx, g):
+        x, w, offsets = ctx.saved_tensors
+        g = g.contiguous()
+        gx = _grouped_mm_cpu(g, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+        gw = _grouped_mm_cpu_weight_grad(x, g, offsets) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+    _grouped_mm_cpu.register_autograd(_grouped_mm_cpu_backward, setup_context=_grouped_mm_cpu_setup)
 
 
 class _ContiguousGrad(torch.autograd.Function):
