@@ -14,6 +14,22 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
 
 
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="place whole blocks on GPUs, then CPU, then disk within these limits, e.g. 0=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="folder for the weights that fit in no memory (disk offload); implies placement")
+
+
+def _load_for_inference(args):
+    """load_model with the --max-memory / --offload-folder placement, if any."""
+    from dsv3 import load_model
+    from dsv3.offload import parse_max_memory
+
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory is not None else None
+    return load_model(args.ckpt, max_memory=max_memory, offload_folder=args.offload_folder)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help="token limit" + ("" if max_new_tokens else " per reply (default: min(256, max_seq_len/2))"))
@@ -54,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--prompt", required=True)
     _add_sampling_args(p, max_new_tokens=100, temperature=0.8)
+    _add_placement_args(p)
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the MTP module, verify with the main model (greedy only; stats on stderr)")
     p.add_argument("--compare", action="store_true",
@@ -62,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(p, max_new_tokens=None, temperature=0.7)
+    _add_placement_args(p)
     p = sub.add_parser("convert", help="import / export the Hugging Face DeepSeek-V3 layout")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face folder (config.json + safetensors) to import")
@@ -189,14 +207,14 @@ def _cmd_sft(args) -> None:
 def _cmd_generate(args) -> None:
     import time
 
-    from dsv3 import load_model, load_tokenizer
+    from dsv3 import load_tokenizer
     from dsv3.generation import check_speculative, generate, generate_speculative
 
     if args.max_new_tokens <= 0:
         raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive")
     if args.compare and not args.speculative:
         raise DsvError("--compare only applies with --speculative mtp; add it or drop --compare")
-    model = load_model(args.ckpt)
+    model = _load_for_inference(args)
     tok = load_tokenizer(args.ckpt)
     _check_sampling(args, model.cfg.max_seq_len)
     prompt = tok.encode(args.prompt)
@@ -223,10 +241,10 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_chat(args) -> None:
-    from dsv3 import load_model, load_tokenizer
+    from dsv3 import load_tokenizer
     from dsv3.chat import chat_loop
 
-    model = load_model(args.ckpt)
+    model = _load_for_inference(args)
     tok = load_tokenizer(args.ckpt)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.cfg.max_seq_len // 2)

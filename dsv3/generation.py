@@ -184,7 +184,7 @@ def generate_batch(
     and each row's rope positions start at 0 on its first real token (see the module doc).
 
     Args:
-        model: the model (its parameters' device is used; switched to eval mode for the
+        model: the model (token ids go to :meth:`~dsv3.model.Transformer.input_device`; switched to eval mode for the
             call and restored afterwards).
         prompts: B non-empty lists of token ids. A prompt longer than
             ``max_seq_len - max_new_tokens`` keeps only its last ids.
@@ -212,7 +212,7 @@ def generate_batch(
     rows = _fit_prompts(model, prompts, max_new_tokens)
     B, lens = len(rows), [len(r) for r in rows]
     P = max(lens)
-    device = next(model.parameters()).device
+    device = model.input_device()
     stops = {int(i) for i in stop_ids}
     gens: list[torch.Generator | None] = [
         torch.Generator(device="cpu").manual_seed(seed + b) if seed is not None else None for b in range(B)]
@@ -285,7 +285,7 @@ def generate(
     """Continue one prompt by up to ``max_new_tokens`` tokens (a one-row :func:`generate_batch`).
 
     Args:
-        model: the model (its parameters' device is used).
+        model: the model (token ids go to :meth:`~dsv3.model.Transformer.input_device`).
         prompt_ids: the prompt's token ids (non-empty). If prompt plus new tokens exceed
             ``max_seq_len``, the oldest prompt tokens are dropped.
         max_new_tokens: ``1 <= n < max_seq_len``.
@@ -358,7 +358,7 @@ def generate_speculative(
     _check_settings(model, max_new_tokens, 0.0, 0, 1.0, repetition_penalty)
     prompt = _fit_prompts(model, [prompt_ids], max_new_tokens)[0]
     t0 = time.perf_counter()
-    device = next(model.parameters()).device
+    device = model.input_device()
     stops = {int(i) for i in stop_ids}
     seen = _seen_mask([prompt], model.cfg.vocab_size, device)[0]  # (V,)
 

@@ -187,8 +187,11 @@ class Transformer(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         dtype = dtype or self.embed_tokens.weight.dtype
-        dev = self.embed_tokens.weight.device
-        return [LatentCache(batch, max_len, self.cfg, dtype, dev) for _ in self.layers]
+        return [LatentCache(batch, max_len, self.cfg, dtype, module_device(layer)) for layer in self.layers]
+
+    def input_device(self) -> torch.device:
+        """The device token ids should be on: where the embedding computes."""
+        return module_device(self.embed_tokens)
 
     def _trunk(self, input_ids, cache=None, attn_mask=None, valid=None, position_ids=None):
         """Embed and run the main blocks. Returns (h (B, T, D) before the final norm, auxes)."""
@@ -299,7 +302,7 @@ class Transformer(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         dtype = dtype or self.embed_tokens.weight.dtype
-        return LatentCache(batch, max_len, self.cfg, dtype, self.embed_tokens.weight.device)
+        return LatentCache(batch, max_len, self.cfg, dtype, module_device(self.mtp[0]))
 
     def mtp_draft(self, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
                   last_only: bool = False) -> torch.Tensor:
@@ -338,6 +341,17 @@ class Transformer(nn.Module):
         """Every router, in the order of :attr:`TrainOutput.expert_load` rows."""
         mods = [layer.mlp.gate for layer in self.layers if layer.is_moe]
         return mods + [m.mlp.gate for m in self.mtp if m.is_moe]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: the execution device that a big-model dispatcher
+    (accelerate's hooks, see :mod:`dsv3.offload`) recorded on it, else its first parameter's
+    device (a weight offloaded to CPU or disk sits on the meta device until its forward)."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return next(module.parameters()).device
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -334,7 +334,8 @@ def read_checkpoint_config(folder: Path) -> Config:
     return config_from_dict(raw, str(f))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               max_memory: dict[int | str, int] | None = None, offload_folder: str | Path | None = None):
     """Load a trained model for inference (CONTRACT.md Python API).
 
     Args:
@@ -342,6 +343,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             DeepSeek-V3 folder (config.json + safetensors).
         device: where to put the weights.
         dtype: parameter dtype (float buffers such as the routing bias stay float32).
+        max_memory, offload_folder: either one switches to big-model placement
+            (:func:`dsv3.offload.load_dispatched`): whole blocks go to the GPUs, then CPU
+            memory, then ``offload_folder`` on disk, within ``max_memory`` ({GPU index or
+            "cpu": bytes}); ``device`` is then unused. dsv3 checkpoints only.
 
     Returns:
         :class:`dsv3.model.Transformer` in eval mode.
@@ -355,10 +360,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from dsv3.convert import is_hf_folder, load_hf_model
     from dsv3.model import Transformer
 
+    dispatch = max_memory is not None or offload_folder is not None
     if is_hf_folder(path):
+        if dispatch:
+            raise DsvError(f"--max-memory / --offload-folder need a dsv3 checkpoint; import {path} first with "
+                           f"dsv3 convert --from-hf {path} --out DIR")
         return load_hf_model(path, device=device, dtype=dtype).eval()
     folder = resolve_checkpoint(path)
     cfg = read_checkpoint_config(folder)
+    if dispatch:
+        from dsv3.offload import load_dispatched
+
+        return load_dispatched(folder, cfg, folder / WEIGHTS, dtype, max_memory, offload_folder)
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
