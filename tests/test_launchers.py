@@ -1,4 +1,5 @@
-"""launch/torchrun.sh and launch/deepspeed.sh with 2 CPU processes give the same training numbers."""
+"""launch/torchrun.sh, launch/deepspeed.sh and launch/accelerate.sh with 2 CPU processes give the same training
+numbers as one process with the same global batch."""
 
 import json
 import os
@@ -26,7 +27,7 @@ def launch(script, overrides):
     return proc
 
 
-@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh", "accelerate.sh"])
 def test_launcher_two_cpu_processes(script, corpus_dir, data_cache, tmp_path):
     extra = {"train.steps": 3, "ckpt.every": 3, "train.eval_every": 3, "parallel.micro_batch_size": 2}
     launch(script, tiny_overrides(corpus_dir, data_cache, tmp_path / "dp2", **extra))
