@@ -14,3 +14,4 @@ args=("$@")
 python -m dsv3 bench train --precision bf16 --vs hf --steps 10 --reps 3 "${args[@]}"
 python -m dsv3 bench train --precision bf16 --compile --steps 10 --reps 3 "${args[@]}"
 python -m dsv3 bench decode --precision bf16 --vs hf "${args[@]}"
+python -m dsv3 bench decode --precision bf16 --compile --vs hf "${args[@]}"
