@@ -149,3 +149,17 @@ def test_tensorboard_events_match_metrics(trained):
     recs = [r for r in read_metrics(out) if "lm_loss" in r]
     assert [e.step for e in events] == [r["step"] for r in recs]
     assert [e.value for e in events] == pytest.approx([r["lm_loss"] for r in recs], rel=1e-6)
+
+
+def test_compiled_training_matches_eager(trained, corpus_dir, data_cache, tmp_path):
+    """train.compile=true (torch.compile inside the DeepSpeed engine; the routed experts stay
+    in one graph on CPU) logs the same numbers as the eager run of the `trained` fixture."""
+    from conftest import assert_same_metrics, read_metrics as metrics_only
+
+    full, _ = trained
+    out = tmp_path / "compiled"
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out,
+                                                            **{"train.steps": 3, "train.compile": "true"})])
+    assert "runs through torch.compile" in proc.stdout
+    want = [r for r in metrics_only(full) if r["step"] <= 3]
+    assert_same_metrics(metrics_only(out), want, rel=1e-5, abs_tol=1e-6)

@@ -184,6 +184,7 @@ class Trainer:
         self.manual_clip = trainer_clips(cfg)
         if cfg.train.compile:
             self.engine.compile()
+            _log(self.info, "train.compile: the model runs through torch.compile (the first steps compile it)")
         self.peak_tflops = cfg.train.peak_tflops
         if self.peak_tflops == "auto":
             from dsv3.bench import DTYPES, measure_peak_tflops
