@@ -647,7 +647,7 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float | None, propose_layouts: 
         f"parameters  main {counts['main']:,}  (routed experts {experts:,}, other {other:,})",
         f"            MTP modules {counts['mtp']:,}  total {counts['total']:,}",
         f"            activated per token {counts['activated']:,}",
-        f"training    {flops / 1e9:,.2f} GFLOP per token at seq_len {cfg.data.seq_len} (forward + backward)",
+        f"training    {flops / 1e9:,.2f} GFLOP per token at seq_len {cfg.data.seq_len} (forward + backward; MTP modules included)",
         f"decode      latent KV cache {cache:,} values per token ({m.kv_lora_rank}+{m.qk_rope_head_dim} per layer)",
         f"activations {act.block(True) / 1024:,.1f} KiB per token per MoE block, {act.block(False) / 1024:,.1f} "
         f"dense, {act.block_input / 1024:,.1f} with checkpointing ({cfg.train.precision})",

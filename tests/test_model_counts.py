@@ -30,6 +30,7 @@ activated = main - 58 layers * (256 - 8) inactive experts * 44,040,192
           = 671,026,404,352 - 633,474,121,728                        =  37,552,282,624
 """
 
+import pytest
 import torch
 
 from dsv3.config import ModelConfig
@@ -67,3 +68,33 @@ def test_671b_per_layer_counts_match_hand_count():
     assert n(model.layers[3]) == 11_507_286_016
     assert n(model.layers[3].mlp.experts) == 256 * 3 * 7168 * 2048
     assert n(model.mtp[0]) == 11_610_067_968
+
+
+@pytest.mark.parametrize("mtp_depth", [0, 1, 2])
+@pytest.mark.parametrize("q_lora_rank", [0, 8])
+def test_flops_per_token_counts_every_activated_matmul(mtp_depth, q_lora_rank):
+    """flops_per_token against a count over the model's own weight matrices: every matrix
+    except the embedding, routed experts at K/E of their size, the shared output head once
+    more per MTP depth; 6 FLOPs per weight and token, plus 3 x (QK^T + PV) over the causal
+    half per layer and MTP block."""
+    from dsv3.model import flops_per_token
+
+    cfg = ModelConfig(vocab_size=100, dim=16, inter_dim=40, moe_inter_dim=8, n_layers=3, n_dense_layers=1,
+                      n_heads=2, n_routed_experts=6, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
+                      q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
+                      v_head_dim=5, max_seq_len=64, mtp_depth=mtp_depth)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    weights = 0.0
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or name == "embed_tokens.weight":
+            continue
+        weights += p.numel() * (2 / 6 if ".experts." in name else 1)
+    weights += mtp_depth * 100 * 16  # each MTP depth runs the shared lm_head again
+    T = 32
+    scores = (3 + mtp_depth) * 2 * T * ((6 + 4) + 5)  # per layer: heads * T * (qk + v) forward, causal half
+    assert flops_per_token(cfg, T) == pytest.approx(6 * weights + 3 * scores, rel=1e-12)
+    main_only = flops_per_token(cfg, T, mtp=False)
+    assert main_only == pytest.approx(6 * (weights - mtp_depth * 100 * 16 - sum(
+        p.numel() * (2 / 6 if ".experts." in n else 1) for n, p in model.mtp.named_parameters() if p.ndim >= 2))
+        + 3 * 3 * 2 * T * 15, rel=1e-12)
