@@ -16,9 +16,12 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                   help="place whole blocks on GPUs, then CPU, then disk within these limits, e.g. 0=20GiB,cpu=64GiB")
+                   help="dsv3 checkpoints: place whole blocks on GPUs, then CPU memory, then disk (needs "
+                        "--offload-folder) within these limits, e.g. 0=20GiB,cpu=64GiB (KB/MB/GB = 1000^n, "
+                        "KiB/MiB/GiB = 1024^n)")
     p.add_argument("--offload-folder", default=None, metavar="DIR",
-                   help="folder for the weights that fit in no memory (disk offload); implies placement")
+                   help="dsv3 checkpoints: folder for the weights that fit in no memory; alone, it places "
+                        "blocks by the memory accelerate finds free")
 
 
 def _load_for_inference(args):

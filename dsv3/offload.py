@@ -38,7 +38,7 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
         {device: bytes}, as accelerate's ``max_memory``.
 
     Raises:
-        DsvError: a malformed pair, device or size.
+        DsvError: a malformed pair, device or size, or a device named twice.
     """
     out: dict[int | str, int] = {}
     for part in (p for p in text.split(",") if p.strip()):
@@ -47,7 +47,10 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
         dev = dev.strip().lower()
         if not eq or not m or not (dev == "cpu" or dev.isdigit()):
             raise DsvError(f"--max-memory entry {part.strip()!r} is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=64GiB")
-        out[int(dev) if dev.isdigit() else dev] = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+        key = int(dev) if dev.isdigit() else dev
+        if key in out:
+            raise DsvError(f"--max-memory names device {dev} twice; give each device once")
+        out[key] = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
     if not out:
         raise DsvError("--max-memory is empty; write e.g. 0=20GiB,cpu=64GiB")
     return out
@@ -83,12 +86,20 @@ def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
         holds the placement.
 
     Raises:
-        DsvError: part of the model would go to disk and no ``offload_folder`` is given, or
-            the weights do not match the config.
+        DsvError: ``max_memory`` names a GPU that does not exist, part of the model would go
+            to disk and no ``offload_folder`` is given or it cannot be created, or the weights
+            do not match the config.
     """
     from accelerate import init_empty_weights, infer_auto_device_map, load_checkpoint_and_dispatch
+    from safetensors import safe_open
 
     from dsv3.model import Transformer
+
+    gpus = torch.cuda.device_count()
+    for dev in max_memory or {}:
+        if isinstance(dev, int) and dev >= gpus:
+            raise DsvError(f"--max-memory names GPU {dev} but {gpus} CUDA device(s) are visible; "
+                           "use cpu=SIZE on a machine without GPUs")
 
     with init_empty_weights():  # parameters on the meta device; buffers (rope tables) real
         model = Transformer(cfg.model)
@@ -100,17 +111,32 @@ def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
         device_map = {name: "disk" for name, _ in model.named_children()}
         device_map["norm"] = "cpu"
     device_map = _whole_blocks(device_map, model)
+    modules = dict(model.named_modules())
+    device_map = {k: v for k, v in device_map.items() if k in modules}  # not the top-level rope tables
     on_disk = sorted(k for k, v in device_map.items() if v == "disk")
     if on_disk and offload_folder is None:
         raise DsvError(f"{len(on_disk)} module(s) of {folder} do not fit in --max-memory and would go to disk; "
                        "add --offload-folder DIR or raise --max-memory")
+    if on_disk:
+        try:
+            Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DsvError(f"cannot use --offload-folder {offload_folder} ({exc.strerror or exc}); "
+                           "give a folder that can be created and written") from None
     try:
         model = load_checkpoint_and_dispatch(model, str(weights), device_map=device_map, offload_folder=offload_folder,
                                              dtype=dtype, strict=True, preload_module_classes=["MLA"])
     except RuntimeError as exc:
+        if "state_dict" not in str(exc):  # not a missing / unexpected / mis-shaped weight
+            raise
         first = str(exc).splitlines()[0]
         raise DsvError(f"{weights} does not match its config.yaml ({first}); use a matching checkpoint") from None
-    for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buf.data = buf.data.float()  # the bias decides routing: kept in float32 as in training
+    # The routing biases are buffers: accelerate leaves those of blocks placed on disk at their
+    # initial zeros, and casts the others to ``dtype``. They decide routing, so they are read
+    # from the file again and kept in float32 (as in training) on each block's device.
+    buffers = dict(model.named_buffers())
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            if name.endswith("e_score_correction_bias"):
+                buffers[name].data = f.get_tensor(name).float().to(buffers[name].device)
     return model.eval()

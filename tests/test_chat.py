@@ -196,33 +196,60 @@ def test_parse_max_memory():
     from dsv3.offload import parse_max_memory
 
     assert parse_max_memory("0=20GiB, cpu=1.5GB,1=512") == {0: 20 * 2**30, "cpu": 1_500_000_000, 1: 512}
-    for bad in ("cpu", "gpu=1GB", "0=lots", ""):
+    for bad in ("cpu", "gpu=1GB", "0=lots", "", "cpu=1GB,cpu=2GB"):
         with pytest.raises(DsvError, match="--max-memory"):
             parse_max_memory(bad)
 
 
 def test_offloaded_model_generates_the_same(tok, ckpt, tmp_path):
     """Big-model placement through accelerate: a third of the weights in CPU memory, the rest
-    on disk; batched (left-padded) greedy decoding and MTP speculative decoding give the same
-    ids as the model loaded whole."""
+    on disk, or all on disk. Logits equal the model loaded whole (trained routing biases
+    included), and batched (left-padded) greedy decoding and MTP speculative decoding give the
+    same ids."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
     from dsv3 import load_model
     from dsv3.generation import generate_batch, generate_speculative
 
-    plain = load_model(ckpt)
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name in [n for n in state if n.endswith("e_score_correction_bias")]:  # as after training: not zero
+        state[name] = torch.rand(state[name].shape, generator=gen) * 0.5
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    plain = load_model(folder)
     size = sum(p.nbytes for p in plain.parameters())
-    off = load_model(ckpt, max_memory={"cpu": size // 3}, offload_folder=tmp_path / "off")
-    assert set(off.hf_device_map.values()) == {"cpu", "disk"}
-    assert any(p.device.type == "meta" for p in off.parameters())  # offloaded weights are not in memory
-    assert (tmp_path / "off" / "index.json").is_file()
+    ids = torch.tensor([tok.encode("def f(x):\n    return x")])
+    with torch.no_grad():
+        want_logits = plain(ids)
     prompts = [tok.encode("def f(x):"), tok.encode("import")]
     want = [r.ids for r in generate_batch(plain, prompts, 12, temperature=0)]
-    assert [r.ids for r in generate_batch(off, prompts, 12, temperature=0)] == want
+    for limit, sub in ((size // 3, "off"), (1, "off1")):
+        off = load_model(folder, max_memory={"cpu": limit}, offload_folder=tmp_path / sub)
+        assert set(off.hf_device_map.values()) == {"cpu", "disk"}
+        assert any(p.device.type == "meta" for p in off.parameters())  # offloaded weights are not in memory
+        assert (tmp_path / sub / "index.json").is_file()
+        with torch.no_grad():
+            assert torch.equal(off(ids), want_logits)
+        assert [r.ids for r in generate_batch(off, prompts, 12, temperature=0)] == want
+    assert sorted(k for k, v in off.hf_device_map.items() if v != "disk") == ["norm"]  # all on disk
     assert generate_speculative(off, prompts[0], 12)[0].ids == generate_speculative(plain, prompts[0], 12)[0].ids
-    all_disk = load_model(ckpt, max_memory={"cpu": 1}, offload_folder=tmp_path / "off1")
-    assert sorted(k for k, v in all_disk.hf_device_map.items() if v != "disk") == ["norm"]
-    assert [r.ids for r in generate_batch(all_disk, prompts, 12, temperature=0)] == want
+    half = load_model(folder, dtype=torch.bfloat16, max_memory={"cpu": size // 3}, offload_folder=tmp_path / "bf16")
+    for name, buf in half.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            assert buf.dtype == torch.float32 and torch.equal(buf, state[name])
     with pytest.raises(DsvError, match="--offload-folder"):
-        load_model(ckpt, max_memory={"cpu": size // 3})
+        load_model(folder, max_memory={"cpu": size // 3})
+    with pytest.raises(DsvError, match="--offload-folder"):
+        load_model(folder, max_memory={"cpu": size // 3}, offload_folder=folder / "config.yaml" / "x")
+    if not torch.cuda.is_available():
+        with pytest.raises(DsvError, match="GPU 0"):
+            load_model(folder, max_memory={0: 2**30, "cpu": 2**30})
 
 
 def test_generate_cli_with_offload(ckpt, tmp_path):
