@@ -58,7 +58,8 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
 
 def _whole_blocks(device_map: dict[str, int | str], model: torch.nn.Module) -> dict[str, int | str]:
     """Expand entries for the ``layers`` / ``mtp`` lists into one entry per block, so that each
-    block gets one hook that brings all its weights (a list itself has no forward to hook)."""
+    block gets its own hook, which records the block's execution device (where its latent
+    cache goes, :func:`dsv3.model.transformer.module_device`); a list has no forward to hook."""
     out: dict[str, int | str] = {}
     for name, dev in device_map.items():
         if name in ("layers", "mtp"):
@@ -67,6 +68,23 @@ def _whole_blocks(device_map: dict[str, int | str], model: torch.nn.Module) -> d
         else:
             out[name] = dev
     return out
+
+
+def _check_names_and_shapes(model: torch.nn.Module, weights: Path) -> None:
+    """Raise DsvError unless ``weights`` holds exactly the model's tensors with its shapes
+    (accelerate does not check the weights it sends to disk)."""
+    from safetensors import safe_open
+
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = ([f"missing {k}" for k in sorted(set(want) - set(have))]
+                + [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+                + [f"{k} has shape {have[k]}, the config gives {want[k]}" for k in sorted(set(want) & set(have))
+                   if have[k] != want[k]])
+    if problems:
+        raise DsvError(f"{weights} does not match its config.yaml ({problems[0]}; {len(problems)} problem(s)); "
+                       "use a matching checkpoint")
 
 
 def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
@@ -103,6 +121,7 @@ def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
 
     with init_empty_weights():  # parameters on the meta device; buffers (rope tables) real
         model = Transformer(cfg.model)
+    _check_names_and_shapes(model, weights)
     no_split = ["Block", "MTPModule"]
     device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     if set(device_map.values()) == {"disk"}:
@@ -123,14 +142,8 @@ def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
         except OSError as exc:
             raise DsvError(f"cannot use --offload-folder {offload_folder} ({exc.strerror or exc}); "
                            "give a folder that can be created and written") from None
-    try:
-        model = load_checkpoint_and_dispatch(model, str(weights), device_map=device_map, offload_folder=offload_folder,
-                                             dtype=dtype, strict=True, preload_module_classes=["MLA"])
-    except RuntimeError as exc:
-        if "state_dict" not in str(exc):  # not a missing / unexpected / mis-shaped weight
-            raise
-        first = str(exc).splitlines()[0]
-        raise DsvError(f"{weights} does not match its config.yaml ({first}); use a matching checkpoint") from None
+    model = load_checkpoint_and_dispatch(model, str(weights), device_map=device_map, offload_folder=offload_folder,
+                                         dtype=dtype, strict=True, preload_module_classes=["MLA"])
     # The routing biases are buffers: accelerate leaves those of blocks placed on disk at their
     # initial zeros, and casts the others to ``dtype``. They decide routing, so they are read
     # from the file again and kept in float32 (as in training) on each block's device.

@@ -247,6 +247,11 @@ def test_offloaded_model_generates_the_same(tok, ckpt, tmp_path):
         load_model(folder, max_memory={"cpu": size // 3})
     with pytest.raises(DsvError, match="--offload-folder"):
         load_model(folder, max_memory={"cpu": size // 3}, offload_folder=folder / "config.yaml" / "x")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    save_file({k: v for k, v in state.items() if k != "layers.1.mlp.gate.weight"}, str(broken / "model.safetensors"))
+    with pytest.raises(DsvError, match="missing layers.1.mlp.gate.weight"):  # accelerate does not check disk weights
+        load_model(broken, max_memory={"cpu": 1}, offload_folder=tmp_path / "off2")
     if not torch.cuda.is_available():
         with pytest.raises(DsvError, match="GPU 0"):
             load_model(folder, max_memory={0: 2**30, "cpu": 2**30})
