@@ -87,13 +87,12 @@ def _check_names_and_shapes(model: torch.nn.Module, weights: Path) -> None:
                        "use a matching checkpoint")
 
 
-def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
+def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
                     max_memory: dict[int | str, int] | None, offload_folder: str | Path | None):
     """Build the model without memory, compute a device map and load ``weights`` into it.
 
     Args:
-        folder: the checkpoint folder (for messages).
-        cfg: its :class:`dsv3.config.Config`.
+        cfg: the checkpoint's :class:`dsv3.config.Config`.
         weights: its ``model.safetensors``.
         dtype: parameter dtype (the routing biases stay float32).
         max_memory: {GPU index or "cpu": bytes}; None = what accelerate finds free.
@@ -134,7 +133,7 @@ def load_dispatched(folder: Path, cfg, weights: Path, dtype: torch.dtype,
     device_map = {k: v for k, v in device_map.items() if k in modules}  # not the top-level rope tables
     on_disk = sorted(k for k, v in device_map.items() if v == "disk")
     if on_disk and offload_folder is None:
-        raise DsvError(f"{len(on_disk)} module(s) of {folder} do not fit in --max-memory and would go to disk; "
+        raise DsvError(f"{len(on_disk)} module(s) of {weights.parent} do not fit in --max-memory and would go to disk; "
                        "add --offload-folder DIR or raise --max-memory")
     if on_disk:
         try:

@@ -30,6 +30,8 @@ activated = main - 58 layers * (256 - 8) inactive experts * 44,040,192
           = 671,026,404,352 - 633,474,121,728                        =  37,552,282,624
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,7 +96,7 @@ def test_flops_per_token_counts_every_activated_matmul(mtp_depth, q_lora_rank):
     T = 32
     scores = (3 + mtp_depth) * 2 * T * ((6 + 4) + 5)  # per layer: heads * T * (qk + v) forward, causal half
     assert flops_per_token(cfg, T) == pytest.approx(6 * weights + 3 * scores, rel=1e-12)
-    main_only = flops_per_token(cfg, T, mtp=False)
+    main_only = flops_per_token(dataclasses.replace(cfg, mtp_depth=0), T)
     assert main_only == pytest.approx(6 * (weights - mtp_depth * 100 * 16 - sum(
         p.numel() * (2 / 6 if ".experts." in n else 1) for n, p in model.mtp.named_parameters() if p.ndim >= 2))
         + 3 * 3 * 2 * T * 15, rel=1e-12)

@@ -383,13 +383,12 @@ def count_parameters(model: Transformer) -> dict[str, int]:
     return {"main": main, "mtp": mtp, "total": total, "activated": main - inactive}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward).
 
     ``6 * (activated matmul parameters, embedding excluded)`` + attention scores and values,
-    ``6 * n_heads * seq_len * (qk_head_dim + v_head_dim) / 2`` per layer (causal half). With
-    ``mtp`` (the default) the MTP modules count too, since every training token goes through
-    them (V3 §2.2): per depth its projection ``eh_proj`` (2 dim x dim), one MoE block and the
+    ``6 * n_heads * seq_len * (qk_head_dim + v_head_dim) / 2`` per layer (causal half). The
+    MTP modules count too, since every training token goes through them (V3 §2.2): per depth its projection ``eh_proj`` (2 dim x dim), one MoE block and the
     shared output head.
     """
     d, h = cfg.dim, cfg.n_heads
@@ -400,7 +399,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -> float:
     moe_ffn = 3 * d * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts) + d * cfg.n_routed_experts
     matmul = cfg.n_layers * attn + cfg.n_dense_layers * dense_ffn + cfg.n_moe_layers * moe_ffn + d * cfg.vocab_size
     layers = cfg.n_layers
-    if mtp and cfg.mtp_depth:
+    if cfg.mtp_depth:
         ffn = moe_ffn if cfg.n_layers >= cfg.n_dense_layers else dense_ffn  # MTP block k has layer id n_layers + k
         matmul += cfg.mtp_depth * (2 * d * d + attn + ffn + d * cfg.vocab_size)
         layers += cfg.mtp_depth

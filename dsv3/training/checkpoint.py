@@ -371,7 +371,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if dispatch:
         from dsv3.offload import load_dispatched
 
-        return load_dispatched(folder, cfg, folder / WEIGHTS, dtype, max_memory, offload_folder)
+        return load_dispatched(cfg, folder / WEIGHTS, dtype, max_memory, offload_folder)
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
