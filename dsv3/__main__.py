@@ -1,5 +1,3 @@
-import sys
+from dsv3.cli import run
 
-from dsv3.cli import main
-
-sys.exit(main())
+run()

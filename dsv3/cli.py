@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
@@ -280,5 +281,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``dsv3`` console script and ``python -m dsv3``: :func:`main`, then end the process.
+
+    A process that joined a process group ends with ``os._exit`` once its output is flushed
+    (every file of the run is written and closed by then). The reason is a race in gloo's
+    teardown: after the last collective returns, a gloo worker thread may still be releasing
+    that collective's tensors. If the interpreter is already finalizing, the thread's request
+    for the GIL ends it with a forced unwind that aborts the whole process (SIGABRT,
+    "terminate called without an active exception"), which turns a finished run into a
+    failed one under torchrun and SLURM. Skipping finalization leaves nothing to race with.
+    """
+    from dsv3.parallel.distributed import started
+
+    try:
+        code = main()
+    except SystemExit:
+        raise
+    except BaseException:
+        if not started():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if started():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

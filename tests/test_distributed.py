@@ -33,3 +33,30 @@ def test_two_process_data_parallel_matches_single_process(corpus_dir, data_cache
                 if key in rec:
                     assert other[step][key] == pytest.approx(rec[key], rel=2e-5, abs=1e-6), (step, key)
     assert (dp2 / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+
+
+PROBE = """
+import atexit, sys
+import dsv3.cli, dsv3.parallel.distributed as d
+atexit.register(lambda: print("finalized", flush=True))
+def fake_main():
+    d._started = {started}
+    print("ran", flush=True)
+    return 3
+dsv3.cli.main = fake_main
+dsv3.cli.run()
+"""
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_entry_point_skips_finalization_after_joining_a_process_group(started):
+    """A process that joined a process group ends without interpreter finalization (where a
+    gloo worker thread still releasing the last collective's tensors aborts the process),
+    keeping main()'s exit code; any other process exits normally."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(started=started)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.split() == (["ran"] if started else ["ran", "finalized"])

@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from dsv3.errors import DsvError
 
+_started = False  # set once this process has joined a process group (see started())
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -65,6 +67,8 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    global _started
+    _started = True
     if not dist.is_initialized():
         import subprocess
 
@@ -77,6 +81,12 @@ def init_distributed() -> DistInfo:
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); install a C++ compiler (g++, e.g. "
                            "apt install g++ / build-essential) and run again") from None
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def started() -> bool:
+    """True once :func:`init_distributed` has run in this process (even after the process
+    group was destroyed): the process then has gloo/NCCL threads that outlive the run."""
+    return _started
 
 
 def barrier() -> None:
