@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train (prepares data first when needed; resumes from out_dir)")
     _add_config_args(p, required=False)
     p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
+    p.add_argument("--check", type=int, default=None, metavar="WORLD",
+                   help="only check the config and its parallel layout for WORLD processes, then exit (the "
+                        "launch scripts run this before starting any process)")
     # the deepspeed launcher appends --local_rank=N (the rank is also in $LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)")
@@ -170,6 +173,12 @@ def _cmd_train(args) -> None:
     from dsv3.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.check is not None:
+        from dsv3.parallel.distributed import check_launch
+
+        check_launch(cfg, args.check)
+        print(f"dsv3: the config and its layout are fine for {args.check} process(es)")
+        return
     run_dir = train(cfg)
     import torch.distributed as dist
 

@@ -34,4 +34,6 @@ if [ "$NNODES" -gt 1 ]; then
 else
   args+=(--main_process_port 0)  # 0: a free port
 fi
+# a bad config or impossible layout: one error line and exit code 2 before any process starts
+python -m dsv3 train --check "$total" "$@" > /dev/null
 exec accelerate launch "${args[@]}" --module dsv3 train "$@"

@@ -8,8 +8,14 @@ if [ -z "${NPROC:-}" ]; then
   NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
 args=(--num_gpus "$NPROC")
+world=$NPROC
 if [ -n "${DS_HOSTFILE:-}" ]; then
   args=(--hostfile "$DS_HOSTFILE")
+  # every "host slots=N" line of the hostfile starts N processes
+  world=$(awk '!/^[[:space:]]*#/ { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, kv, "="); n += kv[2] } }
+               END { print n + 0 }' "$DS_HOSTFILE")
 fi
+# a bad config or impossible layout: one error line and exit code 2 before any process starts
+python -m dsv3 train --check "$world" "$@" > /dev/null
 # --no_local_rank: the rank reaches dsv3 through $LOCAL_RANK, not an extra argument
 exec deepspeed "${args[@]}" --no_local_rank --module dsv3 train "$@"

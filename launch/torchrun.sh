@@ -11,4 +11,6 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   # CPU: split the cores between the processes
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
+# a bad config or impossible layout: one error line and exit code 2 before any process starts
+python -m dsv3 train --check "$NPROC" "$@" > /dev/null
 exec torchrun --standalone --nproc_per_node="$NPROC" -m dsv3 train "$@"

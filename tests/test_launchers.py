@@ -40,3 +40,23 @@ def test_launcher_two_cpu_processes(script, corpus_dir, data_cache, tmp_path):
         for key in KEYS:
             if key in rec:
                 assert got[step][key] == pytest.approx(rec[key], rel=2e-5, abs=1e-6), (script, step, key)
+
+
+@pytest.mark.parametrize("script,env,override,world", [
+    ("torchrun.sh", {"NPROC": "2"}, "parallel.pp=3", 2),
+    ("accelerate.sh", {"NPROC": "2", "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "parallel.pp=3", 4),
+    # the hostfile's slots (2 + 1; the commented line does not count) give the process count
+    ("deepspeed.sh", {"DS_HOSTFILE": "hostfile"}, "parallel.ep=2", 3),
+])
+def test_launcher_rejects_a_bad_layout_before_starting(script, env, override, world, tmp_path):
+    """An impossible layout ends with one error line and exit code 2, before any process starts
+    (no per-rank copies of the line, no launcher report)."""
+    (tmp_path / "hostfile").write_text("node-a slots=2\n# node-c slots=8\nnode-b slots=1\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / script), "--no-sample", override], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsv3: error: parallel."), proc.stderr[-3000:]
+    assert f" {world} process" in lines[0]
+    assert proc.stdout == ""

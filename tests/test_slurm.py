@@ -132,6 +132,18 @@ def test_sbatch_two_task_run(slurm, corpus_dir, data_cache, tmp_path):
     assert list((tmp_path / "logs" / job).rglob("*.log"))  # one log file per rank
 
 
+def test_sbatch_bad_layout_fails_with_one_line(slurm, tmp_path):
+    """An impossible layout fails the job with one error line before torchrun starts."""
+    job = sbatch(slurm, tmp_path, ["--no-sample", "parallel.pp=3"])
+    assert wait_job(slurm, job) == "FAILED"
+    assert job_field(slurm, job, "ExitCode") == "2:0"
+    log = (tmp_path / "logs" / f"dsv3-train-{job}.out").read_text()
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert errors == ["dsv3: error: parallel.pp=3 does not divide the 2 process(es); run a multiple of 3 processes "
+                      "or choose a pp that divides 2"], log
+    assert "torchrun" not in log and "rendezvous" in log
+
+
 def test_usr1_saves_requeues_and_resumes(slurm, corpus_dir, data_cache, tmp_path):
     out = tmp_path / "run"
     steps = 40

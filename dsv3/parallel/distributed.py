@@ -83,6 +83,50 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def check_launch(cfg, world_size: int) -> None:
+    """Check, before any process starts, what would otherwise fail on every rank of a launch.
+
+    The launch scripts run this (``dsv3 train --check WORLD``) so that a bad config or an
+    impossible layout ends with one error line and exit code 2 instead of one line per rank
+    and the launcher's report. Checks: :func:`dsv3.config.check_trainable`, the pipeline
+    layout (:func:`dsv3.parallel.pipeline.check_layout`), the expert-parallel layout
+    (:func:`dsv3.parallel.expert_parallel.check_layout`) and that ``train.init_from`` names a
+    checkpoint or Hugging Face folder. Config keys and types were checked when ``cfg`` was
+    loaded.
+
+    Args:
+        cfg: the run's :class:`dsv3.config.Config`.
+        world_size: processes the launch will start (all nodes).
+
+    Raises:
+        DsvError: the first problem found.
+    """
+    from pathlib import Path
+
+    from dsv3.config import check_trainable
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as init_distributed: no warning from DeepSpeed
+    if world_size < 1:
+        raise DsvError(f"dsv3 train --check needs the number of processes (>= 1), not {world_size}")
+    check_trainable(cfg)
+    p = cfg.parallel
+    if p.pp > 1:
+        from dsv3.parallel.pipeline import check_layout as check_pp
+
+        check_pp(cfg, world_size)
+    if p.ep > 1:
+        from dsv3.parallel.expert_parallel import check_layout as check_ep
+
+        check_ep(p.ep, cfg.model.n_routed_experts, world_size // p.pp)
+    if cfg.train.init_from:
+        from dsv3.convert import is_hf_folder
+        from dsv3.training.checkpoint import resolve_checkpoint
+
+        if not is_hf_folder(Path(cfg.train.init_from)):
+            resolve_checkpoint(cfg.train.init_from)
+
+
 def started() -> bool:
     """True once :func:`init_distributed` has run in this process (even after the process
     group was destroyed): the process then has gloo/NCCL threads that outlive the run."""
