@@ -161,7 +161,7 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
     the others stay on the meta device and take no memory. Parameters already real are left
     as they are (e.g. loaded weights). Every meta buffer is allocated (they are small: the
     balancing biases, which every process updates, and the rope tables, recomputed here via
-    ``model.init_rope()`` when ``model`` has it). A replaced parameter keeps its attributes
+    ``init_rope()`` of the module that holds them). A replaced parameter keeps its attributes
     (such as the expert-parallel marks ``allreduce`` / ``group_name``) and its sharing.
 
     Args:
@@ -176,11 +176,11 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
         Number of parameter elements allocated by this call.
 
     Raises:
-        ValueError: a parameter has no initialization rule.
+        ValueError: a parameter or buffer has no initialization rule.
     """
     allocated = 0
     done: dict[int, nn.Parameter] = {}
-    rope_meta = False
+    rope_owners: dict[int, nn.Module] = {}
     for mod, leaf, name, t, is_param in list(_named_tensors(model)):
         if not t.is_meta:
             continue
@@ -188,8 +188,10 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
             real = torch.empty_like(t, device=device)
             if isinstance(mod, Gate):
                 init_tensor_(real, name, seed, std, *init_rule(mod, leaf))
+            elif leaf in ("rope_cos", "rope_sin") and hasattr(mod, "init_rope"):
+                rope_owners[id(mod)] = mod
             else:
-                rope_meta = True
+                raise ValueError(f"no initialization rule for the buffer {name}")
             mod._buffers[leaf] = real
             continue
         if id(t) in done:  # shared parameter: keep it shared
@@ -203,8 +205,8 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
         init_tensor_(new, name, seed, std, rule, first)
         mod._parameters[leaf] = done[id(t)] = new
         allocated += new.numel()
-    if rope_meta and hasattr(model, "init_rope"):
-        model.init_rope()
+    for mod in rope_owners.values():  # after allocation: init_rope computes on the buffers' device
+        mod.init_rope()
     return allocated
 
 

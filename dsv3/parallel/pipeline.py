@@ -8,7 +8,9 @@ The plain :class:`dsv3.model.Transformer` is cut into a list of pipeline layers:
     L+2     head                 (final norm, output head, MTP modules, summed cross-entropies)
 
 The layers are thin adapters around the model's own modules (the same parameter objects),
-so weights read back under the plain model's names. Stage s owns a contiguous run of blocks;
+so weights read back under the plain model's names. A model built on the meta device has only
+its stage's parameters allocated and initialized (:func:`materialize_stage`, layout-independent
+values from :mod:`dsv3.model.init`); the other stages' stay on the meta device. Stage s owns a contiguous run of blocks;
 the first stage also owns the embedding, the last one the head and the MTP modules (and a
 tied copy of the embedding, kept bitwise equal to the first stage's: DeepSpeed sums the
 gradients of both copies over the tie group before each optimizer step, and both copies
@@ -327,6 +329,12 @@ def owned_names(model: Transformer, module: nn.Module) -> list[str]:
 
 class PipelineRun:
     """Everything the trainer needs for ``parallel.pp`` > 1: engine, step, evaluation, weights.
+
+    Collective. Parameters of this rank's stage still on the meta device are allocated on
+    ``device`` and initialized from ``train.seed`` before DeepSpeed starts; the others never are.
+
+    Raises:
+        RuntimeError: DeepSpeed put a parameter on this stage that was not materialized.
 
     Attributes:
         engine: DeepSpeed's ``PipelineEngine``.
