@@ -28,6 +28,17 @@ def train_ep(corpus_dir, data_cache, out, nproc, ep=2, **extra):
         "parallel.micro_batch_size": mbs, "parallel.ep": ep, **extra})]
     proc = run_dsv3(args, nproc=nproc)
     assert f"expert parallelism ep={ep}: {8 // ep} of 8 routed experts per rank" in proc.stdout
+    # rank 0 allocates its own expert blocks only (the model is built on the meta device)
+    import torch
+
+    from dsv3.config import load_config
+    from dsv3.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(load_config(None, args[2:]).model)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert f"parameters allocated on rank 0: {total - experts + experts // ep:,}\n" in proc.stdout
     return args
 
 
@@ -204,6 +215,25 @@ bias = torch.zeros(cfg.n_routed_experts)
 bias[: cfg.n_routed_experts // world] = 100.0  # route every token to the experts of rank 0
 sq = check(bias, "all to rank 0")
 assert (sq == 0) == (rank != 0), (rank, sq)
+
+# built on the meta device: the split allocates nothing, then only this rank's block is allocated,
+# with the values the unsplit layer has (per-expert seeds of the global expert indices)
+from dsv3.model.init import allocated_elements, init_module_, materialize_
+
+full = MoE(cfg)
+init_module_(full, 3, 0.02)
+with torch.device("meta"):
+    lazy = MoE(cfg)
+apply_expert_parallel(lazy, world)
+assert allocated_elements(lazy) == 0
+n = materialize_(lazy, "cpu", 3, 0.02)
+assert n == 8 * 32 + 3 * 32 * 16 + 3 * 4 * 16 * 32 == allocated_elements(lazy), n  # gate, shared, 4 of 8 experts
+first = lazy.experts.first
+for w in ("gate_proj", "up_proj", "down_proj"):
+    p = getattr(lazy.experts, w)
+    assert is_expert_param(p) and torch.equal(p, getattr(full.experts, w)[first:first + 4]), w
+assert torch.equal(lazy.gate.weight, full.gate.weight) and torch.equal(lazy.shared_experts.up_proj.weight,
+                                                                       full.shared_experts.up_proj.weight)
 print(f"rank {rank} OK", flush=True)
 dist.barrier()
 dist.destroy_process_group()  # a rank leaving while the other still talks aborts gloo at exit
@@ -211,6 +241,8 @@ dist.destroy_process_group()  # a rank leaving while the other still talks abort
 
 
 def test_ep_layer_matches_unsplit_layer_including_a_rank_without_tokens(tmp_path):
+    """Forward / backward / norm of a split layer equal the unsplit layer's; a layer built on the
+    meta device allocates only the local experts, with the unsplit layer's initial values."""
     script = tmp_path / "ep_unit.py"
     script.write_text(UNIT)
     import os

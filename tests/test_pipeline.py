@@ -158,9 +158,20 @@ def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(ref
     """pp=2 x ep=2 (2 replicas per stage, each holding 4 of the 8 experts) against one process;
     its checkpoint holds whole experts and resumes without pipelines or expert parallelism."""
     out = tmp_path / "pp2ep2"
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        **COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2, "parallel.ep": 2})], nproc=4)
+    args = tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2,
+                                                          "parallel.ep": 2})
+    proc = run_dsv3(["train", "--no-sample", *args], nproc=4)
     assert "expert parallelism ep=2: 4 of 8 routed experts per rank" in proc.stdout
+    # rank 0 (stage 0: embedding and the dense block 0) never allocates the other stage
+    import torch
+
+    from dsv3.config import load_config
+    from dsv3.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(load_config(None, args).model)
+    held = model.embed_tokens.weight.numel() + sum(p.numel() for p in model.layers[0].parameters())
+    assert f"parameters allocated on rank 0: {held:,}\n" in proc.stdout
     assert "2 stages x 2 data-parallel replica(s)" in proc.stdout
     assert_same_metrics(metrics(out), metrics(reference))
     a, b = weights(out / "checkpoints" / "step_0000006"), weights(reference / "checkpoints" / "step_0000006")

@@ -2,10 +2,13 @@
 
 Files: ``norm.py`` RMSNorm; ``rope.py`` rotary embeddings + YaRN; ``attention.py`` MLA and the
 latent decode cache; ``moe.py`` dense MLP, sigmoid gate, grouped experts, DeepSeekMoE;
-``transformer.py`` blocks, MTP modules, the full model, ``init_weights`` and counts.
+``transformer.py`` blocks, MTP modules, the full model, ``init_weights`` and counts; ``init.py``
+the layout-independent per-tensor initialization (``materialize_`` allocates and initializes
+only the parameters a process owns).
 """
 
 from dsv3.model.attention import MLA, LatentCache
+from dsv3.model.init import init_tensor_, materialize_, tensor_seed
 from dsv3.model.moe import MLP, MoE, Experts, Gate
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, rope_cos_sin, rope_frequencies, yarn_softmax_scale
@@ -22,5 +25,5 @@ from dsv3.model.transformer import (
 __all__ = [
     "MLA", "LatentCache", "MLP", "MoE", "Experts", "Gate", "RMSNorm", "apply_rope", "rope_cos_sin",
     "rope_frequencies", "yarn_softmax_scale", "IGNORE_INDEX", "Block", "MTPModule", "Transformer",
-    "TrainOutput", "count_parameters", "flops_per_token",
+    "TrainOutput", "count_parameters", "flops_per_token", "init_tensor_", "materialize_", "tensor_seed",
 ]

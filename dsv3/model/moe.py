@@ -200,7 +200,12 @@ class Experts(nn.Module):
     Parameters: ``gate_proj`` and ``up_proj`` (E, I, D), ``down_proj`` (E, D, I); expert e's
     SwiGLU is ``down_proj[e] @ (silu(gate_proj[e] @ x) * (up_proj[e] @ x))``. The Hugging Face
     per-expert keys ``experts.{e}.gate_proj.weight`` are slices ``gate_proj[e]``.
+
+    ``first_expert`` (0 here) is the global index of row 0, read by the per-expert
+    initialization (:mod:`dsv3.model.init`); an expert-parallel block sets its own.
     """
+
+    first_expert = 0
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()

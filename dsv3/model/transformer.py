@@ -20,7 +20,8 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LatentCache
-from dsv3.model.moe import MLP, MoE, Experts, Gate
+from dsv3.model.init import init_module_
+from dsv3.model.moe import MLP, MoE, Gate
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin
 
@@ -131,7 +132,8 @@ class Transformer(nn.Module):
     the cache.
 
     Build big configurations on the meta device (``with torch.device("meta"):``) to count
-    parameters without memory, then ``to_empty(device=...)`` and :meth:`init_weights`.
+    parameters without memory, then ``to_empty(device=...)`` and :meth:`init_weights`, or
+    allocate only some parameters with :func:`dsv3.model.init.materialize_` (same values).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -148,28 +150,26 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Initialize every parameter (the one place that does so).
+        """Initialize every parameter (the one place that defines the initial values).
 
         All linear, embedding, expert and gate weights ~ N(0, ``init_std``) (V3 report §4.2:
         0.006), RMSNorm weights = 1, balancing biases = 0, rope tables recomputed (they are
         non-persistent buffers, so a model built on the meta device needs them).
 
+        Each parameter has its own generator, seeded from (seed, its name); the stacked routed
+        experts one per expert, seeded from (seed, name, expert index) (see
+        :mod:`dsv3.model.init`). So the values do not depend on the parallel layout: a
+        pipeline stage or an expert-parallel rank that materializes only its own parameters
+        (:func:`dsv3.model.init.materialize_`) gets exactly these values. Parameters still on
+        the meta device are skipped.
+
         Args:
-            seed: if given, initialize from ``torch.Generator().manual_seed(seed)`` so the
-                result does not depend on the global RNG state.
+            seed: the run seed. None draws one from the global torch RNG (so the result then
+                depends on ``torch.manual_seed``).
         """
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
-                _normal_(module.weight, std, gen)
-            elif isinstance(module, Experts):
-                for w in (module.gate_proj, module.up_proj, module.down_proj):
-                    _normal_(w, std, gen)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            if isinstance(module, Gate):
-                module.e_score_correction_bias.zero_()
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        init_module_(self, seed, self.cfg.init_std)
         self.init_rope()
 
     @torch.no_grad()
@@ -357,15 +357,6 @@ def module_device(module: nn.Module) -> torch.device:
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy in fp32 over positions whose label is not IGNORE_INDEX."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _normal_(w: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
-    if w.device.type == "meta":
-        return
-    if gen is None or w.device.type == "cpu":
-        w.normal_(0.0, std, generator=gen)
-    else:
-        w.copy_(torch.empty(w.shape, dtype=w.dtype).normal_(0.0, std, generator=gen))
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:

@@ -157,7 +157,11 @@ class ExpertParallelExperts(_DeepSpeedMoE):
     experts are not used (its ``__init__`` is deliberately skipped).
 
     Parameters: ``gate_proj``, ``up_proj`` (n_local, I, D) and ``down_proj`` (n_local, D, I),
-    marked ``allreduce = False`` with ``group_name`` = ``ep_size_P``.
+    marked ``allreduce = False`` with ``group_name`` = ``ep_size_P``. Built from real experts,
+    they are copies of this rank's block; built from experts on the meta device, they stay
+    on the meta device (no memory for any expert) until :func:`dsv3.model.init.materialize_`
+    allocates the block and draws expert ``first + j`` from its own seed, the values the
+    unsplit model has (``first_expert`` tells it the global index of row 0).
 
     Attributes read by DeepSpeed: ``num_experts``, ``num_local_experts``, ``ep_size``,
     ``expert_group_name``; :meth:`set_deepspeed_parallelism` is its hook at engine start.
@@ -176,10 +180,15 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         self.group = groups._get_expert_parallel_group(name)
         self.ep_rank = dist.get_rank(group=self.group)
         self.first = self.ep_rank * self.num_local_experts
+        self.first_expert = self.first  # global index of row 0, read by dsv3.model.init
         block = slice(self.first, self.first + self.num_local_experts)
         for w in EXPERT_WEIGHTS:
             full = getattr(experts, w)
-            param = nn.Parameter(full.detach()[block].clone(), requires_grad=full.requires_grad)
+            if full.is_meta:  # nothing to copy: the block is allocated and initialized later (materialize_)
+                local = torch.empty((self.num_local_experts,) + tuple(full.shape[1:]), dtype=full.dtype, device="meta")
+            else:  # real weights (initialized or loaded): copy this rank's block
+                local = full.detach()[block].clone()
+            param = nn.Parameter(local, requires_grad=full.requires_grad)
             param.allreduce = False  # deepspeed.moe.utils.is_moe_param
             param.group_name = name
             setattr(self, w, param)
@@ -237,10 +246,13 @@ def apply_expert_parallel(model: nn.Module, ep: int, pp: int = 1) -> list[Expert
     """Split the routed experts of every :class:`dsv3.model.moe.MoE` in ``model`` over ``ep`` ranks.
 
     Collective (creates the process groups). Each MoE's ``experts`` is replaced in place by an
-    :class:`ExpertParallelExperts` holding this rank's contiguous block, copied from the full
-    (identically initialized) weights; the full tensors are released. Call it before
-    ``deepspeed.initialize`` (which then broadcasts expert weights only within their
-    expert-data-parallel group).
+    :class:`ExpertParallelExperts` holding this rank's contiguous block: copied from the full
+    weights when they are real (initialized or loaded; the full tensors are then released),
+    left on the meta device when the model was built there (then
+    :func:`dsv3.model.init.materialize_` allocates and initializes only the local block, from
+    the per-expert seeds of its global indices, so no rank ever holds another rank's
+    experts). Call it before ``deepspeed.initialize`` (which then broadcasts expert weights
+    only within their expert-data-parallel group).
 
     Args:
         model: any module containing dsv3 MoE layers (a :class:`~dsv3.model.Transformer`).

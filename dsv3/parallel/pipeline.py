@@ -8,7 +8,9 @@ The plain :class:`dsv3.model.Transformer` is cut into a list of pipeline layers:
     L+2     head                 (final norm, output head, MTP modules, summed cross-entropies)
 
 The layers are thin adapters around the model's own modules (the same parameter objects),
-so weights read back under the plain model's names. Stage s owns a contiguous run of blocks;
+so weights read back under the plain model's names. A model built on the meta device has only
+its stage's parameters allocated and initialized (:func:`materialize_stage`, layout-independent
+values from :mod:`dsv3.model.init`); the other stages' stay on the meta device. Stage s owns a contiguous run of blocks;
 the first stage also owns the embedding, the last one the head and the MTP modules (and a
 tied copy of the embedding, kept bitwise equal to the first stage's: DeepSpeed sums the
 gradients of both copies over the tie group before each optimizer step, and both copies
@@ -276,6 +278,49 @@ def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], re
         return _stage_module_class()(layers, parts, num_stages=p.pp, loss_fn=loss, partition_method="parameters")
 
 
+def stage_of_rank(rank: int, world_size: int, pp: int) -> int:
+    """The pipeline stage of global ``rank``, as DeepSpeed's ``PipelineModule`` assigns it
+    (``PipeDataParallelTopology``: ranks ``stage * world/pp + data_rank``)."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    return PipeDataParallelTopology(num_pp=pp, num_dp=world_size // pp).get_coord(rank).pipe
+
+
+def stage_prefixes(model: Transformer, counts: list[int], stage: int) -> list[str]:
+    """Name prefixes (plain-model names, ending in ``.``) of the modules stage ``stage`` holds
+    when the blocks are split ``counts`` (see :func:`build_pipeline_module`): its blocks, the
+    embedding on the first stage, and on the last stage the embedding (tied copy), the final
+    norm, the output head and the MTP modules.
+
+    Raises:
+        ValueError: ``stage`` is not in ``[0, len(counts))``.
+    """
+    if not 0 <= stage < len(counts):
+        raise ValueError(f"stage {stage} outside the {len(counts)} pipeline stages")
+    first = sum(counts[:stage])
+    out = [f"layers.{i}." for i in range(first, first + counts[stage])]
+    if stage == 0:
+        out.insert(0, "embed_tokens.")
+    if stage == len(counts) - 1:
+        out += ["embed_tokens.", "norm.", "lm_head.", "mtp."]
+    return list(dict.fromkeys(out))
+
+
+def materialize_stage(model: Transformer, counts: list[int], stage: int, device: torch.device | str | None,
+                      seed: int) -> int:
+    """Allocate on ``device`` and initialize the parameters of ``stage`` that are still on the
+    meta device (with expert parallelism only the local expert blocks), and every buffer;
+    the other stages' parameters stay on the meta device (see :func:`dsv3.model.init.materialize_`).
+
+    Returns:
+        Number of parameter elements allocated.
+    """
+    from dsv3.model.init import materialize_
+
+    prefixes = tuple(stage_prefixes(model, counts, stage))
+    return materialize_(model, device or "cpu", seed, model.cfg.init_std, owned=lambda n: n.startswith(prefixes))
+
+
 def owned_names(model: Transformer, module: nn.Module) -> list[str]:
     """Plain-model parameter names of the parameters this rank's stage holds."""
     mine = {id(p) for p in module.parameters()}
@@ -284,6 +329,12 @@ def owned_names(model: Transformer, module: nn.Module) -> list[str]:
 
 class PipelineRun:
     """Everything the trainer needs for ``parallel.pp`` > 1: engine, step, evaluation, weights.
+
+    Collective. Parameters of this rank's stage still on the meta device are allocated on
+    ``device`` and initialized from ``train.seed`` before DeepSpeed starts; the others never are.
+
+    Raises:
+        RuntimeError: DeepSpeed put a parameter on this stage that was not materialized.
 
     Attributes:
         engine: DeepSpeed's ``PipelineEngine``.
@@ -301,12 +352,15 @@ class PipelineRun:
 
         self.cfg, self.model = cfg, model
         self.counts = counts or balanced_counts(model, cfg.parallel.pp)
+        world = dist.get_world_size()
+        # a model built on the meta device: allocate and initialize this rank's stage only
+        materialize_stage(model, self.counts, stage_of_rank(dist.get_rank(), world, cfg.parallel.pp), device,
+                          cfg.train.seed)
         self.recorder = Recorder()
         module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
         t = cfg.train
         opt = GuardedAdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         fp32_buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
-        world = dist.get_world_size()
         self.dp = world // cfg.parallel.pp
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
                                                     config=deepspeed_config(cfg, self.dp))
@@ -315,6 +369,11 @@ class PipelineRun:
         self.stage = self.engine.stage_id
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self.names = owned_names(model, self.engine.module)
+        params = dict(model.named_parameters())
+        missing = [n for n in self.names if params[n].is_meta]
+        if missing:
+            raise RuntimeError(f"pipeline stage {self.stage} holds {missing[0]} but it was not materialized "
+                               "(dsv3's stage split disagrees with DeepSpeed's)")
         self._release_others()
         self.pre_step = None  # set by the trainer: called after the gradients are reduced, before the update
         plain_step = self.engine._take_model_step
@@ -329,10 +388,12 @@ class PipelineRun:
     def _release_others(self) -> None:
         """Drop this rank's copies of the other stages' parameters (they become meta tensors):
         a rank holds one stage's weights; the plain model keeps every buffer (the routing
-        biases, updated on every rank) and the names."""
+        biases, updated on every rank) and the names. With a model built on the meta device
+        the other stages were never allocated; this matters for fully loaded weights
+        (``train.init_from``, a layout-free resume)."""
         owned = set(self.names)
         for name, p in list(self.model.named_parameters()):
-            if name not in owned:
+            if name not in owned and not p.is_meta:
                 owner, _, leaf = name.rpartition(".")
                 module = self.model.get_submodule(owner) if owner else self.model
                 module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),

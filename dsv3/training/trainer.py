@@ -14,6 +14,7 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import resource
@@ -33,7 +34,8 @@ from dsv3.config import Config, check_trainable, save_config, validate
 from dsv3.convert import is_hf_folder
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.fileio import atomic_write_bytes
-from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token
+from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, materialize_
+from dsv3.model.init import allocated_elements
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
@@ -148,8 +150,6 @@ class Trainer:
         barrier()
 
         seed_everything(cfg.train.seed + self.info.rank)
-        model = Transformer(cfg.model)
-        model.init_weights(seed=cfg.train.seed)
         self.resume_tag = self._pick_checkpoint()
         # another parallel layout than the save's: resume from plain-name weights + per-parameter
         # optimizer state (dsv3.parallel.layout_free) instead of DeepSpeed's layout-bound files
@@ -158,6 +158,11 @@ class Trainer:
             from dsv3.parallel.layout_free import resumes_layout_free
 
             self.layout_free = resumes_layout_free(cfg, self.ckpt_root / self.resume_tag, dp)
+        # each rank allocates only what it holds: built on the meta device, split (EP, PP), then
+        # materialized with layout-independent values (dsv3.model.init); loaded weights need the whole model
+        full = self.layout_free or (init_state is not None and self.resume_tag is None)
+        with contextlib.nullcontext() if full else torch.device("meta"):
+            model = Transformer(cfg.model)
         if self.layout_free:
             model.load_state_dict(load_model(self.ckpt_root / self.resume_tag).state_dict())
         if init_state is not None and self.resume_tag is None:
@@ -168,7 +173,8 @@ class Trainer:
 
             apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
             _log(self.info, describe(model))
-        if cfg.parallel.pp == 1:  # with pipelines each rank moves only its stage (dsv3.parallel.pipeline)
+        if cfg.parallel.pp == 1:  # with pipelines each rank allocates / moves only its stage (dsv3.parallel.pipeline)
+            materialize_(model, self.info.device, cfg.train.seed, cfg.model.init_std)
             model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -181,6 +187,8 @@ class Trainer:
         else:
             self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
             self.model: Transformer = self.engine.module
+        if self.ep > 1 or cfg.parallel.pp > 1:
+            _log(self.info, f"parameters allocated on rank 0: {allocated_elements(model):,}")
         self.manual_clip = trainer_clips(cfg)
         if cfg.train.compile:
             self.engine.compile()
