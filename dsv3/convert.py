@@ -647,16 +647,86 @@ def _iter_import(plan: _Plan) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     for file in sorted(by_file):
         with safe_open(str(plan.src / file), framework="pt") as f:
             for target, p in by_file[file]:
-                out_dtype = plan.dtypes[target]
                 stacked = p.index is None and "mlp.experts." in target  # fused (E, ...) tensor
                 if not stacked:
-                    t = _dequant(plan, f, p, f.get_tensor(p.key))
-                    yield target, p.index, _fix_rope(plan, target, t).to(out_dtype)
+                    yield target, p.index, _read_piece(plan, f, p, target)
                     continue
-                sl = f.get_slice(p.key)  # one expert at a time
-                for e in range(plan.shapes[target][0]):
-                    t = sl[e] if p.rows is None else sl[e, p.rows[0] : p.rows[1]]
-                    yield target, e, _dequant(plan, f, p, t, e).to(out_dtype)
+                for e in range(plan.shapes[target][0]):  # one expert at a time
+                    yield target, e, _read_piece(plan, f, p, target, e)
+
+
+def _read_piece(plan: _Plan, f, p: _Source, target: str, expert: int | None = None) -> torch.Tensor:
+    """One piece of dsv3 tensor ``target`` from the open shard ``f`` (``p.file``), dequantized,
+    rope rows fixed and cast to the plan's dtype: the whole tensor ``p.key``, or with
+    ``expert`` slot ``expert`` of a fused (E, ...) expert tensor (only that slot is read)."""
+    if expert is None:
+        t = _dequant(plan, f, p, f.get_tensor(p.key))
+        return _fix_rope(plan, target, t).to(plan.dtypes[target])
+    sl = f.get_slice(p.key)
+    t = sl[expert] if p.rows is None else sl[expert, p.rows[0] : p.rows[1]]
+    return _dequant(plan, f, p, t, expert).to(plan.dtypes[target])
+
+
+class HFWeights:
+    """The tensors of a Hugging Face DeepSeek-V3 folder under dsv3 names, read one at a time
+    (a :class:`dsv3.model.init.WeightsSource`).
+
+    Built on the import plan (:func:`_plan_import`: same mapping, checks and errors as
+    :func:`import_hf`), so values are exactly what the importer writes: FP8 weights
+    dequantized (to bfloat16), rope rows permuted for ``rope_interleave: false``, the routers
+    in float32. A stacked expert block ``rows=(a, b)`` is assembled from the per-expert keys
+    ``...experts.{e}.*_proj.weight`` for e in [a, b) only (or slots [a, b) of a fused tensor).
+
+    Attributes:
+        cfg: the :class:`ModelConfig` of the weights (``mtp_depth`` as present in the files).
+        shapes: dsv3 name -> shape of the unsplit model.
+
+    Raises:
+        DsvError: as :func:`import_hf` (missing files, unknown architecture, names or shapes
+            that do not match config.json).
+    """
+
+    def __init__(self, src: str | Path):
+        self.plan = _plan_import(Path(src))
+        self.cfg = self.plan.cfg
+        self.shapes = {name: tuple(self.plan.shapes[name]) for name in self.plan.sources}
+        self._files: dict[str, Any] = {}
+
+    def _open(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._files:
+            self._files[file] = safe_open(str(self.plan.src / file), framework="pt")
+        return self._files[file]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or rows ``[a, b)`` of it) on the CPU, in the import dtype.
+
+        Raises:
+            KeyError: no such tensor.
+        """
+        pieces = self.plan.sources[name]
+        if "mlp.experts." not in name:
+            t = _read_piece(self.plan, self._open(pieces[0].file), pieces[0], name)
+            return t if rows is None else t[rows[0] : rows[1]]
+        a, b = rows if rows is not None else (0, self.shapes[name][0])
+        by_slot = {p.index: p for p in pieces}
+        if None in by_slot:  # fused (E, ...) tensor: slots [a, b)
+            p = by_slot[None]
+            parts = [_read_piece(self.plan, self._open(p.file), p, name, e) for e in range(a, b)]
+        else:  # one key per expert
+            parts = [_read_piece(self.plan, self._open(by_slot[e].file), by_slot[e], name) for e in range(a, b)]
+        return torch.stack(parts)
+
+    def close(self) -> None:
+        """Release the open shard files."""
+        self._files.clear()
+
+    def __enter__(self) -> "HFWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _dequant(plan: _Plan, f, p: _Source, t: torch.Tensor, expert: int | None = None) -> torch.Tensor:

@@ -14,6 +14,11 @@ Distribution (DeepSeek-V3 report §4.2): linear, embedding, gate and expert weig
 ``e_score_correction_bias`` = 0. Values are drawn in float32 on the CPU and then copied to
 the tensor's device and dtype, so they also do not depend on the device.
 
+Loaded weights take the same route: :func:`load_owned_` (``materialize_`` with ``source=``)
+fills the allocated parameters from a :class:`WeightsSource` by the same full names, an expert
+block from rows ``[first_expert, first_expert + n)`` of the stacked tensor, so a process reads
+only what it holds.
+
 Seeds: the first 8 bytes (little-endian) of ``sha256("{seed}/{name}")`` (experts:
 ``"{seed}/{name}/{e}"``), masked to 63 bits. Python's ``hash`` is salted per process and is
 not used.
@@ -22,7 +27,7 @@ not used.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -152,9 +157,42 @@ def init_module_(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
         init_tensor_(t, name, seed, std, rule, first)
 
 
+class WeightsSource(Protocol):
+    """Named tensors of the unsplit model, readable one at a time (a weights file).
+
+    ``shapes``: full parameter / persistent-buffer name -> shape in the unsplit
+    :class:`dsv3.model.Transformer` (stacked experts (E, ...)). ``read(name, rows)`` returns
+    that tensor (any float dtype, on the CPU), or with ``rows=(a, b)`` only rows ``[a, b)`` of
+    its first dimension (an expert block), reading no more of the file than that. See
+    :mod:`dsv3.weights` for the dsv3-checkpoint and Hugging Face implementations.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def _fill_from(source: WeightsSource, t: torch.Tensor, name: str, rule: str, first: int) -> None:
+    """Copy ``name`` (rows ``[first, first + len(t))`` of a stacked expert tensor) from
+    ``source`` into the allocated ``t`` (cast to its dtype).
+
+    Raises:
+        ValueError: ``source`` has no tensor ``name`` or it has another shape than ``t``.
+    """
+    if name not in source.shapes:
+        raise ValueError(f"the weights hold no tensor {name}")
+    rows = (first, first + t.shape[0]) if rule == "experts" else None
+    value = source.read(name, rows)
+    if tuple(value.shape) != tuple(t.shape):
+        raise ValueError(f"the weights give {name}{'' if rows is None else f' rows {rows}'} the shape "
+                         f"{tuple(value.shape)}, the model holds {tuple(t.shape)}")
+    t.copy_(value)
+
+
 @torch.no_grad()
 def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: float,
-                 owned: Callable[[str], bool] | None = None) -> int:
+                 owned: Callable[[str], bool] | None = None, source: WeightsSource | None = None) -> int:
     """Allocate on ``device`` and initialize the parts of ``model`` still on the meta device.
 
     Parameters are allocated only where ``owned(name)`` is true (all when ``owned`` is None);
@@ -171,12 +209,19 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
         device: where the allocated tensors go.
         seed: the run seed; std: ``ModelConfig.init_std``.
         owned: predicate on full parameter names.
+        source: take the values from these weights instead of the random initialization
+            (``seed`` and ``std`` are then unused): each allocated parameter and each routing
+            bias is read by its full name, an expert block (``first_expert`` = a) of n rows
+            as rows ``[a, a + n)`` of the stacked tensor, so nothing that is not allocated is
+            read. The rope tables are recomputed as without a source.
 
     Returns:
         Number of parameter elements allocated by this call.
 
     Raises:
-        ValueError: a parameter or buffer has no initialization rule.
+        ValueError: a parameter or buffer has no initialization rule; with ``source``, a
+            tensor it lacks or holds with another shape (check the names and shapes up front,
+            as :class:`dsv3.weights.CheckpointWeights` does, for a one-line user error).
     """
     allocated = 0
     done: dict[int, nn.Parameter] = {}
@@ -186,7 +231,9 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
             continue
         if not is_param:
             real = torch.empty_like(t, device=device)
-            if isinstance(mod, Gate):
+            if isinstance(mod, Gate) and source is not None:
+                _fill_from(source, real, name, *init_rule(mod, leaf))
+            elif isinstance(mod, Gate):
                 init_tensor_(real, name, seed, std, *init_rule(mod, leaf))
             elif leaf in ("rope_cos", "rope_sin") and hasattr(mod, "init_rope"):
                 rope_owners[id(mod)] = mod
@@ -202,7 +249,10 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
         rule, first = init_rule(mod, leaf)
         new = nn.Parameter(torch.empty_like(t, device=device), requires_grad=t.requires_grad)
         new.__dict__.update(t.__dict__)
-        init_tensor_(new, name, seed, std, rule, first)
+        if source is not None:
+            _fill_from(source, new, name, rule, first)
+        else:
+            init_tensor_(new, name, seed, std, rule, first)
         mod._parameters[leaf] = done[id(t)] = new
         allocated += new.numel()
     for mod in rope_owners.values():  # after allocation: init_rope computes on the buffers' device
@@ -210,10 +260,34 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
     return allocated
 
 
+def load_owned_(model: nn.Module, source: WeightsSource, device: torch.device | str,
+                owned: Callable[[str], bool] | None = None) -> int:
+    """Allocate on ``device`` the parameters of ``model`` still on the meta device that
+    ``owned(name)`` accepts (all when None) and every meta buffer, and fill them from
+    ``source`` (:func:`materialize_` with a source): a process holding one pipeline stage or
+    one expert block reads only those tensors (rows) from the weights file, never the whole
+    model.
+
+    Args:
+        model: a :class:`dsv3.model.Transformer` built on the meta device, possibly split
+            (expert-parallel blocks with ``first_expert``); names are the unsplit model's.
+        source: the weights (:class:`WeightsSource`), e.g. :func:`dsv3.weights.open_weights`.
+        device: where the allocated tensors go; values are cast to each tensor's dtype.
+        owned: predicate on full parameter names.
+
+    Returns:
+        Number of parameter elements allocated (and read).
+
+    Raises:
+        ValueError: ``source`` lacks a tensor or holds it with another shape.
+    """
+    return materialize_(model, device, 0, 0.0, owned=owned, source=source)
+
+
 def allocated_elements(model: nn.Module) -> int:
     """Number of parameter elements of ``model`` that have storage (not on the meta device)."""
     return sum(p.numel() for p in model.parameters() if not p.is_meta)
 
 
-__all__ = ["EXPERT_WEIGHTS", "RULES", "allocated_elements", "init_module_", "init_rule", "init_tensor_",
-           "materialize_", "normal_values", "tensor_seed"]
+__all__ = ["EXPERT_WEIGHTS", "RULES", "WeightsSource", "allocated_elements", "init_module_", "init_rule",
+           "init_tensor_", "load_owned_", "materialize_", "normal_values", "tensor_seed"]

@@ -161,7 +161,8 @@ class ExpertParallelExperts(_DeepSpeedMoE):
     they are copies of this rank's block; built from experts on the meta device, they stay
     on the meta device (no memory for any expert) until :func:`dsv3.model.init.materialize_`
     allocates the block and draws expert ``first + j`` from its own seed, the values the
-    unsplit model has (``first_expert`` tells it the global index of row 0).
+    unsplit model has, or reads rows ``[first, first + n_local)`` from a weights file
+    (``first_expert`` tells it the global index of row 0).
 
     Attributes read by DeepSpeed: ``num_experts``, ``num_local_experts``, ``ep_size``,
     ``expert_group_name``; :meth:`set_deepspeed_parallelism` is its hook at engine start.
@@ -250,9 +251,9 @@ def apply_expert_parallel(model: nn.Module, ep: int, pp: int = 1) -> list[Expert
     weights when they are real (initialized or loaded; the full tensors are then released),
     left on the meta device when the model was built there (then
     :func:`dsv3.model.init.materialize_` allocates and initializes only the local block, from
-    the per-expert seeds of its global indices, so no rank ever holds another rank's
-    experts). Call it before ``deepspeed.initialize`` (which then broadcasts expert weights
-    only within their expert-data-parallel group).
+    the per-expert seeds of its global indices, or reads only its rows from a weights file,
+    so no rank ever holds another rank's experts). Call it before ``deepspeed.initialize``
+    (which then broadcasts expert weights only within their expert-data-parallel group).
 
     Args:
         model: any module containing dsv3 MoE layers (a :class:`~dsv3.model.Transformer`).

@@ -307,10 +307,12 @@ def stage_prefixes(model: Transformer, counts: list[int], stage: int) -> list[st
 
 
 def materialize_stage(model: Transformer, counts: list[int], stage: int, device: torch.device | str | None,
-                      seed: int) -> int:
+                      seed: int, source=None) -> int:
     """Allocate on ``device`` and initialize the parameters of ``stage`` that are still on the
     meta device (with expert parallelism only the local expert blocks), and every buffer;
     the other stages' parameters stay on the meta device (see :func:`dsv3.model.init.materialize_`).
+    With ``source`` (a :class:`dsv3.model.init.WeightsSource`) the values are read from it,
+    only this stage's tensors and expert rows.
 
     Returns:
         Number of parameter elements allocated.
@@ -318,7 +320,8 @@ def materialize_stage(model: Transformer, counts: list[int], stage: int, device:
     from dsv3.model.init import materialize_
 
     prefixes = tuple(stage_prefixes(model, counts, stage))
-    return materialize_(model, device or "cpu", seed, model.cfg.init_std, owned=lambda n: n.startswith(prefixes))
+    return materialize_(model, device or "cpu", seed, model.cfg.init_std, owned=lambda n: n.startswith(prefixes),
+                        source=source)
 
 
 def owned_names(model: Transformer, module: nn.Module) -> list[str]:
@@ -331,7 +334,9 @@ class PipelineRun:
     """Everything the trainer needs for ``parallel.pp`` > 1: engine, step, evaluation, weights.
 
     Collective. Parameters of this rank's stage still on the meta device are allocated on
-    ``device`` and initialized from ``train.seed`` before DeepSpeed starts; the others never are.
+    ``device`` and initialized from ``train.seed`` (or read from ``source``, a
+    :class:`dsv3.model.init.WeightsSource`: ``train.init_from`` or a checkpoint resumed under
+    another layout) before DeepSpeed starts; the others never are.
 
     Raises:
         RuntimeError: DeepSpeed put a parameter on this stage that was not materialized.
@@ -345,7 +350,7 @@ class PipelineRun:
     """
 
     def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, source=None):
         import deepspeed
 
         from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers
@@ -355,7 +360,7 @@ class PipelineRun:
         world = dist.get_world_size()
         # a model built on the meta device: allocate and initialize this rank's stage only
         materialize_stage(model, self.counts, stage_of_rank(dist.get_rank(), world, cfg.parallel.pp), device,
-                          cfg.train.seed)
+                          cfg.train.seed, source)
         self.recorder = Recorder()
         module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
         t = cfg.train
@@ -389,8 +394,8 @@ class PipelineRun:
         """Drop this rank's copies of the other stages' parameters (they become meta tensors):
         a rank holds one stage's weights; the plain model keeps every buffer (the routing
         biases, updated on every rank) and the names. With a model built on the meta device
-        the other stages were never allocated; this matters for fully loaded weights
-        (``train.init_from``, a layout-free resume)."""
+        the other stages were never allocated (also with loaded weights, read per stage), so
+        this only matters for a model handed over fully allocated."""
         owned = set(self.names)
         for name, p in list(self.model.named_parameters()):
             if name not in owned and not p.is_meta:

@@ -14,7 +14,6 @@ micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * bala
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import resource
@@ -35,13 +34,13 @@ from dsv3.convert import is_hf_folder
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.fileio import atomic_write_bytes
 from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, materialize_
-from dsv3.model.init import allocated_elements
+from dsv3.model.init import WeightsSource, allocated_elements
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.training.balance import update_expert_bias
 from dsv3.training.checkpoint import (
-    load_model,
+    WEIGHTS,
     load_rng,
     needs_repartition,
     read_checkpoint_config,
@@ -55,6 +54,7 @@ from dsv3.training.checkpoint import (
 )
 from dsv3.training.metrics import Console, MetricsLogger, step_record
 from dsv3.training.schedule import lr_at
+from dsv3.weights import CheckpointWeights, open_weights
 
 
 def _log(info: DistInfo, msg: str) -> None:
@@ -75,11 +75,15 @@ def mtp_label_counts(labels: torch.Tensor, depth: int, position_ids: torch.Tenso
     return torch.stack(out) if depth else torch.zeros(0, dtype=torch.long)
 
 
-def with_init_from(cfg: Config) -> tuple[Config, dict[str, torch.Tensor] | None]:
-    """Load ``train.init_from`` and adopt its model section (and, unless set, its tokenizer).
+def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
+    """Open ``train.init_from`` and adopt its model section (and, unless set, its tokenizer).
+
+    Reads only the headers (names, shapes) and configs; each rank later reads the tensors it
+    holds (:func:`dsv3.model.init.materialize_` with the returned source).
 
     Returns:
-        (config, state dict of the initial weights), or (cfg, None) without init_from.
+        (config, weights source of the initial weights, see :func:`dsv3.weights.open_weights`),
+        or (cfg, None) without init_from.
 
     Raises:
         DsvError: ``init_from`` holds no loadable model, or the result is invalid.
@@ -87,8 +91,8 @@ def with_init_from(cfg: Config) -> tuple[Config, dict[str, torch.Tensor] | None]
     if not cfg.train.init_from:
         return cfg, None
     cfg = copy.deepcopy(cfg)
-    model = load_model(cfg.train.init_from)
-    cfg.model = model.cfg  # e.g. mtp_depth as present in the weights, not as config.json claims
+    # e.g. mtp_depth as present in the weights, not as config.json claims
+    cfg.model, source = open_weights(cfg.train.init_from)
     if cfg.data.tokenizer is None:
         src = Path(cfg.train.init_from)
         candidates = [src / "tokenizer.model"]
@@ -100,7 +104,7 @@ def with_init_from(cfg: Config) -> tuple[Config, dict[str, torch.Tensor] | None]
                            "model these weights were trained with")
         cfg.data.tokenizer = str(found)
     validate(cfg)
-    return cfg, model.state_dict()
+    return cfg, source
 
 
 class Trainer:
@@ -108,7 +112,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         check_trainable(cfg)
-        cfg, init_state = with_init_from(cfg)
+        cfg, init_source = with_init_from(cfg)
         self.cfg = cfg
         self.info = init_distributed()
         self.ep = cfg.parallel.ep
@@ -159,14 +163,14 @@ class Trainer:
 
             self.layout_free = resumes_layout_free(cfg, self.ckpt_root / self.resume_tag, dp)
         # each rank allocates only what it holds: built on the meta device, split (EP, PP), then
-        # materialized with layout-independent values (dsv3.model.init); loaded weights need the whole model
-        full = self.layout_free or (init_state is not None and self.resume_tag is None)
-        with contextlib.nullcontext() if full else torch.device("meta"):
-            model = Transformer(cfg.model)
+        # materialized with layout-independent values (dsv3.model.init) or read from the weights
+        # file, only this rank's tensors and expert rows (dsv3.weights)
+        source = init_source if self.resume_tag is None else None
         if self.layout_free:
-            model.load_state_dict(load_model(self.ckpt_root / self.resume_tag).state_dict())
-        if init_state is not None and self.resume_tag is None:
-            model.load_state_dict(init_state)
+            source = CheckpointWeights(self.ckpt_root / self.resume_tag / WEIGHTS, cfg.model, "the run's config")
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        if source is not None and source is init_source:
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
         if self.ep > 1:  # before moving to the device: only this rank's experts go there
             from dsv3.parallel.expert_parallel import apply_expert_parallel, describe
@@ -174,14 +178,14 @@ class Trainer:
             apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
             _log(self.info, describe(model))
         if cfg.parallel.pp == 1:  # with pipelines each rank allocates / moves only its stage (dsv3.parallel.pipeline)
-            materialize_(model, self.info.device, cfg.train.seed, cfg.model.init_std)
+            materialize_(model, self.info.device, cfg.train.seed, cfg.model.init_std, source=source)
             model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.universal = (self.resume_tag is not None and not self.layout_free
                           and needs_repartition(self.ckpt_root / self.resume_tag, dp))
         if cfg.parallel.pp > 1:
-            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks, self.info.device)
+            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks, self.info.device, source=source)
             _log(self.info, self.pipe.describe())
             self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
         else:
