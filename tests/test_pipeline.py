@@ -184,6 +184,28 @@ def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(ref
     assert_same_metrics(metrics(out), metrics(reference))
 
 
+def test_init_from_on_pp2_by_ep2_reads_only_the_ranks_weights(reference, corpus_dir, data_cache, tmp_path):
+    """train.init_from with pp=2 x ep=2: each rank reads only its stage (and expert rows) from the
+    checkpoint, and the step-0 validation loss is the saved model's (the reference's last one)."""
+    out = tmp_path / "init"
+    args = tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2,
+                                                          "parallel.ep": 2, "train.steps": 1})
+    proc = run_dsv3(["train", "--no-sample", f"train.init_from={reference}", *args], nproc=4)
+    assert f"initialized weights from {reference}" in proc.stdout
+    import torch
+
+    from dsv3.config import load_config
+    from dsv3.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(load_config(None, args).model)
+    held = model.embed_tokens.weight.numel() + sum(p.numel() for p in model.layers[0].parameters())
+    assert f"parameters allocated on rank 0: {held:,}\n" in proc.stdout
+    saved = [r["val_loss"] for r in metrics(reference) if "val_loss" in r][-1]
+    first = metrics(out)[0]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(saved, rel=1e-5)
+
+
 NAN_AT_STEP_3 = """
 import sys, torch
 import dsv3.parallel.pipeline as P
