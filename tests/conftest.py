@@ -75,6 +75,35 @@ def run_dsv3(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = 
     return proc
 
 
+def dsv3_checkpoint(folder: Path, mcfg, seed: int = 0):
+    """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model;
+    returns the model (eval mode).
+
+    Norm weights are random too (1 + 0.3 N(0, 1)) and so are the routing biases: with unit
+    weights a norm applied twice is the same as once, which would hide which hidden state the
+    MTP modules read, and zero biases would hide a bias that was not loaded.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from dsv3.config import Config, save_config
+    from dsv3.model import Transformer
+
+    model = Transformer(mcfg)
+    model.init_weights(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.moe_gates():
+            gate.e_score_correction_bias.uniform_(-0.3, 0.3, generator=g)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_config(Config(model=mcfg), folder / "config.yaml")
+    return model.eval()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` without the machine-dependent TIMING keys."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

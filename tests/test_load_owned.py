@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.config import Config, save_config
 from dsv3.convert import HFWeights, export_hf, load_hf_model
 from dsv3.errors import DsvError
 from dsv3.model.init import allocated_elements, load_owned_
 from dsv3.parallel.pipeline import stage_prefixes
 from dsv3.weights import CheckpointWeights, open_weights
-from test_init import _LocalExperts, full_model, meta_model, small_cfg
+from conftest import dsv3_checkpoint
+from test_init import _LocalExperts, meta_model, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,21 +36,10 @@ class Recording:
 
 
 def saved_checkpoint(folder, cfg):
-    """A dsv3 checkpoint folder of a random model whose norms and routing biases are not their
-    initial values; returns its state dict."""
-    model = full_model(cfg, seed=5)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for gate in model.moe_gates():
-            gate.e_score_correction_bias.uniform_(-0.3, 0.3, generator=g)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    folder.mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    save_config(Config(model=cfg), folder / "config.yaml")
-    return state, model
+    """A dsv3 checkpoint of a random model whose norms and routing biases are not their initial
+    values; returns (its state dict, the model)."""
+    model = dsv3_checkpoint(folder, cfg, seed=5)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}, model
 
 
 def rank_model(cfg):

@@ -19,8 +19,9 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
+from conftest import dsv3_checkpoint  # noqa: E402
 from dsv3 import load_model  # noqa: E402
-from dsv3.config import Config, ModelConfig, save_config  # noqa: E402
+from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.convert import (  # noqa: E402
     dequantize_fp8,
     export_hf,
@@ -135,27 +136,6 @@ def test_import_export_parity(case, tmp_path):
     hf_out = back.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 5:].tolist()
     ours = generate(model, prompt, max_new_tokens=8, temperature=0)
     assert ours == hf_out
-
-
-def dsv3_checkpoint(folder: Path, mcfg: ModelConfig, seed: int = 0) -> Transformer:
-    """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model.
-
-    Norm weights are random too (1 + 0.3 N(0, 1)): with unit weights a norm applied twice is
-    the same as once, which would hide which hidden state the MTP modules read.
-    """
-    model = Transformer(mcfg)
-    model.init_weights(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in model.moe_gates():
-            gate.e_score_correction_bias.uniform_(-0.3, 0.3, generator=g)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    save_config(Config(model=mcfg), folder / "config.yaml")
-    return model.eval()
 
 
 def test_mtp_roundtrip_and_bf16_export(tmp_path):
