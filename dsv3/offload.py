@@ -70,23 +70,6 @@ def _whole_blocks(device_map: dict[str, int | str], model: torch.nn.Module) -> d
     return out
 
 
-def _check_names_and_shapes(model: torch.nn.Module, weights: Path) -> None:
-    """Raise DsvError unless ``weights`` holds exactly the model's tensors with its shapes
-    (accelerate does not check the weights it sends to disk)."""
-    from safetensors import safe_open
-
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    with safe_open(str(weights), framework="pt") as f:
-        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    problems = ([f"missing {k}" for k in sorted(set(want) - set(have))]
-                + [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-                + [f"{k} has shape {have[k]}, the config gives {want[k]}" for k in sorted(set(want) & set(have))
-                   if have[k] != want[k]])
-    if problems:
-        raise DsvError(f"{weights} does not match its config.yaml ({problems[0]}; {len(problems)} problem(s)); "
-                       "use a matching checkpoint")
-
-
 def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
                     max_memory: dict[int | str, int] | None, offload_folder: str | Path | None):
     """Build the model without memory, compute a device map and load ``weights`` into it.
@@ -120,7 +103,9 @@ def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
 
     with init_empty_weights():  # parameters on the meta device; buffers (rope tables) real
         model = Transformer(cfg.model)
-    _check_names_and_shapes(model, weights)
+    from dsv3.weights import CheckpointWeights
+
+    CheckpointWeights(weights, cfg.model).close()  # names and shapes (accelerate does not check those it sends to disk)
     no_split = ["Block", "MTPModule"]
     device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     if set(device_map.values()) == {"disk"}:
