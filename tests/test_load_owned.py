@@ -171,3 +171,33 @@ def test_hf_folder_rank_reads_only_its_expert_keys(tmp_path):
     kv = "layers.2.self_attn.kv_a_proj_with_mqa.weight"  # rope rows permuted, not quantized
     assert not torch.equal(m.get_parameter(kv), state[kv])
     assert torch.equal(m.get_parameter(kv).sort(0).values, state[kv].sort(0).values)
+
+
+def test_layout_free_read_skips_other_stages(tmp_path):
+    """Resuming a single-stage ZeRO-0 checkpoint on a pipeline stage reads the fp32 weights and
+    Adam moments of that stage's parameters only, with their saved values and step."""
+    from dsv3.config import Config
+    from dsv3.parallel.layout_free import read_layout_free
+
+    cfg = small_cfg()
+    model = dsv3_checkpoint(tmp_path / "ckpt", cfg, seed=3)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    order = [n for n, p in trainable if p.ndim >= 2] + [n for n, p in trainable if p.ndim < 2]
+    moments = {n: torch.full(dict(trainable)[n].shape, float(i)) for i, n in enumerate(order)}
+    opt = {i: {"exp_avg": moments[n], "exp_avg_sq": moments[n] + 0.5, "step": 7} for i, n in enumerate(order)}
+    torch.save({"optimizer": {"state": opt}}, tmp_path / "ckpt" / "mp_rank_00_model_states.pt")
+    mine = tuple(stage_prefixes(model, COUNTS, STAGE))
+    with torch.no_grad():  # what PipelineRun leaves: the other stages' parameters on the meta device
+        for name, p in list(model.named_parameters()):
+            if not name.startswith(mine):
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
+                module._parameters[leaf] = torch.nn.Parameter(torch.empty_like(p, device="meta"))
+    state, step = read_layout_free(tmp_path / "ckpt", Config(model=cfg), model)
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert step == 7
+    assert sorted(state) == sorted(n for n, p in model.named_parameters() if not p.is_meta)
+    assert 0 < len(state) < len(order)
+    for name, entry in state.items():
+        assert torch.equal(entry["fp32"], saved[name])
+        assert torch.equal(entry["exp_avg"], moments[name]) and torch.equal(entry["exp_avg_sq"], moments[name] + 0.5)

@@ -197,14 +197,17 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     single-stage partitioned ones (ZeRO-1/2, bf16), through DeepSpeed's universal checkpoint
     (converted once by rank 0 into ``checkpoints/universal/<tag>``; collective).
 
+    The files are memory-mapped (``torch.load(mmap=True)``): a rank reads from disk only the
+    pages of the tensors (and expert rows) it then copies into its own parameters. Parameters
+    of ``model`` on the meta device (other pipeline stages) get no entry.
+
     Returns:
         (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
 
     Raises:
         DsvError: the checkpoint keeps its optimizer state in another form.
     """
-    from safetensors.torch import load_file
-
+    from safetensors import safe_open
 
     folder = Path(folder)
     files = sorted(folder.glob("layout_free_stage*.pt"))
@@ -215,30 +218,33 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
                            "with the layout it was saved with, or an older checkpoint")
         state, step = {}, 0
         for f in files:
-            part = torch.load(f, map_location="cpu", weights_only=True)
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             state.update(part["params"])
             step = max(step, int(part["step"]))
         return state, step
     if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
         return _read_universal(folder, model)
-    ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
+    ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False, mmap=True)
     opt = ds.get("optimizer") or {"state": {}}
     # the saving run had neither pipelines nor expert parallelism: its optimizer groups were
     # dsv3.parallel.engine.param_groups of the plain model (matrices and stacked experts, then
     # vectors), and torch numbers the state by position in those groups
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     order = [n for n, p in trainable if p.ndim >= 2] + [n for n, p in trainable if p.ndim < 2]
-    weights = load_file(str(folder / "model.safetensors"))
+    params = dict(trainable)
     state, step = {}, 0
-    for i, name in enumerate(order):
-        entry = {"fp32": weights[name].float()}
-        st = opt["state"].get(i, {})
-        for key in ADAM_KEYS:
-            if key in st:
-                entry[key] = st[key].float()
-        if "step" in st:
-            step = max(step, int(st["step"]))
-        state[name] = entry
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        for i, name in enumerate(order):
+            st = opt["state"].get(i, {})
+            if "step" in st:
+                step = max(step, int(st["step"]))
+            if params[name].is_meta:  # another pipeline stage's parameter: not read
+                continue
+            entry = {"fp32": weights.get_tensor(name).float()}
+            for key in ADAM_KEYS:
+                if key in st:
+                    entry[key] = st[key].float()
+            state[name] = entry
     return state, step
 
 
@@ -299,7 +305,7 @@ def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
         for key in ("fp32",) + ADAM_KEYS:
             f = root / name / f"{key}.pt"
             if f.is_file():
-                entry[key] = torch.load(f, map_location="cpu", weights_only=False)["param"].float()
+                entry[key] = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["param"].float()
         if "fp32" not in entry:
             raise DsvError(f"checkpoint {folder} has no universal state for {name}; resume with the layout it was "
                            "saved with")
