@@ -136,9 +136,10 @@ def chat_labels(tok, messages: Sequence[Message]) -> tuple[list[int], list[int]]
 
 
 def chat_stop_ids(tok) -> list[int]:
-    """Ids that end an assistant reply: ``<|end|>``, EOS, and ``<|user|>`` / ``<|system|>`` (a
-    model that starts another turn has finished its reply)."""
-    return [END_ID, tok.eos_id, USER_ID, SYSTEM_ID]
+    """Ids that end an assistant reply: ``<|end|>``, EOS, and every role marker
+    (``<|user|>`` / ``<|system|>`` / ``<|assistant|>``: a model that starts another turn has
+    finished its reply)."""
+    return [END_ID, tok.eos_id, USER_ID, SYSTEM_ID, ASSISTANT_ID]
 
 
 class StreamDecoder:

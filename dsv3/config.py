@@ -401,7 +401,7 @@ def check_trainable(cfg: Config) -> None:
     """
     p = cfg.parallel
     if p.zero_stage == 3:
-        raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 1 or 2")
+        raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 0, 1 or 2")
     if p.pp > 1 and p.zero_stage >= 2:
         raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
                        f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")

@@ -7,6 +7,10 @@ set -euo pipefail
 if [ -z "${NPROC:-}" ]; then
   NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "dsv3: error: NPROC=$NPROC is not a process count; set NPROC to 1 or more" >&2
+  exit 2
+fi
 args=(--num_gpus "$NPROC")
 world=$NPROC
 if [ -n "${DS_HOSTFILE:-}" ]; then

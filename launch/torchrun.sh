@@ -7,6 +7,10 @@ set -euo pipefail
 if [ -z "${NPROC:-}" ]; then
   NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "dsv3: error: NPROC=$NPROC is not a process count; set NPROC to 1 or more" >&2
+  exit 2
+fi
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   # CPU: split the cores between the processes
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}

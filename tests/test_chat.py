@@ -80,6 +80,10 @@ def test_template_layout(tok):
             encode_chat(tok, bad)
 
 
+def test_a_reply_stops_at_its_end_or_at_any_role_marker(tok):
+    assert sorted(chat_stop_ids(tok)) == sorted([END_ID, tok.eos_id, SYSTEM_ID, USER_ID, ASSISTANT_ID])
+
+
 def test_chat_labels_mask_everything_but_assistant_replies(tok):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
             {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"},

@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: every bad value is one clear DsvError line."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,18 @@ def test_bad_yaml_and_missing_file(tmp_path):
     notmap = tmp_path / "list.yaml"
     notmap.write_text("- 1\n- 2\n")
     assert "must be a YAML mapping" in error_of([], notmap)
+
+
+def test_lr_schedule_by_hand_and_the_warmup_warning():
+    from dsv3.config import TrainConfig
+    from dsv3.training.schedule import lr_at, schedule_warning
+
+    t = TrainConfig(lr=1e-3, warmup_steps=4, steps=10, min_lr_ratio=0.1)
+    assert [lr_at(s, t) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    # cosine over steps 4..9 (span 5) from 1e-3 to 1e-4: step 4 + 2.5 is half way (5.5e-4)
+    assert lr_at(4, t) == pytest.approx(1e-3) and lr_at(9, t) == pytest.approx(1e-4)
+    assert lr_at(6, t) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
+    assert schedule_warning(t) is None
+    short = TrainConfig(lr=3e-3, warmup_steps=30, steps=20)
+    assert schedule_warning(short) == ("warning: train.warmup_steps=30 >= train.steps=20: the learning rate ends at "
+                                       "2.00e-03, never reaching train.lr=0.003 nor decaying; lower train.warmup_steps")

@@ -24,6 +24,7 @@ def launch(script, overrides):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
+    assert "built successfully" not in proc.stdout  # DeepSpeed's notice on every start is dropped
     return proc
 
 
@@ -60,3 +61,12 @@ def test_launcher_rejects_a_bad_layout_before_starting(script, env, override, wo
     assert len(lines) == 1 and lines[0].startswith("dsv3: error: parallel."), proc.stderr[-3000:]
     assert f" {world} process" in lines[0]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh", "accelerate.sh"])
+def test_launcher_rejects_a_bad_process_count(script, tmp_path):
+    env = dict(os.environ, NPROC="0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "dsv3: error: NPROC=0 is not a process count; set NPROC to 1 or more\n"

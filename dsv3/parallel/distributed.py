@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -43,6 +45,20 @@ def _from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+@contextlib.contextmanager
+def _without_build_notice():
+    """Drop DeepSpeed's "DeepSpeed <op> built successfully" line, which it prints on every
+    start (the op is cached after the first build); any other output passes through."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        rest = [line for line in buf.getvalue().splitlines() if not line.endswith(" built successfully")]
+        if rest:
+            print("\n".join(rest), flush=True)
+
+
 def init_distributed() -> DistInfo:
     """Start (or join) the default process group and pick this process's device.
 
@@ -75,7 +91,8 @@ def init_distributed() -> DistInfo:
         import deepspeed
 
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+            with _without_build_notice():
+                deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         except (subprocess.CalledProcessError, OSError) as exc:  # DeepSpeed JIT-builds its CPU comm op with g++
             raise DsvError(f"DeepSpeed could not build its C++ communication op ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); install a C++ compiler (g++, e.g. "
@@ -118,7 +135,7 @@ def check_launch(cfg, world_size: int) -> None:
     if p.ep > 1:
         from dsv3.parallel.expert_parallel import check_layout as check_ep
 
-        check_ep(p.ep, cfg.model.n_routed_experts, world_size // p.pp)
+        check_ep(p.ep, cfg.model.n_routed_experts, world_size // p.pp, p.pp)
     if cfg.train.init_from:
         from dsv3.convert import is_hf_folder
         from dsv3.training.checkpoint import resolve_checkpoint

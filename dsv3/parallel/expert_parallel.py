@@ -69,22 +69,34 @@ def group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-def check_layout(ep: int, n_routed_experts: int, world_size: int) -> None:
+def check_layout(ep: int, n_routed_experts: int, world_size: int, pp: int = 1) -> None:
     """Refuse layouts expert parallelism cannot run.
 
+    Args:
+        ep: ``parallel.ep``.
+        n_routed_experts: ``model.n_routed_experts``.
+        world_size: the data-parallel size (processes / ``pp``), over which EP is carved.
+        pp: ``parallel.pp`` (only for the message).
+
     Raises:
-        DsvError: ``ep`` < 1, ``ep`` does not divide ``n_routed_experts`` or the number of
-            processes (the expert-data-parallel groups need world_size / ep ranks each).
+        DsvError: ``ep`` < 1, ``ep`` does not divide ``n_routed_experts`` or the data-parallel
+            size (the expert-data-parallel groups need world_size / ep ranks each); the
+            message lists the ep values that would work.
     """
+    import math
+
+    fits = [e for e in range(1, n_routed_experts + 1) if math.gcd(n_routed_experts, world_size) % e == 0]
     if ep < 1:
         raise DsvError(f"parallel.ep={ep} must be at least 1")
     if n_routed_experts % ep:
-        divs = [e for e in range(1, n_routed_experts + 1) if n_routed_experts % e == 0]
         raise DsvError(f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}; "
-                       f"choose ep in {divs}")
+                       f"choose ep in {fits}")
     if world_size % ep:
-        raise DsvError(f"parallel.ep={ep} does not divide the {world_size} process(es); run a multiple of {ep} "
-                       f"processes or choose an ep that divides {world_size}")
+        if pp == 1:
+            raise DsvError(f"parallel.ep={ep} does not divide the {world_size} process(es); run a multiple of {ep} "
+                           f"processes or choose ep in {fits}")
+        raise DsvError(f"parallel.ep={ep} does not divide the data-parallel size {world_size} ({world_size * pp} "
+                       f"processes / parallel.pp={pp}); run a multiple of {ep * pp} processes or choose ep in {fits}")
 
 
 def ensure_groups(ep: int, pp: int = 1) -> str:
@@ -269,7 +281,7 @@ def apply_expert_parallel(model: nn.Module, ep: int, pp: int = 1) -> list[Expert
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     world = dist.get_world_size() if dist.is_initialized() else 1
     for m in moes:
-        check_layout(ep, m.n_experts, world // pp)
+        check_layout(ep, m.n_experts, world // pp, pp)
     name = ensure_groups(ep, pp)
     for m in moes:
         m.experts = ExpertParallelExperts(m.experts, ep, name)

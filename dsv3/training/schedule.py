@@ -19,3 +19,13 @@ def lr_at(step: int, t: TrainConfig) -> float:
     progress = min((step - t.warmup_steps) / span, 1.0)
     floor = t.lr * t.min_lr_ratio
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_warning(t: TrainConfig) -> str | None:
+    """A warning line when the schedule of :func:`lr_at` cannot run its course: with
+    ``warmup_steps >= steps`` the rate never reaches ``lr`` and never decays. None otherwise."""
+    if t.warmup_steps >= t.steps:
+        return (f"warning: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate ends "
+                f"at {lr_at(t.steps - 1, t):.2e}, never reaching train.lr={t.lr:g} nor decaying; lower "
+                "train.warmup_steps")
+    return None

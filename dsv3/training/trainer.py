@@ -53,7 +53,7 @@ from dsv3.training.checkpoint import (
     tag_for,
 )
 from dsv3.training.metrics import Console, MetricsLogger, step_record
-from dsv3.training.schedule import lr_at
+from dsv3.training.schedule import lr_at, schedule_warning
 from dsv3.weights import CheckpointWeights, open_weights
 
 
@@ -124,7 +124,7 @@ class Trainer:
         if self.ep > 1:
             from dsv3.parallel.expert_parallel import check_layout
 
-            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size // cfg.parallel.pp)
+            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size // cfg.parallel.pp, cfg.parallel.pp)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         dp = self.info.world_size // cfg.parallel.pp
@@ -429,6 +429,8 @@ class Trainer:
         console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
                         f"parameters, {self.info.world_size} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
+        if schedule_warning(t) and self.start_step < t.steps:
+            console.write(schedule_warning(t))
         if self.start_step == 0 and t.eval_every > 0:
             val = self.evaluate()
             logger.log({"step": 0, "val_loss": val, "tokens": 0})
