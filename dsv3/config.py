@@ -354,6 +354,10 @@ def validate(cfg: Config) -> None:
             divs = [e for e in range(1, m.n_routed_experts + 1) if m.n_routed_experts % e == 0]
             raise DsvError(f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
                            f"choose ep in {divs}")
+    spec = str(p.pp_partition).strip()
+    if p.pp == 1 and spec != "parameters" and spec != str(m.n_layers):
+        raise DsvError(f"parallel.pp_partition={spec!r} splits blocks over pipeline stages but parallel.pp=1; "
+                       f"set parallel.pp to the number of stages, or drop pp_partition")
     if m.rope_factor < 1:
         raise DsvError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
     if m.rope_factor > 1 and not m.beta_fast > m.beta_slow > 0:

@@ -83,3 +83,11 @@ def test_lr_schedule_by_hand_and_the_warmup_warning():
     short = TrainConfig(lr=3e-3, warmup_steps=30, steps=20)
     assert schedule_warning(short) == ("warning: train.warmup_steps=30 >= train.steps=20: the learning rate ends at "
                                        "2.00e-03, never reaching train.lr=0.003 nor decaying; lower train.warmup_steps")
+
+
+def test_a_pipeline_partition_without_pipeline_stages_is_an_error():
+    with pytest.raises(DsvError, match=r"^parallel.pp_partition='1,1' splits blocks over pipeline stages but "
+                                       r"parallel.pp=1; set parallel.pp to the number of stages, or drop pp_partition$"):
+        load_config(None, ["parallel.pp_partition=1,1"])
+    assert load_config(None, ["parallel.pp_partition=4"]).parallel.pp_partition == "4"  # one stage of all 4 blocks
+    assert load_config(None, ["parallel.pp=2", "parallel.pp_partition=1,3"]).parallel.pp == 2
