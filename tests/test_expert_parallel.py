@@ -196,7 +196,7 @@ def check(bias, name):
     for n, p in ref.named_parameters():
         g = got[n].grad
         if is_expert_param(got[n]):  # local block: already summed over the tokens of every rank
-            want = p.grad[ex.first:ex.first + ex.num_local_experts]
+            want = p.grad[ex.first_expert:ex.first_expert + ex.num_local_experts]
         else:  # replicated: data-parallel sum
             dist.all_reduce(g)
             want = p.grad
@@ -204,7 +204,7 @@ def check(bias, name):
     norm = clip_grad_norm_(m.parameters(), 1e9)
     assert torch.allclose(norm, ref_norm, rtol=1e-5), (name, norm, ref_norm)
     expert_sq = sum(float(p.grad.pow(2).sum()) for p in m.parameters() if is_expert_param(p))
-    sys.stdout.write(f"rank {rank} {name}: experts {ex.first}..{ex.first + ex.num_local_experts - 1} "
+    sys.stdout.write(f"rank {rank} {name}: experts {ex.first_expert}..{ex.first_expert + ex.num_local_experts - 1} "
                      f"received {'no' if expert_sq == 0 else 'some'} tokens\n")
     sys.stdout.flush()
     return expert_sq
@@ -228,7 +228,7 @@ apply_expert_parallel(lazy, world)
 assert allocated_elements(lazy) == 0
 n = materialize_(lazy, "cpu", 3, 0.02)
 assert n == 8 * 32 + 3 * 32 * 16 + 3 * 4 * 16 * 32 == allocated_elements(lazy), n  # gate, shared, 4 of 8 experts
-first = lazy.experts.first
+first = lazy.experts.first_expert
 for w in ("gate_proj", "up_proj", "down_proj"):
     p = getattr(lazy.experts, w)
     assert is_expert_param(p) and torch.equal(p, getattr(full.experts, w)[first:first + 4]), w

@@ -172,9 +172,9 @@ class ExpertParallelExperts(_DeepSpeedMoE):
     marked ``allreduce = False`` with ``group_name`` = ``ep_size_P``. Built from real experts,
     they are copies of this rank's block; built from experts on the meta device, they stay
     on the meta device (no memory for any expert) until :func:`dsv3.model.init.materialize_`
-    allocates the block and draws expert ``first + j`` from its own seed, the values the
-    unsplit model has, or reads rows ``[first, first + n_local)`` from a weights file
-    (``first_expert`` tells it the global index of row 0).
+    allocates the block and draws expert ``first_expert + j`` from its own seed, the values
+    the unsplit model has, or reads rows ``[first_expert, first_expert + n_local)`` from a
+    weights file (``first_expert``: the global index of row 0).
 
     Attributes read by DeepSpeed: ``num_experts``, ``num_local_experts``, ``ep_size``,
     ``expert_group_name``; :meth:`set_deepspeed_parallelism` is its hook at engine start.
@@ -192,9 +192,8 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         self.enable_expert_tensor_parallelism = False
         self.group = groups._get_expert_parallel_group(name)
         self.ep_rank = dist.get_rank(group=self.group)
-        self.first = self.ep_rank * self.num_local_experts
-        self.first_expert = self.first  # global index of row 0, read by dsv3.model.init
-        block = slice(self.first, self.first + self.num_local_experts)
+        self.first_expert = self.ep_rank * self.num_local_experts  # global index of row 0 (also read by dsv3.model.init)
+        block = slice(self.first_expert, self.first_expert + self.num_local_experts)
         for w in EXPERT_WEIGHTS:
             full = getattr(experts, w)
             if full.is_meta:  # nothing to copy: the block is allocated and initialized later (materialize_)
@@ -251,7 +250,7 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         return torch.zeros_like(x).index_add_(0, token, _ContiguousGrad.apply(ys))
 
     def extra_repr(self) -> str:
-        return (f"experts {self.first}..{self.first + self.num_local_experts - 1} of {self.num_experts}, "
+        return (f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} of {self.num_experts}, "
                 f"ep={self.ep_size}")
 
 
@@ -407,7 +406,7 @@ def save_expert_files(model: nn.Module, ckpt_root: Path, tag: str) -> list[Path]
         if groups._get_expert_data_parallel_rank(m.expert_group_name) != 0:
             continue
         for j in range(m.num_local_experts):
-            e = m.first + j
+            e = m.first_expert + j
             keys = expert_file_keys(prefix, e)
             state = {keys[w]: getattr(m, w).detach()[j].cpu().clone() for w in EXPERT_WEIGHTS}
             path = Path(DeepSpeedEngine._get_expert_ckpt_name(str(ckpt_root), layer_id, e, tag, checkpoint_mp_rank=0))
@@ -437,7 +436,7 @@ def expert_load_fn(model: nn.Module) -> Callable:
         for prefix, m in _named_ep_modules(dst):
             for w in EXPERT_WEIGHTS:
                 rows = []
-                for e in range(m.first, m.first + m.num_local_experts):
+                for e in range(m.first_expert, m.first_expert + m.num_local_experts):
                     key = expert_file_keys(prefix, e)[w]
                     if key not in state:
                         raise RuntimeError(f"the checkpoint has no weights for expert {e} ({key})")

@@ -345,5 +345,5 @@ def _local_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> t
     m = _ep_module(model, name)
     if m is None or value.shape[0] != m.num_experts:
         return value
-    return value[m.first : m.first + m.num_local_experts]
+    return value[m.first_expert : m.first_expert + m.num_local_experts]
 
