@@ -100,7 +100,7 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def check_launch(cfg, world_size: int) -> None:
+def check_launch(cfg, world_size: int) -> list[int] | None:
     """Check, before any process starts, what would otherwise fail on every rank of a launch.
 
     The launch scripts run this (``dsv3 train --check WORLD``) so that a bad config or an
@@ -111,9 +111,15 @@ def check_launch(cfg, world_size: int) -> None:
     checkpoint or Hugging Face folder. Config keys and types were checked when ``cfg`` was
     loaded.
 
+    The trainer runs the same checks at start-up.
+
     Args:
         cfg: the run's :class:`dsv3.config.Config`.
         world_size: processes the launch will start (all nodes).
+
+    Returns:
+        The blocks per pipeline stage of :func:`dsv3.parallel.pipeline.check_layout` (None
+        without pipelines, or when they are split by parameter count).
 
     Raises:
         DsvError: the first problem found.
@@ -128,10 +134,11 @@ def check_launch(cfg, world_size: int) -> None:
         raise DsvError(f"dsv3 train --check needs the number of processes (>= 1), not {world_size}")
     check_trainable(cfg)
     p = cfg.parallel
+    stage_blocks = None
     if p.pp > 1:
         from dsv3.parallel.pipeline import check_layout as check_pp
 
-        check_pp(cfg, world_size)
+        stage_blocks = check_pp(cfg, world_size)
     if p.ep > 1:
         from dsv3.parallel.expert_parallel import check_layout as check_ep
 
@@ -142,6 +149,7 @@ def check_launch(cfg, world_size: int) -> None:
 
         if not is_hf_folder(Path(cfg.train.init_from)):
             resolve_checkpoint(cfg.train.init_from)
+    return stage_blocks
 
 
 def started() -> bool:

@@ -36,7 +36,7 @@ from dsv3.fileio import atomic_write_bytes
 from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, materialize_
 from dsv3.model.init import WeightsSource, allocated_elements
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
-from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, check_launch, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.training.balance import update_expert_bias
 from dsv3.training.checkpoint import (
@@ -117,14 +117,7 @@ class Trainer:
         self.info = init_distributed()
         self.ep = cfg.parallel.ep
         self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
-        if cfg.parallel.pp > 1:
-            from dsv3.parallel import pipeline
-
-            stage_blocks = pipeline.check_layout(cfg, self.info.world_size)
-        if self.ep > 1:
-            from dsv3.parallel.expert_parallel import check_layout
-
-            check_layout(self.ep, cfg.model.n_routed_experts, self.info.world_size // cfg.parallel.pp, cfg.parallel.pp)
+        stage_blocks = check_launch(cfg, self.info.world_size)  # the same checks as `dsv3 train --check`
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         dp = self.info.world_size // cfg.parallel.pp
@@ -185,6 +178,8 @@ class Trainer:
         self.universal = (self.resume_tag is not None and not self.layout_free
                           and needs_repartition(self.ckpt_root / self.resume_tag, dp))
         if cfg.parallel.pp > 1:
+            from dsv3.parallel import pipeline
+
             self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks, self.info.device, source=source)
             _log(self.info, self.pipe.describe())
             self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
@@ -429,8 +424,9 @@ class Trainer:
         console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
                         f"parameters, {self.info.world_size} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
-        if schedule_warning(t) and self.start_step < t.steps:
-            console.write(schedule_warning(t))
+        warning = schedule_warning(t)
+        if warning and self.start_step < t.steps:
+            console.write(warning)
         if self.start_step == 0 and t.eval_every > 0:
             val = self.evaluate()
             logger.log({"step": 0, "val_loss": val, "tokens": 0})
