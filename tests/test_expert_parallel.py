@@ -234,6 +234,32 @@ for w in ("gate_proj", "up_proj", "down_proj"):
     assert is_expert_param(p) and torch.equal(p, getattr(full.experts, w)[first:first + 4]), w
 assert torch.equal(lazy.gate.weight, full.gate.weight) and torch.equal(lazy.shared_experts.up_proj.weight,
                                                                        full.shared_experts.up_proj.weight)
+
+# saved in the unsplit layout: each rank writes its own expert rows and half of each replicated
+# tensor into one file, which equals the unsplit layer's state dict; nothing is gathered
+from safetensors.torch import load_file
+from dsv3.parallel.unsplit_save import SafetensorsLayout, save_weights
+
+pieces = []
+plain_write = SafetensorsLayout.write
+SafetensorsLayout.write = lambda self, fd, piece: pieces.append(piece) or plain_write(self, fd, piece)
+path = sys.argv[1] + "/moe.safetensors"
+assert save_weights(path, lazy, [n for n, _ in lazy.named_parameters()], 0, (rank, world), {}) is None
+saved = load_file(path)
+assert sorted(saved) == sorted(full.state_dict())
+for k, v in full.state_dict().items():
+    assert torch.equal(saved[k], v), k
+for piece in pieces:
+    if piece.key.startswith("experts."):  # exactly this rank's 4 of 8 experts
+        row = getattr(full.experts, piece.key.split(".")[1])[0].numel()
+        assert (piece.start, piece.values.numel()) == (first * row, 4 * row), piece.key
+    elif piece.key != "gate.e_score_correction_bias":  # buffers: rank 0 writes them whole
+        n = full.state_dict()[piece.key].numel()
+        assert (piece.start, piece.values.numel()) == (rank * n // 2, (rank + 1) * n // 2 - rank * n // 2), piece.key
+replicated = [v.numel() for k, v in full.state_dict().items() if k.split(".")[0] in ("gate", "shared_experts")
+              and k != "gate.e_score_correction_bias"]
+assert sum(p.values.numel() for p in pieces) == sum((rank + 1) * n // 2 - rank * n // 2 for n in replicated) \
+    + 3 * 4 * 16 * 32 + (rank == 0) * 8  # + 4 experts' 3 matrices, + the routing biases on rank 0
 print(f"rank {rank} OK", flush=True)
 dist.barrier()
 dist.destroy_process_group()  # a rank leaving while the other still talks aborts gloo at exit
@@ -242,14 +268,15 @@ dist.destroy_process_group()  # a rank leaving while the other still talks abort
 
 def test_ep_layer_matches_unsplit_layer_including_a_rank_without_tokens(tmp_path):
     """Forward / backward / norm of a split layer equal the unsplit layer's; a layer built on the
-    meta device allocates only the local experts, with the unsplit layer's initial values."""
+    meta device allocates only the local experts, with the unsplit layer's initial values; saving
+    it writes the unsplit state dict, each rank its own expert rows and half of the rest."""
     script = tmp_path / "ep_unit.py"
     script.write_text(UNIT)
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+                           str(script), str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "rank 0 OK" in proc.stdout and "rank 1 OK" in proc.stdout
     assert "rank 1 all to rank 0: experts 4..7 received no tokens" in proc.stdout

@@ -40,9 +40,9 @@ Checkpoints: DeepSpeed's MoE save path keeps the experts out of ``mp_rank_00_mod
 and saves each EP rank's optimizer state (``expp_rank_*`` files at stage 0, ZeRO shards at
 stages 1-2); :func:`save_expert_files` writes the expert weights in DeepSpeed's per-expert
 files under their global index, which ``engine.load_checkpoint`` reads back for the local
-experts and :func:`expert_load_fn` stacks; :func:`full_state_dict` gathers every expert for
-the single-file ``model.safetensors``. With the saved ``ep`` and process count DeepSpeed's files
-resume the run bit for bit; any other layout resumes from the layout-free optimizer state of
+experts and :func:`expert_load_fn` stacks; each EP rank writes its rows of the stacked
+experts into the single-file ``model.safetensors`` (:mod:`dsv3.parallel.unsplit_save`). With
+the saved ``ep`` and process count DeepSpeed's files resume the run bit for bit; any other layout resumes from the layout-free optimizer state of
 :mod:`dsv3.parallel.layout_free`.
 """
 
@@ -344,40 +344,6 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-@torch.no_grad()
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The model's state dict with every expert, in the single-process stacked layout, on rank 0.
-
-    Collective over the EP group of global rank 0 (the other ranks return at once): the local
-    expert blocks are gathered to rank 0 and concatenated in global expert order, so the
-    result has the keys and shapes of the unsplit model (``layers.N.mlp.experts.gate_proj``
-    (E, I, D), ...). Without expert parallelism it is ``model.state_dict()`` on rank 0.
-
-    Returns:
-        ``{name: tensor}`` detached CPU-contiguous tensors on global rank 0, else None.
-    """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    mods = list(_named_ep_modules(model))
-    if not mods:
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if rank == 0 else None
-    ranks = groups._get_expert_parallel_group_ranks(mods[0][1].expert_group_name)
-    if 0 not in ranks:
-        return None
-    full: dict[str, torch.Tensor] = {}
-    for prefix, m in mods:
-        for w in EXPERT_WEIGHTS:
-            local = getattr(m, w).detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(m.ep_size)] if rank == 0 else None
-            dist.gather(local, parts, dst=0, group=m.group)
-            if rank == 0:
-                full[f"{prefix}.{w}"] = torch.cat(parts).cpu()
-    if rank != 0:
-        return None
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    state.update(full)
-    return state
-
-
 def expert_file_keys(prefix: str, expert: int) -> dict[str, str]:
     """Per-expert keys of a saved expert file: stacked name -> Hugging Face-style name with the
     global expert index (``layers.1.mlp.experts.gate_proj`` -> ``layers.1.mlp.experts.5.gate_proj.weight``)."""
@@ -459,6 +425,6 @@ def describe(model: nn.Module) -> str:
 
 __all__ = [
     "ExpertParallelExperts", "all_to_all", "apply_expert_parallel", "check_layout", "clip_grad_norm_",
-    "describe", "ensure_groups", "ep_modules", "expert_load_fn", "full_state_dict", "group_name",
+    "describe", "ensure_groups", "ep_modules", "expert_load_fn", "group_name",
     "is_expert_param", "save_expert_files",
 ]

@@ -4,27 +4,29 @@ DeepSpeed's checkpoint files are split by the layout that wrote them: by pipelin
 rank (each rank's block of routed experts) and, under ZeRO-1/2, by data-parallel rank (flat
 partitions of the fp32 master weights and Adam moments). Its universal-checkpoint converter
 re-partitions the last kind only, and handles neither pipelines with a tied embedding nor
-expert parallelism. So runs with pipelines or expert parallelism also write, per pipeline
-stage, the state of every parameter in the shape of the *unsplit* model:
+expert parallelism. So runs with pipelines or expert parallelism also write the state of every
+parameter in the shape of the *unsplit* model:
 
-    layout_free_stage{SS}.pt    {"step": AdamW step count, "params": {name: {"fp32",
-                                "exp_avg", "exp_avg_sq"}}}: fp32 master weights and AdamW
-                                moments under the single-process names, routed experts whole
-                                (E, ...); written by the stage's first data-parallel rank
+    layout_free.safetensors     NAME/fp32, NAME/exp_avg, NAME/exp_avg_sq: fp32 master weights
+                                and AdamW moments under the single-process names, routed
+                                experts whole (E, ...); metadata "step": the AdamW step count
+
+written by all ranks at once, each writing the values it holds (its ZeRO fragments, its expert
+rows, its share of replicated tensors; :mod:`dsv3.parallel.unsplit_save`), so no rank gathers
+more than its own share. Checkpoints of earlier versions hold the same per stage in
+``layout_free_stage{SS}.pt`` (a ``torch.save`` of ``{"step", "params": {name: {"fp32",
+"exp_avg", "exp_avg_sq"}}}``); they are still read.
 
 A run with any other layout (``pp`` 2 <-> 1, ``ep`` 2 -> 1 or 4, another process count, ZeRO
-stage 0 <-> 1) reads them (:func:`read_layout_free`) and puts every value into whatever
-optimizer DeepSpeed built (:func:`set_layout_free_state`): the plain torch AdamW (fp32, ZeRO
-stage 0), the unfused bf16 optimizer (per-parameter fp32 copies), or the flat ZeRO-1/2 and
-bf16 partitions (through DeepSpeed's ``safe_set_full_*`` fragment API). Checkpoints without
-these files (``pp`` = ``ep`` = 1) are read from DeepSpeed's own files: the fp32 ZeRO-0 model
-states, or the universal checkpoint for partitioned ones. The restored state equals the saved
-one exactly; a resharded run then agrees with an uninterrupted one to float rounding (another
-summation order), not bit for bit.
-
-Cost: the whole optimizer state of a stage is gathered on its first data-parallel rank, in
-CPU memory, at each save (12 bytes per parameter) — fine up to models of a few billion
-parameters per stage.
+stage 0 <-> 1) reads them (:func:`read_layout_free`: a rank reads only its own stage's tensors
+and its own expert rows) and puts every value into whatever optimizer DeepSpeed built
+(:func:`set_layout_free_state`): the plain torch AdamW (fp32, ZeRO stage 0), the unfused bf16
+optimizer (per-parameter fp32 copies), or the flat ZeRO-1/2 and bf16 partitions (through
+DeepSpeed's ``safe_set_full_*`` fragment API). Checkpoints without these files (``pp`` = ``ep``
+= 1) are read from DeepSpeed's own files: the fp32 ZeRO-0 model states, or the universal
+checkpoint for partitioned ones. The restored state equals the saved one exactly; a resharded
+run then agrees with an uninterrupted one to float rounding (another summation order), not bit
+for bit.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from dsv3.errors import DsvError
 from dsv3.model import Transformer
 from dsv3.parallel.distributed import all_reduce_sum
 
-STAGE_STATE = "layout_free_stage{:02d}.pt"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -86,40 +87,6 @@ def _master(ds_optimizer, p: nn.Parameter) -> nn.Parameter:
 
 
 @torch.no_grad()
-def layout_free_state(named: dict[str, nn.Parameter], optimizer, ds_optimizer=None,
-                   model: nn.Module | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """``{name: {"fp32", "exp_avg", "exp_avg_sq"}}`` CPU fp32 tensors of the full (unpartitioned)
-    parameters ``named``, whatever the ZeRO stage.
-
-    Collective over the data-parallel group under ZeRO-1 or the bf16 optimizer (DeepSpeed's
-    ``safe_get_full_*`` assemble the partitions): every rank of it must call with the same names.
-    With expert parallelism (``model`` given), each expert tensor is gathered whole over its
-    EP group (collective there too).
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if ds_optimizer is not None and adam_steps(optimizer) > 0:
-        _link_hp_state(ds_optimizer)
-    out = {}
-    for name, p in named.items():
-        fp32 = safe_get_full_fp32_param(p)
-        if fp32 is not None:
-            entry = {"fp32": fp32}
-            if adam_steps(optimizer) > 0:
-                for key in ADAM_KEYS:
-                    entry[key] = safe_get_full_optimizer_state(p, key)
-        else:  # ZeRO stage 0: the torch optimizer holds the parameter itself (or its fp32 copy)
-            master = _master(ds_optimizer, p)
-            st = optimizer.state.get(master, {})
-            entry = {"fp32": master.detach()}
-            for key in ADAM_KEYS:
-                entry[key] = st.get(key)
-        out[name] = {k: _whole_experts(model, name, v.detach().float()).cpu().clone()
-                     for k, v in entry.items() if v is not None}
-    return out
-
-
-@torch.no_grad()
 def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict[str, dict[str, torch.Tensor]],
                        step: int, ds_optimizer=None, model: nn.Module | None = None) -> None:
     """Load what :func:`layout_free_state` returned into freshly built parameters and optimizer.
@@ -157,49 +124,19 @@ def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
 
 
-def gather_layout_free(model: nn.Module, names: list[str], ds_optimizer) -> dict:
-    """This stage's parameters ``names`` with their AdamW state, whole, for :func:`write_layout_free`.
-
-    Args:
-        model: the plain model (expert-parallel modules gather their experts whole).
-        names: the trainable parameters of this rank's stage, by plain name.
-        ds_optimizer: the engine's optimizer (DeepSpeed's ZeRO / bf16 wrapper, or the torch
-            optimizer itself).
-
-    Collective over the stage's data-parallel ranks (and EP groups); every rank gets the payload,
-    the stage's first data-parallel rank writes it.
-    """
-    optimizer = ds_optimizer if isinstance(ds_optimizer, torch.optim.Optimizer) else ds_optimizer.optimizer
-    params = dict(model.named_parameters())
-    state = layout_free_state({n: params[n] for n in names}, optimizer, ds_optimizer, model)
-    return {"step": adam_steps(optimizer), "params": state}
-
-
-def write_layout_free(folder: Path, stage: int, payload: dict) -> Path:
-    """Write ``payload`` as ``layout_free_stage{stage}.pt`` in the step folder (temp + rename).
-
-    Raises:
-        OSError: the file could not be written.
-    """
-    path = Path(folder) / STAGE_STATE.format(stage)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
-
-
 def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:
     """The per-parameter optimizer state of checkpoint ``folder`` under the plain names.
 
-    Handles checkpoints saved with pipelines or expert parallelism (the ``layout_free_stage*``
-    files), single-stage fp32
-    ZeRO-0 checkpoints (the torch optimizer's state in DeepSpeed's model-states file) and
-    single-stage partitioned ones (ZeRO-1/2, bf16), through DeepSpeed's universal checkpoint
-    (converted once by rank 0 into ``checkpoints/universal/<tag>``; collective).
+    Handles checkpoints saved with pipelines or expert parallelism (``layout_free.safetensors``,
+    or the ``layout_free_stage*.pt`` files of earlier versions), single-stage fp32 ZeRO-0
+    checkpoints (the torch optimizer's state in DeepSpeed's model-states file) and single-stage
+    partitioned ones (ZeRO-1/2, bf16), through DeepSpeed's universal checkpoint (converted once
+    by rank 0 into ``checkpoints/universal/<tag>``; collective).
 
-    The files are memory-mapped (``torch.load(mmap=True)``): a rank reads from disk only the
-    pages of the tensors (and expert rows) it then copies into its own parameters. Parameters
-    of ``model`` on the meta device (other pipeline stages) get no entry.
+    A rank reads from disk only what it then copies into its own parameters: parameters of
+    ``model`` on the meta device (other pipeline stages) get no entry, and an expert-parallel
+    block gets only its rows of the stacked experts (``safe_open(...).get_slice``; the ``.pt``
+    files are memory-mapped, ``torch.load(mmap=True)``, so only the pages copied are read).
 
     Returns:
         (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
@@ -209,7 +146,22 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     """
     from safetensors import safe_open
 
+    from dsv3.parallel.unsplit_save import LAYOUT_FREE
+
     folder = Path(folder)
+    if (folder / LAYOUT_FREE).is_file():
+        state = {}
+        with safe_open(str(folder / LAYOUT_FREE), framework="pt") as f:
+            keys = set(f.keys())
+            step = int(f.metadata()["step"])
+            for name, p in model.named_parameters():
+                if p.is_meta or f"{name}/fp32" not in keys:
+                    continue  # another stage's parameter; a missing one is reported by set_layout_free_state
+                m = _ep_module(model, name)
+                rows = slice(m.first_expert, m.first_expert + m.num_local_experts) if m is not None else None
+                state[name] = {key: (f.get_slice(f"{name}/{key}")[rows] if rows else f.get_tensor(f"{name}/{key}"))
+                               for key in ("fp32",) + ADAM_KEYS if f"{name}/{key}" in keys}
+        return state, step
     files = sorted(folder.glob("layout_free_stage*.pt"))
     if files or cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
         if len(files) != cfg_saved.parallel.pp:
@@ -329,19 +281,8 @@ def _ep_module(model: nn.Module | None, name: str):
     return module if isinstance(module, ExpertParallelExperts) else None
 
 
-def _whole_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
-    """``value`` of parameter ``name``, with a local expert block gathered over its EP group
-    into all E experts (collective over that group); other parameters unchanged."""
-    m = _ep_module(model, name)
-    if m is None:
-        return value
-    parts = [torch.empty_like(value) for _ in range(m.ep_size)]
-    dist.all_gather(parts, value.contiguous(), group=m.group)
-    return torch.cat(parts)
-
-
 def _local_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
-    """This rank's block of a whole expert tensor (the inverse of :func:`_whole_experts`)."""
+    """This rank's block of a whole expert tensor (unchanged if it is a block already)."""
     m = _ep_module(model, name)
     if m is None or value.shape[0] != m.num_experts:
         return value

@@ -404,15 +404,6 @@ class PipelineRun:
                 module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                         requires_grad=p.requires_grad)
 
-    def save_state(self, folder) -> None:
-        """Write this stage's plain-name parameters and Adam state into ``folder`` (collective;
-        :mod:`dsv3.parallel.layout_free`)."""
-        from dsv3.parallel.layout_free import gather_layout_free, write_layout_free
-
-        payload = gather_layout_free(self.model, self.names, self.engine.optimizer)
-        if self.dp_rank == 0:
-            write_layout_free(folder, self.stage, payload)
-
     def describe(self) -> str:
         """One start-up line: stages, replicas, the blocks of each stage."""
         first = 0
@@ -467,31 +458,6 @@ class PipelineRun:
         for row, load in self.recorder.loads.items():
             out[row] += load
         return out
-
-    @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict under the plain names, on global rank 0 (else None).
-
-        Collective: the first data-parallel replica of every stage sends its parameters to
-        rank 0 (with expert parallelism, after gathering the experts of its EP group). Buffers
-        (the balancing biases) are equal on every rank already.
-        """
-        from dsv3.parallel.layout_free import _whole_experts
-
-        params = dict(self.model.named_parameters())
-        mine = {}
-        for n in self.names:
-            value = _whole_experts(self.model, n, params[n].detach())  # collective over an EP group
-            if self.dp_rank == 0:
-                mine[n] = value.cpu().clone()
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if not v.is_meta}
-        for part in gathered:
-            state.update(part)
-        return state
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, trainer, step: int) -> dict[str, float]:

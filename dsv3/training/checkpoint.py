@@ -4,11 +4,14 @@ Layout under ``<out_dir>/checkpoints/``::
 
     step_0000200/                 one folder per saved optimizer step
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's sharded engine state
-        layout_free_stageSS.pt    with pipelines or expert parallelism: stage SS's parameters and
-                                  AdamW state under the single-process names, experts whole
+        layout_free.safetensors   with pipelines or expert parallelism: fp32 weights and AdamW
+                                  state under the single-process names, experts whole
                                   (resumes with any pp / ep / process count, see
                                   dsv3.parallel.layout_free; pipelines write only these)
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
+
+Both safetensors files are written by all ranks at once, each writing the bytes it holds
+(:mod:`dsv3.parallel.unsplit_save`): no rank ever holds more than its own share.
         config.yaml               the run's resolved config
         tokenizer.model           the sentencepiece model
         rng_rankNNNNN.json        each rank's Python / NumPy / torch RNG states
@@ -97,24 +100,23 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, rank: int, full_state=None, save_state=None) -> Path:
+                    tokenizer_path: Path, rank: int, pipe=None) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
-    Every rank writes its part of the DeepSpeed state and its RNG states; rank 0 adds
-    ``model.safetensors``, ``config.yaml``, ``tokenizer.model`` and, once all ranks are done,
-    ``manifest.json`` (every file with its size) and then moves ``latest``.
+    Every rank writes its part of the DeepSpeed state, its RNG states and its share of
+    ``model.safetensors``, which holds the whole model in the single-process layout
+    (:func:`dsv3.parallel.unsplit_save.save_weights`: each rank writes the bytes it holds,
+    nothing is gathered). Rank 0 adds ``config.yaml``, ``tokenizer.model`` and, once all ranks
+    are done, ``manifest.json`` (every file with its size) and then moves ``latest``.
 
     With expert parallelism (:mod:`dsv3.parallel.expert_parallel`) each EP rank also writes
-    its experts into DeepSpeed's per-expert files under their global index, and the experts of
-    all EP ranks are gathered to rank 0 first, so ``model.safetensors`` always holds the whole
-    model in the single-process layout, and the optimizer state is written in that layout too
-    (``layout_free_stage00.pt``), so the checkpoint also resumes with another ``ep``, process
-    count or ZeRO stage (:mod:`dsv3.parallel.layout_free`).
+    its experts into DeepSpeed's per-expert files under their global index. Runs with expert
+    parallelism or pipelines also write the optimizer state in the single-process layout
+    (``layout_free.safetensors``, the same way), so the checkpoint resumes with another
+    ``ep``, ``pp``, process count or ZeRO stage (:mod:`dsv3.parallel.layout_free`).
 
-    ``full_state``: with pipeline parallelism, a collective callable returning the whole
-    model's state dict under the plain names on rank 0 (the engine holds one stage only);
-    ``save_state(folder)``: a collective callable that writes the resumable state into the
-    step folder instead of DeepSpeed's ``engine.save_checkpoint``.
+    ``pipe``: the :class:`dsv3.parallel.pipeline.PipelineRun` of a run with pipelines; its
+    checkpoint holds only the files above, not DeepSpeed's per-stage engine files.
 
     Returns:
         The step folder.
@@ -123,37 +125,38 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
         DsvError: the checkpoint could not be written (disk full, permission denied, ...);
             ``latest`` still names the previous checkpoint.
     """
-    from safetensors.torch import save_file
-
-    from dsv3.parallel.expert_parallel import ep_modules, full_state_dict, save_expert_files
-    from dsv3.parallel.layout_free import gather_layout_free, write_layout_free
+    from dsv3.parallel.expert_parallel import ep_modules, save_expert_files
+    from dsv3.parallel.unsplit_save import LAYOUT_FREE, save_optimizer_state, save_weights
 
     tag = tag_for(step)
     folder = ckpt_root / tag
     failure = torch.zeros(1)
     error = ""
-    # collective with expert parallelism or pipelines; the full model on rank 0
-    state = full_state() if full_state is not None else full_state_dict(engine.module)
-    expert_parallel = save_state is None and bool(ep_modules(engine.module))
-    layout_free = None
-    if expert_parallel:  # collective: every rank's optimizer partition and experts, on rank 0
-        names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
-        layout_free = gather_layout_free(engine.module, names, engine.optimizer)
+    if pipe is not None:
+        model, names, stage, dp = pipe.model, pipe.names, pipe.stage, (pipe.dp_rank, pipe.dp)
+    else:
+        model, names, stage = engine.module, [n for n, _ in engine.module.named_parameters()], 0
+        dp = (rank, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    expert_parallel = pipe is None and bool(ep_modules(model))
     try:
-        if save_state is None:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    # collective, every rank writing what it holds
+    error = save_weights(folder / WEIGHTS, model, names, stage, dp, {"format": "pt", "step": str(step)}) or error
+    if pipe is not None or expert_parallel:
+        params = dict(model.named_parameters())
+        trainable = [n for n in names if params[n].requires_grad]
+        error = save_optimizer_state(folder / LAYOUT_FREE, model, trainable, engine.optimizer, stage, dp) or error
+    if error:
+        failure += 1
+    try:
+        if pipe is None:
             engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
             if expert_parallel:
                 save_expert_files(engine.module, ckpt_root, tag)
-                if rank == 0:
-                    write_layout_free(folder, 0, layout_free)
-        else:  # pipelines: dsv3's own layout-free state instead of DeepSpeed's per-stage files
-            folder.mkdir(parents=True, exist_ok=True)
-            save_state(folder)
         atomic_write_text(_rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
-            tmp = folder / f".{WEIGHTS}.tmp"
-            save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)})
-            os.replace(tmp, folder / WEIGHTS)
             save_config(cfg, folder / "config.yaml")
             shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
     except (OSError, RuntimeError) as exc:

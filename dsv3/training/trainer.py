@@ -465,9 +465,7 @@ class Trainer:
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.out_dir / "tokenizer.model", self.info.rank,
-                                full_state=self.pipe.full_state_dict if self.pipe is not None else None,
-                                save_state=self.pipe.save_state if self.pipe is not None else None)
+                                self.out_dir / "tokenizer.model", self.info.rank, pipe=self.pipe)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()
