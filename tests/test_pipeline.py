@@ -185,13 +185,20 @@ def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(ref
 
 
 def test_init_from_on_pp2_by_ep2_reads_only_the_ranks_weights(reference, corpus_dir, data_cache, tmp_path):
-    """train.init_from with pp=2 x ep=2: each rank reads only its stage (and expert rows) from the
-    checkpoint, and the step-0 validation loss is the saved model's (the reference's last one)."""
+    """train.init_from a Hugging Face folder (the reference exported in several shards) with
+    pp=2 x ep=2: each rank reads only its stage (and expert rows), and the step-0 validation loss
+    is the saved model's (the reference's last one)."""
+    from dsv3.convert import export_hf
+    from dsv3.training.checkpoint import resolve_checkpoint
+
+    hf = tmp_path / "hf"
+    export_hf(resolve_checkpoint(reference), hf, max_shard_bytes=400_000)
+    assert len(list(hf.glob("*.safetensors"))) > 2
     out = tmp_path / "init"
     args = tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2,
                                                           "parallel.ep": 2, "train.steps": 1})
-    proc = run_dsv3(["train", "--no-sample", f"train.init_from={reference}", *args], nproc=4)
-    assert f"initialized weights from {reference}" in proc.stdout
+    proc = run_dsv3(["train", "--no-sample", f"train.init_from={hf}", *args], nproc=4)
+    assert f"initialized weights from {hf}" in proc.stdout
     import torch
 
     from dsv3.config import load_config
