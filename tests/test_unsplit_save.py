@@ -181,3 +181,12 @@ def test_layout_free_files_of_earlier_versions_are_read(tmp_path):
     got, step = read_layout_free(tmp_path, Config(parallel=ParallelConfig(pp=2)), model)
     assert step == 2 and sorted(got) == sorted(state)
     assert all(torch.equal(got[n][k], state[n][k]) for n in state for k in state[n])
+
+
+def test_a_rank_that_cannot_see_the_file_names_the_shared_filesystem(tmp_path, monkeypatch):
+    """On a node that does not share the run directory the file rank 0 created is missing."""
+    monkeypatch.setattr(SafetensorsLayout, "create", lambda self, path: None)
+    error = write_collective(tmp_path / "model.safetensors", entries(), 0, lambda mine: pieces_of(1, 0),
+                             list(TENSORS))
+    assert error == (f"OSError: {tmp_path / '.model.safetensors.tmp'} created by rank 0 is not visible on rank 0; "
+                     "train.out_dir must be on a filesystem every node shares")

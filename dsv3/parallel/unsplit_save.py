@@ -32,7 +32,9 @@ A piece is a run of elements of a tensor's row-major flattening (:class:`Piece`)
 
 The file is an ordinary safetensors file: ``safetensors.safe_open`` and ``load_file`` read it,
 a reader can take just its own rows (``get_slice``), and the bytes of a replicated tensor
-come from several ranks whose copies are equal.
+come from several ranks whose copies are equal. Like DeepSpeed's own checkpoints, this needs
+the run directory on a filesystem every node sees (NFS, Lustre, GPFS, ...); ranks write
+disjoint byte ranges of the file and close it before rank 0 renames it.
 """
 
 from __future__ import annotations
@@ -198,7 +200,11 @@ def write_collective(path: str | Path, entries: dict[str, tuple[torch.dtype, tup
     mine = {k for k in entries if first_stage[k] == stage}
     written = 0
     try:
-        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            fd = os.open(tmp, os.O_WRONLY)
+        except FileNotFoundError as exc:  # rank 0 made it: another node that does not see the folder
+            raise OSError(f"{tmp} created by rank 0 is not visible on rank {rank}; train.out_dir must be on "
+                          "a filesystem every node shares") from exc
         try:
             for piece in pieces(mine):
                 written += layout.write(fd, piece)
