@@ -22,6 +22,7 @@ Messages may come in any order (a system message is normally first, and only onc
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TextIO
@@ -211,7 +212,7 @@ def fit_conversation(tok, system: str | None, turns: list[Message], budget: int)
 def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
               top_k: int = 50, top_p: float = 0.95, seed: int | None = None, repetition_penalty: float = 1.0,
               stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
-              interactive: bool | None = None) -> None:
+              interactive: bool | None = None, jsonl: bool = False) -> None:
     """Run a multi-turn conversation: one user message per input line, streamed replies.
 
     Each input line (without its line break) is a user message; ``/reset`` forgets the
@@ -223,6 +224,12 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
     dropped. The ``"> "`` prompt and notices are written only when ``interactive``, so piped
     output holds nothing but the replies.
 
+    With ``jsonl`` (for scripts: a reply may span lines), each input line is a JSON object,
+    ``{"content": "..."}`` (a user message, newlines allowed) or ``{"reset": true}``, and each
+    reply is written when complete as one JSON line: ``{"reply": str, "tokens": int,
+    "stop": "end" | "length"}`` (``tokens``: generated ids, the stop id included; ``"length"``:
+    cut at ``max_new_tokens``). Blank input lines are ignored; no prompts or notices.
+
     Args:
         model: a :class:`dsv3.model.Transformer`.
         tok: its tokenizer.
@@ -231,16 +238,18 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         temperature, top_k, top_p, repetition_penalty: sampling (see :mod:`dsv3.generation`).
         seed: sampling seed; reply k uses ``seed + k`` (None = unseeded).
         stdin, stdout, stderr: streams (default: the process's).
-        interactive: show prompts and notices; default ``stdin.isatty()``.
+        interactive: show prompts and notices; default ``stdin.isatty()`` (False with ``jsonl``).
+        jsonl: JSON lines in and out (see above).
 
     Raises:
-        DsvError: ``max_new_tokens`` does not leave room for a prompt.
+        DsvError: ``max_new_tokens`` does not leave room for a prompt, or (``jsonl``) an input
+            line is not a JSON object with a string ``"content"`` or ``"reset": true``.
     """
     from dsv3.generation import generate
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if interactive is None:
-        interactive = stdin.isatty()
+        interactive = stdin.isatty() and not jsonl
     limit = model.cfg.max_seq_len
     if not 1 <= max_new_tokens < limit:
         raise DsvError(f"--max-new-tokens {max_new_tokens} must be between 1 and the model's max_seq_len - 1 "
@@ -252,11 +261,13 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
     if interactive:
         print("dsv3 chat: type a message and press Enter; /reset starts over, /exit or Ctrl-D quits",
               file=stderr, flush=True)
+    number = 0
     while True:
         if interactive:
             stdout.write("> ")
             stdout.flush()
         line = stdin.readline()
+        number += 1
         if not line:
             if interactive:
                 stdout.write("\n")
@@ -264,6 +275,8 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
             return
         text = line.rstrip("\r\n")
         command = text.strip()
+        if jsonl and command:
+            text, command = _json_message(command, number)
         if command == "/exit":
             return
         if command == "/reset":
@@ -282,7 +295,7 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         decoder = StreamDecoder(tok)
 
         def stream(i: int) -> None:
-            if i not in stops:
+            if i not in stops and not jsonl:
                 piece = decoder.push(i)
                 if piece:
                     stdout.write(piece)
@@ -291,8 +304,32 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         out = generate(model, ids, max_new_tokens, temperature, top_k, top_p,
                        None if seed is None else seed + replies, eos_ids=stops, on_token=stream,
                        repetition_penalty=repetition_penalty)
-        stdout.write(decoder.flush() + "\n")
+        ended = bool(out) and out[-1] in stops
+        reply = out[:-1] if ended else out
+        if jsonl:
+            stdout.write(json.dumps({"reply": tok.decode(reply), "tokens": len(out),
+                                     "stop": "end" if ended else "length"}, ensure_ascii=False) + "\n")
+        else:
+            stdout.write(decoder.flush() + "\n")
         stdout.flush()
         replies += 1
-        reply = out[:-1] if out and out[-1] in stops else out
         turns.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def _json_message(line: str, number: int) -> tuple[str, str]:
+    """(message text, command) of a ``--jsonl`` input line: ``{"content": ...}`` -> (content,
+    "message"), ``{"reset": true}`` -> ("", "/reset").
+
+    Raises:
+        DsvError: anything else.
+    """
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        obj = exc
+    if isinstance(obj, dict) and obj.get("reset") is True and "content" not in obj:
+        return "", "/reset"
+    if isinstance(obj, dict) and isinstance(obj.get("content"), str) and obj["content"].strip():
+        return obj["content"], "message"
+    raise DsvError(f'input line {number} is not {{"content": "<message>"}} nor {{"reset": true}} (--jsonl reads one '
+                   'JSON object per line); write each message as a JSON object with a non-empty "content" string')

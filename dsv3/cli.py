@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat on stdin/stdout (works with a pipe)")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--jsonl", action="store_true",
+                   help='for scripts: read {"content": ...} or {"reset": true} per line, write one JSON line per reply')
     _add_sampling_args(p, max_new_tokens=None, temperature=0.7)
     _add_placement_args(p)
     p = sub.add_parser("convert", help="import / export the Hugging Face DeepSeek-V3 layout")
@@ -263,7 +265,7 @@ def _cmd_chat(args) -> None:
         args.max_new_tokens = min(256, model.cfg.max_seq_len // 2)
     _check_sampling(args, model.cfg.max_seq_len)
     chat_loop(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-              args.repetition_penalty)
+              args.repetition_penalty, jsonl=args.jsonl)
 
 
 def main(argv: list[str] | None = None) -> int:

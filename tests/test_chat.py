@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -179,6 +180,33 @@ def test_chat_over_a_pipe(tok, ckpt):
     proc = _dsv3(["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "5"], stdin="hello")
     assert proc.returncode == 0, proc.stderr  # end of input without /exit ends cleanly
     assert proc.stdout == _greedy_reply(model, tok, "hello", 5) + "\n"
+
+
+def test_chat_jsonl_for_scripts(tok, ckpt):
+    """--jsonl: a message with a newline in, one JSON line per reply out, /reset as {"reset": true};
+    a line that is not such an object is one error line, exit code 2."""
+    from dsv3 import load_model
+    from dsv3.generation import generate
+
+    model = load_model(ckpt)
+    stops = chat_stop_ids(tok)
+    lines = [json.dumps({"content": "def f(x):\n    return"}), "", json.dumps({"reset": True}), json.dumps({"content": "hi"})]
+    proc = _dsv3(["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "6", "--jsonl"],
+                 stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    want = []
+    for text in ("def f(x):\n    return", "hi"):
+        ids = generate(model, encode_chat(tok, [{"role": "user", "content": text}]), 6, temperature=0, eos_ids=stops)
+        ended = ids[-1] in stops
+        want.append({"reply": tok.decode(ids[:-1] if ended else ids), "tokens": len(ids),
+                     "stop": "end" if ended else "length"})
+    assert [json.loads(x) for x in proc.stdout.splitlines()] == want
+    proc = _dsv3(["chat", "--ckpt", str(ckpt), "--jsonl"], stdin='{"content": "hi"}\nhello\n')
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ['dsv3: error: input line 2 is not {"content": "<message>"} nor '
+                                                '{"reset": true} (--jsonl reads one JSON object per line); write each '
+                                                'message as a JSON object with a non-empty "content" string']
+    assert len(proc.stdout.splitlines()) == 1  # the first reply was written
 
 
 def test_generate_speculative_cli(tok, ckpt):
