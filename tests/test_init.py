@@ -44,7 +44,8 @@ def test_seed_is_a_stable_hash_of_seed_name_and_expert():
     assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
 
 
-def test_meta_build_materialized_equals_the_full_model_exactly():
+def test_meta_build_materialized_equals_the_full_model_exactly(monkeypatch):
+    monkeypatch.setattr("dsv3.model.init.init_threads", lambda: 4)  # values drawn on 4 threads, in any order
     cfg = small_cfg()
     full = full_model(cfg)
     m = meta_model(cfg)
@@ -174,3 +175,15 @@ def test_init_weights_without_seed_follows_the_global_rng():
     torch.manual_seed(4)
     b.init_weights()
     assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def test_init_threads_share_the_cores_of_a_node(monkeypatch):
+    from dsv3.model.init import init_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert init_threads() == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert init_threads() == 32
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "128")
+    assert init_threads() == 1

@@ -12,7 +12,9 @@ without a broadcast.
 Distribution (DeepSeek-V3 report §4.2): linear, embedding, gate and expert weights
 ~ N(0, ``init_std``) (0.006), RMSNorm weights = 1, the balancing bias
 ``e_score_correction_bias`` = 0. Values are drawn in float32 on the CPU and then copied to
-the tensor's device and dtype, so they also do not depend on the device.
+the tensor's device and dtype, so they also do not depend on the device. :func:`materialize_`
+draws the tensors (and experts) on several threads at once (:func:`init_threads`: the node's
+cores divided among its processes), which the independent generators allow.
 
 Loaded weights take the same route: :func:`load_owned_` (``materialize_`` with ``source=``)
 fills the allocated parameters from a :class:`WeightsSource` by the same full names, an expert
@@ -27,6 +29,8 @@ not used.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 import torch
@@ -226,6 +230,7 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
     allocated = 0
     done: dict[int, nn.Parameter] = {}
     rope_owners: dict[int, nn.Module] = {}
+    jobs: list[tuple] = []  # random initializations, run in parallel at the end
     for mod, leaf, name, t, is_param in list(_named_tensors(model)):
         if not t.is_meta:
             continue
@@ -251,13 +256,43 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
         new.__dict__.update(t.__dict__)
         if source is not None:
             _fill_from(source, new, name, rule, first)
+        elif rule == "experts":  # one job per expert: its own generator, its own rows
+            jobs += [(new.data[j : j + 1], name, seed, std, rule, first + j) for j in range(new.shape[0])]
         else:
-            init_tensor_(new, name, seed, std, rule, first)
+            jobs.append((new.data, name, seed, std, rule, first))
         mod._parameters[leaf] = done[id(t)] = new
         allocated += new.numel()
+    _run_parallel(jobs)
     for mod in rope_owners.values():  # after allocation: init_rope computes on the buffers' device
         mod.init_rope()
     return allocated
+
+
+def init_threads() -> int:
+    """Threads for drawing initial values: the CPU cores this process may use, shared with the
+    other processes of this node (``LOCAL_WORLD_SIZE``, set by torchrun / the launchers), at
+    most 32."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(32, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))))
+
+
+def _run_parallel(jobs: list[tuple]) -> None:
+    """Run :func:`init_tensor_` on every job, largest first, on :func:`init_threads` threads.
+
+    The values do not depend on the threads (each tensor and each expert has its own
+    generator); drawing normal values releases the GIL, so the threads run at once."""
+    jobs = sorted(jobs, key=lambda job: -job[0].numel())
+    threads = min(init_threads(), len(jobs))
+    if threads <= 1:
+        for job in jobs:
+            init_tensor_(*job)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(init_tensor_, *job) for job in jobs]:
+            future.result()
 
 
 def load_owned_(model: nn.Module, source: WeightsSource, device: torch.device | str,
