@@ -107,6 +107,42 @@ def test_experts_grouped_matches_loop(H):
     y.sum().backward()
 
 
+@pytest.mark.parametrize("N, dtype, path", [(2, torch.float32, "_few_tokens"), (5, torch.float32, None),
+                                            (5, torch.bfloat16, "_all_experts"), (16, torch.bfloat16, "_all_experts"),
+                                            (17, torch.bfloat16, None)])
+def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
+    """Without gradients: N*K < E gathers the chosen experts; in bf16 on CPU up to
+    DENSE_MAX_TOKENS (16) tokens run every expert; otherwise the grouped products. Each equals
+    the per-token loop (computed in fp32 from the same weights)."""
+    from dsv3.model import moe
+
+    torch.manual_seed(1)
+    E, D, H, K = 6, 12, 16, 2
+    ex = Experts(E, D, H)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ex = ex.to(dtype)
+    x = torch.randn(N, D).to(dtype)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    w = torch.rand(N, K)
+    calls = []
+    for name in ("_few_tokens", "_all_experts"):
+        plain = getattr(Experts, name)
+        monkeypatch.setattr(Experts, name, lambda self, *a, _n=name, _f=plain: calls.append(_n) or _f(self, *a))
+    with torch.no_grad():
+        y = ex(x, w, idx)
+    assert calls == ([path] if path else []) and moe.DENSE_MAX_TOKENS == 16
+    ref = torch.zeros(N, D)
+    g, u, d = (p.float() for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
+    for n in range(N):
+        for k in range(K):
+            e = idx[n, k]
+            h = F.silu(x[n].float() @ g[e].T) * (x[n].float() @ u[e].T)
+            ref[n] += w[n, k] * (h @ d[e].T)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)  # bf16 roundings
+    torch.testing.assert_close(y.float(), ref, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_compile_whole_graph_on_cpu(dtype):
     """Compiled on CPU, the routed experts stay one graph (no data-dependent block size, no
