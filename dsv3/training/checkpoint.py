@@ -9,14 +9,14 @@ Layout under ``<out_dir>/checkpoints/``::
                                   (resumes with any pp / ep / process count, see
                                   dsv3.parallel.layout_free; pipelines write only these)
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
-
-Both safetensors files are written by all ranks at once, each writing the bytes it holds
-(:mod:`dsv3.parallel.unsplit_save`): no rank ever holds more than its own share.
         config.yaml               the run's resolved config
         tokenizer.model           the sentencepiece model
         rng_rankNNNNN.json        each rank's Python / NumPy / torch RNG states
         manifest.json             every file with its size; written once all ranks finished
     latest                        name of the newest complete folder
+
+Both safetensors files are written by all ranks at once, each writing the bytes it holds
+(:mod:`dsv3.parallel.unsplit_save`): no rank ever holds more than its own share.
 
 ``latest`` is rewritten (temp file + rename) only after every rank has finished writing, so
 an interrupted save leaves the previous checkpoint as the one that resumes. On start-up a
