@@ -127,6 +127,18 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     assert next(model.parameters()).dtype == torch.float32
     bias = model.moe_gates()[0].e_score_correction_bias
     assert bias.dtype == torch.float32 and bias.abs().max() > 0  # updated every step, kept in fp32
+    # ZeRO-0 in bf16 (DeepSpeed's unfused optimizer, which steps once at start-up to create the
+    # Adam state) takes the same 4 AdamW updates: the same losses, step count 4
+    zero0 = tmp_path / "bf16-zero0"
+    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, zero0, **{
+        "train.precision": "bf16", "parallel.zero_stage": 0, "train.steps": 4, "ckpt.every": 4,
+        "train.eval_every": 4})])
+    for a, b in zip(read_metrics(zero0), recs):
+        assert a["loss" if "loss" in b else "val_loss"] == pytest.approx(b["loss" if "loss" in b else "val_loss"],
+                                                                         rel=2e-5), (a, b)
+    states = torch.load(zero0 / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["optimizer"]["optimizer_state_dict"]["state"]
+    assert {float(st["step"]) for st in states.values()} == {4.0}
 
 
 def test_tensorboard_events_match_metrics(trained):

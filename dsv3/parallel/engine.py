@@ -76,15 +76,38 @@ class GuardedAdamW(torch.optim.AdamW):
     DeepSpeed's fp32, bf16 and ZeRO optimizers all end in this ``step()``, so setting the
     flag before the engine's step skips the update everywhere (weights, moments and the
     step count stay as they were); DeepSpeed then clears the gradients as usual.
+
+    While ``starting`` (set around ``deepspeed.initialize`` by :func:`start_engine`) every
+    ``step()`` is a no-op too: DeepSpeed's unfused mixed-precision optimizer (bf16 at ZeRO
+    stage 0 without pipelines) steps once on zero gradients at start-up to create the Adam
+    state, which would count as an update (Adam's bias correction then lags one step) and
+    apply one weight decay at the peak learning rate. The state is created at the first
+    real step instead, as plain AdamW does.
     """
 
     skip_next = False
+    starting = False
 
     def step(self, closure=None):  # noqa: D102
+        if self.starting:
+            return None
         if self.skip_next:
             self.skip_next = False
             return None
         return super().step(closure)
+
+
+def start_engine(model: nn.Module, optimizer: GuardedAdamW, config: dict[str, Any]):
+    """``deepspeed.initialize(model=model, optimizer=optimizer, config=config)`` with the
+    optimizer's start-up step disabled (see :class:`GuardedAdamW`); returns the engine."""
+    import deepspeed
+
+    optimizer.starting = True
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    finally:
+        optimizer.starting = False
+    return engine
 
 
 def build_engine(model: nn.Module, cfg: Config, dp_size: int, load_universal: bool = False):
@@ -99,12 +122,10 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, load_universal: bo
     Returns:
         (engine, the :class:`GuardedAdamW` inside it)
     """
-    import deepspeed
-
     t = cfg.train
     opt = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     fp32_buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.is_floating_point()}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, dp_size, load_universal))
+    engine = start_engine(model, opt, deepspeed_config(cfg, dp_size, load_universal))
     restore_buffers(engine.module, fp32_buffers)
     return engine, opt
 

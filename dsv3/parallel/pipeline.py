@@ -351,9 +351,7 @@ class PipelineRun:
 
     def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
                  device: torch.device | str | None = None, source=None):
-        import deepspeed
-
-        from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers
+        from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers, start_engine
 
         self.cfg, self.model = cfg, model
         self.counts = counts or balanced_counts(model, cfg.parallel.pp)
@@ -367,8 +365,7 @@ class PipelineRun:
         opt = GuardedAdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         fp32_buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
         self.dp = world // cfg.parallel.pp
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
-                                                    config=deepspeed_config(cfg, self.dp))
+        self.engine = start_engine(module, opt, deepspeed_config(cfg, self.dp))
         restore_buffers(self.engine.module, fp32_buffers)
         self.optimizer = opt
         self.stage = self.engine.stage_id
