@@ -1,6 +1,7 @@
 """End to end: prepare -> train -> checkpoint -> resume -> generate, through the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -131,7 +132,7 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     # Adam state) takes the same 4 AdamW updates: the same losses, step count 4
     zero0 = tmp_path / "bf16-zero0"
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, zero0, **{
-        "train.precision": "bf16", "parallel.zero_stage": 0, "train.steps": 4, "ckpt.every": 4,
+        "train.precision": "bf16", "parallel.zero_stage": 0, "train.steps": 4, "ckpt.every": 2,
         "train.eval_every": 4})])
     for a, b in zip(read_metrics(zero0), recs):
         assert a["loss" if "loss" in b else "val_loss"] == pytest.approx(b["loss" if "loss" in b else "val_loss"],
@@ -139,6 +140,22 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     states = torch.load(zero0 / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt",
                         weights_only=False)["optimizer"]["optimizer_state_dict"]["state"]
     assert {float(st["step"]) for st in states.values()} == {4.0}
+    # its step-2 checkpoint resumes under ZeRO-1 (the fp32 copies and moments of DeepSpeed's
+    # unfused optimizer, by parameter) and continues as the ZeRO-1 run
+    again = tmp_path / "zero0-to-zero1"
+    shutil.copytree(zero0, again)
+    shutil.rmtree(again / "checkpoints" / "step_0000004")
+    (again / "checkpoints" / "latest").write_text("step_0000002\n")
+    (again / "metrics.jsonl").write_text("")
+    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, again, **{
+        "train.precision": "bf16", "parallel.zero_stage": 1, "train.steps": 4, "ckpt.every": 4,
+        "train.eval_every": 4})])
+    assert "at step 2; ZeRO stage 0 -> 1" in proc.stdout
+    got = read_metrics(again)
+    assert [r["step"] for r in got] == [3, 4]
+    for a, b in zip(got, recs[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5), (a, b)
+    assert got[-1]["val_loss"] == pytest.approx(recs[-1]["val_loss"], rel=2e-5)
 
 
 def test_tensorboard_events_match_metrics(trained):

@@ -128,10 +128,11 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     """The per-parameter optimizer state of checkpoint ``folder`` under the plain names.
 
     Handles checkpoints saved with pipelines or expert parallelism (``layout_free.safetensors``,
-    or the ``layout_free_stage*.pt`` files of earlier versions), single-stage fp32 ZeRO-0
-    checkpoints (the torch optimizer's state in DeepSpeed's model-states file) and single-stage
-    partitioned ones (ZeRO-1/2, bf16), through DeepSpeed's universal checkpoint (converted once
-    by rank 0 into ``checkpoints/universal/<tag>``; collective).
+    or the ``layout_free_stage*.pt`` files of earlier versions), single-stage ZeRO-0
+    checkpoints (the torch optimizer's state in DeepSpeed's model-states file; in bf16 with the
+    unfused optimizer's fp32 copies) and single-stage partitioned ones (ZeRO-1/2), through
+    DeepSpeed's universal checkpoint (converted once by rank 0 into
+    ``checkpoints/universal/<tag>``; collective).
 
     A rank reads from disk only what it then copies into its own parameters: parameters of
     ``model`` on the meta device (other pipeline stages) get no entry, and an expert-parallel
@@ -178,6 +179,10 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
         return _read_universal(folder, model)
     ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False, mmap=True)
     opt = ds.get("optimizer") or {"state": {}}
+    masters = None
+    if "optimizer_state_dict" in opt:  # DeepSpeed's unfused bf16 optimizer: fp32 copies, then torch's state
+        masters = [t for group in opt["fp32_groups"] for t in group]
+        opt = opt["optimizer_state_dict"]
     # the saving run had neither pipelines nor expert parallelism: its optimizer groups were
     # dsv3.parallel.engine.param_groups of the plain model (matrices and stacked experts, then
     # vectors), and torch numbers the state by position in those groups
@@ -192,7 +197,7 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
                 step = max(step, int(st["step"]))
             if params[name].is_meta:  # another pipeline stage's parameter: not read
                 continue
-            entry = {"fp32": weights.get_tensor(name).float()}
+            entry = {"fp32": (masters[i] if masters is not None else weights.get_tensor(name)).float()}
             for key in ADAM_KEYS:
                 if key in st:
                     entry[key] = st[key].float()
@@ -203,12 +208,16 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
 def resumes_layout_free(cfg: Config, folder, dp: int) -> bool:
     """True when resuming checkpoint ``folder`` with ``cfg`` on ``dp`` data-parallel ranks goes
     through the plain-name weights and per-parameter optimizer state: either side uses
-    pipelines, ``parallel.ep`` changed, or an expert-parallel run changed its process count."""
+    pipelines, ``parallel.ep``, ``parallel.zero_stage`` or ``train.precision`` changed (each
+    changes the form of DeepSpeed's optimizer files), or an expert-parallel run changed its
+    process count."""
     from dsv3.training.checkpoint import read_checkpoint_config, saved_world_size
 
-    saved = read_checkpoint_config(folder).parallel
-    p = cfg.parallel
-    if p.pp > 1 or saved.pp > 1 or saved.ep != p.ep:
+    saved_cfg = read_checkpoint_config(folder)
+    saved, p = saved_cfg.parallel, cfg.parallel
+    if p.pp > 1 or saved.pp > 1 or saved.ep != p.ep or saved.zero_stage != p.zero_stage:
+        return True
+    if saved_cfg.train.precision != cfg.train.precision:
         return True
     return p.ep > 1 and saved_world_size(folder) not in (None, dp)
 

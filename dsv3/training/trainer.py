@@ -236,9 +236,13 @@ class Trainer:
             same = (saved.pp, saved.ep, saved_world) == (now.pp, now.ep, self.dp)
             if not same or not load_rng(folder, self.info.rank):
                 seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
+            saved_train = read_checkpoint_config(folder).train
             _log(self.info, f"resumed from {folder} at step {self.start_step}" + ("" if same else
                  f" (saved with pp={saved.pp} ep={saved.ep} dp={saved_world}, now pp={now.pp} ep={now.ep} "
-                 f"dp={self.dp})"))
+                 f"dp={self.dp})")
+                 + (f"; ZeRO stage {saved.zero_stage} -> {now.zero_stage}" if saved.zero_stage != now.zero_stage else "")
+                 + (f"; precision {saved_train.precision} -> {self.cfg.train.precision}"
+                    if saved_train.precision != self.cfg.train.precision else ""))
             return
         if self.universal:
             if self.info.is_main:
