@@ -143,6 +143,8 @@ def check_launch(cfg, world_size: int) -> list[int] | None:
         from dsv3.parallel.expert_parallel import check_layout as check_ep
 
         check_ep(p.ep, cfg.model.n_routed_experts, world_size // p.pp, p.pp)
+    if p.pp > 1 and p.ep > 1 and p.zero_stage >= 1:
+        _check_moe_on_every_stage(cfg, stage_blocks)
     if cfg.train.init_from:
         from dsv3.convert import is_hf_folder
         from dsv3.training.checkpoint import resolve_checkpoint
@@ -150,6 +152,45 @@ def check_launch(cfg, world_size: int) -> list[int] | None:
         if not is_hf_folder(Path(cfg.train.init_from)):
             resolve_checkpoint(cfg.train.init_from)
     return stage_blocks
+
+
+def _check_moe_on_every_stage(cfg, stage_blocks: list[int] | None) -> None:
+    """With pipelines, expert parallelism and ZeRO-1, every stage must hold a MoE layer.
+
+    DeepSpeed's ZeRO optimizer reduces the gradient norm of each optimizer group over the
+    pipeline stages; a stage without MoE layers has no expert group, takes one reduction fewer
+    and every rank then waits forever.
+
+    Raises:
+        DsvError: a stage holds only dense blocks; names a split that works when there is one.
+    """
+    from dsv3.model import Transformer
+    from dsv3.model.moe import MoE
+    from dsv3.parallel.pipeline import _uniform, balanced_counts, stage_prefixes
+
+    p = cfg.parallel
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    counts = stage_blocks or balanced_counts(model, p.pp)
+    moe_names = [name + "." for name, m in model.named_modules() if isinstance(m, MoE)]
+
+    def dense_stages(split: list[int]) -> list[int]:
+        return [s for s in range(p.pp)
+                if not any(n.startswith(tuple(stage_prefixes(model, split, s))) for n in moe_names)]
+
+    bad = dense_stages(counts)
+    if not bad:
+        return
+    n, dense = cfg.model.n_layers, cfg.model.n_dense_layers
+    fix = ""
+    if n - dense - 1 >= p.pp - 1:  # the first stage takes the dense blocks and one MoE block
+        split = [dense + 1] + _uniform(n - dense - 1, p.pp - 1)
+        if min(split) >= 1 and not dense_stages(split):
+            fix = f"parallel.pp_partition={','.join(map(str, split))} or "
+    first = sum(counts[: bad[0]])
+    raise DsvError(f"pipeline stage {bad[0]} holds only dense blocks ({first}-{first + counts[bad[0]] - 1}), but with "
+                   f"parallel.ep={p.ep} and ZeRO stage {p.zero_stage} every stage needs a MoE block (DeepSpeed's "
+                   f"ZeRO optimizer would wait forever); set {fix}parallel.zero_stage=0")
 
 
 def started() -> bool:
