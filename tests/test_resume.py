@@ -2,12 +2,14 @@
 the non-finite guard and failed saves."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, read_metrics as metrics, run_dsv3, tiny_overrides
 
@@ -137,10 +139,39 @@ def test_half_written_and_corrupt_checkpoints_fall_back(corpus_dir, data_cache, 
     # and the latest checkpoint damaged on disk after it was written
     weights = ck / "step_0000006" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    # with every checkpoint damaged the run refuses to start over on top of them
+    dead = tmp_path / "dead"
+    shutil.copytree(out, dead)
+    first = dead / "checkpoints" / "step_0000003" / "model.safetensors"
+    first.write_bytes(first.read_bytes()[:100])
+    before = {p: p.stat().st_size for p in dead.rglob("*") if p.is_file()}
+    proc = run_dsv3([a.replace(str(out), str(dead)) for a in args], check=False)
+    assert proc.returncode == 2
+    assert [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")] == [
+        f"dsv3: error: none of the 2 checkpoint(s) in {dead / 'checkpoints'} is usable (see the warnings above); "
+        "move that folder away to start the run over, or set train.out_dir to a new folder"]
+    assert {p: p.stat().st_size for p in dead.rglob("*") if p.is_file()} == before
     proc = run_dsv3(args)
+    assert f"checkpoint {ck / 'step_0000009'} was never completed" in proc.stdout
     assert "checkpoint" in proc.stdout and "step_0000006 is unusable" in proc.stdout
     assert "resumed from" in proc.stdout and "step_0000003 at step 3" in proc.stdout
     assert metrics(out) == metrics(ref)
+
+
+def test_a_damaged_optimizer_state_file_makes_a_checkpoint_unusable(tmp_path):
+    """Every safetensors file the manifest lists must read, not only the weights."""
+    from safetensors.torch import save_file
+
+    from dsv3.training.checkpoint import checkpoint_problem
+
+    save_file({"w": torch.ones(4)}, str(tmp_path / "model.safetensors"))
+    save_file({"w/fp32": torch.ones(4)}, str(tmp_path / "layout_free.safetensors"))
+    files = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    (tmp_path / "manifest.json").write_text(json.dumps({"step": 3, "files": files}))
+    assert checkpoint_problem(tmp_path) is None
+    state = tmp_path / "layout_free.safetensors"
+    state.write_bytes(b"X" * 48 + state.read_bytes()[48:])  # same size, header destroyed
+    assert checkpoint_problem(tmp_path) == "layout_free.safetensors is unreadable (SafetensorError)"
 
 
 NAN_AT_STEP = """

@@ -198,7 +198,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete, intact checkpoint, or None if it is.
 
     Checks that ``manifest.json`` exists (written only after every rank finished), that every
-    file it lists is present with its recorded size, and that the weights file's header reads.
+    file it lists is present with its recorded size, and that the header of each safetensors
+    file (the weights, the layout-free optimizer state) reads.
     """
     from safetensors import safe_open
 
@@ -215,12 +216,22 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
-    try:
-        with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
-            handle.keys()
-    except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
-        return f"{WEIGHTS} is unreadable ({type(exc).__name__})"
+    for name in [WEIGHTS] + sorted(n for n in files if n.endswith(".safetensors") and n != WEIGHTS):
+        try:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
+            return f"{name} is unreadable ({type(exc).__name__})"
     return None
+
+
+def interrupted_saves(ckpt_root: Path) -> list[str]:
+    """Step folders newer than the one ``latest`` names: saves that never completed."""
+    latest_file = ckpt_root / LATEST
+    if not latest_file.is_file():
+        return []
+    latest = latest_file.read_text(encoding="utf-8").strip()
+    return sorted(p.name for p in ckpt_root.glob("step_*") if p.is_dir() and p.name > latest)
 
 
 def resume_candidates(ckpt_root: Path) -> list[tuple[str, str | None]]:

@@ -41,6 +41,7 @@ from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.training.balance import update_expert_bias
 from dsv3.training.checkpoint import (
     WEIGHTS,
+    interrupted_saves,
     load_rng,
     needs_repartition,
     read_checkpoint_config,
@@ -139,6 +140,7 @@ class Trainer:
             raise DsvError(f"the training split has {len(self.train_data)} windows of data.seq_len={cfg.data.seq_len}, "
                            f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch")
 
+        self.resume_tag = self._pick_checkpoint()  # before writing anything into out_dir
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(exist_ok=True)
@@ -147,7 +149,6 @@ class Trainer:
         barrier()
 
         seed_everything(cfg.train.seed + self.info.rank)
-        self.resume_tag = self._pick_checkpoint()
         # another parallel layout than the save's: resume from plain-name weights + per-parameter
         # optimizer state (dsv3.parallel.layout_free) instead of DeepSpeed's layout-bound files
         self.layout_free = False
@@ -210,11 +211,24 @@ class Trainer:
         return prepare(self.cfg, progress=progress)
 
     def _pick_checkpoint(self) -> str | None:
-        """The newest intact checkpoint to resume from; corrupt ones are reported and skipped."""
-        for tag, problem in resume_candidates(self.ckpt_root):
+        """The newest intact checkpoint to resume from; interrupted saves and corrupt checkpoints
+        are reported and skipped.
+
+        Raises:
+            DsvError: there are checkpoints but none is intact (starting over would overwrite them).
+        """
+        for tag in interrupted_saves(self.ckpt_root):
+            _log(self.info, f"warning: checkpoint {self.ckpt_root / tag} was never completed (the save was "
+                            "interrupted); it is ignored")
+        candidates = resume_candidates(self.ckpt_root)
+        for tag, problem in candidates:
             if problem is None:
                 return tag
             _log(self.info, f"warning: checkpoint {self.ckpt_root / tag} is unusable: {problem}; trying an older one")
+        if candidates:
+            raise DsvError(f"none of the {len(candidates)} checkpoint(s) in {self.ckpt_root} is usable (see the "
+                           "warnings above); move that folder away to start the run over, or set train.out_dir to a "
+                           "new folder")
         return None
 
     def _resume(self) -> None:
