@@ -243,3 +243,21 @@ def test_bf16_resume_is_bitwise_identical(corpus_dir, data_cache, tmp_path):
     subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, cwd=ROOT, timeout=300)
     run_dsv3(["train", "--no-sample", *args])
     assert metrics(out) == metrics(ref)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_file(tmp_path):
+    """Files written through a temp file + rename (config.yaml, manifest.json, latest, ...) are
+    readable by others as plainly created files are, not private like the temp file."""
+    import os
+
+    from dsv3.fileio import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
