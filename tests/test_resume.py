@@ -228,6 +228,9 @@ def test_failed_save_keeps_previous_checkpoint(corpus_dir, data_cache, tmp_path)
     assert proc.returncode == 2
     line = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")][-1]
     assert "could not write checkpoint" in line and "previous checkpoint step_0000002 is intact" in line
+    free = shutil.disk_usage(out).free / 2**20
+    got = float(line.split("; its disk has ")[1].split(" MiB free)")[0].replace(",", ""))
+    assert abs(got - free) < max(1024, 0.01 * free), (got, free)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 

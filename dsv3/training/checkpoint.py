@@ -179,7 +179,11 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
         if rank == 0 and folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
         keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise DsvError(f"could not write checkpoint {folder} ({error or 'failed on another rank'}); {keep}; "
+        try:
+            free = f"; its disk has {shutil.disk_usage(ckpt_root).free / 2**20:,.0f} MiB free"
+        except OSError:
+            free = ""
+        raise DsvError(f"could not write checkpoint {folder} ({error or 'failed on another rank'}{free}); {keep}; "
                        "free disk space or fix the permissions of train.out_dir, then run again to resume")
     if rank == 0:
         _prune(ckpt_root, cfg.ckpt.keep_last, keep=tag)
