@@ -13,7 +13,7 @@ from torch import nn
 from dsv3.config import Config
 
 
-def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     """DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks.
 
     Global batch (sequences per optimizer step) = micro_batch_size * grad_accum * dp_size.
@@ -31,7 +31,6 @@ def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) ->
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -110,11 +109,8 @@ def start_engine(model: nn.Module, optimizer: GuardedAdamW, config: dict[str, An
     return engine
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, load_universal: bool = False):
+def build_engine(model: nn.Module, cfg: Config, dp_size: int):
     """Wrap ``model`` in a DeepSpeed engine with torch AdamW (report §4.2 betas).
-
-    ``load_universal``: the checkpoint to resume is a DeepSpeed universal checkpoint (used
-    when the number of data-parallel ranks changed since the save).
 
     Float buffers (the MoE balancing biases, rope tables) are kept in fp32 even when the
     engine casts the module to bf16: the bias moves in steps of 1e-3 that bf16 cannot hold.
@@ -125,7 +121,7 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, load_universal: bo
     t = cfg.train
     opt = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     fp32_buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.is_floating_point()}
-    engine = start_engine(model, opt, deepspeed_config(cfg, dp_size, load_universal))
+    engine = start_engine(model, opt, deepspeed_config(cfg, dp_size))
     restore_buffers(engine.module, fp32_buffers)
     return engine, opt
 

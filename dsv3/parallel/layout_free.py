@@ -219,7 +219,10 @@ def resumes_layout_free(cfg: Config, folder, dp: int) -> bool:
         return True
     if saved_cfg.train.precision != cfg.train.precision:
         return True
-    return p.ep > 1 and saved_world_size(folder) not in (None, dp)
+    if saved_world_size(folder) in (None, dp):
+        return False
+    # another process count: expert-parallel files, and ZeRO-1/2 partitions, are split by it
+    return p.ep > 1 or any(Path(folder).glob("*zero_pp_rank_*optim_states.pt"))
 
 
 def resume_layout_free(trainer, folder) -> int:

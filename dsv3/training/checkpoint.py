@@ -262,16 +262,6 @@ def saved_world_size(folder: Path) -> int | None:
         return None
 
 
-def needs_repartition(folder: Path, world_size: int) -> bool:
-    """True if the optimizer state in ``folder`` is partitioned over a different number of ranks.
-
-    ZeRO stages 1-2 and DeepSpeed's bf16 optimizer shard the fp32 master weights and Adam
-    moments by data-parallel rank; resuming on another rank count needs them re-partitioned.
-    """
-    saved = saved_world_size(folder)
-    return saved is not None and saved != world_size and any(folder.glob("*zero_pp_rank_*optim_states.pt"))
-
-
 def to_universal(ckpt_root: Path, tag: str) -> Path:
     """Convert checkpoint ``tag`` to DeepSpeed's layout-independent universal format.
 
@@ -279,7 +269,8 @@ def to_universal(ckpt_root: Path, tag: str) -> Path:
     ``deepspeed.checkpoint.ds_to_universal``. Run on one rank; the others wait.
 
     Returns:
-        ``<ckpt_root>/universal``, the folder to pass to ``engine.load_checkpoint``.
+        ``<ckpt_root>/universal``, whose per-parameter files :mod:`dsv3.parallel.layout_free`
+        reads when a ZeRO-1/2 checkpoint resumes with another layout.
     """
     import subprocess
     import sys

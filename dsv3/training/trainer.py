@@ -43,10 +43,8 @@ from dsv3.training.checkpoint import (
     WEIGHTS,
     interrupted_saves,
     load_rng,
-    needs_repartition,
     read_checkpoint_config,
     saved_world_size,
-    to_universal,
     resolve_checkpoint,
     resume_candidates,
     save_checkpoint,
@@ -176,8 +174,6 @@ class Trainer:
             model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.universal = (self.resume_tag is not None and not self.layout_free
-                          and needs_repartition(self.ckpt_root / self.resume_tag, dp))
         if cfg.parallel.pp > 1:
             from dsv3.parallel import pipeline
 
@@ -185,7 +181,7 @@ class Trainer:
             _log(self.info, self.pipe.describe())
             self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
         else:
-            self.engine, self.optimizer = build_engine(model, cfg, dp, load_universal=self.universal)
+            self.engine, self.optimizer = build_engine(model, cfg, dp)
             self.model: Transformer = self.engine.module
         if self.ep > 1 or cfg.parallel.pp > 1:
             _log(self.info, f"parameters allocated on rank 0: {allocated_elements(model):,}")
@@ -235,7 +231,6 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        load_dir = self.ckpt_root
         if self.layout_free:
             from dsv3.parallel.layout_free import resume_layout_free
 
@@ -258,18 +253,12 @@ class Trainer:
                  + (f"; precision {saved_train.precision} -> {self.cfg.train.precision}"
                     if saved_train.precision != self.cfg.train.precision else ""))
             return
-        if self.universal:
-            if self.info.is_main:
-                _log(self.info, f"re-partitioning {self.ckpt_root / tag} for {self.dp} process(es)")
-                to_universal(self.ckpt_root, tag)
-            barrier()
-            load_dir = self.ckpt_root / "universal"
         load_fn = None
         if self.ep > 1:
             from dsv3.parallel.expert_parallel import expert_load_fn
 
             load_fn = expert_load_fn(self.model)
-        _, state = self.engine.load_checkpoint(str(load_dir), tag=tag, custom_load_fn=load_fn)
+        _, state = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, custom_load_fn=load_fn)
         if state is None:
             raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
         self.start_step = int(state["step"])
@@ -277,7 +266,8 @@ class Trainer:
                            self.cfg.train.seed, self._data_key(), str(self.ckpt_root / tag))
         same_layout = state.get("world_size") == self.dp
         if not load_rng(self.ckpt_root / tag, self.info.rank) or not same_layout:
-            # a new layout: fresh per-rank streams, still a function of seed, step and rank only
+            # a new process count (replicated ZeRO-0 state): fresh per-rank streams, still a
+            # function of seed, step and rank only
             seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
         _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
                         + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"))
