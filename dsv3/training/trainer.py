@@ -240,12 +240,12 @@ class Trainer:
             manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
             check_loader_state(manifest.get("data"), self.start_step, self.global_batch, len(self.train_data),
                                self.cfg.train.seed, self._data_key(), str(folder))
-            saved, now = read_checkpoint_config(folder).parallel, self.cfg.parallel
+            saved_cfg = read_checkpoint_config(folder)
+            saved, saved_train, now = saved_cfg.parallel, saved_cfg.train, self.cfg.parallel
             saved_world = saved_world_size(folder)
             same = (saved.pp, saved.ep, saved_world) == (now.pp, now.ep, self.dp)
             if not same or not load_rng(folder, self.info.rank):
                 seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
-            saved_train = read_checkpoint_config(folder).train
             _log(self.info, f"resumed from {folder} at step {self.start_step}" + ("" if same else
                  f" (saved with pp={saved.pp} ep={saved.ep} dp={saved_world}, now pp={now.pp} ep={now.ep} "
                  f"dp={self.dp})")
