@@ -25,12 +25,30 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
                         "blocks by the memory accelerate finds free")
 
 
+def _warn_if_incomplete(path: str) -> None:
+    """One warning line on stderr when ``path`` resolves to a step folder of a training run
+    that is not a complete, intact checkpoint (a save that was interrupted or damaged later)."""
+    from pathlib import Path
+
+    from dsv3.training.checkpoint import checkpoint_problem, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(Path(path))
+    except DsvError:
+        return  # not a dsv3 checkpoint: the loader reports it
+    if folder.parent.name == "checkpoints" and folder.name.startswith("step_"):
+        problem = checkpoint_problem(folder)
+        if problem:
+            print(f"warning: checkpoint {folder} is incomplete or damaged: {problem}", file=sys.stderr, flush=True)
+
+
 def _load_for_inference(args):
     """load_model with the --max-memory / --offload-folder placement, if any."""
     from dsv3 import load_model
     from dsv3.offload import parse_max_memory
 
     max_memory = parse_max_memory(args.max_memory) if args.max_memory is not None else None
+    _warn_if_incomplete(args.ckpt)
     return load_model(args.ckpt, max_memory=max_memory, offload_folder=args.offload_folder)
 
 
@@ -143,6 +161,7 @@ def _cmd_convert(args) -> None:
     else:
         if args.max_shard_gb <= 0:
             raise DsvError(f"--max-shard-gb {args.max_shard_gb} must be positive")
+        _warn_if_incomplete(args.to_hf)
         out = export_hf(args.to_hf, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), dtype=dtype)
     print(f"wrote {out}")
 

@@ -158,6 +158,19 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     assert got[-1]["val_loss"] == pytest.approx(recs[-1]["val_loss"], rel=2e-5)
 
 
+def test_generate_warns_about_a_step_folder_without_manifest(trained, tmp_path):
+    """A step folder whose save never completed still loads, with one warning line."""
+    out, _ = trained
+    run = tmp_path / "copy"
+    shutil.copytree(out / "checkpoints" / "step_0000003", run / "checkpoints" / "step_0000003")
+    (run / "checkpoints" / "step_0000003" / "manifest.json").unlink()
+    folder = run / "checkpoints" / "step_0000003"
+    proc = run_dsv3(["generate", "--ckpt", str(folder), "--prompt", "def", "--max-new-tokens", "2"])
+    assert proc.stderr.splitlines() == [f"warning: checkpoint {folder} is incomplete or damaged: it was never "
+                                        "completed (no manifest.json)"]
+    assert run_dsv3(["generate", "--ckpt", str(out), "--prompt", "def", "--max-new-tokens", "2"]).stderr == ""
+
+
 def test_tensorboard_events_match_metrics(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
