@@ -106,7 +106,9 @@ def test_resume_with_a_different_process_count(corpus_dir, data_cache, tmp_path)
         script.write_text(code.replace("; ", "\n"))
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), *two], check=True, capture_output=True, cwd=ROOT, timeout=300)
-    assert json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())["world_size"] == 2
+    manifest = json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["processes"], manifest["parallel"]) == (
+        2, 2, {"pp": 1, "ep": 1, "zero_stage": 1})
     proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)])
     # ZeRO-1 partitions of 2 ranks: the per-parameter state (through DeepSpeed's universal format)
     assert "at step 3 (saved with pp=1 ep=1 dp=2, now pp=1 ep=1 dp=1)" in proc.stdout

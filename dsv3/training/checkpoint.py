@@ -167,7 +167,10 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
         try:
             manifest = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
             atomic_write_text(folder / MANIFEST, json.dumps(
-                {"step": step, "world_size": client_state.get("world_size"), "data": client_state.get("data"),
+                {"step": step, "world_size": client_state.get("world_size"),  # the data-parallel size
+                 "processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                 "parallel": {k: getattr(cfg.parallel, k) for k in ("pp", "ep", "zero_stage")},
+                 "data": client_state.get("data"),
                  "files": manifest}, indent=1))
             atomic_write_text(ckpt_root / LATEST, tag + "\n")
         except OSError as exc:
