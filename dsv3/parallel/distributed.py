@@ -204,8 +204,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all ranks in place (a no-op for a single process); returns ``t``."""
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce ``t`` over all ranks in place with ``op`` (a no-op for a single process); returns ``t``.
+
+    The small host-side values the trainer agrees on (flags, loss sums, expert loads) are CPU
+    tensors; NCCL reduces only CUDA tensors, so under NCCL a CPU tensor makes a round trip
+    through this process's GPU.
+    """
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=op)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (a no-op for a single process); returns ``t``. See
+    :func:`all_reduce_`."""
+    return all_reduce_(t, dist.ReduceOp.SUM)

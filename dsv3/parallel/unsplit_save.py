@@ -149,10 +149,9 @@ def _all_gather_object(obj) -> list:
 
 
 def _sum(values: list[int]) -> list[int]:
-    t = torch.tensor(values, dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    from dsv3.parallel.distributed import all_reduce_sum
+
+    return all_reduce_sum(torch.tensor(values, dtype=torch.int64)).tolist()
 
 
 def write_collective(path: str | Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], stage: int,
@@ -316,13 +315,11 @@ def save_optimizer_state(path: str | Path, model: nn.Module, names: list[str], d
     Returns:
         None, or an error message (see :func:`write_collective`).
     """
+    from dsv3.parallel.distributed import all_reduce_
     from dsv3.parallel.layout_free import ADAM_KEYS, _link_hp_state, _master, adam_steps
 
     optimizer = ds_optimizer if isinstance(ds_optimizer, torch.optim.Optimizer) else ds_optimizer.optimizer
-    step = torch.tensor([adam_steps(optimizer)], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(step, op=dist.ReduceOp.MAX)
-    step = int(step.item())
+    step = int(all_reduce_(torch.tensor([adam_steps(optimizer)], dtype=torch.int64), dist.ReduceOp.MAX).item())
     if ds_optimizer is not optimizer and step > 0:
         _link_hp_state(ds_optimizer)
     params = dict(model.named_parameters())
