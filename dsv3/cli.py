@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dsv3`` console script; returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "command", None) == "bench" and not any(e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides given after the options
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides given between or after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert, "sft": _cmd_sft,

@@ -91,3 +91,14 @@ def test_a_pipeline_partition_without_pipeline_stages_is_an_error():
         load_config(None, ["parallel.pp_partition=1,1"])
     assert load_config(None, ["parallel.pp_partition=4"]).parallel.pp_partition == "4"  # one stage of all 4 blocks
     assert load_config(None, ["parallel.pp=2", "parallel.pp_partition=1,3"]).parallel.pp == 2
+
+
+def test_overrides_may_come_before_between_and_after_options(capsys):
+    from dsv3.cli import main
+
+    assert main(["train", "train.steps=2", "--check", "1", "parallel.pp=2"]) == 2  # the override after --check counts
+    assert "parallel.pp=2 does not divide the 1 process(es)" in capsys.readouterr().err
+    assert main(["train", "parallel.pp=2", "--check", "2", "model.n_layers=4"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--check", "1", "train.steps=2", "--nope"])
+    assert exc.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
