@@ -248,10 +248,14 @@ def _cmd_generate(args) -> None:
         raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive")
     if args.compare and not args.speculative:
         raise DsvError("--compare only applies with --speculative mtp; add it or drop --compare")
+    if not args.prompt:
+        raise DsvError("--prompt is empty; give the text to continue")
     model = _load_for_inference(args)
     tok = load_tokenizer(args.ckpt)
     _check_sampling(args, model.cfg.max_seq_len)
     prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise DsvError(f"--prompt {args.prompt!r} encodes to no tokens; give the text to continue")
     if not args.speculative:
         ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                        eos_ids=[tok.eos_id], repetition_penalty=args.repetition_penalty)

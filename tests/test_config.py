@@ -102,3 +102,10 @@ def test_overrides_may_come_before_between_and_after_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--check", "1", "train.steps=2", "--nope"])
     assert exc.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_one_error_line(capsys):
+    from dsv3.cli import main
+
+    assert main(["generate", "--ckpt", "unused", "--prompt", ""]) == 2
+    assert capsys.readouterr().err == "dsv3: error: --prompt is empty; give the text to continue\n"
