@@ -225,10 +225,13 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
     output holds nothing but the replies.
 
     With ``jsonl`` (for scripts: a reply may span lines), each input line is a JSON object,
-    ``{"content": "..."}`` (a user message, newlines allowed) or ``{"reset": true}``, and each
-    reply is written when complete as one JSON line: ``{"reply": str, "tokens": int,
-    "stop": "end" | "length"}`` (``tokens``: generated ids, the stop id included; ``"length"``:
-    cut at ``max_new_tokens``). Blank input lines are ignored; no prompts or notices.
+    ``{"content": "..."}`` (a user message, newlines allowed), ``{"reset": true}`` (answered
+    with the line ``{"reset": true}``) or both (reset, then the message). Each reply is written
+    when complete as one JSON line: ``{"reply": str, "tokens": int, "stop": "end" | "length",
+    "dropped": int, "truncated": bool}`` (``tokens``: generated ids, the stop id included;
+    ``"length"``: cut at ``max_new_tokens``; ``dropped``: oldest messages left out to fit the
+    context; ``truncated``: the message itself was cut to its last tokens). So every non-blank
+    input line gets exactly one output line; blank lines are ignored; no prompts or notices.
 
     Args:
         model: a :class:`dsv3.model.Transformer`.
@@ -243,7 +246,7 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
 
     Raises:
         DsvError: ``max_new_tokens`` does not leave room for a prompt, or (``jsonl``) an input
-            line is not a JSON object with a string ``"content"`` or ``"reset": true``.
+            line is not such an object (the message says what is wrong).
     """
     from dsv3.generation import generate
 
@@ -276,7 +279,14 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         text = line.rstrip("\r\n")
         command = text.strip()
         if jsonl and command:
-            text, command = _json_message(command, number)
+            content, reset = _json_message(command, number)
+            if reset:
+                turns = []
+            if content is None:  # a reset alone: acknowledged, so a script can read one line per line
+                stdout.write(json.dumps({"reset": True}) + "\n")
+                stdout.flush()
+                continue
+            text, command = content, "message"
         if command == "/exit":
             return
         if command == "/reset":
@@ -307,8 +317,8 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         ended = bool(out) and out[-1] in stops
         reply = out[:-1] if ended else out
         if jsonl:
-            stdout.write(json.dumps({"reply": tok.decode(reply), "tokens": len(out),
-                                     "stop": "end" if ended else "length"}, ensure_ascii=False) + "\n")
+            stdout.write(json.dumps({"reply": tok.decode(reply), "tokens": len(out), "stop": "end" if ended else "length",
+                                     "dropped": dropped, "truncated": len(ids) > budget}, ensure_ascii=False) + "\n")
         else:
             stdout.write(decoder.flush() + "\n")
         stdout.flush()
@@ -316,20 +326,32 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         turns.append({"role": "assistant", "content": tok.decode(reply)})
 
 
-def _json_message(line: str, number: int) -> tuple[str, str]:
-    """(message text, command) of a ``--jsonl`` input line: ``{"content": ...}`` -> (content,
-    "message"), ``{"reset": true}`` -> ("", "/reset").
+def _json_message(line: str, number: int) -> tuple[str | None, bool]:
+    """(message text or None, reset first) of a ``--jsonl`` input line: ``{"content": ...}``,
+    ``{"reset": true}`` or both (the conversation is reset, then the message is read).
 
     Raises:
-        DsvError: anything else.
+        DsvError: the line is not such an object; the message says what is wrong.
     """
+    where = f"input line {number}"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        obj = exc
-    if isinstance(obj, dict) and obj.get("reset") is True and "content" not in obj:
-        return "", "/reset"
-    if isinstance(obj, dict) and isinstance(obj.get("content"), str) and obj["content"].strip():
-        return obj["content"], "message"
-    raise DsvError(f'input line {number} is not {{"content": "<message>"}} nor {{"reset": true}} (--jsonl reads one '
-                   'JSON object per line); write each message as a JSON object with a non-empty "content" string')
+        raise DsvError(f'{where} is not JSON ({exc.msg}); --jsonl reads one object per line, such as '
+                       '{"content": "hello"}') from None
+    if not isinstance(obj, dict):
+        raise DsvError(f'{where} is a JSON {type(obj).__name__}, not an object such as {{"content": "hello"}}')
+    unknown = sorted(set(obj) - {"content", "reset"})
+    if unknown:
+        extra = "; set the system prompt with --system" if "role" in unknown else ""
+        raise DsvError(f'{where} has the unknown key(s) {", ".join(map(repr, unknown))}; --jsonl reads "content" '
+                       f'(a user message) and "reset"{extra}')
+    reset = obj.get("reset", False)
+    if not isinstance(reset, bool):
+        raise DsvError(f'{where}: "reset" must be true or false, not {json.dumps(reset)}')
+    content = obj.get("content")
+    if content is None and reset:
+        return None, True
+    if not isinstance(content, str) or not content.strip():
+        raise DsvError(f'{where}: "content" must be a non-empty string, not {json.dumps(content)}')
+    return content, reset

@@ -190,7 +190,8 @@ def test_chat_jsonl_for_scripts(tok, ckpt):
 
     model = load_model(ckpt)
     stops = chat_stop_ids(tok)
-    lines = [json.dumps({"content": "def f(x):\n    return"}), "", json.dumps({"reset": True}), json.dumps({"content": "hi"})]
+    lines = [json.dumps({"content": "def f(x):\n    return"}), "", json.dumps({"reset": True}), json.dumps({"content": "hi"}),
+             json.dumps({"reset": True, "content": "hi"})]
     proc = _dsv3(["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "6", "--jsonl"],
                  stdin="\n".join(lines) + "\n")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
@@ -199,14 +200,34 @@ def test_chat_jsonl_for_scripts(tok, ckpt):
         ids = generate(model, encode_chat(tok, [{"role": "user", "content": text}]), 6, temperature=0, eos_ids=stops)
         ended = ids[-1] in stops
         want.append({"reply": tok.decode(ids[:-1] if ended else ids), "tokens": len(ids),
-                     "stop": "end" if ended else "length"})
-    assert [json.loads(x) for x in proc.stdout.splitlines()] == want
-    proc = _dsv3(["chat", "--ckpt", str(ckpt), "--jsonl"], stdin='{"content": "hi"}\nhello\n')
+                     "stop": "end" if ended else "length", "dropped": 0, "truncated": False})
+    # one output line per non-blank input line; a reset is acknowledged; reset + message = a fresh "hi"
+    assert [json.loads(x) for x in proc.stdout.splitlines()] == [want[0], {"reset": True}, want[1], want[1]]
+    proc = _dsv3(["chat", "--ckpt", str(ckpt), "--jsonl", "--max-new-tokens", "2"], stdin='{"content": "hi"}\nhello\n')
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ['dsv3: error: input line 2 is not {"content": "<message>"} nor '
-                                                '{"reset": true} (--jsonl reads one JSON object per line); write each '
-                                                'message as a JSON object with a non-empty "content" string']
+    assert proc.stderr.strip().splitlines() == ['dsv3: error: input line 2 is not JSON (Expecting value); --jsonl reads '
+                                                'one object per line, such as {"content": "hello"}']
     assert len(proc.stdout.splitlines()) == 1  # the first reply was written
+
+
+def test_chat_jsonl_line_errors_say_what_is_wrong():
+    from dsv3.chat import _json_message
+    from dsv3.errors import DsvError
+
+    assert _json_message('{"content": "a\\nb"}', 1) == ("a\nb", False)
+    assert _json_message('{"reset": true}', 1) == (None, True)
+    assert _json_message('{"reset": true, "content": "x"}', 1) == ("x", True)
+    for line, message in [
+        ('{"role": "system", "content": "x"}', "input line 2 has the unknown key(s) 'role'; --jsonl reads \"content\" "
+                                               '(a user message) and "reset"; set the system prompt with --system'),
+        ('{"content": 5}', 'input line 2: "content" must be a non-empty string, not 5'),
+        ('["hi"]', 'input line 2 is a JSON list, not an object such as {"content": "hello"}'),
+        ('{"reset": "yes"}', 'input line 2: "reset" must be true or false, not "yes"'),
+        ('{"reset": false}', 'input line 2: "content" must be a non-empty string, not null'),
+    ]:
+        with pytest.raises(DsvError) as exc:
+            _json_message(line, 2)
+        assert str(exc.value) == message, line
 
 
 def test_generate_speculative_cli(tok, ckpt):
