@@ -459,13 +459,13 @@ def check_loader_state(saved: dict[str, Any] | None, step: int, global_batch: in
     """
     if not saved:
         return
+    if saved.get("seed") != seed:  # first: the seed also chooses the validation split, so the data key follows
+        raise DsvError(f"checkpoint {where} used train.seed={saved.get('seed')} (now {seed}), which orders the "
+                       "samples; resume with the same train.seed")
     if saved.get("data_key") not in (None, data_key) or saved.get("n_samples") != n_samples:
         raise DsvError(f"checkpoint {where} was trained on other prepared data (key {saved.get('data_key')}, "
                        f"{saved.get('n_samples')} samples; now {data_key}, {n_samples}); resume with the same data.* "
                        "settings, or start a new run from its weights with train.init_from")
-    if saved.get("seed") != seed:
-        raise DsvError(f"checkpoint {where} used train.seed={saved.get('seed')} (now {seed}), which orders the "
-                       "samples; resume with the same train.seed")
     if saved.get("global_batch") != global_batch:
         raise DsvError(f"checkpoint {where} used a global batch of {saved.get('global_batch')} samples (now "
                        f"{global_batch}); keep parallel.micro_batch_size * parallel.grad_accum * processes equal "

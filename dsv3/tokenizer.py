@@ -142,12 +142,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
         raise DsvError(f"tokenizer sample size {sample_size} must be positive (data.tokenizer_sample_size)")
     out_path = Path(out_path)
     seen = [0]
+    failed: list[DsvError] = []  # an error of the corpus reader, which sentencepiece would wrap
 
     def chunks() -> Iterator[str]:
-        for text in texts:
-            for chunk in training_chunks(text):
-                seen[0] += 1
-                yield chunk
+        try:
+            for text in texts:
+                for chunk in training_chunks(text):
+                    seen[0] += 1
+                    yield chunk
+        except DsvError as exc:
+            failed.append(exc)
+            raise
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
@@ -166,6 +171,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
             minloglevel=2,
         )
     except RuntimeError as exc:
+        if failed:  # the corpus, not the tokenizer: its own message and fix
+            raise failed[0] from None
         if seen[0] == 0:
             raise DsvError("tokenizer training got no text; the corpus is empty (check data.source)") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

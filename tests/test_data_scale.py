@@ -348,6 +348,7 @@ def test_loader_state_mismatch_errors():
     state = loader_state(4, 8, 50, 1, "abc")
     for args, word in [((4, 16, 50, 1, "abc"), "global batch"), ((4, 8, 50, 2, "abc"), "train.seed"),
                        ((4, 8, 51, 1, "abc"), "other prepared data"), ((4, 8, 50, 1, "xyz"), "other prepared data"),
+                       ((4, 8, 50, 2, "xyz"), "train.seed"),  # a new seed also changes the key: named first
                        ((5, 8, 50, 1, "abc"), "inconsistent")]:
         with pytest.raises(DsvError) as e:
             check_loader_state(state, *args, where="ckpt")

@@ -196,3 +196,16 @@ def test_train_errors(tmp_path):
         train_tokenizer(iter([]), 512, tmp_path / "t.model", sample_size=100)
     _one_line_error(e)
     assert not (tmp_path / "t.model").exists()
+
+
+def test_a_corpus_error_during_training_keeps_its_own_message(tmp_path):
+    """An error of the corpus reader (e.g. a file that is not UTF-8) reaches the user as is, not
+    wrapped in sentencepiece's error with the advice for a too-small corpus."""
+    def texts():
+        yield "def f(x):\n    return x\n" * 200
+        raise DsvError("file a.txt is not valid UTF-8 (bad byte at offset 3); re-encode it as UTF-8")
+
+    with pytest.raises(DsvError) as exc:
+        train_tokenizer(texts(), 512, tmp_path / "t.model", sample_size=1000)
+    assert str(exc.value) == "file a.txt is not valid UTF-8 (bad byte at offset 3); re-encode it as UTF-8"
+    assert not (tmp_path / "t.model").exists()
