@@ -81,8 +81,12 @@ def test_lr_schedule_by_hand_and_the_warmup_warning():
     assert lr_at(6, t) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
     assert schedule_warning(t) is None
     short = TrainConfig(lr=3e-3, warmup_steps=30, steps=20)
-    assert schedule_warning(short) == ("warning: train.warmup_steps=30 >= train.steps=20: the learning rate ends at "
+    assert schedule_warning(short) == ("warning: train.warmup_steps=30 > train.steps=20: the learning rate ends at "
                                        "2.00e-03, never reaching train.lr=0.003 nor decaying; lower train.warmup_steps")
+    assert lr_at(0, TrainConfig(lr=1e-3, warmup_steps=1, steps=1)) == 1e-3
+    assert schedule_warning(TrainConfig(lr=1e-3, warmup_steps=1, steps=1)) == (
+        "warning: train.warmup_steps=train.steps=1: the learning rate reaches train.lr=0.001 only at the last step "
+        "and never decays; lower train.warmup_steps")
 
 
 def test_a_pipeline_partition_without_pipeline_stages_is_an_error():

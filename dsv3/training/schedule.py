@@ -23,9 +23,13 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 def schedule_warning(t: TrainConfig) -> str | None:
     """A warning line when the schedule of :func:`lr_at` cannot run its course: with
-    ``warmup_steps >= steps`` the rate never reaches ``lr`` and never decays. None otherwise."""
-    if t.warmup_steps >= t.steps:
-        return (f"warning: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate ends "
+    ``warmup_steps >= steps`` the rate never decays, and reaches ``lr`` only at the last step
+    (``==``) or never (``>``). None otherwise."""
+    if t.warmup_steps > t.steps:
+        return (f"warning: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning rate ends "
                 f"at {lr_at(t.steps - 1, t):.2e}, never reaching train.lr={t.lr:g} nor decaying; lower "
                 "train.warmup_steps")
+    if t.warmup_steps == t.steps:
+        return (f"warning: train.warmup_steps=train.steps={t.steps}: the learning rate reaches train.lr={t.lr:g} "
+                "only at the last step and never decays; lower train.warmup_steps")
     return None
