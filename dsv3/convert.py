@@ -934,6 +934,9 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
 
     from dsv3.training.checkpoint import read_checkpoint_config, resolve_checkpoint
 
+    if is_hf_folder(ckpt):
+        raise DsvError(f"{ckpt} is already a Hugging Face folder (config.json); pass a dsv3 run directory or "
+                       "checkpoint folder to --to-hf, or use the Hugging Face folder as it is")
     folder = resolve_checkpoint(ckpt)
     cfg = read_checkpoint_config(folder).model
     weights = folder / DSV3_WEIGHTS

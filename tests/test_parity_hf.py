@@ -147,6 +147,8 @@ def test_mtp_roundtrip_and_bf16_export(tmp_path):
                        original_seq_len=16, init_std=0.1)
     model = dsv3_checkpoint(tmp_path / "ckpt", mcfg)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    with pytest.raises(DsvError, match=r"hf is already a Hugging Face folder \(config.json\); pass a dsv3 run "):
+        export_hf(tmp_path / "hf", tmp_path / "hf-again")
     hf_json = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_json["architectures"] == ["DeepseekV3ForCausalLM"] and hf_json["model_type"] == "deepseek_v3"
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
