@@ -191,11 +191,19 @@ def prepare_chat(cfg: Config, tokenizer_file: Path, progress: bool = True) -> Pa
 
 
 class ChatDataset:
-    """Fixed-length SFT samples: ``batch_xy(indices)`` -> (inputs, labels), each (B, seq_len) int64."""
+    """Fixed-length SFT samples: ``batch_xy(indices)`` -> (inputs, labels), each (B, seq_len) int64.
+
+    ``meta``: the prepared folder's ``meta.json`` with its cache ``key`` (the folder's name, see
+    :func:`chat_key`), which a checkpoint records so that a resume on other data is refused.
+    """
 
     def __init__(self, prepared_dir: Path, split: str):
-        self.ids = np.load(Path(prepared_dir) / f"{split}_ids.npy", mmap_mode="r")
-        self.labels = np.load(Path(prepared_dir) / f"{split}_labels.npy", mmap_mode="r")
+        prepared_dir = Path(prepared_dir)
+        self.ids = np.load(prepared_dir / f"{split}_ids.npy", mmap_mode="r")
+        self.labels = np.load(prepared_dir / f"{split}_labels.npy", mmap_mode="r")
+        meta_file = prepared_dir / "meta.json"
+        self.meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        self.meta.setdefault("key", prepared_dir.name)
 
     def __len__(self) -> int:
         return self.ids.shape[0]

@@ -51,6 +51,12 @@ def test_sft_on_stdlib_docstrings_trains_on_replies_only(pretrained, data_cache,
     first = [int(x) for x in ids[0] if x != tok.pad_id]
     ref_ids, ref_labels = chat_labels(tok, [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}])
     assert ref_labels[-1] == -100 and ref_ids[0] == tok.bos_id == first[0]
+    # the checkpoint records which prepared conversations it trained on: a resume on others is refused
+    saved = json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())["data"]
+    assert saved["data_key"].startswith("chat-") and (data_cache / "prepared" / saved["data_key"]).is_dir()
+    proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml",
+                     *sft_overrides(data_cache, pretrained, out, **{"data.seq_len": 96, "train.steps": 5})], check=False)
+    assert proc.returncode == 2 and "was trained on other prepared data" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_sft_errors(pretrained, data_cache, tmp_path):
