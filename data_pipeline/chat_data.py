@@ -131,7 +131,7 @@ def prepare_chat(cfg: Config, tokenizer_file: Path, progress: bool = True) -> Pa
             usable conversations (fewer than 2, or none left for validation).
     """
     from data_pipeline.prepare import cache_root, hf_cache_dir
-    from dsv3.chat import chat_labels
+    from dsv3.chat_format import chat_labels
     from dsv3.tokenizer import Tokenizer
 
     out = cache_root(cfg.data) / "prepared" / chat_key(cfg, tokenizer_file)

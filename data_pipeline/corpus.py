@@ -81,7 +81,7 @@ def default_corpus_files() -> list[Path]:
         for path in root.rglob("*.py"):
             if _EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1]) or not path.is_file():
                 continue
-            if _first_bad_utf8(path) is None:
+            if first_bad_utf8(path) is None:
                 files.append(path)
     if not files:
         raise DsvError(f"the default corpus (Python standard library sources under {root}) was not found; "
@@ -89,7 +89,7 @@ def default_corpus_files() -> list[Path]:
     return sorted(files)
 
 
-def _first_bad_utf8(path: Path) -> int | None:
+def first_bad_utf8(path: Path) -> int | None:
     """Byte offset of the first undecodable byte of ``path``, or None if it is valid UTF-8."""
     decoder_chunk = 1 << 22
     try:
@@ -197,7 +197,7 @@ def progress_bars(enabled: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     while exc.__cause__ is not None and not str(exc).strip():
         exc = exc.__cause__
     text = str(exc).strip()
@@ -208,14 +208,14 @@ def _raise_unreadable(source: str, files: list[Path], exc: BaseException) -> Non
     """Turn a ``datasets`` loading failure on local files into a precise DsvError."""
     for f in files:
         if file_ext(f) in TEXT_EXTS + JSON_EXTS and file_ext(f) not in COMPRESSED_JSON_EXTS:
-            bad = _first_bad_utf8(f)
+            bad = first_bad_utf8(f)
             if bad is not None:
                 raise DsvError(f"file {f} is not valid UTF-8 (bad byte at offset {bad}); re-encode it as UTF-8 "
                                "or remove it from data.source") from None
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    raise DsvError(f"could not read data.source={source} ({_first_line(cause)}); check that the files are "
+    raise DsvError(f"could not read data.source={source} ({first_line(cause)}); check that the files are "
                    "valid text/jsonl/parquet") from None
 
 
@@ -255,12 +255,12 @@ def _load_local(source: str, files: list[Path], text_field: str, cache_dir: str 
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _load_hub(source: str, text_field: str, cache_dir: str | None) -> datasets.Dataset:
+def load_hub(source: str, text_field: str, cache_dir: str | None) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(source, split="train", cache_dir=cache_dir)
     except Exception as exc:
         raise DsvError(f"data.source={source} is neither an existing file/folder nor a loadable dataset "
-                       f"({_first_line(exc)}); give a local path, or a datasets hub name with network access "
+                       f"({first_line(exc)}); give a local path, or a datasets hub name with network access "
                        "or a populated cache") from None
     return _text_column(ds, text_field, f"dataset {source}")
 
@@ -288,7 +288,7 @@ def load_corpus(source: str | None, text_field: str = "text", cache_dir: str | P
     cache = str(cache_dir) if cache_dir is not None else None
     label = describe_source(source)
     if kind == "hub":
-        ds = _load_hub(str(source), text_field, cache)  # download progress stays visible
+        ds = load_hub(str(source), text_field, cache)  # download progress stays visible
     else:
         with progress_bars(False):  # reading local files is quick; keep stderr clean
             ds = _load_local(label, files, text_field, cache)

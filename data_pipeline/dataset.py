@@ -314,10 +314,6 @@ class PackedDataset(torch.utils.data.Dataset):
                 raise DsvError(f"prepared shard {path} is truncated or corrupt (sha256 mismatch); delete folder "
                                f"{self.folder} and run dsv3 prepare again")
 
-    def document_ends(self, shard: int) -> np.ndarray:
-        """End offsets (int64, exclusive) of the documents of shard ``shard`` (its ``.idx.npy``)."""
-        return np.load(self.folder / self.shards[shard]["index"], mmap_mode="r")
-
 
 def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Position ids restarting at each document of packed windows.

@@ -51,7 +51,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_pipeline.corpus import (COMPRESSED_JSON_EXTS, JSON_EXTS, TEXT_EXTS, _first_bad_utf8, _first_line,
+from data_pipeline.corpus import (COMPRESSED_JSON_EXTS, JSON_EXTS, TEXT_EXTS, first_bad_utf8, first_line,
                                   file_ext, resolve_source)
 from dsv3.errors import DsvError
 
@@ -154,9 +154,9 @@ def _is_json_array(path: Path) -> bool:
 @functools.lru_cache(maxsize=2)
 def _hub_dataset(name: str, text_field: str, cache_dir: str | None):
     """The hub corpus (memory-mapped Arrow), loaded once per process."""
-    from data_pipeline.corpus import _load_hub
+    from data_pipeline.corpus import load_hub
 
-    return _load_hub(name, text_field, cache_dir)
+    return load_hub(name, text_field, cache_dir)
 
 
 def _decode(data: bytes, path: str, offset: int = 0) -> str:
@@ -204,7 +204,7 @@ def _text_pieces(task: dict[str, Any]) -> Iterator[str]:
 
 def _not_utf8(path: str) -> DsvError:
     """The one-line error for a file that is not UTF-8 (with the offset when it can be found)."""
-    bad = None if file_ext(path) in COMPRESSED_JSON_EXTS else _first_bad_utf8(Path(path))
+    bad = None if file_ext(path) in COMPRESSED_JSON_EXTS else first_bad_utf8(Path(path))
     where = f" (bad byte at offset {bad})" if bad is not None else ""
     return DsvError(f"file {path} is not valid UTF-8{where}; re-encode it as UTF-8 or remove it from data.source")
 
@@ -323,7 +323,7 @@ def _text_files(files: list[str], cache_dir: str | None) -> Iterator[str]:
                 yield from texts
     except UnicodeDecodeError:
         for p in files[n:]:  # rows are files: the bad one is at or after the rows already read
-            if _first_bad_utf8(Path(p)) is not None:
+            if first_bad_utf8(Path(p)) is not None:
                 raise _not_utf8(p) from None
         raise
     if n != len(files):
@@ -361,7 +361,7 @@ def _json_file(path: str, field: str, cache_dir: str | None) -> Iterator[str | N
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     except Exception as exc:  # datasets/pyarrow raise several types for malformed JSON
-        raise DsvError(f"file {path} is not valid JSON lines or a JSON array ({_first_line(exc)}); fix it or remove "
+        raise DsvError(f"file {path} is not valid JSON lines or a JSON array ({first_line(exc)}); fix it or remove "
                        "it from data.source") from None
 
 
@@ -377,7 +377,7 @@ def _parquet_files(files: list[str], field: str, cache_dir: str | None) -> Itera
         except DsvError:
             raise
         except Exception as exc:
-            raise DsvError(f"file {path} is not a readable parquet file ({_first_line(exc)}); fix or remove it") from None
+            raise DsvError(f"file {path} is not a readable parquet file ({first_line(exc)}); fix or remove it") from None
 
 
 def iter_documents(task: dict[str, Any], text_field: str = "text", cache_dir: str | None = None) -> Iterator[str]:

@@ -1,4 +1,4 @@
-"""The ``dsv3`` command line (CONTRACT.md). Bad input ends with one line on stderr and exit 2."""
+"""The ``dsv3`` command line (docs/design.md). Bad input ends with one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _warn_if_incomplete(path: str) -> None:
     that is not a complete, intact checkpoint (a save that was interrupted or damaged later)."""
     from pathlib import Path
 
-    from dsv3.training.checkpoint import checkpoint_problem, resolve_checkpoint
+    from dsv3.checkpoint import checkpoint_problem, resolve_checkpoint
 
     try:
         folder = resolve_checkpoint(Path(path))
@@ -45,7 +45,7 @@ def _warn_if_incomplete(path: str) -> None:
 def _load_for_inference(args):
     """load_model with the --max-memory / --offload-folder placement, if any."""
     from dsv3 import load_model
-    from dsv3.offload import parse_max_memory
+    from dsv3.checkpoint.offload import parse_max_memory
 
     max_memory = parse_max_memory(args.max_memory) if args.max_memory is not None else None
     _warn_if_incomplete(args.ckpt)
@@ -153,7 +153,7 @@ def _cmd_bench(args) -> None:
 def _cmd_convert(args) -> None:
     import torch
 
-    from dsv3.convert import export_hf, import_hf
+    from dsv3.checkpoint import export_hf, import_hf
 
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.from_hf:
@@ -195,7 +195,7 @@ def _cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     if args.check is not None:
-        from dsv3.parallel.distributed import check_launch
+        from dsv3.parallel.layout import check_launch
 
         check_launch(cfg, args.check)
         print(f"dsv3: the config and its layout are fine for {args.check} process(es)")
@@ -223,7 +223,7 @@ def _cmd_sft(args) -> None:
 
     if (not dist.is_initialized() or dist.get_rank() == 0) and not args.no_sample:
         from dsv3 import load_model, load_tokenizer
-        from dsv3.chat import chat_stop_ids, encode_chat
+        from dsv3.chat_format import chat_stop_ids, encode_chat
         from dsv3.generation import generate
 
         model, tok = load_model(run_dir), load_tokenizer(run_dir)

@@ -31,7 +31,7 @@ from dsv3.fileio import atomic_write_text
 class ModelConfig:
     """DeepSeek-V3 architecture hyper-parameters (names as in the official inference code).
 
-    Defaults are the ``tiny`` CPU size. See ``ARCHITECTURE.md`` / DeepSeek-V3 report §2 for
+    Defaults are the ``tiny`` CPU size. See ``docs/design.md`` / DeepSeek-V3 report §2 for
     the meaning of each; sizes of the 671B model are in ``configs/deepseek_v3_671b.yaml``.
     """
 
@@ -125,7 +125,7 @@ class TrainConfig:
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight (eq. 17)
     bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (§2.1.2)
     # per-process peak (e.g. 989 for an H100 in bf16); enables MFU logging. "auto" measures a
-    # bf16/fp32 (as train.precision) square matmul once at start (dsv3.bench.measure_peak_tflops)
+    # bf16/fp32 (as train.precision) square matmul once at start (dsv3.hardware.measure_peak_tflops)
     peak_tflops: float | str | None = None
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step
@@ -389,26 +389,6 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if cfg.ckpt.keep_last < 1:
         raise DsvError(f"ckpt.keep_last={cfg.ckpt.keep_last} must be at least 1")
-
-
-def check_trainable(cfg: Config) -> None:
-    """Reject layouts the trainer cannot run yet (``dsv3 plan`` still accepts them).
-
-    Expert parallelism (``parallel.ep`` > 1) is accepted; whether ``ep`` divides the number
-    of processes is checked at start-up (:func:`dsv3.parallel.expert_parallel.check_layout`).
-
-    Pipeline parallelism (``parallel.pp`` > 1) is checked at start-up as well
-    (:func:`dsv3.parallel.pipeline.check_layout`), ZeRO-2 with pipelines here.
-
-    Raises:
-        DsvError: ZeRO-3 requested, or ZeRO-2 together with pipeline parallelism.
-    """
-    p = cfg.parallel
-    if p.zero_stage == 3:
-        raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 0, 1 or 2")
-    if p.pp > 1 and p.zero_stage >= 2:
-        raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
-                       f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -94,9 +94,9 @@ class SyncCounter(TorchDispatchMode):
 def _one_step_syncs(precision: str) -> list[str]:
     cfg = load_config(None, TINY)
     model = bench.build_dsv3(cfg, torch.device("cpu"), precision)
-    side = bench.Side("dsv3", model, bench.make_optimizer(model, cfg, precision, master=True), bench._dsv3_loss(cfg),
+    side = bench.Side("dsv3", model, bench.make_optimizer(model, cfg, precision, master=True), bench.dsv3_loss(cfg),
                       1.0)
-    (x, y), = bench._batches(cfg, 2, 32, 1, torch.device("cpu"))
+    (x, y), = bench.synthetic_batches(cfg, 2, 32, 1, torch.device("cpu"))
     side.step(x, y)  # first step: lazily created optimizer state
     with SyncCounter() as counter:
         side.step(x, y)

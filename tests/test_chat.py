@@ -12,19 +12,8 @@ import sys
 import pytest
 
 from conftest import ROOT, STDLIB
-from dsv3.chat import (
-    ASSISTANT_ID,
-    END_ID,
-    SYSTEM_ID,
-    USER_ID,
-    StreamDecoder,
-    chat_labels,
-    chat_loop,
-    chat_stop_ids,
-    encode_chat,
-    encode_content,
-    fit_conversation,
-)
+from dsv3.chat import StreamDecoder, chat_loop, fit_conversation
+from dsv3.chat_format import ASSISTANT_ID, END_ID, SYSTEM_ID, USER_ID, chat_labels, chat_stop_ids, encode_chat, encode_content
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX
 
@@ -42,7 +31,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tok, tmp_path_factory):
-    """A checkpoint folder laid out like dsv3.training.checkpoint writes it, random weights."""
+    """A checkpoint folder laid out like dsv3.training.checkpoint writes it (dsv3.checkpoint.files), random weights."""
     import shutil
 
     from safetensors.torch import save_file
@@ -211,12 +200,12 @@ def test_chat_jsonl_for_scripts(tok, ckpt):
 
 
 def test_chat_jsonl_line_errors_say_what_is_wrong():
-    from dsv3.chat import _json_message
+    from dsv3.chat import parse_json_message
     from dsv3.errors import DsvError
 
-    assert _json_message('{"content": "a\\nb"}', 1) == ("a\nb", False)
-    assert _json_message('{"reset": true}', 1) == (None, True)
-    assert _json_message('{"reset": true, "content": "x"}', 1) == ("x", True)
+    assert parse_json_message('{"content": "a\\nb"}', 1) == ("a\nb", False)
+    assert parse_json_message('{"reset": true}', 1) == (None, True)
+    assert parse_json_message('{"reset": true, "content": "x"}', 1) == ("x", True)
     for line, message in [
         ('{"role": "system", "content": "x"}', "input line 2 has the unknown key(s) 'role'; --jsonl reads \"content\" "
                                                '(a user message) and "reset"; set the system prompt with --system'),
@@ -226,7 +215,7 @@ def test_chat_jsonl_line_errors_say_what_is_wrong():
         ('{"reset": false}', 'input line 2: "content" must be a non-empty string, not null'),
     ]:
         with pytest.raises(DsvError) as exc:
-            _json_message(line, 2)
+            parse_json_message(line, 2)
         assert str(exc.value) == message, line
 
 
@@ -246,7 +235,7 @@ def test_generate_speculative_cli(tok, ckpt):
 
 
 def test_parse_max_memory():
-    from dsv3.offload import parse_max_memory
+    from dsv3.checkpoint.offload import parse_max_memory
 
     assert parse_max_memory("0=20GiB, cpu=1.5GB,1=512") == {0: 20 * 2**30, "cpu": 1_500_000_000, 1: 512}
     for bad in ("cpu", "gpu=1GB", "0=lots", "", "cpu=1GB,cpu=2GB"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data_pipeline.prepare as prep
+import data_pipeline.shards as shards
 from data_pipeline.dataset import (IGNORE_INDEX, PackedDataset, blend_index, check_loader_state,
                                    document_attention_mask, document_positions, global_sample_indices, load_meta,
                                    loader_state, rank_micro_batches)
@@ -65,7 +66,7 @@ def test_prepare_resumes_and_splits_over_nodes(tmp_path, monkeypatch, capfd):
 
     # interrupted after two tasks: the rerun only does the rest, and the result is identical
     cfg = cfg_for(str(src), tmp_path / "cache")
-    real, ran = prep.run_task, []
+    real, ran = shards.run_task, []
 
     def flaky(t, *args, **kwargs):
         if len(ran) == 2:
@@ -73,13 +74,13 @@ def test_prepare_resumes_and_splits_over_nodes(tmp_path, monkeypatch, capfd):
         ran.append(t)
         return real(t, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "run_task", flaky)
+    monkeypatch.setattr(shards, "run_task", flaky)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, progress=False)
     assert not (prep.prepared_path(cfg) / "meta.json").exists()
     first = list(ran)
     ran.clear()
-    monkeypatch.setattr(prep, "run_task", lambda t, *a, **k: (ran.append(t), real(t, *a, **k))[1])
+    monkeypatch.setattr(shards, "run_task", lambda t, *a, **k: (ran.append(t), real(t, *a, **k))[1])
     out = prepare(cfg, progress=False)
     assert sorted(first + ran) == list(range(n_tasks)) and not set(first) & set(ran)
     assert shard_digests(out) == shard_digests(ref)
@@ -98,7 +99,7 @@ def test_prepare_resumes_and_splits_over_nodes(tmp_path, monkeypatch, capfd):
 def test_prepare_skips_damaged_task_outputs(tmp_path, monkeypatch):
     src = write_docs(tmp_path / "c", 8)
     cfg = cfg_for(str(src), tmp_path / "cache")
-    real, ran = prep.run_task, []
+    real, ran = shards.run_task, []
 
     def stop_at_merge(*a, **k):
         raise KeyboardInterrupt
@@ -110,7 +111,7 @@ def test_prepare_skips_damaged_task_outputs(tmp_path, monkeypatch):
     shard = sorted((work / "shards").glob("train-*.bin"))[1]
     shard.write_bytes(shard.read_bytes()[:-2])  # truncated: its task must run again
     monkeypatch.undo()
-    monkeypatch.setattr(prep, "run_task", lambda t, *a, **k: (ran.append(t), real(t, *a, **k))[1])
+    monkeypatch.setattr(shards, "run_task", lambda t, *a, **k: (ran.append(t), real(t, *a, **k))[1])
     out = prepare(cfg, progress=False)
     assert ran == [int(shard.name.split("-")[1].split(".")[0])]
     PackedDataset(out, "train", 16).verify()
@@ -274,9 +275,9 @@ def test_document_aware_packing_isolates_documents(one_torch_thread):
         out = model(inputs, labels, attn_mask=mask, position_ids=pos)
         assert out.lm_tokens.item() == 15 - 2
         assert out.mtp_tokens.tolist() == [(14 - 2) - 2]  # positions 3, 7 also cross (EOS ahead)
-        from dsv3.training.trainer import mtp_label_counts
+        from dsv3.model import label_counts
 
-        assert mtp_label_counts(labels, 1, pos).tolist() == out.mtp_tokens.tolist()  # the trainer's normalizer
+        assert label_counts(labels, 1, pos)[1:].tolist() == out.mtp_tokens.tolist()  # the trainer's normalizer
         out_b = model(other, torch.where(labels == IGNORE_INDEX, labels, torch.tensor([a + b2 + c + [40]])[:, 1:]),
                       attn_mask=document_attention_mask(pos), position_ids=pos)
         assert out.lm_loss_sum.item() != out_b.lm_loss_sum.item()

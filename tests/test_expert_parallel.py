@@ -238,7 +238,8 @@ assert torch.equal(lazy.gate.weight, full.gate.weight) and torch.equal(lazy.shar
 # saved in the unsplit layout: each rank writes its own expert rows and half of each replicated
 # tensor into one file, which equals the unsplit layer's state dict; nothing is gathered
 from safetensors.torch import load_file
-from dsv3.parallel.unsplit_save import SafetensorsLayout, save_weights
+from dsv3.checkpoint.safetensors_io import SafetensorsLayout
+from dsv3.parallel.unsplit_save import save_weights
 
 pieces = []
 plain_write = SafetensorsLayout.write
@@ -295,18 +296,19 @@ def test_impossible_layout_is_one_line_exit_2(corpus_dir, data_cache, tmp_path, 
     assert "Traceback" not in proc.stderr
 
 
-def test_check_trainable_accepts_ep():
-    from dsv3.config import check_trainable, load_config
+def test_check_launch_accepts_ep():
+    from dsv3.config import load_config
+    from dsv3.parallel.layout import check_launch
     from dsv3.errors import DsvError
 
-    check_trainable(load_config(None, ["parallel.ep=2"]))
+    check_launch(load_config(None, ["parallel.ep=2"]), 2)
     with pytest.raises(DsvError, match="zero_stage=3"):
-        check_trainable(load_config(None, ["parallel.ep=2", "parallel.zero_stage=3"]))
+        check_launch(load_config(None, ["parallel.ep=2", "parallel.zero_stage=3"]), 2)
 
 
 def test_layout_messages_name_the_data_parallel_size_and_working_ep_values():
     from dsv3.errors import DsvError
-    from dsv3.parallel.expert_parallel import check_layout
+    from dsv3.parallel.layout import check_expert_parallel as check_layout
 
     with pytest.raises(DsvError, match=r"^parallel.ep=4 does not divide the 2 process\(es\); run a multiple of 4 "
                                        r"processes or choose ep in \[1, 2\]$"):

@@ -129,7 +129,7 @@ class _LocalExperts(nn.Module):
 
 
 def test_pipeline_stage_and_expert_block_allocate_only_what_they_own():
-    from dsv3.parallel.pipeline import stage_prefixes
+    from dsv3.parallel.layout import stage_prefixes
 
     cfg = small_cfg()
     full = full_model(cfg)

@@ -1,4 +1,4 @@
-"""Loading only the owned tensors (dsv3.weights, dsv3.model.init.load_owned_): a process that
+"""Loading only the owned tensors (dsv3.checkpoint.weights, dsv3.model.init.materialize_): a process that
 holds one pipeline stage and one block of experts reads exactly those tensors (rows) from a
 dsv3 checkpoint or a Hugging Face folder, gets the saved values bit for bit, and allocates
 nothing else."""
@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3.convert import HFWeights, export_hf, load_hf_model
+from dsv3.checkpoint import CheckpointWeights, HFWeights, export_hf, load_hf_model, open_weights
 from dsv3.errors import DsvError
-from dsv3.model.init import allocated_elements, load_owned_
-from dsv3.parallel.pipeline import stage_prefixes
-from dsv3.weights import CheckpointWeights, open_weights
+from dsv3.model.init import allocated_elements, materialize_
+from dsv3.parallel.layout import stage_prefixes
 from conftest import dsv3_checkpoint
 from test_init import _LocalExperts, meta_model, small_cfg
 
@@ -80,7 +79,7 @@ def test_checkpoint_rank_reads_only_its_stage_and_expert_rows(tmp_path):
     assert got_cfg == cfg and isinstance(source, CheckpointWeights)
     rec = Recording(source)
     m, owned = rank_model(cfg)
-    n = load_owned_(m, rec, "cpu", owned=owned)
+    n = materialize_(m, "cpu", 0, 0.0, owned=owned, source=rec)
     assert n == owned_count(cfg, full) == allocated_elements(m)
     check_owned(m, owned, state)
     assert torch.equal(m.rope_cos, full.rope_cos)
@@ -129,7 +128,7 @@ def test_hf_folder_rank_reads_only_its_expert_keys(tmp_path):
     assert isinstance(source, HFWeights) and source.cfg == cfg
     rec = Recording(source)
     m, owned = rank_model(cfg)
-    assert load_owned_(m, rec, "cpu", owned=owned) == owned_count(cfg, full)
+    assert materialize_(m, "cpu", 0, 0.0, owned=owned, source=rec) == owned_count(cfg, full)
     check_owned(m, owned, state)
     assert {rows for name, rows in rec.reads if ".experts." in name} == {(A, B)}
 
@@ -164,7 +163,7 @@ def test_hf_folder_rank_reads_only_its_expert_keys(tmp_path):
     ref = load_hf_model(hard).state_dict()
     m, owned = rank_model(cfg)
     rec = Recording(HFWeights(hard))
-    load_owned_(m, rec, "cpu", owned=owned)
+    materialize_(m, "cpu", 0, 0.0, owned=owned, source=rec)
     check_owned(m, owned, ref)
     assert torch.equal(m.layers[2].mlp.experts.up_proj, state["layers.2.mlp.experts.up_proj"][A:B])  # fused, exact
     assert not torch.equal(m.mtp[0].mlp.experts.gate_proj, state["mtp.0.mlp.experts.gate_proj"][A:B])  # FP8

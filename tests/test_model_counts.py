@@ -1,6 +1,6 @@
 """Parameter counts of the 671B configuration, built on the meta device (no memory used).
 
-Hand count (ARCHITECTURE.md sizes: D=7168, 61 layers of which 3 dense, 128 heads,
+Hand count (docs/design.md sizes: D=7168, 61 layers of which 3 dense, 128 heads,
 Rq=1536, C=512, dn=128, dr=64, dv=128, 256 routed + 1 shared experts of I=2048, V=129280):
 
 MLA per layer

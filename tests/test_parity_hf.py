@@ -22,14 +22,9 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from conftest import dsv3_checkpoint  # noqa: E402
 from dsv3 import load_model  # noqa: E402
 from dsv3.config import ModelConfig  # noqa: E402
-from dsv3.convert import (  # noqa: E402
-    dequantize_fp8,
-    export_hf,
-    hf_config_to_model_config,
-    import_hf,
-    load_hf_model,
-    model_config_to_hf,
-)
+from dsv3.checkpoint import export_hf, import_hf, load_hf_model  # noqa: E402
+from dsv3.checkpoint.hf_config import hf_config_to_model_config, model_config_to_hf  # noqa: E402
+from dsv3.checkpoint.hf_import import dequantize_fp8  # noqa: E402
 from dsv3.errors import DsvError  # noqa: E402
 from dsv3.generation import generate  # noqa: E402
 from dsv3.model import Transformer  # noqa: E402

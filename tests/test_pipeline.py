@@ -188,8 +188,7 @@ def test_init_from_on_pp2_by_ep2_reads_only_the_ranks_weights(reference, corpus_
     """train.init_from a Hugging Face folder (the reference exported in several shards) with
     pp=2 x ep=2: each rank reads only its stage (and expert rows), and the step-0 validation loss
     is the saved model's (the reference's last one)."""
-    from dsv3.convert import export_hf
-    from dsv3.training.checkpoint import resolve_checkpoint
+    from dsv3.checkpoint import export_hf, resolve_checkpoint
 
     hf = tmp_path / "hf"
     export_hf(resolve_checkpoint(reference), hf, max_shard_bytes=400_000)
@@ -269,7 +268,7 @@ def test_impossible_pipeline_layouts_fail_at_start(overrides, message, corpus_di
 def test_stage_split_checks():
     from dsv3.config import load_config
     from dsv3.errors import DsvError
-    from dsv3.parallel.pipeline import check_layout
+    from dsv3.parallel.layout import check_pipeline as check_layout
 
     def cfg(**kw):
         return load_config(None, [f"{k}={v}" for k, v in {"model.n_layers": 4, **kw}.items()])
@@ -291,7 +290,7 @@ def test_pipeline_with_ep_and_zero1_needs_a_moe_block_on_every_stage():
     stage without MoE layers has no expert group and the run would hang: refused up front."""
     from dsv3.config import load_config
     from dsv3.errors import DsvError
-    from dsv3.parallel.distributed import check_launch
+    from dsv3.parallel.layout import check_launch
 
     def check(*extra):
         return check_launch(load_config(None, ["parallel.pp=2", "parallel.ep=2", "model.n_layers=4", *extra]), 4)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from dsv3.cli import main
-from dsv3.config import check_trainable, load_config
+from dsv3.config import load_config
+from dsv3.parallel.layout import check_launch
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
 from dsv3.plan import (GIB, Layout, ModelParts, a2a_buffer_bytes, a2a_volume_per_step, activation_bytes_per_token,
-                       in_flight_micro_batches, memory_per_gpu, pipeline_bubble, plan, plan_layout, propose,
+                       in_flight_micro_batches, check_divisible, static_bytes, pipeline_bubble, plan, plan_layout, propose,
                        split_counts, stage_layers)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_671b_split_and_deepseek_layout_fits(v3_parts):
     experts, other = split_counts(model)
     assert experts == 58 * 256 * 3 * 7168 * 2048 == 653_908_770_816  # 58 MoE layers x 256 experts x SwiGLU
     assert experts + other == 671_026_404_352
-    mem = memory_per_gpu(experts, other, gpus=2048, pp=16, ep=64, zero_stage=1)
+    mem = static_bytes(other / 16, experts / 1024, check_divisible(2048, pp=16, ep=64), ep=64, zero_stage=1)
     # per GPU: 1/16 of the non-expert weights, 1/(16*64) of the experts; dp = 128, expert dp = 2
     local = other / 16 + experts / 1024
     assert mem.weights == pytest.approx(2 * local)
@@ -238,9 +239,9 @@ def test_cli_plan_propose_and_errors(capsys):
 
 def test_bad_layouts():
     with pytest.raises(DsvError, match="not divisible by parallel.pp=16"):
-        memory_per_gpu(10, 10, gpus=100, pp=16, ep=1, zero_stage=1)
+        check_divisible(100, pp=16, ep=1)
     with pytest.raises(DsvError, match="multiple of pp\\*ep=8"):
-        memory_per_gpu(10, 10, gpus=12, pp=2, ep=4, zero_stage=1)
-    check_trainable(load_config(None, ["parallel.pp=2"]))  # pipelines train (ZeRO 0-1)
+        check_divisible(12, pp=2, ep=4)
+    check_launch(load_config(None, ["parallel.pp=2"]), 2)  # pipelines train (ZeRO 0-1)
     with pytest.raises(DsvError, match="zero_stage=2 is not available with pipeline parallelism"):
-        check_trainable(load_config(None, ["parallel.pp=2", "parallel.zero_stage=2"]))
+        check_launch(load_config(None, ["parallel.pp=2", "parallel.zero_stage=2"]), 2)

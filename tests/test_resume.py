@@ -165,7 +165,7 @@ def test_a_damaged_optimizer_state_file_makes_a_checkpoint_unusable(tmp_path):
     """Every safetensors file the manifest lists must read, not only the weights."""
     from safetensors.torch import save_file
 
-    from dsv3.training.checkpoint import checkpoint_problem
+    from dsv3.checkpoint import checkpoint_problem
 
     save_file({"w": torch.ones(4)}, str(tmp_path / "model.safetensors"))
     save_file({"w/fp32": torch.ones(4)}, str(tmp_path / "layout_free.safetensors"))

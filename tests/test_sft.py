@@ -33,7 +33,7 @@ def test_sft_on_stdlib_docstrings_trains_on_replies_only(pretrained, data_cache,
     # step-0 validation loss = the pre-trained model's loss on the reply tokens alone, by hand
     from data_pipeline.chat_data import ChatDataset
     from dsv3 import load_model, load_tokenizer
-    from dsv3.chat import chat_labels
+    from dsv3.chat_format import chat_labels
 
     prepared = next(p for p in (data_cache / "prepared").glob("chat-*") if (p / "meta.json").is_file())
     val = ChatDataset(prepared, "val")

@@ -1,4 +1,4 @@
-"""One safetensors file written in pieces (dsv3.parallel.unsplit_save), read by the safetensors library."""
+"""One safetensors file written in pieces (dsv3.checkpoint.safetensors_io, dsv3.parallel.unsplit_save), read by the safetensors library."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsv3.parallel.unsplit_save import Piece, SafetensorsLayout, chunk, write_collective
+from dsv3.checkpoint.safetensors_io import Piece, SafetensorsLayout, chunk, write_collective
 
 TENSORS = {
     "b": torch.arange(5, dtype=torch.bfloat16) / 3,
@@ -143,7 +143,8 @@ def test_weights_and_optimizer_state_round_trip_and_a_stage_reads_only_its_own(t
     stage's entries only, equal to what was saved."""
     from dsv3.config import Config
     from dsv3.parallel.layout_free import read_layout_free
-    from dsv3.parallel.unsplit_save import LAYOUT_FREE, save_optimizer_state, save_weights
+    from dsv3.checkpoint import LAYOUT_FREE
+    from dsv3.parallel.unsplit_save import save_optimizer_state, save_weights
 
     model, opt = _stepped_model()
     names = [n for n, _ in model.named_parameters()]
@@ -163,24 +164,6 @@ def test_weights_and_optimizer_state_round_trip_and_a_stage_reads_only_its_own(t
     for name, entry in state.items():
         assert sorted(entry) == ["exp_avg", "exp_avg_sq", "fp32"]
         assert all(torch.equal(entry[k], saved[name][k]) for k in entry), name
-
-
-def test_layout_free_files_of_earlier_versions_are_read(tmp_path):
-    """Checkpoints written before layout_free.safetensors hold the state per stage in .pt files."""
-    from dsv3.config import Config, ParallelConfig
-    from dsv3.parallel.layout_free import read_layout_free
-
-    model, opt = _stepped_model()
-    params = dict(model.named_parameters())
-    state = {n: {"fp32": p.detach().clone(), "exp_avg": opt.state[p]["exp_avg"], "exp_avg_sq": opt.state[p]["exp_avg_sq"]}
-             for n, p in params.items()}
-    first = [n for n in state if n.startswith(("embed_tokens.", "layers.0.", "layers.1."))]
-    torch.save({"step": 2, "params": {n: state[n] for n in first}}, tmp_path / "layout_free_stage00.pt")
-    torch.save({"step": 2, "params": {n: v for n, v in state.items() if n not in first}},
-               tmp_path / "layout_free_stage01.pt")
-    got, step = read_layout_free(tmp_path, Config(parallel=ParallelConfig(pp=2)), model)
-    assert step == 2 and sorted(got) == sorted(state)
-    assert all(torch.equal(got[n][k], state[n][k]) for n in state for k in state[n])
 
 
 def test_a_rank_that_cannot_see_the_file_names_the_shared_filesystem(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 Files: ``norm.py`` RMSNorm; ``rope.py`` rotary embeddings + YaRN; ``attention.py`` MLA and the
 latent decode cache; ``moe.py`` dense MLP, sigmoid gate, grouped experts, DeepSeekMoE;
-``transformer.py`` blocks, MTP modules, the full model, ``init_weights`` and counts; ``init.py``
+``transformer.py`` blocks, MTP modules, the full model, ``init_weights`` and counts;
+``objective.py`` the training loss (LM + lambda x MTP + alpha x balance) and its label counts; ``init.py``
 the layout-independent per-tensor initialization (``materialize_`` allocates and initializes
 only the parameters a process owns).
 """
@@ -12,8 +13,8 @@ from dsv3.model.init import init_tensor_, materialize_, tensor_seed
 from dsv3.model.moe import MLP, MoE, Experts, Gate
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, rope_cos_sin, rope_frequencies, yarn_softmax_scale
+from dsv3.model.objective import IGNORE_INDEX, ce_sum, label_counts, training_loss
 from dsv3.model.transformer import (
-    IGNORE_INDEX,
     Block,
     MTPModule,
     Transformer,
@@ -25,5 +26,6 @@ from dsv3.model.transformer import (
 __all__ = [
     "MLA", "LatentCache", "MLP", "MoE", "Experts", "Gate", "RMSNorm", "apply_rope", "rope_cos_sin",
     "rope_frequencies", "yarn_softmax_scale", "IGNORE_INDEX", "Block", "MTPModule", "Transformer",
-    "TrainOutput", "count_parameters", "flops_per_token", "init_tensor_", "materialize_", "tensor_seed",
+    "TrainOutput", "ce_sum", "count_parameters", "flops_per_token", "init_tensor_", "label_counts", "materialize_",
+    "tensor_seed", "training_loss",
 ]

@@ -16,7 +16,7 @@ the tensor's device and dtype, so they also do not depend on the device. :func:`
 draws the tensors (and experts) on several threads at once (:func:`init_threads`: the node's
 cores divided among its processes), which the independent generators allow.
 
-Loaded weights take the same route: :func:`load_owned_` (``materialize_`` with ``source=``)
+Loaded weights take the same route: :func:`materialize_` with ``source=``
 fills the allocated parameters from a :class:`WeightsSource` by the same full names, an expert
 block from rows ``[first_expert, first_expert + n)`` of the stacked tensor, so a process reads
 only what it holds.
@@ -168,7 +168,7 @@ class WeightsSource(Protocol):
     :class:`dsv3.model.Transformer` (stacked experts (E, ...)). ``read(name, rows)`` returns
     that tensor (any float dtype, on the CPU), or with ``rows=(a, b)`` only rows ``[a, b)`` of
     its first dimension (an expert block), reading no more of the file than that. See
-    :mod:`dsv3.weights` for the dsv3-checkpoint and Hugging Face implementations.
+    :mod:`dsv3.checkpoint.weights` for the dsv3-checkpoint and Hugging Face implementations.
     """
 
     shapes: dict[str, tuple[int, ...]]
@@ -225,7 +225,7 @@ def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: f
     Raises:
         ValueError: a parameter or buffer has no initialization rule; with ``source``, a
             tensor it lacks or holds with another shape (check the names and shapes up front,
-            as :class:`dsv3.weights.CheckpointWeights` does, for a one-line user error).
+            as :class:`dsv3.checkpoint.CheckpointWeights` does, for a one-line user error).
     """
     allocated = 0
     done: dict[int, nn.Parameter] = {}
@@ -295,34 +295,10 @@ def _run_parallel(jobs: list[tuple]) -> None:
             future.result()
 
 
-def load_owned_(model: nn.Module, source: WeightsSource, device: torch.device | str,
-                owned: Callable[[str], bool] | None = None) -> int:
-    """Allocate on ``device`` the parameters of ``model`` still on the meta device that
-    ``owned(name)`` accepts (all when None) and every meta buffer, and fill them from
-    ``source`` (:func:`materialize_` with a source): a process holding one pipeline stage or
-    one expert block reads only those tensors (rows) from the weights file, never the whole
-    model.
-
-    Args:
-        model: a :class:`dsv3.model.Transformer` built on the meta device, possibly split
-            (expert-parallel blocks with ``first_expert``); names are the unsplit model's.
-        source: the weights (:class:`WeightsSource`), e.g. :func:`dsv3.weights.open_weights`.
-        device: where the allocated tensors go; values are cast to each tensor's dtype.
-        owned: predicate on full parameter names.
-
-    Returns:
-        Number of parameter elements allocated (and read).
-
-    Raises:
-        ValueError: ``source`` lacks a tensor or holds it with another shape.
-    """
-    return materialize_(model, device, 0, 0.0, owned=owned, source=source)
-
-
 def allocated_elements(model: nn.Module) -> int:
     """Number of parameter elements of ``model`` that have storage (not on the meta device)."""
     return sum(p.numel() for p in model.parameters() if not p.is_meta)
 
 
 __all__ = ["EXPERT_WEIGHTS", "RULES", "WeightsSource", "allocated_elements", "init_module_", "init_rule",
-           "init_tensor_", "load_owned_", "materialize_", "normal_values", "tensor_seed"]
+           "init_tensor_", "materialize_", "normal_values", "tensor_seed"]

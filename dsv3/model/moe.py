@@ -179,7 +179,7 @@ if _HAS_GROUPED_MM:
     _grouped_mm_cpu.register_autograd(_grouped_mm_cpu_backward, setup_context=_grouped_mm_cpu_setup)
 
 
-class _ContiguousGrad(torch.autograd.Function):
+class ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
     ``torch._grouped_mm`` rejects expanded (stride-0) gradients, which e.g. ``y.sum()`` makes.
@@ -247,11 +247,11 @@ class Experts(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))  # (E,)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
-        xs = _ContiguousGrad.apply(x[token])  # (N*K, D)
+        xs = ContiguousGrad.apply(x[token])  # (N*K, D)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
-        ys = grouped_matmul(_ContiguousGrad.apply(h), self.down_proj, offsets)  # (N*K, D)
+        ys = grouped_matmul(ContiguousGrad.apply(h), self.down_proj, offsets)  # (N*K, D)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, _ContiguousGrad.apply(ys))
+        return torch.zeros_like(x).index_add_(0, token, ContiguousGrad.apply(ys))
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens that together reach most experts (batched decoding): every

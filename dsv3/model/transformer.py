@@ -15,17 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LatentCache
 from dsv3.model.init import init_module_
 from dsv3.model.moe import MLP, MoE, Gate
+from dsv3.model.objective import IGNORE_INDEX, ce_sum, training_loss
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin
 
-IGNORE_INDEX = -100  # label value that carries no loss (padding, prompt tokens in SFT)
 
 
 class Block(nn.Module):
@@ -116,17 +115,16 @@ class TrainOutput:
     expert_load: torch.Tensor
 
     def local_loss(self, mtp_lambda: float, alpha: float) -> torch.Tensor:
-        """``L_main + lambda/D * sum_k L_mtp_k + alpha * L_bal`` with means over this batch."""
-        loss = self.lm_loss_sum / self.lm_tokens.clamp(min=1)
-        if self.mtp_loss_sum.numel():
-            loss = loss + mtp_lambda * (self.mtp_loss_sum / self.mtp_tokens.clamp(min=1)).mean()
-        return loss + alpha * self.balance_loss
+        """:func:`dsv3.model.objective.training_loss` normalized by this batch's own counts
+        (means over this batch), a scalar fp32 tensor."""
+        tokens = torch.cat([self.lm_tokens.reshape(1), self.mtp_tokens.reshape(-1)]).clamp(min=1).float()
+        return training_loss(self.lm_loss_sum, self.mtp_loss_sum, self.balance_loss, tokens, mtp_lambda, alpha)
 
 
 class Transformer(nn.Module):
     """DeepSeek-V3 language model (main model + MTP modules).
 
-    ``model(input_ids)`` returns the main head's logits, float32 (B, T, V) (CONTRACT.md
+    ``model(input_ids)`` returns the main head's logits, float32 (B, T, V) (docs/design.md
     Python API). ``model(input_ids, labels)`` returns a :class:`TrainOutput`. With a decode
     cache from :meth:`new_cache`, the call processes only the new tokens and appends them to
     the cache.
@@ -247,7 +245,7 @@ class Transformer(nn.Module):
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid, position_ids=position_ids)
         h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1
-        lm_sum = _ce_sum(self.lm_head(h), labels)
+        lm_sum = ce_sum(self.lm_head(h), labels)
         T = input_ids.shape[1]
         mtp_sums, mtp_tokens = [], []
         for k, module in enumerate(self.mtp, start=1):
@@ -264,7 +262,7 @@ class Transformer(nn.Module):
             if aux is not None:
                 auxes.append(aux)
             h = module.shared_head.norm(h)  # (B, T-k, D): read by the head and by depth k+1
-            mtp_sums.append(_ce_sum(self.lm_head(h), target))
+            mtp_sums.append(ce_sum(self.lm_head(h), target))
             mtp_tokens.append((target != IGNORE_INDEX).sum())
         dev = lm_sum.device
         return TrainOutput(
@@ -345,18 +343,13 @@ class Transformer(nn.Module):
 
 def module_device(module: nn.Module) -> torch.device:
     """The device ``module`` computes on: the execution device that a big-model dispatcher
-    (accelerate's hooks, see :mod:`dsv3.offload`) recorded on it, else its first parameter's
+    (accelerate's hooks, see :mod:`dsv3.checkpoint.offload`) recorded on it, else its first parameter's
     device (a weight offloaded to CPU or disk sits on the meta device until its forward)."""
     hook = getattr(module, "_hf_hook", None)
     dev = getattr(hook, "execution_device", None)
     if dev is not None:
         return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
     return next(module.parameters()).device
-
-
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in fp32 over positions whose label is not IGNORE_INDEX."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:

@@ -1,8 +1,13 @@
-"""Parallelism applied around the plain model: process groups and the DeepSpeed engine.
+"""Parallelism applied around the plain model: process groups, layouts and the DeepSpeed engine.
 
-``distributed.py`` starts torch.distributed for a single process, ``torchrun``, the
-``deepspeed`` launcher or ``srun``; ``engine.py`` turns the typed config into DeepSpeed's JSON
-config and wraps the model and optimizer in a DeepSpeed engine (ZeRO stage, bf16);
-``expert_parallel.py`` splits the routed experts over ranks; ``pipeline.py`` cuts the blocks
-into pipeline stages (DeepSpeed's ``PipelineModule``).
+See ``dsv3/parallel/README.md`` for the modules. Importing this package picks DeepSpeed's CPU
+accelerator when no GPU is visible (``DS_ACCELERATOR=cpu`` unless already set), before any
+module here imports DeepSpeed, so that DeepSpeed neither guesses nor warns about it.
 """
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")

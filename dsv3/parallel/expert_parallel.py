@@ -54,12 +54,13 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE as _DeepSpeedMoE
-from deepspeed.utils import groups
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from dsv3.errors import DsvError
-from dsv3.model.moe import MoE, _ContiguousGrad, grouped_matmul
+from dsv3.model.moe import ContiguousGrad, MoE, grouped_matmul
+from dsv3.parallel import ds_internals
+from dsv3.parallel.layout import check_expert_parallel
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -67,36 +68,6 @@ EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 def group_name(ep: int) -> str:
     """DeepSpeed's name of the expert-parallel / expert-data-parallel groups of size ``ep``."""
     return f"ep_size_{ep}"
-
-
-def check_layout(ep: int, n_routed_experts: int, world_size: int, pp: int = 1) -> None:
-    """Refuse layouts expert parallelism cannot run.
-
-    Args:
-        ep: ``parallel.ep``.
-        n_routed_experts: ``model.n_routed_experts``.
-        world_size: the data-parallel size (processes / ``pp``), over which EP is carved.
-        pp: ``parallel.pp`` (only for the message).
-
-    Raises:
-        DsvError: ``ep`` < 1, ``ep`` does not divide ``n_routed_experts`` or the data-parallel
-            size (the expert-data-parallel groups need world_size / ep ranks each); the
-            message lists the ep values that would work.
-    """
-    import math
-
-    fits = [e for e in range(1, n_routed_experts + 1) if math.gcd(n_routed_experts, world_size) % e == 0]
-    if ep < 1:
-        raise DsvError(f"parallel.ep={ep} must be at least 1")
-    if n_routed_experts % ep:
-        raise DsvError(f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}; "
-                       f"choose ep in {fits}")
-    if world_size % ep:
-        if pp == 1:
-            raise DsvError(f"parallel.ep={ep} does not divide the {world_size} process(es); run a multiple of {ep} "
-                           f"processes or choose ep in {fits}")
-        raise DsvError(f"parallel.ep={ep} does not divide the data-parallel size {world_size} ({world_size * pp} "
-                       f"processes / parallel.pp={pp}); run a multiple of {ep * pp} processes or choose ep in {fits}")
 
 
 def ensure_groups(ep: int, pp: int = 1) -> str:
@@ -117,8 +88,7 @@ def ensure_groups(ep: int, pp: int = 1) -> str:
     if not deepspeed.comm.is_initialized():  # torch.distributed started without DeepSpeed
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     name = group_name(ep)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep, pp_size=pp)
+    ds_internals.ensure_expert_groups(ep, pp, name)
     return name
 
 
@@ -159,7 +129,7 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-class ExpertParallelExperts(_DeepSpeedMoE):
+class ExpertParallelExperts(DeepSpeedMoE):
     """The local block of one MoE layer's routed experts, fed by all-to-all.
 
     A drop-in replacement for :class:`dsv3.model.moe.Experts` (same ``forward(x, weights,
@@ -190,7 +160,7 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         self.expert_group_name = name
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
-        self.group = groups._get_expert_parallel_group(name)
+        self.group = ds_internals.expert_parallel_group(name)
         self.ep_rank = dist.get_rank(group=self.group)
         self.first_expert = self.ep_rank * self.num_local_experts  # global index of row 0 (also read by dsv3.model.init)
         block = slice(self.first_expert, self.first_expert + self.num_local_experts)
@@ -236,18 +206,18 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         send_splits = counts.view(P, n).sum(1).tolist()
         recv_splits = recv_counts.view(P, n).sum(1).tolist()
-        xs = _ContiguousGrad.apply(x[token])  # (N*K, D)
+        xs = ContiguousGrad.apply(x[token])  # (N*K, D)
         xr = all_to_all(xs, recv_splits, send_splits, self.group)  # (M, D) by source rank, then local expert
         local = torch.arange(n, device=x.device).repeat(P)  # (P*n,) local expert of each received chunk
         perm = torch.repeat_interleave(local, recv_counts).argsort(stable=True)  # (M,) rows by local expert
         offsets = recv_counts.view(P, n).sum(0).cumsum(0).to(torch.int32)  # (n,)
-        xe = _ContiguousGrad.apply(xr[perm])  # (M, D)
+        xe = ContiguousGrad.apply(xr[perm])  # (M, D)
         h = F.silu(grouped_matmul(xe, self.gate_proj, offsets)) * grouped_matmul(xe, self.up_proj, offsets)
-        ye = grouped_matmul(_ContiguousGrad.apply(h), self.down_proj, offsets)  # (M, D)
-        yr = _ContiguousGrad.apply(ye[perm.argsort()])  # (M, D) back in received order
+        ye = grouped_matmul(ContiguousGrad.apply(h), self.down_proj, offsets)  # (M, D)
+        yr = ContiguousGrad.apply(ye[perm.argsort()])  # (M, D) back in received order
         ys = all_to_all(yr, send_splits, recv_splits, self.group)  # (N*K, D) in the order of xs
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, _ContiguousGrad.apply(ys))
+        return torch.zeros_like(x).index_add_(0, token, ContiguousGrad.apply(ys))
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} of {self.num_experts}, "
@@ -275,12 +245,12 @@ def apply_expert_parallel(model: nn.Module, ep: int, pp: int = 1) -> list[Expert
         The new modules, in ``model.named_modules()`` order.
 
     Raises:
-        DsvError: impossible layout (see :func:`check_layout`).
+        DsvError: impossible layout (see :func:`dsv3.parallel.layout.check_expert_parallel`).
     """
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     world = dist.get_world_size() if dist.is_initialized() else 1
     for m in moes:
-        check_layout(ep, m.n_experts, world // pp, pp)
+        check_expert_parallel(ep, m.n_experts, world // pp, pp)
     name = ensure_groups(ep, pp)
     for m in moes:
         m.experts = ExpertParallelExperts(m.experts, ep, name)
@@ -291,6 +261,15 @@ def ep_modules(model: nn.Module) -> list[ExpertParallelExperts]:
     """The :class:`ExpertParallelExperts` of ``model`` in ``named_modules`` order (DeepSpeed's
     MoE layer order, ``layer_id`` of its expert checkpoint files)."""
     return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def ep_module(model: nn.Module | None, name: str) -> ExpertParallelExperts | None:
+    """The expert-parallel module owning parameter ``name`` of ``model``, or None."""
+    owner, _, _ = name.rpartition(".")
+    if model is None or not owner:
+        return None
+    module = model.get_submodule(owner)
+    return module if isinstance(module, ExpertParallelExperts) else None
 
 
 def _named_ep_modules(model: nn.Module) -> Iterator[tuple[str, ExpertParallelExperts]]:
@@ -329,7 +308,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         s = torch.linalg.vector_norm(p.grad.detach().float()).pow(2)
         if is_expert_param(p):
             sq[1] += s
-            group = groups._get_expert_parallel_group(p.group_name)
+            group = ds_internals.expert_parallel_group(p.group_name)
         else:
             sq[0] += s
     if group is not None:
@@ -365,17 +344,15 @@ def save_expert_files(model: nn.Module, ckpt_root: Path, tag: str) -> list[Path]
     Raises:
         OSError: the files could not be written.
     """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
     written = []
     for layer_id, (prefix, m) in enumerate(_named_ep_modules(model)):
-        if groups._get_expert_data_parallel_rank(m.expert_group_name) != 0:
+        if ds_internals.expert_data_parallel_coords(m.expert_group_name)[0] != 0:
             continue
         for j in range(m.num_local_experts):
             e = m.first_expert + j
             keys = expert_file_keys(prefix, e)
             state = {keys[w]: getattr(m, w).detach()[j].cpu().clone() for w in EXPERT_WEIGHTS}
-            path = Path(DeepSpeedEngine._get_expert_ckpt_name(str(ckpt_root), layer_id, e, tag, checkpoint_mp_rank=0))
+            path = ds_internals.expert_checkpoint_file(ckpt_root, layer_id, e, tag)
             tmp = path.with_name(f".{path.name}.tmp")
             torch.save(state, tmp)
             tmp.replace(path)
@@ -424,7 +401,7 @@ def describe(model: nn.Module) -> str:
 
 
 __all__ = [
-    "ExpertParallelExperts", "all_to_all", "apply_expert_parallel", "check_layout", "clip_grad_norm_",
-    "describe", "ensure_groups", "ep_modules", "expert_load_fn", "group_name",
+    "ExpertParallelExperts", "all_to_all", "apply_expert_parallel", "clip_grad_norm_",
+    "describe", "ensure_groups", "ep_module", "ep_modules", "expert_load_fn", "group_name",
     "is_expert_param", "save_expert_files",
 ]

@@ -13,9 +13,7 @@ parameter in the shape of the *unsplit* model:
 
 written by all ranks at once, each writing the values it holds (its ZeRO fragments, its expert
 rows, its share of replicated tensors; :mod:`dsv3.parallel.unsplit_save`), so no rank gathers
-more than its own share. Checkpoints of earlier versions hold the same per stage in
-``layout_free_stage{SS}.pt`` (a ``torch.save`` of ``{"step", "params": {name: {"fp32",
-"exp_avg", "exp_avg_sq"}}}``); they are still read.
+more than its own share.
 
 A run with any other layout (``pp`` 2 <-> 1, ``ep`` 2 -> 1 or 4, another process count, ZeRO
 stage 0 <-> 1) reads them (:func:`read_layout_free`: a rank reads only its own stage's tensors
@@ -38,52 +36,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.checkpoint import LAYOUT_FREE, MANIFEST, WEIGHTS, read_checkpoint_config, saved_world_size
+from dsv3.collectives import all_reduce_sum, barrier
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
-from dsv3.parallel.distributed import all_reduce_sum
+from dsv3.parallel import ds_internals
+from dsv3.parallel.expert_parallel import ep_module
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+FIELDS = ("fp32", *ADAM_KEYS)
 
 
 def adam_steps(optimizer: torch.optim.Optimizer) -> int:
     """Number of Adam updates taken so far (0 before the first)."""
     steps = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
     return max(steps, default=0)
-
-
-def _link_hp_state(ds_optimizer, create_step: int | None = None) -> None:
-    """(Re)link DeepSpeed's per-parameter views of the Adam state (ZeRO-1/2, bf16 optimizer).
-
-    DeepSpeed links them once, right after the optimizer step of the first parameter group,
-    when the later groups have no state yet, so ``safe_get_full_optimizer_state`` fails for
-    their parameters; linking again once every group has state fixes that. With
-    ``create_step`` the empty state of a fresh optimizer is created first (zero moments, that
-    step count), so a resumed state can be written into it.
-    """
-    flats = getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
-    if flats is None:
-        flats = getattr(ds_optimizer, "fp32_groups_flat_partition", None)
-    if flats is None or not hasattr(ds_optimizer, "_lazy_init_hp_params_optimizer_state"):
-        return
-    base = ds_optimizer.optimizer
-    if create_step is not None:
-        for flat in flats:
-            if not base.state[flat]:
-                base.state[flat].update(step=torch.tensor(float(create_step)), exp_avg=torch.zeros_like(flat),
-                                        exp_avg_sq=torch.zeros_like(flat))
-    ds_optimizer._hp_optimizer_states_linked = False
-    ds_optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def _master(ds_optimizer, p: nn.Parameter) -> nn.Parameter:
-    """The tensor the torch optimizer updates for ``p``: its fp32 copy in DeepSpeed's unfused
-    bf16 optimizer (bf16, ZeRO stage 0, expert parallelism), else ``p`` itself."""
-    for lp_group, hp_group in zip(getattr(ds_optimizer, "fp16_groups", ()), getattr(ds_optimizer, "fp32_groups", ())):
-        for lp, hp in zip(lp_group, hp_group):
-            if lp is p:
-                return hp
-    return p
 
 
 @torch.no_grad()
@@ -100,7 +68,7 @@ def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if ds_optimizer is not None and step > 0:
-        _link_hp_state(ds_optimizer, create_step=step)
+        ds_internals.relink_hp_state(ds_optimizer, create_step=step)
     for name, p in named.items():
         entry = state.get(name)
         if entry is not None:
@@ -109,13 +77,13 @@ def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict
             raise DsvError(f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
                            "resume with the layout it was saved with")
         p.data.copy_(entry["fp32"].to(p.device, p.dtype))
-        if hasattr(p, "_hp_mapping"):
+        if ds_internals.has_flat_partition(p):
             safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
             for key in ADAM_KEYS:
                 if key in entry and step > 0:
                     safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
         elif all(k in entry for k in ADAM_KEYS) and step > 0:
-            master = _master(ds_optimizer, p)
+            master = ds_internals.master_of(ds_optimizer, p)
             master.data.copy_(entry["fp32"].to(master.device, master.dtype))
             optimizer.state[master] = {"step": torch.tensor(float(step)),
                                        **{k: entry[k].to(master.device, master.dtype).clone() for k in ADAM_KEYS}}
@@ -127,8 +95,8 @@ def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict
 def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:
     """The per-parameter optimizer state of checkpoint ``folder`` under the plain names.
 
-    Handles checkpoints saved with pipelines or expert parallelism (``layout_free.safetensors``,
-    or the ``layout_free_stage*.pt`` files of earlier versions), single-stage ZeRO-0
+    Handles checkpoints saved with pipelines or expert parallelism (``layout_free.safetensors``),
+    single-stage ZeRO-0
     checkpoints (the torch optimizer's state in DeepSpeed's model-states file; in bf16 with the
     unfused optimizer's fp32 copies) and single-stage partitioned ones (ZeRO-1/2), through
     DeepSpeed's universal checkpoint (converted once by rank 0 into
@@ -136,8 +104,7 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
 
     A rank reads from disk only what it then copies into its own parameters: parameters of
     ``model`` on the meta device (other pipeline stages) get no entry, and an expert-parallel
-    block gets only its rows of the stacked experts (``safe_open(...).get_slice``; the ``.pt``
-    files are memory-mapped, ``torch.load(mmap=True)``, so only the pages copied are read).
+    block gets only its rows of the stacked experts (``safe_open(...).get_slice``).
 
     Returns:
         (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
@@ -146,8 +113,6 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
         DsvError: the checkpoint keeps its optimizer state in another form.
     """
     from safetensors import safe_open
-
-    from dsv3.parallel.unsplit_save import LAYOUT_FREE
 
     folder = Path(folder)
     if (folder / LAYOUT_FREE).is_file():
@@ -158,31 +123,19 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
             for name, p in model.named_parameters():
                 if p.is_meta or f"{name}/fp32" not in keys:
                     continue  # another stage's parameter; a missing one is reported by set_layout_free_state
-                m = _ep_module(model, name)
+                m = ep_module(model, name)
                 rows = slice(m.first_expert, m.first_expert + m.num_local_experts) if m is not None else None
                 state[name] = {key: (f.get_slice(f"{name}/{key}")[rows] if rows else f.get_tensor(f"{name}/{key}"))
                                for key in ("fp32",) + ADAM_KEYS if f"{name}/{key}" in keys}
         return state, step
-    files = sorted(folder.glob("layout_free_stage*.pt"))
-    if files or cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
-        if len(files) != cfg_saved.parallel.pp:
-            raise DsvError(f"checkpoint {folder} has {len(files)} layout-free state file(s) for its "
-                           f"{cfg_saved.parallel.pp} pipeline stage(s); it is incomplete or predates them: resume it "
-                           "with the layout it was saved with, or an older checkpoint")
-        state, step = {}, 0
-        for f in files:
-            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            state.update(part["params"])
-            step = max(step, int(part["step"]))
-        return state, step
+    if cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
+        raise DsvError(f"checkpoint {folder} has no {LAYOUT_FREE} although it was saved with pipelines or expert "
+                       "parallelism; it is incomplete: resume from an older checkpoint")
     if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
         return _read_universal(folder, model)
     ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False, mmap=True)
-    opt = ds.get("optimizer") or {"state": {}}
-    masters = None
-    if "optimizer_state_dict" in opt:  # DeepSpeed's unfused bf16 optimizer: fp32 copies, then torch's state
-        masters = [t for group in opt["fp32_groups"] for t in group]
-        opt = opt["optimizer_state_dict"]
+    # with DeepSpeed's unfused bf16 optimizer: its fp32 copies, then torch's state
+    masters, opt = ds_internals.unfused_fp32_copies(ds.get("optimizer") or {"state": {}})
     # the saving run had neither pipelines nor expert parallelism: its optimizer groups were
     # dsv3.parallel.engine.param_groups of the plain model (matrices and stacked experts, then
     # vectors), and torch numbers the state by position in those groups
@@ -190,7 +143,7 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     order = [n for n, p in trainable if p.ndim >= 2] + [n for n, p in trainable if p.ndim < 2]
     params = dict(trainable)
     state, step = {}, 0
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+    with safe_open(str(folder / WEIGHTS), framework="pt") as weights:
         for i, name in enumerate(order):
             st = opt["state"].get(i, {})
             if "step" in st:
@@ -211,8 +164,6 @@ def resumes_layout_free(cfg: Config, folder, dp: int) -> bool:
     pipelines, ``parallel.ep``, ``parallel.zero_stage`` or ``train.precision`` changed (each
     changes the form of DeepSpeed's optimizer files), or an expert-parallel run changed its
     process count."""
-    from dsv3.training.checkpoint import read_checkpoint_config, saved_world_size
-
     saved_cfg = read_checkpoint_config(folder)
     saved, p = saved_cfg.parallel, cfg.parallel
     if p.pp > 1 or saved.pp > 1 or saved.ep != p.ep or saved.zero_stage != p.zero_stage:
@@ -225,31 +176,31 @@ def resumes_layout_free(cfg: Config, folder, dp: int) -> bool:
     return p.ep > 1 or any(Path(folder).glob("*zero_pp_rank_*optim_states.pt"))
 
 
-def resume_layout_free(trainer, folder) -> int:
-    """Load checkpoint ``folder``'s optimizer state into ``trainer``'s engine (its weights were
-    loaded into the plain model before the engine was built); returns the saved step.
+def resume_layout_free(folder, model: Transformer, names: list[str], optimizer, ds_optimizer) -> int:
+    """Load checkpoint ``folder``'s optimizer state into a freshly built engine's optimizer (the
+    weights were loaded into the plain model before the engine was built); returns the saved step.
 
     Works across layouts (``pp`` 2 <-> 1, other stage splits, ``ep`` changes, process counts,
     ZeRO stage 0 <-> 1). Collective only when a partitioned checkpoint is first converted to
     DeepSpeed's universal format.
-    """
-    from dsv3.training.checkpoint import MANIFEST, read_checkpoint_config
 
+    Args:
+        folder: the checkpoint's step folder.
+        model: the plain model (other pipeline stages' parameters on the meta device).
+        names: the parameters this rank's optimizer updates, by plain name.
+        optimizer: the torch optimizer inside the engine.
+        ds_optimizer: the engine's optimizer (DeepSpeed's wrapper, or ``optimizer`` itself).
+    """
     saved = read_checkpoint_config(Path(folder))
-    state, adam_step = read_layout_free(folder, saved, trainer.model)
-    params = dict(trainer.model.named_parameters())
-    names = trainer.pipe.names if trainer.pipe is not None else list(params)
-    set_layout_free_state({n: params[n] for n in names}, trainer.optimizer, state, adam_step, trainer.engine.optimizer,
-                       trainer.model)
+    state, adam_step = read_layout_free(folder, saved, model)
+    params = dict(model.named_parameters())
+    set_layout_free_state({n: params[n] for n in names}, optimizer, state, adam_step, ds_optimizer, model)
     return int(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["step"])
 
 
 def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
     """Per-parameter state of a single-stage partitioned checkpoint via DeepSpeed's universal
     format (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``). Collective."""
-    from dsv3.parallel.distributed import barrier
-    from dsv3.training.checkpoint import to_universal
-
     failed = torch.zeros(1)
     message = ""
     if dist.get_rank() == 0:
@@ -282,21 +233,45 @@ def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
     return state, step
 
 
-def _ep_module(model: nn.Module | None, name: str):
-    """The expert-parallel module owning parameter ``name`` of ``model``, or None."""
-    from dsv3.parallel.expert_parallel import ExpertParallelExperts
-
-    owner, _, leaf = name.rpartition(".")
-    if model is None or not owner:
-        return None
-    module = model.get_submodule(owner)
-    return module if isinstance(module, ExpertParallelExperts) else None
-
-
 def _local_experts(model: nn.Module | None, name: str, value: torch.Tensor) -> torch.Tensor:
     """This rank's block of a whole expert tensor (unchanged if it is a block already)."""
-    m = _ep_module(model, name)
+    m = ep_module(model, name)
     if m is None or value.shape[0] != m.num_experts:
         return value
     return value[m.first_expert : m.first_expert + m.num_local_experts]
 
+
+def to_universal(ckpt_root: Path, tag: str) -> Path:
+    """Convert checkpoint ``tag`` to DeepSpeed's layout-independent universal format.
+
+    Writes ``<ckpt_root>/universal/<tag>/`` (once; reused later) with
+    ``deepspeed.checkpoint.ds_to_universal``. Run on one rank; the others wait.
+
+    Returns:
+        ``<ckpt_root>/universal``, whose per-parameter files :func:`read_layout_free` reads
+        when a ZeRO-1/2 checkpoint resumes with another layout.
+
+    Raises:
+        DsvError: the conversion failed (its last error line is in the message).
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = ckpt_root / "universal"
+    out = root / tag
+    if not (out / "zero").is_dir():
+        tmp = root / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_root / tag),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise DsvError(f"could not re-partition checkpoint {ckpt_root / tag} for a new process count ({last}); "
+                           "resume with the process count it was saved with")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return root

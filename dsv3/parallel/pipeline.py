@@ -24,89 +24,32 @@ the blocks so far (V3 report eq. 17-20), so the last stage's loss holds every st
 and its gradient flows back through the pipe. Micro-batches per step = ``parallel.grad_accum``
 (DeepSpeed's 1F1B schedule).
 
-The loss is that of :meth:`dsv3.training.trainer.Trainer.train_step` (global-token
-normalization precomputed by the trainer and passed as the pipeline's "labels"); its parts,
-the validation sums and the expert loads are recorded on the stage that computes them and
-summed over ranks by the trainer.
+The loss is :func:`dsv3.model.objective.training_loss` with the global labelled-token counts
+that the trainer computes before the step (passed as the pipeline's "labels"). The trainer
+owns the training step for every layout (:meth:`dsv3.training.trainer.Trainer.train_step`);
+:meth:`PipelineRun.train_batch` and :meth:`PipelineRun.eval_sums` only run the forward and
+backward passes through the stages and return what the stages recorded: the loss sums and
+the expert loads, which the trainer sums over ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.collectives import all_reduce_sum
 from dsv3.config import Config
-from dsv3.errors import DsvError
-from dsv3.model import IGNORE_INDEX, Transformer
-from dsv3.model.transformer import _ce_sum
-from dsv3.parallel.distributed import all_reduce_sum
+from dsv3.model import IGNORE_INDEX, Transformer, ce_sum, materialize_, training_loss
+from dsv3.parallel import ds_internals
+from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers, start_engine
+from dsv3.parallel.expert_parallel import is_expert_param
+from dsv3.parallel.layout import balanced_counts, stage_of_rank, stage_prefixes
 
 TIE_KEY = "embed"
-
-
-def check_layout(cfg: Config, world_size: int) -> list[int] | None:
-    """Validate ``parallel.pp`` against the run and return the blocks per stage.
-
-    Args:
-        cfg: the run's config.
-        world_size: number of processes.
-
-    Returns:
-        ``[c_0, ..., c_{pp-1}]``, blocks owned by each stage (each >= 1, summing to n_layers),
-        or None for ``pp_partition=parameters`` (see :func:`balanced_counts`).
-
-    Raises:
-        DsvError: pp does not divide the process count, there are more stages than blocks,
-            ZeRO-2/3 is requested, ``pp_partition`` is malformed, or document-aware packing
-            is requested (its attention mask does not travel between stages yet).
-    """
-    p, n = cfg.parallel, cfg.model.n_layers
-    if cfg.data.document_aware:
-        raise DsvError(f"data.document_aware=true is not available with pipeline parallelism (parallel.pp={p.pp}) "
-                       "yet; set data.document_aware=false or parallel.pp=1")
-    if world_size % p.pp:
-        raise DsvError(f"parallel.pp={p.pp} does not divide the {world_size} process(es); run a multiple of {p.pp} "
-                       f"processes or choose a pp that divides {world_size}")
-    if p.pp > n:
-        raise DsvError(f"parallel.pp={p.pp} stages but the model has only model.n_layers={n} blocks; "
-                       f"use at most {n} stages")
-    if p.zero_stage >= 2:
-        raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
-                       f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")
-    spec = str(getattr(p, "pp_partition", "parameters")).strip()
-    if spec == "parameters":
-        return None  # decided from the parameter counts once the model exists
-    try:
-        counts = [int(x) for x in spec.split(",")]
-    except ValueError:
-        counts = []
-    if len(counts) != p.pp or min(counts, default=0) < 1 or sum(counts) != n:
-        raise DsvError(f"parallel.pp_partition={spec!r} must be 'parameters' or {p.pp} positive block counts "
-                       f"separated by commas that sum to model.n_layers={n} (e.g. "
-                       f"{','.join(str(c) for c in _uniform(n, p.pp))})")
-    return counts
-
-
-def _uniform(n: int, parts: int) -> list[int]:
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
-
-
-def balanced_counts(model: Transformer, pp: int) -> list[int]:
-    """Blocks per stage that balance the parameter count (embedding on the first stage,
-    final norm, head and MTP modules on the last), each stage at least one block."""
-    from deepspeed.runtime.utils import partition_balanced
-
-    weights = [sum(p.numel() for p in block.parameters()) for block in model.layers]
-    weights[0] += model.embed_tokens.weight.numel()
-    weights[-1] += sum(p.numel() for m in (model.norm, model.lm_head, model.mtp, model.embed_tokens)
-                       for p in m.parameters())
-    parts = partition_balanced(weights=weights, num_parts=pp)
-    counts = [b - a for a, b in zip(parts[:-1], parts[1:])]
-    return counts if len(counts) == pp and min(counts) >= 1 else _uniform(len(weights), pp)
 
 
 @dataclass
@@ -194,7 +137,7 @@ class HeadLayer(nn.Module):
         h, input_ids, labels, balance, emb = inputs
         valid = labels != IGNORE_INDEX
         h = self.norm(h)
-        lm_sum = _ce_sum(self.lm_head(h), labels)
+        lm_sum = ce_sum(self.lm_head(h), labels)
         T = input_ids.shape[1]
         sums = []
         for k, (module, row) in enumerate(zip(self.mtp, self._rows), start=1):
@@ -203,48 +146,26 @@ class HeadLayer(nn.Module):
                 balance = balance + aux.balance_loss
                 self._rec.add_load(row, aux.load)
             h = module.shared_head.norm(h)
-            sums.append(_ce_sum(self.lm_head(h), labels[:, k:]))
+            sums.append(ce_sum(self.lm_head(h), labels[:, k:]))
         mtp = torch.stack(sums) if sums else lm_sum.new_zeros(0)
         return lm_sum, mtp, balance, valid.sum().float()
 
 
 class PipelineLoss:
-    """The training loss on the last stage, exactly as the single-stage trainer forms it:
-    ``(LM_sum / N_lm + lambda/D * sum_k MTP_k / N_k) * scale + alpha * balance``.
+    """The training loss on the last stage (:func:`dsv3.model.objective.training_loss`).
 
     ``labels`` is ``(1 + D,)`` fp32: the global labelled-token counts (main head, MTP depths).
     """
 
-    def __init__(self, depth: int, mtp_lambda: float, alpha: float, scale: float, recorder: Recorder):
-        self.depth, self.lam, self.alpha, self.scale, self._rec = depth, mtp_lambda, alpha, scale, recorder
+    def __init__(self, mtp_lambda: float, alpha: float, scale: float, recorder: Recorder):
+        self.lam, self.alpha, self.scale, self._rec = mtp_lambda, alpha, scale, recorder
         self.__name__ = "PipelineLoss"
 
     def __call__(self, outputs, labels):
-        lm_sum, mtp_sum, balance, lm_tokens = outputs
-        norm = labels[0] if isinstance(labels, (tuple, list)) else labels
+        lm_sum, mtp_sum, balance, _ = outputs
+        tokens = labels[0] if isinstance(labels, (tuple, list)) else labels
         self._rec.parts.append(tuple(t.detach() for t in outputs))
-        loss = lm_sum / norm[0]
-        if self.depth:
-            loss = loss + self.lam / self.depth * (mtp_sum / norm[1:]).sum()
-        return loss * self.scale + self.alpha * balance
-
-
-def _stage_module_class():
-    from deepspeed.pipe import PipelineModule
-
-    class StagedPipeline(PipelineModule):
-        """``PipelineModule`` with the stage boundaries decided by dsv3 (``layer_parts``)."""
-
-        def __init__(self, layers, layer_parts: list[int], **kwargs):
-            self._dsv3_parts = list(layer_parts)
-            super().__init__(layers=layers, **kwargs)
-
-        def _partition_layers(self, method="uniform"):  # noqa: ARG002 - boundaries are given
-            self.parts = list(self._dsv3_parts)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    return StagedPipeline
+        return training_loss(lm_sum, mtp_sum, balance, tokens, self.lam, self.alpha, self.scale)
 
 
 def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], recorder: Recorder,
@@ -273,37 +194,10 @@ def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], re
     parts = [0] + [1 + b for b in bounds[1:-1]] + [len(layers)]
     t, p = cfg.train, cfg.parallel
     dp = dist.get_world_size() // p.pp
-    loss = PipelineLoss(cfg.model.mtp_depth, t.mtp_lambda, t.balance_loss_alpha, p.grad_accum * dp, recorder)
+    loss = PipelineLoss(t.mtp_lambda, t.balance_loss_alpha, p.grad_accum * dp, recorder)
     with torch.no_grad():  # DeepSpeed broadcasts the tied weight in place here: keep autograd out of it
-        return _stage_module_class()(layers, parts, num_stages=p.pp, loss_fn=loss, partition_method="parameters")
-
-
-def stage_of_rank(rank: int, world_size: int, pp: int) -> int:
-    """The pipeline stage of global ``rank``, as DeepSpeed's ``PipelineModule`` assigns it
-    (``PipeDataParallelTopology``: ranks ``stage * world/pp + data_rank``)."""
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-
-    return PipeDataParallelTopology(num_pp=pp, num_dp=world_size // pp).get_coord(rank).pipe
-
-
-def stage_prefixes(model: Transformer, counts: list[int], stage: int) -> list[str]:
-    """Name prefixes (plain-model names, ending in ``.``) of the modules stage ``stage`` holds
-    when the blocks are split ``counts`` (see :func:`build_pipeline_module`): its blocks, the
-    embedding on the first stage, and on the last stage the embedding (tied copy), the final
-    norm, the output head and the MTP modules.
-
-    Raises:
-        ValueError: ``stage`` is not in ``[0, len(counts))``.
-    """
-    if not 0 <= stage < len(counts):
-        raise ValueError(f"stage {stage} outside the {len(counts)} pipeline stages")
-    first = sum(counts[:stage])
-    out = [f"layers.{i}." for i in range(first, first + counts[stage])]
-    if stage == 0:
-        out.insert(0, "embed_tokens.")
-    if stage == len(counts) - 1:
-        out += ["embed_tokens.", "norm.", "lm_head.", "mtp."]
-    return list(dict.fromkeys(out))
+        return ds_internals.staged_pipeline_class()(layers, parts, num_stages=p.pp, loss_fn=loss,
+                                                    partition_method="parameters")
 
 
 def materialize_stage(model: Transformer, counts: list[int], stage: int, device: torch.device | str | None,
@@ -317,8 +211,6 @@ def materialize_stage(model: Transformer, counts: list[int], stage: int, device:
     Returns:
         Number of parameter elements allocated.
     """
-    from dsv3.model.init import materialize_
-
     prefixes = tuple(stage_prefixes(model, counts, stage))
     return materialize_(model, device or "cpu", seed, model.cfg.init_std, owned=lambda n: n.startswith(prefixes),
                         source=source)
@@ -351,8 +243,6 @@ class PipelineRun:
 
     def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
                  device: torch.device | str | None = None, source=None):
-        from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers, start_engine
-
         self.cfg, self.model = cfg, model
         self.counts = counts or balanced_counts(model, cfg.parallel.pp)
         world = dist.get_world_size()
@@ -377,15 +267,12 @@ class PipelineRun:
             raise RuntimeError(f"pipeline stage {self.stage} holds {missing[0]} but it was not materialized "
                                "(dsv3's stage split disagrees with DeepSpeed's)")
         self._release_others()
-        self.pre_step = None  # set by the trainer: called after the gradients are reduced, before the update
-        plain_step = self.engine._take_model_step
+        self._before_update: Callable[[], None] | None = None  # see train_batch
+        ds_internals.before_pipeline_update(self.engine, self._run_before_update)
 
-        def take_model_step(lr_kwargs, _plain=plain_step):
-            if self.pre_step is not None:
-                self.pre_step()
-            return _plain(lr_kwargs)
-
-        self.engine._take_model_step = take_model_step
+    def _run_before_update(self) -> None:
+        if self._before_update is not None:
+            self._before_update()
 
     def _release_others(self) -> None:
         """Drop this rank's copies of the other stages' parameters (they become meta tensors):
@@ -420,17 +307,13 @@ class PipelineRun:
         Collective over all ranks. Gradients must already be reduced (equal in a replica group;
         expert parameters within their expert-data-parallel group).
         """
-        from deepspeed.utils import groups
-
-        from dsv3.parallel.expert_parallel import is_expert_param
-
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         sq = torch.zeros(1, dtype=torch.float64)
         for p in params:
-            if getattr(p, "ds_pipe_replicated", False):
+            if ds_internals.is_tied_copy(p):
                 continue  # the last stage's copy of the tied embedding
             if is_expert_param(p):  # one copy per expert-data-parallel group
-                first = dist.get_rank(group=groups._get_expert_data_parallel_group(p.group_name)) == 0
+                first = ds_internals.expert_data_parallel_coords(p.group_name)[0] == 0
             else:
                 first = self.dp_rank == 0
             if first:
@@ -456,103 +339,52 @@ class PipelineRun:
             out[row] += load
         return out
 
-    # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, trainer, step: int) -> dict[str, float]:
-        """Optimizer step ``step`` with the pipeline; returns the metrics of
-        :meth:`dsv3.training.trainer.Trainer.train_step` (the last stage's values, summed over
-        the data-parallel replicas, on every rank)."""
-        import time
+    # ------------------------------------------------------------------ forward and backward
+    def stats(self) -> torch.Tensor:
+        """(3 + D,) float64 on the CPU: this rank's summed main-head cross-entropy, balance loss
+        (divided by ``grad_accum * dp``, so the sum over ranks is the global mean), 0, and the
+        MTP sums, of the micro-batches the last stage has seen since :meth:`train_batch` began
+        (zeros on the other stages)."""
+        p = self.cfg.parallel
+        out = torch.zeros(3 + self.cfg.model.mtp_depth, dtype=torch.float64)
+        for lm_sum, mtp_sum, balance, _ in self.recorder.parts:
+            out[0] += lm_sum.double().cpu()
+            out[1] += balance.double().cpu() / (p.grad_accum * self.dp)
+            out[3:] += mtp_sum.double().cpu()
+        return out
 
-        from data_pipeline.dataset import global_sample_indices, rank_micro_batches
-        from dsv3.training.balance import update_expert_bias
-        from dsv3.training.schedule import lr_at
-        from dsv3.training.trainer import mtp_label_counts
+    def train_batch(self, batches: list[tuple[torch.Tensor, torch.Tensor]], tokens: torch.Tensor,
+                    before_update: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of this rank's micro-batches through the stages (1F1B), then
+        the optimizer step.
 
-        cfg, p = self.cfg, self.cfg.parallel
-        t_data = time.perf_counter()
-        indices = global_sample_indices(step, trainer.global_batch, len(trainer.train_data), cfg.train.seed)
-        micro = rank_micro_batches(indices, self.dp_rank, self.dp, p.micro_batch_size, p.grad_accum)
-        batches = [trainer.train_data.batch_xy(mb) for mb in micro]
-        trainer._data_time = time.perf_counter() - t_data
-        depth = cfg.model.mtp_depth
-        counts = torch.zeros(1 + depth, dtype=torch.float64)
-        for _, labels in batches:
-            counts[0] += (labels != IGNORE_INDEX).sum()
-            counts[1:] += mtp_label_counts(labels, depth)
-        all_reduce_sum(counts)
-        counts /= cfg.parallel.pp  # every stage of a replica counted the same batch
-        norm = counts.clamp(min=1).float()
-        lr = lr_at(step, cfg.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
+        Args:
+            batches: ``grad_accum`` micro-batches ``(input_ids, labels)``, (B, T) int64 each.
+            tokens: (1 + D,) fp32, the global labelled-token counts (:func:`training_loss`).
+            before_update: called on every rank once the gradients are reduced, before the
+                optimizer step (to measure, clip and decide whether to apply the update).
+
+        Returns:
+            (:meth:`stats`, the (L_moe, E) int64 expert loads this rank's stages recorded, or
+            None for a model without MoE layers).
+        """
         self.recorder.clear()
-        state: dict[str, Any] = {"grad_norm": None}
-
-        def stats() -> torch.Tensor:  # lm_sum, balance, spare, mtp sums of this rank's micro-batches
-            out = torch.zeros(3 + depth, dtype=torch.float64)
-            for lm_sum, mtp_sum, balance, _ in self.recorder.parts:
-                out[0] += lm_sum.double().cpu()
-                out[1] += balance.double().cpu() / (p.grad_accum * self.dp)
-                out[3:] += mtp_sum.double().cpu()
-            return out
-
-        def pre_step() -> None:  # gradients are reduced now: measure, clip, decide
-            if trainer.manual_clip:
-                state["grad_norm"] = self.grad_norm(cfg.train.grad_clip)
-            bad = torch.tensor([0.0 if torch.isfinite(stats()).all() else 1.0])
-            if state["grad_norm"] is not None and not torch.isfinite(state["grad_norm"]):
-                bad += 1
-            all_reduce_sum(bad)
-            state["finite"] = bad.item() == 0
-            self.optimizer.skip_next = not state["finite"]
-
-        self.pre_step = pre_step
-        self.engine.train_batch(self.batches(batches, norm))
-        self.pre_step = None
-        finite = state["finite"]
-        totals = stats()
-        all_reduce_sum(totals)
+        self._before_update = before_update
+        try:
+            self.engine.train_batch(self.batches(batches, tokens))
+        finally:
+            self._before_update = None
         gates = self.model.moe_gates()
-        trainer.last_load = None
-        load = None
-        if gates:
-            load = self.loads(len(gates), cfg.model.n_routed_experts)
-            all_reduce_sum(load)
-            if finite:  # every rank updates every router (its copies of other stages' too)
-                update_expert_bias(gates, load, cfg.train.bias_update_speed)
-                trainer.last_load = load
-        lm = (totals[0] / counts[0].clamp(min=1)).item()
-        mtp = (totals[3:] / counts[1:].clamp(min=1)).mean().item() if depth else 0.0
-        bal = totals[1].item()
-        grad_norm = state["grad_norm"]
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        from dsv3.training.metrics import step_record
-
-        return step_record(lm, mtp, bal, lam, alpha, lr, grad_norm, finite, load)
+        load = self.loads(len(gates), self.cfg.model.n_routed_experts) if gates else None
+        return self.stats(), load
 
     @torch.no_grad()
-    def evaluate(self, trainer) -> float:
-        """Mean next-token loss over the validation windows of
-        :meth:`dsv3.training.trainer.Trainer.evaluate`, through the pipeline.
-
-        Every replica runs the same number of full micro-batches: short ones are topped up
-        with rows whose labels are all ignored (they add nothing to the sums)."""
-        cfg = self.cfg
-        n = min(len(trainer.val_data), cfg.train.eval_batches * trainer.global_batch)
-        mbs = cfg.parallel.micro_batch_size
-        mine = list(range(self.dp_rank, n, self.dp))
-        most = (n + self.dp - 1) // self.dp
-        chunks = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
-        chunks += [[]] * ((most + mbs - 1) // mbs - len(chunks))
-        batches = []
-        for chunk in chunks:
-            inputs, labels = trainer.val_data.batch_xy(chunk + [0] * (mbs - len(chunk)))
-            labels[len(chunk):] = IGNORE_INDEX
-            batches.append((inputs, labels))
+    def eval_sums(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(2,) float64: the summed main-head cross-entropy and labelled positions of
+        ``batches`` (full micro-batches; rows whose labels are all ignored add nothing),
+        through the stages, on the last stage (zeros elsewhere)."""
         self.recorder.clear()
-        ones = torch.ones(1 + cfg.model.mtp_depth)
+        ones = torch.ones(1 + self.cfg.model.mtp_depth)
         self.engine.eval_batch(self.batches(batches, ones), reduce_output=None, bcast_loss=False,
                                num_micro_batches=len(batches))
         totals = torch.zeros(2, dtype=torch.float64)
@@ -560,5 +392,4 @@ class PipelineRun:
             totals[0] += lm_sum.double().cpu()
             totals[1] += lm_tokens.double().cpu()
         self.recorder.clear()
-        all_reduce_sum(totals)
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        return totals

@@ -25,53 +25,35 @@ from pathlib import Path
 import torch
 import yaml
 
+from data_pipeline.chat_data import ChatDataset, prepare_chat
 from data_pipeline.dataset import (PackedDataset, check_loader_state, document_attention_mask, global_sample_indices,
                                    loader_state, rank_micro_batches)
-from data_pipeline.chat_data import ChatDataset, prepare_chat
 from data_pipeline.prepare import given_tokenizer, prepare
-from dsv3.config import Config, check_trainable, save_config, validate
-from dsv3.convert import is_hf_folder
+from dsv3.checkpoint import (CHECKPOINTS, CONFIG, MANIFEST, TOKENIZER, WEIGHTS, CheckpointWeights, interrupted_saves,
+                             is_hf_folder, open_weights, read_checkpoint_config, resolve_checkpoint, resume_candidates,
+                             saved_world_size, tag_for)
+from dsv3.collectives import all_reduce_sum, barrier
+from dsv3.config import Config, save_config, validate
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.fileio import atomic_write_bytes
-from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, materialize_
+from dsv3.hardware import DTYPES, measure_peak_tflops
+from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, label_counts, materialize_, training_loss
 from dsv3.model.init import WeightsSource, allocated_elements
+from dsv3.parallel import expert_parallel, layout_free
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
-from dsv3.parallel.distributed import DistInfo, all_reduce_sum, barrier, check_launch, init_distributed
+from dsv3.parallel.distributed import DistInfo, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
+from dsv3.parallel.layout import check_launch
+from dsv3.parallel.pipeline import PipelineRun
 from dsv3.training.balance import update_expert_bias
-from dsv3.training.checkpoint import (
-    WEIGHTS,
-    interrupted_saves,
-    load_rng,
-    read_checkpoint_config,
-    saved_world_size,
-    resolve_checkpoint,
-    resume_candidates,
-    save_checkpoint,
-    seed_everything,
-    tag_for,
-)
+from dsv3.training.checkpoint import load_rng, save_checkpoint, seed_everything
 from dsv3.training.metrics import Console, MetricsLogger, step_record
 from dsv3.training.schedule import lr_at, schedule_warning
-from dsv3.weights import CheckpointWeights, open_weights
 
 
 def _log(info: DistInfo, msg: str) -> None:
     if info.is_main:
         print(msg, flush=True)
-
-
-def mtp_label_counts(labels: torch.Tensor, depth: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(depth,) int64: labelled positions seen by each MTP depth k (``labels[:, k:]``; with
-    document-aware ``position_ids`` only those whose target is in the same document)."""
-    T = labels.shape[1]
-    out = []
-    for k in range(1, depth + 1):
-        ok = labels[:, k:] != IGNORE_INDEX
-        if position_ids is not None:
-            ok &= position_ids[:, k:] == position_ids[:, : T - k] + k
-        out.append(ok.sum())
-    return torch.stack(out) if depth else torch.zeros(0, dtype=torch.long)
 
 
 def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
@@ -81,7 +63,7 @@ def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
     holds (:func:`dsv3.model.init.materialize_` with the returned source).
 
     Returns:
-        (config, weights source of the initial weights, see :func:`dsv3.weights.open_weights`),
+        (config, weights source of the initial weights, see :func:`dsv3.checkpoint.open_weights`),
         or (cfg, None) without init_from.
 
     Raises:
@@ -94,12 +76,12 @@ def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
     cfg.model, source = open_weights(cfg.train.init_from)
     if cfg.data.tokenizer is None:
         src = Path(cfg.train.init_from)
-        candidates = [src / "tokenizer.model"]
+        candidates = [src / TOKENIZER]
         if not is_hf_folder(src):
-            candidates.append(resolve_checkpoint(src) / "tokenizer.model")
+            candidates.append(resolve_checkpoint(src) / TOKENIZER)
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise DsvError(f"train.init_from={src} has no tokenizer.model; set data.tokenizer to the sentencepiece "
+            raise DsvError(f"train.init_from={src} has no {TOKENIZER}; set data.tokenizer to the sentencepiece "
                            "model these weights were trained with")
         cfg.data.tokenizer = str(found)
     validate(cfg)
@@ -110,7 +92,6 @@ class Trainer:
     """Pre-trains a :class:`Transformer` as ``cfg`` says; :meth:`run` does the whole job."""
 
     def __init__(self, cfg: Config):
-        check_trainable(cfg)
         cfg, init_source = with_init_from(cfg)
         self.cfg = cfg
         self.info = init_distributed()
@@ -118,7 +99,7 @@ class Trainer:
         self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
         stage_blocks = check_launch(cfg, self.info.world_size)  # the same checks as `dsv3 train --check`
         self.out_dir = Path(cfg.train.out_dir)
-        self.ckpt_root = self.out_dir / "checkpoints"
+        self.ckpt_root = self.out_dir / CHECKPOINTS
         dp = self.info.world_size // cfg.parallel.pp
         p = cfg.parallel
         self.dp = dp
@@ -142,8 +123,8 @@ class Trainer:
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
-            atomic_write_bytes(self.out_dir / "tokenizer.model", (self.data_dir / "tokenizer.model").read_bytes())
+            save_config(cfg, self.out_dir / CONFIG)
+            atomic_write_bytes(self.out_dir / TOKENIZER, (self.data_dir / TOKENIZER).read_bytes())
         barrier()
 
         seed_everything(cfg.train.seed + self.info.rank)
@@ -151,12 +132,10 @@ class Trainer:
         # optimizer state (dsv3.parallel.layout_free) instead of DeepSpeed's layout-bound files
         self.layout_free = False
         if self.resume_tag is not None:
-            from dsv3.parallel.layout_free import resumes_layout_free
-
-            self.layout_free = resumes_layout_free(cfg, self.ckpt_root / self.resume_tag, dp)
+            self.layout_free = layout_free.resumes_layout_free(cfg, self.ckpt_root / self.resume_tag, dp)
         # each rank allocates only what it holds: built on the meta device, split (EP, PP), then
         # materialized with layout-independent values (dsv3.model.init) or read from the weights
-        # file, only this rank's tensors and expert rows (dsv3.weights)
+        # file, only this rank's tensors and expert rows (dsv3.checkpoint.weights)
         source = init_source if self.resume_tag is None else None
         if self.layout_free:
             source = CheckpointWeights(self.ckpt_root / self.resume_tag / WEIGHTS, cfg.model, "the run's config")
@@ -165,24 +144,22 @@ class Trainer:
         if source is not None and source is init_source:
             _log(self.info, f"initialized weights from {cfg.train.init_from}")
         if self.ep > 1:  # before moving to the device: only this rank's experts go there
-            from dsv3.parallel.expert_parallel import apply_expert_parallel, describe
-
-            apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
-            _log(self.info, describe(model))
+            expert_parallel.apply_expert_parallel(model, self.ep, pp=cfg.parallel.pp)
+            _log(self.info, expert_parallel.describe(model))
         if cfg.parallel.pp == 1:  # with pipelines each rank allocates / moves only its stage (dsv3.parallel.pipeline)
             materialize_(model, self.info.device, cfg.train.seed, cfg.model.init_std, source=source)
             model.to(self.info.device)
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.parallel.pp > 1:
-            from dsv3.parallel import pipeline
-
-            self.pipe = pipeline.PipelineRun(model, cfg, stage_blocks, self.info.device, source=source)
+            self.pipe = PipelineRun(model, cfg, stage_blocks, self.info.device, source=source)
             _log(self.info, self.pipe.describe())
             self.engine, self.optimizer, self.model = self.pipe.engine, self.pipe.optimizer, model
+            self.dp_rank = self.pipe.dp_rank
         else:
             self.engine, self.optimizer = build_engine(model, cfg, dp)
             self.model: Transformer = self.engine.module
+            self.dp_rank = self.info.rank
         if self.ep > 1 or cfg.parallel.pp > 1:
             _log(self.info, f"parameters allocated on rank 0: {allocated_elements(model):,}")
         self.manual_clip = trainer_clips(cfg)
@@ -191,8 +168,6 @@ class Trainer:
             _log(self.info, "train.compile: the model runs through torch.compile (the first steps compile it)")
         self.peak_tflops = cfg.train.peak_tflops
         if self.peak_tflops == "auto":
-            from dsv3.bench import DTYPES, measure_peak_tflops
-
             self.peak_tflops = measure_peak_tflops(DTYPES[cfg.train.precision], self.info.device)
             _log(self.info, f"measured matmul peak: {self.peak_tflops:.3g} TFLOP/s ({cfg.train.precision}) per process")
         self.start_step = 0
@@ -232,12 +207,12 @@ class Trainer:
         if tag is None:
             return
         if self.layout_free:
-            from dsv3.parallel.layout_free import resume_layout_free
-
             folder = self.ckpt_root / tag
-            self.start_step = resume_layout_free(self, folder)
+            names = self.pipe.names if self.pipe is not None else [n for n, _ in self.model.named_parameters()]
+            self.start_step = layout_free.resume_layout_free(folder, self.model, names, self.optimizer,
+                                                             self.engine.optimizer)
             self.engine.global_steps = self.start_step
-            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             check_loader_state(manifest.get("data"), self.start_step, self.global_batch, len(self.train_data),
                                self.cfg.train.seed, self._data_key(), str(folder))
             saved_cfg = read_checkpoint_config(folder)
@@ -253,11 +228,7 @@ class Trainer:
                  + (f"; precision {saved_train.precision} -> {self.cfg.train.precision}"
                     if saved_train.precision != self.cfg.train.precision else ""))
             return
-        load_fn = None
-        if self.ep > 1:
-            from dsv3.parallel.expert_parallel import expert_load_fn
-
-            load_fn = expert_load_fn(self.model)
+        load_fn = expert_parallel.expert_load_fn(self.model) if self.ep > 1 else None
         _, state = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, custom_load_fn=load_fn)
         if state is None:
             raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
@@ -274,72 +245,94 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
-        """Run optimizer step ``step`` (0-based) over its global batch; return its metrics."""
-        if self.pipe is not None:
-            return self.pipe.train_step(self, step)
+        """Run optimizer step ``step`` (0-based) over its global batch; return its metrics.
+
+        The same step for every layout: this rank's micro-batches of the global batch, the
+        global labelled-token counts (every rank agrees on them before any forward), the
+        learning rate, forward and backward (through the DeepSpeed engine, or through the
+        pipeline stages with ``parallel.pp`` > 1), one decision whether to apply the update
+        (:meth:`_decide`), the balancing-bias update, and the logged values.
+        """
         cfg, p = self.cfg, self.cfg.parallel
         t_data = time.perf_counter()
         indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
-        micro = rank_micro_batches(indices, self.info.rank, self.dp, p.micro_batch_size, p.grad_accum)
+        micro = rank_micro_batches(indices, self.dp_rank, self.dp, p.micro_batch_size, p.grad_accum)
         batches = [self._batch(self.train_data, mb) for mb in micro]
         self._data_time = time.perf_counter() - t_data
-        dev = self.info.device
         depth = cfg.model.mtp_depth
         counts = torch.zeros(1 + depth, dtype=torch.float64)
         for _, labels, *extra in batches:
-            counts[0] += (labels != IGNORE_INDEX).sum()
-            counts[1:] += mtp_label_counts(labels, depth, *extra)
+            counts += label_counts(labels, depth, *extra)
         all_reduce_sum(counts)
-        n_lm, n_mtp = counts[0].clamp(min=1).item(), counts[1:].clamp(min=1).to(dev).float()
-
+        counts /= p.pp  # with pipelines every stage of a replica counted the same batch
+        tokens = counts.clamp(min=1).float()
         lr = lr_at(step, cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        decision: dict[str, object] = {}
+        if self.pipe is not None:
+            stats, load = self.pipe.train_batch(batches, tokens, lambda: decision.update(self._decide(self.pipe.stats())))
+        else:
+            stats, load = self._forward_backward(batches, tokens.to(self.info.device), decision)
+        finite, grad_norm = decision["finite"], decision["grad_norm"]
+        all_reduce_sum(stats)
+        self.last_load = None
+        if load is not None and load.numel():
+            all_reduce_sum(load)
+            if finite:  # every rank updates every router (with pipelines its copies of other stages' too)
+                update_expert_bias(self.model.moe_gates(), load, cfg.train.bias_update_speed)
+                self.last_load = load
+        lm = (stats[0] / counts[0].clamp(min=1)).item()
+        mtp = (stats[3:] / counts[1:].clamp(min=1)).mean().item() if depth else 0.0
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
+        return step_record(lm, mtp, stats[1].item(), lam, alpha, lr, grad_norm, finite, load)
+
+    def _forward_backward(self, batches: list[tuple], tokens: torch.Tensor,
+                          decision: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of this rank's micro-batches through the DeepSpeed engine, the
+        update decided before the last ``engine.step()``; returns (the loss sums as
+        :meth:`dsv3.parallel.pipeline.PipelineRun.stats`, the (L_moe, E) expert loads)."""
+        cfg, p, dev = self.cfg, self.cfg.parallel, self.info.device
         scale = p.grad_accum * self.dp  # undo DeepSpeed's mean over micro-batches and ranks
         lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
         # loss statistics and expert loads accumulate on the device: no host sync per micro-batch
-        stats = torch.zeros(3 + depth, dtype=torch.float64, device=dev)  # lm_sum, balance, spare, mtp sums
+        stats = torch.zeros(3 + cfg.model.mtp_depth, dtype=torch.float64, device=dev)  # lm, balance, 0, mtp sums
         load = None
-        grad_norm = None
         for i, (inputs, labels, *extra) in enumerate(batches):
             out = self.engine(inputs.to(dev), labels.to(dev), **self._doc_kwargs(extra))
-            loss = out.lm_loss_sum / n_lm
-            if depth:
-                loss = loss + lam / depth * (out.mtp_loss_sum / n_mtp).sum()
-            loss = loss * scale + alpha * out.balance_loss
-            self.engine.backward(loss)
+            self.engine.backward(training_loss(out.lm_loss_sum, out.mtp_loss_sum, out.balance_loss, tokens, lam,
+                                               alpha, scale))
             stats[0] += out.lm_loss_sum.detach().double()
-            stats[1] += out.balance_loss.detach().double() / (p.grad_accum * self.dp)
+            stats[1] += out.balance_loss.detach().double() / scale
             stats[3:] += out.mtp_loss_sum.detach().double()
             if i == len(batches) - 1:  # gradients are all-reduced now; decide before the update
-                if self.manual_clip and self.ep > 1:
-                    from dsv3.parallel.expert_parallel import clip_grad_norm_
-
-                    grad_norm = clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                elif self.manual_clip:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                bad = (~torch.isfinite(stats).all()).float().reshape(1)
-                if grad_norm is not None:
-                    bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm))).float().to(bad.device)
-                # the step's one host sync: whether to apply the update is decided on the host
-                finite = all_reduce_sum(bad.cpu()).item() == 0
-                self.optimizer.skip_next = not finite
+                decision.update(self._decide(stats))
             self.engine.step()
             load = out.expert_load.detach() if load is None else load + out.expert_load.detach()
-        stats = stats.cpu()
-        load = load.cpu() if load is not None else None
-        all_reduce_sum(stats)
-        self.last_load = None
-        if load is not None and load.numel() and finite:
-            all_reduce_sum(load)
-            update_expert_bias(self.model.moe_gates(), load, cfg.train.bias_update_speed)
-            self.last_load = load
-        lm = (stats[0] / n_lm).item()
-        mtp = (stats[3:] / n_mtp.double().cpu()).mean().item() if depth else 0.0
-        bal = stats[1].item()
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        return step_record(lm, mtp, bal, lam, alpha, lr, grad_norm, finite, load)
+        return stats.cpu(), (load.cpu() if load is not None else None)
+
+    def _decide(self, stats: torch.Tensor) -> dict[str, object]:
+        """Once the gradients are reduced and before the update: measure and clip the gradient
+        norm where the trainer does (:func:`dsv3.parallel.engine.trainer_clips`), and decide on
+        every rank alike whether to apply the update (every loss sum and the norm finite). The
+        step's one host sync. Returns ``{"finite": bool, "grad_norm": tensor or None}``."""
+        grad_norm = None
+        if self.manual_clip:
+            clip = self.cfg.train.grad_clip
+            if self.pipe is not None:
+                grad_norm = self.pipe.grad_norm(clip)
+            elif self.ep > 1:
+                grad_norm = expert_parallel.clip_grad_norm_(self.model.parameters(), clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        bad = (~torch.isfinite(stats).all()).float().reshape(1)
+        if grad_norm is not None:
+            bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm))).float().to(bad.device)
+        finite = all_reduce_sum(bad.cpu()).item() == 0
+        self.optimizer.skip_next = not finite
+        return {"finite": finite, "grad_norm": grad_norm}
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 on any rank ask every rank to save and stop after the current step."""
@@ -360,27 +353,35 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss (main head) over the first ``eval_batches`` global batches of
-        validation windows (the same windows whatever the parallel layout)."""
-        if self.pipe is not None:
-            return self.pipe.evaluate(self)
+        validation windows (the same windows whatever the parallel layout).
+
+        With expert parallelism or pipelines every rank takes part in every forward (the
+        all-to-all, the pipeline schedule), so every rank runs as many micro-batches as the
+        busiest one, padded with windows whose labels are all ignored (they add nothing)."""
         cfg = self.cfg
         n = min(len(self.val_data), cfg.train.eval_batches * self.global_batch)
-        mine = list(range(self.info.rank, n, self.dp))
-        totals = torch.zeros(2, dtype=torch.float64)
         mbs = cfg.parallel.micro_batch_size
+        mine = list(range(self.dp_rank, n, self.dp))
         chunks = [mine[i : i + mbs] for i in range(0, len(mine), mbs)]
-        if self.ep > 1:  # the MoE all-to-all needs every rank in every forward: pad with discarded windows
+        if self.ep > 1 or self.pipe is not None:
             most = (n + self.dp - 1) // self.dp  # rank 0's share, the largest
-            chunks += [None] * ((most + mbs - 1) // mbs - len(chunks))
-        self.engine.eval()
-        for chunk in chunks:
-            inputs, labels, *extra = self._batch(self.val_data, chunk if chunk is not None else [0])
-            out = self.model(inputs.to(self.info.device), labels.to(self.info.device), **self._doc_kwargs(extra))
-            if chunk is None:
-                continue
-            totals[0] += out.lm_loss_sum.double().cpu()
-            totals[1] += out.lm_tokens.double().cpu()
-        self.engine.train()
+            chunks += [[]] * ((most + mbs - 1) // mbs - len(chunks))
+        batches = []
+        for chunk in chunks:  # pipelines need full micro-batches; the engine takes any size
+            width = mbs if self.pipe is not None else max(len(chunk), 1)
+            inputs, labels, *extra = self._batch(self.val_data, chunk + [0] * (width - len(chunk)))
+            labels[len(chunk) :] = IGNORE_INDEX
+            batches.append((inputs, labels, *extra))
+        if self.pipe is not None:
+            totals = self.pipe.eval_sums(batches)
+        else:
+            totals = torch.zeros(2, dtype=torch.float64)
+            self.engine.eval()
+            for inputs, labels, *extra in batches:
+                out = self.model(inputs.to(self.info.device), labels.to(self.info.device), **self._doc_kwargs(extra))
+                totals[0] += out.lm_loss_sum.double().cpu()
+                totals[1] += out.lm_tokens.double().cpu()
+            self.engine.train()
         all_reduce_sum(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
@@ -473,7 +474,7 @@ class Trainer:
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.out_dir / "tokenizer.model", self.info.rank, pipe=self.pipe)
+                                self.out_dir / TOKENIZER, self.info.rank, pipe=self.pipe)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()

@@ -2,8 +2,7 @@
 
 A *weights source* (:class:`dsv3.model.init.WeightsSource`) maps the names of the unsplit
 :class:`dsv3.model.Transformer` to shapes and reads one tensor, or one block of rows of a
-stacked expert tensor, at a time. :func:`dsv3.model.init.load_owned_` (and
-:func:`dsv3.model.init.materialize_` with ``source=``) fills a model built on the meta device
+stacked expert tensor, at a time. :func:`dsv3.model.init.materialize_` with ``source=`` fills a model built on the meta device
 from one: a pipeline stage reads only its own tensors, an expert-parallel rank only rows
 ``[first, first + n)`` of each stacked expert tensor (``safe_open(...).get_slice``), so no
 process ever holds the whole model. Training uses it for ``train.init_from`` and for
@@ -12,7 +11,7 @@ resuming a checkpoint under another parallel layout.
 Sources:
 
 - :class:`CheckpointWeights`: a dsv3 checkpoint's ``model.safetensors`` (stacked experts).
-- :class:`dsv3.convert.HFWeights`: a Hugging Face DeepSeek-V3 folder (per-expert keys,
+- :class:`dsv3.checkpoint.hf_import.HFWeights`: a Hugging Face DeepSeek-V3 folder (per-expert keys,
   possibly sharded and FP8 block-quantized), through the importer's plan.
 """
 
@@ -25,13 +24,12 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.errors import DsvError
+from dsv3.model import Transformer
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of the unsplit model's state dict (parameters and the
     routing biases; not the non-persistent rope tables), computed on the meta device."""
-    from dsv3.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -109,30 +107,4 @@ class CheckpointWeights:
         self.close()
 
 
-def open_weights(path: str | Path):
-    """The model config and a weights source of a run directory, checkpoint folder or Hugging
-    Face folder (the paths :func:`dsv3.training.checkpoint.load_model` accepts), reading no
-    tensor data yet.
-
-    Returns:
-        ``(ModelConfig, source)``: for a Hugging Face folder the config of
-        :class:`dsv3.convert.HFWeights` (``mtp_depth`` as present in the weights) and that
-        source; for a dsv3 checkpoint its ``config.yaml`` model section and a
-        :class:`CheckpointWeights` checked against it.
-
-    Raises:
-        DsvError: as ``load_model``: no such path, no checkpoint in it, a corrupt or
-            mismatching weights file, an unsupported Hugging Face config.
-    """
-    from dsv3.convert import HFWeights, is_hf_folder
-    from dsv3.training.checkpoint import WEIGHTS, read_checkpoint_config, resolve_checkpoint
-
-    if is_hf_folder(path):
-        source = HFWeights(path)
-        return source.cfg, source
-    folder = resolve_checkpoint(path)
-    cfg = read_checkpoint_config(folder).model
-    return cfg, CheckpointWeights(folder / WEIGHTS, cfg)
-
-
-__all__ = ["CheckpointWeights", "expected_shapes", "open_weights", "shape_problems"]
+__all__ = ["CheckpointWeights", "expected_shapes", "shape_problems"]

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from dsv3.checkpoint.weights import CheckpointWeights
 from dsv3.errors import DsvError
+from dsv3.model import Transformer
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$", re.I)
 _UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
@@ -93,7 +95,6 @@ def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
     from accelerate import init_empty_weights, infer_auto_device_map, load_checkpoint_and_dispatch
     from safetensors import safe_open
 
-    from dsv3.model import Transformer
 
     gpus = torch.cuda.device_count()
     for dev in max_memory or {}:
@@ -103,7 +104,6 @@ def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
 
     with init_empty_weights():  # parameters on the meta device; buffers (rope tables) real
         model = Transformer(cfg.model)
-    from dsv3.weights import CheckpointWeights
 
     CheckpointWeights(weights, cfg.model).close()  # names and shapes (accelerate does not check those it sends to disk)
     no_split = ["Block", "MTPModule"]

@@ -1,0 +1,88 @@
+"""Benchmark results: the JSON file under ``bench/``, the table, and ``dsv3 bench`` itself."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+from dsv3.config import load_config
+from dsv3.errors import DsvError
+from dsv3.fileio import atomic_write_text
+
+from dsv3.bench.runs import bench_data, bench_decode, bench_train
+
+
+# --------------------------------------------------------------------------- output
+
+
+def result_path(out_dir: str | Path, kind: str, config_name: str, precision: str, when: datetime | None = None) -> Path:
+    """``<out_dir>/<kind>-<config>-<precision>-<YYYYmmdd-HHMMSS>.json``."""
+    when = when or datetime.now(timezone.utc)
+    return Path(out_dir) / f"{kind}-{config_name}-{precision}-{when.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def write_result(result: dict[str, Any], path: Path) -> Path:
+    """Write ``result`` as JSON atomically; returns the path."""
+    atomic_write_text(path, json.dumps(result, indent=1, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e6:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of a result: one row per side (or per key for flat results)."""
+    lines = []
+    rows = result.get("results")
+    if isinstance(rows, dict) and rows:
+        cols = []
+        for r in rows.values():
+            for c in r:
+                if c not in cols and not isinstance(r[c], (dict, list)):
+                    cols.append(c)
+        table = [["side", *cols]] + [[name, *(_fmt(r.get(c, "")) for c in cols)] for name, r in rows.items()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append("")
+    flat = {k: v for k, v in result.items() if k not in ("results", "model") and not isinstance(v, (dict, list))}
+    if isinstance(result.get("peak_tflops"), dict):
+        flat.update({f"peak_tflops_{k}": v for k, v in result["peak_tflops"].items()})
+    w = max((len(k) for k in flat), default=0)
+    lines += [f"{k.ljust(w)}  {_fmt(v)}" for k, v in flat.items()]
+    return "\n".join(lines)
+
+
+def run_cli(kind: str, config: str | None, overrides: list[str], precision: str = "fp32", vs: str | None = None,
+            compile_model: bool = False, steps: int = 3, reps: int = 3, out_dir: str = "bench") -> Path:
+    """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file."""
+    cfg = load_config(config, overrides)
+    compile_model = compile_model or cfg.train.compile
+    if vs not in (None, "hf"):
+        raise DsvError(f"--vs {vs}: the only peer is 'hf' (transformers)")
+    name = Path(config).stem if config else "tiny"
+    if kind == "train":
+        result = bench_train(cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps)
+    elif kind == "decode":
+        result = bench_decode(cfg, precision, vs_hf=vs == "hf", reps=reps, compile_model=compile_model)
+    elif kind == "data":
+        result = bench_data(cfg)
+    else:
+        raise DsvError(f"unknown benchmark {kind!r}; use train, decode or data")
+    result["config"] = name
+    result["command"] = "dsv3 bench " + " ".join(
+        [kind] + ([f"--config {config}"] if config else []) + ([f"--vs {vs}"] if vs else [])
+        + ([f"--precision {precision}"] if kind != "data" else []) + (["--compile"] if compile_model else [])
+        + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else []) + list(overrides))
+    path = write_result(result, result_path(out_dir, kind, name, precision if kind != "data" else "data"))
+    print(format_table(result))
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,88 @@
+"""The training objective of DeepSeek-V3, defined once for every layout.
+
+Total loss of one optimizer step (V3 report §2.1.2 eq. 17-20, §2.2 eq. 25)::
+
+    L = L_main + lambda / D * sum_k L_MTP^k + alpha * L_Bal
+
+- ``L_main``: next-token cross-entropy of the main head, summed over the labelled positions
+  of the *global* batch and divided by their number (so the loss is the mean over the global
+  batch, whatever the micro-batch split and the number of processes);
+- ``L_MTP^k``: the same for MTP depth ``k`` (1..D), over the positions whose target
+  ``k`` tokens further is labelled (and, with document-aware packing, in the same document;
+  :func:`label_counts`);
+- ``L_Bal``: the sum over MoE layers of the sequence-wise balance loss, already a mean over
+  the sequences (:class:`dsv3.model.moe.Gate`).
+
+A process computes its micro-batches' summed cross-entropies (:func:`ce_sum`, in
+:class:`dsv3.model.transformer.TrainOutput` or the last pipeline stage) and divides by the
+global counts that every rank agrees on before the step; :func:`training_loss` forms ``L``
+for one micro-batch, with ``scale`` undoing the averaging of the data-parallel engine over
+micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label value that carries no loss (padding, prompt tokens in SFT)
+
+
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32 over positions whose label is not ``IGNORE_INDEX``.
+
+    Args:
+        logits: (B, T, V), any float dtype (computed in fp32).
+        labels: (B, T) int64.
+
+    Returns:
+        Scalar fp32 tensor (0 when no position is labelled).
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def label_counts(labels: torch.Tensor, depth: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 + depth,) int64: labelled positions seen by the main head and by each MTP depth.
+
+    Entry 0 counts ``labels != IGNORE_INDEX``; entry k counts the positions of ``labels[:, k:]``
+    that are labelled and, with document-aware ``position_ids`` (B, T), whose target is in the
+    same document (``position_ids[:, i + k] == position_ids[:, i] + k``).
+
+    Args:
+        labels: (B, T) int64.
+        depth: the number of MTP modules D.
+        position_ids: (B, T) int64 or None.
+    """
+    T = labels.shape[1]
+    out = [(labels != IGNORE_INDEX).sum()]
+    for k in range(1, depth + 1):
+        ok = labels[:, k:] != IGNORE_INDEX
+        if position_ids is not None:
+            ok &= position_ids[:, k:] == position_ids[:, : T - k] + k
+        out.append(ok.sum())
+    return torch.stack(out).long()
+
+
+def training_loss(lm_loss_sum: torch.Tensor, mtp_loss_sum: torch.Tensor, balance_loss: torch.Tensor,
+                  tokens: torch.Tensor, mtp_lambda: float, alpha: float, scale: float = 1.0) -> torch.Tensor:
+    """``(L_main + lambda / D * sum_k L_MTP^k) * scale + alpha * L_Bal`` for one micro-batch.
+
+    Args:
+        lm_loss_sum: scalar fp32, the micro-batch's summed main-head cross-entropy.
+        mtp_loss_sum: (D,) fp32, its summed cross-entropy per MTP depth (empty for D = 0).
+        balance_loss: scalar fp32, its balance loss (sum over MoE layers).
+        tokens: (1 + D,) fp32, the labelled-position counts that normalize each sum (the
+            global batch's, see :func:`label_counts`; each at least 1), on the sums' device.
+        mtp_lambda: lambda, the MTP weight (V3: 0.3, then 0.1).
+        alpha: the balance-loss weight (V3: 1e-4).
+        scale: multiplies the cross-entropy part (``grad_accum * data-parallel size`` to undo
+            the engine's averaging of gradients).
+
+    Returns:
+        Scalar fp32 tensor.
+    """
+    loss = lm_loss_sum / tokens[0]
+    depth = mtp_loss_sum.numel()
+    if depth:
+        loss = loss + mtp_lambda / depth * (mtp_loss_sum / tokens[1:]).sum()
+    return loss * scale + alpha * balance_loss

@@ -1,0 +1,171 @@
+"""Every DeepSpeed internal that dsv3 relies on, in one place.
+
+dsv3 uses DeepSpeed's public API wherever one exists (``deepspeed.initialize``,
+``PipelineModule``, ``deepspeed.utils.safe_set_full_*``, ``deepspeed.moe.layer.MoE``, ...).
+A few things it needs have no public API: the expert-parallel process groups by name, the
+per-parameter views of ZeRO's flat optimizer partitions, the fp32 copies of the unfused bf16
+optimizer, a hook between the pipeline engine's gradient reduction and its optimizer step, and
+explicit pipeline stage boundaries. They are reached only through the functions below, so
+that a DeepSpeed upgrade touches this file alone.
+
+Checked against DeepSpeed 0.16 - 0.19 (0.19.8 is what the tests run). Each function names
+the private attribute or function it uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+#: the DeepSpeed releases these accessors were checked against (major, minor)
+CHECKED_VERSIONS = ((0, 16), (0, 17), (0, 18), (0, 19))
+
+
+# ---------------------------------------------------------------- expert-parallel process groups
+def ensure_expert_groups(ep: int, pp: int, name: str) -> None:
+    """Create the expert-parallel and expert-data-parallel groups of size ``ep`` once
+    (``groups._create_expert_and_data_parallel``; both stay inside a pipeline stage). Collective."""
+    from deepspeed.utils import groups
+
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep, pp_size=pp)
+
+
+def expert_parallel_group(name: str):
+    """The process group of the ranks that split one set of experts (``groups._get_expert_parallel_group``)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(name: str):
+    """The process group of the ranks that hold the same experts (``groups._get_expert_data_parallel_group``)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(name)
+
+
+def expert_data_parallel_coords(name: str) -> tuple[int, int]:
+    """(rank, size) of this process in its expert-data-parallel group
+    (``groups._get_expert_data_parallel_rank`` / ``_world_size``)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_rank(name), groups._get_expert_data_parallel_world_size(name)
+
+
+def expert_checkpoint_file(ckpt_root: Path, layer_id: int, expert: int, tag: str) -> Path:
+    """The per-expert file ``engine.load_checkpoint`` reads for MoE layer ``layer_id``, global
+    expert ``expert`` (``DeepSpeedEngine._get_expert_ckpt_name``)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return Path(DeepSpeedEngine._get_expert_ckpt_name(str(ckpt_root), layer_id, expert, tag, checkpoint_mp_rank=0))
+
+
+# ---------------------------------------------------------------- optimizer state of ZeRO and bf16
+def relink_hp_state(ds_optimizer, create_step: int | None = None) -> None:
+    """(Re)link DeepSpeed's per-parameter views of the Adam state (ZeRO-1/2, bf16 optimizer).
+
+    DeepSpeed links them once, right after the optimizer step of the first parameter group,
+    when the later groups have no state yet, so ``safe_get_full_optimizer_state`` fails for
+    their parameters; linking again once every group has state fixes that. With
+    ``create_step`` the empty state of a fresh optimizer is created first (zero moments, that
+    step count), so a resumed state can be written into it. Uses
+    ``single_partition_of_fp32_groups`` (ZeRO) / ``fp32_groups_flat_partition`` (bf16),
+    ``_hp_optimizer_states_linked`` and ``_lazy_init_hp_params_optimizer_state``; a no-op for
+    optimizers without them.
+    """
+    flats = getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = getattr(ds_optimizer, "fp32_groups_flat_partition", None)
+    if flats is None or not hasattr(ds_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return
+    base = ds_optimizer.optimizer
+    if create_step is not None:
+        for flat in flats:
+            if not base.state[flat]:
+                base.state[flat].update(step=torch.tensor(float(create_step)), exp_avg=torch.zeros_like(flat),
+                                        exp_avg_sq=torch.zeros_like(flat))
+    ds_optimizer._hp_optimizer_states_linked = False
+    ds_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def master_of(ds_optimizer, p: nn.Parameter) -> nn.Parameter:
+    """The tensor the torch optimizer updates for ``p``: its fp32 copy in DeepSpeed's unfused
+    bf16 optimizer (bf16, ZeRO stage 0; ``fp16_groups`` / ``fp32_groups``), else ``p`` itself."""
+    for lp_group, hp_group in zip(getattr(ds_optimizer, "fp16_groups", ()), getattr(ds_optimizer, "fp32_groups", ())):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is p:
+                return hp
+    return p
+
+
+def has_flat_partition(p: torch.Tensor) -> bool:
+    """True when ``p``'s optimizer state lives in ZeRO's (or the bf16 optimizer's) flat
+    partitions (the parameter carries ``_hp_mapping``)."""
+    return hasattr(p, "_hp_mapping")
+
+
+def hp_fragment(p: torch.Tensor) -> tuple[int, Callable[[str | None], torch.Tensor]] | None:
+    """The part of ``p``'s flat optimizer partition this rank owns, or None if none.
+
+    Returns:
+        ``(start, read)``: the fragment's first element in the row-major flattening of ``p``,
+        and ``read(key)`` giving its values (``None``: the fp32 master weights; ``"exp_avg"``,
+        ``"exp_avg_sq"``: Adam's moments). Uses ``p._hp_mapping``
+        (``lp_fragment_address.start``, ``get_hp_fragment``).
+    """
+    frag = p._hp_mapping
+    if frag is None:
+        return None
+    return frag.lp_fragment_address.start, (lambda key=None: frag.get_hp_fragment(key) if key else frag.get_hp_fragment())
+
+
+def unfused_fp32_copies(optimizer_state: dict) -> tuple[list[torch.Tensor] | None, dict]:
+    """Split a saved ``optimizer`` entry of DeepSpeed's model-states file into (the unfused bf16
+    optimizer's fp32 copies in parameter-group order, or None, the torch optimizer's state dict)
+    (keys ``fp32_groups`` / ``optimizer_state_dict``)."""
+    if "optimizer_state_dict" in optimizer_state:
+        return [t for group in optimizer_state["fp32_groups"] for t in group], optimizer_state["optimizer_state_dict"]
+    return None, optimizer_state
+
+
+# ---------------------------------------------------------------- pipelines
+def staged_pipeline_class():
+    """A ``PipelineModule`` subclass taking its stage boundaries as given (``layer_parts``)
+    instead of computing them: overrides ``_partition_layers`` and calls ``_set_bounds`` with
+    the stage from ``_topo``."""
+    from deepspeed.pipe import PipelineModule
+
+    class StagedPipeline(PipelineModule):
+        """``PipelineModule`` with the stage boundaries decided by dsv3 (``layer_parts``)."""
+
+        def __init__(self, layers, layer_parts: list[int], **kwargs):
+            self._dsv3_parts = list(layer_parts)
+            super().__init__(layers=layers, **kwargs)
+
+        def _partition_layers(self, method="uniform"):  # noqa: ARG002 - boundaries are given
+            self.parts = list(self._dsv3_parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return StagedPipeline
+
+
+def before_pipeline_update(engine, hook: Callable[[], None]) -> None:
+    """Call ``hook()`` in the pipeline engine after the gradients are reduced and before the
+    optimizer step of every ``train_batch`` (wraps ``engine._take_model_step``)."""
+    plain = engine._take_model_step
+
+    def take_model_step(lr_kwargs, _plain=plain):
+        hook()
+        return _plain(lr_kwargs)
+
+    engine._take_model_step = take_model_step
+
+
+def is_tied_copy(p: torch.Tensor) -> bool:
+    """True for the last stage's copy of a tied pipeline weight (``ds_pipe_replicated``)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))

@@ -1,0 +1,39 @@
+"""``dsv3 plan``: parameter counts, FLOPs and the memory, bubble and traffic of a layout.
+
+Counts come from building the model on the meta device (no memory). For a layout (``gpus``,
+``parallel.pp`` / ``ep`` / ``zero_stage`` / ``micro_batch_size`` / ``grad_accum`` /
+``activation_checkpointing``, ``data.seq_len``, ``train.precision``) the plan gives, for the
+worst pipeline stage, the memory per GPU (weights, gradients, optimizer state, activations,
+all-to-all buffers), the pipeline bubble and the all-to-all volume per step, and proposes
+layouts that fit when none is given.
+
+Layout semantics (those of the trainer and DeepSpeed):
+
+- ``pp`` pipeline stages take contiguous blocks, as evenly as the block count allows (the
+  first ``n_layers % pp`` stages one more); stage 0 also holds the embedding, the last stage
+  the final norm, the output head and the MTP modules (and, with ``pp > 1``, a tied copy of
+  the embedding that the MTP modules read, as DeepSpeed's ``TiedLayerSpec`` keeps one).
+- ``dp = gpus / pp`` data-parallel ranks per stage. Expert parallelism is carved out of them
+  (DeepSpeed's expert-data-parallel groups): routed experts are split over ``ep`` ranks and
+  expert parameters are data parallel over ``dp / ep`` ranks; every other parameter is data
+  parallel over ``dp``.
+- One optimizer step runs ``grad_accum`` micro-batches of ``micro_batch_size`` sequences of
+  ``seq_len`` tokens on each pipeline; the global batch is ``micro_batch_size * grad_accum * dp``.
+
+Not counted: temporaries that live inside one operator (e.g. the logits' gradient), the CUDA
+context and allocator fragmentation (typically 1-3 GiB on a GPU), NCCL's own buffers, and the
+fp32 gradient-accumulation buffer some optimizers keep.
+"""
+
+from dsv3.plan.costs import (DTYPE_BYTES, GB, GIB, ActivationBytes, MemoryPlan, a2a_buffer_bytes, a2a_volume_per_step,
+                             activation_bytes_per_token, check_divisible, in_flight_micro_batches, pipeline_bubble,
+                             split_counts, stage_layers, static_bytes)
+from dsv3.plan.layouts import (Layout, ModelParts, StagePlan, candidate_layouts, global_batch, plan, plan_layout, propose,
+                               relative_step_time)
+
+__all__ = [
+    "DTYPE_BYTES", "GB", "GIB", "ActivationBytes", "Layout", "MemoryPlan", "ModelParts", "StagePlan", "a2a_buffer_bytes",
+    "a2a_volume_per_step", "activation_bytes_per_token", "candidate_layouts", "check_divisible", "global_batch",
+    "in_flight_micro_batches", "pipeline_bubble", "plan", "plan_layout", "propose", "relative_step_time",
+    "split_counts", "stage_layers", "static_bytes",
+]
