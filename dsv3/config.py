@@ -33,6 +33,16 @@ class ModelConfig:
 
     Defaults are the ``tiny`` CPU size. See ``docs/design.md`` / DeepSeek-V3 report §2 for
     the meaning of each; sizes of the 671B model are in ``configs/deepseek_v3_671b.yaml``.
+
+    YaRN magnitude coefficients (used only when ``rope_factor`` s > 1; Hugging Face
+    ``rope_parameters`` names): with ``m(c) = 0.1 * c * ln(s) + 1`` (YaRN eq. 22), the softmax
+    scale is ``qk_head_dim ** -0.5 * m(mscale_all_dim) ** 2`` and the rope cos/sin tables are
+    multiplied by ``m(mscale) / m(mscale_all_dim)``. ``mscale_all_dim`` None (the default)
+    means "equal to ``mscale``": the tables are then unscaled and ``mscale`` alone sets the
+    softmax scale, as in DeepSeek-V3 (both 1.0) and V2-Lite (both 0.707).
+
+    ``rms_norm_eps`` is the epsilon of the block, final and MTP norms; the latent norms of
+    MLA (``q_a_layernorm``, ``kv_a_layernorm``) always use 1e-6, as the reference code does.
     """
 
     vocab_size: int = 4096
@@ -62,7 +72,8 @@ class ModelConfig:
     original_seq_len: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
+    mscale: float = 1.0  # YaRN coefficient: cos/sin numerator, and the softmax when mscale_all_dim is None
+    mscale_all_dim: float | None = None  # YaRN coefficient of the softmax scale; None = mscale
     # Multi-Token Prediction (§2.2): depth D
     mtp_depth: int = 1
     rms_norm_eps: float = 1e-6
@@ -362,6 +373,11 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
     if m.rope_factor > 1 and not m.beta_fast > m.beta_slow > 0:
         raise DsvError(f"YaRN needs model.beta_fast > model.beta_slow > 0, got {m.beta_fast} and {m.beta_slow}")
+    if m.rope_factor > 1:
+        for key, c in (("model.mscale", m.mscale), ("model.mscale_all_dim", m.mscale_all_dim)):
+            if c is not None and not 0.1 * c * math.log(m.rope_factor) + 1 > 0:
+                raise DsvError(f"{key}={c} makes YaRN's magnitude 0.1*{c}*ln({m.rope_factor})+1 non-positive; "
+                               "use a value above -10/ln(rope_factor)")
     if d.seq_len > m.max_seq_len:
         raise DsvError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len "
                        "or raise model.max_seq_len")

@@ -60,6 +60,16 @@ def test_validation_messages(overrides, needle):
     assert needle in error_of(overrides)
 
 
+def test_mscale_all_dim_defaults_to_mscale():
+    """Configs written before ``model.mscale_all_dim`` existed load unchanged (None = mscale)."""
+    v2 = load_config(ROOT / "configs" / "deepseek_v2_lite_16b.yaml").model
+    assert (v2.mscale, v2.mscale_all_dim) == (0.707, None)
+    assert load_config(None, ["model.mscale_all_dim=1"]).model.mscale_all_dim == 1.0
+    assert load_config(None, ["model.mscale_all_dim=null"]).model.mscale_all_dim is None
+    msg = error_of(["model.rope_factor=40", "model.mscale_all_dim=-5"])
+    assert msg.startswith("model.mscale_all_dim=-5.0 makes YaRN's magnitude")
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n  dim: :\n")

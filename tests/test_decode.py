@@ -89,7 +89,9 @@ def reference_forward(model, ids, latents):
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(q_lora_rank=24, n_expert_groups=4, n_limited_groups=2, rope_factor=4.0, original_seq_len=8),
-], ids=["plain", "qlora-yarn"])
+    # unequal YaRN coefficients: the decode path rotates (and caches k_rope) with scaled tables
+    dict(q_lora_rank=24, rope_factor=4.0, original_seq_len=8, mscale=0.5, mscale_all_dim=1.0, rms_norm_eps=1e-5),
+], ids=["plain", "qlora-yarn", "qlora-yarn-mscales"])
 def test_absorbed_decode_matches_full_and_materialized(kw):
     cfg = tiny(**kw)
     model = random_model(cfg)

@@ -7,7 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.config import ModelConfig
-from dsv3.model import Gate, MoE, Transformer, apply_rope, rope_frequencies, yarn_softmax_scale
+from dsv3.model import (
+    Gate,
+    MoE,
+    Transformer,
+    apply_rope,
+    rope_cos_sin,
+    rope_frequencies,
+    yarn_mscale,
+    yarn_rope_scale,
+    yarn_softmax_scale,
+)
 from dsv3.model.moe import Experts
 from dsv3.training.balance import update_expert_bias
 
@@ -217,6 +227,37 @@ def test_yarn_frequencies_and_softmax_scale():
     ramp = (mid - low) / (high - low)
     assert inv[mid].item() == pytest.approx(base[mid].item() * (1 - ramp) + base[mid].item() / 40 * ramp, rel=1e-6)
     assert yarn_softmax_scale(ModelConfig()) == pytest.approx((32 + 16) ** -0.5)
+
+
+def test_yarn_unequal_mscales_by_hand():
+    """mscale_all_dim sets the softmax scale, m(mscale) / m(mscale_all_dim) multiplies cos/sin."""
+    assert yarn_mscale(40.0, 1.0) == pytest.approx(1.368888, abs=5e-7)
+    assert yarn_mscale(1.0, 5.0) == 1.0  # no YaRN, no correction
+    cfg = ModelConfig(qk_nope_head_dim=16, qk_rope_head_dim=8, rope_factor=4.0, original_seq_len=16,
+                      mscale=0.5, mscale_all_dim=1.0, max_seq_len=64)
+    # 24 ** -0.5 * (0.1 ln 4 + 1) ** 2 and (0.05 ln 4 + 1) / (0.1 ln 4 + 1)
+    assert yarn_softmax_scale(cfg) == pytest.approx(0.264642, abs=5e-7)
+    assert yarn_rope_scale(cfg) == pytest.approx(0.939124, abs=5e-7)
+    cos, sin = rope_cos_sin(cfg)
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), rope_frequencies(cfg))
+    torch.testing.assert_close(cos, angles.cos() * yarn_rope_scale(cfg))
+    torch.testing.assert_close(sin, angles.sin() * yarn_rope_scale(cfg))
+    # None (the default) means mscale_all_dim = mscale: unscaled tables, mscale sets the softmax
+    same = ModelConfig(qk_nope_head_dim=16, qk_rope_head_dim=8, rope_factor=4.0, mscale=0.5)
+    assert same.mscale_all_dim is None and yarn_rope_scale(same) == 1.0
+    assert yarn_softmax_scale(same) == pytest.approx(24 ** -0.5 * (0.05 * math.log(4) + 1) ** 2)
+    assert yarn_rope_scale(ModelConfig(mscale=0.5, mscale_all_dim=1.0)) == 1.0  # rope_factor 1: YaRN off
+    assert yarn_softmax_scale(ModelConfig(mscale=0.5, mscale_all_dim=1.0)) == pytest.approx((32 + 16) ** -0.5)
+
+
+def test_latent_norms_use_the_reference_eps():
+    """q_a_layernorm / kv_a_layernorm keep eps 1e-6 whatever rms_norm_eps; the other norms take it."""
+    m = Transformer(ModelConfig(q_lora_rank=32, rms_norm_eps=1e-5, n_layers=2, mtp_depth=1))
+    attn = m.layers[0].self_attn
+    assert attn.q_a_layernorm.eps == attn.kv_a_layernorm.eps == 1e-6
+    assert m.mtp[0].self_attn.kv_a_layernorm.eps == m.mtp[0].self_attn.q_a_layernorm.eps == 1e-6
+    assert m.norm.eps == m.layers[1].input_layernorm.eps == m.layers[1].post_attention_layernorm.eps == 1e-5
+    assert m.mtp[0].enorm.eps == m.mtp[0].hnorm.eps == 1e-5
 
 
 def build(cfg, seed=0):

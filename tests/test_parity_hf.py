@@ -27,10 +27,10 @@ from dsv3.checkpoint.hf_config import hf_config_to_model_config, model_config_to
 from dsv3.checkpoint.hf_import import dequantize_fp8  # noqa: E402
 from dsv3.errors import DsvError  # noqa: E402
 from dsv3.generation import generate  # noqa: E402
-from dsv3.model import Transformer  # noqa: E402
+from dsv3.model import Transformer, rope_cos_sin, yarn_rope_scale, yarn_softmax_scale  # noqa: E402
 
 VOCAB = 128
-TOL = 1e-4
+TOL = 1e-5  # fp32 logits (observed <= 5e-6); the exactness cases' defects move them by more than 1
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -131,6 +131,170 @@ def test_import_export_parity(case, tmp_path):
     hf_out = back.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 5:].tolist()
     ours = generate(model, prompt, max_new_tokens=8, temperature=0)
     assert ours == hf_out
+
+
+# ------------------------------------------------------------- exactness: latent eps, YaRN mscales
+
+
+def shrink_latents(model: torch.nn.Module, kv_lora_rank: int, scale: float = 1e-3) -> None:
+    """Scale the rows of ``q_a_proj`` and the ``c_kv`` rows of ``kv_a_proj_with_mqa`` by ``scale``.
+
+    The latents then have RMS ~``scale`` (1e-3 from unit-scale weights), so ``mean(c**2)`` is
+    ~1e-6 and the latent norms' epsilon (1e-6 in the reference) decides their output. The
+    ``k_rope`` rows are left alone so rope stays visible. Works on dsv3 and transformers
+    models alike (same module names).
+    """
+    with torch.no_grad():
+        for _, mod in model.named_modules():
+            if hasattr(mod, "kv_a_proj_with_mqa"):
+                mod.kv_a_proj_with_mqa.weight[:kv_lora_rank] *= scale
+                if getattr(mod, "q_a_proj", None) is not None:
+                    mod.q_a_proj.weight *= scale
+
+
+def defect_variants(model: Transformer) -> dict[str, Transformer]:
+    """Copies of ``model`` with one of the two fixed defects put back, where it would change anything.
+
+    ``latent-eps``: ``q_a_layernorm`` / ``kv_a_layernorm`` with ``rms_norm_eps`` instead of 1e-6.
+    ``rope-scale``: cos/sin tables without ``yarn_rope_scale`` (the mscale ratio dropped).
+    """
+    cfg, out = model.cfg, {}
+    if cfg.rms_norm_eps != 1e-6:
+        bad = Transformer(cfg)
+        bad.load_state_dict(model.state_dict())
+        for _, mod in bad.named_modules():
+            for name in ("q_a_layernorm", "kv_a_layernorm"):
+                if hasattr(mod, name):
+                    getattr(mod, name).eps = cfg.rms_norm_eps
+        out["latent-eps"] = bad.eval()
+    if yarn_rope_scale(cfg) != 1.0:
+        bad = Transformer(cfg)
+        bad.load_state_dict(model.state_dict())
+        bad.rope_cos, bad.rope_sin = rope_cos_sin(ModelConfig(**{**vars(cfg), "mscale_all_dim": None}))
+        out["rope-scale"] = bad.eval()
+    return out
+
+
+@torch.no_grad()
+def cached_decode_logits(model: Transformer, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits (B, T, V) from the latent-cache path: ``prefill`` tokens at once, then one at a time."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    out = [model(ids[:, :prefill], cache=cache)]
+    for t in range(prefill, ids.shape[1]):
+        out.append(model(ids[:, t:t + 1], cache=cache))
+    return torch.cat(out, dim=1)
+
+
+def check_exact(model: Transformer, want: torch.Tensor, ids: torch.Tensor, what: str) -> None:
+    """``model`` (full and cached-decode paths) gives ``want`` within TOL; each defect would not."""
+    with torch.no_grad():
+        diff = (model(ids) - want).abs().max().item()
+        assert diff < TOL, f"{what}: full forward differs by {diff:.3g}"
+        diff = (cached_decode_logits(model, ids, prefill=7) - want).abs().max().item()
+        assert diff < TOL, f"{what}: latent-cache decode differs by {diff:.3g}"
+        for defect, bad in defect_variants(model).items():
+            assert (bad(ids) - want).abs().max().item() > 1e-2, f"{what}: {defect} would go unnoticed"
+
+
+NO_ALL_DIM = {k: v for k, v in YARN.items() if k != "mscale_all_dim"}
+
+TOL_CASES = {
+    # rms_norm_eps 1e-5 on the block/final norms; latents of RMS ~1e-3, where the latent
+    # norms' own eps (1e-6) decides their output
+    "eps1e-5-small-latents-qlora": (dict(q_lora_rank=24, rms_norm_eps=1e-5), True),
+    "eps1e-5-small-latents-nolora": (dict(q_lora_rank=None, rms_norm_eps=1e-5, first_k_dense_replace=0,
+                                          num_hidden_layers=2), True),
+    # YaRN with mscale != mscale_all_dim: softmax by m(1.0)**2, cos/sin by m(0.5)/m(1.0) = 0.9391
+    "yarn-mscale0.5-all1": (dict(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.5, mscale_all_dim=1.0)), False),
+    # the same with rotate-half weights, small latents and eps 1e-5 together
+    "yarn-mscale0.707-all1-halfrope-eps": (dict(q_lora_rank=24, rope_interleave=False, rms_norm_eps=1e-5,
+                                                rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=1.0)), True),
+    # an explicit attention_factor overrides the mscale ratio (folded into dsv3's mscale)
+    "yarn-attention-factor1.2": (dict(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.7, mscale_all_dim=1.0,
+                                                                           attention_factor=1.2)), False),
+    # mscale without mscale_all_dim: transformers scales cos/sin by m(1) and not the softmax
+    "yarn-mscale-only": (dict(q_lora_rank=None, rope_parameters=dict(NO_ALL_DIM, mscale=0.7)), False),
+}
+
+
+@pytest.mark.parametrize("case", list(TOL_CASES))
+def test_exactness_hf_to_dsv3_and_back(case, tmp_path):
+    """HF -> dsv3 (load_hf_model, import_hf) and back (export_hf -> transformers), logits within 1e-5."""
+    kw, small = TOL_CASES[case]
+    cfg = hf_config(**kw)
+    ref = random_hf_model(cfg, seed=len(case))
+    if small:
+        shrink_latents(ref, cfg.kv_lora_rank)
+    ref.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+
+    direct = load_hf_model(tmp_path / "hf")
+    assert yarn_softmax_scale(direct.cfg) == pytest.approx(ref.model.layers[0].self_attn.scaling, rel=1e-12)
+    assert yarn_rope_scale(direct.cfg) == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-12)
+    if cfg.rope_parameters["rope_type"] == "yarn":
+        assert ref.model.rotary_emb.attention_scaling != 1.0  # the cases exercise the cos/sin factor
+    check_exact(direct, want, ids, f"{case} load_hf_model")
+    import_hf(tmp_path / "hf", tmp_path / "dsv3")
+    model = load_model(tmp_path / "dsv3")
+    assert model.cfg == direct.cfg
+    check_exact(model, want, ids, f"{case} import_hf")
+
+    export_hf(tmp_path / "dsv3", tmp_path / "hf2")
+    back, info = hf_load(tmp_path / "hf2")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert back.model.rotary_emb.attention_scaling == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-12)
+    assert back.model.layers[0].self_attn.scaling == pytest.approx(ref.model.layers[0].self_attn.scaling, rel=1e-12)
+    with torch.no_grad():
+        diff = (back(ids).logits - want).abs().max().item()
+    assert diff < TOL, f"{case}: export parity {diff:.3g}"
+
+
+NATIVE_YARN = dict(rope_factor=4.0, original_seq_len=16)
+
+
+@pytest.mark.parametrize("kw, small", [
+    (dict(q_lora_rank=24, rms_norm_eps=1e-5), True),
+    (dict(q_lora_rank=0, rms_norm_eps=1e-5, n_dense_layers=0), True),
+    (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=1.0, **NATIVE_YARN), False),
+    (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=1.0, rms_norm_eps=1e-5, **NATIVE_YARN), True),
+    (dict(q_lora_rank=0, mscale=0.0, mscale_all_dim=1.0, **NATIVE_YARN), False),  # exported with attention_factor
+    (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=0.0, **NATIVE_YARN), False),  # exported with attention_factor
+], ids=["eps-qlora", "eps-nolora", "yarn-0.5-1", "yarn-0.5-1-eps", "yarn-0-1", "yarn-0.5-0"])
+def test_exactness_dsv3_to_hf(kw, small, tmp_path):
+    """A dsv3 model -> export_hf -> transformers gives its logits within 1e-5, and imports back equal."""
+    mcfg = ModelConfig(**{**dict(vocab_size=VOCAB, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2,
+                                 n_dense_layers=1, n_heads=4, n_routed_experts=8, n_activated_experts=2,
+                                 n_expert_groups=2, n_limited_groups=1, kv_lora_rank=32, qk_nope_head_dim=16,
+                                 qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, mtp_depth=0, init_std=0.125),
+                          **kw})
+    model = dsv3_checkpoint(tmp_path / "ckpt", mcfg, seed=4)
+    if small:
+        shrink_latents(model, mcfg.kv_lora_rank)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(tmp_path / "ckpt" / "model.safetensors"))
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids)
+    for defect, bad in defect_variants(model).items():
+        with torch.no_grad():
+            assert (bad(ids) - want).abs().max().item() > 1e-2, f"{defect} would go unnoticed"
+
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    rope = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
+    back, info = hf_load(tmp_path / "hf")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert back.model.rotary_emb.attention_scaling == pytest.approx(yarn_rope_scale(mcfg), rel=1e-12)
+    assert back.model.layers[0].self_attn.scaling == pytest.approx(yarn_softmax_scale(mcfg), rel=1e-12)
+    assert ("attention_factor" in rope) == (mcfg.rope_factor > 1 and not (mcfg.mscale and mcfg.mscale_all_dim))
+    with torch.no_grad():
+        diff = (back(ids).logits - want).abs().max().item()
+    assert diff < TOL, f"export parity {diff:.3g}"
+    with torch.no_grad():
+        assert (cached_decode_logits(model, ids, prefill=7) - want).abs().max().item() < TOL
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    assert load_model(tmp_path / "again").cfg == mcfg
 
 
 def test_mtp_roundtrip_and_bf16_export(tmp_path):
@@ -341,12 +505,79 @@ def test_exported_config_builds_in_transformers():
     ({"topk_method": "greedy"}, "topk_method='greedy'"),
     ({"norm_topk_prob": False}, "norm_topk_prob=False"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings=True"),
-    ({"rope_scaling": dict(OFFICIAL_671B["rope_scaling"], mscale=0.707)}, "mscale=0.707"),
+    ({"rope_scaling": dict(OFFICIAL_671B["rope_scaling"], factor=1, attention_factor=0.9)},
+     r"^config.json yarn factor=1.0 with attention_factor=0.9 scales the rope tables without YaRN"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
 ])
 def test_unsupported_config_values(change, message):
-    with pytest.raises(DsvError, match=message):
+    with pytest.raises(DsvError, match=message) as info:
         hf_config_to_model_config({**OFFICIAL_671B, **change})
+    assert "\n" not in str(info.value)
+
+
+def test_unequal_mscales_are_imported():
+    """DeepSeek-V2-style ``mscale`` != ``mscale_all_dim`` (once refused) maps onto both fields."""
+    v2_style = dict(OFFICIAL_671B["rope_scaling"], mscale=0.707)
+    cfg = hf_config_to_model_config({**OFFICIAL_671B, "rope_scaling": v2_style})
+    assert (cfg.mscale, cfg.mscale_all_dim) == (0.707, 1.0)
+    assert yarn_softmax_scale(cfg) == pytest.approx(0.135234, abs=5e-7)  # mscale_all_dim sets the softmax
+    assert yarn_rope_scale(cfg) == pytest.approx((0.0707 * math.log(40) + 1) / (0.1 * math.log(40) + 1), rel=1e-12)
+    hf = model_config_to_hf(cfg)
+    assert (hf["rope_parameters"]["mscale"], hf["rope_parameters"]["mscale_all_dim"]) == (0.707, 1.0)
+    assert "attention_factor" not in hf["rope_parameters"]
+    assert hf_config_to_model_config(hf) == cfg
+
+
+@pytest.mark.parametrize("attention_factor", [None, 1.0, 1.3])
+@pytest.mark.parametrize("all_dim", [None, 0.0, 0.707, 1.0])
+@pytest.mark.parametrize("mscale", [None, 0.0, 0.5, 1.0])
+def test_yarn_mscales_give_what_transformers_computes(mscale, all_dim, attention_factor):
+    """Every mscale / mscale_all_dim / attention_factor combination, in and out, against transformers.
+
+    transformers scales the softmax by m(mscale_all_dim)**2 only when mscale_all_dim is set and
+    non-zero, and cos/sin by attention_factor, else by the ratio m(mscale) / m(mscale_all_dim)
+    when both are non-zero, else by m(1); dsv3 must reproduce both numbers on import and
+    write a config.json that transformers turns into the same numbers.
+    """
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    def hf_factors(hc: DeepseekV3Config) -> tuple[float, float]:
+        return DeepseekV3Attention(hc, 0).scaling, DeepseekV3RotaryEmbedding(hc).attention_scaling
+
+    rope = dict(NO_ALL_DIM)
+    for key, value in (("mscale", mscale), ("mscale_all_dim", all_dim), ("attention_factor", attention_factor)):
+        rope.pop(key, None)
+        if value is not None:
+            rope[key] = value
+    hc = hf_config(q_lora_rank=24, rope_parameters=rope)
+    want_scaling, want_table = hf_factors(hc)
+    cfg = hf_config_to_model_config(hc.to_dict())
+    assert yarn_softmax_scale(cfg) == pytest.approx(want_scaling, rel=1e-12)
+    assert yarn_rope_scale(cfg) == pytest.approx(want_table, rel=1e-12)
+    if attention_factor is None and mscale and all_dim:
+        assert (cfg.mscale, cfg.mscale_all_dim) == (mscale, None if mscale == all_dim else all_dim)
+    out = model_config_to_hf(cfg)
+    assert hf_config_to_model_config(out) == cfg
+    got_scaling, got_table = hf_factors(DeepseekV3Config(**out))
+    assert got_scaling == pytest.approx(want_scaling, rel=1e-12)
+    assert got_table == pytest.approx(want_table, rel=1e-12)
+
+
+def test_yarn_factors_by_hand():
+    """Factor 4, mscale 0.5, mscale_all_dim 1, qk head dim 24: softmax 0.264642, cos/sin x 0.9391."""
+    m_half, m_one = 0.1 * 0.5 * math.log(4) + 1, 0.1 * 1.0 * math.log(4) + 1  # 1.069315, 1.138629
+    assert 24 ** -0.5 * m_one ** 2 == pytest.approx(0.264642, abs=5e-7)
+    assert m_half / m_one == pytest.approx(0.9391, abs=5e-5)
+    hc = hf_config(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.5, mscale_all_dim=1.0))
+    cfg = hf_config_to_model_config(hc.to_dict())
+    assert cfg.qk_head_dim == 24 and (cfg.mscale, cfg.mscale_all_dim) == (0.5, 1.0)
+    assert yarn_softmax_scale(cfg) == pytest.approx(0.264642, abs=5e-7)
+    assert yarn_rope_scale(cfg) == pytest.approx(0.9391, abs=5e-5)
+    ref = random_hf_model(hc, seed=0)
+    assert ref.model.layers[0].self_attn.scaling == pytest.approx(0.264642, abs=5e-7)
+    assert ref.model.rotary_emb.attention_scaling == pytest.approx(0.9391, abs=5e-5)
+    cos, sin = rope_cos_sin(cfg)
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, (m_half / m_one) ** 2))
 
 
 # --------------------------------------------------------------------------- bad input

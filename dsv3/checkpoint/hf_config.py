@@ -17,6 +17,7 @@ from typing import Any
 from dsv3.checkpoint.files import HF_CONFIG, WEIGHTS
 from dsv3.config import ModelConfig
 from dsv3.errors import DsvError
+from dsv3.model.rope import yarn_mscale, yarn_rope_scale
 
 HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 HF_MODEL_TYPE = "deepseek_v3"
@@ -42,11 +43,6 @@ def _get(hf: dict, key: str, *aliases: str) -> Any:
         if k in hf and hf[k] is not None:
             return hf[k]
     return HF_DEFAULTS.get(key)
-
-
-def _yarn_mscale(factor: float, m: float) -> float:
-    """YaRN magnitude correction ``0.1 * m * ln(factor) + 1`` (1 when factor <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
 def _rope_fields(hf: dict) -> dict[str, Any]:
@@ -79,26 +75,53 @@ def _rope_fields(hf: dict) -> dict[str, Any]:
     if rope.get("truncate", True) is False:
         raise DsvError("config.json yarn truncate=false is not supported by dsv3 (the correction range is "
                        "always rounded outward, as in DeepSeek-V3)")
-    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-    # transformers scales cos/sin by this factor; dsv3 only models the case where it is 1
-    attention_factor = rope.get("attention_factor")
-    if attention_factor is None:
-        if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = _yarn_mscale(factor, 1.0)
-    if abs(attention_factor - 1.0) > 1e-12:
-        raise DsvError(f"config.json yarn mscale={mscale} differs from mscale_all_dim={mscale_all_dim} "
-                       f"(rotary attention factor {attention_factor:.6g}); dsv3 models only "
-                       "mscale == mscale_all_dim, as in DeepSeek-V3")
+    mscale, all_dim, attention_factor = rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor")
+    mscale_fields = _yarn_mscales(factor, mscale, all_dim, attention_factor)
     out.update(
         rope_factor=factor,
         original_seq_len=int(original),
         beta_fast=float(rope.get("beta_fast") or 32),
         beta_slow=float(rope.get("beta_slow") or 1),
-        mscale=float(mscale_all_dim or 0.0),
+        **mscale_fields,
     )
     return out
+
+
+def _yarn_mscales(factor: float, mscale: Any, mscale_all_dim: Any, attention_factor: Any) -> dict[str, Any]:
+    """dsv3's ``mscale`` / ``mscale_all_dim`` giving the model transformers builds from these values.
+
+    transformers (``yarn_apply_mscale``, ``_compute_yarn_parameters``) multiplies the softmax
+    scale by ``yarn_mscale(factor, mscale_all_dim) ** 2`` when ``mscale_all_dim`` is set and
+    non-zero (else by nothing, which is coefficient 0 here), and the cos/sin tables by
+    ``attention_factor``; without an explicit one, by ``yarn_mscale(factor, mscale) /
+    yarn_mscale(factor, mscale_all_dim)`` when both are non-zero, else by
+    ``yarn_mscale(factor, 1)``. dsv3 multiplies the tables by ``yarn_mscale(factor, mscale) /
+    yarn_mscale(factor, mscale_all_dim)``, so with YaRN (factor > 1) every table factor is
+    reached by solving for ``mscale``; an explicit ``attention_factor`` other than that ratio is
+    thereby folded into ``mscale``. ``mscale_all_dim`` is None when it equals ``mscale``.
+
+    Raises:
+        DsvError: factor 1 (YaRN off in dsv3) with a table factor other than 1.
+    """
+    all_dim = float(mscale_all_dim or 0.0)
+    if attention_factor is not None:
+        table = float(attention_factor)
+    elif mscale and mscale_all_dim:
+        table = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, all_dim)
+    else:
+        table = yarn_mscale(factor, 1.0)
+    if factor <= 1:
+        if abs(table - 1.0) > 1e-12:
+            raise DsvError(f"config.json yarn factor={factor} with attention_factor={table:.6g} scales the rope "
+                           "tables without YaRN, which dsv3 cannot represent; use factor > 1 or attention_factor 1")
+        coefficient = all_dim
+    else:
+        coefficient = (table * yarn_mscale(factor, all_dim) - 1.0) / (0.1 * math.log(factor))
+        for c in ([float(mscale)] if mscale is not None else []) + [all_dim, 1.0, 0.0]:
+            if abs(coefficient - c) <= 1e-9 * max(1.0, abs(c)):  # the round value it stands for
+                coefficient = c
+                break
+    return {"mscale": coefficient, "mscale_all_dim": None if coefficient == all_dim else all_dim}
 
 
 def _check_architecture(hf: dict) -> None:
@@ -116,15 +139,16 @@ def hf_config_to_model_config(hf: dict) -> ModelConfig:
     Keys the dict leaves out take transformers' ``DeepseekV3Config`` defaults (the 671B
     values). Both ``rope_parameters`` (transformers >= 5) and the older ``rope_scaling`` +
     ``rope_theta`` are read; ``type``/``rope_type`` ``yarn`` turns YaRN on (``factor`` ->
-    ``rope_factor``, ``original_max_position_embeddings`` -> ``original_seq_len``,
-    ``mscale_all_dim`` -> ``mscale``). ``num_key_value_heads`` is ignored (MLA expands keys to
-    every head).
+    ``rope_factor``, ``original_max_position_embeddings`` -> ``original_seq_len``, ``mscale``
+    and ``mscale_all_dim`` -> the fields of the same names, ``mscale_all_dim`` None when equal;
+    an explicit ``attention_factor`` is folded into ``mscale``, see :func:`_yarn_mscales`).
+    ``num_key_value_heads`` is ignored (MLA expands keys to every head).
 
     Raises:
         DsvError: the architecture is not ``DeepseekV3ForCausalLM``; tied embeddings;
             ``norm_topk_prob`` false; ``topk_method`` other than ``noaux_tc``; ``scoring_func``
-            other than ``sigmoid``; a rope type other than default/yarn; yarn ``mscale`` !=
-            ``mscale_all_dim``; attention biases; an activation other than silu;
+            other than ``sigmoid``; a rope type other than default/yarn; yarn factor 1 with an
+            ``attention_factor`` other than 1; attention biases; an activation other than silu;
             ``moe_layer_freq`` != 1; sizes that do not divide.
     """
     if not isinstance(hf, dict):
@@ -180,19 +204,23 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
     """Map a :class:`ModelConfig` to a transformers ``DeepseekV3Config`` dict (``config.json``).
 
     The inverse of :func:`hf_config_to_model_config`: ``hf_config_to_model_config(
-    model_config_to_hf(cfg)) == cfg``. Rope settings are written as transformers 5
-    ``rope_parameters``; with YaRN, ``mscale`` and ``mscale_all_dim`` are both ``cfg.mscale``
-    (so the rotary tables are not rescaled and the softmax scale gets ``mscale**2``), plus an
-    explicit ``attention_factor`` 1 when ``cfg.mscale`` is 0.
+    model_config_to_hf(cfg)) == cfg`` (an explicit ``mscale_all_dim`` equal to ``mscale`` comes
+    back as None, which means the same). Rope settings are written as transformers 5
+    ``rope_parameters``; with YaRN, ``mscale`` and ``mscale_all_dim`` (``cfg.mscale`` when
+    None), so transformers scales the softmax by ``yarn_mscale(s, mscale_all_dim) ** 2`` and the
+    cos/sin tables by ``yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all_dim)``, as dsv3 does.
+    When one of the two is 0 transformers would not form that ratio, so it is written as an
+    explicit ``attention_factor`` (1 when both are 0).
     """
     if cfg.rope_factor > 1:
+        all_dim = cfg.mscale if cfg.mscale_all_dim is None else cfg.mscale_all_dim
         rope: dict[str, Any] = {
             "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
             "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
-            "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale,
+            "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": all_dim,
         }
-        if not cfg.mscale:
-            rope["attention_factor"] = 1.0
+        if not (cfg.mscale and all_dim):
+            rope["attention_factor"] = float(yarn_rope_scale(cfg))
     else:
         rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     return {

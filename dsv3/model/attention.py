@@ -31,6 +31,11 @@ from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, yarn_softmax_scale
 
+#: Epsilon of the latent RMSNorms ``q_a_layernorm`` and ``kv_a_layernorm``. The official
+#: DeepSeek-V3 code and ``transformers`` build them with the RMSNorm default 1e-6 whatever the
+#: config's ``rms_norm_eps`` (which only the block, final and MTP norms use).
+LATENT_NORM_EPS = 1e-6
+
 
 class LatentCache:
     """Per-layer MLA decode cache: normalized ``c_kv`` and rotated ``k_rope`` per position.
@@ -60,7 +65,8 @@ class MLA(nn.Module):
 
     Module names match the Hugging Face DeepSeek-V3 checkpoint keys (``q_a_proj``,
     ``q_a_layernorm``, ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
-    ``kv_b_proj``, ``o_proj``).
+    ``kv_b_proj``, ``o_proj``). The two latent norms use :data:`LATENT_NORM_EPS` (1e-6), not
+    ``cfg.rms_norm_eps``.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -72,12 +78,12 @@ class MLA(nn.Module):
         qk = cfg.qk_head_dim
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk, bias=False)
         else:
             self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.dr, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
 
@@ -100,8 +106,11 @@ class MLA(nn.Module):
 
         Args:
             x: (B, T, dim) hidden states of the new tokens.
-            cos, sin: (T, dr/2) rope tables for the absolute positions of the new tokens, or
-                (B, T, dr/2) for per-row positions (see :func:`dsv3.model.rope.apply_rope`).
+            cos, sin: (T, dr/2) float32 rope tables (:func:`dsv3.model.rope.rope_cos_sin`, which
+                carry YaRN's ``yarn_rope_scale``) for the absolute positions of the new tokens,
+                or (B, T, dr/2) for per-row positions (see :func:`dsv3.model.rope.apply_rope`).
+                Both paths rotate ``q_rope`` and ``k_rope`` with them; the decode cache keeps
+                ``k_rope`` as rotated (scale included).
             cache: decode cache; the new tokens are appended at ``cache.length``.
             attn_mask: optional boolean (B or 1, 1, T, S) mask, True = may attend; replaces
                 the plain causal mask (used for left padding).

@@ -48,22 +48,59 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def yarn_softmax_scale(cfg: ModelConfig) -> float:
-    """Attention logit scale: ``qk_head_dim ** -0.5``, times ``mscale**2`` under YaRN.
+def yarn_mscale(factor: float, coefficient: float) -> float:
+    """YaRN magnitude correction ``0.1 * coefficient * ln(factor) + 1``; 1 when ``factor <= 1``.
 
-    ``mscale = 0.1 * cfg.mscale * ln(rope_factor) + 1`` (YaRN eq. 22).
-    For the 671B config (rope_factor 40, mscale 1) mscale = 1.368888 and the scale is
-    ``192 ** -0.5 * 1.368888**2`` = 0.135234.
+    YaRN eq. 22 (``sqrt(1/t) = 0.1 ln(s) + 1``) with DeepSeek's coefficient on the log
+    (DeepSeek-V2 §3.1 long-context extension: 0.0707, i.e. coefficient 0.707; V3 report §4.3:
+    0.1, coefficient 1). Factor 40, coefficient 1: 1.368888. Plain Python floats.
+    """
+    if factor <= 1:
+        return 1.0
+    return 0.1 * coefficient * math.log(factor) + 1.0
+
+
+def _softmax_mscale(cfg: ModelConfig) -> float:
+    return cfg.mscale if cfg.mscale_all_dim is None else cfg.mscale_all_dim
+
+
+def yarn_softmax_scale(cfg: ModelConfig) -> float:
+    """Attention logit scale: ``qk_head_dim ** -0.5``, times ``m**2`` under YaRN.
+
+    ``m = yarn_mscale(rope_factor, mscale_all_dim)`` (YaRN eq. 22), with ``mscale_all_dim``
+    None meaning ``mscale``. It multiplies all ``qk_head_dim`` channels of the scores, the
+    rope and the no-rope ones (DeepSeek-V2's ``softmax_scale``; V3 report §4.3).
+    For the 671B config (rope_factor 40, mscale 1) m = 1.368888 and the scale is
+    ``192 ** -0.5 * 1.368888**2`` = 0.135234; for rope_factor 4, mscale_all_dim 1,
+    qk_head_dim 24 it is 0.264642.
     """
     scale = cfg.qk_head_dim ** -0.5
     if cfg.rope_factor > 1:
-        m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
+        m = yarn_mscale(cfg.rope_factor, _softmax_mscale(cfg))
         scale = scale * m * m
     return scale
 
 
+def yarn_rope_scale(cfg: ModelConfig) -> float:
+    """Factor on the rope cos/sin tables: ``yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all_dim)``.
+
+    1 without YaRN and when ``mscale_all_dim`` is None or equals ``mscale`` (DeepSeek-V3).
+    Otherwise the rotated query and key slices are both scaled by it, so the rope part of
+    the scores gets its square (YaRN eq. 22 split as DeepSeek-V2's Hugging Face modeling code
+    and ``transformers``' ``attention_factor`` do). Example: factor 4, mscale 0.5,
+    mscale_all_dim 1: 1.069315 / 1.138629 = 0.939124.
+    """
+    if cfg.rope_factor <= 1 or cfg.mscale_all_dim is None:
+        return 1.0
+    return yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+
+
 def rope_cos_sin(cfg: ModelConfig, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables of ``cos(p * theta_j)`` and ``sin(p * theta_j)``.
+    """Tables of ``a * cos(p * theta_j)`` and ``a * sin(p * theta_j)``, ``a = yarn_rope_scale(cfg)``.
+
+    ``theta_j`` from :func:`rope_frequencies`; ``a`` is 1 unless YaRN's two mscale
+    coefficients differ. The training path and the latent-cache decode path both rotate with
+    these tables, so both apply ``a`` to ``q_rope`` and ``k_rope``.
 
     Returns:
         (cos, sin), each float32 (max_len, qk_rope_head_dim / 2); max_len defaults to
@@ -71,14 +108,19 @@ def rope_cos_sin(cfg: ModelConfig, max_len: int | None = None) -> tuple[torch.Te
     """
     n = max_len or cfg.max_seq_len
     angles = torch.outer(torch.arange(n, dtype=torch.float32), rope_frequencies(cfg))
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    a = yarn_rope_scale(cfg)
+    if a != 1.0:
+        cos, sin = cos * a, sin * a
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of ``x`` by the position angles.
 
     Pair ``(x[2j], x[2j+1])`` at position p becomes
-    ``(x0 cos - x1 sin, x0 sin + x1 cos)`` with angle ``p * theta_j`` (RoFormer eq. 34).
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)`` with angle ``p * theta_j`` (RoFormer eq. 34); with
+    tables from :func:`rope_cos_sin` that also multiplies by YaRN's ``yarn_rope_scale``.
 
     Args:
         x: (B, T, H, d) rope slice of queries or keys (any float dtype).
