@@ -1,39 +1,12 @@
-"""Shared fixtures: a small real corpus (files of this interpreter's standard library) and a
-tiny model configuration that trains in seconds."""
+"""Shared fixtures: a small real corpus (files of this interpreter's standard library) and
+one intra-op thread for modules of tiny-matrix tests. Plain helpers are in ``helpers.py``."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# metrics.jsonl fields that measure the machine, not the training (excluded from equality checks)
-TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib", "mfu"}
-# the logged values two layouts of the same run must agree on
-METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens", "val_loss")
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS_FILES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "json/__init__.py",
-                "heapq.py", "bisect.py", "fractions.py", "shlex.py", "string.py", "colorsys.py", "csv.py"]
-
-
-def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[str]:
-    """Overrides for a 2-layer model with every DeepSeek-V3 part (MLA, MoE, MTP) that runs fast."""
-    base = {
-        "data.source": str(corpus), "data.cache_dir": str(cache), "data.seq_len": 64, "data.num_proc": 1,
-        "model.vocab_size": 512, "model.dim": 64, "model.inter_dim": 128, "model.moe_inter_dim": 32,
-        "model.n_layers": 2, "model.n_heads": 2, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 16,
-        "model.qk_rope_head_dim": 8, "model.v_head_dim": 16, "model.max_seq_len": 128,
-        "train.steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2,
-        "train.warmup_steps": 2, "train.out_dir": str(out_dir), "ckpt.every": 3,
-        "parallel.micro_batch_size": 4, "train.sample_tokens": 8,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+from helpers import CORPUS_FILES, STDLIB
 
 
 @pytest.fixture(scope="module")
@@ -60,62 +33,3 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dsv3-cache")
-
-
-def run_dsv3(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the dsv3 CLI in a subprocess (under torchrun when nproc > 1)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv3"]
-    else:
-        cmd = [sys.executable, "-m", "dsv3"]
-    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dsv3 {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def dsv3_checkpoint(folder: Path, mcfg, seed: int = 0):
-    """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model;
-    returns the model (eval mode).
-
-    Norm weights are random too (1 + 0.3 N(0, 1)) and so are the routing biases: with unit
-    weights a norm applied twice is the same as once, which would hide which hidden state the
-    MTP modules read, and zero biases would hide a bias that was not loaded.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from dsv3.config import Config, save_config
-    from dsv3.model import Transformer
-
-    model = Transformer(mcfg)
-    model.init_weights(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in model.moe_gates():
-            gate.e_score_correction_bias.uniform_(-0.3, 0.3, generator=g)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    save_config(Config(model=mcfg), folder / "config.yaml")
-    return model.eval()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` without the machine-dependent TIMING keys."""
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
-
-
-def assert_same_metrics(got: list[dict], want: list[dict], rel: float = 1e-5, abs_tol: float = 1e-7) -> None:
-    """Same logged steps, and every METRIC_KEYS value of ``want`` matched within ``rel`` / ``abs_tol``."""
-    import pytest
-
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
-        for key in METRIC_KEYS:
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=rel, abs=abs_tol), (b["step"], key, a[key], b[key])

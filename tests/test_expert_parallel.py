@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_same_metrics, read_metrics as metrics, run_dsv3, tiny_overrides
+from helpers import ROOT, assert_same_metrics, read_metrics as metrics, run_dsv3, tiny_overrides
 
 COMMON = {"train.steps": 4, "ckpt.every": 2, "ckpt.keep_last": 2, "train.eval_every": 2, "train.sample_tokens": 4}
 

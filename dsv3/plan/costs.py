@@ -175,7 +175,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     With expert parallelism the routed experts' rows live on the expert's rank; under
     balanced routing each GPU holds as many as its own tokens produce. The formula matches
     the storage of the tensors autograd saves in a real forward of small models to within 1%
-    (``tests/test_plan.py``).
+    (``tests/unit/test_plan.py``).
 
     Args:
         m: model sizes.

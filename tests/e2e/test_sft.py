@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_dsv3, tiny_overrides
+from helpers import run_dsv3, tiny_overrides
 
 
 @pytest.fixture(scope="module")

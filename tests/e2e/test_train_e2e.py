@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TIMING, run_dsv3, tiny_overrides
+from helpers import ROOT, TIMING, run_dsv3, tiny_overrides
 
 
 
@@ -196,7 +196,7 @@ def test_tensorboard_events_match_metrics(trained):
 def test_compiled_training_matches_eager(trained, corpus_dir, data_cache, tmp_path):
     """train.compile=true (torch.compile inside the DeepSpeed engine; the routed experts stay
     in one graph on CPU) logs the same numbers as the eager run of the `trained` fixture."""
-    from conftest import assert_same_metrics, read_metrics as metrics_only
+    from helpers import assert_same_metrics, read_metrics as metrics_only
 
     full, _ = trained
     out = tmp_path / "compiled"

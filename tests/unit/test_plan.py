@@ -15,7 +15,7 @@ from dsv3.plan import (GIB, Layout, ModelParts, a2a_buffer_bytes, a2a_volume_per
                        in_flight_micro_batches, check_divisible, static_bytes, pipeline_bubble, plan, plan_layout, propose,
                        split_counts, stage_layers)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 V3 = ROOT / "configs" / "deepseek_v3_671b.yaml"
 # DeepSeek-V3's pre-training layout (report §3.2, §4.2): 2048 GPUs, 16 pipeline stages, 64-way
 # expert parallelism, ZeRO-1, 4K sequences, 15360 sequences per step. Assumed here: one
@@ -24,7 +24,7 @@ V3 = ROOT / "configs" / "deepseek_v3_671b.yaml"
 # up-projections and its FP8 activation caching (finer-grained, which dsv3 does not model).
 DEEPSEEK_LAYOUT = ["parallel.pp=16", "parallel.ep=64", "parallel.zero_stage=1", "parallel.micro_batch_size=1",
                    "parallel.grad_accum=120", "parallel.activation_checkpointing=true", "data.seq_len=4096"]
-# the 2-layer model of tests/conftest.py (dense layer 0, MoE layer 1, one MTP module)
+# the 2-layer model of tests/helpers.py (tiny_overrides) (dense layer 0, MoE layer 1, one MTP module)
 TINY = ["model.vocab_size=512", "model.dim=64", "model.inter_dim=128", "model.moe_inter_dim=32", "model.n_layers=2",
         "model.n_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
         "model.v_head_dim=16", "model.max_seq_len=128", "data.seq_len=64"]

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, STDLIB
+from helpers import ROOT, STDLIB
 from dsv3.chat import StreamDecoder, chat_loop, fit_conversation
 from dsv3.chat_format import ASSISTANT_ID, END_ID, SYSTEM_ID, USER_ID, chat_labels, chat_stop_ids, encode_chat, encode_content
 from dsv3.errors import DsvError

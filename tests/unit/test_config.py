@@ -10,7 +10,7 @@ from dsv3.config import Config, load_config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def error_of(overrides, path=None):

@@ -426,7 +426,7 @@ def test_prepare_blended_sources(tmp_path, capsys):
 
 
 def test_train_document_aware(corpus_dir, data_cache, tmp_path):
-    from conftest import run_dsv3, tiny_overrides
+    from helpers import run_dsv3, tiny_overrides
 
     out = tmp_path / "run"
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{

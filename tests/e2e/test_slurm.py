@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_overrides
+from helpers import ROOT, tiny_overrides
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 pytestmark = pytest.mark.skipif(
@@ -119,6 +119,7 @@ def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.distributed
 def test_sbatch_two_task_run(slurm, corpus_dir, data_cache, tmp_path):
     out = tmp_path / "run"
     job = sbatch(slurm, tmp_path, ["--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
@@ -144,6 +145,7 @@ def test_sbatch_bad_layout_fails_with_one_line(slurm, tmp_path):
     assert "torchrun" not in log and "rendezvous" in log
 
 
+@pytest.mark.distributed
 def test_usr1_saves_requeues_and_resumes(slurm, corpus_dir, data_cache, tmp_path):
     out = tmp_path / "run"
     steps = 40

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_dsv3, tiny_overrides
+from helpers import ROOT, run_dsv3, tiny_overrides
 
 KEYS = ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "val_loss")
 
@@ -28,6 +28,7 @@ def launch(script, overrides):
     return proc
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh", "accelerate.sh"])
 def test_launcher_two_cpu_processes(script, corpus_dir, data_cache, tmp_path):
     extra = {"train.steps": 3, "ckpt.every": 3, "train.eval_every": 3, "parallel.micro_batch_size": 2}

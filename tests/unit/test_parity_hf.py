@@ -17,9 +17,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV3Config  # noqa: E402
 
-from conftest import dsv3_checkpoint  # noqa: E402
+from helpers import dsv3_checkpoint, hf_config, hf_load, random_hf_model  # noqa: E402
 from dsv3 import load_model  # noqa: E402
 from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.checkpoint import export_hf, import_hf, load_hf_model  # noqa: E402
@@ -29,7 +29,7 @@ from dsv3.errors import DsvError  # noqa: E402
 from dsv3.generation import generate  # noqa: E402
 from dsv3.model import Transformer, rope_cos_sin, yarn_rope_scale, yarn_softmax_scale  # noqa: E402
 
-VOCAB = 128
+from helpers import HF_VOCAB as VOCAB  # noqa: E402
 TOL = 1e-5  # fp32 logits (observed <= 5e-6); the exactness cases' defects move them by more than 1
 
 
@@ -37,42 +37,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
-
-
-def hf_config(**kw) -> DeepseekV3Config:
-    """A tiny DeepSeek-V3 config: dim 64, 8 experts of which 2 active, 64 positions."""
-    base = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64,
-        routed_scaling_factor=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    base.update(kw)
-    return DeepseekV3Config(**base)
-
-
-def random_hf_model(cfg: DeepseekV3Config, seed: int) -> DeepseekV3ForCausalLM:
-    torch.manual_seed(seed)
-    cfg._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 1:  # RMSNorm weights
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:  # unit-scale activations: std = fan_in ** -0.5
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.3, 0.3)
-    return model
-
-
-def hf_load(path: Path):
-    model, info = DeepseekV3ForCausalLM.from_pretrained(str(path), output_loading_info=True,
-                                                        attn_implementation="eager")
-    return model.eval(), info
 
 
 CASES = {

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_dsv3, tiny_overrides
+from helpers import run_dsv3, run_script, tiny_overrides
 
 KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens")
 
@@ -13,6 +13,7 @@ def metrics(run_dir):
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.distributed
 def test_two_process_data_parallel_matches_single_process(corpus_dir, data_cache, tmp_path):
     common = {"train.steps": 4, "ckpt.every": 4, "train.eval_every": 4, "train.sample_tokens": 4}
     single = tmp_path / "single"
@@ -35,28 +36,11 @@ def test_two_process_data_parallel_matches_single_process(corpus_dir, data_cache
     assert (dp2 / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
 
 
-PROBE = """
-import atexit, sys
-import dsv3.cli, dsv3.parallel.distributed as d
-atexit.register(lambda: print("finalized", flush=True))
-def fake_main():
-    d._started = {started}
-    print("ran", flush=True)
-    return 3
-dsv3.cli.main = fake_main
-dsv3.cli.run()
-"""
-
-
 @pytest.mark.parametrize("started", [False, True])
 def test_entry_point_skips_finalization_after_joining_a_process_group(started):
     """A process that joined a process group ends without interpreter finalization (where a
     gloo worker thread still releasing the last collective's tensors aborts the process),
     keeping main()'s exit code; any other process exits normally."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(started=started)], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_script("exit_probe.py", [str(started)], timeout=120, check=False)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.split() == (["ran"] if started else ["ran", "finalized"])

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics as metrics, run_dsv3, tiny_overrides
+from helpers import ROOT, read_metrics as metrics, run_dsv3, run_script, tiny_overrides
 
 
 
@@ -20,7 +20,7 @@ def launch(args, nproc=1):
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv3"]
     import os
 
-    # same thread settings as conftest.run_dsv3, so numbers match runs made with it bit for bit
+    # same thread settings as helpers.run_dsv3, so numbers match runs made with it bit for bit
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
     return subprocess.Popen(env_cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -69,6 +69,7 @@ def test_signal_mid_run_then_resume_is_bitwise_identical(corpus_dir, data_cache,
     assert steps == sorted(set(steps)) and steps[-1] == 30 and len(steps) == 30
 
 
+@pytest.mark.distributed
 def test_two_process_signal_to_one_rank_and_resume(corpus_dir, data_cache, tmp_path):
     extra = {"train.steps": 16, "ckpt.every": 50, "train.eval_every": 8, "parallel.micro_batch_size": 2,
              "parallel.zero_stage": 1}
@@ -91,21 +92,14 @@ def test_two_process_signal_to_one_rank_and_resume(corpus_dir, data_cache, tmp_p
     assert metrics(out) == metrics(ref)
 
 
+@pytest.mark.distributed
 def test_resume_with_a_different_process_count(corpus_dir, data_cache, tmp_path):
     extra = {"train.steps": 6, "ckpt.every": 3, "train.eval_every": 3, "parallel.zero_stage": 1}
     ref = tmp_path / "ref"
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
     out = tmp_path / "run"
     two = tiny_overrides(corpus_dir, data_cache, out, **extra, **{"parallel.micro_batch_size": 2})
-    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
-            "Trainer(load_config(None, sys.argv[1:])).run(stop_after=3)")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-c", code,
-                    *two], check=False, capture_output=True, cwd=ROOT, timeout=300)
-    if not (out / "checkpoints" / "latest").is_file():  # torchrun has no -c: use a script file
-        script = tmp_path / "stop3.py"
-        script.write_text(code.replace("; ", "\n"))
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), *two], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    run_script("stop_after.py", ["3", *two], nproc=2)
     manifest = json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())
     assert (manifest["world_size"], manifest["processes"], manifest["parallel"]) == (
         2, 2, {"pp": 1, "ep": 1, "zero_stage": 1})
@@ -177,32 +171,12 @@ def test_a_damaged_optimizer_state_file_makes_a_checkpoint_unusable(tmp_path):
     assert checkpoint_problem(tmp_path) == "layout_free.safetensors is unreadable (SafetensorError)"
 
 
-NAN_AT_STEP = """
-import sys, torch
-import dsv3.model.transformer as T
-calls = {"n": 0}
-plain = T.Transformer.forward
-def forward(self, input_ids, labels=None, **kw):
-    out = plain(self, input_ids, labels, **kw)
-    if labels is not None and self.training:
-        calls["n"] += 1
-        if calls["n"] == 3:  # the 3rd training micro-batch = optimizer step 3
-            out.lm_loss_sum = out.lm_loss_sum * float("nan")
-    return out
-T.Transformer.forward = forward
-from dsv3.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_guard(corpus_dir, data_cache, tmp_path, policy):
     out = tmp_path / policy
-    script = tmp_path / "nan.py"
-    script.write_text(NAN_AT_STEP)
     args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
         "train.steps": 5, "ckpt.every": 2, "train.eval_every": 0, "train.nonfinite": policy})]
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = run_script("nan_at_step.py", ["model", "3", *args], check=False)
     recs = metrics(out)
     step3 = [r for r in recs if r["step"] == 3][0]
     assert step3["skipped"] is True

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_dsv3, tiny_overrides
-from test_parity_hf import hf_config, hf_load, random_hf_model
+from helpers import hf_config, hf_load, random_hf_model, run_dsv3, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
 

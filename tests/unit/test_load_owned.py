@@ -14,7 +14,7 @@ from dsv3.checkpoint import CheckpointWeights, HFWeights, export_hf, load_hf_mod
 from dsv3.errors import DsvError
 from dsv3.model.init import allocated_elements, materialize_
 from dsv3.parallel.layout import stage_prefixes
-from conftest import dsv3_checkpoint
+from helpers import dsv3_checkpoint
 from test_init import _LocalExperts, meta_model, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,0 +1,41 @@
+"""Every check of a parallel layout (dsv3/parallel/layout.py), in process: the ones ``dsv3 train
+--check WORLD`` and the trainer run before any process group exists."""
+
+import pytest
+
+from dsv3.config import load_config
+from dsv3.errors import DsvError
+from dsv3.parallel.layout import check_expert_parallel, check_launch, check_pipeline
+
+
+def test_stage_split_checks():
+    def cfg(**kw):
+        return load_config(None, [f"{k}={v}" for k, v in {"model.n_layers": 4, **kw}.items()])
+
+    assert check_pipeline(cfg(**{"parallel.pp": 2}), 4) is None  # by parameter count, decided later
+    assert check_pipeline(cfg(**{"parallel.pp": 2, "parallel.pp_partition": "3,1"}), 2) == [3, 1]
+    with pytest.raises(DsvError, match=r"parallel.pp=5 stages but the model has only model.n_layers=4 blocks"):
+        check_pipeline(cfg(**{"parallel.pp": 5}), 5)
+    with pytest.raises(DsvError, match=r"parallel.pp_partition='2,1' must be .* sum to model.n_layers=4 \(e.g. 2,2\)"):
+        check_pipeline(cfg(**{"parallel.pp": 2, "parallel.pp_partition": "2,1"}), 2)
+    with pytest.raises(DsvError, match=r"parallel.pp=2 does not divide the 3 process\(es\)"):
+        check_pipeline(cfg(**{"parallel.pp": 2}), 3)
+    with pytest.raises(DsvError, match=r"data.document_aware=true is not available with pipeline parallelism"):
+        check_pipeline(cfg(**{"parallel.pp": 2, "data.document_aware": True}), 2)
+
+
+def test_pipeline_with_ep_and_zero1_needs_a_moe_block_on_every_stage():
+    """DeepSpeed's ZeRO optimizer reduces one gradient norm per optimizer group over the stages; a
+    stage without MoE layers has no expert group and the run would hang: refused up front."""
+    def check(*extra):
+        return check_launch(load_config(None, ["parallel.pp=2", "parallel.ep=2", "model.n_layers=4", *extra]), 4)
+
+    with pytest.raises(DsvError, match=r"pipeline stage 0 holds only dense blocks \(0-0\), but with parallel.ep=2 and "
+                                       r"ZeRO stage 1 every stage needs a MoE block .*; set "
+                                       r"parallel.pp_partition=2,2 or parallel.zero_stage=0$"):
+        check("parallel.zero_stage=1", "parallel.pp_partition=1,3")
+    with pytest.raises(DsvError, match=r"blocks \(0-0\).*; set parallel.zero_stage=0$"):  # no split leaves MoE on both
+        check("parallel.zero_stage=1", "model.n_layers=2")
+    assert check("parallel.zero_stage=1") is None  # split by parameters: blocks 0-2 and 3
+    assert check("parallel.zero_stage=1", "parallel.pp_partition=2,2") == [2, 2]
+    assert check("parallel.zero_stage=0", "parallel.pp_partition=1,3") == [1, 3]
