@@ -66,10 +66,14 @@ def bench_data(cfg, max_mb: float = 16.0, repeats: int = 3, loader_steps: int = 
     from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
     from data_pipeline.prepare import parse_sources, prepare, run_task, token_dtype
     from data_pipeline.tasks import iter_documents, plan_tasks
+    from dsv3.errors import DsvError
     from dsv3.tokenizer import Tokenizer
 
     folder = prepare(cfg, progress=False)
     model_path = folder / "tokenizer.model"
+    if not model_path.is_file():
+        raise DsvError("dsv3 bench data measures dsv3's sentencepiece tokenizer, but data.tokenizer names a "
+                       "tokenizer.json; unset data.tokenizer to benchmark the pipeline")
     tok = Tokenizer.load(model_path)
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     d = cfg.data

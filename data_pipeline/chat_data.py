@@ -7,8 +7,9 @@ public function and class, a user asks what it does and the assistant answers wi
 docstring's first paragraph (parsed with ``ast``; nothing is imported or executed).
 
 Each conversation becomes one sample of ``data.seq_len`` positions: input ids (right-padded
-with the pad id) and labels from :func:`dsv3.chat.chat_labels` (``IGNORE_INDEX`` on system,
-user, role and padding tokens). Samples are stored as two int32 ``.npy`` arrays per split.
+with the pad id) and labels from :func:`dsv3.chat_format.chat_labels` (``IGNORE_INDEX`` on system,
+user, role and padding tokens): dsv3's chat format for its sentencepiece tokenizer, the
+model's own chat template for a released ``tokenizer.json``. Samples are stored as two int32 ``.npy`` arrays per split.
 """
 
 from __future__ import annotations
@@ -105,13 +106,14 @@ def _load_conversations(source: str | None, cache_dir: Path) -> list[list[dict[s
     return list(ds["messages"])
 
 
-def chat_key(cfg: Config, tokenizer_file: Path) -> str:
-    """Cache key of the prepared conversations: source, tokenizer, seq_len, split, seed."""
+def chat_key(cfg: Config, tok) -> str:
+    """Cache key of the prepared conversations: source, tokenizer (its fingerprint), seq_len,
+    split, seed."""
     parts = {
         "format": CHAT_FORMAT_VERSION,
         "source": source_fingerprint(cfg.data.source) if cfg.data.source else "stdlib-docstrings",
         "stdlib": str(stdlib_dir()) if not cfg.data.source else None,
-        "tokenizer": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+        "tokenizer": tok.fingerprint,
         "seq_len": cfg.data.seq_len,
         "val_fraction": cfg.data.val_fraction,
         "seed": cfg.train.seed,
@@ -119,25 +121,33 @@ def chat_key(cfg: Config, tokenizer_file: Path) -> str:
     return "chat-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_chat(cfg: Config, tokenizer_file: Path, progress: bool = True) -> Path:
+def prepare_chat(cfg: Config, tokenizer: Path | str, progress: bool = True) -> Path:
     """Tokenize conversations into fixed-length (ids, labels) samples; cached by :func:`chat_key`.
+
+    Args:
+        cfg: the run config (``data``, ``train.seed``, ``model.vocab_size``).
+        tokenizer: the tokenizer (a file or a folder holding one,
+            :func:`dsv3.tokenizer_files.open_tokenizer`): dsv3's sentencepiece model (dsv3 chat
+            format) or a released ``tokenizer.json`` with its chat template.
 
     Returns:
         The prepared folder with ``{train,val}_{ids,labels}.npy`` (int32, (N, seq_len)),
-        ``tokenizer.model`` and ``meta.json``.
+        the tokenizer's files and ``meta.json``.
 
     Raises:
-        DsvError: unreadable source, a conversation without an assistant reply, or too few
-            usable conversations (fewer than 2, or none left for validation).
+        DsvError: unreadable source, a conversation without an assistant reply, a chat template
+            that cannot mark the replies, a tokenizer with more ids than ``model.vocab_size``,
+            or too few usable conversations (fewer than 2, or none left for validation).
     """
-    from data_pipeline.prepare import cache_root, hf_cache_dir
+    from data_pipeline.prepare import cache_root, check_vocab_size, hf_cache_dir
     from dsv3.chat_format import chat_labels
-    from dsv3.tokenizer import Tokenizer
+    from dsv3.tokenizer_files import open_tokenizer
 
-    out = cache_root(cfg.data) / "prepared" / chat_key(cfg, tokenizer_file)
+    tok = open_tokenizer(tokenizer)
+    check_vocab_size(tok, cfg.model.vocab_size, f"the tokenizer {tokenizer}")
+    out = cache_root(cfg.data) / "prepared" / chat_key(cfg, tok)
     if (out / "meta.json").is_file():
         return out
-    tok = Tokenizer.load(tokenizer_file)
     convs = _load_conversations(cfg.data.source, hf_cache_dir(cfg.data))
     T = cfg.data.seq_len
     ids = np.full((len(convs), T), tok.pad_id, dtype=np.int32)
@@ -168,7 +178,7 @@ def prepare_chat(cfg: Config, tokenizer_file: Path, progress: bool = True) -> Pa
         for split, rows in splits.items():
             np.save(build / f"{split}_ids.npy", ids[np.sort(rows)])
             np.save(build / f"{split}_labels.npy", labels[np.sort(rows)])
-        shutil.copyfile(tokenizer_file, build / "tokenizer.model")
+        tok.save(build)
         meta = {"format": "chat", "version": CHAT_FORMAT_VERSION, "seq_len": T,
                 "n_samples": {k: int(len(v)) for k, v in splits.items()}, "truncated": truncated,
                 "dropped": len(convs) - kept, "source": cfg.data.source or "stdlib docstrings"}

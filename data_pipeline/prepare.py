@@ -6,11 +6,15 @@ Steps (see ``data_pipeline/README.md`` for the folder layout):
    ``data.shard_mb`` MB of input (:mod:`data_pipeline.tasks`); nothing is loaded.
 2. **Tokenizer.** Trained once, on training documents streamed from the tasks in a seeded
    order until ``10 * data.tokenizer_sample_size`` chunks were seen (sentencepiece keeps a
-   uniform sample of ``tokenizer_sample_size`` of them), or copied from ``data.tokenizer``.
-3. **Tasks.** Each task streams its documents, encodes them with sentencepiece in batches
+   uniform sample of ``tokenizer_sample_size`` of them), or taken from ``data.tokenizer``: a
+   sentencepiece model, or a released model's ``tokenizer.json`` (with its
+   ``tokenizer_config.json`` and chat template), whose files are saved into the folder as they
+   are; it must not have more ids than ``model.vocab_size`` (:func:`check_vocab_size`).
+3. **Tasks.** Each task streams its documents, encodes them with the tokenizer in batches
    (``data.num_proc`` worker processes on this node) and writes, for each split, one token
    shard ``shards/<split>-<task>.bin`` (little-endian uint16, uint32 when vocab_size >
-   65536; every document followed by EOS), its document index ``<split>-<task>.idx.npy``
+   65536; every document followed by EOS, and preceded by BOS for a tokenizer whose own
+   post-processor starts a text with it), its document index ``<split>-<task>.idx.npy``
    (int64 end offset of every document) and finally a record ``task-<task>.json`` with
    sizes and sha256 checksums. A task whose record exists and whose shards verify is skipped,
    so an interrupted prepare continues where it stopped. With several nodes
@@ -45,13 +49,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from data_pipeline.corpus import describe_source, source_fingerprint
-from data_pipeline.shards import (SPLITS, Progress, file_sha256, is_val, run_tasks, shard_names, task_done,
+from data_pipeline.shards import (SPLITS, Progress, is_val, run_tasks, shard_names, task_done,
                                   val_offset)
 from data_pipeline.tasks import iter_documents, plan_tasks
 from dsv3.config import Config, DataConfig
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
-from dsv3.tokenizer import TOKENIZER_VERSION, Tokenizer, train_tokenizer, training_chunks
+from dsv3.tokenizer import MODEL_FILE, TOKENIZER_VERSION, train_tokenizer, training_chunks
+from dsv3.tokenizer_files import find_tokenizer, open_tokenizer
 
 #: Bumped whenever the layout or content rules of a prepared folder change.
 FORMAT_VERSION = 3  # 3: whole json/parquet files grouped into tasks (a new plan)
@@ -134,24 +139,37 @@ def data_key(cfg: Config, fingerprint: list[dict[str, Any]] | None = None) -> st
         "val_fraction": d.val_fraction,
         "text_field": d.text_field,
         "shard_mb": d.shard_mb,
-        "tokenizer": file_sha256(given_tokenizer(d)) if d.tokenizer else None,
+        "tokenizer": open_tokenizer(given_tokenizer(d)).fingerprint if d.tokenizer else None,
     }
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def given_tokenizer(d: DataConfig) -> Path:
-    """The sentencepiece file named by ``data.tokenizer`` (a file, run dir or checkpoint folder).
+    """The tokenizer named by ``data.tokenizer``: a sentencepiece ``.model`` file, a
+    ``tokenizer.json`` file, or a folder holding either (a model folder, a run dir or
+    checkpoint folder); :func:`dsv3.tokenizer_files.open_tokenizer` opens the result.
 
     Raises:
         DsvError: nothing usable at that path.
     """
     p = Path(d.tokenizer).expanduser()
-    for cand in (p, p / "tokenizer.model"):
-        if cand.is_file():
-            return cand
-    raise DsvError(f"data.tokenizer={d.tokenizer} is not a sentencepiece model file nor a folder holding "
-                   "tokenizer.model; point it at one, or leave it unset to train a tokenizer on the corpus")
+    found = p if p.is_file() else find_tokenizer(p) if p.is_dir() else None
+    if found is None:
+        raise DsvError(f"data.tokenizer={d.tokenizer} is neither a tokenizer file (tokenizer.model, tokenizer.json) "
+                       "nor a folder holding one; point it at one, or leave it unset to train a tokenizer on the corpus")
+    return found
+
+
+def check_vocab_size(tok, vocab_size: int, what: str) -> None:
+    """Refuse a tokenizer with more ids than the model's embedding has rows.
+
+    Raises:
+        DsvError: ``tok.vocab_size > vocab_size``; the message names the setting to change.
+    """
+    if tok.vocab_size > vocab_size:
+        raise DsvError(f"{what} has {tok.vocab_size} entries but model.vocab_size is {vocab_size}; set "
+                       f"model.vocab_size={tok.vocab_size} (or larger) or use a tokenizer that fits")
 
 
 def prepared_path(cfg: Config) -> Path:
@@ -186,11 +204,12 @@ def _tokenizer_texts(tasks: list[dict], d: DataConfig, seed: int, cache_dir: str
                 return
 
 
-def _wait_for(path: Path, what: str, timeout: float) -> None:
+def _wait_for(work: Path, what: str, timeout: float) -> None:
+    """Wait until the prepare folder ``work`` holds a tokenizer."""
     t0 = time.monotonic()
-    while not path.exists():
+    while find_tokenizer(work) is None:
         if time.monotonic() - t0 > timeout:
-            raise DsvError(f"waited {timeout:.0f}s for {what} ({path}); start prepare rank 0 first, or raise "
+            raise DsvError(f"waited {timeout:.0f}s for {what} (in {work}); start prepare rank 0 first, or raise "
                            "DSV3_PREPARE_WAIT (seconds)")
         time.sleep(1.0)
 
@@ -252,28 +271,26 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
         if rank == 0 and not (work / "plan.json").is_file():
             atomic_write_text(work / "plan.json", json.dumps({"key": key, "tasks": tasks}, indent=1))
 
-        model = work / "tokenizer.model"
         t0 = time.perf_counter()
-        if rank == 0 and not model.is_file():
+        if rank == 0 and find_tokenizer(work) is None:
             if d.tokenizer:
-                tok = Tokenizer.load(given_tokenizer(d))
-                if tok.vocab_size > cfg.model.vocab_size:
-                    raise DsvError(f"data.tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
-                                   f"{cfg.model.vocab_size}; use a matching tokenizer or raise model.vocab_size")
-                shutil.copyfile(given_tokenizer(d), model)
+                tok = open_tokenizer(given_tokenizer(d))
+                check_vocab_size(tok, cfg.model.vocab_size, f"the tokenizer data.tokenizer={d.tokenizer}")
+                tok.save(work)
             else:
                 count = {"docs": 0, "train": 0}
                 try:
                     train_tokenizer(_tokenizer_texts(tasks, d, cfg.train.seed, cache_dir, count), cfg.model.vocab_size,
-                                    model, d.tokenizer_sample_size, seed=cfg.train.seed)
+                                    work / MODEL_FILE, d.tokenizer_sample_size, seed=cfg.train.seed)
                 except DsvError:
                     if count["train"]:
                         raise
                     _check_documents(count["docs"], d.source)
                     raise
         elif rank != 0:
-            _wait_for(model, "the tokenizer trained by prepare rank 0", float(os.environ.get("DSV3_PREPARE_WAIT", 7200)))
-        tok = Tokenizer.load(model)
+            _wait_for(work, "the tokenizer written by prepare rank 0", float(os.environ.get("DSV3_PREPARE_WAIT", 7200)))
+        model = find_tokenizer(work)
+        tok = open_tokenizer(model)
         t_tokenizer = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -337,7 +354,7 @@ def _check_documents(n_docs: int, source: Any) -> None:
                        "validation); add files, or use a .jsonl file with one document per line")
 
 
-def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok: Tokenizer, dtype: str) -> dict[str, Any]:
+def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok, dtype: str) -> dict[str, Any]:
     """``meta.json`` content from the finished task records (checks the split sizes)."""
     d = cfg.data
     shards: dict[str, list[dict]] = {s: [] for s in SPLITS}

@@ -26,7 +26,7 @@ import numpy as np
 from data_pipeline.tasks import iter_documents, task_bytes
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
-from dsv3.tokenizer import Tokenizer
+from dsv3.tokenizer_files import open_tokenizer
 
 SPLITS = ("train", "val")
 #: characters of text encoded per batch
@@ -107,9 +107,10 @@ class _Counter:
             self.last = now
 
 
-def _encode_flat(tok: Tokenizer, texts: list[str], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``texts``; returns (all ids with EOS after each document, lengths incl. EOS)."""
-    ids = tok.encode_batch(texts, num_threads=1)
+def _encode_flat(tok, texts: list[str], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts``; returns (all ids with EOS after each document, lengths incl. EOS). A
+    tokenizer with ``add_bos`` also starts each document with BOS."""
+    ids = tok.encode_batch(texts, bos=tok.add_bos, num_threads=1)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lens.sum()), dtype=dtype)
     ends = np.cumsum(lens)
@@ -120,7 +121,7 @@ def _encode_flat(tok: Tokenizer, texts: list[str], eos: int, dtype: np.dtype) ->
     return flat, lens
 
 
-def run_task(t: int, task: dict[str, Any], tok: Tokenizer, shards: Path, dtype: str, val_fraction: float,
+def run_task(t: int, task: dict[str, Any], tok, shards: Path, dtype: str, val_fraction: float,
              seed: int, text_field: str, cache_dir: str | None, counter: _Counter | None = None) -> dict[str, Any]:
     """Tokenize task ``t`` into its shards and record (see the module docstring).
 
@@ -198,7 +199,7 @@ _W: dict[str, Any] = {}
 
 def _worker_init(queue, args) -> None:
     _W["queue"], _W["args"] = queue, args
-    _W["tok"] = Tokenizer.load(args["model"])
+    _W["tok"] = open_tokenizer(args["model"])
 
 
 def _worker_run(item: tuple[int, dict]) -> tuple[str, Any]:
@@ -263,7 +264,7 @@ def run_tasks(todo: list[tuple[int, dict]], args: dict[str, Any], num_proc: int,
     if not todo:
         return
     if num_proc <= 1 or len(todo) == 1:
-        tok = Tokenizer.load(args["model"])
+        tok = open_tokenizer(args["model"])
         for t, task in todo:
             run_task(t, task, tok, Path(args["shards"]), args["dtype"], args["val_fraction"], args["seed"],
                      args["text_field"], args["cache_dir"], _Counter(lambda m: progress.add(*m[1:])))

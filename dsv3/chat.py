@@ -19,35 +19,46 @@ class StreamDecoder:
     """Incremental detokenizer: feed ids one by one, get only new, complete text back.
 
     Byte-fallback tokenizers split a character outside the vocabulary into several byte
-    tokens; decoding a prefix that ends inside such a character gives U+FFFD. The decoder
-    decodes the ids since the last point where the text was complete and withholds a
+    tokens, and byte-level BPE pieces (released tokenizer.json tokenizers) may end or start
+    inside a character; decoding a prefix that ends inside a character gives U+FFFD. The
+    decoder decodes the ids since the last point where the text was complete and withholds a
     trailing run of U+FFFD until a later id completes (or breaks) the character, so the
     concatenation of everything returned equals ``tok.decode(all ids)`` and no broken
-    character is ever emitted early.
+    character is ever emitted early. The pending ids are decoded after the last id of the
+    previous complete run (and that id's text is cut off again), so decoders that treat the
+    first token of a text specially (a leading space dropped) do so only once.
     """
 
     def __init__(self, tok):
-        """Args: tok: a :class:`dsv3.tokenizer.Tokenizer` (anything with ``decode``)."""
+        """Args: tok: a dsv3 tokenizer (anything with ``decode``)."""
         self.tok = tok
         self._ids: list[int] = []  # ids since the last complete point
-        self._sent = 0  # characters of decode(self._ids) already returned
+        self._sent = 0  # characters of the pending text already returned
+        self._ctx: list[int] = []  # the last id before the pending ones, decoded in front of them
+        self._ctx_len = 0  # characters of decode(self._ctx)
+
+    def _pending_text(self) -> str:
+        return self.tok.decode(self._ctx + self._ids)[self._ctx_len :]
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text that became complete ("" if none)."""
         self._ids.append(int(token_id))
-        text = self.tok.decode(self._ids)
+        text = self._pending_text()
         stable = len(text.rstrip("\ufffd"))
         new = text[self._sent : stable] if stable > self._sent else ""
-        if stable == len(text):
-            self._ids, self._sent = [], 0  # nothing pending: later text decodes on its own
+        if stable == len(text):  # nothing pending: later text decodes after this id
+            last = self._ids[-1:]
+            ctx_text = self.tok.decode(last)
+            self._ctx, self._ctx_len = (last, len(ctx_text)) if "\ufffd" not in ctx_text else ([], 0)
+            self._ids, self._sent = [], 0
         else:
             self._sent = max(self._sent, stable)
         return new
 
     def flush(self) -> str:
         """Return whatever is still withheld (U+FFFD for a truly incomplete character) and reset."""
-        text = self.tok.decode(self._ids)[self._sent :]
-        self._ids, self._sent = [], 0
+        text = self._pending_text()[self._sent :] if self._ids else ""
+        self._ids, self._sent, self._ctx, self._ctx_len = [], 0, [], 0
         return text
 
 

@@ -18,12 +18,20 @@ of messages ``{"role": "system" | "user" | "assistant", "content": str}`` and is
   ``<|end|>``, on which generation stops.
 
 Messages may come in any order (a system message is normally first, and only once).
+
+This is the format of dsv3's sentencepiece tokenizer. A tokenizer that comes with its own Jinja
+chat template (a released model's ``tokenizer.json``, :class:`dsv3.hf_tokenizer.HFTokenizer`)
+is formatted by that template instead (:mod:`dsv3.chat_template`); :func:`encode_chat`,
+:func:`chat_labels` and :func:`chat_stop_ids` pick the format from the tokenizer, so callers
+never branch. :data:`DSV3_CHAT_TEMPLATE` writes this format as a Jinja template, for exports
+(``transformers``' ``apply_chat_template`` then gives the ids of :func:`encode_chat`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from dsv3.chat_template import template_chat
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX
 from dsv3.tokenizer import CHAT_TOKENS
@@ -32,6 +40,25 @@ SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = 4, 5, 6, 7
 ROLE_IDS = {"system": SYSTEM_ID, "user": USER_ID, "assistant": ASSISTANT_ID}
 
 Message = Mapping[str, str]
+
+#: The dsv3 chat format as a Jinja chat template (``tokenizer_config.json`` of exports): the same
+#: text as ``tok.decode(encode_chat(...))`` with ``<s>`` in front, which ``transformers`` encodes
+#: to the ids of :func:`encode_chat` (role strings inside a content aside: there they are text).
+DSV3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('dsv3 chat roles are system, user and assistant') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def uses_dsv3_format(tok) -> bool:
+    """Whether ``tok`` chats in the dsv3 format (sentencepiece) rather than its own template."""
+    return tok.kind == "sentencepiece"
 
 
 def encode_content(tok, text: str) -> list[int]:
@@ -75,19 +102,26 @@ def _segments(tok, messages: Sequence[Message]):
 
 
 def encode_chat(tok, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-    """Encode a conversation in the dsv3 chat format (see the module docstring).
+    """Encode a conversation in the dsv3 chat format (see the module docstring), or, for a
+    tokenizer with a chat template, as that template renders it (the ids of
+    ``AutoTokenizer.apply_chat_template``).
 
     Args:
-        tok: a :class:`dsv3.tokenizer.Tokenizer`.
+        tok: a :class:`dsv3.tokenizer.Tokenizer` or :class:`dsv3.hf_tokenizer.HFTokenizer`.
         messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
-        add_generation_prompt: end with ``<|assistant|>`` so the model writes the next reply.
+        add_generation_prompt: end with ``<|assistant|>`` (the template's generation prompt) so
+            the model writes the next reply.
 
     Returns:
         Token ids: ``[2, role, *content, 7, role, *content, 7, ...]`` (+ ``6``).
 
     Raises:
-        DsvError: no messages, an unknown role, or a content that is not a string.
+        DsvError: no messages, an unknown role, or a content that is not a string; a template
+            that fails.
     """
+    if not uses_dsv3_format(tok):
+        _check_messages(messages)
+        return template_chat(tok).encode(messages, add_generation_prompt)
     ids = [i for span, _ in _segments(tok, messages) for i in span]
     if add_generation_prompt:
         ids.append(ASSISTANT_ID)
@@ -110,8 +144,11 @@ def chat_labels(tok, messages: Sequence[Message]) -> tuple[list[int], list[int]]
         ids    = [<s>,  <|system|>, S,    <|end|>, <|user|>, U,    <|end|>, <|assistant|>, A, <|end|>]
         labels = [-100, -100,       -100, -100,    -100,     -100, -100,    A,             <|end|>, -100]
 
+    With a chat template the trained tokens are the assistant turns as the template renders
+    them, up to and including their end-of-turn token (:meth:`dsv3.chat_template.TemplateChat.labels`).
+
     Args:
-        tok: a :class:`dsv3.tokenizer.Tokenizer`.
+        tok: a :class:`dsv3.tokenizer.Tokenizer` or :class:`dsv3.hf_tokenizer.HFTokenizer`.
         messages: as in :func:`encode_chat`.
 
     Returns:
@@ -119,8 +156,11 @@ def chat_labels(tok, messages: Sequence[Message]) -> tuple[list[int], list[int]]
 
     Raises:
         DsvError: the conversation has no assistant message (nothing to learn), or bad
-            messages as in :func:`encode_chat`.
+            messages as in :func:`encode_chat`; a template whose replies cannot be found.
     """
+    if not uses_dsv3_format(tok):
+        _check_messages(messages)
+        return template_chat(tok).labels(messages)
     ids: list[int] = []
     trained: list[bool] = []
     for span, learn in _segments(tok, messages):
@@ -136,5 +176,13 @@ def chat_labels(tok, messages: Sequence[Message]) -> tuple[list[int], list[int]]
 def chat_stop_ids(tok) -> list[int]:
     """Ids that end an assistant reply: ``<|end|>``, EOS, and every role marker
     (``<|user|>`` / ``<|system|>`` / ``<|assistant|>``: a model that starts another turn has
-    finished its reply)."""
+    finished its reply). With a chat template: its end-of-turn tokens, EOS and its turn markers
+    (:class:`dsv3.chat_template.TemplateChat`).
+
+    Raises:
+        DsvError: the tokenizer's template cannot be used for chat (no template, no assistant
+            marker, ...).
+    """
+    if not uses_dsv3_format(tok):
+        return list(template_chat(tok).stop_ids)
     return [END_ID, tok.eos_id, USER_ID, SYSTEM_ID, ASSISTANT_ID]

@@ -52,6 +52,17 @@ def _load_for_inference(args):
     return load_model(args.ckpt, max_memory=max_memory, offload_folder=args.offload_folder)
 
 
+def _load_tokenizer_for(model, path):
+    """The tokenizer of ``path``, checked to fit the model's embedding."""
+    from dsv3 import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise DsvError(f"the tokenizer of {path} has {tok.vocab_size} entries but the model's vocab_size is "
+                       f"{model.cfg.vocab_size}; put the tokenizer these weights were trained with next to them")
+    return tok
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help="token limit" + ("" if max_new_tokens else " per reply (default: min(256, max_seq_len/2))"))
@@ -182,7 +193,7 @@ def _print_sample(run_dir, cfg) -> None:
     model = load_model(run_dir)
     tok = load_tokenizer(run_dir)
     prompt = cfg.train.sample_prompt
-    ids = generate(model, tok.encode(prompt), cfg.train.sample_tokens, temperature=0.8, top_k=50,
+    ids = generate(model, tok.encode(prompt, bos=tok.add_bos), cfg.train.sample_tokens, temperature=0.8, top_k=50,
                    top_p=0.95, seed=cfg.train.seed, eos_ids=[tok.eos_id])
     print("----- sample -----")
     print(prompt + tok.decode(ids))
@@ -241,7 +252,6 @@ def _cmd_sft(args) -> None:
 def _cmd_generate(args) -> None:
     import time
 
-    from dsv3 import load_tokenizer
     from dsv3.generation import check_speculative, generate, generate_speculative
 
     if args.max_new_tokens <= 0:
@@ -251,9 +261,9 @@ def _cmd_generate(args) -> None:
     if not args.prompt:
         raise DsvError("--prompt is empty; give the text to continue")
     model = _load_for_inference(args)
-    tok = load_tokenizer(args.ckpt)
+    tok = _load_tokenizer_for(model, args.ckpt)
     _check_sampling(args, model.cfg.max_seq_len)
-    prompt = tok.encode(args.prompt)
+    prompt = tok.encode(args.prompt, bos=tok.add_bos)
     if not prompt:
         raise DsvError(f"--prompt {args.prompt!r} encodes to no tokens; give the text to continue")
     if not args.speculative:
@@ -279,11 +289,10 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_chat(args) -> None:
-    from dsv3 import load_tokenizer
     from dsv3.chat import chat_loop
 
     model = _load_for_inference(args)
-    tok = load_tokenizer(args.ckpt)
+    tok = _load_tokenizer_for(model, args.ckpt)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.cfg.max_seq_len // 2)
     _check_sampling(args, model.cfg.max_seq_len)

@@ -28,6 +28,7 @@ Design points:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -182,18 +183,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
     return Tokenizer.load(out_path)
 
 
+#: The file name of a sentencepiece tokenizer in run, checkpoint and prepared folders.
+MODEL_FILE = "tokenizer.model"
+
+
 class Tokenizer:
     """A loaded sentencepiece model with the dsv3 conventions (see the module docstring).
 
+    The interface every dsv3 tokenizer offers (this class, and
+    :class:`dsv3.hf_tokenizer.HFTokenizer` for a released model's ``tokenizer.json``):
+    ``encode``, ``encode_batch``, ``decode``, ``id_to_piece``, ``piece_to_id``,
+    ``is_special``, ``save``, and the attributes below. Chat formatting goes through
+    :mod:`dsv3.chat_format`, which picks the dsv3 chat format for this class.
+
     Attributes:
         path: the ``.model`` file it was loaded from.
+        kind: ``"sentencepiece"``.
         vocab_size: number of pieces; every id produced is in ``[0, vocab_size)``.
         pad_id, unk_id, bos_id, eos_id: 0, 1, 2, 3.
         special_ids: ``{"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "<|system|>": 4,
             "<|user|>": 5, "<|assistant|>": 6, "<|end|>": 7}``.
+        add_bos: False: dsv3 documents and prompts do not start with BOS.
+        chat_template: None: the chat format is dsv3's own (:mod:`dsv3.chat_format`).
+        files: ``{"tokenizer.model": the model bytes}``.
 
     Instances pickle as their model bytes, so they can be sent to worker processes.
     """
+
+    kind = "sentencepiece"
+    add_bos = False
+    chat_template = None
 
     def __init__(self, model_proto: bytes, path: Path | str | None = None):
         """Build from serialized model bytes; prefer :meth:`load`.
@@ -244,6 +263,26 @@ class Tokenizer:
 
     def __getstate__(self) -> dict:
         return {"proto": self._proto, "path": self.path}
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """``{file name: bytes}`` that :meth:`save` writes."""
+        return {MODEL_FILE: self._proto}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the model bytes (the ``.model`` file's checksum)."""
+        return hashlib.sha256(self._proto).hexdigest()
+
+    def save(self, folder: Path | str) -> list[Path]:
+        """Write ``tokenizer.model`` into ``folder`` atomically; returns its path in a list."""
+        target = Path(folder) / MODEL_FILE
+        atomic_write_bytes(target, self._proto)
+        return [target]
+
+    def is_special(self, i: int) -> bool:
+        """Whether id ``i`` is one of the fixed special ids (<pad> ... <|end|>, ids 0-7)."""
+        return 0 <= int(i) < len(self.special_ids)
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["proto"], state["path"])

@@ -23,7 +23,7 @@ HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 HF_MODEL_TYPE = "deepseek_v3"
 HF_SINGLE = WEIGHTS  # a single-file Hugging Face checkpoint uses the same name
 HF_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_GENERATION_CONFIG = "generation_config.json"
 
 #: Values transformers' ``DeepseekV3Config`` assumes for keys a ``config.json`` leaves out
 #: (the official 671B settings).

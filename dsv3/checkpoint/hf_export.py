@@ -13,19 +13,62 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint.files import HF_CONFIG, TOKENIZER, WEIGHTS, is_hf_folder, read_checkpoint_config, resolve_checkpoint
-from dsv3.checkpoint.hf_config import HF_INDEX, HF_SINGLE, model_config_to_hf
+from dsv3.chat_format import DSV3_CHAT_TEMPLATE, chat_stop_ids, uses_dsv3_format
+from dsv3.checkpoint.files import HF_CONFIG, WEIGHTS, is_hf_folder, read_checkpoint_config, resolve_checkpoint
+from dsv3.checkpoint.hf_config import HF_GENERATION_CONFIG, HF_INDEX, HF_SINGLE, model_config_to_hf
 from dsv3.checkpoint.hf_import import FP32_KEEP, finish_out, prepare_out
 from dsv3.checkpoint.safetensors_io import TensorWriter, dtype_of, itemsize
 from dsv3.checkpoint.weights import expected_shapes, shape_problems
 from dsv3.config import ModelConfig
 from dsv3.errors import DsvError
+from dsv3.hf_tokenizer import TOKENIZER_CONFIG
+from dsv3.tokenizer import BOS, EOS, PAD, UNK
+from dsv3.tokenizer_files import find_tokenizer, open_tokenizer, tokenizer_files_in
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def dsv3_tokenizer_config(max_seq_len: int) -> dict:
+    """``tokenizer_config.json`` for dsv3's sentencepiece ``tokenizer.model``: ``transformers``
+    (5 or newer) builds its fast tokenizer from the model file and gets the same ids as
+    :class:`dsv3.tokenizer.Tokenizer`; the chat template is :data:`DSV3_CHAT_TEMPLATE`."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": max_seq_len, "chat_template": DSV3_CHAT_TEMPLATE,
+    }
+
+
+def _write_tokenizer(folder: Path, tmp: Path, max_seq_len: int, hf: dict) -> None:
+    """Write the checkpoint's tokenizer into the export ``tmp`` with ``generation_config.json``,
+    and its special ids into the config.json dict ``hf`` (module docstring of :func:`export_hf`)."""
+    if find_tokenizer(folder) is None:
+        return
+    tok = open_tokenizer(folder)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    hf.update({k: v for k, v in ids.items() if v is not None})
+    if uses_dsv3_format(tok):
+        tok.save(tmp)
+        (tmp / TOKENIZER_CONFIG).write_text(json.dumps(dsv3_tokenizer_config(max_seq_len), indent=2,
+                                                       ensure_ascii=False) + "\n", encoding="utf-8")
+    else:  # a released tokenizer: its files as they are
+        for f in tokenizer_files_in(folder):
+            shutil.copyfile(f, tmp / f.name)
+    stops = [tok.eos_id]
+    if uses_dsv3_format(tok) or tok.chat_template is not None:
+        try:
+            stops = chat_stop_ids(tok)
+        except DsvError as err:
+            print(f"warning: generation_config.json stops at EOS only: {err}", file=sys.stderr)
+    gen = {k: v for k, v in ids.items() if v is not None}
+    gen["eos_token_id"] = stops
+    (tmp / HF_GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
 
 def _hf_pieces(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple[str, int | None]]:
@@ -55,10 +98,17 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
 
     ``ckpt`` is a run directory or checkpoint folder (see
     :func:`dsv3.checkpoint.resolve_checkpoint`). ``out_dir`` receives ``config.json``
-    (:func:`model_config_to_hf`, plus ``dtype`` and, when the checkpoint has a dsv3
-    ``tokenizer.model``, its ids pad 0 / bos 2 / eos 3), the weights as ``model.safetensors`` or,
-    above ``max_shard_bytes``, as ``model-0000i-of-0000n.safetensors`` shards with
-    ``model.safetensors.index.json``, and ``tokenizer.model`` when present. Experts are written
+    (:func:`model_config_to_hf`, plus ``dtype`` and the tokenizer's pad / bos / eos ids: 0 / 2 /
+    3 for dsv3's ``tokenizer.model``), the weights as ``model.safetensors`` or, above
+    ``max_shard_bytes``, as ``model-0000i-of-0000n.safetensors`` shards with
+    ``model.safetensors.index.json``, and the tokenizer so that serving stacks use it as it
+    is: dsv3's ``tokenizer.model`` with a ``tokenizer_config.json``
+    (:func:`dsv3_tokenizer_config`: special tokens, the chat template
+    :data:`dsv3.chat_format.DSV3_CHAT_TEMPLATE`), or a released model's tokenizer files as
+    they are; plus ``generation_config.json`` with the special ids and, as ``eos_token_id``,
+    every id a reply stops at (:func:`dsv3.chat_format.chat_stop_ids`: the end-of-turn token
+    first, then EOS and the turn markers), so ``generate`` ends a reply where ``dsv3 chat``
+    does. Experts are written
     per expert (``model.layers.N.mlp.experts.E.gate_proj.weight``), the layout transformers
     loads without missing or unexpected keys; MTP module k is layer ``n_layers + k - 1`` with
     its own copies of ``embed_tokens`` and ``shared_head.head``, as in the official release
@@ -143,9 +193,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
         hf = model_config_to_hf(cfg)
         floats = {td for key, _, _, td, _ in plan if td.is_floating_point and ".mlp.gate." not in key}
         hf["dtype"] = str(floats.pop() if len(floats) == 1 else torch.float32).removeprefix("torch.")
-        if (folder / TOKENIZER).is_file():  # dsv3.tokenizer fixes <pad>=0, <s>=2, </s>=3
-            hf.update(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-            shutil.copyfile(folder / TOKENIZER, tmp / TOKENIZER)
+        _write_tokenizer(folder, tmp, cfg.max_seq_len, hf)
         (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         finish_out(tmp, out)
     except BaseException:

@@ -4,7 +4,8 @@ A Hugging Face folder holds ``config.json`` (:mod:`dsv3.checkpoint.hf_config`) a
 ``model.safetensors`` or several shards listed by ``model.safetensors.index.json``
 (``weight_map``: tensor name -> shard file). A dsv3 checkpoint folder holds ``model.safetensors`` (the state dict of
 :class:`dsv3.model.Transformer`), ``config.yaml`` (a full :class:`dsv3.config.Config`) and,
-when known, ``tokenizer.model``.
+when known, the tokenizer (``tokenizer.model``, or a released model's ``tokenizer.json`` with
+its ``tokenizer_config.json`` and chat template).
 
 Name mapping (dsv3 module names equal the Hugging Face keys minus the ``model.`` prefix):
 
@@ -58,13 +59,13 @@ from typing import Any
 import torch
 
 from dsv3.checkpoint.files import CONFIG, WEIGHTS
-from dsv3.checkpoint.hf_config import (HF_INDEX, HF_SINGLE, TOKENIZER_FILES, hf_config_to_model_config,
-                                       read_hf_config)
+from dsv3.checkpoint.hf_config import HF_INDEX, HF_SINGLE, hf_config_to_model_config, read_hf_config
 from dsv3.checkpoint.safetensors_io import TensorWriter, dtype_of
 from dsv3.checkpoint.weights import expected_shapes
 from dsv3.config import Config, DataConfig, ModelConfig, save_config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
+from dsv3.tokenizer_files import tokenizer_files_in
 
 log = logging.getLogger(__name__)
 
@@ -494,9 +495,10 @@ def import_hf(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     ``model.safetensors.index.json``, streaming one tensor (one expert slice) at a time.
     Writes ``out_dir/model.safetensors`` (dsv3 names, stacked experts), ``out_dir/config.yaml``
     (a full :class:`Config` whose ``model`` comes from :func:`hf_config_to_model_config`) and
-    copies ``tokenizer.model`` (and ``tokenizer.json``/``tokenizer_config.json``/
-    ``special_tokens_map.json``) when present. Everything is written to a temp folder first,
-    then renamed, so a failure leaves nothing behind.
+    copies the tokenizer files as they are when present (``tokenizer.json``,
+    ``tokenizer_config.json``, ``chat_template.jinja``, ``special_tokens_map.json``,
+    ``tokenizer.model``; :data:`dsv3.tokenizer_files.TOKENIZER_FILES`). Everything is written
+    to a temp folder first, then renamed, so a failure leaves nothing behind.
 
     Dtypes: tensors keep their stored dtype; FP8 weights are dequantized to bfloat16; the
     router weight and bias are float32. ``dtype`` (e.g. ``torch.bfloat16``) casts the rest.
@@ -523,9 +525,8 @@ def import_hf(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
                 writer.write(name, tensor, index)
         seq_len = min(DataConfig().seq_len, plan.cfg.max_seq_len)
         save_config(Config(model=plan.cfg, data=DataConfig(seq_len=seq_len)), tmp / CONFIG)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        for f in tokenizer_files_in(src):
+            shutil.copyfile(f, tmp / f.name)
         finish_out(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

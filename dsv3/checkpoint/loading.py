@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint.files import TOKENIZER, WEIGHTS, is_hf_folder, read_checkpoint_config, resolve_checkpoint
+from dsv3.checkpoint.files import WEIGHTS, is_hf_folder, read_checkpoint_config, resolve_checkpoint
 from dsv3.checkpoint.hf_import import HFWeights, load_hf_model
 from dsv3.checkpoint.weights import CheckpointWeights
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
-from dsv3.tokenizer import Tokenizer
+from dsv3.tokenizer_files import find_tokenizer, open_tokenizer
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -69,26 +69,43 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def tokenizer_path(path: str | Path) -> Path:
-    """Find ``tokenizer.model`` for a run directory, checkpoint folder or the file itself."""
+    """The tokenizer file of a run directory, checkpoint folder or Hugging Face folder, or the
+    file itself: ``tokenizer.json`` (a released model's tokenizer; its config and chat template
+    lie next to it) or else ``tokenizer.model`` (dsv3's sentencepiece model).
+
+    Raises:
+        DsvError: no tokenizer there.
+    """
     p = Path(path)
     if p.is_file():
         return p
-    if (p / TOKENIZER).is_file():
-        return p / TOKENIZER
-    cand = resolve_checkpoint(p) / TOKENIZER
-    if cand.is_file():
-        return cand
-    raise DsvError(f"no {TOKENIZER} found for {p}; pass the run directory of the training run")
+    found = find_tokenizer(p) if p.is_dir() else None
+    if found is not None:
+        return found
+    if p.is_dir() and is_hf_folder(p):
+        raise DsvError(f"the Hugging Face folder {p} has no tokenizer (tokenizer.json or tokenizer.model); "
+                       "copy the model's tokenizer files into it")
+    found = find_tokenizer(resolve_checkpoint(p))
+    if found is not None:
+        return found
+    raise DsvError(f"no tokenizer (tokenizer.model or tokenizer.json) found for {p}; pass the run directory "
+                   "of the training run")
 
 
 def load_tokenizer(path: str | Path):
-    """Load the sentencepiece tokenizer of a run directory, checkpoint folder or ``.model`` file.
+    """Load the tokenizer of a run directory, checkpoint folder or Hugging Face folder, or a
+    ``.model`` / ``tokenizer.json`` file.
 
     Returns:
-        :class:`dsv3.tokenizer.Tokenizer` with ``encode(str) -> list[int]`` and
-        ``decode(list[int]) -> str``.
+        :class:`dsv3.tokenizer.Tokenizer` (sentencepiece) or
+        :class:`dsv3.hf_tokenizer.HFTokenizer` (``tokenizer.json``), both with
+        ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``bos_id``, ``eos_id``,
+        ``vocab_size``; chat formatting through :mod:`dsv3.chat_format`.
+
+    Raises:
+        DsvError: no tokenizer there, or it does not load.
     """
-    return Tokenizer.load(tokenizer_path(path))
+    return open_tokenizer(tokenizer_path(path))
 
 
 def open_weights(path: str | Path):

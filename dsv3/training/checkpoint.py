@@ -11,7 +11,8 @@ The folder layout and its names are :mod:`dsv3.checkpoint.files`; under
                                   dsv3.parallel.layout_free; pipelines write only these)
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
         config.yaml               the run's resolved config
-        tokenizer.model           the sentencepiece model
+        tokenizer.model           the tokenizer: dsv3's sentencepiece model, or a released
+                                  model's tokenizer.json, tokenizer_config.json, chat_template.jinja
         rng_rankNNNNN.json        each rank's Python / NumPy / torch RNG states
         manifest.json             every file with its size; written once all ranks finished
     latest                        name of the newest complete folder
@@ -33,14 +34,15 @@ import base64
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dsv3.checkpoint.files import (CONFIG, LATEST, LAYOUT_FREE, MANIFEST, TOKENIZER, WEIGHTS, previous_good, prune,
-                                   rng_file, tag_for)
+from dsv3.checkpoint.files import (CONFIG, LATEST, LAYOUT_FREE, MANIFEST, WEIGHTS, previous_good, prune, rng_file,
+                                   tag_for)
 from dsv3.collectives import all_reduce_sum, barrier
 from dsv3.config import Config, save_config
 from dsv3.errors import DsvError
@@ -80,14 +82,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_path: Path, rank: int, pipe=None) -> Path:
+                    tokenizer_files: Sequence[Path], rank: int, pipe=None) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
     Every rank writes its part of the DeepSpeed state, its RNG states and its share of
     ``model.safetensors``, which holds the whole model in the single-process layout
     (:func:`dsv3.parallel.unsplit_save.save_weights`: each rank writes the bytes it holds,
-    nothing is gathered). Rank 0 adds ``config.yaml``, ``tokenizer.model`` and, once all ranks
-    are done, ``manifest.json`` (every file with its size) and then moves ``latest``.
+    nothing is gathered). Rank 0 adds ``config.yaml``, the tokenizer (copies of
+    ``tokenizer_files``, e.g. ``tokenizer.model``) and, once all ranks are done,
+    ``manifest.json`` (every file with its size) and then moves ``latest``.
 
     With expert parallelism (:mod:`dsv3.parallel.expert_parallel`) each EP rank also writes
     its experts into DeepSpeed's per-expert files under their global index. Runs with expert
@@ -135,7 +138,8 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
         atomic_write_text(rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
             save_config(cfg, folder / CONFIG)
-            shutil.copyfile(tokenizer_path, folder / TOKENIZER)
+            for f in tokenizer_files:
+                shutil.copyfile(f, folder / f.name)
     except (OSError, RuntimeError) as exc:
         failure += 1
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

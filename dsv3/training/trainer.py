@@ -35,7 +35,6 @@ from dsv3.checkpoint import (CHECKPOINTS, CONFIG, MANIFEST, TOKENIZER, WEIGHTS, 
 from dsv3.collectives import all_reduce_sum, barrier
 from dsv3.config import Config, save_config, validate
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
-from dsv3.fileio import atomic_write_bytes
 from dsv3.hardware import DTYPES, measure_peak_tflops
 from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, label_counts, materialize_, training_loss
 from dsv3.model.init import WeightsSource, allocated_elements
@@ -45,6 +44,7 @@ from dsv3.parallel.distributed import DistInfo, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.parallel.layout import check_launch
 from dsv3.parallel.pipeline import PipelineRun
+from dsv3.tokenizer_files import find_tokenizer, open_tokenizer
 from dsv3.training.balance import update_expert_bias
 from dsv3.training.checkpoint import load_rng, save_checkpoint, seed_everything
 from dsv3.training.metrics import Console, MetricsLogger, step_record
@@ -57,7 +57,8 @@ def _log(info: DistInfo, msg: str) -> None:
 
 
 def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
-    """Open ``train.init_from`` and adopt its model section (and, unless set, its tokenizer).
+    """Open ``train.init_from`` and adopt its model section (and, unless set, its tokenizer:
+    ``tokenizer.json`` or ``tokenizer.model``, see :func:`dsv3.tokenizer_files.find_tokenizer`).
 
     Reads only the headers (names, shapes) and configs; each rank later reads the tensors it
     holds (:func:`dsv3.model.init.materialize_` with the returned source).
@@ -76,13 +77,12 @@ def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
     cfg.model, source = open_weights(cfg.train.init_from)
     if cfg.data.tokenizer is None:
         src = Path(cfg.train.init_from)
-        candidates = [src / TOKENIZER]
-        if not is_hf_folder(src):
-            candidates.append(resolve_checkpoint(src) / TOKENIZER)
-        found = next((c for c in candidates if c.is_file()), None)
+        found = find_tokenizer(src)
+        if found is None and not is_hf_folder(src):
+            found = find_tokenizer(resolve_checkpoint(src))
         if found is None:
-            raise DsvError(f"train.init_from={src} has no {TOKENIZER}; set data.tokenizer to the sentencepiece "
-                           "model these weights were trained with")
+            raise DsvError(f"train.init_from={src} has no tokenizer ({TOKENIZER} or tokenizer.json); set "
+                           "data.tokenizer to the tokenizer these weights were trained with")
         cfg.data.tokenizer = str(found)
     validate(cfg)
     return cfg, source
@@ -120,11 +120,12 @@ class Trainer:
                            f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch")
 
         self.resume_tag = self._pick_checkpoint()  # before writing anything into out_dir
+        self.tokenizer_files: list[Path] = []  # the run's tokenizer files (rank 0), copied into each checkpoint
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(exist_ok=True)
             save_config(cfg, self.out_dir / CONFIG)
-            atomic_write_bytes(self.out_dir / TOKENIZER, (self.data_dir / TOKENIZER).read_bytes())
+            self.tokenizer_files = open_tokenizer(self.data_dir).save(self.out_dir)
         barrier()
 
         seed_everything(cfg.train.seed + self.info.rank)
@@ -474,7 +475,7 @@ class Trainer:
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.out_dir / TOKENIZER, self.info.rank, pipe=self.pipe)
+                                self.tokenizer_files, self.info.rank, pipe=self.pipe)
             if signalled and done < t.steps:
                 logger.close()
                 console.close()

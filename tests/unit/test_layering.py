@@ -4,8 +4,8 @@ Layers (a module may import from its own layer or below; the README's Layout sec
 them)::
 
     0  dsv3.errors, dsv3.fileio, dsv3.hardware, dsv3.collectives
-    1  dsv3.config, dsv3.tokenizer
-    2  dsv3.model.*, dsv3.chat_format
+    1  dsv3.config, dsv3.tokenizer, dsv3.hf_tokenizer, dsv3.tokenizer_files
+    2  dsv3.model.*, dsv3.chat_format, dsv3.chat_template
     3  dsv3.checkpoint.*
     4  data_pipeline.*
     5  dsv3.parallel.*
@@ -29,8 +29,8 @@ PACKAGES = ("dsv3", "data_pipeline")
 
 LAYERS: list[tuple[str, int]] = [  # (module or package prefix, layer); the longest match wins
     ("dsv3.errors", 0), ("dsv3.fileio", 0), ("dsv3.hardware", 0), ("dsv3.collectives", 0),
-    ("dsv3.config", 1), ("dsv3.tokenizer", 1),
-    ("dsv3.model", 2), ("dsv3.chat_format", 2),
+    ("dsv3.config", 1), ("dsv3.tokenizer", 1), ("dsv3.hf_tokenizer", 1), ("dsv3.tokenizer_files", 1),
+    ("dsv3.model", 2), ("dsv3.chat_format", 2), ("dsv3.chat_template", 2),
     ("dsv3.checkpoint", 3),
     ("data_pipeline", 4),
     ("dsv3.parallel", 5),
