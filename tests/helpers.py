@@ -1,6 +1,8 @@
 """Helpers shared by the tests: the repository root, a tiny model's overrides, running the
-``dsv3`` command (under torchrun for several processes), a random dsv3 checkpoint, and
-reading / comparing ``metrics.jsonl``. Fixtures are in ``conftest.py``."""
+``dsv3`` command (under torchrun for several processes), a random dsv3 checkpoint,
+reading / comparing ``metrics.jsonl``, tiny transformers models, a released-style byte-level
+BPE tokenizer with a chat template, and chatting through ``dsv3 chat`` / transformers.
+Fixtures are in ``conftest.py``."""
 
 import json
 import os
@@ -156,3 +158,137 @@ def hf_load(path: Path):
     model, info = DeepseekV3ForCausalLM.from_pretrained(str(path), output_loading_info=True,
                                                         attn_implementation="eager")
     return model.eval(), info
+
+
+# ---------------------------------------------------------------- released-model tokenizers
+# A byte-level BPE tokenizer in the style of DeepSeek's releases, built here with the tokenizers
+# library (no download): full-width special tokens, BOS added by the post-processor, and a chat
+# template in DeepSeek's format (system text after BOS, <｜User｜> / <｜Assistant｜> turns, a reply
+# ended by <｜end▁of▁sentence｜>).
+DS_BOS, DS_EOS, DS_PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+DS_USER, DS_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+DS_CHAT_TEMPLATE = """{%- set ns = namespace(system='') -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- set ns.system = ns.system + message['content'] -%}
+    {%- endif -%}
+{%- endfor -%}
+{{ bos_token }}{{ ns.system }}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}
+        {{ '<｜User｜>' + message['content'] }}
+    {%- elif message['role'] == 'assistant' -%}
+        {{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<｜Assistant｜>' }}
+{%- endif -%}
+"""
+TOKENIZER_TEXTS = ["textwrap.py", "shlex.py", "colorsys.py", "bisect.py", "heapq.py"]
+
+
+def byte_level_bpe(vocab_size: int = 600, bpe_size: int | None = None, placeholders: int = 0):
+    """A ``tokenizers.Tokenizer``: byte-level BPE trained on a few standard-library files to
+    ``vocab_size`` entries (BOS, EOS, padding at ids 0, 1, 2; digits pre-split in runs of up to
+    3), the special chat markers ``<｜User｜>`` and ``<｜Assistant｜>`` added after the vocabulary,
+    and a post-processor that starts a text with BOS.
+
+    ``bpe_size``: grow the BPE vocabulary to this size with merges of learned pieces (pairs of
+    the most frequent pieces, appended after the learned merges, so the trained ones keep their
+    priority), which is how a vocabulary of DeepSeek's size (128000 BPE entries) is made quickly
+    from a small corpus. ``placeholders``: that many more special tokens
+    (``<｜place▁holder▁no▁N｜>``), as in DeepSeek's releases.
+    """
+    import json as _json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts = [(STDLIB / n).read_text(encoding="utf-8") for n in TOKENIZER_TEXTS]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DS_BOS, DS_EOS, DS_PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    if bpe_size:
+        spec = _json.loads(tk.to_str())
+        vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+        pieces = [p for p, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if p not in (DS_BOS, DS_EOS, DS_PAD)]
+        done = False
+        for a in pieces:
+            for b in pieces:
+                if len(vocab) >= bpe_size:
+                    done = True
+                    break
+                if a + b not in vocab:
+                    vocab[a + b] = len(vocab)
+                    merges.append([a, b])
+            if done:
+                break
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in (DS_BOS, DS_EOS, DS_PAD)]
+        tk = Tokenizer.from_str(_json.dumps(spec))
+    extra = [DS_USER, DS_ASSISTANT] + [f"<｜place▁holder▁no▁{i}｜>" for i in range(placeholders)]
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra])
+    tk.post_processor = processors.TemplateProcessing(single=f"{DS_BOS} $A", pair=f"{DS_BOS} $A {DS_BOS} $B",
+                                                      special_tokens=[(DS_BOS, 0)])
+    return tk
+
+
+def write_released_tokenizer(tk, folder: Path, template: str | None = DS_CHAT_TEMPLATE, **config) -> Path:
+    """Write ``tk`` as a released model ships it: ``tokenizer.json`` and a ``tokenizer_config.json``
+    naming the special tokens (as DeepSeek's: ``LlamaTokenizerFast``, ``add_bos_token``) with the
+    chat template; ``config`` adds or replaces keys (None removes one). Returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    cfg = {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+           "bos_token": {"__type": "AddedToken", "content": DS_BOS, "lstrip": False, "normalized": True,
+                         "rstrip": False, "single_word": False},
+           "eos_token": {"__type": "AddedToken", "content": DS_EOS, "lstrip": False, "normalized": True,
+                         "rstrip": False, "single_word": False},
+           "pad_token": DS_PAD, "unk_token": None, "clean_up_tokenization_spaces": False,
+           "model_max_length": 16384, "legacy": True, "chat_template": template}
+    cfg.update(config)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def save_pretrained_tokenizer(tk, folder: Path, template: str = DS_CHAT_TEMPLATE) -> Path:
+    """Write ``tk`` with transformers' ``save_pretrained`` (tokenizer.json, tokenizer_config.json,
+    chat_template.jinja), special tokens in DeepSeek's style. Returns ``folder``."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=DS_BOS, eos_token=DS_EOS, pad_token=DS_PAD,
+                                 chat_template=template)
+    hf.save_pretrained(str(folder))
+    return folder
+
+
+def chat_jsonl(run, n: int, text: str) -> dict:
+    """``dsv3 chat --temperature 0 --jsonl`` on one user message: its JSON reply line."""
+    proc = subprocess.run([sys.executable, "-m", "dsv3", "chat", "--ckpt", str(run), "--temperature", "0",
+                           "--max-new-tokens", str(n), "--jsonl"], input=json.dumps({"content": text}) + "\n",
+                          capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return json.loads(proc.stdout)
+
+
+def transformers_reply(export, messages, n: int):
+    """(chat ids of transformers' AutoTokenizer for ``messages`` with the generation prompt, the
+    ids transformers' greedy ``generate`` appends, those ids without a final stop id)."""
+    import torch
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+
+    auto = AutoTokenizer.from_pretrained(str(export))
+    ids = auto.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    model = DeepseekV3ForCausalLM.from_pretrained(str(export), attn_implementation="eager").eval()
+    stops = model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)
+    new = out[0, len(ids):].tolist()
+    return ids, new, (new[:-1] if new and new[-1] in stops else new)

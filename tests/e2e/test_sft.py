@@ -70,3 +70,35 @@ def test_sft_errors(pretrained, data_cache, tmp_path):
     assert "conversation 0" in line and "no assistant message" in line
     proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", "train.init_from=null"], check=False)
     assert proc.returncode == 2 and "needs train.init_from" in proc.stderr
+
+
+def test_sft_model_export_chats_in_transformers_like_dsv3_chat(pretrained, data_cache, tmp_path):
+    """The export of a fine-tuned model with dsv3's own tokenizer writes tokenizer_config.json
+    (special tokens, a chat template that renders dsv3's chat format) and generation_config.json
+    (EOS ids = the chat stop ids, <|end|> first): transformers' AutoTokenizer gives dsv3's chat
+    ids and its greedy generate the reply of dsv3 chat --temperature 0."""
+    pytest.importorskip("transformers")
+    from helpers import chat_jsonl, transformers_reply
+
+    from dsv3 import load_tokenizer
+    from dsv3.chat_format import END_ID, chat_stop_ids, encode_chat
+
+    run = tmp_path / "sft"
+    run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", "--no-sample",
+              *sft_overrides(data_cache, pretrained, run, **{"train.eval_every": 0})])
+    question = "What does the function json.dumps do?"
+    got = chat_jsonl(run, 10, question)
+    export = tmp_path / "export"
+    run_dsv3(["convert", "--to-hf", str(run), "--out", str(export)])
+    tok = load_tokenizer(run)
+    gen = json.loads((export / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == chat_stop_ids(tok) and gen["eos_token_id"][0] == END_ID
+    cfg = json.loads((export / "tokenizer_config.json").read_text())
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == ("<s>", "</s>", "<pad>")
+    messages = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": question},
+                {"role": "assistant", "content": "It encodes."}, {"role": "user", "content": question}]
+    ids, _, _ = transformers_reply(export, messages, 1)
+    assert ids == encode_chat(tok, messages)
+    ids, new, reply = transformers_reply(export, messages[1:2], 10)
+    assert ids == encode_chat(tok, messages[1:2])
+    assert len(new) == got["tokens"] and tok.decode(reply) == got["reply"]
