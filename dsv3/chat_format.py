@@ -58,7 +58,7 @@ DSV3_CHAT_TEMPLATE = (
 
 def uses_dsv3_format(tok) -> bool:
     """Whether ``tok`` chats in the dsv3 format (sentencepiece) rather than its own template."""
-    return tok.kind == "sentencepiece"
+    return getattr(tok, "kind", "sentencepiece") == "sentencepiece"
 
 
 def encode_content(tok, text: str) -> list[int]:

@@ -80,6 +80,10 @@ def _compile_template(source: str, where: str):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise DsvError("chat templates need the jinja2 package; install it with pip install jinja2") from None
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        # a model's template is code from elsewhere; older releases have known sandbox escapes
+        raise DsvError(f"chat templates need jinja2 3.1.6 or newer (found {jinja2.__version__}); "
+                       "upgrade it with pip install -U jinja2")
 
     class GenerationTag(Extension):
         """``{% generation %}...{% endgeneration %}``: the assistant's part of a turn. Renders its
