@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 
 from dsv3.errors import DsvError
+from dsv3.hf_tokenizer import GEN_CLOSE, GEN_OPEN
 from dsv3.model import IGNORE_INDEX
 
 _PROBE_USER = "Hello there"
@@ -76,18 +77,23 @@ class TemplateChat:
                            "nothing, so dsv3 cannot tell where a reply starts; use a template that opens the "
                            "assistant's turn when add_generation_prompt is true")
         full = tok.render_chat([user, reply], add_generation_prompt=False)
-        if not prompt.startswith(base) or not full.startswith(prompt):
+        marked = tok.render_chat([user, reply], mark_generation=True)
+        self.marks_generation = marked != full
+        if self.marks_generation:  # the reply's turn is what the template marks
+            turn = marked[marked.find(GEN_OPEN) + 1:].split(GEN_CLOSE)[0]
+        elif prompt.startswith(base) and full.startswith(prompt):
+            turn = full[len(prompt):]
+        else:
             raise self._not_turn_by_turn()
-        turn = full[len(prompt):]
         at = turn.find(_PROBE_REPLY)
         after = turn[at + len(_PROBE_REPLY):] if at >= 0 else ""
         self.end_ids = [i for i in tok.encode(after) if tok.is_special(i)]
         at = base.find(_PROBE_USER)
         user_open = [i for i in tok.encode(base[:at]) if tok.is_special(i) and i != tok.bos_id] if at >= 0 else []
-        marker = [i for i in tok.encode(prompt[len(base):]) if tok.is_special(i)][:1]
+        added = prompt[len(base):] if prompt.startswith(base) else ""
+        marker = [i for i in tok.encode(added) if tok.is_special(i)][:1]
         self.stop_ids = _unique([*self.end_ids, tok.eos_id, *user_open, *marker])
         self.stop_ids = [i for i in self.stop_ids if i != tok.bos_id]
-        self.marks_generation = tok.render_chat([user, reply], mark_generation=True) != full
 
     def _not_turn_by_turn(self) -> DsvError:
         return DsvError(f"the chat template of {self._where} does not render a conversation turn by turn (the "
@@ -106,9 +112,9 @@ class TemplateChat:
             marked = tok.render_chat(messages, mark_generation=True)
             spans, pos, start = [], 0, None
             for ch in marked:
-                if ch == "\ufdd0":
+                if ch == GEN_OPEN:
                     start = pos
-                elif ch == "\ufdd1":
+                elif ch == GEN_CLOSE:
                     if start is not None:
                         spans.append((start, pos))
                     start = None

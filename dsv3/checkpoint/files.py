@@ -3,14 +3,16 @@
 A run directory (``train.out_dir``)::
 
     config.yaml                   the fully resolved config          (CONFIG)
-    tokenizer.model               the sentencepiece model            (TOKENIZER)
+    tokenizer.model               the sentencepiece model            (TOKENIZER), or a released
+                                  model's tokenizer.json, tokenizer_config.json, chat_template.jinja
+                                  (dsv3.tokenizer_files: find_tokenizer, open_tokenizer)
     metrics.jsonl, tb/            logs (dsv3.training.metrics)
     checkpoints/                                                      (CHECKPOINTS)
         step_0000200/             one folder per saved optimizer step (tag_for)
             model.safetensors     the unsplit model's state dict      (WEIGHTS)
             layout_free.safetensors   with pipelines or expert parallelism: fp32 weights and
                                   AdamW moments by parameter name     (LAYOUT_FREE)
-            config.yaml, tokenizer.model
+            config.yaml, the tokenizer's files
             rng_rankNNNNN.json    each rank's RNG states              (rng_file)
             mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's engine state
             manifest.json         every file with its size; written last   (MANIFEST)

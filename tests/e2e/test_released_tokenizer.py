@@ -90,8 +90,7 @@ def test_pretraining_with_an_existing_129k_tokenizer(big_tokenizer, corpus_dir, 
     from dsv3.tokenizer_files import open_tokenizer
 
     out = tmp_path / "run"
-    base = tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 2, "ckpt.every": 2, "train.eval_every": 2,
-                                                          "train.eval_batches": 1})
+    base = tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 2, "ckpt.every": 2, "train.eval_every": 0})
     base = [o for o in base if not o.startswith("model.vocab_size=")]
     # the tokenizer does not fit the default 512 rows: one line naming the fix
     proc = run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={big_tokenizer}", "model.vocab_size=512"], check=False)
@@ -131,6 +130,4 @@ def test_bad_tokenizers_and_templates_are_one_line_errors(released_ckpt, corpus_
         "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8")
     proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", f"train.init_from={marker_less}",
                      f"train.out_dir={tmp_path / 'sft'}", f"data.cache_dir={data_cache}", "data.seq_len=64"], check=False)
-    one_line(proc, "has no assistant marker")
-    proc = run_dsv3(["chat", "--ckpt", str(marker_less), "--max-new-tokens", "4"], check=False)
     one_line(proc, "has no assistant marker")
