@@ -157,7 +157,8 @@ def given_tokenizer(d: DataConfig) -> Path:
     found = p if p.is_file() else find_tokenizer(p) if p.is_dir() else None
     if found is None:
         raise DsvError(f"data.tokenizer={d.tokenizer} is neither a tokenizer file (tokenizer.model, tokenizer.json) "
-                       "nor a folder holding one; point it at one, or leave it unset to train a tokenizer on the corpus")
+                       "nor a folder holding one; point it at one, or leave it unset to train a tokenizer on the "
+                       "corpus")
     return found
 
 

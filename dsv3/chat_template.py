@@ -14,7 +14,8 @@ between the two. Everything is derived from what the template renders:
   (a model that starts another turn has finished its reply) they are the ids generation
   stops at (BOS never is).
 * **SFT labels.** If the template marks replies with ``{% generation %}`` blocks, the tokens
-  inside them are trained (the tokens ``transformers`` puts in its assistant mask). Otherwise each assistant message k is located by rendering the
+  inside them are trained (the tokens ``transformers`` puts in its assistant mask).
+  Otherwise each assistant message k is located by rendering the
   first k messages with the generation prompt (P) and the first k+1 without (Q): the reply's
   turn is the text between the ends of P and Q in the whole conversation, and the tokens
   that start there are trained, up to and including the first stop id (its end-of-turn

@@ -20,8 +20,9 @@ taken from its folder) and offers the same interface as the sentencepiece
 * ``render_chat(messages, add_generation_prompt)`` renders ``chat_template`` with Jinja set
   up as ``transformers`` does (sandboxed, ``trim_blocks``, ``lstrip_blocks``, loop controls,
   ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII characters, the
-  ``{% generation %}`` tag, the special tokens as variables), so that encoding the rendered
-  text gives the ids of ``AutoTokenizer.apply_chat_template``. What the template means for
+  ``{% generation %}`` tag, the special tokens the config names as variables), so that
+  encoding the rendered text gives the ids of ``AutoTokenizer.apply_chat_template``. What the
+  template means for
   chat and fine-tuning (end-of-turn ids, which tokens are the replies) is
   :mod:`dsv3.chat_template`.
 
@@ -181,6 +182,9 @@ class HFTokenizer:
         self.special_ids = {tok.content: int(i) for i, tok in sorted(added.items()) if tok.special}
         self._special = set(self.special_ids.values())
 
+        # the special tokens a chat template sees: those the config names, as transformers passes them
+        self._tokens: dict[str, str] = {}
+
         def named(key: str, fallbacks: Sequence[str] = ()) -> int | None:
             text = _token_content(config.get(key)) or _token_content(special_map.get(key))
             if text is not None:
@@ -188,6 +192,7 @@ class HFTokenizer:
                 if i is None:
                     raise DsvError(f"{where}: {key} {text!r} of {TOKENIZER_CONFIG} is not in the vocabulary of "
                                    f"{TOKENIZER_JSON}; fix {key}")
+                self._tokens[key] = text
                 return int(i)
             for name in fallbacks:
                 i = self._tk.token_to_id(name)
@@ -204,9 +209,6 @@ class HFTokenizer:
         pad = named("pad_token")
         self.pad_id = eos if pad is None else pad
         self.unk_id = named("unk_token")
-        self._tokens = {name: self._tk.id_to_token(i) for name, i in
-                        (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", pad),
-                         ("unk_token", self.unk_id)) if i is not None}
         self._silent = {i for i in (self.bos_id, self.eos_id, pad) if i is not None}
         probe = self._tk.encode("a", add_special_tokens=True).ids
         plain = self._tk.encode("a", add_special_tokens=False).ids
@@ -229,7 +231,8 @@ class HFTokenizer:
         try:
             data = json.loads(self.files[name].decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise DsvError(f"{name} next to {self._where} is not valid JSON ({_first_line(exc)}); fix or remove it") from None
+            raise DsvError(f"{name} next to {self._where} is not valid JSON ({_first_line(exc)}); "
+                           "fix or remove it") from None
         if not isinstance(data, dict):
             raise DsvError(f"{name} next to {self._where} is not a JSON object; fix or remove it")
         return data
@@ -255,7 +258,8 @@ class HFTokenizer:
                 try:
                     files[name] = f.read_bytes()
                 except OSError as exc:
-                    raise DsvError(f"tokenizer file {f} cannot be read ({exc.strerror}); check its permissions") from None
+                    raise DsvError(f"tokenizer file {f} cannot be read ({exc.strerror}); "
+                                   "check its permissions") from None
         return cls(files, file)
 
     def __getstate__(self) -> dict:
@@ -375,6 +379,7 @@ class HFTokenizer:
         try:
             return template.render(**variables)
         except (error, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise DsvError(f"the chat template of {self._where} failed on a conversation ({_first_line(exc)})") from None
+            raise DsvError(f"the chat template of {self._where} failed on a conversation "
+                           f"({_first_line(exc)})") from None
         finally:
             _MARKING.reset(token)

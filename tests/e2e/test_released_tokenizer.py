@@ -55,7 +55,8 @@ def test_released_model_fine_tunes_chats_and_exports_to_transformers(released_ck
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert len(vals) == 2 and vals[1] < vals[0], vals  # fine-tuning lowered the loss on held-out replies
-    assert (run / "tokenizer.json").is_file() and (run / "checkpoints" / "step_0000008" / "chat_template.jinja").is_file()
+    assert (run / "tokenizer.json").is_file()
+    assert (run / "checkpoints" / "step_0000008" / "chat_template.jinja").is_file()
 
     got = chat_jsonl(run, 12, QUESTION)
     tok = load_tokenizer(run)
@@ -93,7 +94,8 @@ def test_pretraining_with_an_existing_129k_tokenizer(big_tokenizer, corpus_dir, 
     base = tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 2, "ckpt.every": 2, "train.eval_every": 0})
     base = [o for o in base if not o.startswith("model.vocab_size=")]
     # the tokenizer does not fit the default 512 rows: one line naming the fix
-    proc = run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={big_tokenizer}", "model.vocab_size=512"], check=False)
+    proc = run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={big_tokenizer}",
+                     "model.vocab_size=512"], check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "set model.vocab_size=128815" in proc.stderr
     proc = run_dsv3(["train", *base, f"data.tokenizer={big_tokenizer / 'tokenizer.json'}", "model.vocab_size=129280"])
@@ -108,7 +110,8 @@ def test_pretraining_with_an_existing_129k_tokenizer(big_tokenizer, corpus_dir, 
     assert tok.add_bos and data[0] == tok.bos_id  # documents start with BOS, as this tokenizer's texts do
     ends = np.load(prepared / shard["index"])
     assert data[ends[0] - 1] == tok.eos_id and data[ends[0]] == tok.bos_id
-    assert (out / "tokenizer.json").is_file() and json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
 def test_bad_tokenizers_and_templates_are_one_line_errors(released_ckpt, corpus_dir, data_cache, tmp_path):
@@ -119,9 +122,12 @@ def test_bad_tokenizers_and_templates_are_one_line_errors(released_ckpt, corpus_
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"', encoding="utf-8")
+    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"',
+                                        encoding="utf-8")
     base = [o for o in tiny_overrides(corpus_dir, data_cache, tmp_path / "run") if o.startswith("data.")]
-    one_line(run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={bad / 'tokenizer.json'}"], check=False), "does not parse")
+    proc = run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={bad / 'tokenizer.json'}"],
+                    check=False)
+    one_line(proc, "does not parse")
     # a chat template without an assistant marker: sft cannot find the replies
     _, imported = released_ckpt
     marker_less = tmp_path / "marker_less"
@@ -129,5 +135,6 @@ def test_bad_tokenizers_and_templates_are_one_line_errors(released_ckpt, corpus_
     (marker_less / "chat_template.jinja").write_text(
         "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8")
     proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", f"train.init_from={marker_less}",
-                     f"train.out_dir={tmp_path / 'sft'}", f"data.cache_dir={data_cache}", "data.seq_len=64"], check=False)
+                     f"train.out_dir={tmp_path / 'sft'}", f"data.cache_dir={data_cache}", "data.seq_len=64"],
+                    check=False)
     one_line(proc, "has no assistant marker")

@@ -31,7 +31,8 @@ CONVERSATION = [
     {"role": "assistant", "content": "  It pushes onto a heap; 123456 items max."},
 ]
 TEXTS = ["", " ", "hello world", "def f(x):\n    return x  \n\n", "  leading and trailing  ", "a\r\nb\tc",
-         "中文字符和日本語のテキスト", "emoji 😀👍🏽 👨‍👩‍👧", "digits 1234567 and 3.14159", "control \x00\x07\x1b[31m",
+         "中文字符和日本語のテキスト", "emoji 😀👍🏽 👨‍👩‍👧", "digits 1234567 and 3.14159",
+         "control \x00\x07\x1b[31m",
          f"text with {DS_USER} inside and {DS_EOS} too", "lone surrogate \ud800 here"]
 
 
@@ -55,7 +56,8 @@ def auto(released):
 
 def test_ids_equal_autotokenizer(tok, auto):
     assert isinstance(tok, HFTokenizer) and tok.kind == "tokenizer.json"
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2) == (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (0, 1, 2)
     assert tok.vocab_size == len(auto) and tok.special_ids[DS_USER] == auto.convert_tokens_to_ids(DS_USER)
     assert tok.add_bos  # the post-processor starts a text with BOS, as AutoTokenizer.encode(text) does
     stdlib = (STDLIB / "argparse.py").read_text(encoding="utf-8")[:20000]
@@ -69,7 +71,8 @@ def test_ids_equal_autotokenizer(tok, auto):
     assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, tok.pad_id, 10**6]) == "hi"
     assert tok.decode(tok.encode(f"a{DS_USER}b")) == f"a{DS_USER}b"
     assert pickle.loads(pickle.dumps(tok)).encode(stdlib[:500]) == tok.encode(stdlib[:500])
-    assert tok.id_to_piece(tok.encode(" the")[0]).startswith("Ġ") and tok.piece_to_id(DS_USER) == tok.special_ids[DS_USER]
+    assert tok.id_to_piece(tok.encode(" the")[0]).startswith("Ġ")
+    assert tok.piece_to_id(DS_USER) == tok.special_ids[DS_USER]
 
 
 def test_streaming_byte_level_pieces_never_prints_a_broken_character(tok):
