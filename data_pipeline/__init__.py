@@ -28,6 +28,7 @@ _EXPORTS = {
     "PackedDataset": "dataset",
     "load_meta": "dataset",
     "global_sample_indices": "dataset",
+    "stream_indices": "dataset",
     "rank_micro_batches": "dataset",
     "document_positions": "dataset",
     "document_attention_mask": "dataset",

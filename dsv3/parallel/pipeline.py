@@ -22,7 +22,8 @@ Activations sent between stages: ``(h (B, T, D), input_ids (B, T) int64, labels 
 int64, balance (scalar fp32))``; ``balance`` is the running sum of the MoE balance losses of
 the blocks so far (V3 report eq. 17-20), so the last stage's loss holds every stage's term
 and its gradient flows back through the pipe. Micro-batches per step = ``parallel.grad_accum``
-(DeepSpeed's 1F1B schedule).
+(DeepSpeed's 1F1B schedule), or as many as the trainer hands over (fewer during a batch-size
+ramp).
 
 The loss is :func:`dsv3.model.objective.training_loss` with the global labelled-token counts
 that the trainer computes before the step (passed as the pipeline's "labels"). The trainer
@@ -155,6 +156,8 @@ class PipelineLoss:
     """The training loss on the last stage (:func:`dsv3.model.objective.training_loss`).
 
     ``labels`` is ``(1 + D,)`` fp32: the global labelled-token counts (main head, MTP depths).
+    ``lam`` (the step's MTP weight) and ``scale`` (micro-batches of the step x data-parallel
+    size) are set for each step by :meth:`PipelineRun.train_batch`.
     """
 
     def __init__(self, mtp_lambda: float, alpha: float, scale: float, recorder: Recorder):
@@ -244,6 +247,7 @@ class PipelineRun:
     def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
                  device: torch.device | str | None = None, source=None):
         self.cfg, self.model = cfg, model
+        self.micro_batches = cfg.parallel.grad_accum  # of the current step
         self.counts = counts or balanced_counts(model, cfg.parallel.pp)
         world = dist.get_world_size()
         # a model built on the meta device: allocate and initialize this rank's stage only
@@ -251,6 +255,7 @@ class PipelineRun:
                           cfg.train.seed, source)
         self.recorder = Recorder()
         module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
+        self.loss: PipelineLoss = module.loss_fn
         t = cfg.train
         opt = GuardedAdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         fp32_buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
@@ -342,33 +347,42 @@ class PipelineRun:
     # ------------------------------------------------------------------ forward and backward
     def stats(self) -> torch.Tensor:
         """(3 + D,) float64 on the CPU: this rank's summed main-head cross-entropy, balance loss
-        (divided by ``grad_accum * dp``, so the sum over ranks is the global mean), 0, and the
-        MTP sums, of the micro-batches the last stage has seen since :meth:`train_batch` began
-        (zeros on the other stages)."""
-        p = self.cfg.parallel
+        (divided by the step's micro-batches x ``dp``, so the sum over ranks is the global mean),
+        0, and the MTP sums, of the micro-batches the last stage has seen since
+        :meth:`train_batch` began (zeros on the other stages)."""
         out = torch.zeros(3 + self.cfg.model.mtp_depth, dtype=torch.float64)
         for lm_sum, mtp_sum, balance, _ in self.recorder.parts:
             out[0] += lm_sum.double().cpu()
-            out[1] += balance.double().cpu() / (p.grad_accum * self.dp)
+            out[1] += balance.double().cpu() / (self.micro_batches * self.dp)
             out[3:] += mtp_sum.double().cpu()
         return out
 
     def train_batch(self, batches: list[tuple[torch.Tensor, torch.Tensor]], tokens: torch.Tensor,
-                    before_update: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    before_update: Callable[[], None],
+                    mtp_lambda: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of this rank's micro-batches through the stages (1F1B), then
         the optimizer step.
 
         Args:
-            batches: ``grad_accum`` micro-batches ``(input_ids, labels)``, (B, T) int64 each.
+            batches: the step's micro-batches ``(input_ids, labels)``, (B, T) int64 each:
+                ``grad_accum`` of them, or fewer during a batch-size ramp (every rank the same
+                number).
             tokens: (1 + D,) fp32, the global labelled-token counts (:func:`training_loss`).
             before_update: called on every rank once the gradients are reduced, before the
                 optimizer step (to measure, clip and decide whether to apply the update).
+            mtp_lambda: the step's MTP loss weight; None keeps ``train.mtp_lambda``.
 
         Returns:
             (:meth:`stats`, the (L_moe, E) int64 expert loads this rank's stages recorded, or
             None for a model without MoE layers).
         """
         self.recorder.clear()
+        if len(batches) != self.engine.gradient_accumulation_steps():  # the schedule runs that many
+            self.engine.set_train_batch_size(len(batches) * self.cfg.parallel.micro_batch_size * self.dp)
+        self.micro_batches = len(batches)
+        self.loss.scale = len(batches) * self.dp  # undo DeepSpeed's mean over micro-batches and ranks
+        if mtp_lambda is not None:
+            self.loss.lam = mtp_lambda
         self._before_update = before_update
         try:
             self.engine.train_batch(self.batches(batches, tokens))

@@ -1,14 +1,17 @@
 """The pre-training loop (``dsv3 train``): DeepSpeed engine, global-batch losses, aux-free balancing.
 
 One optimizer step consumes a global batch of ``micro_batch_size * grad_accum * dp`` packed
-windows, chosen by :func:`data_pipeline.dataset.global_sample_indices` from the step number
-and the seed alone, so the sample sequence does not depend on the number of processes, and a
-resumed run reads exactly what an uninterrupted one would.
+windows (fewer, in whole micro-batches per rank, during a batch-size ramp), the next ones of
+the sample stream (:func:`data_pipeline.dataset.stream_indices`) at the cursor that the step
+number alone determines (:class:`dsv3.training.schedule.BatchSchedule`), so the sample
+sequence does not depend on the number of processes, and a resumed run reads exactly what an
+uninterrupted one would. The learning rate, the MTP weight and the bias update speed of a
+step are pure functions of the step too (:class:`dsv3.training.schedule.Schedules`).
 
 Losses are means over the whole global batch: each micro-batch's summed cross-entropy is
 divided by the number of labelled tokens of the global batch (counted before the step and
-all-reduced), then scaled by ``grad_accum * dp`` to undo DeepSpeed's averaging over
-micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * balance
+all-reduced), then scaled by the step's micro-batches x ``dp`` to undo DeepSpeed's averaging
+over micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha * balance
 (V3 report §2.1.2 eq. 17-20, §2.2 eq. 25).
 """
 
@@ -26,8 +29,8 @@ import torch
 import yaml
 
 from data_pipeline.chat_data import ChatDataset, prepare_chat
-from data_pipeline.dataset import (PackedDataset, check_loader_state, document_attention_mask, global_sample_indices,
-                                   loader_state, rank_micro_batches)
+from data_pipeline.dataset import (PackedDataset, check_loader_state, document_attention_mask, loader_state,
+                                   rank_micro_batches, stream_indices)
 from data_pipeline.prepare import given_tokenizer, prepare
 from dsv3.checkpoint import (CHECKPOINTS, CONFIG, MANIFEST, TOKENIZER, WEIGHTS, CheckpointWeights, interrupted_saves,
                              is_hf_folder, open_weights, read_checkpoint_config, resolve_checkpoint, resume_candidates,
@@ -48,7 +51,7 @@ from dsv3.tokenizer_files import find_tokenizer, open_tokenizer
 from dsv3.training.balance import update_expert_bias
 from dsv3.training.checkpoint import load_rng, save_checkpoint, seed_everything
 from dsv3.training.metrics import Console, MetricsLogger, step_record
-from dsv3.training.schedule import lr_at, schedule_warning
+from dsv3.training.schedule import Schedules, schedule_warning, tokens_text
 
 
 def _log(info: DistInfo, msg: str) -> None:
@@ -103,7 +106,8 @@ class Trainer:
         dp = self.info.world_size // cfg.parallel.pp
         p = cfg.parallel
         self.dp = dp
-        self.global_batch = p.micro_batch_size * p.grad_accum * dp
+        self.global_batch = p.micro_batch_size * p.grad_accum * dp  # after the batch ramp, if any
+        self.schedules = Schedules(cfg, dp)  # every scheduled value of every step; checks the ramp
 
         # data: rank 0 prepares (or finds the cache), the others then read the same folder
         for turn in ("main", "others"):  # rank 0 prepares (or finds the cache), then the others read it
@@ -214,8 +218,7 @@ class Trainer:
                                                              self.engine.optimizer)
             self.engine.global_steps = self.start_step
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            check_loader_state(manifest.get("data"), self.start_step, self.global_batch, len(self.train_data),
-                               self.cfg.train.seed, self._data_key(), str(folder))
+            self._check_loader(manifest.get("data"), str(folder))
             saved_cfg = read_checkpoint_config(folder)
             saved, saved_train, now = saved_cfg.parallel, saved_cfg.train, self.cfg.parallel
             saved_world = saved_world_size(folder)
@@ -234,8 +237,7 @@ class Trainer:
         if state is None:
             raise DsvError(f"checkpoint {self.ckpt_root / tag} could not be loaded; delete it or its 'latest' pointer")
         self.start_step = int(state["step"])
-        check_loader_state(state.get("data"), self.start_step, self.global_batch, len(self.train_data),
-                           self.cfg.train.seed, self._data_key(), str(self.ckpt_root / tag))
+        self._check_loader(state.get("data"), str(self.ckpt_root / tag))
         same_layout = state.get("world_size") == self.dp
         if not load_rng(self.ckpt_root / tag, self.info.rank) or not same_layout:
             # a new process count (replicated ZeRO-0 state): fresh per-rank streams, still a
@@ -243,6 +245,12 @@ class Trainer:
             seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
         _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
                         + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"))
+
+    def _check_loader(self, saved: dict | None, where: str) -> None:
+        """The checkpoint's loader position must be this run's after ``start_step`` steps."""
+        check_loader_state(saved, self.start_step, self.global_batch, len(self.train_data), self.cfg.train.seed,
+                           self._data_key(), where, consumed=self.schedules.batch.consumed(self.start_step),
+                           batch_ramp=self.schedules.batch.state())
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
@@ -255,9 +263,12 @@ class Trainer:
         (:meth:`_decide`), the balancing-bias update, and the logged values.
         """
         cfg, p = self.cfg, self.cfg.parallel
+        values = self.schedules.values(step)  # global_batch, lr, mtp_lambda, bias_update_speed
+        batch = values["global_batch"]
+        n_micro = batch // (p.micro_batch_size * self.dp)  # = grad_accum after the ramp
         t_data = time.perf_counter()
-        indices = global_sample_indices(step, self.global_batch, len(self.train_data), cfg.train.seed)
-        micro = rank_micro_batches(indices, self.dp_rank, self.dp, p.micro_batch_size, p.grad_accum)
+        indices = stream_indices(self.schedules.batch.consumed(step), batch, len(self.train_data), cfg.train.seed)
+        micro = rank_micro_batches(indices, self.dp_rank, self.dp, p.micro_batch_size, n_micro)
         batches = [self._batch(self.train_data, mb) for mb in micro]
         self._data_time = time.perf_counter() - t_data
         depth = cfg.model.mtp_depth
@@ -267,41 +278,53 @@ class Trainer:
         all_reduce_sum(counts)
         counts /= p.pp  # with pipelines every stage of a replica counted the same batch
         tokens = counts.clamp(min=1).float()
-        lr = lr_at(step, cfg.train)
+        lr, lam = values["lr"], values["mtp_lambda"]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         decision: dict[str, object] = {}
         if self.pipe is not None:
-            stats, load = self.pipe.train_batch(batches, tokens, lambda: decision.update(self._decide(self.pipe.stats())))
+            stats, load = self.pipe.train_batch(batches, tokens, lambda: decision.update(self._decide(self.pipe.stats())),
+                                                mtp_lambda=lam)
         else:
-            stats, load = self._forward_backward(batches, tokens.to(self.info.device), decision)
+            stats, load = self._forward_backward(batches, tokens.to(self.info.device), decision, lam)
         finite, grad_norm = decision["finite"], decision["grad_norm"]
         all_reduce_sum(stats)
         self.last_load = None
         if load is not None and load.numel():
             all_reduce_sum(load)
             if finite:  # every rank updates every router (with pipelines its copies of other stages' too)
-                update_expert_bias(self.model.moe_gates(), load, cfg.train.bias_update_speed)
+                update_expert_bias(self.model.moe_gates(), load, values["bias_update_speed"])
                 self.last_load = load
         lm = (stats[0] / counts[0].clamp(min=1)).item()
         mtp = (stats[3:] / counts[1:].clamp(min=1)).mean().item() if depth else 0.0
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
-        return step_record(lm, mtp, stats[1].item(), lam, alpha, lr, grad_norm, finite, load)
+        rec = step_record(lm, mtp, stats[1].item(), lam, cfg.train.balance_loss_alpha, lr, grad_norm, finite, load)
+        rec.update(global_batch=batch, mtp_lambda=lam, bias_update_speed=values["bias_update_speed"])
+        return rec
 
-    def _forward_backward(self, batches: list[tuple], tokens: torch.Tensor,
-                          decision: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_backward(self, batches: list[tuple], tokens: torch.Tensor, decision: dict,
+                          lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of this rank's micro-batches through the DeepSpeed engine, the
         update decided before the last ``engine.step()``; returns (the loss sums as
-        :meth:`dsv3.parallel.pipeline.PipelineRun.stats`, the (L_moe, E) expert loads)."""
-        cfg, p, dev = self.cfg, self.cfg.parallel, self.info.device
-        scale = p.grad_accum * self.dp  # undo DeepSpeed's mean over micro-batches and ranks
-        lam, alpha = cfg.train.mtp_lambda, cfg.train.balance_loss_alpha
+        :meth:`dsv3.parallel.pipeline.PipelineRun.stats`, the (L_moe, E) expert loads).
+
+        During a batch-size ramp the number of micro-batches changes from step to step: the
+        engine is told the step's batch (its loss scaling) and, before each micro-batch, whether
+        it ends the step (its gradient reduction and update), instead of counting micro-steps."""
+        cfg, dev = self.cfg, self.info.device
+        n = len(batches)
+        scale = n * self.dp  # undo DeepSpeed's mean over micro-batches and ranks
+        alpha = cfg.train.balance_loss_alpha
+        if self.schedules.ramped:
+            if n != self.engine.gradient_accumulation_steps():
+                self.engine.set_train_batch_size(n * cfg.parallel.micro_batch_size * self.dp)
         # loss statistics and expert loads accumulate on the device: no host sync per micro-batch
         stats = torch.zeros(3 + cfg.model.mtp_depth, dtype=torch.float64, device=dev)  # lm, balance, 0, mtp sums
         load = None
         for i, (inputs, labels, *extra) in enumerate(batches):
+            if self.schedules.ramped:
+                self.engine.set_gradient_accumulation_boundary(i == n - 1)
             out = self.engine(inputs.to(dev), labels.to(dev), **self._doc_kwargs(extra))
             self.engine.backward(training_loss(out.lm_loss_sum, out.mtp_loss_sum, out.balance_loss, tokens, lam,
                                                alpha, scale))
@@ -405,9 +428,10 @@ class Trainer:
         return meta.get("key") if isinstance(meta, dict) else None
 
     def client_state(self, step: int) -> dict:
-        state = {"step": step, "tokens": step * self.global_batch * self.cfg.data.seq_len,
+        sched = self.schedules.batch
+        state = {"step": step, "tokens": sched.tokens(step),
                  "data": loader_state(step, self.global_batch, len(self.train_data), self.cfg.train.seed,
-                                      self._data_key()),
+                                      self._data_key(), consumed=sched.consumed(step), batch_ramp=sched.state()),
                  "world_size": self.dp,
                  # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
@@ -424,19 +448,22 @@ class Trainer:
                 interrupted run would (a later :meth:`run` on the same out_dir resumes).
         """
         cfg, t = self.cfg, self.cfg.train
-        tokens_per_step = self.global_batch * cfg.data.seq_len
+        sched = self.schedules.batch
         self._install_signal_handlers()
         logger = MetricsLogger(self.out_dir, self.start_step, self.info.is_main,
                                yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         console = Console(self.info.is_main, self.start_step, t.steps)
         n_params = sum(p.numel() for p in self.model.parameters())  # with ep > 1, this rank's experts only
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
+        ramp = (f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "
+                f"until step {sched.ramp_end_step})" if sched.ramp is not None else "")
         console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
-                        f"parameters, {self.info.world_size} process(es), global batch {self.global_batch} x {cfg.data.seq_len} tokens, "
+                        f"parameters, {self.info.world_size} process(es), global batch {self.global_batch}{ramp} x {cfg.data.seq_len} tokens, "
                         f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
-        warning = schedule_warning(t)
-        if warning and self.start_step < t.steps:
-            console.write(warning)
+        warnings = [schedule_warning(t)] + self.schedules.warnings()
+        for warning in warnings:
+            if warning and self.start_step < t.steps:
+                console.write(warning)
         if self.start_step == 0 and t.eval_every > 0:
             val = self.evaluate()
             logger.log({"step": 0, "val_loss": val, "tokens": 0})
@@ -445,10 +472,10 @@ class Trainer:
         for step in range(self.start_step, t.steps):
             rec = self.train_step(step)
             done = step + 1
-            rec = {"step": done, **rec, "tokens": done * tokens_per_step}
+            rec = {"step": done, **rec, "tokens": sched.tokens(done)}
             elapsed = time.perf_counter() - t0
             rec["step_time_s"] = elapsed
-            rec["tokens_per_s"] = tokens_per_step / max(elapsed, 1e-9)
+            rec["tokens_per_s"] = (sched.tokens(done) - sched.tokens(step)) / max(elapsed, 1e-9)
             rec.update(self._perf(rec, elapsed))
             if rec.get("skipped"):
                 what = f"non-finite loss or gradient at step {done} (loss {rec['loss']}, grad_norm {rec['grad_norm']})"
