@@ -209,6 +209,9 @@ def _cmd_train(args) -> None:
         from dsv3.parallel.layout import check_launch
 
         check_launch(cfg, args.check)
+        from dsv3.training.schedule import Schedules
+
+        Schedules(cfg, args.check // cfg.parallel.pp)  # the batch ramp and lr phases on this layout
         print(f"dsv3: the config and its layout are fine for {args.check} process(es)")
         return
     run_dir = train(cfg)

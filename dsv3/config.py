@@ -139,14 +139,14 @@ class TrainConfig:
     # tokens consumed before it (dsv3/training/schedule.py); None = off (the constants above).
     # lr_schedule: phases [{type: warmup|constant|cosine|linear, until_step: N | until_tokens: T,
     # lr: X}, ...] instead of lr / warmup_steps / min_lr_ratio (parse_lr_schedule)
-    lr_schedule: list | None = None
+    lr_schedule: Any = None
     # batch_ramp: {start: sequences, tokens: T, increment: sequences (optional)}: the global batch
     # grows from start to micro_batch_size * grad_accum * dp over the first T tokens (parse_batch_ramp)
-    batch_ramp: dict | None = None
+    batch_ramp: Any = None
     # piecewise constants over tokens, [[from_tokens, value], ...] starting at 0 (parse_piecewise),
     # instead of mtp_lambda / bias_update_speed
-    mtp_lambda_schedule: list | None = None
-    bias_update_speed_schedule: list | None = None
+    mtp_lambda_schedule: Any = None
+    bias_update_speed_schedule: Any = None
     # per-process peak (e.g. 989 for an H100 in bf16); enables MFU logging. "auto" measures a
     # bf16/fp32 (as train.precision) square matmul once at start (dsv3.hardware.measure_peak_tflops)
     peak_tflops: float | str | None = None
@@ -198,6 +198,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
+    if tp is Any:  # a structured value (a schedule): checked by its parser in validate()
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -11,6 +11,7 @@ import torch
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters, flops_per_token
+from dsv3.training.schedule import schedule_table
 
 from dsv3.plan.costs import (DTYPE_BYTES, GB, GIB, MemoryPlan, a2a_buffer_bytes, a2a_volume_per_step,
                              activation_bytes_per_token, check_divisible, in_flight_micro_batches, pipeline_bubble,
@@ -358,4 +359,9 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float | None, propose_layouts: 
     if propose_layouts or (fits is False and p.pp == 1 and p.ep == 1):
         fitting, smallest = propose(cfg, parts, gpus, gpu_memory_gib, dispatch, combine)
         lines += _proposal_lines(fitting, smallest, gpus, gpu_memory_gib, counts['total'])
+    if gpus % p.pp == 0:
+        try:
+            lines += schedule_table(cfg, gpus // p.pp)
+        except DsvError as err:
+            lines.append(f"schedule    does not apply to {_count(gpus, 'GPU')}: {err}")
     return "\n".join(lines)

@@ -101,6 +101,7 @@ class BatchSchedule:
         self.final, self.seq_len, self.ramp = int(final), int(seq_len), ramp
         granule = granule or self.final
         self.increment = None
+        self.intervals = 0  # K, the ramp's token intervals
         self.segments = [_Segment(0, 0, self.final)]
         self.ramp_end_step = 0
         if ramp is None:
@@ -132,7 +133,7 @@ class BatchSchedule:
             step, consumed = step + n_steps, consumed + n_steps * batch
         self.segments.append(_Segment(step, consumed, self.final))
         self.ramp_end_step = step
-        self._n_inc = n_inc
+        self.intervals = n_inc
 
     def _interval(self, consumed: int, n_inc: int) -> int:
         return consumed * self.seq_len * n_inc // self.ramp.tokens
@@ -261,17 +262,16 @@ class Schedules:
         if kind == "constant":
             return ph.target
         if ph.end is None:  # the last phase, to the end of training (cosine / linear)
-            frac = min((step - ph.start) / max(self.t.steps - 1 - ph.start, 1), 1.0)
+            num, den = step - ph.start, max(self.t.steps - 1 - ph.start, 1)
         elif ph.spec.until_step is not None:
-            x0, x1 = ph.start, ph.end
-            frac = ((step + 1 if kind == "warmup" else step) - x0) / (x1 - x0)
+            num, den = (step + 1 if kind == "warmup" else step) - ph.start, ph.end - ph.start
         else:
-            x0, x1 = self.batch.tokens(ph.start), ph.spec.until_tokens
-            x = self.batch.tokens(step + 1 if kind == "warmup" else step)
-            frac = (x - x0) / max(x1 - x0, 1)
-        frac = min(max(frac, 0.0), 1.0)
-        if kind == "warmup":
-            return ph.target * frac
+            x0 = self.batch.tokens(ph.start)
+            num = self.batch.tokens(step + 1 if kind == "warmup" else step) - x0
+            den = max(ph.spec.until_tokens - x0, 1)
+        if kind == "warmup":  # the same arithmetic as lr_at
+            return ph.target * num / den if num <= den else ph.target
+        frac = min(max(num / den, 0.0), 1.0)
         if kind == "linear":
             return ph.begin_lr + (ph.target - ph.begin_lr) * frac
         return ph.target + (ph.begin_lr - ph.target) * 0.5 * (1 + math.cos(math.pi * frac))
@@ -299,8 +299,9 @@ class Schedules:
         rows: list[tuple[str, str, int, int | None]] = []
         b = self.batch
         if b.ramp is not None:
-            for seg, nxt in zip(b.segments[:-1], b.segments[1:]):
-                rows.append(("global_batch", f"{seg.batch:,} sequences", seg.first_step, nxt.first_step))
+            every = tokens_text(b.ramp.tokens / max(b.intervals, 1))
+            rows.append(("global_batch", f"ramp {b.ramp.start:,} -> {b.final:,} (+{b.increment:,} every {every} tokens)",
+                         0, b.ramp_end_step))
             rows.append(("global_batch", f"{b.final:,} sequences", b.ramp_end_step, None))
         else:
             rows.append(("global_batch", f"{b.final:,} sequences", 0, None))
@@ -342,3 +343,28 @@ class Schedules:
             return []
         return [f"warning: train.steps={steps:,} ends before these schedule phases start: {'; '.join(late.values())}; "
                 "raise train.steps or shorten the schedules"]
+
+
+def schedule_table(cfg: Config, dp: int) -> list[str]:
+    """The token budget and the steps of every schedule phase, for ``dsv3 plan``: one line per
+    phase (schedule, what it does, the tokens it covers, its steps), then the run's total.
+
+    Raises:
+        DsvError: the schedules do not fit ``dp`` data-parallel ranks (:class:`Schedules`).
+    """
+    sched = Schedules(cfg, dp)
+    b, steps = sched.batch, cfg.train.steps
+    lines = [f"schedule    train.steps={steps:,} consume {tokens_text(b.tokens(steps))} tokens "
+             f"({b.consumed(steps):,} sequences of {b.seq_len:,}); each phase's token budget and steps (0-based):"]
+    for name, what, first, end in sched.phase_rows():
+        stop = steps if end is None else end
+        if first >= steps and first > 0:
+            span = f"from step {first:,}: after train.steps, never runs"
+        else:
+            stop = min(stop, steps)
+            span = (f"tokens {tokens_text(b.tokens(first)):>7} - {tokens_text(b.tokens(stop)):<7} "
+                    f"steps {first:>9,} - {stop - 1:<9,} ({stop - first:,} steps)")
+            if end is not None and end > steps:
+                span += f"; train.steps ends it before its step {end - 1:,}"
+        lines.append(f"  {name:<18} {what:<47} {span}")
+    return lines
