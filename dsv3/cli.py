@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-to-all dispatch dtype (default train.precision; DeepSeek-V3 used fp8)")
     p.add_argument("--combine-dtype", choices=["fp8", "bf16", "fp32"], default=None,
                    help="all-to-all combine dtype (default train.precision)")
+    p = sub.add_parser("eval", help="validation loss per position range of long windows (context extension)")
+    p.add_argument("--ckpt", required=True, help="dsv3 run directory or checkpoint folder")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--ranges", type=int, default=4, help="equal position ranges to report (default 4)")
+    p.add_argument("--windows", type=int, default=None, help="validation windows to read (default all)")
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="apply YaRN with this scale to the weights (default: the checkpoint's)")
+    p.add_argument("--original-seq-len", type=int, default=None, help="YaRN's pre-extension context (with --rope-factor)")
+    p.add_argument("--data-from", default=None, help="run whose validation split to read (default --ckpt's)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p = sub.add_parser("bench", help="benchmarks: training step, decoding, data pipeline (JSON under bench/)")
     p.add_argument("kind", choices=["train", "decode", "data"])
     _add_config_args(p, required=False)
@@ -144,6 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
     return parser
+
+
+def _cmd_eval(args) -> None:
+    import json
+
+    from dsv3.checkpoint import read_checkpoint_config, resolve_checkpoint
+    from dsv3.evaluation import evaluate_positions
+
+    seq_len = args.seq_len or read_checkpoint_config(resolve_checkpoint(args.ckpt)).data.seq_len
+    if seq_len < 2 or args.ranges < 1:
+        raise DsvError(f"--seq-len {seq_len} and --ranges {args.ranges} must be at least 2 and 1")
+    out = evaluate_positions(args.ckpt, seq_len, args.ranges, args.windows, args.rope_factor, args.original_seq_len,
+                             args.data_from)
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"{out['ckpt']}: {out['windows']} validation windows of {seq_len} tokens, rope_factor {out['rope_factor']:g}"
+          f" (original_seq_len {out['original_seq_len']})")
+    print(f"{'positions':<14}loss")
+    for row in out["ranges"]:
+        print(f"{row['positions']:<14}{row['loss']:.4f}")
+    print(f"{'all':<14}{out['loss']:.4f}")
 
 
 def _cmd_plan(args) -> None:
@@ -209,6 +241,11 @@ def _cmd_train(args) -> None:
         from dsv3.parallel.layout import check_launch
 
         check_launch(cfg, args.check)
+        if cfg.train.init_from:  # the model section may change only the context-extension fields
+            from dsv3.checkpoint import open_weights
+            from dsv3.config import extend_model
+
+            extend_model(open_weights(cfg.train.init_from)[0], cfg, str(cfg.train.init_from))
         from dsv3.training.schedule import Schedules
 
         Schedules(cfg, args.check // cfg.parallel.pp)  # the batch ramp and lr phases on this layout
@@ -312,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert, "sft": _cmd_sft,
-                "plan": _cmd_plan, "chat": _cmd_chat, "bench": _cmd_bench}
+                "plan": _cmd_plan, "chat": _cmd_chat, "bench": _cmd_bench,
+                "eval": _cmd_eval}
     try:
         handlers[args.command](args)
     except DsvError as err:

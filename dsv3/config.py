@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -187,6 +187,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # the dotted keys ("model.rope_factor") that the YAML file or an override set, as
+    # load_config saw them (not a config value: not saved, not compared)
+    given: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,13 +311,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DsvError(f"config file {p} is not valid YAML ({first}); fix the file or pick one from configs/") from None
     cfg = config_from_dict(raw, where)
+    given = {f"{section}.{key}" for section, values in (raw or {}).items() if isinstance(values, dict)
+             for key in values}
     for text in overrides:
         section, key, value = _parse_override(text)
         if section not in {f.name for f in dataclasses.fields(cfg)}:
             raise DsvError(f"unknown config section {section!r} in override {text!r}; valid: ckpt, data, model, parallel, train")
         _apply(getattr(cfg, section), section, {key: value})
+        given.add(f"{section}.{key}")
     validate(cfg)
+    cfg.given = frozenset(given)
     return cfg
+
+
+# the model fields a context extension changes (V3 report §4.3: YaRN and a longer context);
+# every other field is the architecture of the weights
+CONTEXT_FIELDS = ("max_seq_len", "rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def extend_model(saved: ModelConfig, cfg: Config, where: str) -> ModelConfig:
+    """The model of a run that continues from weights (``train.init_from``): the weights'
+    own ``saved`` config, with the context-extension fields (:data:`CONTEXT_FIELDS`) that
+    ``cfg``'s file or overrides set explicitly (``cfg.given``).
+
+    A ``model.*`` key set to another value than the weights have is refused unless it is a
+    context-extension field (``init_std`` is ignored: the weights are not initialized); an
+    extension keeps or raises ``max_seq_len`` and ``rope_factor``.
+
+    Args:
+        where: the weights' path, for the messages.
+
+    Raises:
+        DsvError: one line naming the field and the fix.
+    """
+    out = dataclasses.replace(saved)
+    for key in sorted(k for k in cfg.given if k.startswith("model.")):
+        name = key.split(".", 1)[1]
+        new, old = getattr(cfg.model, name), getattr(saved, name)
+        if name in CONTEXT_FIELDS:
+            setattr(out, name, new)
+        elif name != "init_std" and new != old:
+            raise DsvError(f"model.{name}={new} differs from the {old} of train.init_from={where}: the weights fix the "
+                           f"architecture, and only the context-extension fields ({', '.join(CONTEXT_FIELDS)}) may "
+                           f"change; drop model.{name} from the config")
+    for name in ("max_seq_len", "rope_factor"):
+        if getattr(out, name) < getattr(saved, name):
+            raise DsvError(f"model.{name}={getattr(out, name)} is below the {getattr(saved, name)} of train.init_from="
+                           f"{where}; a context extension keeps or raises it")
+    if out.rope_factor > 1 and out.original_seq_len > out.max_seq_len:
+        raise DsvError(f"model.original_seq_len={out.original_seq_len} exceeds model.max_seq_len={out.max_seq_len}: "
+                       "with YaRN it is the context the weights were trained on (e.g. their data.seq_len); set it")
+    return out
 
 
 LR_PHASE_TYPES = ("warmup", "constant", "cosine", "linear")

@@ -18,6 +18,7 @@ over micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha *
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import resource
 import signal
@@ -36,7 +37,7 @@ from dsv3.checkpoint import (CHECKPOINTS, CONFIG, MANIFEST, TOKENIZER, WEIGHTS, 
                              is_hf_folder, open_weights, read_checkpoint_config, resolve_checkpoint, resume_candidates,
                              saved_world_size, tag_for)
 from dsv3.collectives import all_reduce_sum, barrier
-from dsv3.config import Config, save_config, validate
+from dsv3.config import Config, extend_model, save_config, validate
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.hardware import DTYPES, measure_peak_tflops
 from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, label_counts, materialize_, training_loss
@@ -59,25 +60,31 @@ def _log(info: DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
-def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
+def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None, str]:
     """Open ``train.init_from`` and adopt its model section (and, unless set, its tokenizer:
     ``tokenizer.json`` or ``tokenizer.model``, see :func:`dsv3.tokenizer_files.find_tokenizer`).
 
+    The model section is the weights' own, except the context-extension fields (YaRN,
+    ``max_seq_len``) that the config sets explicitly (:func:`dsv3.config.extend_model`).
     Reads only the headers (names, shapes) and configs; each rank later reads the tensors it
     holds (:func:`dsv3.model.init.materialize_` with the returned source).
 
     Returns:
-        (config, weights source of the initial weights, see :func:`dsv3.checkpoint.open_weights`),
-        or (cfg, None) without init_from.
+        (config, weights source of the initial weights, see :func:`dsv3.checkpoint.open_weights`,
+        the changed model fields as :func:`extension_changes` words them), or (cfg, None, "")
+        without init_from.
 
     Raises:
-        DsvError: ``init_from`` holds no loadable model, or the result is invalid.
+        DsvError: ``init_from`` holds no loadable model, the config changes an architecture
+            field or shrinks the context, or the result is invalid.
     """
     if not cfg.train.init_from:
-        return cfg, None
+        return cfg, None, ""
     cfg = copy.deepcopy(cfg)
-    # e.g. mtp_depth as present in the weights, not as config.json claims
-    cfg.model, source = open_weights(cfg.train.init_from)
+    # e.g. mtp_depth as present in the weights, not as config.json claims; the context-extension
+    # fields (YaRN, max_seq_len) as the config sets them
+    saved, source = open_weights(cfg.train.init_from)
+    cfg.model = extend_model(saved, cfg, str(cfg.train.init_from))
     if cfg.data.tokenizer is None:
         src = Path(cfg.train.init_from)
         found = find_tokenizer(src)
@@ -88,16 +95,25 @@ def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None]:
                            "data.tokenizer to the tokenizer these weights were trained with")
         cfg.data.tokenizer = str(found)
     validate(cfg)
-    return cfg, source
+    return cfg, source, extension_changes(saved, cfg.model)
+
+
+def extension_changes(saved, model) -> str:
+    """``"model.rope_factor 1.0 -> 4.0, ..."``: the fields in which ``model`` differs from the
+    weights' ``saved`` config ("" when none)."""
+    return ", ".join(f"model.{f.name} {getattr(saved, f.name)} -> {getattr(model, f.name)}"
+                     for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model, f.name))
 
 
 class Trainer:
     """Pre-trains a :class:`Transformer` as ``cfg`` says; :meth:`run` does the whole job."""
 
     def __init__(self, cfg: Config):
-        cfg, init_source = with_init_from(cfg)
-        self.cfg = cfg
         self.info = init_distributed()
+        cfg, init_source, changed = with_init_from(cfg)
+        self.cfg = cfg
+        if changed:
+            _log(self.info, f"context extension of {cfg.train.init_from}: {changed}")
         self.ep = cfg.parallel.ep
         self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
         stage_blocks = check_launch(cfg, self.info.world_size)  # the same checks as `dsv3 train --check`

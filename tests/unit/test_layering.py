@@ -10,7 +10,7 @@ them)::
     4  data_pipeline.*
     5  dsv3.parallel.*
     6  dsv3.training.*
-    7  dsv3.plan, dsv3.bench, dsv3.generation, dsv3.chat
+    7  dsv3.plan, dsv3.bench, dsv3.generation, dsv3.chat, dsv3.evaluation
     8  dsv3.cli, dsv3.__main__, dsv3 (the package's face)
 
 Every import counts, also one inside a function. Also: ``dsv3.model`` and ``dsv3.checkpoint``
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, int]] = [  # (module or package prefix, layer); the long
     ("data_pipeline", 4),
     ("dsv3.parallel", 5),
     ("dsv3.training", 6),
-    ("dsv3.plan", 7), ("dsv3.bench", 7), ("dsv3.generation", 7), ("dsv3.chat", 7),
+    ("dsv3.plan", 7), ("dsv3.bench", 7), ("dsv3.generation", 7), ("dsv3.chat", 7), ("dsv3.evaluation", 7),
     ("dsv3.cli", 8), ("dsv3.__main__", 8), ("dsv3", 8),
 ]
 NO_DEEPSPEED = ("dsv3.model", "dsv3.checkpoint")
