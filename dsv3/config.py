@@ -545,8 +545,9 @@ def parse_lr_schedule(value: Any, default_lr: float = 1.0) -> list[LRPhase] | No
         axis, end = ("step", step) if step is not None else ("tokens", tokens)
         if end is not None:
             if axis in last_end and end <= last_end[axis]:
-                raise DsvError(f"{where} ends at until_{axis}={end:,}, not after an earlier phase's {last_end[axis]:,}; "
-                               "give each phase's end counted from the start of training, increasing")
+                raise DsvError(f"{where} ends at until_{axis}={end:,}, not after an earlier phase's "
+                               f"{last_end[axis]:,}; give each phase's end counted from the start of training, "
+                               "increasing")
             last_end[axis] = end
         phases.append(LRPhase(type=kind, until_step=step, until_tokens=tokens, lr=lr))
     return phases

@@ -133,7 +133,8 @@ def test_loader_state_records_and_checks_the_ramp():
 
 def test_piecewise_constants_over_tokens_by_hand():
     """Tokens before steps 0-7: 0, 256, 512, 768, 1280, 1792, 2560, 3328."""
-    s = Schedules(cfg_with("train.batch_ramp={start: 4, tokens: 1536}", "train.mtp_lambda_schedule=[[0, 0.3], [1500, 0.1]]",
+    s = Schedules(cfg_with("train.batch_ramp={start: 4, tokens: 1536}",
+                           "train.mtp_lambda_schedule=[[0, 0.3], [1500, 0.1]]",
                            "train.bias_update_speed_schedule=[[0, 1.0e-3], [2560, 0]]"), 1)
     assert [s.mtp_lambda(i) for i in range(8)] == [0.3] * 5 + [0.1] * 3
     assert [s.bias_update_speed(i) for i in range(8)] == [1e-3] * 6 + [0.0] * 2

@@ -300,8 +300,8 @@ class Schedules:
         b = self.batch
         if b.ramp is not None:
             every = tokens_text(b.ramp.tokens / max(b.intervals, 1))
-            rows.append(("global_batch", f"ramp {b.ramp.start:,} -> {b.final:,} (+{b.increment:,} every {every} tokens)",
-                         0, b.ramp_end_step))
+            what = f"ramp {b.ramp.start:,} -> {b.final:,} (+{b.increment:,} every {every} tokens)"
+            rows.append(("global_batch", what, 0, b.ramp_end_step))
             rows.append(("global_batch", f"{b.final:,} sequences", b.ramp_end_step, None))
         else:
             rows.append(("global_batch", f"{b.final:,} sequences", 0, None))

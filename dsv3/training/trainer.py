@@ -299,8 +299,10 @@ class Trainer:
             group["lr"] = lr
         decision: dict[str, object] = {}
         if self.pipe is not None:
-            stats, load = self.pipe.train_batch(batches, tokens, lambda: decision.update(self._decide(self.pipe.stats())),
-                                                mtp_lambda=lam)
+            def decide() -> None:
+                decision.update(self._decide(self.pipe.stats()))
+
+            stats, load = self.pipe.train_batch(batches, tokens, decide, mtp_lambda=lam)
         else:
             stats, load = self._forward_backward(batches, tokens.to(self.info.device), decision, lam)
         finite, grad_norm = decision["finite"], decision["grad_norm"]
@@ -473,9 +475,9 @@ class Trainer:
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
         ramp = (f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "
                 f"until step {sched.ramp_end_step})" if sched.ramp is not None else "")
-        console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} "
-                        f"parameters, {self.info.world_size} process(es), global batch {self.global_batch}{ramp} x {cfg.data.seq_len} tokens, "
-                        f"steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
+        console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} parameters, "
+                      f"{self.info.world_size} process(es), global batch {self.global_batch}{ramp} x "
+                      f"{cfg.data.seq_len} tokens, steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
         warnings = [schedule_warning(t)] + self.schedules.warnings()
         for warning in warnings:
             if warning and self.start_step < t.steps:
