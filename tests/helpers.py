@@ -67,6 +67,31 @@ def run_script(name: str, args: list[str], nproc: int = 1, timeout: int = 300, c
     return _launch([str(SCRIPTS / name)], args, nproc, timeout, check, env)
 
 
+def launch(args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """Start the dsv3 CLI in the background (under torchrun when nproc > 1), with the thread
+    settings of :func:`run_dsv3` (so numbers match runs made with it bit for bit)."""
+    target = ["-m", "dsv3"] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc_per_node={nproc}", "-m", "dsv3"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.Popen([sys.executable, *target, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Block until ``run_dir/metrics.jsonl`` records ``step`` (AssertionError if the process ends first
+    or ``timeout`` seconds pass)."""
+    import time
+
+    deadline = time.time() + timeout
+    f = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if f.is_file() and any(json.loads(x).get("step", -1) >= step for x in f.read_text().splitlines() if x):
+            return
+        time.sleep(0.02)
+    stderr = proc.stderr.read()[-2000:] if proc.poll() is not None else ""
+    raise AssertionError(f"step {step} never logged; stderr: {stderr}")
+
+
 def dsv3_checkpoint(folder: Path, mcfg, seed: int = 0):
     """Write a dsv3 checkpoint folder (model.safetensors + config.yaml) of a random model;
     returns the model (eval mode).

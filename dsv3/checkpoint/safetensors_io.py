@@ -23,7 +23,8 @@ How one file is written by many processes (:func:`write_collective`):
    to its final size;
 3. every rank writes its pieces at their byte offsets (``os.pwrite``), then ``fsync``;
 4. the element counts written are summed over the ranks and must equal the file's total
-   (every element written exactly once), then rank 0 renames the file into place.
+   (every element written exactly once), then rank 0 renames the file into place, and the
+   ranks agree on the outcome (every rank returns once the file is there).
 
 A piece is a run of elements of a tensor's row-major flattening (:class:`Piece`). The result
 is an ordinary safetensors file: ``safetensors.safe_open`` and ``load_file`` read it, and a
@@ -230,7 +231,11 @@ def write_collective(path: str | Path, entries: dict[str, tuple[torch.dtype, tup
                 os.replace(tmp, path)
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
-    return error
+    # rank 0's rename is part of the collective: every rank returns once the file is in place,
+    # with the same outcome (without this step the others could find no file yet)
+    if _sum([error is not None])[0]:
+        return error or "failed on another rank"
+    return None
 
 
 class TensorWriter:

@@ -5,36 +5,11 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from helpers import ROOT, read_metrics as metrics, run_dsv3, run_script, tiny_overrides
-
-
-
-def launch(args, nproc=1):
-    env_cmd = [sys.executable, "-m", "dsv3"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv3"]
-    import os
-
-    # same thread settings as helpers.run_dsv3, so numbers match runs made with it bit for bit
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.Popen(env_cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_for_step(run_dir, step, proc, timeout=240):
-    """Block until metrics.jsonl records ``step`` (or the process ends)."""
-    deadline = time.time() + timeout
-    f = run_dir / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if f.is_file() and any(json.loads(x).get("step", -1) >= step for x in f.read_text().splitlines() if x):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} never logged; stderr: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
+from helpers import launch, read_metrics as metrics, run_dsv3, run_script, tiny_overrides, wait_for_step
 
 
 def children(pid):
@@ -124,9 +99,7 @@ def test_half_written_and_corrupt_checkpoints_fall_back(corpus_dir, data_cache, 
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
     out = tmp_path / "run"
     args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)]
-    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
-            "Trainer(load_config(None, sys.argv[1:])).run(stop_after=6)")
-    subprocess.run([sys.executable, "-c", code, *args[2:]], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    run_script("stop_after.py", ["6", *args[2:]])
     ck = out / "checkpoints"
     assert ck.joinpath("latest").read_text().strip() == "step_0000006"
     # a save of step 9 that died half way: files but no manifest, latest not moved
@@ -218,9 +191,7 @@ def test_bf16_resume_is_bitwise_identical(corpus_dir, data_cache, tmp_path):
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
     out = tmp_path / "run"
     args = tiny_overrides(corpus_dir, data_cache, out, **extra)
-    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
-            "Trainer(load_config(None, sys.argv[1:])).run(stop_after=2)")
-    subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    run_script("stop_after.py", ["2", *args])
     run_dsv3(["train", "--no-sample", *args])
     assert metrics(out) == metrics(ref)
 

@@ -2,13 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, TIMING, run_dsv3, tiny_overrides
+from helpers import ROOT, TIMING, run_dsv3, run_script, tiny_overrides
 
 
 
@@ -22,9 +20,7 @@ def without_timing(records):
 
 def stop_after(overrides, step):
     """Train until ``step`` then save and stop, as an interrupted run would."""
-    code = ("import sys; from dsv3.config import load_config; from dsv3.training.trainer import Trainer; "
-            f"Trainer(load_config(None, sys.argv[1:])).run(stop_after={step})")
-    subprocess.run([sys.executable, "-c", code, *overrides], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    run_script("stop_after.py", [str(step), *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Train and stop after optimizer step N as an interrupted run would (a checkpoint is saved).
 
-Usage: ``torchrun ... tests/scripts/stop_after.py N KEY=VALUE ...``.
+Usage: ``torchrun ... tests/scripts/stop_after.py N KEY=VALUE ...``, or ``python`` instead of
+``torchrun ...`` for one process.
 """
 
 import sys

@@ -39,3 +39,22 @@ def test_pipeline_with_ep_and_zero1_needs_a_moe_block_on_every_stage():
     assert check("parallel.zero_stage=1") is None  # split by parameters: blocks 0-2 and 3
     assert check("parallel.zero_stage=1", "parallel.pp_partition=2,2") == [2, 2]
     assert check("parallel.zero_stage=0", "parallel.pp_partition=1,3") == [1, 3]
+
+
+def test_check_launch_accepts_ep():
+    check_launch(load_config(None, ["parallel.ep=2"]), 2)
+    with pytest.raises(DsvError, match="zero_stage=3"):
+        check_launch(load_config(None, ["parallel.ep=2", "parallel.zero_stage=3"]), 2)
+
+
+def test_layout_messages_name_the_data_parallel_size_and_working_ep_values():
+    with pytest.raises(DsvError, match=r"^parallel.ep=4 does not divide the 2 process\(es\); run a multiple of 4 "
+                                       r"processes or choose ep in \[1, 2\]$"):
+        check_expert_parallel(4, 8, 2)
+    # 2 processes, pp=2: the data-parallel size is 1, so ep=2 needs 4 processes
+    with pytest.raises(DsvError, match=r"^parallel.ep=2 does not divide the data-parallel size 1 \(2 processes / "
+                                       r"parallel.pp=2\); run a multiple of 4 processes or choose ep in \[1\]$"):
+        check_expert_parallel(2, 8, 1, pp=2)
+    with pytest.raises(DsvError, match=r"n_routed_experts=8 is not divisible by parallel.ep=3; choose ep in \[1, 2\]$"):
+        check_expert_parallel(3, 8, 6)
+    check_expert_parallel(2, 8, 6)

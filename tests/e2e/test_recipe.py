@@ -8,8 +8,7 @@ import signal
 
 import pytest
 
-from conftest import assert_same_metrics, read_metrics, run_dsv3, tiny_overrides
-from test_resume import launch, wait_for_step
+from helpers import assert_same_metrics, launch, read_metrics, run_dsv3, tiny_overrides, wait_for_step
 
 # final batch 12 (4 x 3 per process) of 64 tokens; the ramp 4 -> 8 -> 12 over 3072 tokens:
 # 4 for steps 0-5, 8 for steps 6-8, 12 from step 9. Tokens before steps 0-9: 0, 256, ...,
@@ -84,6 +83,7 @@ def test_sigterm_mid_ramp_then_resume_is_bitwise_identical(recipe_runs):
 
 
 @pytest.mark.distributed
+@pytest.mark.distributed
 def test_two_processes_resume_the_one_process_checkpoint_mid_ramp(recipe_runs, corpus_dir, data_cache):
     ref, _, _, copy, stopped = recipe_runs
     proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, copy, **RECIPE,
@@ -94,6 +94,7 @@ def test_two_processes_resume_the_one_process_checkpoint_mid_ramp(recipe_runs, c
     assert [{k: r.get(k) for k in SCHEDULED} for r in got] == [{k: r.get(k) for k in SCHEDULED} for r in want]
 
 
+@pytest.mark.distributed
 @pytest.mark.distributed
 def test_pipeline_stages_follow_the_ramp_and_lambda(recipe_runs, corpus_dir, data_cache, tmp_path):
     """pp=2: the stages run as many micro-batches as the step's batch holds, the last stage's

@@ -13,7 +13,7 @@ from dsv3.config import BatchRamp, load_config
 from dsv3.errors import DsvError
 from dsv3.training.schedule import BatchSchedule, Schedules, lr_at, schedule_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # final 12 sequences of 64 tokens, micro-batches of 4: the ramp 4 -> 12 in K = 2 intervals of
 # 768 tokens (12 samples): 4 per step while < 12 samples are consumed (steps 0-2: 0, 4, 8), 8

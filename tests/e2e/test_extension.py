@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import read_metrics, run_dsv3, tiny_overrides
+from helpers import read_metrics, run_dsv3, tiny_overrides
 from dsv3.config import CONTEXT_FIELDS, ModelConfig, extend_model, load_config
 from dsv3.errors import DsvError
 
