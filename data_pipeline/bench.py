@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _best(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -37,8 +36,9 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def bench_data(cfg, max_mb: float = 16.0, repeats: int = 3, loader_steps: int = 50,
-               train_steps: int = 2) -> dict[str, Any]:
+def bench_data(
+    cfg, max_mb: float = 16.0, repeats: int = 3, loader_steps: int = 50, train_steps: int = 2
+) -> dict[str, Any]:
     """Measure prepare, tokenizer and loader throughput (module docstring).
 
     Args:
@@ -72,8 +72,10 @@ def bench_data(cfg, max_mb: float = 16.0, repeats: int = 3, loader_steps: int = 
     folder = prepare(cfg, progress=False)
     model_path = folder / "tokenizer.model"
     if not model_path.is_file():
-        raise DsvError("dsv3 bench data measures dsv3's sentencepiece tokenizer, but data.tokenizer names a "
-                       "tokenizer.json; unset data.tokenizer to benchmark the pipeline")
+        raise DsvError(
+            "dsv3 bench data measures dsv3's sentencepiece tokenizer, but data.tokenizer names a "
+            "tokenizer.json; unset data.tokenizer to benchmark the pipeline"
+        )
     tok = Tokenizer.load(model_path)
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     d = cfg.data
@@ -98,18 +100,37 @@ def bench_data(cfg, max_mb: float = 16.0, repeats: int = 3, loader_steps: int = 
         return {"ids": [ids + [tok.eos_id] for ids in sp.encode(batch["text"], num_threads=1)]}
 
     with tempfile.TemporaryDirectory() as tmp, progress_bars(False):
+
         def run_prepare() -> None:
             for t, task in enumerate(tasks):
-                run_task(t, task, tok, Path(tmp), token_dtype(cfg.model.vocab_size), d.val_fraction, cfg.train.seed,
-                         d.text_field, None)
+                run_task(
+                    t,
+                    task,
+                    tok,
+                    Path(tmp),
+                    token_dtype(cfg.model.vocab_size),
+                    d.val_fraction,
+                    cfg.train.seed,
+                    d.text_field,
+                    None,
+                )
 
         def raw() -> None:  # batches of 64 documents, results dropped: the fastest way to call it
             for i in range(0, len(docs), 64):
-                sp.encode(docs[i:i + 64], num_threads=1)
+                sp.encode(docs[i : i + 64], num_threads=1)
 
-        runs = {"sp": raw, "prepare": run_prepare,
-                "map": lambda: ds.map(encode, batched=True, batch_size=64, remove_columns=["text"],
-                                      keep_in_memory=True, load_from_cache_file=False)}
+        runs = {
+            "sp": raw,
+            "prepare": run_prepare,
+            "map": lambda: ds.map(
+                encode,
+                batched=True,
+                batch_size=64,
+                remove_columns=["text"],
+                keep_in_memory=True,
+                load_from_cache_file=False,
+            ),
+        }
         best = {k: float("inf") for k in runs}
         for _ in range(repeats):  # interleaved, so a busy moment of the machine hits all three alike
             for k, fn in runs.items():

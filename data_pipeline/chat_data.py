@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,11 +70,13 @@ def stdlib_docstring_conversations() -> Iterator[dict[str, Any]]:
             if answer is None:
                 continue
             kind = "class" if isinstance(node, ast.ClassDef) else "function"
-            yield {"messages": [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": f"What does the {kind} {module}.{node.name} do?"},
-                {"role": "assistant", "content": answer},
-            ]}
+            yield {
+                "messages": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": f"What does the {kind} {module}.{node.name} do?"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
 
 
 def _load_conversations(source: str | None, cache_dir: Path) -> list[list[dict[str, str]]]:
@@ -84,8 +87,9 @@ def _load_conversations(source: str | None, cache_dir: Path) -> list[list[dict[s
     p = Path(source).expanduser()
     try:
         if p.exists():
-            files = sorted(str(f) for f in (p.rglob("*") if p.is_dir() else [p])
-                           if f.suffix in (".jsonl", ".json", ".parquet"))
+            files = sorted(
+                str(f) for f in (p.rglob("*") if p.is_dir() else [p]) if f.suffix in (".jsonl", ".json", ".parquet")
+            )
             if not files:
                 raise DsvError(f"data.source={source} holds no .jsonl, .json or .parquet file of conversations")
             kind = "parquet" if files[0].endswith(".parquet") else "json"
@@ -98,11 +102,15 @@ def _load_conversations(source: str | None, cache_dir: Path) -> list[list[dict[s
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DsvError(f"cannot read conversations from data.source={source} ({first}); "
-                       "use a .jsonl file with a 'messages' list per line") from None
+        raise DsvError(
+            f"cannot read conversations from data.source={source} ({first}); "
+            "use a .jsonl file with a 'messages' list per line"
+        ) from None
     if "messages" not in ds.column_names:
-        raise DsvError(f"data.source={source} has no 'messages' column (columns: {', '.join(ds.column_names)}); "
-                       "each row needs messages: [{role, content}, ...]")
+        raise DsvError(
+            f"data.source={source} has no 'messages' column (columns: {', '.join(ds.column_names)}); "
+            "each row needs messages: [{role, content}, ...]"
+        )
     return list(ds["messages"])
 
 
@@ -167,8 +175,10 @@ def prepare_chat(cfg: Config, tokenizer: Path | str, progress: bool = True) -> P
         labels[kept, : len(y)] = y
         kept += 1
     if kept < 2:
-        raise DsvError(f"only {kept} usable conversation(s) in data.source={cfg.data.source}; need at least 2 "
-                       f"(raise data.seq_len={T} if replies are cut off)")
+        raise DsvError(
+            f"only {kept} usable conversation(s) in data.source={cfg.data.source}; need at least 2 "
+            f"(raise data.seq_len={T} if replies are cut off)"
+        )
     order = torch.randperm(kept, generator=torch.Generator().manual_seed(cfg.train.seed)).numpy()
     n_val = max(1, round(kept * cfg.data.val_fraction))
     splits = {"val": order[:n_val], "train": order[n_val:]}
@@ -179,9 +189,15 @@ def prepare_chat(cfg: Config, tokenizer: Path | str, progress: bool = True) -> P
             np.save(build / f"{split}_ids.npy", ids[np.sort(rows)])
             np.save(build / f"{split}_labels.npy", labels[np.sort(rows)])
         tok.save(build)
-        meta = {"format": "chat", "version": CHAT_FORMAT_VERSION, "seq_len": T,
-                "n_samples": {k: int(len(v)) for k, v in splits.items()}, "truncated": truncated,
-                "dropped": len(convs) - kept, "source": cfg.data.source or "stdlib docstrings"}
+        meta = {
+            "format": "chat",
+            "version": CHAT_FORMAT_VERSION,
+            "seq_len": T,
+            "n_samples": {k: int(len(v)) for k, v in splits.items()},
+            "truncated": truncated,
+            "dropped": len(convs) - kept,
+            "source": cfg.data.source or "stdlib docstrings",
+        }
         (build / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.chmod(build, 0o755)
         try:
@@ -194,9 +210,12 @@ def prepare_chat(cfg: Config, tokenizer: Path | str, progress: bool = True) -> P
         shutil.rmtree(build, ignore_errors=True)
         raise
     if progress:
-        print(f"prepared {out}: {kept} conversations ({meta['n_samples']['train']} train / "
-              f"{meta['n_samples']['val']} val), {truncated} truncated to {T} tokens, "
-              f"{len(convs) - kept} dropped", flush=True)
+        print(
+            f"prepared {out}: {kept} conversations ({meta['n_samples']['train']} train / "
+            f"{meta['n_samples']['val']} val), {truncated} truncated to {T} tokens, "
+            f"{len(convs) - kept} dropped",
+            flush=True,
+        )
     return out
 
 
@@ -220,5 +239,4 @@ class ChatDataset:
 
     def batch_xy(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(list(indices))
-        return (torch.from_numpy(self.ids[idx].astype(np.int64)),
-                torch.from_numpy(self.labels[idx].astype(np.int64)))
+        return (torch.from_numpy(self.ids[idx].astype(np.int64)), torch.from_numpy(self.labels[idx].astype(np.int64)))

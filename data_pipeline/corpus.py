@@ -29,8 +29,9 @@ import importlib.util
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import datasets
 
@@ -84,8 +85,10 @@ def default_corpus_files() -> list[Path]:
             if first_bad_utf8(path) is None:
                 files.append(path)
     if not files:
-        raise DsvError(f"the default corpus (Python standard library sources under {root}) was not found; "
-                       "set data.source to a local text/jsonl/parquet file or folder")
+        raise DsvError(
+            f"the default corpus (Python standard library sources under {root}) was not found; "
+            "set data.source to a local text/jsonl/parquet file or folder"
+        )
     return sorted(files)
 
 
@@ -111,8 +114,12 @@ def first_bad_utf8(path: Path) -> int | None:
 
 def _is_pathlike(source: str) -> bool:
     """Whether a non-existing ``source`` was meant as a local path rather than a hub name."""
-    return (os.path.isabs(source) or source.startswith((".", "~")) or "\\" in source
-            or source.lower().endswith(SUPPORTED_EXTS))
+    return (
+        os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or "\\" in source
+        or source.lower().endswith(SUPPORTED_EXTS)
+    )
 
 
 def resolve_source(source: str | None) -> tuple[str, list[Path] | None]:
@@ -135,20 +142,30 @@ def resolve_source(source: str | None) -> tuple[str, list[Path] | None]:
     path = Path(source).expanduser()
     if path.is_file():
         if file_ext(path) not in SUPPORTED_EXTS:
-            raise DsvError(f"data.source={source} has unsupported type {file_ext(path) or '(none)'!r}; use "
-                           f"{'/'.join(SUPPORTED_EXTS)} files or a folder of them")
+            raise DsvError(
+                f"data.source={source} has unsupported type {file_ext(path) or '(none)'!r}; use "
+                f"{'/'.join(SUPPORTED_EXTS)} files or a folder of them"
+            )
         return "local", [path.resolve()]
     if path.is_dir():
-        files = sorted(p.resolve() for p in path.rglob("*")
-                       if file_ext(p) in SUPPORTED_EXTS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p.resolve()
+            for p in path.rglob("*")
+            if file_ext(p) in SUPPORTED_EXTS
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
-            raise DsvError(f"data.source={source} is a folder with no {'/'.join(SUPPORTED_EXTS)} files; "
-                           "add documents or point data.source elsewhere")
+            raise DsvError(
+                f"data.source={source} is a folder with no {'/'.join(SUPPORTED_EXTS)} files; "
+                "add documents or point data.source elsewhere"
+            )
         return "local", files
     if _is_pathlike(source):
-        raise DsvError(f"data.source={source} does not exist; fix the path (or leave data.source empty "
-                       "for the built-in Python standard library corpus)")
+        raise DsvError(
+            f"data.source={source} does not exist; fix the path (or leave data.source empty "
+            "for the built-in Python standard library corpus)"
+        )
     return "hub", None
 
 
@@ -210,24 +227,30 @@ def _raise_unreadable(source: str, files: list[Path], exc: BaseException) -> Non
         if file_ext(f) in TEXT_EXTS + JSON_EXTS and file_ext(f) not in COMPRESSED_JSON_EXTS:
             bad = first_bad_utf8(f)
             if bad is not None:
-                raise DsvError(f"file {f} is not valid UTF-8 (bad byte at offset {bad}); re-encode it as UTF-8 "
-                               "or remove it from data.source") from None
+                raise DsvError(
+                    f"file {f} is not valid UTF-8 (bad byte at offset {bad}); re-encode it as UTF-8 "
+                    "or remove it from data.source"
+                ) from None
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    raise DsvError(f"could not read data.source={source} ({first_line(cause)}); check that the files are "
-                   "valid text/jsonl/parquet") from None
+    raise DsvError(
+        f"could not read data.source={source} ({first_line(cause)}); check that the files are valid text/jsonl/parquet"
+    ) from None
 
 
 def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
     """Reduce ``ds`` to a single string column named ``text``."""
     if text_field not in ds.column_names:
-        raise DsvError(f"{where} has no column {text_field!r} (columns: {', '.join(ds.column_names) or 'none'}); "
-                       "set data.text_field to the column holding the text")
+        raise DsvError(
+            f"{where} has no column {text_field!r} (columns: {', '.join(ds.column_names) or 'none'}); "
+            "set data.text_field to the column holding the text"
+        )
     feature = ds.features[text_field]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise DsvError(f"{where} column {text_field!r} holds {feature}, not text; set data.text_field to a "
-                       "string column")
+        raise DsvError(
+            f"{where} column {text_field!r} holds {feature}, not text; set data.text_field to a string column"
+        )
     ds = ds.select_columns([text_field])
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
@@ -246,8 +269,9 @@ def _load_local(source: str, files: list[Path], text_field: str, cache_dir: str 
             continue
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
-                                       cache_dir=cache_dir, **kwargs)
+            ds = datasets.load_dataset(
+                builder, data_files=[glob.escape(p) for p in paths], split="train", cache_dir=cache_dir, **kwargs
+            )
         except Exception as exc:  # datasets wraps parser errors in several exception types
             _raise_unreadable(source, [Path(p) for p in paths], exc)
         where = f"data.source={source} ({builder} files)" if len(paths) > 1 else f"file {paths[0]}"
@@ -259,9 +283,11 @@ def load_hub(source: str, text_field: str, cache_dir: str | None) -> datasets.Da
     try:
         ds = datasets.load_dataset(source, split="train", cache_dir=cache_dir)
     except Exception as exc:
-        raise DsvError(f"data.source={source} is neither an existing file/folder nor a loadable dataset "
-                       f"({first_line(exc)}); give a local path, or a datasets hub name with network access "
-                       "or a populated cache") from None
+        raise DsvError(
+            f"data.source={source} is neither an existing file/folder nor a loadable dataset "
+            f"({first_line(exc)}); give a local path, or a datasets hub name with network access "
+            "or a populated cache"
+        ) from None
     return _text_column(ds, text_field, f"dataset {source}")
 
 
@@ -293,9 +319,15 @@ def load_corpus(source: str | None, text_field: str = "text", cache_dir: str | P
         with progress_bars(False):  # reading local files is quick; keep stderr clean
             ds = _load_local(label, files, text_field, cache)
     with progress_bars(False):
-        ds = ds.filter(lambda batch: [isinstance(t, str) and not t.isspace() and t != "" for t in batch["text"]],
-                       batched=True, batch_size=1000, keep_in_memory=True)
+        ds = ds.filter(
+            lambda batch: [isinstance(t, str) and not t.isspace() and t != "" for t in batch["text"]],
+            batched=True,
+            batch_size=1000,
+            keep_in_memory=True,
+        )
     if len(ds) == 0:
-        raise DsvError(f"data.source={label} contains no text (all documents are empty or whitespace); "
-                       "point data.source at a non-empty corpus")
+        raise DsvError(
+            f"data.source={label} contains no text (all documents are empty or whitespace); "
+            "point data.source at a non-empty corpus"
+        )
     return ds

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,9 @@ def load_meta(prepared_dir: Path | str) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
         _ = meta["dtype"], meta["n_tokens"]["train"], meta["n_tokens"]["val"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DsvError(f"{path} is corrupt ({type(exc).__name__}); delete folder {folder} and run dsv3 prepare "
-                       "again") from None
+        raise DsvError(
+            f"{path} is corrupt ({type(exc).__name__}); delete folder {folder} and run dsv3 prepare again"
+        ) from None
     return meta
 
 
@@ -113,9 +115,18 @@ def blend_report(meta: dict[str, Any], seq_len: int, seed: int) -> list[dict[str
     weights = [c["weight"] for c in meta["corpora"]]
     counts = blend_counts(weights, sum(n_windows))
     total = max(int(counts.sum()), 1)
-    return [{"source": c["source"], "weight": c["weight"], "target_share": c["weight"] / sum(weights),
-             "share": int(k) / total, "samples": int(k), "tokens": int(k) * seq_len, "windows": int(nw)}
-            for c, k, nw in zip(meta["corpora"], counts.tolist(), n_windows)]
+    return [
+        {
+            "source": c["source"],
+            "weight": c["weight"],
+            "target_share": c["weight"] / sum(weights),
+            "share": int(k) / total,
+            "samples": int(k),
+            "tokens": int(k) * seq_len,
+            "windows": int(nw),
+        }
+        for c, k, nw in zip(meta["corpora"], counts.tolist(), n_windows)
+    ]
 
 
 def _corpus_windows(meta: dict[str, Any], split: str, seq_len: int) -> list[int]:
@@ -165,8 +176,9 @@ class PackedDataset(torch.utils.data.Dataset):
         self.seq_len = int(seq_len)
         self.meta = load_meta(self.folder)
         if "shards" not in self.meta:
-            raise DsvError(f"{self.folder} was prepared by an older dsv3 (no token shards); delete it and run dsv3 "
-                           "prepare again")
+            raise DsvError(
+                f"{self.folder} was prepared by an older dsv3 (no token shards); delete it and run dsv3 prepare again"
+            )
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.eos_id = int(self.meta["eos_id"])
         self.vocab_size = int(self.meta.get("tokenizer_vocab_size", self.meta["vocab_size"]))
@@ -177,13 +189,18 @@ class PackedDataset(torch.utils.data.Dataset):
             expected = sh["n_tokens"] * self.dtype.itemsize
             actual = path.stat().st_size if path.is_file() else None
             if actual != expected:
-                raise DsvError(f"prepared shard {path} is truncated or corrupt (size {actual} bytes, expected "
-                               f"{expected}); delete folder {self.folder} and run dsv3 prepare again")
+                raise DsvError(
+                    f"prepared shard {path} is truncated or corrupt (size {actual} bytes, expected "
+                    f"{expected}); delete folder {self.folder} and run dsv3 prepare again"
+                )
         n_corpora = len(self.meta.get("corpora", [None]))
         # per corpus: its shards and their start offsets in the corpus stream
-        self._corpus_shards = [[i for i, sh in enumerate(self.shards) if sh.get("corpus", 0) == c]
-                               for c in range(n_corpora)]
-        self._corpus_starts = [np.cumsum([0] + [self.shards[i]["n_tokens"] for i in ids]) for ids in self._corpus_shards]
+        self._corpus_shards = [
+            [i for i, sh in enumerate(self.shards) if sh.get("corpus", 0) == c] for c in range(n_corpora)
+        ]
+        self._corpus_starts = [
+            np.cumsum([0] + [self.shards[i]["n_tokens"] for i in ids]) for ids in self._corpus_shards
+        ]
         self.corpus_windows = _corpus_windows(self.meta, split, self.seq_len)
         self.weights = [c["weight"] for c in self.meta.get("corpora", [{"weight": 1.0}])]
         self._blend: tuple[np.ndarray, np.ndarray] | None = None
@@ -251,11 +268,13 @@ class PackedDataset(torch.utils.data.Dataset):
             shard = self._corpus_shards[c][k]
             lo = start - int(starts[k])
             take = min(end - start, int(starts[k + 1]) - start)
-            part = self._map(shard)[lo:lo + take]
+            part = self._map(shard)[lo : lo + take]
             if len(part) and int(part.max()) >= self.vocab_size:
-                raise DsvError(f"prepared shard {self.folder / self.shards[shard]['file']} is corrupt (token id "
-                               f"{int(part.max())} >= vocabulary {self.vocab_size}); delete folder {self.folder} "
-                               "and run dsv3 prepare again")
+                raise DsvError(
+                    f"prepared shard {self.folder / self.shards[shard]['file']} is corrupt (token id "
+                    f"{int(part.max())} >= vocabulary {self.vocab_size}); delete folder {self.folder} "
+                    "and run dsv3 prepare again"
+                )
             parts.append(part)
             start += take
             k += 1
@@ -315,8 +334,10 @@ class PackedDataset(torch.utils.data.Dataset):
                 for block in iter(lambda: f.read(1 << 24), b""):
                     digest.update(block)
             if sh.get("sha256") is None or digest.hexdigest() != sh["sha256"]:
-                raise DsvError(f"prepared shard {path} is truncated or corrupt (sha256 mismatch); delete folder "
-                               f"{self.folder} and run dsv3 prepare again")
+                raise DsvError(
+                    f"prepared shard {path} is truncated or corrupt (sha256 mismatch); delete folder "
+                    f"{self.folder} and run dsv3 prepare again"
+                )
 
 
 def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -391,7 +412,7 @@ def stream_indices(start: int, count: int, n_samples: int, seed: int) -> list[in
     while pos < end:
         epoch, offset = divmod(pos, n_samples)
         take = min(end - pos, n_samples - offset)
-        out.extend(_epoch_permutation(n_samples, seed + epoch)[offset:offset + take].tolist())
+        out.extend(_epoch_permutation(n_samples, seed + epoch)[offset : offset + take].tolist())
         pos += take
     return out
 
@@ -425,8 +446,9 @@ def global_sample_indices(step: int, global_batch: int, n_samples: int, seed: in
     return stream_indices(step * global_batch, global_batch, n_samples, seed)
 
 
-def rank_micro_batches(indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int,
-                       grad_accum: int) -> list[list[int]]:
+def rank_micro_batches(
+    indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int, grad_accum: int
+) -> list[list[int]]:
     """This rank's micro-batches of one step.
 
     Element ``j`` of micro-batch ``m`` on rank ``r`` is
@@ -450,17 +472,26 @@ def rank_micro_batches(indices: Sequence[int], dp_rank: int, dp_size: int, micro
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     expected = micro_batch_size * grad_accum * dp_size
     if len(indices) != expected:
-        raise ValueError(f"got {len(indices)} indices for micro_batch_size*grad_accum*dp_size = "
-                         f"{micro_batch_size}*{grad_accum}*{dp_size} = {expected}")
+        raise ValueError(
+            f"got {len(indices)} indices for micro_batch_size*grad_accum*dp_size = "
+            f"{micro_batch_size}*{grad_accum}*{dp_size} = {expected}"
+        )
     out = []
     for m in range(grad_accum):
         start = (m * dp_size + dp_rank) * micro_batch_size
-        out.append([int(i) for i in indices[start:start + micro_batch_size]])
+        out.append([int(i) for i in indices[start : start + micro_batch_size]])
     return out
 
 
-def loader_state(step: int, global_batch: int, n_samples: int, seed: int, data_key: str | None,
-                 consumed: int | None = None, batch_ramp: dict | None = None) -> dict[str, Any]:
+def loader_state(
+    step: int,
+    global_batch: int,
+    n_samples: int,
+    seed: int,
+    data_key: str | None,
+    consumed: int | None = None,
+    batch_ramp: dict | None = None,
+) -> dict[str, Any]:
     """The loader's position after ``step`` optimizer steps, for a checkpoint's client state.
 
     Args:
@@ -476,8 +507,15 @@ def loader_state(step: int, global_batch: int, n_samples: int, seed: int, data_k
     """
     consumed = int(step) * int(global_batch) if consumed is None else int(consumed)
     epoch, offset = divmod(consumed, max(int(n_samples), 1))
-    state = {"consumed_samples": consumed, "epoch": epoch, "epoch_offset": offset, "global_batch": int(global_batch),
-             "n_samples": int(n_samples), "seed": int(seed), "data_key": data_key}
+    state = {
+        "consumed_samples": consumed,
+        "epoch": epoch,
+        "epoch_offset": offset,
+        "global_batch": int(global_batch),
+        "n_samples": int(n_samples),
+        "seed": int(seed),
+        "data_key": data_key,
+    }
     if batch_ramp is not None:
         state["batch_ramp"] = dict(batch_ramp)
     return state
@@ -489,9 +527,17 @@ def _ramp_text(ramp: dict | None) -> str:
     return f"{{start: {ramp.get('start')}, increment: {ramp.get('increment')}, tokens: {ramp.get('tokens')}}}"
 
 
-def check_loader_state(saved: dict[str, Any] | None, step: int, global_batch: int, n_samples: int, seed: int,
-                       data_key: str | None, where: str, consumed: int | None = None,
-                       batch_ramp: dict | None = None) -> None:
+def check_loader_state(
+    saved: dict[str, Any] | None,
+    step: int,
+    global_batch: int,
+    n_samples: int,
+    seed: int,
+    data_key: str | None,
+    where: str,
+    consumed: int | None = None,
+    batch_ramp: dict | None = None,
+) -> None:
     """Check that resuming at ``step`` continues the saved sample stream exactly.
 
     The stream is a function of (data, seed, global batch, batch ramp) only, so the
@@ -509,23 +555,33 @@ def check_loader_state(saved: dict[str, Any] | None, step: int, global_batch: in
     if not saved:
         return
     if saved.get("seed") != seed:  # first: the seed also chooses the validation split, so the data key follows
-        raise DsvError(f"checkpoint {where} used train.seed={saved.get('seed')} (now {seed}), which orders the "
-                       "samples; resume with the same train.seed")
+        raise DsvError(
+            f"checkpoint {where} used train.seed={saved.get('seed')} (now {seed}), which orders the "
+            "samples; resume with the same train.seed"
+        )
     if saved.get("data_key") not in (None, data_key) or saved.get("n_samples") != n_samples:
-        raise DsvError(f"checkpoint {where} was trained on other prepared data (key {saved.get('data_key')}, "
-                       f"{saved.get('n_samples')} samples; now {data_key}, {n_samples}); resume with the same data.* "
-                       "settings, or start a new run from its weights with train.init_from")
+        raise DsvError(
+            f"checkpoint {where} was trained on other prepared data (key {saved.get('data_key')}, "
+            f"{saved.get('n_samples')} samples; now {data_key}, {n_samples}); resume with the same data.* "
+            "settings, or start a new run from its weights with train.init_from"
+        )
     if saved.get("global_batch") != global_batch:
-        raise DsvError(f"checkpoint {where} used a global batch of {saved.get('global_batch')} samples (now "
-                       f"{global_batch}); keep parallel.micro_batch_size * parallel.grad_accum * processes equal "
-                       "(e.g. double grad_accum when halving the processes)")
+        raise DsvError(
+            f"checkpoint {where} used a global batch of {saved.get('global_batch')} samples (now "
+            f"{global_batch}); keep parallel.micro_batch_size * parallel.grad_accum * processes equal "
+            "(e.g. double grad_accum when halving the processes)"
+        )
     if (saved.get("batch_ramp") or None) != (dict(batch_ramp) if batch_ramp else None):
-        raise DsvError(f"checkpoint {where} used the batch ramp {_ramp_text(saved.get('batch_ramp'))} (now "
-                       f"{_ramp_text(batch_ramp)}), which decides how many samples each step reads; resume with the "
-                       "same train.batch_ramp (its default increment is parallel.micro_batch_size x data-parallel "
-                       "size: keep it, or set train.batch_ramp.increment to the saved one)")
+        raise DsvError(
+            f"checkpoint {where} used the batch ramp {_ramp_text(saved.get('batch_ramp'))} (now "
+            f"{_ramp_text(batch_ramp)}), which decides how many samples each step reads; resume with the "
+            "same train.batch_ramp (its default increment is parallel.micro_batch_size x data-parallel "
+            "size: keep it, or set train.batch_ramp.increment to the saved one)"
+        )
     if consumed is None:
         consumed = step * global_batch
     if saved.get("consumed_samples") != consumed:
-        raise DsvError(f"checkpoint {where} is inconsistent (step {step} but {saved.get('consumed_samples')} samples "
-                       "consumed); delete it to resume from an older one")
+        raise DsvError(
+            f"checkpoint {where} is inconsistent (step {step} but {saved.get('consumed_samples')} samples "
+            "consumed); delete it to resume from an older one"
+        )

@@ -42,15 +42,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from data_pipeline.corpus import describe_source, source_fingerprint
-from data_pipeline.shards import (SPLITS, Progress, is_val, run_tasks, shard_names, task_done,
-                                  val_offset)
+from data_pipeline.shards import SPLITS, Progress, is_val, run_tasks, shard_names, task_done, val_offset
 from data_pipeline.tasks import iter_documents, plan_tasks
 from dsv3.config import Config, DataConfig
 from dsv3.errors import DsvError
@@ -103,10 +103,17 @@ def parse_sources(source: Any) -> list[tuple[str | None, float]]:
         if not (isinstance(item, dict) and set(item) == {"path", "weight"} and isinstance(item.get("path"), str)):
             keys = sorted(set(item) - {"path", "weight"}) if isinstance(item, dict) else []
             missing = sorted({"path", "weight"} - set(item)) if isinstance(item, dict) else []
-            what = (f"unknown key(s) {', '.join(keys)}" if keys else f"missing {', '.join(missing)}" if missing
-                    else "not a mapping with a string path")
-            raise DsvError(f"data.source[{i}]={item!r} is not a corpus entry ({what}); write each as "
-                           "{path: <file, folder or hub name>, weight: <number>}")
+            what = (
+                f"unknown key(s) {', '.join(keys)}"
+                if keys
+                else f"missing {', '.join(missing)}"
+                if missing
+                else "not a mapping with a string path"
+            )
+            raise DsvError(
+                f"data.source[{i}]={item!r} is not a corpus entry ({what}); write each as "
+                "{path: <file, folder or hub name>, weight: <number>}"
+            )
         w = item["weight"]
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
             raise DsvError(f"data.source[{i}].weight={w!r} must be a positive number")
@@ -156,9 +163,11 @@ def given_tokenizer(d: DataConfig) -> Path:
     p = Path(d.tokenizer).expanduser()
     found = p if p.is_file() else find_tokenizer(p) if p.is_dir() else None
     if found is None:
-        raise DsvError(f"data.tokenizer={d.tokenizer} is neither a tokenizer file (tokenizer.model, tokenizer.json) "
-                       "nor a folder holding one; point it at one, or leave it unset to train a tokenizer on the "
-                       "corpus")
+        raise DsvError(
+            f"data.tokenizer={d.tokenizer} is neither a tokenizer file (tokenizer.model, tokenizer.json) "
+            "nor a folder holding one; point it at one, or leave it unset to train a tokenizer on the "
+            "corpus"
+        )
     return found
 
 
@@ -169,8 +178,10 @@ def check_vocab_size(tok, vocab_size: int, what: str) -> None:
         DsvError: ``tok.vocab_size > vocab_size``; the message names the setting to change.
     """
     if tok.vocab_size > vocab_size:
-        raise DsvError(f"{what} has {tok.vocab_size} entries but model.vocab_size is {vocab_size}; set "
-                       f"model.vocab_size={tok.vocab_size} (or larger) or use a tokenizer that fits")
+        raise DsvError(
+            f"{what} has {tok.vocab_size} entries but model.vocab_size is {vocab_size}; set "
+            f"model.vocab_size={tok.vocab_size} (or larger) or use a tokenizer that fits"
+        )
 
 
 def prepared_path(cfg: Config) -> Path:
@@ -210,8 +221,10 @@ def _wait_for(work: Path, what: str, timeout: float) -> None:
     t0 = time.monotonic()
     while find_tokenizer(work) is None:
         if time.monotonic() - t0 > timeout:
-            raise DsvError(f"waited {timeout:.0f}s for {what} (in {work}); start prepare rank 0 first, or raise "
-                           "DSV3_PREPARE_WAIT (seconds)")
+            raise DsvError(
+                f"waited {timeout:.0f}s for {what} (in {work}); start prepare rank 0 first, or raise "
+                "DSV3_PREPARE_WAIT (seconds)"
+            )
         time.sleep(1.0)
 
 
@@ -281,8 +294,13 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
             else:
                 count = {"docs": 0, "train": 0}
                 try:
-                    train_tokenizer(_tokenizer_texts(tasks, d, cfg.train.seed, cache_dir, count), cfg.model.vocab_size,
-                                    work / MODEL_FILE, d.tokenizer_sample_size, seed=cfg.train.seed)
+                    train_tokenizer(
+                        _tokenizer_texts(tasks, d, cfg.train.seed, cache_dir, count),
+                        cfg.model.vocab_size,
+                        work / MODEL_FILE,
+                        d.tokenizer_sample_size,
+                        seed=cfg.train.seed,
+                    )
                 except DsvError:
                     if count["train"]:
                         raise
@@ -300,10 +318,18 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
         todo = [(t, tasks[t]) for t in mine if task_done(shards, t) is None]
         prog = Progress(progress, len(mine), len(mine) - len(todo))
         if progress and len(todo) < len(mine):
-            print(f"prepare: {len(mine) - len(todo)} of {len(mine)} tasks already done in {work}; continuing",
-                  flush=True)
-        args = {"model": str(model), "shards": str(shards), "dtype": dtype, "val_fraction": d.val_fraction,
-                "seed": cfg.train.seed, "text_field": d.text_field, "cache_dir": cache_dir}
+            print(
+                f"prepare: {len(mine) - len(todo)} of {len(mine)} tasks already done in {work}; continuing", flush=True
+            )
+        args = {
+            "model": str(model),
+            "shards": str(shards),
+            "dtype": dtype,
+            "val_fraction": d.val_fraction,
+            "seed": cfg.train.seed,
+            "text_field": d.text_field,
+            "cache_dir": cache_dir,
+        }
         run_tasks(todo, args, d.num_proc, prog)
         if todo and prog.tty:
             prog.show(final=True)
@@ -313,8 +339,11 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
         missing = sum(r is None for r in records)
         if missing:
             if progress:
-                print(f"prepare: this node's tasks are done; {missing} of {len(tasks)} tasks are still running on "
-                      "other nodes (the node that finishes last writes meta.json)", flush=True)
+                print(
+                    f"prepare: this node's tasks are done; {missing} of {len(tasks)} tasks are still running on "
+                    "other nodes (the node that finishes last writes meta.json)",
+                    flush=True,
+                )
             return out
         meta = _merge(cfg, key, sources, fingerprint, tasks, records, tok, dtype)
         meta["seconds"] = {"tokenizer": round(t_tokenizer, 3), "tokenize": round(t_tokenize, 3)}
@@ -333,26 +362,39 @@ def prepare(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -
     if progress:
         n_tok = sum(meta["n_tokens"].values())
         n_bytes = sum(meta["n_bytes"].values())
-        print(f"prepared {out}: {sum(meta['n_docs'].values())} documents "
-              f"({meta['n_docs']['train']} train / {meta['n_docs']['val']} val), {n_tok:,} tokens "
-              f"({meta['n_tokens']['train']:,} / {meta['n_tokens']['val']:,}), {n_bytes / 1e6:.1f} MB text, "
-              f"{n_tok / max(n_bytes, 1):.3f} tokens/byte, vocab {tok.vocab_size}, {len(tasks)} shards, "
-              f"{time.perf_counter() - start:.1f}s (tokenizer {t_tokenizer:.1f}s, tokenize {t_tokenize:.1f}s)",
-              flush=True)
+        print(
+            f"prepared {out}: {sum(meta['n_docs'].values())} documents "
+            f"({meta['n_docs']['train']} train / {meta['n_docs']['val']} val), {n_tok:,} tokens "
+            f"({meta['n_tokens']['train']:,} / {meta['n_tokens']['val']:,}), {n_bytes / 1e6:.1f} MB text, "
+            f"{n_tok / max(n_bytes, 1):.3f} tokens/byte, vocab {tok.vocab_size}, {len(tasks)} shards, "
+            f"{time.perf_counter() - start:.1f}s (tokenizer {t_tokenizer:.1f}s, tokenize {t_tokenize:.1f}s)",
+            flush=True,
+        )
         if len(sources) > 1:
-            print("blend: " + ", ".join(f"{c['source']} {c['share']:.1%} of samples ({c['tokens']:,} tokens per epoch, "
-                                        f"weight {c['weight']:.3g})" for c in meta["blend"]), flush=True)
+            print(
+                "blend: "
+                + ", ".join(
+                    f"{c['source']} {c['share']:.1%} of samples ({c['tokens']:,} tokens per epoch, "
+                    f"weight {c['weight']:.3g})"
+                    for c in meta["blend"]
+                ),
+                flush=True,
+            )
     return out
 
 
 def _check_documents(n_docs: int, source: Any) -> None:
     """Raise the one-line error for a corpus with no text or a single document."""
     if n_docs == 0:
-        raise DsvError(f"data.source={describe_source(source) if not isinstance(source, list) else source} contains no "
-                       "text (all documents are empty or whitespace); point data.source at a non-empty corpus")
+        raise DsvError(
+            f"data.source={describe_source(source) if not isinstance(source, list) else source} contains no "
+            "text (all documents are empty or whitespace); point data.source at a non-empty corpus"
+        )
     if n_docs < 2:
-        raise DsvError(f"the corpus has {n_docs} document(s) but needs at least 2 (one for training, one for "
-                       "validation); add files, or use a .jsonl file with one document per line")
+        raise DsvError(
+            f"the corpus has {n_docs} document(s) but needs at least 2 (one for training, one for "
+            "validation); add files, or use a .jsonl file with one document per line"
+        )
 
 
 def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok, dtype: str) -> dict[str, Any]:
@@ -364,24 +406,40 @@ def _merge(cfg: Config, key: str, sources, fingerprint, tasks, records, tok, dty
         for s in SPLITS:
             info = rec["splits"][s]
             if info["n_tokens"]:
-                shards[s].append({"file": f"shards/{names[f'{s}.bin']}", "index": f"shards/{names[f'{s}.idx']}",
-                                  "corpus": rec["corpus"], **info})
+                shards[s].append(
+                    {
+                        "file": f"shards/{names[f'{s}.bin']}",
+                        "index": f"shards/{names[f'{s}.idx']}",
+                        "corpus": rec["corpus"],
+                        **info,
+                    }
+                )
     total = {s: {k: sum(x[k] for x in shards[s]) for k in ("n_docs", "n_tokens", "n_bytes")} for s in SPLITS}
     _check_documents(total["train"]["n_docs"] + total["val"]["n_docs"], d.source)
     need = d.seq_len + 1
     for s, fix in (("val", "raise data.val_fraction"), ("train", "use a larger corpus")):
         if total[s]["n_tokens"] < need:
-            raise DsvError(f"the {'validation' if s == 'val' else 'training'} split has {total[s]['n_tokens']} tokens "
-                           f"but one sample needs data.seq_len+1={need}; lower data.seq_len or {fix}")
+            raise DsvError(
+                f"the {'validation' if s == 'val' else 'training'} split has {total[s]['n_tokens']} tokens "
+                f"but one sample needs data.seq_len+1={need}; lower data.seq_len or {fix}"
+            )
     corpora = []
     for c, (src, w) in enumerate(sources):
-        corpora.append({"source": describe_source(src), "weight": w, "fingerprint": fingerprint[c],
-                        "n_tokens": {s: sum(x["n_tokens"] for x in shards[s] if x["corpus"] == c) for s in SPLITS},
-                        "n_docs": {s: sum(x["n_docs"] for x in shards[s] if x["corpus"] == c) for s in SPLITS}})
+        corpora.append(
+            {
+                "source": describe_source(src),
+                "weight": w,
+                "fingerprint": fingerprint[c],
+                "n_tokens": {s: sum(x["n_tokens"] for x in shards[s] if x["corpus"] == c) for s in SPLITS},
+                "n_docs": {s: sum(x["n_docs"] for x in shards[s] if x["corpus"] == c) for s in SPLITS},
+            }
+        )
     for c in corpora:
         if len(corpora) > 1 and c["n_tokens"]["train"] < need:
-            raise DsvError(f"corpus {c['source']} of the blend has {c['n_tokens']['train']} training tokens, fewer "
-                           f"than one sample (data.seq_len+1={need}); remove it from data.source or lower data.seq_len")
+            raise DsvError(
+                f"corpus {c['source']} of the blend has {c['n_tokens']['train']} training tokens, fewer "
+                f"than one sample (data.seq_len+1={need}); remove it from data.source or lower data.seq_len"
+            )
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "key": key,

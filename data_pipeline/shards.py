@@ -121,8 +121,18 @@ def _encode_flat(tok, texts: list[str], eos: int, dtype: np.dtype) -> tuple[np.n
     return flat, lens
 
 
-def run_task(t: int, task: dict[str, Any], tok, shards: Path, dtype: str, val_fraction: float,
-             seed: int, text_field: str, cache_dir: str | None, counter: _Counter | None = None) -> dict[str, Any]:
+def run_task(
+    t: int,
+    task: dict[str, Any],
+    tok,
+    shards: Path,
+    dtype: str,
+    val_fraction: float,
+    seed: int,
+    text_field: str,
+    cache_dir: str | None,
+    counter: _Counter | None = None,
+) -> dict[str, Any]:
     """Tokenize task ``t`` into its shards and record (see the module docstring).
 
     Every file is written under a temporary name and renamed; the record is written last.
@@ -144,6 +154,7 @@ def run_task(t: int, task: dict[str, Any], tok, shards: Path, dtype: str, val_fr
     n_bytes = {s: 0 for s in SPLITS}
     j = 0
     try:
+
         def flush(batch: dict[str, list[str]]) -> None:
             for s, texts in batch.items():
                 if not texts:
@@ -180,8 +191,12 @@ def run_task(t: int, task: dict[str, Any], tok, shards: Path, dtype: str, val_fr
             np.save(idx_tmp, ends)
             os.replace(idx_tmp, shards / names[f"{s}.idx"])
             os.replace(tmp[s], shards / names[f"{s}.bin"])
-            splits[s] = {"n_docs": int(len(ln)), "n_tokens": int(ends[-1]) if len(ends) else 0,
-                         "n_bytes": n_bytes[s], "sha256": digests[s].hexdigest()}
+            splits[s] = {
+                "n_docs": int(len(ln)),
+                "n_tokens": int(ends[-1]) if len(ends) else 0,
+                "n_bytes": n_bytes[s],
+                "sha256": digests[s].hexdigest(),
+            }
     finally:
         for s in SPLITS:
             files[s].close()
@@ -206,8 +221,18 @@ def _worker_run(item: tuple[int, dict]) -> tuple[str, Any]:
     t, task = item
     a = _W["args"]
     try:
-        rec = run_task(t, task, _W["tok"], Path(a["shards"]), a["dtype"], a["val_fraction"], a["seed"],
-                       a["text_field"], a["cache_dir"], _Counter(_W["queue"].put))
+        rec = run_task(
+            t,
+            task,
+            _W["tok"],
+            Path(a["shards"]),
+            a["dtype"],
+            a["val_fraction"],
+            a["seed"],
+            a["text_field"],
+            a["cache_dir"],
+            _Counter(_W["queue"].put),
+        )
         return "done", rec
     except DsvError as exc:
         return "error", str(exc)
@@ -241,8 +266,10 @@ class Progress:
     def line(self) -> str:
         dt = max(time.perf_counter() - self.start, 1e-9)
         docs, nbytes, tokens = self.counts.tolist()
-        return (f"tokenizing: tasks {self.done}/{self.n_tasks}, {docs:,} docs, {nbytes / 1e6:.1f} MB, "
-                f"{tokens:,} tokens | {docs / dt:,.0f} docs/s, {nbytes / 1e6 / dt:.2f} MB/s, {tokens / dt:,.0f} tokens/s")
+        return (
+            f"tokenizing: tasks {self.done}/{self.n_tasks}, {docs:,} docs, {nbytes / 1e6:.1f} MB, "
+            f"{tokens:,} tokens | {docs / dt:,.0f} docs/s, {nbytes / 1e6 / dt:.2f} MB/s, {tokens / dt:,.0f} tokens/s"
+        )
 
     def show(self, final: bool = False) -> None:
         self.last = time.perf_counter()
@@ -266,8 +293,18 @@ def run_tasks(todo: list[tuple[int, dict]], args: dict[str, Any], num_proc: int,
     if num_proc <= 1 or len(todo) == 1:
         tok = open_tokenizer(args["model"])
         for t, task in todo:
-            run_task(t, task, tok, Path(args["shards"]), args["dtype"], args["val_fraction"], args["seed"],
-                     args["text_field"], args["cache_dir"], _Counter(lambda m: progress.add(*m[1:])))
+            run_task(
+                t,
+                task,
+                tok,
+                Path(args["shards"]),
+                args["dtype"],
+                args["val_fraction"],
+                args["seed"],
+                args["text_field"],
+                args["cache_dir"],
+                _Counter(lambda m: progress.add(*m[1:])),
+            )
             progress.task_done()
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -294,5 +331,3 @@ def run_tasks(todo: list[tuple[int, dict]], args: dict[str, Any], num_proc: int,
             progress.task_done()
         while not queue.empty():
             progress.add(*queue.get()[1:])
-
-

@@ -48,11 +48,19 @@ import functools
 import glob
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from data_pipeline.corpus import (COMPRESSED_JSON_EXTS, JSON_EXTS, TEXT_EXTS, first_bad_utf8, first_line,
-                                  file_ext, resolve_source)
+from data_pipeline.corpus import (
+    COMPRESSED_JSON_EXTS,
+    JSON_EXTS,
+    TEXT_EXTS,
+    file_ext,
+    first_bad_utf8,
+    first_line,
+    resolve_source,
+)
 from dsv3.errors import DsvError
 
 #: Target size of one document cut from a large text file (see the module docstring).
@@ -61,8 +69,9 @@ TEXT_PIECE_BYTES = 1 << 20
 _SEARCH_BYTES = 1 << 20
 
 
-def plan_tasks(source: str | None, shard_bytes: int, corpus: int = 0, text_field: str = "text",
-               cache_dir: str | None = None) -> list[dict[str, Any]]:
+def plan_tasks(
+    source: str | None, shard_bytes: int, corpus: int = 0, text_field: str = "text", cache_dir: str | None = None
+) -> list[dict[str, Any]]:
     """The tasks of one corpus, in corpus order.
 
     Args:
@@ -84,8 +93,10 @@ def plan_tasks(source: str | None, shard_bytes: int, corpus: int = 0, text_field
     if kind == "hub":
         n = len(_hub_dataset(str(source), text_field, cache_dir))
         rows = max(1, shard_bytes // 2048)  # hub rows: assume ~2 KB per document
-        return [{"corpus": corpus, "kind": "hub", "name": str(source), "start": s, "end": min(n, s + rows)}
-                for s in range(0, n, rows)]
+        return [
+            {"corpus": corpus, "kind": "hub", "name": str(source), "start": s, "end": min(n, s + rows)}
+            for s in range(0, n, rows)
+        ]
     tasks: list[dict[str, Any]] = []
     group: list[str] = []
     group_kind = ""
@@ -113,14 +124,18 @@ def plan_tasks(source: str | None, shard_bytes: int, corpus: int = 0, text_field
         if ext in TEXT_EXTS or ext in JSON_EXTS:
             kind_ = "textsplit" if ext in TEXT_EXTS else "jsonl"
             for a in range(0, n, shard_bytes):
-                tasks.append({"corpus": corpus, "kind": kind_, "file": str(f), "start": a, "end": min(n, a + shard_bytes)})
+                tasks.append(
+                    {"corpus": corpus, "kind": kind_, "file": str(f), "start": a, "end": min(n, a + shard_bytes)}
+                )
         else:
             import pyarrow.parquet as pq
 
             try:
                 meta = pq.ParquetFile(f).metadata
             except Exception as exc:
-                raise DsvError(f"file {f} is not a readable parquet file ({type(exc).__name__}); fix or remove it") from None
+                raise DsvError(
+                    f"file {f} is not a readable parquet file ({type(exc).__name__}); fix or remove it"
+                ) from None
             start, acc = 0, 0
             for g in range(meta.num_row_groups):
                 acc += meta.row_group(g).total_byte_size
@@ -163,8 +178,10 @@ def _decode(data: bytes, path: str, offset: int = 0) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DsvError(f"file {path} is not valid UTF-8 (bad byte at offset {offset + exc.start}); re-encode it "
-                       "as UTF-8 or remove it from data.source") from None
+        raise DsvError(
+            f"file {path} is not valid UTF-8 (bad byte at offset {offset + exc.start}); re-encode it "
+            "as UTF-8 or remove it from data.source"
+        ) from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text
@@ -211,18 +228,23 @@ def _not_utf8(path: str) -> DsvError:
 
 def _record_text(rec: Any, field: str, where: str) -> str | None:
     if not isinstance(rec, dict):
-        raise DsvError(f"{where} holds a {type(rec).__name__}, not a JSON object; write one object per line with "
-                       f"the text in {field!r}")
+        raise DsvError(
+            f"{where} holds a {type(rec).__name__}, not a JSON object; write one object per line with "
+            f"the text in {field!r}"
+        )
     text = rec.get(field)
     if text is not None and not isinstance(text, str):
-        raise DsvError(f"{where} column {field!r} holds {type(text).__name__}, not text; set data.text_field to a "
-                       "string column")
+        raise DsvError(
+            f"{where} column {field!r} holds {type(text).__name__}, not text; set data.text_field to a string column"
+        )
     return text
 
 
 def _no_column(path: str, field: str, columns) -> DsvError:
-    return DsvError(f"file {path} has no column {field!r} (columns: {', '.join(map(str, columns)) or 'none'}); "
-                    "set data.text_field to the column holding the text")
+    return DsvError(
+        f"file {path} has no column {field!r} (columns: {', '.join(map(str, columns)) or 'none'}); "
+        "set data.text_field to the column holding the text"
+    )
 
 
 def _jsonl_texts(task: dict[str, Any], field: str) -> Iterator[str | None]:
@@ -244,8 +266,10 @@ def _jsonl_texts(task: dict[str, Any], field: str) -> Iterator[str | None]:
                 except UnicodeDecodeError:
                     raise _not_utf8(path) from None
                 except ValueError as exc:
-                    raise DsvError(f"file {path} line at byte {pos} is not valid JSON ({exc}); fix the line or remove "
-                                   "the file from data.source") from None
+                    raise DsvError(
+                        f"file {path} line at byte {pos} is not valid JSON ({exc}); fix the line or remove "
+                        "the file from data.source"
+                    ) from None
                 text = _record_text(rec, field, f"file {path}")
                 if first and field not in rec:  # judged on the file's first record, whatever the split
                     raise _no_column(path, field, rec)
@@ -307,8 +331,14 @@ def _stream(builder: str, files: list[str], cache_dir: str | None, **kwargs):
     names escaped: ``data_files`` entries are glob patterns)."""
     import datasets
 
-    return datasets.load_dataset(builder, data_files=[glob.escape(p) for p in files], split="train", streaming=True,
-                                 cache_dir=cache_dir, **kwargs)
+    return datasets.load_dataset(
+        builder,
+        data_files=[glob.escape(p) for p in files],
+        split="train",
+        streaming=True,
+        cache_dir=cache_dir,
+        **kwargs,
+    )
 
 
 def _text_files(files: list[str], cache_dir: str | None) -> Iterator[str]:
@@ -327,8 +357,10 @@ def _text_files(files: list[str], cache_dir: str | None) -> Iterator[str]:
                 raise _not_utf8(p) from None
         raise
     if n != len(files):
-        raise DsvError(f"read {n} documents from {len(files)} text files starting with {files[0]}; check that the "
-                       "files are readable")
+        raise DsvError(
+            f"read {n} documents from {len(files)} text files starting with {files[0]}; check that the "
+            "files are readable"
+        )
 
 
 def _json_file(path: str, field: str, cache_dir: str | None) -> Iterator[str | None]:
@@ -345,8 +377,9 @@ def _json_file(path: str, field: str, cache_dir: str | None) -> Iterator[str | N
                     raise _no_column(path, field, list(ds.features))
                 feat = ds.features[field]
                 if not (isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string")):
-                    raise DsvError(f"file {path} column {field!r} holds {feat}, not text; set data.text_field to a "
-                                   "string column")
+                    raise DsvError(
+                        f"file {path} column {field!r} holds {feat}, not text; set data.text_field to a string column"
+                    )
                 ds = ds.select_columns([field])
             for batch in ds.iter(batch_size=_BATCH):
                 if field not in batch:
@@ -361,8 +394,10 @@ def _json_file(path: str, field: str, cache_dir: str | None) -> Iterator[str | N
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     except Exception as exc:  # datasets/pyarrow raise several types for malformed JSON
-        raise DsvError(f"file {path} is not valid JSON lines or a JSON array ({first_line(exc)}); fix it or remove "
-                       "it from data.source") from None
+        raise DsvError(
+            f"file {path} is not valid JSON lines or a JSON array ({first_line(exc)}); fix it or remove "
+            "it from data.source"
+        ) from None
 
 
 def _parquet_files(files: list[str], field: str, cache_dir: str | None) -> Iterator[str | None]:
@@ -377,7 +412,9 @@ def _parquet_files(files: list[str], field: str, cache_dir: str | None) -> Itera
         except DsvError:
             raise
         except Exception as exc:
-            raise DsvError(f"file {path} is not a readable parquet file ({first_line(exc)}); fix or remove it") from None
+            raise DsvError(
+                f"file {path} is not a readable parquet file ({first_line(exc)}); fix or remove it"
+            ) from None
 
 
 def iter_documents(task: dict[str, Any], text_field: str = "text", cache_dir: str | None = None) -> Iterator[str]:

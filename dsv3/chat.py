@@ -92,10 +92,22 @@ def fit_conversation(tok, system: str | None, turns: list[Message], budget: int)
             dropped += 1
 
 
-def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
-              top_k: int = 50, top_p: float = 0.95, seed: int | None = None, repetition_penalty: float = 1.0,
-              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
-              interactive: bool | None = None, jsonl: bool = False) -> None:
+def chat_loop(
+    model,
+    tok,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    repetition_penalty: float = 1.0,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    interactive: bool | None = None,
+    jsonl: bool = False,
+) -> None:
     """Run a multi-turn conversation: one user message per input line, streamed replies.
 
     Each input line (without its line break) is a user message; ``/reset`` forgets the
@@ -137,15 +149,19 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
         interactive = stdin.isatty() and not jsonl
     limit = model.cfg.max_seq_len
     if not 1 <= max_new_tokens < limit:
-        raise DsvError(f"--max-new-tokens {max_new_tokens} must be between 1 and the model's max_seq_len - 1 "
-                       f"({limit - 1})")
+        raise DsvError(
+            f"--max-new-tokens {max_new_tokens} must be between 1 and the model's max_seq_len - 1 ({limit - 1})"
+        )
     budget = limit - max_new_tokens
     stops = chat_stop_ids(tok)
     turns: list[Message] = []
     replies = 0
     if interactive:
-        print("dsv3 chat: type a message and press Enter; /reset starts over, /exit or Ctrl-D quits",
-              file=stderr, flush=True)
+        print(
+            "dsv3 chat: type a message and press Enter; /reset starts over, /exit or Ctrl-D quits",
+            file=stderr,
+            flush=True,
+        )
     number = 0
     while True:
         if interactive:
@@ -186,21 +202,41 @@ def chat_loop(model, tok, system: str | None = None, max_new_tokens: int = 256, 
             print(f"(message too long: only its last {budget} tokens are read)", file=stderr, flush=True)
         decoder = StreamDecoder(tok)
 
-        def stream(i: int) -> None:
+        def stream(i: int, decoder: StreamDecoder = decoder) -> None:
             if i not in stops and not jsonl:
                 piece = decoder.push(i)
                 if piece:
                     stdout.write(piece)
                     stdout.flush()
 
-        out = generate(model, ids, max_new_tokens, temperature, top_k, top_p,
-                       None if seed is None else seed + replies, eos_ids=stops, on_token=stream,
-                       repetition_penalty=repetition_penalty)
+        out = generate(
+            model,
+            ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            None if seed is None else seed + replies,
+            eos_ids=stops,
+            on_token=stream,
+            repetition_penalty=repetition_penalty,
+        )
         ended = bool(out) and out[-1] in stops
         reply = out[:-1] if ended else out
         if jsonl:
-            stdout.write(json.dumps({"reply": tok.decode(reply), "tokens": len(out), "stop": "end" if ended else "length",
-                                     "dropped": dropped, "truncated": len(ids) > budget}, ensure_ascii=False) + "\n")
+            stdout.write(
+                json.dumps(
+                    {
+                        "reply": tok.decode(reply),
+                        "tokens": len(out),
+                        "stop": "end" if ended else "length",
+                        "dropped": dropped,
+                        "truncated": len(ids) > budget,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         else:
             stdout.write(decoder.flush() + "\n")
         stdout.flush()
@@ -219,15 +255,18 @@ def parse_json_message(line: str, number: int) -> tuple[str | None, bool]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DsvError(f'{where} is not JSON ({exc.msg}); --jsonl reads one object per line, such as '
-                       '{"content": "hello"}') from None
+        raise DsvError(
+            f'{where} is not JSON ({exc.msg}); --jsonl reads one object per line, such as {{"content": "hello"}}'
+        ) from None
     if not isinstance(obj, dict):
         raise DsvError(f'{where} is a JSON {type(obj).__name__}, not an object such as {{"content": "hello"}}')
     unknown = sorted(set(obj) - {"content", "reset"})
     if unknown:
         extra = "; set the system prompt with --system" if "role" in unknown else ""
-        raise DsvError(f'{where} has the unknown key(s) {", ".join(map(repr, unknown))}; --jsonl reads "content" '
-                       f'(a user message) and "reset"{extra}')
+        raise DsvError(
+            f'{where} has the unknown key(s) {", ".join(map(repr, unknown))}; --jsonl reads "content" '
+            f'(a user message) and "reset"{extra}'
+        )
     reset = obj.get("reset", False)
     if not isinstance(reset, bool):
         raise DsvError(f'{where}: "reset" must be true or false, not {json.dumps(reset)}')

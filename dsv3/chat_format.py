@@ -88,8 +88,9 @@ def _check_messages(messages: Sequence[Message]) -> None:
         raise DsvError("a conversation needs at least one message ({'role': ..., 'content': ...})")
     for k, m in enumerate(messages):
         if not isinstance(m, Mapping) or m.get("role") not in ROLE_IDS or not isinstance(m.get("content"), str):
-            raise DsvError(f"message {k} must be a mapping with role one of {sorted(ROLE_IDS)} and a text "
-                           f"content; got {m!r:.80}")
+            raise DsvError(
+                f"message {k} must be a mapping with role one of {sorted(ROLE_IDS)} and a text content; got {m!r:.80}"
+            )
 
 
 def _segments(tok, messages: Sequence[Message]):
@@ -167,8 +168,10 @@ def chat_labels(tok, messages: Sequence[Message]) -> tuple[list[int], list[int]]
         ids.extend(span)
         trained.extend([learn] * len(span))
     if not any(trained):
-        raise DsvError("the conversation has no assistant message, so it has nothing to train on; "
-                       "add an assistant reply or drop the conversation")
+        raise DsvError(
+            "the conversation has no assistant message, so it has nothing to train on; "
+            "add an assistant reply or drop the conversation"
+        )
     labels = [ids[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
     return ids, labels
 

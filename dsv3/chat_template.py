@@ -74,33 +74,37 @@ class TemplateChat:
         base = tok.render_chat([user], add_generation_prompt=False)
         prompt = tok.render_chat([user], add_generation_prompt=True)
         if prompt == base:
-            raise DsvError(f"the chat template of {where} has no assistant marker: add_generation_prompt adds "
-                           "nothing, so dsv3 cannot tell where a reply starts; use a template that opens the "
-                           "assistant's turn when add_generation_prompt is true")
+            raise DsvError(
+                f"the chat template of {where} has no assistant marker: add_generation_prompt adds "
+                "nothing, so dsv3 cannot tell where a reply starts; use a template that opens the "
+                "assistant's turn when add_generation_prompt is true"
+            )
         full = tok.render_chat([user, reply], add_generation_prompt=False)
         marked = tok.render_chat([user, reply], mark_generation=True)
         self.marks_generation = marked != full
         if self.marks_generation:  # the reply's turn is what the template marks
-            turn = marked[marked.find(GEN_OPEN) + 1:].split(GEN_CLOSE)[0]
+            turn = marked[marked.find(GEN_OPEN) + 1 :].split(GEN_CLOSE)[0]
         elif prompt.startswith(base) and full.startswith(prompt):
-            turn = full[len(prompt):]
+            turn = full[len(prompt) :]
         else:
             raise self._not_turn_by_turn()
         at = turn.find(_PROBE_REPLY)
-        after = turn[at + len(_PROBE_REPLY):] if at >= 0 else ""
+        after = turn[at + len(_PROBE_REPLY) :] if at >= 0 else ""
         self.end_ids = [i for i in tok.encode(after) if tok.is_special(i)]
         at = base.find(_PROBE_USER)
         user_open = [i for i in tok.encode(base[:at]) if tok.is_special(i) and i != tok.bos_id] if at >= 0 else []
-        added = prompt[len(base):] if prompt.startswith(base) else ""
+        added = prompt[len(base) :] if prompt.startswith(base) else ""
         marker = [i for i in tok.encode(added) if tok.is_special(i)][:1]
         self.stop_ids = _unique([*self.end_ids, tok.eos_id, *user_open, *marker])
         self.stop_ids = [i for i in self.stop_ids if i != tok.bos_id]
 
     def _not_turn_by_turn(self) -> DsvError:
-        return DsvError(f"the chat template of {self._where} does not render a conversation turn by turn (the "
-                        "first messages with the generation prompt are not the start of the whole conversation), "
-                        "so dsv3 cannot find the assistant replies; mark them with {% generation %} ... "
-                        "{% endgeneration %} in the template")
+        return DsvError(
+            f"the chat template of {self._where} does not render a conversation turn by turn (the "
+            "first messages with the generation prompt are not the start of the whole conversation), "
+            "so dsv3 cannot find the assistant replies; mark them with {% generation %} ... "
+            "{% endgeneration %} in the template"
+        )
 
     def encode(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered conversation (``apply_chat_template(messages, add_generation_prompt)``)."""
@@ -143,8 +147,10 @@ class TemplateChat:
         """
         tok = self.tok
         if not any(m["role"] == "assistant" for m in messages):
-            raise DsvError("the conversation has no assistant message, so it has nothing to train on; "
-                           "add an assistant reply or drop the conversation")
+            raise DsvError(
+                "the conversation has no assistant message, so it has nothing to train on; "
+                "add an assistant reply or drop the conversation"
+            )
         text = tok.render_chat(messages, add_generation_prompt=False)
         ids, offsets = tok.encode_with_offsets(text)
         spans = self._spans(messages, text)
@@ -162,8 +168,10 @@ class TemplateChat:
                         k += 1
                     break
         if not any(trained):
-            raise DsvError(f"the chat template of {self._where} renders the assistant replies as no tokens; "
-                           "dsv3 cannot train on them")
+            raise DsvError(
+                f"the chat template of {self._where} renders the assistant replies as no tokens; "
+                "dsv3 cannot train on them"
+            )
         labels = [ids[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
         return ids, labels
 

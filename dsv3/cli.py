@@ -10,19 +10,30 @@ from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--config", required=required,
-                   help="YAML run config (see configs/)" + ("" if required else "; default: the tiny CPU model"))
+    p.add_argument(
+        "--config",
+        required=required,
+        help="YAML run config (see configs/)" + ("" if required else "; default: the tiny CPU model"),
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50")
 
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                   help="dsv3 checkpoints: place whole blocks on GPUs, then CPU memory, then disk (needs "
-                        "--offload-folder) within these limits, e.g. 0=20GiB,cpu=64GiB (KB/MB/GB = 1000^n, "
-                        "KiB/MiB/GiB = 1024^n)")
-    p.add_argument("--offload-folder", default=None, metavar="DIR",
-                   help="dsv3 checkpoints: folder for the weights that fit in no memory; alone, it places "
-                        "blocks by the memory accelerate finds free")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="DEV=SIZE,...",
+        help="dsv3 checkpoints: place whole blocks on GPUs, then CPU memory, then disk (needs "
+        "--offload-folder) within these limits, e.g. 0=20GiB,cpu=64GiB (KB/MB/GB = 1000^n, "
+        "KiB/MiB/GiB = 1024^n)",
+    )
+    p.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="dsv3 checkpoints: folder for the weights that fit in no memory; alone, it places "
+        "blocks by the memory accelerate finds free",
+    )
 
 
 def _warn_if_incomplete(path: str) -> None:
@@ -58,14 +69,20 @@ def _load_tokenizer_for(model, path):
 
     tok = load_tokenizer(path)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise DsvError(f"the tokenizer of {path} has {tok.vocab_size} entries but the model's vocab_size is "
-                       f"{model.cfg.vocab_size}; put the tokenizer these weights were trained with next to them")
+        raise DsvError(
+            f"the tokenizer of {path} has {tok.vocab_size} entries but the model's vocab_size is "
+            f"{model.cfg.vocab_size}; put the tokenizer these weights were trained with next to them"
+        )
     return tok
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help="token limit" + ("" if max_new_tokens else " per reply (default: min(256, max_seq_len/2))"))
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help="token limit" + ("" if max_new_tokens else " per reply (default: min(256, max_seq_len/2))"),
+    )
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -75,8 +92,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None, t
 
 def _check_sampling(args, max_seq_len: int) -> None:
     if not 0 < args.max_new_tokens < max_seq_len:
-        raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive and below the model's "
-                       f"max_seq_len {max_seq_len}")
+        raise DsvError(
+            f"--max-new-tokens {args.max_new_tokens} must be positive and below the model's max_seq_len {max_seq_len}"
+        )
     if not 0 < args.top_p <= 1:
         raise DsvError(f"--top-p {args.top_p} must be in (0, 1]")
     if args.temperature < 0 or args.top_k < 0:
@@ -93,9 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train (prepares data first when needed; resumes from out_dir)")
     _add_config_args(p, required=False)
     p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
-    p.add_argument("--check", type=int, default=None, metavar="WORLD",
-                   help="only check the config and its parallel layout for WORLD processes, then exit (the "
-                        "launch scripts run this before starting any process)")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=None,
+        metavar="WORLD",
+        help="only check the config and its parallel layout for WORLD processes, then exit (the "
+        "launch scripts run this before starting any process)",
+    )
     # the deepspeed launcher appends --local_rank=N (the rank is also in $LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)")
@@ -107,15 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     _add_sampling_args(p, max_new_tokens=100, temperature=0.8)
     _add_placement_args(p)
-    p.add_argument("--speculative", choices=["mtp"], default=None,
-                   help="draft with the MTP module, verify with the main model (greedy only; stats on stderr)")
-    p.add_argument("--compare", action="store_true",
-                   help="with --speculative: also decode plainly, check the outputs match, report the speed-up")
+    p.add_argument(
+        "--speculative",
+        choices=["mtp"],
+        default=None,
+        help="draft with the MTP module, verify with the main model (greedy only; stats on stderr)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --speculative: also decode plainly, check the outputs match, report the speed-up",
+    )
     p = sub.add_parser("chat", help="interactive chat on stdin/stdout (works with a pipe)")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--jsonl", action="store_true",
-                   help='for scripts: read {"content": ...} or {"reset": true} per line, write one JSON line per reply')
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='for scripts: read {"content": ...} or {"reset": true} per line, write one JSON line per reply',
+    )
     _add_sampling_args(p, max_new_tokens=None, temperature=0.7)
     _add_placement_args(p)
     p = sub.add_parser("convert", help="import / export the Hugging Face DeepSeek-V3 layout")
@@ -130,24 +163,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory-gib", type=float, default=None)
     p.add_argument("--propose", action="store_true", help="search layouts that fit --gpu-memory-gib and rank them")
-    p.add_argument("--dispatch-dtype", choices=["fp8", "bf16", "fp32"], default=None,
-                   help="all-to-all dispatch dtype (default train.precision; DeepSeek-V3 used fp8)")
-    p.add_argument("--combine-dtype", choices=["fp8", "bf16", "fp32"], default=None,
-                   help="all-to-all combine dtype (default train.precision)")
+    p.add_argument(
+        "--dispatch-dtype",
+        choices=["fp8", "bf16", "fp32"],
+        default=None,
+        help="all-to-all dispatch dtype (default train.precision; DeepSeek-V3 used fp8)",
+    )
+    p.add_argument(
+        "--combine-dtype",
+        choices=["fp8", "bf16", "fp32"],
+        default=None,
+        help="all-to-all combine dtype (default train.precision)",
+    )
     p = sub.add_parser("eval", help="validation loss per position range of long windows (context extension)")
     p.add_argument("--ckpt", required=True, help="dsv3 run directory or checkpoint folder")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--ranges", type=int, default=4, help="equal position ranges to report (default 4)")
     p.add_argument("--windows", type=int, default=None, help="validation windows to read (default all)")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="apply YaRN with this scale to the weights (default: the checkpoint's)")
-    p.add_argument("--original-seq-len", type=int, default=None, help="YaRN's pre-extension context (with --rope-factor)")
+    p.add_argument(
+        "--rope-factor",
+        type=float,
+        default=None,
+        help="apply YaRN with this scale to the weights (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--original-seq-len", type=int, default=None, help="YaRN's pre-extension context (with --rope-factor)"
+    )
     p.add_argument("--data-from", default=None, help="run whose validation split to read (default --ckpt's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p = sub.add_parser("bench", help="benchmarks: training step, decoding, data pipeline (JSON under bench/)")
     p.add_argument("kind", choices=["train", "decode", "data"])
     _add_config_args(p, required=False)
-    p.add_argument("--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio")
+    p.add_argument(
+        "--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio"
+    )
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train, decode)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (train)")
@@ -165,13 +214,16 @@ def _cmd_eval(args) -> None:
     seq_len = args.seq_len or read_checkpoint_config(resolve_checkpoint(args.ckpt)).data.seq_len
     if seq_len < 2 or args.ranges < 1:
         raise DsvError(f"--seq-len {seq_len} and --ranges {args.ranges} must be at least 2 and 1")
-    out = evaluate_positions(args.ckpt, seq_len, args.ranges, args.windows, args.rope_factor, args.original_seq_len,
-                             args.data_from)
+    out = evaluate_positions(
+        args.ckpt, seq_len, args.ranges, args.windows, args.rope_factor, args.original_seq_len, args.data_from
+    )
     if args.json:
         print(json.dumps(out))
         return
-    print(f"{out['ckpt']}: {out['windows']} validation windows of {seq_len} tokens, rope_factor {out['rope_factor']:g}"
-          f" (original_seq_len {out['original_seq_len']})")
+    print(
+        f"{out['ckpt']}: {out['windows']} validation windows of {seq_len} tokens, rope_factor {out['rope_factor']:g}"
+        f" (original_seq_len {out['original_seq_len']})"
+    )
     print(f"{'positions':<14}loss")
     for row in out["ranges"]:
         print(f"{row['positions']:<14}{row['loss']:.4f}")
@@ -182,15 +234,32 @@ def _cmd_plan(args) -> None:
     from dsv3.config import load_config
     from dsv3.plan import plan
 
-    print(plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gib, args.propose,
-               args.dispatch_dtype, args.combine_dtype))
+    print(
+        plan(
+            load_config(args.config, args.overrides),
+            args.gpus,
+            args.gpu_memory_gib,
+            args.propose,
+            args.dispatch_dtype,
+            args.combine_dtype,
+        )
+    )
 
 
 def _cmd_bench(args) -> None:
     from dsv3.bench import run_cli
 
-    run_cli(args.kind, args.config, args.overrides, args.precision, args.vs, args.compile, args.steps, args.reps,
-            args.out_dir)
+    run_cli(
+        args.kind,
+        args.config,
+        args.overrides,
+        args.precision,
+        args.vs,
+        args.compile,
+        args.steps,
+        args.reps,
+        args.out_dir,
+    )
 
 
 def _cmd_convert(args) -> None:
@@ -225,8 +294,16 @@ def _print_sample(run_dir, cfg) -> None:
     model = load_model(run_dir)
     tok = load_tokenizer(run_dir)
     prompt = cfg.train.sample_prompt
-    ids = generate(model, tok.encode(prompt, bos=tok.add_bos), cfg.train.sample_tokens, temperature=0.8, top_k=50,
-                   top_p=0.95, seed=cfg.train.seed, eos_ids=[tok.eos_id])
+    ids = generate(
+        model,
+        tok.encode(prompt, bos=tok.add_bos),
+        cfg.train.sample_tokens,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        seed=cfg.train.seed,
+        eos_ids=[tok.eos_id],
+    )
     print("----- sample -----")
     print(prompt + tok.decode(ids))
     print("------------------", flush=True)
@@ -307,8 +384,17 @@ def _cmd_generate(args) -> None:
     if not prompt:
         raise DsvError(f"--prompt {args.prompt!r} encodes to no tokens; give the text to continue")
     if not args.speculative:
-        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                       eos_ids=[tok.eos_id], repetition_penalty=args.repetition_penalty)
+        ids = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            eos_ids=[tok.eos_id],
+            repetition_penalty=args.repetition_penalty,
+        )
         print(args.prompt + tok.decode(ids))
         return
     check_speculative(model, args.temperature)
@@ -316,16 +402,23 @@ def _cmd_generate(args) -> None:
         generate(model, prompt, 2, 0.0)  # warm-up, so neither timing pays the first-call cost
     res, st = generate_speculative(model, prompt, args.max_new_tokens, [tok.eos_id], args.repetition_penalty)
     print(args.prompt + tok.decode(res.ids), flush=True)
-    print(f"speculative mtp: {st.accepted}/{st.drafted} drafts accepted ({st.acceptance_rate:.1%}), "
-          f"{st.tokens_per_forward:.2f} tokens per main-model forward, {st.tokens} tokens in {st.seconds:.2f} s "
-          f"({st.tokens / max(st.seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    print(
+        f"speculative mtp: {st.accepted}/{st.drafted} drafts accepted ({st.acceptance_rate:.1%}), "
+        f"{st.tokens_per_forward:.2f} tokens per main-model forward, {st.tokens} tokens in {st.seconds:.2f} s "
+        f"({st.tokens / max(st.seconds, 1e-9):.1f} tokens/s)",
+        file=sys.stderr,
+    )
     if args.compare:
         t0 = time.perf_counter()
-        plain = generate(model, prompt, args.max_new_tokens, 0.0, eos_ids=[tok.eos_id],
-                         repetition_penalty=args.repetition_penalty)
+        plain = generate(
+            model, prompt, args.max_new_tokens, 0.0, eos_ids=[tok.eos_id], repetition_penalty=args.repetition_penalty
+        )
         dt = time.perf_counter() - t0
-        print(f"plain greedy: {len(plain)} tokens in {dt:.2f} s; speed-up {dt / max(st.seconds, 1e-9):.2f}x; "
-              f"outputs {'identical' if plain == res.ids else 'DIFFER'}", file=sys.stderr)
+        print(
+            f"plain greedy: {len(plain)} tokens in {dt:.2f} s; speed-up {dt / max(st.seconds, 1e-9):.2f}x; "
+            f"outputs {'identical' if plain == res.ids else 'DIFFER'}",
+            file=sys.stderr,
+        )
 
 
 def _cmd_chat(args) -> None:
@@ -336,8 +429,18 @@ def _cmd_chat(args) -> None:
     if args.max_new_tokens is None:
         args.max_new_tokens = min(256, model.cfg.max_seq_len // 2)
     _check_sampling(args, model.cfg.max_seq_len)
-    chat_loop(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-              args.repetition_penalty, jsonl=args.jsonl)
+    chat_loop(
+        model,
+        tok,
+        args.system,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.repetition_penalty,
+        jsonl=args.jsonl,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,9 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides given between or after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "convert": _cmd_convert, "sft": _cmd_sft,
-                "plan": _cmd_plan, "chat": _cmd_chat, "bench": _cmd_bench,
-                "eval": _cmd_eval}
+    handlers = {
+        "prepare": _cmd_prepare,
+        "train": _cmd_train,
+        "generate": _cmd_generate,
+        "convert": _cmd_convert,
+        "sft": _cmd_sft,
+        "plan": _cmd_plan,
+        "chat": _cmd_chat,
+        "bench": _cmd_bench,
+        "eval": _cmd_eval,
+    }
     try:
         handlers[args.command](args)
     except DsvError as err:

@@ -102,7 +102,9 @@ class DataConfig:
     text_field: str = "text"  # column holding the text in jsonl/parquet/hub sources
     val_fraction: float = 0.02  # share of documents held out for validation
     num_proc: int = 2  # tokenization worker processes
-    tokenizer_sample_size: int = 100_000  # sentencepiece input_sentence_size: text chunks (<= 8 lines / 4 KiB each) sampled
+    tokenizer_sample_size: int = (
+        100_000  # sentencepiece input_sentence_size: text chunks (<= 8 lines / 4 KiB each) sampled
+    )
     cache_dir: str | None = None  # where prepared data lives; None = $DSV3_CACHE or ~/.cache/dsv3
     # an existing sentencepiece model (file, run dir or checkpoint folder) to use instead of
     # training one; defaults to the tokenizer of train.init_from when that has one
@@ -231,8 +233,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise DsvError(
-        f"config key {key}={value!r} has the wrong type; expected {_type_name(tp)}, "
-        f"e.g. {key}={_example(tp)}"
+        f"config key {key}={value!r} has the wrong type; expected {_type_name(tp)}, e.g. {key}={_example(tp)}"
     )
 
 
@@ -309,14 +310,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DsvError(f"config file {p} is not valid YAML ({first}); fix the file or pick one from configs/") from None
+            raise DsvError(
+                f"config file {p} is not valid YAML ({first}); fix the file or pick one from configs/"
+            ) from None
     cfg = config_from_dict(raw, where)
-    given = {f"{section}.{key}" for section, values in (raw or {}).items() if isinstance(values, dict)
-             for key in values}
+    given = {
+        f"{section}.{key}" for section, values in (raw or {}).items() if isinstance(values, dict) for key in values
+    }
     for text in overrides:
         section, key, value = _parse_override(text)
         if section not in {f.name for f in dataclasses.fields(cfg)}:
-            raise DsvError(f"unknown config section {section!r} in override {text!r}; valid: ckpt, data, model, parallel, train")
+            raise DsvError(
+                f"unknown config section {section!r} in override {text!r}; valid: ckpt, data, model, parallel, train"
+            )
         _apply(getattr(cfg, section), section, {key: value})
         given.add(f"{section}.{key}")
     validate(cfg)
@@ -326,7 +332,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # the model fields a context extension changes (V3 report §4.3: YaRN and a longer context);
 # every other field is the architecture of the weights
-CONTEXT_FIELDS = ("max_seq_len", "rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+CONTEXT_FIELDS = (
+    "max_seq_len",
+    "rope_factor",
+    "original_seq_len",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 def extend_model(saved: ModelConfig, cfg: Config, where: str) -> ModelConfig:
@@ -351,22 +365,30 @@ def extend_model(saved: ModelConfig, cfg: Config, where: str) -> ModelConfig:
         if name in CONTEXT_FIELDS:
             setattr(out, name, new)
         elif name != "init_std" and new != old:
-            raise DsvError(f"model.{name}={new} differs from the {old} of train.init_from={where}: the weights fix the "
-                           f"architecture, and only the context-extension fields ({', '.join(CONTEXT_FIELDS)}) may "
-                           f"change; drop model.{name} from the config")
+            raise DsvError(
+                f"model.{name}={new} differs from the {old} of train.init_from={where}: the weights fix the "
+                f"architecture, and only the context-extension fields ({', '.join(CONTEXT_FIELDS)}) may "
+                f"change; drop model.{name} from the config"
+            )
     for name in ("max_seq_len", "rope_factor"):
         if getattr(out, name) < getattr(saved, name):
-            raise DsvError(f"model.{name}={getattr(out, name)} is below the {getattr(saved, name)} of train.init_from="
-                           f"{where}; a context extension keeps or raises it")
+            raise DsvError(
+                f"model.{name}={getattr(out, name)} is below the {getattr(saved, name)} of train.init_from="
+                f"{where}; a context extension keeps or raises it"
+            )
     if out.rope_factor > 1 and out.original_seq_len > out.max_seq_len:
-        raise DsvError(f"model.original_seq_len={out.original_seq_len} exceeds model.max_seq_len={out.max_seq_len}: "
-                       "with YaRN it is the context the weights were trained on (e.g. their data.seq_len); set it")
+        raise DsvError(
+            f"model.original_seq_len={out.original_seq_len} exceeds model.max_seq_len={out.max_seq_len}: "
+            "with YaRN it is the context the weights were trained on (e.g. their data.seq_len); set it"
+        )
     return out
 
 
 LR_PHASE_TYPES = ("warmup", "constant", "cosine", "linear")
-LR_EXAMPLE = ("train.lr_schedule=[{type: warmup, until_step: 2000, lr: 2.2e-4}, {type: constant, until_tokens: 10.0e+12}, "
-              "{type: cosine, until_tokens: 14.3e+12, lr: 2.2e-5}, {type: constant}]")
+LR_EXAMPLE = (
+    "train.lr_schedule=[{type: warmup, until_step: 2000, lr: 2.2e-4}, {type: constant, until_tokens: 10.0e+12}, "
+    "{type: cosine, until_tokens: 14.3e+12, lr: 2.2e-5}, {type: constant}]"
+)
 
 
 @dataclass(frozen=True)
@@ -455,8 +477,10 @@ def parse_piecewise(key: str, value: Any) -> list[tuple[int, float]] | None:
         if i == 0 and tokens != 0:
             raise DsvError(f"{key} starts at {entry[0]!r} tokens; its first entry must start at 0 tokens; {fix}")
         if out and tokens <= out[-1][0]:
-            raise DsvError(f"{key} entry {i} starts at {entry[0]!r} tokens, not after entry {i - 1} "
-                           f"({out[-1][0]:,}); list the entries by increasing tokens; {fix}")
+            raise DsvError(
+                f"{key} entry {i} starts at {entry[0]!r} tokens, not after entry {i - 1} "
+                f"({out[-1][0]:,}); list the entries by increasing tokens; {fix}"
+            )
         out.append((tokens, val))
     return out
 
@@ -545,9 +569,11 @@ def parse_lr_schedule(value: Any, default_lr: float = 1.0) -> list[LRPhase] | No
         axis, end = ("step", step) if step is not None else ("tokens", tokens)
         if end is not None:
             if axis in last_end and end <= last_end[axis]:
-                raise DsvError(f"{where} ends at until_{axis}={end:,}, not after an earlier phase's "
-                               f"{last_end[axis]:,}; give each phase's end counted from the start of training, "
-                               "increasing")
+                raise DsvError(
+                    f"{where} ends at until_{axis}={end:,}, not after an earlier phase's "
+                    f"{last_end[axis]:,}; give each phase's end counted from the start of training, "
+                    "increasing"
+                )
             last_end[axis] = end
         phases.append(LRPhase(type=kind, until_step=step, until_tokens=tokens, lr=lr))
     return phases
@@ -569,21 +595,36 @@ def validate(cfg: Config) -> None:
     if isinstance(t.peak_tflops, float) and t.peak_tflops <= 0:
         raise DsvError(f"train.peak_tflops={t.peak_tflops} must be positive (TFLOP/s per process) or auto")
     positive = {
-        "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads, "model.kv_lora_rank": m.kv_lora_rank,
-        "model.qk_nope_head_dim": m.qk_nope_head_dim, "model.qk_rope_head_dim": m.qk_rope_head_dim,
-        "model.v_head_dim": m.v_head_dim, "model.max_seq_len": m.max_seq_len,
-        "data.seq_len": d.seq_len, "train.steps": t.steps, "train.log_every": t.log_every,
-        "ckpt.every": cfg.ckpt.every, "parallel.micro_batch_size": p.micro_batch_size,
-        "parallel.grad_accum": p.grad_accum, "parallel.ep": p.ep, "parallel.pp": p.pp,
-        "data.num_proc": d.num_proc, "data.shard_mb": d.shard_mb,
+        "model.vocab_size": m.vocab_size,
+        "model.dim": m.dim,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.kv_lora_rank": m.kv_lora_rank,
+        "model.qk_nope_head_dim": m.qk_nope_head_dim,
+        "model.qk_rope_head_dim": m.qk_rope_head_dim,
+        "model.v_head_dim": m.v_head_dim,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "train.steps": t.steps,
+        "train.log_every": t.log_every,
+        "ckpt.every": cfg.ckpt.every,
+        "parallel.micro_batch_size": p.micro_batch_size,
+        "parallel.grad_accum": p.grad_accum,
+        "parallel.ep": p.ep,
+        "parallel.pp": p.pp,
+        "data.num_proc": d.num_proc,
+        "data.shard_mb": d.shard_mb,
     }
     for key, value in positive.items():
         if value <= 0:
             raise DsvError(f"{key}={value} must be a positive integer")
-    nonneg = {"model.q_lora_rank": m.q_lora_rank, "model.mtp_depth": m.mtp_depth,
-              "model.n_dense_layers": m.n_dense_layers, "model.n_shared_experts": m.n_shared_experts,
-              "train.warmup_steps": t.warmup_steps}
+    nonneg = {
+        "model.q_lora_rank": m.q_lora_rank,
+        "model.mtp_depth": m.mtp_depth,
+        "model.n_dense_layers": m.n_dense_layers,
+        "model.n_shared_experts": m.n_shared_experts,
+        "train.warmup_steps": t.warmup_steps,
+    }
     for key, value in nonneg.items():
         if value < 0:
             raise DsvError(f"{key}={value} must be >= 0")
@@ -593,32 +634,46 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"model.n_dense_layers={m.n_dense_layers} exceeds model.n_layers={m.n_layers}; lower it")
     if m.n_dense_layers < m.n_layers:
         if m.n_routed_experts <= 0 or m.moe_inter_dim <= 0:
-            raise DsvError("model.n_routed_experts and model.moe_inter_dim must be positive when MoE layers exist "
-                           "(or set model.n_dense_layers=model.n_layers)")
+            raise DsvError(
+                "model.n_routed_experts and model.moe_inter_dim must be positive when MoE layers exist "
+                "(or set model.n_dense_layers=model.n_layers)"
+            )
         if m.n_expert_groups <= 0 or m.n_routed_experts % m.n_expert_groups:
             divs = [g for g in range(1, m.n_routed_experts + 1) if m.n_routed_experts % g == 0]
-            raise DsvError(f"model.n_routed_experts={m.n_routed_experts} is not divisible into "
-                           f"model.n_expert_groups={m.n_expert_groups}; choose n_expert_groups in {divs}")
+            raise DsvError(
+                f"model.n_routed_experts={m.n_routed_experts} is not divisible into "
+                f"model.n_expert_groups={m.n_expert_groups}; choose n_expert_groups in {divs}"
+            )
         per_group = m.n_routed_experts // m.n_expert_groups
         if m.n_expert_groups > 1 and per_group < 2:
-            raise DsvError(f"model.n_expert_groups={m.n_expert_groups} leaves {per_group} expert per group; a group "
-                           "is scored by its two best experts, so use at most n_routed_experts/2 groups")
+            raise DsvError(
+                f"model.n_expert_groups={m.n_expert_groups} leaves {per_group} expert per group; a group "
+                "is scored by its two best experts, so use at most n_routed_experts/2 groups"
+            )
         if not 1 <= m.n_limited_groups <= m.n_expert_groups:
-            raise DsvError(f"model.n_limited_groups={m.n_limited_groups} must be between 1 and "
-                           f"model.n_expert_groups={m.n_expert_groups}")
+            raise DsvError(
+                f"model.n_limited_groups={m.n_limited_groups} must be between 1 and "
+                f"model.n_expert_groups={m.n_expert_groups}"
+            )
         kept = m.n_limited_groups * per_group
         if not 1 <= m.n_activated_experts <= kept:
-            raise DsvError(f"model.n_activated_experts={m.n_activated_experts} must be between 1 and the "
-                           f"{kept} experts that n_limited_groups={m.n_limited_groups} groups of {per_group} hold; "
-                           "raise n_limited_groups or lower n_activated_experts")
+            raise DsvError(
+                f"model.n_activated_experts={m.n_activated_experts} must be between 1 and the "
+                f"{kept} experts that n_limited_groups={m.n_limited_groups} groups of {per_group} hold; "
+                "raise n_limited_groups or lower n_activated_experts"
+            )
         if m.n_routed_experts % p.ep:
             divs = [e for e in range(1, m.n_routed_experts + 1) if m.n_routed_experts % e == 0]
-            raise DsvError(f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
-                           f"choose ep in {divs}")
+            raise DsvError(
+                f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
+                f"choose ep in {divs}"
+            )
     spec = str(p.pp_partition).strip()
     if p.pp == 1 and spec != "parameters" and spec != str(m.n_layers):
-        raise DsvError(f"parallel.pp_partition={spec!r} splits blocks over pipeline stages but parallel.pp=1; "
-                       f"set parallel.pp to the number of stages, or drop pp_partition")
+        raise DsvError(
+            f"parallel.pp_partition={spec!r} splits blocks over pipeline stages but parallel.pp=1; "
+            f"set parallel.pp to the number of stages, or drop pp_partition"
+        )
     if m.rope_factor < 1:
         raise DsvError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
     if m.rope_factor > 1 and not m.beta_fast > m.beta_slow > 0:
@@ -626,16 +681,22 @@ def validate(cfg: Config) -> None:
     if m.rope_factor > 1:
         for key, c in (("model.mscale", m.mscale), ("model.mscale_all_dim", m.mscale_all_dim)):
             if c is not None and not 0.1 * c * math.log(m.rope_factor) + 1 > 0:
-                raise DsvError(f"{key}={c} makes YaRN's magnitude 0.1*{c}*ln({m.rope_factor})+1 non-positive; "
-                               "use a value above -10/ln(rope_factor)")
+                raise DsvError(
+                    f"{key}={c} makes YaRN's magnitude 0.1*{c}*ln({m.rope_factor})+1 non-positive; "
+                    "use a value above -10/ln(rope_factor)"
+                )
     if d.seq_len > m.max_seq_len:
-        raise DsvError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len "
-                       "or raise model.max_seq_len")
+        raise DsvError(
+            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len "
+            "or raise model.max_seq_len"
+        )
     if m.mtp_depth >= d.seq_len:
         raise DsvError(f"model.mtp_depth={m.mtp_depth} must be smaller than data.seq_len={d.seq_len}")
     if m.vocab_size < 384:
-        raise DsvError(f"model.vocab_size={m.vocab_size} is too small: the tokenizer needs 256 byte pieces plus "
-                       "special tokens and merges; use at least 384")
+        raise DsvError(
+            f"model.vocab_size={m.vocab_size} is too small: the tokenizer needs 256 byte pieces plus "
+            "special tokens and merges; use at least 384"
+        )
     if not 0 < d.val_fraction < 0.5:
         raise DsvError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
     if t.precision not in ("fp32", "bf16"):
@@ -643,8 +704,10 @@ def validate(cfg: Config) -> None:
     if d.format not in ("text", "chat"):
         raise DsvError(f"data.format={d.format!r} must be text (pre-training) or chat (fine-tuning)")
     if isinstance(d.source, list) and d.format == "chat":
-        raise DsvError("data.source lists several corpora, which only pre-training (data.format=text) blends; "
-                       "give one source for fine-tuning")
+        raise DsvError(
+            "data.source lists several corpora, which only pre-training (data.format=text) blends; "
+            "give one source for fine-tuning"
+        )
     if t.nonfinite not in ("stop", "skip"):
         raise DsvError(f"train.nonfinite={t.nonfinite!r} must be stop or skip")
     if not (t.lr > 0 and math.isfinite(t.lr)):

@@ -24,8 +24,9 @@ from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX, Transformer
 
 
-def load_for_context(path: str | Path, seq_len: int, rope_factor: float | None = None,
-                     original_seq_len: int | None = None) -> Transformer:
+def load_for_context(
+    path: str | Path, seq_len: int, rope_factor: float | None = None, original_seq_len: int | None = None
+) -> Transformer:
     """The model of a dsv3 run or checkpoint, for windows of ``seq_len`` tokens: its rope
     tables long enough (``max_seq_len`` raised to ``seq_len`` if needed), and optionally with
     YaRN applied (``rope_factor``, ``original_seq_len``) to weights trained without it.
@@ -55,8 +56,9 @@ def load_for_context(path: str | Path, seq_len: int, rope_factor: float | None =
 
 
 @torch.no_grad()
-def position_losses(model: Transformer, data: PackedDataset, windows: int | None = None,
-                    batch_size: int = 4) -> tuple[torch.Tensor, int]:
+def position_losses(
+    model: Transformer, data: PackedDataset, windows: int | None = None, batch_size: int = 4
+) -> tuple[torch.Tensor, int]:
     """Mean main-head cross-entropy at each position over the first ``windows`` windows of
     ``data`` (all by default).
 
@@ -74,8 +76,9 @@ def position_losses(model: Transformer, data: PackedDataset, windows: int | None
     for start in range(0, n, batch_size):
         inputs, labels = data.batch_xy(list(range(start, min(start + batch_size, n))))
         logits = model(inputs)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="none").view(labels.shape)
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(labels.shape)
         valid = labels != IGNORE_INDEX
         sums += (ce * valid).sum(0).double()
         counts += valid.sum(0).double()
@@ -96,9 +99,15 @@ def range_means(per_position: torch.Tensor, ranges: int) -> list[tuple[int, int,
     return out
 
 
-def evaluate_positions(path: str | Path, seq_len: int, ranges: int = 4, windows: int | None = None,
-                       rope_factor: float | None = None, original_seq_len: int | None = None,
-                       data_from: str | Path | None = None) -> dict:
+def evaluate_positions(
+    path: str | Path,
+    seq_len: int,
+    ranges: int = 4,
+    windows: int | None = None,
+    rope_factor: float | None = None,
+    original_seq_len: int | None = None,
+    data_from: str | Path | None = None,
+) -> dict:
     """``dsv3 eval``: the validation loss of the model at ``path`` per position range of
     windows of ``seq_len`` tokens.
 
@@ -116,7 +125,13 @@ def evaluate_positions(path: str | Path, seq_len: int, ranges: int = 4, windows:
     data = PackedDataset(folder, "val", seq_len)
     per_position, n = position_losses(model, data, windows)
     rows = range_means(per_position, ranges)
-    return {"ckpt": str(path), "data": str(folder), "seq_len": seq_len, "windows": n,
-            "rope_factor": model.cfg.rope_factor, "original_seq_len": model.cfg.original_seq_len,
-            "ranges": [{"positions": f"{lo}-{hi}", "loss": loss} for lo, hi, loss in rows[:-1]],
-            "loss": rows[-1][2]}
+    return {
+        "ckpt": str(path),
+        "data": str(folder),
+        "seq_len": seq_len,
+        "windows": n,
+        "rope_factor": model.cfg.rope_factor,
+        "original_seq_len": model.cfg.original_seq_len,
+        "ranges": [{"positions": f"{lo}-{hi}", "loss": loss} for lo, hi, loss in rows[:-1]],
+        "loss": rows[-1][2],
+    }

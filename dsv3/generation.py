@@ -122,8 +122,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, scaled, logits)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> int:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int:
     """Pick the next token id from (V,) logits; greedy (argmax) when ``temperature <= 0``."""
     if temperature <= 0:
         return int(logits.argmax())
@@ -131,16 +132,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _check_settings(model: Transformer, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    repetition_penalty: float) -> None:
+def _check_settings(
+    model: Transformer, max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float
+) -> None:
     limit = model.cfg.max_seq_len
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
     if max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be below model.max_seq_len={limit}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
-                         f"(got {temperature}, {top_k}, {top_p})")
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got {temperature}, {top_k}, {top_p})")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty={repetition_penalty} must be positive (1 = off)")
 
@@ -215,13 +216,14 @@ def generate_batch(
     device = model.input_device()
     stops = {int(i) for i in stop_ids}
     gens: list[torch.Generator | None] = [
-        torch.Generator(device="cpu").manual_seed(seed + b) if seed is not None else None for b in range(B)]
+        torch.Generator(device="cpu").manual_seed(seed + b) if seed is not None else None for b in range(B)
+    ]
     seen = _seen_mask(rows, model.cfg.vocab_size, device) if repetition_penalty != 1.0 else None
 
     pad = torch.tensor([P - n for n in lens], device=device)  # (B,) left-padding per row
     ids = torch.zeros(B, P, dtype=torch.long, device=device)
     for b, row in enumerate(rows):
-        ids[b, P - len(row):] = torch.tensor(row, device=device)
+        ids[b, P - len(row) :] = torch.tensor(row, device=device)
     total = P + max_new_tokens
     padded = bool(pad.any())
     if padded:
@@ -305,18 +307,23 @@ def generate(
     if not prompt_ids:
         raise ValueError("the prompt is empty; give at least one token")
     stream = None if on_token is None else (lambda _row, i: on_token(i))
-    return generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, eos_ids,
-                          repetition_penalty, stream)[0].ids
+    return generate_batch(
+        model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, eos_ids, repetition_penalty, stream
+    )[0].ids
 
 
 def check_speculative(model: Transformer, temperature: float) -> None:
     """Raise :class:`DsvError` unless MTP speculative decoding applies (greedy, MTP module present)."""
     if temperature > 0:
-        raise DsvError(f"speculative decoding with the MTP module supports greedy decoding only "
-                       f"(temperature {temperature}); use temperature 0 (--temperature 0)")
+        raise DsvError(
+            f"speculative decoding with the MTP module supports greedy decoding only "
+            f"(temperature {temperature}); use temperature 0 (--temperature 0)"
+        )
     if not len(model.mtp):
-        raise DsvError("this model has no MTP module (model.mtp_depth = 0), so it cannot draft tokens; "
-                       "run without speculative decoding (drop --speculative)")
+        raise DsvError(
+            "this model has no MTP module (model.mtp_depth = 0), so it cannot draft tokens; "
+            "run without speculative decoding (drop --speculative)"
+        )
 
 
 @torch.no_grad()

@@ -19,15 +19,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-
 def sync(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure_peak_tflops(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None,
-                        seconds: float = 0.5) -> float:
+def measure_peak_tflops(
+    dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None, seconds: float = 0.5
+) -> float:
     """Best dense-matmul throughput of this machine for ``dtype``: TFLOP/s of an (n, n) @ (n, n).
 
     ``2 n^3`` FLOPs per product; the best of several timed rounds (``seconds`` of work in all)

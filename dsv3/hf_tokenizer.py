@@ -83,8 +83,10 @@ def _compile_template(source: str, where: str):
         raise DsvError("chat templates need the jinja2 package; install it with pip install jinja2") from None
     if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
         # a model's template is code from elsewhere; older releases have known sandbox escapes
-        raise DsvError(f"chat templates need jinja2 3.1.6 or newer (found {jinja2.__version__}); "
-                       "upgrade it with pip install -U jinja2")
+        raise DsvError(
+            f"chat templates need jinja2 3.1.6 or newer (found {jinja2.__version__}); "
+            "upgrade it with pip install -U jinja2"
+        )
 
     class GenerationTag(Extension):
         """``{% generation %}...{% endgeneration %}``: the assistant's part of a turn. Renders its
@@ -119,8 +121,10 @@ def _compile_template(source: str, where: str):
     try:
         return env.from_string(source), jinja2.exceptions.TemplateError
     except jinja2.exceptions.TemplateError as exc:
-        raise DsvError(f"the chat template of {where} does not compile ({_first_line(exc)}); fix the template "
-                       f"({CHAT_TEMPLATE_FILE} or chat_template in {TOKENIZER_CONFIG})") from None
+        raise DsvError(
+            f"the chat template of {where} does not compile ({_first_line(exc)}); fix the template "
+            f"({CHAT_TEMPLATE_FILE} or chat_template in {TOKENIZER_CONFIG})"
+        ) from None
 
 
 def _token_content(value: Any) -> str | None:
@@ -170,8 +174,10 @@ class HFTokenizer:
         try:
             self._tk = RustTokenizer.from_str(self.files[TOKENIZER_JSON].decode("utf-8"))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception on bad JSON or models
-            raise DsvError(f"tokenizer file {where} does not parse as a tokenizers tokenizer.json "
-                           f"({_first_line(exc)}); point data.tokenizer / --ckpt at a valid tokenizer") from None
+            raise DsvError(
+                f"tokenizer file {where} does not parse as a tokenizers tokenizer.json "
+                f"({_first_line(exc)}); point data.tokenizer / --ckpt at a valid tokenizer"
+            ) from None
         config = self._json(TOKENIZER_CONFIG)
         special_map = self._json(SPECIAL_TOKENS_MAP)
         vocab = self._tk.get_vocab(with_added_tokens=True)
@@ -190,8 +196,10 @@ class HFTokenizer:
             if text is not None:
                 i = self._tk.token_to_id(text)
                 if i is None:
-                    raise DsvError(f"{where}: {key} {text!r} of {TOKENIZER_CONFIG} is not in the vocabulary of "
-                                   f"{TOKENIZER_JSON}; fix {key}")
+                    raise DsvError(
+                        f"{where}: {key} {text!r} of {TOKENIZER_CONFIG} is not in the vocabulary of "
+                        f"{TOKENIZER_JSON}; fix {key}"
+                    )
                 self._tokens[key] = text
                 return int(i)
             for name in fallbacks:
@@ -203,8 +211,9 @@ class HFTokenizer:
         self.bos_id = named("bos_token", _BOS_NAMES)
         eos = named("eos_token", _EOS_NAMES)
         if eos is None:
-            raise DsvError(f"tokenizer {where} names no end-of-sequence token; add \"eos_token\" to its "
-                           f"{TOKENIZER_CONFIG}")
+            raise DsvError(
+                f'tokenizer {where} names no end-of-sequence token; add "eos_token" to its {TOKENIZER_CONFIG}'
+            )
         self.eos_id = eos
         pad = named("pad_token")
         self.pad_id = eos if pad is None else pad
@@ -212,7 +221,7 @@ class HFTokenizer:
         self._silent = {i for i in (self.bos_id, self.eos_id, pad) if i is not None}
         probe = self._tk.encode("a", add_special_tokens=True).ids
         plain = self._tk.encode("a", add_special_tokens=False).ids
-        self.add_bos = self.bos_id is not None and probe[:1] == [self.bos_id] and probe[1:1 + len(plain)] == plain
+        self.add_bos = self.bos_id is not None and probe[:1] == [self.bos_id] and probe[1 : 1 + len(plain)] == plain
         template = None
         if CHAT_TEMPLATE_FILE in self.files:
             template = self.files[CHAT_TEMPLATE_FILE].decode("utf-8")
@@ -231,8 +240,9 @@ class HFTokenizer:
         try:
             data = json.loads(self.files[name].decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise DsvError(f"{name} next to {self._where} is not valid JSON ({_first_line(exc)}); "
-                           "fix or remove it") from None
+            raise DsvError(
+                f"{name} next to {self._where} is not valid JSON ({_first_line(exc)}); fix or remove it"
+            ) from None
         if not isinstance(data, dict):
             raise DsvError(f"{name} next to {self._where} is not a JSON object; fix or remove it")
         return data
@@ -258,8 +268,9 @@ class HFTokenizer:
                 try:
                     files[name] = f.read_bytes()
                 except OSError as exc:
-                    raise DsvError(f"tokenizer file {f} cannot be read ({exc.strerror}); "
-                                   "check its permissions") from None
+                    raise DsvError(
+                        f"tokenizer file {f} cannot be read ({exc.strerror}); check its permissions"
+                    ) from None
         return cls(files, file)
 
     def __getstate__(self) -> dict:
@@ -312,8 +323,9 @@ class HFTokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
-                     num_threads: int = 1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+    ) -> list[list[int]]:
         """``[encode(t, bos, eos) for t in texts]``; ``num_threads`` other than 1 lets the
         `tokenizers` library use its thread pool."""
         if num_threads == 1:
@@ -357,8 +369,9 @@ class HFTokenizer:
 
     # ------------------------------------------------------------------ chat template
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
-                    mark_generation: bool = False) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, mark_generation: bool = False
+    ) -> str:
         """The text of ``chat_template`` for ``messages`` (as ``apply_chat_template(...,
         tokenize=False)``); ``mark_generation`` wraps the output of ``{% generation %}`` blocks
         in :data:`GEN_OPEN` / :data:`GEN_CLOSE`.
@@ -368,18 +381,26 @@ class HFTokenizer:
                 (e.g. its ``raise_exception``).
         """
         if self.chat_template is None:
-            raise DsvError(f"tokenizer {self._where} has no chat template; add chat_template to its "
-                           f"{TOKENIZER_CONFIG} (or a {CHAT_TEMPLATE_FILE}) to chat or fine-tune on conversations")
+            raise DsvError(
+                f"tokenizer {self._where} has no chat template; add chat_template to its "
+                f"{TOKENIZER_CONFIG} (or a {CHAT_TEMPLATE_FILE}) to chat or fine-tune on conversations"
+            )
         if self._compiled is None:
             self._compiled = _compile_template(self.chat_template, self._where)
         template, error = self._compiled
-        variables = {"messages": [dict(m) for m in messages], "tools": None, "documents": None,
-                     "add_generation_prompt": add_generation_prompt, **self._tokens}
+        variables = {
+            "messages": [dict(m) for m in messages],
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+            **self._tokens,
+        }
         token = _MARKING.set(mark_generation)
         try:
             return template.render(**variables)
         except (error, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise DsvError(f"the chat template of {self._where} failed on a conversation "
-                           f"({_first_line(exc)})") from None
+            raise DsvError(
+                f"the chat template of {self._where} failed on a conversation ({_first_line(exc)})"
+            ) from None
         finally:
             _MARKING.reset(token)

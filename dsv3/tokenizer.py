@@ -31,8 +31,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -108,10 +108,9 @@ def training_chunks(text: str) -> Iterator[str]:
         yield "".join(group)
 
 
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str, sample_size: int,
-                    seed: int = 0) -> "Tokenizer":
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_path: Path | str, sample_size: int, seed: int = 0
+) -> Tokenizer:
     """Train a byte-fallback BPE tokenizer and write it to ``out_path`` atomically.
 
     Documents are streamed through :func:`training_chunks`; sentencepiece keeps a uniform
@@ -137,8 +136,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
     """
     reserved = 4 + len(CHAT_TOKENS) + len(INDENT_SYMBOLS) + 256
     if vocab_size < reserved + 16:
-        raise DsvError(f"vocab_size={vocab_size} is too small: the tokenizer reserves {reserved} pieces "
-                       f"(special, indentation and 256 byte pieces); use at least {reserved + 16}")
+        raise DsvError(
+            f"vocab_size={vocab_size} is too small: the tokenizer reserves {reserved} pieces "
+            f"(special, indentation and 256 byte pieces); use at least {reserved + 16}"
+        )
     if sample_size < 1:
         raise DsvError(f"tokenizer sample size {sample_size} must be positive (data.tokenizer_sample_size)")
     out_path = Path(out_path)
@@ -159,15 +160,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=chunks(), model_writer=model,
-            model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
-            byte_fallback=True, split_digits=True, character_coverage=0.9995,
-            normalization_rule_name="identity", add_dummy_prefix=False,
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            input_sentence_size=sample_size, shuffle_input_sentence=True,
-            max_sentence_length=_MAX_SENTENCE_BYTES, num_threads=_TRAIN_THREADS,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+            sentence_iterator=chunks(),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            split_digits=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=sample_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            num_threads=_TRAIN_THREADS,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            pad_piece=PAD,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
             user_defined_symbols=list(CHAT_TOKENS + INDENT_SYMBOLS),
             minloglevel=2,
         )
@@ -177,8 +193,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path | str,
         if seen[0] == 0:
             raise DsvError("tokenizer training got no text; the corpus is empty (check data.source)") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DsvError(f"sentencepiece could not train a {vocab_size}-piece tokenizer ({first}); "
-                       "use a larger corpus or a smaller model.vocab_size") from None
+        raise DsvError(
+            f"sentencepiece could not train a {vocab_size}-piece tokenizer ({first}); "
+            "use a larger corpus or a smaller model.vocab_size"
+        ) from None
     atomic_write_bytes(out_path, model.getvalue())
     return Tokenizer.load(out_path)
 
@@ -227,19 +245,22 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         except Exception as exc:  # sentencepiece raises RuntimeError/OSError on bad bytes
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DsvError(f"{where} is corrupt or not a sentencepiece model ({first}); "
-                           "delete it and run dsv3 prepare again") from None
+            raise DsvError(
+                f"{where} is corrupt or not a sentencepiece model ({first}); delete it and run dsv3 prepare again"
+            ) from None
         names = (PAD, UNK, BOS, EOS) + CHAT_TOKENS
         self.special_ids = {name: self._sp.piece_to_id(name) for name in names}
         if list(self.special_ids.values()) != list(range(len(names))):
-            raise DsvError(f"{where} does not have the dsv3 special ids (<pad>=0 ... <|end|>=7); "
-                           "it was not made by dsv3 prepare - delete it and run dsv3 prepare again")
+            raise DsvError(
+                f"{where} does not have the dsv3 special ids (<pad>=0 ... <|end|>=7); "
+                "it was not made by dsv3 prepare - delete it and run dsv3 prepare again"
+            )
         self.vocab_size = int(self._sp.get_piece_size())
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
         self._ws_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _WS_BYTES]
 
     @classmethod
-    def load(cls, path: Path | str) -> "Tokenizer":
+    def load(cls, path: Path | str) -> Tokenizer:
         """Load a tokenizer written by :func:`train_tokenizer`.
 
         Args:
@@ -253,8 +274,10 @@ class Tokenizer:
         """
         path = Path(path)
         if not path.is_file():
-            raise DsvError(f"tokenizer file {path} does not exist; run dsv3 prepare first "
-                           "(or point to the prepared folder's tokenizer.model)")
+            raise DsvError(
+                f"tokenizer file {path} does not exist; run dsv3 prepare first "
+                "(or point to the prepared folder's tokenizer.model)"
+            )
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -325,8 +348,9 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
-                     num_threads: int = 1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+    ) -> list[list[int]]:
         """Encode several texts; same result as ``[encode(t, bos, eos) for t in texts]``.
 
         Args:

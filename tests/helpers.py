@@ -18,20 +18,49 @@ TIMING = {"tokens_per_s", "step_time_s", "tflops", "data_share", "peak_mem_mib",
 METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens", "val_loss")
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 HF_VOCAB = 128  # vocabulary of the tiny transformers models
-CORPUS_FILES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "json/__init__.py",
-                "heapq.py", "bisect.py", "fractions.py", "shlex.py", "string.py", "colorsys.py", "csv.py"]
+CORPUS_FILES = [
+    "argparse.py",
+    "textwrap.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "json/__init__.py",
+    "heapq.py",
+    "bisect.py",
+    "fractions.py",
+    "shlex.py",
+    "string.py",
+    "colorsys.py",
+    "csv.py",
+]
 
 
 def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[str]:
     """Overrides for a 2-layer model with every DeepSeek-V3 part (MLA, MoE, MTP) that runs fast."""
     base = {
-        "data.source": str(corpus), "data.cache_dir": str(cache), "data.seq_len": 64, "data.num_proc": 1,
-        "model.vocab_size": 512, "model.dim": 64, "model.inter_dim": 128, "model.moe_inter_dim": 32,
-        "model.n_layers": 2, "model.n_heads": 2, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 16,
-        "model.qk_rope_head_dim": 8, "model.v_head_dim": 16, "model.max_seq_len": 128,
-        "train.steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2,
-        "train.warmup_steps": 2, "train.out_dir": str(out_dir), "ckpt.every": 3,
-        "parallel.micro_batch_size": 4, "train.sample_tokens": 8,
+        "data.source": str(corpus),
+        "data.cache_dir": str(cache),
+        "data.seq_len": 64,
+        "data.num_proc": 1,
+        "model.vocab_size": 512,
+        "model.dim": 64,
+        "model.inter_dim": 128,
+        "model.moe_inter_dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.kv_lora_rank": 16,
+        "model.qk_nope_head_dim": 16,
+        "model.qk_rope_head_dim": 8,
+        "model.v_head_dim": 16,
+        "model.max_seq_len": 128,
+        "train.steps": 6,
+        "train.log_every": 1,
+        "train.eval_every": 3,
+        "train.eval_batches": 2,
+        "train.warmup_steps": 2,
+        "train.out_dir": str(out_dir),
+        "ckpt.every": 3,
+        "parallel.micro_batch_size": 4,
+        "train.sample_tokens": 8,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -40,18 +69,24 @@ def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[st
 SCRIPTS = ROOT / "tests" / "scripts"  # the programs the tests start (under torchrun for several processes)
 
 
-def _launch(target: list[str], args: list[str], nproc: int, timeout: int, check: bool,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-               **(env or {}))
+def _launch(
+    target: list[str], args: list[str], nproc: int, timeout: int, check: bool, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env or {}),
+    )
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
     else:
         cmd = [sys.executable, *target]
     proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(target + args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(target + args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -60,8 +95,9 @@ def run_dsv3(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = 
     return _launch(["-m", "dsv3"], args, nproc, timeout, check)
 
 
-def run_script(name: str, args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``tests/scripts/NAME`` with ``args`` (under torchrun when nproc > 1), one thread per
     process when several, from the repository root; ``env`` adds environment variables."""
     return _launch([str(SCRIPTS / name)], args, nproc, timeout, check, env)
@@ -70,11 +106,17 @@ def run_script(name: str, args: list[str], nproc: int = 1, timeout: int = 300, c
 def launch(args: list[str], nproc: int = 1) -> subprocess.Popen:
     """Start the dsv3 CLI in the background (under torchrun when nproc > 1), with the thread
     settings of :func:`run_dsv3` (so numbers match runs made with it bit for bit)."""
-    target = ["-m", "dsv3"] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                                 f"--nproc_per_node={nproc}", "-m", "dsv3"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.Popen([sys.executable, *target, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    target = (
+        ["-m", "dsv3"]
+        if nproc == 1
+        else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dsv3"]
+    )
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+    )
+    return subprocess.Popen(
+        [sys.executable, *target, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -144,12 +186,30 @@ def hf_config(**kw):
     from transformers import DeepseekV3Config
 
     base = dict(
-        vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64,
-        routed_scaling_factor=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=64,
+        routed_scaling_factor=2.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     base.update(kw)
     return DeepseekV3Config(**base)
@@ -180,8 +240,9 @@ def hf_load(path: Path):
     """(transformers' model loaded from ``path`` in eval mode, its loading info)."""
     from transformers import DeepseekV3ForCausalLM
 
-    model, info = DeepseekV3ForCausalLM.from_pretrained(str(path), output_loading_info=True,
-                                                        attn_implementation="eager")
+    model, info = DeepseekV3ForCausalLM.from_pretrained(
+        str(path), output_loading_info=True, attn_implementation="eager"
+    )
     return model.eval(), info
 
 
@@ -231,12 +292,19 @@ def byte_level_bpe(vocab_size: int = 600, bpe_size: int | None = None, placehold
 
     texts = [(STDLIB / n).read_text(encoding="utf-8") for n in TOKENIZER_TEXTS]
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DS_BOS, DS_EOS, DS_PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[DS_BOS, DS_EOS, DS_PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(texts, trainer)
     if bpe_size:
         spec = _json.loads(tk.to_str())
@@ -257,8 +325,9 @@ def byte_level_bpe(vocab_size: int = 600, bpe_size: int | None = None, placehold
         tk = Tokenizer.from_str(_json.dumps(spec))
     extra = [DS_USER, DS_ASSISTANT] + [f"<｜place▁holder▁no▁{i}｜>" for i in range(placeholders)]
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra])
-    tk.post_processor = processors.TemplateProcessing(single=f"{DS_BOS} $A", pair=f"{DS_BOS} $A {DS_BOS} $B",
-                                                      special_tokens=[(DS_BOS, 0)])
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{DS_BOS} $A", pair=f"{DS_BOS} $A {DS_BOS} $B", special_tokens=[(DS_BOS, 0)]
+    )
     return tk
 
 
@@ -268,13 +337,33 @@ def write_released_tokenizer(tk, folder: Path, template: str | None = DS_CHAT_TE
     chat template; ``config`` adds or replaces keys (None removes one). Returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     tk.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "add_eos_token": False,
-           "bos_token": {"__type": "AddedToken", "content": DS_BOS, "lstrip": False, "normalized": True,
-                         "rstrip": False, "single_word": False},
-           "eos_token": {"__type": "AddedToken", "content": DS_EOS, "lstrip": False, "normalized": True,
-                         "rstrip": False, "single_word": False},
-           "pad_token": DS_PAD, "unk_token": None, "clean_up_tokenization_spaces": False,
-           "model_max_length": 16384, "legacy": True, "chat_template": template}
+    cfg = {
+        "tokenizer_class": "LlamaTokenizerFast",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": DS_BOS,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": DS_EOS,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "pad_token": DS_PAD,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 16384,
+        "legacy": True,
+        "chat_template": template,
+    }
     cfg.update(config)
     cfg = {k: v for k, v in cfg.items() if v is not None}
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -286,18 +375,36 @@ def save_pretrained_tokenizer(tk, folder: Path, template: str = DS_CHAT_TEMPLATE
     chat_template.jinja), special tokens in DeepSeek's style. Returns ``folder``."""
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=DS_BOS, eos_token=DS_EOS, pad_token=DS_PAD,
-                                 chat_template=template)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token=DS_BOS, eos_token=DS_EOS, pad_token=DS_PAD, chat_template=template
+    )
     hf.save_pretrained(str(folder))
     return folder
 
 
 def chat_jsonl(run, n: int, text: str) -> dict:
     """``dsv3 chat --temperature 0 --jsonl`` on one user message: its JSON reply line."""
-    proc = subprocess.run([sys.executable, "-m", "dsv3", "chat", "--ckpt", str(run), "--temperature", "0",
-                           "--max-new-tokens", str(n), "--jsonl"], input=json.dumps({"content": text}) + "\n",
-                          capture_output=True, text=True, timeout=180, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsv3",
+            "chat",
+            "--ckpt",
+            str(run),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            str(n),
+            "--jsonl",
+        ],
+        input=json.dumps({"content": text}) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"),
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return json.loads(proc.stdout)
 
@@ -313,7 +420,11 @@ def transformers_reply(export, messages, n: int):
     model = DeepseekV3ForCausalLM.from_pretrained(str(export), attn_implementation="eager").eval()
     stops = model.generation_config.eos_token_id
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False)
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    new = out[0, len(ids) :].tolist()
     return ids, new, (new[:-1] if new and new[-1] in stops else new)

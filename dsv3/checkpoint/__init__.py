@@ -18,18 +18,55 @@ Modules, from the bottom up:
 Nothing here imports DeepSpeed; writing the training state is :mod:`dsv3.training.checkpoint`.
 """
 
-from dsv3.checkpoint.files import (CHECKPOINTS, CONFIG, HF_CONFIG, LATEST, LAYOUT_FREE, MANIFEST, TOKENIZER, WEIGHTS,
-                                   checkpoint_problem, interrupted_saves, is_hf_folder, read_checkpoint_config,
-                                   resolve_checkpoint, resume_candidates, saved_world_size, tag_for)
+from dsv3.checkpoint.files import (
+    CHECKPOINTS,
+    CONFIG,
+    HF_CONFIG,
+    LATEST,
+    LAYOUT_FREE,
+    MANIFEST,
+    TOKENIZER,
+    WEIGHTS,
+    checkpoint_problem,
+    interrupted_saves,
+    is_hf_folder,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    resume_candidates,
+    saved_world_size,
+    tag_for,
+)
 from dsv3.checkpoint.hf_export import export_hf
 from dsv3.checkpoint.hf_import import HFWeights, import_hf, load_hf_model
 from dsv3.checkpoint.loading import load_model, load_tokenizer, open_weights, tokenizer_path
 from dsv3.checkpoint.weights import CheckpointWeights, expected_shapes, shape_problems
 
 __all__ = [
-    "CHECKPOINTS", "CONFIG", "HF_CONFIG", "LATEST", "LAYOUT_FREE", "MANIFEST", "TOKENIZER", "WEIGHTS",
-    "CheckpointWeights", "HFWeights", "checkpoint_problem", "expected_shapes", "export_hf", "import_hf",
-    "interrupted_saves", "is_hf_folder", "load_hf_model", "load_model", "load_tokenizer", "open_weights",
-    "read_checkpoint_config", "resolve_checkpoint", "resume_candidates", "saved_world_size", "shape_problems",
-    "tag_for", "tokenizer_path",
+    "CHECKPOINTS",
+    "CONFIG",
+    "HF_CONFIG",
+    "LATEST",
+    "LAYOUT_FREE",
+    "MANIFEST",
+    "TOKENIZER",
+    "WEIGHTS",
+    "CheckpointWeights",
+    "HFWeights",
+    "checkpoint_problem",
+    "expected_shapes",
+    "export_hf",
+    "import_hf",
+    "interrupted_saves",
+    "is_hf_folder",
+    "load_hf_model",
+    "load_model",
+    "load_tokenizer",
+    "open_weights",
+    "read_checkpoint_config",
+    "resolve_checkpoint",
+    "resume_candidates",
+    "saved_world_size",
+    "shape_problems",
+    "tag_for",
+    "tokenizer_path",
 ]

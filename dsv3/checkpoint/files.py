@@ -61,8 +61,10 @@ def latest_tag(ckpt_root: Path) -> str | None:
         return None
     tag = f.read_text(encoding="utf-8").strip()
     if not tag or not (ckpt_root / tag / WEIGHTS).is_file():
-        raise DsvError(f"checkpoint pointer {f} names {tag!r}, which is missing or incomplete; "
-                       f"delete {f} to start over or point it at a complete step folder")
+        raise DsvError(
+            f"checkpoint pointer {f} names {tag!r}, which is missing or incomplete; "
+            f"delete {f} to start over or point it at a complete step folder"
+        )
     return tag
 
 
@@ -154,7 +156,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """
     p = Path(path)
     if not p.exists():
-        raise DsvError(f"checkpoint path {p} does not exist; pass a run directory (train.out_dir) or a checkpoint folder")
+        raise DsvError(
+            f"checkpoint path {p} does not exist; pass a run directory (train.out_dir) or a checkpoint folder"
+        )
     if (p / WEIGHTS).is_file():
         return p
     for root in (p / CHECKPOINTS, p):
@@ -163,10 +167,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if tag:
                 return root / tag
     if (p / HF_CONFIG).is_file():
-        raise DsvError(f"{p} looks like a Hugging Face folder; import it with "
-                       f"dsv3 convert --from-hf {p} --out DIR, or pass it to load_model / dsv3 generate directly")
-    raise DsvError(f"{p} holds no dsv3 checkpoint (no {WEIGHTS} or checkpoints/{LATEST}); "
-                   "train first with dsv3 train or pass the right folder")
+        raise DsvError(
+            f"{p} looks like a Hugging Face folder; import it with "
+            f"dsv3 convert --from-hf {p} --out DIR, or pass it to load_model / dsv3 generate directly"
+        )
+    raise DsvError(
+        f"{p} holds no dsv3 checkpoint (no {WEIGHTS} or checkpoints/{LATEST}); "
+        "train first with dsv3 train or pass the right folder"
+    )
 
 
 def read_checkpoint_config(folder: Path) -> Config:
@@ -183,8 +191,6 @@ def read_checkpoint_config(folder: Path) -> Config:
     except yaml.YAMLError:
         raise DsvError(f"{f} is not valid YAML; the checkpoint is corrupt, use another one") from None
     return config_from_dict(raw, str(f))
-
-
 
 
 def is_hf_folder(path: str | Path) -> bool:

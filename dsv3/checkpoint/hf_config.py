@@ -28,13 +28,34 @@ HF_GENERATION_CONFIG = "generation_config.json"
 #: Values transformers' ``DeepseekV3Config`` assumes for keys a ``config.json`` leaves out
 #: (the official 671B settings).
 HF_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-    "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": 4096,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
-    "num_nextn_predict_layers": 1, "attention_bias": False, "rope_interleave": True,
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "num_nextn_predict_layers": 1,
+    "attention_bias": False,
+    "rope_interleave": True,
 }
 
 
@@ -51,19 +72,24 @@ def _rope_fields(hf: dict) -> dict[str, Any]:
     if not isinstance(rope, dict):
         raise DsvError(f"config.json rope_parameters={rope!r} is not a mapping; fix config.json")
     if any(isinstance(v, dict) for v in rope.values()):
-        raise DsvError("config.json has per-layer-type rope_parameters, which DeepSeek-V3 does not use; "
-                       "give one rope_parameters mapping")
+        raise DsvError(
+            "config.json has per-layer-type rope_parameters, which DeepSeek-V3 does not use; "
+            "give one rope_parameters mapping"
+        )
     theta = rope.get("rope_theta", hf.get("rope_theta", HF_DEFAULTS["rope_theta"]))
     rtype = rope.get("rope_type", rope.get("type")) or "default"
     out: dict[str, Any] = {"rope_theta": float(theta)}
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) not in (None, 1, 1.0):
-        raise DsvError("config.json partial_rotary_factor != 1 is not supported by dsv3 (DeepSeek-V3 rotates the "
-                       "whole qk_rope_head_dim slice)")
+        raise DsvError(
+            "config.json partial_rotary_factor != 1 is not supported by dsv3 (DeepSeek-V3 rotates the "
+            "whole qk_rope_head_dim slice)"
+        )
     if rtype == "default":
         return out
     if rtype != "yarn":
-        raise DsvError(f"config.json rope type {rtype!r} is not supported; dsv3 models DeepSeek-V3's rope "
-                       "(default or yarn)")
+        raise DsvError(
+            f"config.json rope type {rtype!r} is not supported; dsv3 models DeepSeek-V3's rope (default or yarn)"
+        )
     max_pos = _get(hf, "max_position_embeddings")
     original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
     factor = rope.get("factor")
@@ -73,8 +99,10 @@ def _rope_fields(hf: dict) -> dict[str, Any]:
     if factor < 1:
         raise DsvError(f"config.json yarn factor={factor} is below 1; dsv3 supports factor >= 1")
     if rope.get("truncate", True) is False:
-        raise DsvError("config.json yarn truncate=false is not supported by dsv3 (the correction range is "
-                       "always rounded outward, as in DeepSeek-V3)")
+        raise DsvError(
+            "config.json yarn truncate=false is not supported by dsv3 (the correction range is "
+            "always rounded outward, as in DeepSeek-V3)"
+        )
     mscale, all_dim, attention_factor = rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor")
     mscale_fields = _yarn_mscales(factor, mscale, all_dim, attention_factor)
     out.update(
@@ -112,8 +140,10 @@ def _yarn_mscales(factor: float, mscale: Any, mscale_all_dim: Any, attention_fac
         table = yarn_mscale(factor, 1.0)
     if factor <= 1:
         if abs(table - 1.0) > 1e-12:
-            raise DsvError(f"config.json yarn factor={factor} with attention_factor={table:.6g} scales the rope "
-                           "tables without YaRN, which dsv3 cannot represent; use factor > 1 or attention_factor 1")
+            raise DsvError(
+                f"config.json yarn factor={factor} with attention_factor={table:.6g} scales the rope "
+                "tables without YaRN, which dsv3 cannot represent; use factor > 1 or attention_factor 1"
+            )
         coefficient = all_dim
     else:
         coefficient = (table * yarn_mscale(factor, all_dim) - 1.0) / (0.1 * math.log(factor))
@@ -129,8 +159,10 @@ def _check_architecture(hf: dict) -> None:
     if archs is None and hf.get("model_type") == HF_MODEL_TYPE:
         return
     if not isinstance(archs, list) or HF_ARCHITECTURE not in archs:
-        raise DsvError(f"unknown architecture {archs!r} (model_type {hf.get('model_type')!r}) in config.json; "
-                       f"dsv3 converts only {HF_ARCHITECTURE} checkpoints")
+        raise DsvError(
+            f"unknown architecture {archs!r} (model_type {hf.get('model_type')!r}) in config.json; "
+            f"dsv3 converts only {HF_ARCHITECTURE} checkpoints"
+        )
 
 
 def hf_config_to_model_config(hf: dict) -> ModelConfig:
@@ -155,8 +187,13 @@ def hf_config_to_model_config(hf: dict) -> ModelConfig:
         raise DsvError("config.json must hold a JSON object")
     _check_architecture(hf)
     unsupported = {
-        "tie_word_embeddings": (False,), "norm_topk_prob": (True,), "topk_method": ("noaux_tc",),
-        "scoring_func": ("sigmoid",), "attention_bias": (False,), "hidden_act": ("silu",), "moe_layer_freq": (1,),
+        "tie_word_embeddings": (False,),
+        "norm_topk_prob": (True,),
+        "topk_method": ("noaux_tc",),
+        "scoring_func": ("sigmoid",),
+        "attention_bias": (False,),
+        "hidden_act": ("silu",),
+        "moe_layer_freq": (1,),
     }
     for key, ok in unsupported.items():
         value = hf.get(key, ok[0])
@@ -191,8 +228,10 @@ def hf_config_to_model_config(hf: dict) -> ModelConfig:
     )
     if cfg.n_dense_layers < cfg.n_layers:
         if cfg.n_routed_experts % cfg.n_expert_groups:
-            raise DsvError(f"config.json n_routed_experts={cfg.n_routed_experts} is not divisible by "
-                           f"n_group={cfg.n_expert_groups}; fix config.json")
+            raise DsvError(
+                f"config.json n_routed_experts={cfg.n_routed_experts} is not divisible by "
+                f"n_group={cfg.n_expert_groups}; fix config.json"
+            )
         if cfg.n_limited_groups > cfg.n_expert_groups:
             raise DsvError(f"config.json topk_group={cfg.n_limited_groups} exceeds n_group={cfg.n_expert_groups}")
     if cfg.qk_rope_head_dim % 2:
@@ -215,9 +254,14 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.rope_factor > 1:
         all_dim = cfg.mscale if cfg.mscale_all_dim is None else cfg.mscale_all_dim
         rope: dict[str, Any] = {
-            "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
-            "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
-            "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": all_dim,
+            "rope_type": "yarn",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.original_seq_len,
+            "beta_fast": cfg.beta_fast,
+            "beta_slow": cfg.beta_slow,
+            "mscale": cfg.mscale,
+            "mscale_all_dim": all_dim,
         }
         if not (cfg.mscale and all_dim):
             rope["attention_factor"] = float(yarn_rope_scale(cfg))

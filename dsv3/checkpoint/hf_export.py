@@ -39,9 +39,15 @@ def dsv3_tokenizer_config(max_seq_len: int) -> dict:
     :class:`dsv3.tokenizer.Tokenizer`; the chat template is :data:`DSV3_CHAT_TEMPLATE`."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": max_seq_len, "chat_template": DSV3_CHAT_TEMPLATE,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_seq_len,
+        "chat_template": DSV3_CHAT_TEMPLATE,
     }
 
 
@@ -55,8 +61,9 @@ def _write_tokenizer(folder: Path, tmp: Path, max_seq_len: int, hf: dict) -> Non
     hf.update({k: v for k, v in ids.items() if v is not None})
     if uses_dsv3_format(tok):
         tok.save(tmp)
-        (tmp / TOKENIZER_CONFIG).write_text(json.dumps(dsv3_tokenizer_config(max_seq_len), indent=2,
-                                                       ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / TOKENIZER_CONFIG).write_text(
+            json.dumps(dsv3_tokenizer_config(max_seq_len), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     else:  # a released tokenizer: its files as they are
         for f in tokenizer_files_in(folder):
             shutil.copyfile(f, tmp / f.name)
@@ -92,8 +99,12 @@ def _sort_key(key: str) -> tuple:
     return (0 if "embed_tokens" in key else 2, 0, key, 0, "")
 
 
-def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              dtype: torch.dtype | None = None) -> Path:
+def export_hf(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a dsv3 checkpoint in the Hugging Face DeepSeek-V3 layout.
 
     ``ckpt`` is a run directory or checkpoint folder (see
@@ -127,8 +138,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
     from safetensors import SafetensorError, safe_open
 
     if is_hf_folder(ckpt):
-        raise DsvError(f"{ckpt} is already a Hugging Face folder (config.json); pass a dsv3 run directory or "
-                       "checkpoint folder to --to-hf, or use the Hugging Face folder as it is")
+        raise DsvError(
+            f"{ckpt} is already a Hugging Face folder (config.json); pass a dsv3 run directory or "
+            "checkpoint folder to --to-hf, or use the Hugging Face folder as it is"
+        )
     folder = resolve_checkpoint(ckpt)
     cfg = read_checkpoint_config(folder).model
     weights = folder / WEIGHTS
@@ -138,11 +151,16 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
             stored = {k: (dtype_of(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise DsvError(f"cannot read {weights} ({exc}); the checkpoint is corrupt, use another one") from None
-    problems = [p for p in shape_problems({k: shape for k, (_, shape) in stored.items()}, cfg)
-                if not p.startswith("unexpected ")]
+    problems = [
+        p
+        for p in shape_problems({k: shape for k, (_, shape) in stored.items()}, cfg)
+        if not p.startswith("unexpected ")
+    ]
     if problems:
-        raise DsvError(f"{weights} does not match its config.yaml ({problems[0]}; {len(problems)} problem(s)); "
-                       "the checkpoint is corrupt")
+        raise DsvError(
+            f"{weights} does not match its config.yaml ({problems[0]}; {len(problems)} problem(s)); "
+            "the checkpoint is corrupt"
+        )
     # (hf key, dsv3 name, slot, dtype, shape)
     plan: list[tuple[str, str, int | None, torch.dtype, tuple[int, ...]]] = []
     for name, shape in shapes.items():
@@ -155,8 +173,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
             plan.append((key, name, slot, td, shape if slot is None else shape[1:]))
     for k in range(cfg.mtp_depth):
         layer = cfg.n_layers + k
-        for key, name in ((f"model.layers.{layer}.embed_tokens.weight", "embed_tokens.weight"),
-                          (f"model.layers.{layer}.shared_head.head.weight", "lm_head.weight")):
+        for key, name in (
+            (f"model.layers.{layer}.embed_tokens.weight", "embed_tokens.weight"),
+            (f"model.layers.{layer}.shared_head.head.weight", "lm_head.weight"),
+        ):
             td = dtype if dtype is not None else stored[name][0]
             plan.append((key, name, None, td, shapes[name]))
     plan.sort(key=lambda x: _sort_key(x[0]))

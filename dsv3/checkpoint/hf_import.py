@@ -36,11 +36,11 @@ Rotary layout: DeepSeek weights expect the interleaved-pair rotation, which dsv3
 ``rope_interleave: false`` the rope rows of ``q_b_proj``/``q_proj`` and ``kv_a_proj_with_mqa``
 are permuted from the rotate-half order (pairs ``(i, i + d/2)``) to adjacent pairs.
 
-Both directions (export: :mod:`dsv3.checkpoint.hf_export`) stream: tensors are read one at a time with ``safetensors.safe_open`` (one
-expert slice at a time for stacked experts) and written straight into their place in the
-output file, so peak memory is about one tensor, never a whole shard or model.
+Both directions (export: :mod:`dsv3.checkpoint.hf_export`) stream: tensors are read one at a
+time with ``safetensors.safe_open`` (one expert slice at a time for stacked experts) and
+written straight into their place in the output file, so peak memory is about one tensor,
+never a whole shard or model.
 """
-
 
 from __future__ import annotations
 
@@ -73,8 +73,12 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP32_KEEP = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # routers stay float32
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Blockwise FP8 dequantization of a DeepSeek-V3 weight.
 
     ``out[i, j] = float(weight[i, j]) * scale_inv[i // bm, j // bn]`` (``bm, bn = block``),
@@ -94,8 +98,10 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     bm, bn = block
     grid = (math.ceil(m / bm), math.ceil(n / bn))
     if tuple(scale_inv.shape) != grid:
-        raise DsvError(f"FP8 scale of shape {tuple(scale_inv.shape)} does not fit a {m}x{n} weight in "
-                       f"{bm}x{bn} blocks (expected {grid}); the checkpoint is corrupt")
+        raise DsvError(
+            f"FP8 scale of shape {tuple(scale_inv.shape)} does not fit a {m}x{n} weight in "
+            f"{bm}x{bn} blocks (expected {grid}); the checkpoint is corrupt"
+        )
     s = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]  # (M, N)
     return (weight.float() * s).to(dtype)
 
@@ -155,8 +161,10 @@ def _weight_map(src: Path) -> dict[str, str]:
         missing = sorted({f for f in wmap.values() if not (src / f).is_file()})
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise DsvError(f"shard {src / missing[0]}{more} listed in {HF_INDEX} is missing; "
-                           "download every shard of the checkpoint")
+            raise DsvError(
+                f"shard {src / missing[0]}{more} listed in {HF_INDEX} is missing; "
+                "download every shard of the checkpoint"
+            )
         return dict(wmap)
     single = src / HF_SINGLE
     if not single.is_file():
@@ -216,8 +224,10 @@ def _map_hf_key(key: str, cfg: ModelConfig) -> list[tuple[str, int | None, tuple
         return [(f"{prefix}.mlp.experts.{em.group(2)}", int(em.group(1)), None)]
     if fm and fm.group(1) == "gate_up_proj":
         inter = cfg.moe_inter_dim
-        return [(f"{prefix}.mlp.experts.gate_proj", None, (0, inter)),
-                (f"{prefix}.mlp.experts.up_proj", None, (inter, 2 * inter))]
+        return [
+            (f"{prefix}.mlp.experts.gate_proj", None, (0, inter)),
+            (f"{prefix}.mlp.experts.up_proj", None, (inter, 2 * inter)),
+        ]
     return [(f"{prefix}.{rest}", None, None)]
 
 
@@ -235,8 +245,12 @@ def plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
     wmap = _weight_map(src)
     present = _mtp_layers_present(wmap, cfg)
     if present < cfg.mtp_depth:
-        log.warning("config.json declares %d MTP layer(s) but the weights hold %d; importing with mtp_depth=%d",
-                    cfg.mtp_depth, present, present)
+        log.warning(
+            "config.json declares %d MTP layer(s) but the weights hold %d; importing with mtp_depth=%d",
+            cfg.mtp_depth,
+            present,
+            present,
+        )
         cfg = dataclasses.replace(cfg, mtp_depth=present)
     headers = _headers(src, set(wmap.values()))
     for key, file in wmap.items():
@@ -253,18 +267,22 @@ def plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
             continue  # consumed with its weight
         targets = _map_hf_key(key, cfg)
         if targets is None:
-            raise DsvError(f"unexpected tensor {key} in {src / wmap[key]}: config.json has {cfg.n_layers} layers "
-                           f"and {cfg.mtp_depth} MTP layer(s); the checkpoint does not match config.json")
+            raise DsvError(
+                f"unexpected tensor {key} in {src / wmap[key]}: config.json has {cfg.n_layers} layers "
+                f"and {cfg.mtp_depth} MTP layer(s); the checkpoint does not match config.json"
+            )
         if not targets and key.endswith("shared_head.head.weight"):
             dropped_heads.append((key, wmap[key]))
         for target, index, rows in targets:
             if target not in shapes:
-                raise DsvError(f"unexpected tensor {key} in {src / wmap[key]} (no dsv3 parameter {target}); "
-                               "the checkpoint does not match config.json")
+                raise DsvError(
+                    f"unexpected tensor {key} in {src / wmap[key]} (no dsv3 parameter {target}); "
+                    "the checkpoint does not match config.json"
+                )
             sources.setdefault(target, []).append(_Source(key, wmap[key], index=index, rows=rows))
             src_dtypes.setdefault(target, set()).add(headers[key][0])
     # FP8 scales
-    for target, pieces in sources.items():
+    for pieces in sources.values():
         for p in pieces:
             if dtype_of(headers[p.key][0]) in FP8_DTYPES:
                 skey = p.key + "_scale_inv"
@@ -275,8 +293,10 @@ def plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
     missing = sorted(set(shapes) - set(sources))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DsvError(f"{src} lacks the weights of dsv3 parameter {missing[0]}{more}; the checkpoint is "
-                       "incomplete or does not match config.json")
+        raise DsvError(
+            f"{src} lacks the weights of dsv3 parameter {missing[0]}{more}; the checkpoint is "
+            "incomplete or does not match config.json"
+        )
     for target, pieces in sources.items():
         want = shapes[target]
         if "mlp.experts." in target:
@@ -287,8 +307,10 @@ def plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
             if slots and slots != list(range(want[0])):
                 lacking = sorted(set(range(want[0])) - set(slots))
                 problem = f"lacks experts {lacking[:8]}" if lacking else "holds duplicate or extra experts"
-                raise DsvError(f"{src} {problem} for {target} (config.json n_routed_experts={want[0]}); "
-                               "the checkpoint is incomplete or does not match config.json")
+                raise DsvError(
+                    f"{src} {problem} for {target} (config.json n_routed_experts={want[0]}); "
+                    "the checkpoint is incomplete or does not match config.json"
+                )
         for p in pieces:
             got = headers[p.key][1]
             if p.index is not None:
@@ -298,8 +320,10 @@ def plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
             else:
                 exp = want
             if tuple(got) != tuple(exp):
-                raise DsvError(f"tensor {p.key} has shape {list(got)}, expected {list(exp)} from config.json; "
-                               "the checkpoint does not match its config")
+                raise DsvError(
+                    f"tensor {p.key} has shape {list(got)}, expected {list(exp)} from config.json; "
+                    "the checkpoint does not match its config"
+                )
     dtypes: dict[str, torch.dtype] = {}
     for target, names in src_dtypes.items():
         tds = {torch.bfloat16 if t in FP8_DTYPES else t for t in map(dtype_of, names)}
@@ -311,9 +335,17 @@ def plan_import(src: Path, dtype: torch.dtype | None = None) -> _Plan:
         elif dtype is not None and td.is_floating_point:
             td = dtype
         dtypes[target] = td
-    return _Plan(src=src, hf=hf, cfg=cfg, sources=sources, dtypes=dtypes, shapes=shapes,
-                 rope_permute=hf.get("rope_interleave", True) is False, fp8_block=(int(block[0]), int(block[1])),
-                 dropped_heads=dropped_heads)
+    return _Plan(
+        src=src,
+        hf=hf,
+        cfg=cfg,
+        sources=sources,
+        dtypes=dtypes,
+        shapes=shapes,
+        rope_permute=hf.get("rope_interleave", True) is False,
+        fp8_block=(int(block[0]), int(block[1])),
+        dropped_heads=dropped_heads,
+    )
 
 
 def _iter_import(plan: _Plan) -> Iterator[tuple[str, int | None, torch.Tensor]]:
@@ -402,7 +434,7 @@ class HFWeights:
         """Release the open shard files."""
         self._files.clear()
 
-    def __enter__(self) -> "HFWeights":
+    def __enter__(self) -> HFWeights:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -424,8 +456,10 @@ def _dequant(plan: _Plan, f, p: _Source, t: torch.Tensor, expert: int | None = N
         if p.rows is not None:
             b = plan.fp8_block[0]
             if p.rows[0] % b or p.rows[1] % b:
-                raise DsvError(f"FP8 tensor {p.key}: moe_intermediate_size is not a multiple of the {b}-row "
-                               "quantization block; cannot split gate and up")
+                raise DsvError(
+                    f"FP8 tensor {p.key}: moe_intermediate_size is not a multiple of the {b}-row "
+                    "quantization block; cannot split gate and up"
+                )
             scale = scale[p.rows[0] // b : p.rows[1] // b]
     return dequantize_fp8(t, scale, plan.fp8_block, torch.float32)
 
@@ -458,8 +492,11 @@ def _check_heads(plan: _Plan) -> None:
         with safe_open(str(plan.src / file), framework="pt") as f:
             other = f.get_tensor(key)
         if other.shape != main.shape or not torch.equal(other.to(main.dtype), main):
-            log.warning("%s differs from lm_head.weight; dsv3 shares the main output head, so the MTP module "
-                        "will use lm_head.weight", key)
+            log.warning(
+                "%s differs from lm_head.weight; dsv3 shares the main output head, so the MTP module "
+                "will use lm_head.weight",
+                key,
+            )
 
 
 # --------------------------------------------------------------------------- import

@@ -15,8 +15,13 @@ from dsv3.model import Transformer
 from dsv3.tokenizer_files import find_tokenizer, open_tokenizer
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               max_memory: dict[int | str, int] | None = None, offload_folder: str | Path | None = None):
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_memory: dict[int | str, int] | None = None,
+    offload_folder: str | Path | None = None,
+):
     """Load a trained model for inference (the Python API of docs/design.md).
 
     Args:
@@ -41,8 +46,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     dispatch = max_memory is not None or offload_folder is not None
     if is_hf_folder(path):
         if dispatch:
-            raise DsvError(f"--max-memory / --offload-folder need a dsv3 checkpoint; import {path} first with "
-                           f"dsv3 convert --from-hf {path} --out DIR")
+            raise DsvError(
+                f"--max-memory / --offload-folder need a dsv3 checkpoint; import {path} first with "
+                f"dsv3 convert --from-hf {path} --out DIR"
+            )
         return load_hf_model(path, device=device, dtype=dtype).eval()
     folder = resolve_checkpoint(path)
     cfg = read_checkpoint_config(folder)
@@ -62,8 +69,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise DsvError(f"{folder / WEIGHTS} does not match its config.yaml ({first}); use a matching checkpoint") from None
-    for name, p in model.named_parameters():
+        raise DsvError(
+            f"{folder / WEIGHTS} does not match its config.yaml ({first}); use a matching checkpoint"
+        ) from None
+    for p in model.parameters():
         p.data = p.data.to(dtype)
     return model.eval()
 
@@ -83,13 +92,16 @@ def tokenizer_path(path: str | Path) -> Path:
     if found is not None:
         return found
     if p.is_dir() and is_hf_folder(p):
-        raise DsvError(f"the Hugging Face folder {p} has no tokenizer (tokenizer.json or tokenizer.model); "
-                       "copy the model's tokenizer files into it")
+        raise DsvError(
+            f"the Hugging Face folder {p} has no tokenizer (tokenizer.json or tokenizer.model); "
+            "copy the model's tokenizer files into it"
+        )
     found = find_tokenizer(resolve_checkpoint(p))
     if found is not None:
         return found
-    raise DsvError(f"no tokenizer (tokenizer.model or tokenizer.json) found for {p}; pass the run directory "
-                   "of the training run")
+    raise DsvError(
+        f"no tokenizer (tokenizer.model or tokenizer.json) found for {p}; pass the run directory of the training run"
+    )
 
 
 def load_tokenizer(path: str | Path):

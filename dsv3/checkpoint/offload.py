@@ -25,8 +25,17 @@ from dsv3.errors import DsvError
 from dsv3.model import Transformer
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$", re.I)
-_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
-          "tb": 10**12, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "kib": 2**10,
+    "mb": 10**6,
+    "mib": 2**20,
+    "gb": 10**9,
+    "gib": 2**30,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:
@@ -72,8 +81,9 @@ def _whole_blocks(device_map: dict[str, int | str], model: torch.nn.Module) -> d
     return out
 
 
-def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
-                    max_memory: dict[int | str, int] | None, offload_folder: str | Path | None):
+def load_dispatched(
+    cfg, weights: Path, dtype: torch.dtype, max_memory: dict[int | str, int] | None, offload_folder: str | Path | None
+):
     """Build the model without memory, compute a device map and load ``weights`` into it.
 
     Args:
@@ -92,15 +102,16 @@ def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
             to disk and no ``offload_folder`` is given or it cannot be created, or the weights
             do not match the config.
     """
-    from accelerate import init_empty_weights, infer_auto_device_map, load_checkpoint_and_dispatch
+    from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
     from safetensors import safe_open
-
 
     gpus = torch.cuda.device_count()
     for dev in max_memory or {}:
         if isinstance(dev, int) and dev >= gpus:
-            raise DsvError(f"--max-memory names GPU {dev} but {gpus} CUDA device(s) are visible; "
-                           "use cpu=SIZE on a machine without GPUs")
+            raise DsvError(
+                f"--max-memory names GPU {dev} but {gpus} CUDA device(s) are visible; "
+                "use cpu=SIZE on a machine without GPUs"
+            )
 
     with init_empty_weights():  # parameters on the meta device; buffers (rope tables) real
         model = Transformer(cfg.model)
@@ -118,16 +129,27 @@ def load_dispatched(cfg, weights: Path, dtype: torch.dtype,
     device_map = {k: v for k, v in device_map.items() if k in modules}  # not the top-level rope tables
     on_disk = sorted(k for k, v in device_map.items() if v == "disk")
     if on_disk and offload_folder is None:
-        raise DsvError(f"{len(on_disk)} module(s) of {weights.parent} do not fit in --max-memory and would go to disk; "
-                       "add --offload-folder DIR or raise --max-memory")
+        raise DsvError(
+            f"{len(on_disk)} module(s) of {weights.parent} do not fit in --max-memory and would go to disk; "
+            "add --offload-folder DIR or raise --max-memory"
+        )
     if on_disk:
         try:
             Path(offload_folder).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DsvError(f"cannot use --offload-folder {offload_folder} ({exc.strerror or exc}); "
-                           "give a folder that can be created and written") from None
-    model = load_checkpoint_and_dispatch(model, str(weights), device_map=device_map, offload_folder=offload_folder,
-                                         dtype=dtype, strict=True, preload_module_classes=["MLA"])
+            raise DsvError(
+                f"cannot use --offload-folder {offload_folder} ({exc.strerror or exc}); "
+                "give a folder that can be created and written"
+            ) from None
+    model = load_checkpoint_and_dispatch(
+        model,
+        str(weights),
+        device_map=device_map,
+        offload_folder=offload_folder,
+        dtype=dtype,
+        strict=True,
+        preload_module_classes=["MLA"],
+    )
     # The routing biases are buffers: accelerate leaves those of blocks placed on disk at their
     # initial zeros, and casts the others to ``dtype``. They decide routing, so they are read
     # from the file again and kept in float32 (as in training) on each block's device.

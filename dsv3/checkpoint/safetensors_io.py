@@ -39,9 +39,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -51,9 +51,18 @@ from dsv3.errors import DsvError
 
 #: torch dtype -> safetensors dtype name, for every dtype a checkpoint of this project holds
 DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
-    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 DTYPE_OF_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPES.items()}
 
@@ -109,7 +118,11 @@ class SafetensorsLayout:
         for key in keys:
             dtype, shape = entries[key]
             size, numel = itemsize(dtype), math.prod(shape)
-            header[key] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size * numel]}
+            header[key] = {
+                "dtype": DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size * numel],
+            }
             self.place[key] = (offset, size, numel)
             offset += size * numel
         if metadata:
@@ -141,8 +154,10 @@ class SafetensorsLayout:
         values = piece.values.detach().reshape(-1)
         n = values.numel()
         if piece.start < 0 or piece.start + n > numel or values.element_size() != size:
-            raise ValueError(f"piece [{piece.start}, {piece.start + n}) of {piece.key} does not fit its "
-                             f"{numel} values of {size} bytes")
+            raise ValueError(
+                f"piece [{piece.start}, {piece.start + n}) of {piece.key} does not fit its "
+                f"{numel} values of {size} bytes"
+            )
         data = memoryview(values.cpu().contiguous().view(torch.uint8).numpy())
         at = len(self.header) + offset + piece.start * size
         while len(data):
@@ -160,9 +175,14 @@ def _sum(values: list[int]) -> list[int]:
     return all_reduce_sum(torch.tensor(values, dtype=torch.int64)).tolist()
 
 
-def write_collective(path: str | Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], stage: int,
-                     pieces: Callable[[set[str]], Iterable[Piece]], order: list[str],
-                     metadata: dict[str, str] | None = None) -> str | None:
+def write_collective(
+    path: str | Path,
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    stage: int,
+    pieces: Callable[[set[str]], Iterable[Piece]],
+    order: list[str],
+    metadata: dict[str, str] | None = None,
+) -> str | None:
     """Write one safetensors file at ``path`` from all ranks, each writing the pieces it holds.
 
     Collective over all ranks (also a single process without a process group). Every rank
@@ -193,8 +213,9 @@ def write_collective(path: str | Path, entries: dict[str, tuple[torch.dtype, tup
             first_stage[key] = min(st, first_stage.get(key, st))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rank_of = {k: i for i, k in enumerate(order)}
-    layout = SafetensorsLayout({k: merged[k] for k in sorted(merged, key=lambda k: (rank_of.get(k, len(order)), k))},
-                               metadata)
+    layout = SafetensorsLayout(
+        {k: merged[k] for k in sorted(merged, key=lambda k: (rank_of.get(k, len(order)), k))}, metadata
+    )
     if rank == 0 and error is None:
         try:
             layout.create(tmp)
@@ -208,8 +229,10 @@ def write_collective(path: str | Path, entries: dict[str, tuple[torch.dtype, tup
         try:
             fd = os.open(tmp, os.O_WRONLY)
         except FileNotFoundError as exc:  # rank 0 made it: another node that does not see the folder
-            raise OSError(f"{tmp} created by rank 0 is not visible on rank {rank}; train.out_dir must be on "
-                          "a filesystem every node shares") from exc
+            raise OSError(
+                f"{tmp} created by rank 0 is not visible on rank {rank}; train.out_dir must be on "
+                "a filesystem every node shares"
+            ) from exc
         try:
             for piece in pieces(mine):
                 written += layout.write(fd, piece)
@@ -254,8 +277,12 @@ class TensorWriter:
         total: bytes of tensor data in the file.
     """
 
-    def __init__(self, path: str | Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.entries = entries
         self.layout = SafetensorsLayout(entries, metadata or {"format": "pt"})
@@ -277,7 +304,7 @@ class TensorWriter:
         start = 0 if index is None else index * math.prod(want)
         self.written[name] += self.layout.write(self.fd, Piece(name, start, tensor))
 
-    def __enter__(self) -> "TensorWriter":
+    def __enter__(self) -> TensorWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

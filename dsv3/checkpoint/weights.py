@@ -2,11 +2,11 @@
 
 A *weights source* (:class:`dsv3.model.init.WeightsSource`) maps the names of the unsplit
 :class:`dsv3.model.Transformer` to shapes and reads one tensor, or one block of rows of a
-stacked expert tensor, at a time. :func:`dsv3.model.init.materialize_` with ``source=`` fills a model built on the meta device
-from one: a pipeline stage reads only its own tensors, an expert-parallel rank only rows
-``[first, first + n)`` of each stacked expert tensor (``safe_open(...).get_slice``), so no
-process ever holds the whole model. Training uses it for ``train.init_from`` and for
-resuming a checkpoint under another parallel layout.
+stacked expert tensor, at a time. :func:`dsv3.model.init.materialize_` with ``source=`` fills
+a model built on the meta device from one: a pipeline stage reads only its own tensors, an
+expert-parallel rank only rows ``[first, first + n)`` of each stacked expert tensor
+(``safe_open(...).get_slice``), so no process ever holds the whole model. Training uses it for
+``train.init_from`` and for resuming a checkpoint under another parallel layout.
 
 Sources:
 
@@ -39,10 +39,15 @@ def shape_problems(have: dict[str, tuple[int, ...]], cfg: ModelConfig) -> list[s
     """What differs between the tensors ``have`` (name -> shape) and those ``cfg`` gives:
     ``["missing NAME", "unexpected NAME", "NAME has shape S, the config gives T", ...]``."""
     want = expected_shapes(cfg)
-    return ([f"missing {k}" for k in sorted(set(want) - set(have))]
-            + [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-            + [f"{k} has shape {tuple(have[k])}, the config gives {want[k]}" for k in sorted(set(want) & set(have))
-               if tuple(have[k]) != want[k]])
+    return (
+        [f"missing {k}" for k in sorted(set(want) - set(have))]
+        + [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+        + [
+            f"{k} has shape {tuple(have[k])}, the config gives {want[k]}"
+            for k in sorted(set(want) & set(have))
+            if tuple(have[k]) != want[k]
+        ]
+    )
 
 
 class CheckpointWeights:
@@ -77,8 +82,10 @@ class CheckpointWeights:
             raise DsvError(f"cannot read {self.path} ({exc}); the checkpoint is corrupt, use another one") from None
         problems = shape_problems(self.shapes, cfg)
         if problems:
-            raise DsvError(f"{self.path} does not match {against} ({problems[0]}; {len(problems)} problem(s)); "
-                           "use a matching checkpoint")
+            raise DsvError(
+                f"{self.path} does not match {against} ({problems[0]}; {len(problems)} problem(s)); "
+                "use a matching checkpoint"
+            )
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` (CPU, stored dtype), or only its rows ``[a, b)`` with ``rows=(a, b)``.
@@ -100,7 +107,7 @@ class CheckpointWeights:
         """Release the memory map (a later ``read`` opens the file again)."""
         self._file = None
 
-    def __enter__(self) -> "CheckpointWeights":
+    def __enter__(self) -> CheckpointWeights:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -171,10 +171,12 @@ class MLA(nn.Module):
             else:
                 pos_q = torch.arange(start, end, device=x.device)[:, None]
                 mask = torch.arange(end, device=x.device)[None, :] <= pos_q  # (T, S)
-                o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale,
-                                                       enable_gqa=True)
+                o_lat = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
+                )
         else:
-            o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale,
-                                                   enable_gqa=True)
+            o_lat = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, scale=self.softmax_scale, enable_gqa=True
+            )
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, dv)
         return self.o_proj(o.flatten(2))

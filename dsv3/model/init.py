@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ def tensor_seed(seed: int, name: str, expert: int | None = None) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def normal_values(shape: tuple[int, ...] | torch.Size, std: float, seed: int, name: str,
-                  expert: int | None = None) -> torch.Tensor:
+def normal_values(
+    shape: tuple[int, ...] | torch.Size, std: float, seed: int, name: str, expert: int | None = None
+) -> torch.Tensor:
     """N(0, std) values of ``name`` (or of one expert of it): float32 CPU tensor of ``shape``,
     drawn from ``torch.Generator().manual_seed(tensor_seed(seed, name, expert))``."""
     gen = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name, expert))
@@ -88,8 +90,9 @@ def init_rule(module: nn.Module, leaf: str) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def init_tensor_(t: torch.Tensor, name: str, seed: int, std: float, rule: str = "normal",
-                 first_expert: int = 0) -> torch.Tensor:
+def init_tensor_(
+    t: torch.Tensor, name: str, seed: int, std: float, rule: str = "normal", first_expert: int = 0
+) -> torch.Tensor:
     """Initialize one named tensor in place, as the unsplit model has it.
 
     Args:
@@ -189,14 +192,22 @@ def _fill_from(source: WeightsSource, t: torch.Tensor, name: str, rule: str, fir
     rows = (first, first + t.shape[0]) if rule == "experts" else None
     value = source.read(name, rows)
     if tuple(value.shape) != tuple(t.shape):
-        raise ValueError(f"the weights give {name}{'' if rows is None else f' rows {rows}'} the shape "
-                         f"{tuple(value.shape)}, the model holds {tuple(t.shape)}")
+        raise ValueError(
+            f"the weights give {name}{'' if rows is None else f' rows {rows}'} the shape "
+            f"{tuple(value.shape)}, the model holds {tuple(t.shape)}"
+        )
     t.copy_(value)
 
 
 @torch.no_grad()
-def materialize_(model: nn.Module, device: torch.device | str, seed: int, std: float,
-                 owned: Callable[[str], bool] | None = None, source: WeightsSource | None = None) -> int:
+def materialize_(
+    model: nn.Module,
+    device: torch.device | str,
+    seed: int,
+    std: float,
+    owned: Callable[[str], bool] | None = None,
+    source: WeightsSource | None = None,
+) -> int:
     """Allocate on ``device`` and initialize the parts of ``model`` still on the meta device.
 
     Parameters are allocated only where ``owned(name)`` is true (all when ``owned`` is None);
@@ -300,5 +311,15 @@ def allocated_elements(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if not p.is_meta)
 
 
-__all__ = ["EXPERT_WEIGHTS", "RULES", "WeightsSource", "allocated_elements", "init_module_", "init_rule",
-           "init_tensor_", "materialize_", "normal_values", "tensor_seed"]
+__all__ = [
+    "EXPERT_WEIGHTS",
+    "RULES",
+    "WeightsSource",
+    "allocated_elements",
+    "init_module_",
+    "init_rule",
+    "init_tensor_",
+    "materialize_",
+    "normal_values",
+    "tensor_seed",
+]

@@ -245,7 +245,8 @@ class Experts(nn.Module):
         token = order // K  # (N*K,) source token of each sorted row
         # scatter_add, not bincount: bincount sizes its output from the data (a host sync on GPU)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))  # (E,)
+            0, flat, torch.ones_like(flat)
+        )  # (E,)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         xs = ContiguousGrad.apply(x[token])  # (N*K, D)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
@@ -282,8 +283,9 @@ class Experts(nn.Module):
         Returns: (N, D), dtype of ``x``.
         """
         xs = x.repeat_interleave(K, dim=0).unsqueeze(-1)  # (N*K, D, 1)
-        h = F.silu(torch.bmm(self.gate_proj.index_select(0, flat), xs)) * \
-            torch.bmm(self.up_proj.index_select(0, flat), xs)  # (N*K, I, 1)
+        h = F.silu(torch.bmm(self.gate_proj.index_select(0, flat), xs)) * torch.bmm(
+            self.up_proj.index_select(0, flat), xs
+        )  # (N*K, I, 1)
         ys = torch.bmm(self.down_proj.index_select(0, flat), h).view(N, K, -1)  # (N, K, D)
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)  # (N, D)
 

@@ -63,8 +63,15 @@ def label_counts(labels: torch.Tensor, depth: int, position_ids: torch.Tensor | 
     return torch.stack(out).long()
 
 
-def training_loss(lm_loss_sum: torch.Tensor, mtp_loss_sum: torch.Tensor, balance_loss: torch.Tensor,
-                  tokens: torch.Tensor, mtp_lambda: float, alpha: float, scale: float = 1.0) -> torch.Tensor:
+def training_loss(
+    lm_loss_sum: torch.Tensor,
+    mtp_loss_sum: torch.Tensor,
+    balance_loss: torch.Tensor,
+    tokens: torch.Tensor,
+    mtp_lambda: float,
+    alpha: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """``(L_main + lambda / D * sum_k L_MTP^k) * scale + alpha * L_Bal`` for one micro-batch.
 
     Args:

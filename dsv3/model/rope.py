@@ -74,7 +74,7 @@ def yarn_softmax_scale(cfg: ModelConfig) -> float:
     ``192 ** -0.5 * 1.368888**2`` = 0.135234; for rope_factor 4, mscale_all_dim 1,
     qk_head_dim 24 it is 0.264642.
     """
-    scale = cfg.qk_head_dim ** -0.5
+    scale = cfg.qk_head_dim**-0.5
     if cfg.rope_factor > 1:
         m = yarn_mscale(cfg.rope_factor, _softmax_mscale(cfg))
         scale = scale * m * m

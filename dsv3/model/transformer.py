@@ -20,11 +20,10 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LatentCache
 from dsv3.model.init import init_module_
-from dsv3.model.moe import MLP, MoE, Gate
-from dsv3.model.objective import IGNORE_INDEX, ce_sum, training_loss
+from dsv3.model.moe import MLP, Gate, MoE
 from dsv3.model.norm import RMSNorm
+from dsv3.model.objective import IGNORE_INDEX, ce_sum, training_loss
 from dsv3.model.rope import rope_cos_sin
-
 
 
 class Block(nn.Module):
@@ -302,8 +301,9 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed_tokens.weight.dtype
         return LatentCache(batch, max_len, self.cfg, dtype, module_device(self.mtp[0]))
 
-    def mtp_draft(self, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache,
-                  last_only: bool = False) -> torch.Tensor:
+    def mtp_draft(
+        self, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache, last_only: bool = False
+    ) -> torch.Tensor:
         """Run MTP depth 1 incrementally: logits of the token after ``next_ids``.
 
         MTP position i combines the main model's post-norm state ``h_i`` (which predicted
@@ -372,12 +372,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
     ``6 * (activated matmul parameters, embedding excluded)`` + attention scores and values,
     ``6 * n_heads * seq_len * (qk_head_dim + v_head_dim) / 2`` per layer (causal half). The
-    MTP modules count too, since every training token goes through them (V3 §2.2): per depth its projection ``eh_proj`` (2 dim x dim), one MoE block and the
-    shared output head.
+    MTP modules count too, since every training token goes through them (V3 §2.2): per depth
+    its projection ``eh_proj`` (2 dim x dim), one MoE block and the shared output head.
     """
     d, h = cfg.dim, cfg.n_heads
-    attn = (cfg.q_lora_rank * (d + h * cfg.qk_head_dim) if cfg.q_lora_rank else d * h * cfg.qk_head_dim)
-    attn += d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attn = cfg.q_lora_rank * (d + h * cfg.qk_head_dim) if cfg.q_lora_rank else d * h * cfg.qk_head_dim
+    attn += d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (
+        cfg.qk_nope_head_dim + cfg.v_head_dim
+    )
     attn += h * cfg.v_head_dim * d
     dense_ffn = 3 * d * cfg.inter_dim
     moe_ffn = 3 * d * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts) + d * cfg.n_routed_experts

@@ -92,9 +92,11 @@ def init_distributed() -> DistInfo:
             with _without_build_notice():
                 deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         except (subprocess.CalledProcessError, OSError) as exc:  # DeepSpeed JIT-builds its CPU comm op with g++
-            raise DsvError(f"DeepSpeed could not build its C++ communication op ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}); install a C++ compiler (g++, e.g. "
-                           "apt install g++ / build-essential) and run again") from None
+            raise DsvError(
+                f"DeepSpeed could not build its C++ communication op ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); install a C++ compiler (g++, e.g. "
+                "apt install g++ / build-essential) and run again"
+            ) from None
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 

@@ -14,8 +14,8 @@ the private attribute or function it uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -86,8 +86,11 @@ def relink_hp_state(ds_optimizer, create_step: int | None = None) -> None:
     if create_step is not None:
         for flat in flats:
             if not base.state[flat]:
-                base.state[flat].update(step=torch.tensor(float(create_step)), exp_avg=torch.zeros_like(flat),
-                                        exp_avg_sq=torch.zeros_like(flat))
+                base.state[flat].update(
+                    step=torch.tensor(float(create_step)),
+                    exp_avg=torch.zeros_like(flat),
+                    exp_avg_sq=torch.zeros_like(flat),
+                )
     ds_optimizer._hp_optimizer_states_linked = False
     ds_optimizer._lazy_init_hp_params_optimizer_state()
 
@@ -120,7 +123,9 @@ def hp_fragment(p: torch.Tensor) -> tuple[int, Callable[[str | None], torch.Tens
     frag = p._hp_mapping
     if frag is None:
         return None
-    return frag.lp_fragment_address.start, (lambda key=None: frag.get_hp_fragment(key) if key else frag.get_hp_fragment())
+    return frag.lp_fragment_address.start, (
+        lambda key=None: frag.get_hp_fragment(key) if key else frag.get_hp_fragment()
+    )
 
 
 def unfused_fp32_copies(optimizer_state: dict) -> tuple[list[torch.Tensor] | None, dict]:

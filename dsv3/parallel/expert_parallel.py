@@ -42,14 +42,14 @@ stages 1-2); :func:`save_expert_files` writes the expert weights in DeepSpeed's 
 files under their global index, which ``engine.load_checkpoint`` reads back for the local
 experts and :func:`expert_load_fn` stacks; each EP rank writes its rows of the stacked
 experts into the single-file ``model.safetensors`` (:mod:`dsv3.parallel.unsplit_save`). With
-the saved ``ep`` and process count DeepSpeed's files resume the run bit for bit; any other layout resumes from the layout-free optimizer state of
-:mod:`dsv3.parallel.layout_free`.
+the saved ``ep`` and process count DeepSpeed's files resume the run bit for bit; any other
+layout resumes from the layout-free optimizer state of :mod:`dsv3.parallel.layout_free`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -162,7 +162,9 @@ class ExpertParallelExperts(DeepSpeedMoE):
         self.enable_expert_tensor_parallelism = False
         self.group = ds_internals.expert_parallel_group(name)
         self.ep_rank = dist.get_rank(group=self.group)
-        self.first_expert = self.ep_rank * self.num_local_experts  # global index of row 0 (also read by dsv3.model.init)
+        self.first_expert = (
+            self.ep_rank * self.num_local_experts
+        )  # global index of row 0 (also read by dsv3.model.init)
         block = slice(self.first_expert, self.first_expert + self.num_local_experts)
         for w in EXPERT_WEIGHTS:
             full = getattr(experts, w)
@@ -179,8 +181,10 @@ class ExpertParallelExperts(DeepSpeedMoE):
         """Called by the DeepSpeed engine at start-up; the groups already exist (see
         :func:`ensure_groups`), so this only checks that the layout is the one built."""
         if use_data_before_expert_parallel_:
-            raise DsvError("DeepSpeed's use_data_before_expert_parallel is not supported by dsv3's expert "
-                           "parallelism; remove it from the DeepSpeed config")
+            raise DsvError(
+                "DeepSpeed's use_data_before_expert_parallel is not supported by dsv3's expert "
+                "parallelism; remove it from the DeepSpeed config"
+            )
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Dispatch tokens to the ranks holding their experts, run them, combine the results.
@@ -220,8 +224,10 @@ class ExpertParallelExperts(DeepSpeedMoE):
         return torch.zeros_like(x).index_add_(0, token, ContiguousGrad.apply(ys))
 
     def extra_repr(self) -> str:
-        return (f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} of {self.num_experts}, "
-                f"ep={self.ep_size}")
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} of {self.num_experts}, "
+            f"ep={self.ep_size}"
+        )
 
 
 def apply_expert_parallel(model: nn.Module, ep: int, pp: int = 1) -> list[ExpertParallelExperts]:
@@ -396,12 +402,23 @@ def describe(model: nn.Module) -> str:
     if not mods:
         return "experts not split"
     m = mods[0]
-    return (f"expert parallelism ep={m.ep_size}: {m.num_local_experts} of {m.num_experts} routed experts per rank "
-            f"in each of {len(mods)} MoE layer(s)")
+    return (
+        f"expert parallelism ep={m.ep_size}: {m.num_local_experts} of {m.num_experts} routed experts per rank "
+        f"in each of {len(mods)} MoE layer(s)"
+    )
 
 
 __all__ = [
-    "ExpertParallelExperts", "all_to_all", "apply_expert_parallel", "clip_grad_norm_",
-    "describe", "ensure_groups", "ep_module", "ep_modules", "expert_load_fn", "group_name",
-    "is_expert_param", "save_expert_files",
+    "ExpertParallelExperts",
+    "all_to_all",
+    "apply_expert_parallel",
+    "clip_grad_norm_",
+    "describe",
+    "ensure_groups",
+    "ep_module",
+    "ep_modules",
+    "expert_load_fn",
+    "group_name",
+    "is_expert_param",
+    "save_expert_files",
 ]

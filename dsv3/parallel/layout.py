@@ -91,8 +91,9 @@ def _check_moe_on_every_stage(cfg, stage_blocks: list[int] | None) -> None:
     moe_names = [name + "." for name, m in model.named_modules() if isinstance(m, MoE)]
 
     def dense_stages(split: list[int]) -> list[int]:
-        return [s for s in range(p.pp)
-                if not any(n.startswith(tuple(stage_prefixes(model, split, s))) for n in moe_names)]
+        return [
+            s for s in range(p.pp) if not any(n.startswith(tuple(stage_prefixes(model, split, s))) for n in moe_names)
+        ]
 
     bad = dense_stages(counts)
     if not bad:
@@ -104,9 +105,11 @@ def _check_moe_on_every_stage(cfg, stage_blocks: list[int] | None) -> None:
         if min(split) >= 1 and not dense_stages(split):
             fix = f"parallel.pp_partition={','.join(map(str, split))} or "
     first = sum(counts[: bad[0]])
-    raise DsvError(f"pipeline stage {bad[0]} holds only dense blocks ({first}-{first + counts[bad[0]] - 1}), but with "
-                   f"parallel.ep={p.ep} and ZeRO stage {p.zero_stage} every stage needs a MoE block (DeepSpeed's "
-                   f"ZeRO optimizer would wait forever); set {fix}parallel.zero_stage=0")
+    raise DsvError(
+        f"pipeline stage {bad[0]} holds only dense blocks ({first}-{first + counts[bad[0]] - 1}), but with "
+        f"parallel.ep={p.ep} and ZeRO stage {p.zero_stage} every stage needs a MoE block (DeepSpeed's "
+        f"ZeRO optimizer would wait forever); set {fix}parallel.zero_stage=0"
+    )
 
 
 def check_pipeline(cfg: Config, world_size: int) -> list[int] | None:
@@ -127,17 +130,24 @@ def check_pipeline(cfg: Config, world_size: int) -> list[int] | None:
     """
     p, n = cfg.parallel, cfg.model.n_layers
     if cfg.data.document_aware:
-        raise DsvError(f"data.document_aware=true is not available with pipeline parallelism (parallel.pp={p.pp}) "
-                       "yet; set data.document_aware=false or parallel.pp=1")
+        raise DsvError(
+            f"data.document_aware=true is not available with pipeline parallelism (parallel.pp={p.pp}) "
+            "yet; set data.document_aware=false or parallel.pp=1"
+        )
     if p.zero_stage >= 2:
-        raise DsvError(f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
-                       f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1")
+        raise DsvError(
+            f"parallel.zero_stage={p.zero_stage} is not available with pipeline parallelism "
+            f"(parallel.pp={p.pp}): DeepSpeed pipelines support ZeRO stage 0 or 1 only; set zero_stage=1"
+        )
     if world_size % p.pp:
-        raise DsvError(f"parallel.pp={p.pp} does not divide the {world_size} process(es); run a multiple of {p.pp} "
-                       f"processes or choose a pp that divides {world_size}")
+        raise DsvError(
+            f"parallel.pp={p.pp} does not divide the {world_size} process(es); run a multiple of {p.pp} "
+            f"processes or choose a pp that divides {world_size}"
+        )
     if p.pp > n:
-        raise DsvError(f"parallel.pp={p.pp} stages but the model has only model.n_layers={n} blocks; "
-                       f"use at most {n} stages")
+        raise DsvError(
+            f"parallel.pp={p.pp} stages but the model has only model.n_layers={n} blocks; use at most {n} stages"
+        )
     spec = str(getattr(p, "pp_partition", "parameters")).strip()
     if spec == "parameters":
         return None  # decided from the parameter counts once the model exists
@@ -146,9 +156,11 @@ def check_pipeline(cfg: Config, world_size: int) -> list[int] | None:
     except ValueError:
         counts = []
     if len(counts) != p.pp or min(counts, default=0) < 1 or sum(counts) != n:
-        raise DsvError(f"parallel.pp_partition={spec!r} must be 'parameters' or {p.pp} positive block counts "
-                       f"separated by commas that sum to model.n_layers={n} (e.g. "
-                       f"{','.join(str(c) for c in uniform_counts(n, p.pp))})")
+        raise DsvError(
+            f"parallel.pp_partition={spec!r} must be 'parameters' or {p.pp} positive block counts "
+            f"separated by commas that sum to model.n_layers={n} (e.g. "
+            f"{','.join(str(c) for c in uniform_counts(n, p.pp))})"
+        )
     return counts
 
 
@@ -164,8 +176,9 @@ def balanced_counts(model: Transformer, pp: int) -> list[int]:
 
     weights = [sum(p.numel() for p in block.parameters()) for block in model.layers]
     weights[0] += model.embed_tokens.weight.numel()
-    weights[-1] += sum(p.numel() for m in (model.norm, model.lm_head, model.mtp, model.embed_tokens)
-                       for p in m.parameters())
+    weights[-1] += sum(
+        p.numel() for m in (model.norm, model.lm_head, model.mtp, model.embed_tokens) for p in m.parameters()
+    )
     parts = partition_balanced(weights=weights, num_parts=pp)
     counts = [b - a for a, b in zip(parts[:-1], parts[1:])]
     return counts if len(counts) == pp and min(counts) >= 1 else uniform_counts(len(weights), pp)
@@ -217,11 +230,16 @@ def check_expert_parallel(ep: int, n_routed_experts: int, world_size: int, pp: i
     if ep < 1:
         raise DsvError(f"parallel.ep={ep} must be at least 1")
     if n_routed_experts % ep:
-        raise DsvError(f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}; "
-                       f"choose ep in {fits}")
+        raise DsvError(
+            f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}; choose ep in {fits}"
+        )
     if world_size % ep:
         if pp == 1:
-            raise DsvError(f"parallel.ep={ep} does not divide the {world_size} process(es); run a multiple of {ep} "
-                           f"processes or choose ep in {fits}")
-        raise DsvError(f"parallel.ep={ep} does not divide the data-parallel size {world_size} ({world_size * pp} "
-                       f"processes / parallel.pp={pp}); run a multiple of {ep * pp} processes or choose ep in {fits}")
+            raise DsvError(
+                f"parallel.ep={ep} does not divide the {world_size} process(es); run a multiple of {ep} "
+                f"processes or choose ep in {fits}"
+            )
+        raise DsvError(
+            f"parallel.ep={ep} does not divide the data-parallel size {world_size} ({world_size * pp} "
+            f"processes / parallel.pp={pp}); run a multiple of {ep * pp} processes or choose ep in {fits}"
+        )

@@ -55,8 +55,14 @@ def adam_steps(optimizer: torch.optim.Optimizer) -> int:
 
 
 @torch.no_grad()
-def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict[str, dict[str, torch.Tensor]],
-                       step: int, ds_optimizer=None, model: nn.Module | None = None) -> None:
+def set_layout_free_state(
+    named: dict[str, nn.Parameter],
+    optimizer,
+    state: dict[str, dict[str, torch.Tensor]],
+    step: int,
+    ds_optimizer=None,
+    model: nn.Module | None = None,
+) -> None:
     """Load what :func:`layout_free_state` returned into freshly built parameters and optimizer.
 
     Sets the weights, the fp32 master weights (ZeRO-1 / bf16), Adam's moments and its step
@@ -74,8 +80,10 @@ def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict
         if entry is not None:
             entry = {k: _local_experts(model, name, v) for k, v in entry.items()}
         if entry is None or tuple(entry["fp32"].shape) != tuple(p.shape):
-            raise DsvError(f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
-                           "resume with the layout it was saved with")
+            raise DsvError(
+                f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
+                "resume with the layout it was saved with"
+            )
         p.data.copy_(entry["fp32"].to(p.device, p.dtype))
         if ds_internals.has_flat_partition(p):
             safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
@@ -85,8 +93,10 @@ def set_layout_free_state(named: dict[str, nn.Parameter], optimizer, state: dict
         elif all(k in entry for k in ADAM_KEYS) and step > 0:
             master = ds_internals.master_of(ds_optimizer, p)
             master.data.copy_(entry["fp32"].to(master.device, master.dtype))
-            optimizer.state[master] = {"step": torch.tensor(float(step)),
-                                       **{k: entry[k].to(master.device, master.dtype).clone() for k in ADAM_KEYS}}
+            optimizer.state[master] = {
+                "step": torch.tensor(float(step)),
+                **{k: entry[k].to(master.device, master.dtype).clone() for k in ADAM_KEYS},
+            }
     for st in optimizer.state.values():  # ZeRO's flat partitions
         if "step" in st:
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
@@ -125,12 +135,17 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
                     continue  # another stage's parameter; a missing one is reported by set_layout_free_state
                 m = ep_module(model, name)
                 rows = slice(m.first_expert, m.first_expert + m.num_local_experts) if m is not None else None
-                state[name] = {key: (f.get_slice(f"{name}/{key}")[rows] if rows else f.get_tensor(f"{name}/{key}"))
-                               for key in ("fp32",) + ADAM_KEYS if f"{name}/{key}" in keys}
+                state[name] = {
+                    key: (f.get_slice(f"{name}/{key}")[rows] if rows else f.get_tensor(f"{name}/{key}"))
+                    for key in ("fp32",) + ADAM_KEYS
+                    if f"{name}/{key}" in keys
+                }
         return state, step
     if cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
-        raise DsvError(f"checkpoint {folder} has no {LAYOUT_FREE} although it was saved with pipelines or expert "
-                       "parallelism; it is incomplete: resume from an older checkpoint")
+        raise DsvError(
+            f"checkpoint {folder} has no {LAYOUT_FREE} although it was saved with pipelines or expert "
+            "parallelism; it is incomplete: resume from an older checkpoint"
+        )
     if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
         return _read_universal(folder, model)
     ds = torch.load(next(folder.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False, mmap=True)
@@ -222,8 +237,9 @@ def _read_universal(folder, model: Transformer) -> tuple[dict, int]:
             if f.is_file():
                 entry[key] = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["param"].float()
         if "fp32" not in entry:
-            raise DsvError(f"checkpoint {folder} has no universal state for {name}; resume with the layout it was "
-                           "saved with")
+            raise DsvError(
+                f"checkpoint {folder} has no universal state for {name}; resume with the layout it was saved with"
+            )
         f = root / name / "step.pt"
         if f.is_file():
             value = torch.load(f, map_location="cpu", weights_only=False)
@@ -265,13 +281,26 @@ def to_universal(ckpt_root: Path, tag: str) -> Path:
         tmp = root / f".{tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_root / tag),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt_root / tag),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-            raise DsvError(f"could not re-partition checkpoint {ckpt_root / tag} for a new process count ({last}); "
-                           "resume with the process count it was saved with")
+            raise DsvError(
+                f"could not re-partition checkpoint {ckpt_root / tag} for a new process count ({last}); "
+                "resume with the process count it was saved with"
+            )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return root

@@ -35,8 +35,9 @@ the expert loads, which the trainer sums over ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -171,8 +172,9 @@ class PipelineLoss:
         return training_loss(lm_sum, mtp_sum, balance, tokens, self.lam, self.alpha, self.scale)
 
 
-def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], recorder: Recorder,
-                          device: torch.device | str | None = None):
+def build_pipeline_module(
+    model: Transformer, cfg: Config, counts: list[int], recorder: Recorder, device: torch.device | str | None = None
+):
     """The ``PipelineModule`` over ``model``'s own modules (see the module docstring).
 
     Collective: every rank must call it (DeepSpeed creates its process groups here).
@@ -182,14 +184,28 @@ def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], re
     from deepspeed.pipe import TiedLayerSpec
 
     rope = _Rope(model, device)
-    layers: list[Any] = [TiedLayerSpec(TIE_KEY, SharedEmbedding, model.embed_tokens, forward_fn=_embed_first,
-                                       tied_weight_attr="embed_tokens.weight")]
+    layers: list[Any] = [
+        TiedLayerSpec(
+            TIE_KEY,
+            SharedEmbedding,
+            model.embed_tokens,
+            forward_fn=_embed_first,
+            tied_weight_attr="embed_tokens.weight",
+        )
+    ]
     row = 0
     for block in model.layers:
         layers.append(BlockLayer(block, rope, row if block.is_moe else None, recorder))
         row += int(block.is_moe)
-    layers.append(TiedLayerSpec(TIE_KEY, SharedEmbedding, model.embed_tokens, forward_fn=_embed_for_mtp,
-                                tied_weight_attr="embed_tokens.weight"))
+    layers.append(
+        TiedLayerSpec(
+            TIE_KEY,
+            SharedEmbedding,
+            model.embed_tokens,
+            forward_fn=_embed_for_mtp,
+            tied_weight_attr="embed_tokens.weight",
+        )
+    )
     layers.append(HeadLayer(model, rope, row, recorder))
     bounds = [0]
     for c in counts:
@@ -199,12 +215,14 @@ def build_pipeline_module(model: Transformer, cfg: Config, counts: list[int], re
     dp = dist.get_world_size() // p.pp
     loss = PipelineLoss(t.mtp_lambda, t.balance_loss_alpha, p.grad_accum * dp, recorder)
     with torch.no_grad():  # DeepSpeed broadcasts the tied weight in place here: keep autograd out of it
-        return ds_internals.staged_pipeline_class()(layers, parts, num_stages=p.pp, loss_fn=loss,
-                                                    partition_method="parameters")
+        return ds_internals.staged_pipeline_class()(
+            layers, parts, num_stages=p.pp, loss_fn=loss, partition_method="parameters"
+        )
 
 
-def materialize_stage(model: Transformer, counts: list[int], stage: int, device: torch.device | str | None,
-                      seed: int, source=None) -> int:
+def materialize_stage(
+    model: Transformer, counts: list[int], stage: int, device: torch.device | str | None, seed: int, source=None
+) -> int:
     """Allocate on ``device`` and initialize the parameters of ``stage`` that are still on the
     meta device (with expert parallelism only the local expert blocks), and every buffer;
     the other stages' parameters stay on the meta device (see :func:`dsv3.model.init.materialize_`).
@@ -215,8 +233,9 @@ def materialize_stage(model: Transformer, counts: list[int], stage: int, device:
         Number of parameter elements allocated.
     """
     prefixes = tuple(stage_prefixes(model, counts, stage))
-    return materialize_(model, device or "cpu", seed, model.cfg.init_std, owned=lambda n: n.startswith(prefixes),
-                        source=source)
+    return materialize_(
+        model, device or "cpu", seed, model.cfg.init_std, owned=lambda n: n.startswith(prefixes), source=source
+    )
 
 
 def owned_names(model: Transformer, module: nn.Module) -> list[str]:
@@ -244,15 +263,22 @@ class PipelineRun:
         names: plain-model names of the parameters this rank's stage holds.
     """
 
-    def __init__(self, model: Transformer, cfg: Config, counts: list[int] | None,
-                 device: torch.device | str | None = None, source=None):
+    def __init__(
+        self,
+        model: Transformer,
+        cfg: Config,
+        counts: list[int] | None,
+        device: torch.device | str | None = None,
+        source=None,
+    ):
         self.cfg, self.model = cfg, model
         self.micro_batches = cfg.parallel.grad_accum  # of the current step
         self.counts = counts or balanced_counts(model, cfg.parallel.pp)
         world = dist.get_world_size()
         # a model built on the meta device: allocate and initialize this rank's stage only
-        materialize_stage(model, self.counts, stage_of_rank(dist.get_rank(), world, cfg.parallel.pp), device,
-                          cfg.train.seed, source)
+        materialize_stage(
+            model, self.counts, stage_of_rank(dist.get_rank(), world, cfg.parallel.pp), device, cfg.train.seed, source
+        )
         self.recorder = Recorder()
         module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
         self.loss: PipelineLoss = module.loss_fn
@@ -269,8 +295,10 @@ class PipelineRun:
         params = dict(model.named_parameters())
         missing = [n for n in self.names if params[n].is_meta]
         if missing:
-            raise RuntimeError(f"pipeline stage {self.stage} holds {missing[0]} but it was not materialized "
-                               "(dsv3's stage split disagrees with DeepSpeed's)")
+            raise RuntimeError(
+                f"pipeline stage {self.stage} holds {missing[0]} but it was not materialized "
+                "(dsv3's stage split disagrees with DeepSpeed's)"
+            )
         self._release_others()
         self._before_update: Callable[[], None] | None = None  # see train_batch
         ds_internals.before_pipeline_update(self.engine, self._run_before_update)
@@ -290,8 +318,9 @@ class PipelineRun:
             if name not in owned and not p.is_meta:
                 owner, _, leaf = name.rpartition(".")
                 module = self.model.get_submodule(owner) if owner else self.model
-                module._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),
-                                                        requires_grad=p.requires_grad)
+                module._parameters[leaf] = nn.Parameter(
+                    torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                )
 
     def describe(self) -> str:
         """One start-up line: stages, replicas, the blocks of each stage."""
@@ -300,9 +329,11 @@ class PipelineRun:
         for s, c in enumerate(self.counts):
             spans.append(f"stage {s}: blocks {first}-{first + c - 1}")
             first += c
-        return (f"pipeline parallelism: {len(self.counts)} stages x {self.dp} data-parallel replica(s) "
-                f"({'; '.join(spans)}; embedding tied between the first and last stage; "
-                "ZeRO-2/3 are not available with pipelines)")
+        return (
+            f"pipeline parallelism: {len(self.counts)} stages x {self.dp} data-parallel replica(s) "
+            f"({'; '.join(spans)}; embedding tied between the first and last stage; "
+            "ZeRO-2/3 are not available with pipelines)"
+        )
 
     @torch.no_grad()
     def grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -357,9 +388,13 @@ class PipelineRun:
             out[3:] += mtp_sum.double().cpu()
         return out
 
-    def train_batch(self, batches: list[tuple[torch.Tensor, torch.Tensor]], tokens: torch.Tensor,
-                    before_update: Callable[[], None],
-                    mtp_lambda: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def train_batch(
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        tokens: torch.Tensor,
+        before_update: Callable[[], None],
+        mtp_lambda: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of this rank's micro-batches through the stages (1F1B), then
         the optimizer step.
 
@@ -399,8 +434,9 @@ class PipelineRun:
         through the stages, on the last stage (zeros elsewhere)."""
         self.recorder.clear()
         ones = torch.ones(1 + self.cfg.model.mtp_depth)
-        self.engine.eval_batch(self.batches(batches, ones), reduce_output=None, bcast_loss=False,
-                               num_micro_batches=len(batches))
+        self.engine.eval_batch(
+            self.batches(batches, ones), reduce_output=None, bcast_loss=False, num_micro_batches=len(batches)
+        )
         totals = torch.zeros(2, dtype=torch.float64)
         for lm_sum, _, _, lm_tokens in self.recorder.parts:
             totals[0] += lm_sum.double().cpu()

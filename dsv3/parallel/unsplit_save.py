@@ -23,8 +23,8 @@ module decides the pieces:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,8 @@ from torch import nn
 from dsv3.checkpoint.safetensors_io import Piece, chunk, write_collective
 from dsv3.collectives import all_reduce_
 from dsv3.parallel import ds_internals
-from dsv3.parallel.expert_parallel import ep_module
 from dsv3.parallel.ds_internals import master_of
+from dsv3.parallel.expert_parallel import ep_module
 from dsv3.parallel.layout_free import ADAM_KEYS, FIELDS, adam_steps
 
 
@@ -62,8 +62,9 @@ def _replicated(key: str, base: int, value: torch.Tensor, replica: tuple[int, in
         yield Piece(key, base + lo, flat[lo:hi])
 
 
-def save_weights(path: str | Path, model: nn.Module, names: list[str], stage: int, dp: tuple[int, int],
-                 metadata: dict[str, str]) -> str | None:
+def save_weights(
+    path: str | Path, model: nn.Module, names: list[str], stage: int, dp: tuple[int, int], metadata: dict[str, str]
+) -> str | None:
     """Write ``model.safetensors`` in the unsplit layout (the keys and shapes of the
     single-process ``model.state_dict()``) from every rank's parameters. Collective.
 
@@ -101,8 +102,9 @@ def save_weights(path: str | Path, model: nn.Module, names: list[str], stage: in
     return write_collective(path, entries, stage, pieces, order, metadata)
 
 
-def save_optimizer_state(path: str | Path, model: nn.Module, names: list[str], ds_optimizer, stage: int,
-                         dp: tuple[int, int]) -> str | None:
+def save_optimizer_state(
+    path: str | Path, model: nn.Module, names: list[str], ds_optimizer, stage: int, dp: tuple[int, int]
+) -> str | None:
     """Write ``layout_free.safetensors``: for every trainable parameter of the unsplit model,
     ``NAME/fp32`` (the fp32 master weight), and after the first update ``NAME/exp_avg`` and
     ``NAME/exp_avg_sq`` (AdamW's moments), all fp32 in the unsplit shape; the metadata holds

@@ -25,15 +25,56 @@ context and allocator fragmentation (typically 1-3 GiB on a GPU), NCCL's own buf
 fp32 gradient-accumulation buffer some optimizers keep.
 """
 
-from dsv3.plan.costs import (DTYPE_BYTES, GB, GIB, ActivationBytes, MemoryPlan, a2a_buffer_bytes, a2a_volume_per_step,
-                             activation_bytes_per_token, check_divisible, in_flight_micro_batches, pipeline_bubble,
-                             split_counts, stage_layers, static_bytes)
-from dsv3.plan.layouts import (Layout, ModelParts, StagePlan, candidate_layouts, global_batch, plan, plan_layout, propose,
-                               relative_step_time)
+from dsv3.plan.costs import (
+    DTYPE_BYTES,
+    GB,
+    GIB,
+    ActivationBytes,
+    MemoryPlan,
+    a2a_buffer_bytes,
+    a2a_volume_per_step,
+    activation_bytes_per_token,
+    check_divisible,
+    in_flight_micro_batches,
+    pipeline_bubble,
+    split_counts,
+    stage_layers,
+    static_bytes,
+)
+from dsv3.plan.layouts import (
+    Layout,
+    ModelParts,
+    StagePlan,
+    candidate_layouts,
+    global_batch,
+    plan,
+    plan_layout,
+    propose,
+    relative_step_time,
+)
 
 __all__ = [
-    "DTYPE_BYTES", "GB", "GIB", "ActivationBytes", "Layout", "MemoryPlan", "ModelParts", "StagePlan", "a2a_buffer_bytes",
-    "a2a_volume_per_step", "activation_bytes_per_token", "candidate_layouts", "check_divisible", "global_batch",
-    "in_flight_micro_batches", "pipeline_bubble", "plan", "plan_layout", "propose", "relative_step_time",
-    "split_counts", "stage_layers", "static_bytes",
+    "DTYPE_BYTES",
+    "GB",
+    "GIB",
+    "ActivationBytes",
+    "Layout",
+    "MemoryPlan",
+    "ModelParts",
+    "StagePlan",
+    "a2a_buffer_bytes",
+    "a2a_volume_per_step",
+    "activation_bytes_per_token",
+    "candidate_layouts",
+    "check_divisible",
+    "global_batch",
+    "in_flight_micro_batches",
+    "pipeline_bubble",
+    "plan",
+    "plan_layout",
+    "propose",
+    "relative_step_time",
+    "split_counts",
+    "stage_layers",
+    "static_bytes",
 ]

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from dsv3.config import ModelConfig
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters
-
 
 GIB = 2**30
 GB = 1e9
@@ -53,13 +51,16 @@ def check_divisible(gpus: int, pp: int, ep: int) -> int:
         raise DsvError(f"--gpus {gpus} is not divisible by parallel.pp={pp}; choose a multiple of {pp}")
     dp = gpus // pp
     if dp % ep:
-        raise DsvError(f"the {dp} data-parallel ranks per stage are not divisible by parallel.ep={ep}; "
-                       f"use a GPU count that is a multiple of pp*ep={pp * ep}")
+        raise DsvError(
+            f"the {dp} data-parallel ranks per stage are not divisible by parallel.ep={ep}; "
+            f"use a GPU count that is a multiple of pp*ep={pp * ep}"
+        )
     return dp
 
 
-def static_bytes(local_other: float, local_expert: float, dp: int, ep: int, zero_stage: int,
-                  precision: str = "bf16") -> MemoryPlan:
+def static_bytes(
+    local_other: float, local_expert: float, dp: int, ep: int, zero_stage: int, precision: str = "bf16"
+) -> MemoryPlan:
     """Weights, gradients and AdamW state of the parameters held by one GPU.
 
     Mixed precision (bf16, the ZeRO paper's accounting, Rajbhandari et al. 2020 §3.1): 2 bytes
@@ -78,9 +79,11 @@ def static_bytes(local_other: float, local_expert: float, dp: int, ep: int, zero
     full = local_other + local_expert
     w_b, g_b = (2, 2) if precision == "bf16" else (4, 4)
     o_b = 12 if precision == "bf16" else (12 if zero_stage >= 1 else 8)
-    return MemoryPlan(weights=w_b * (shard if zero_stage >= 3 else full),
-                      grads=g_b * (shard if zero_stage >= 2 else full),
-                      optimizer=o_b * (shard if zero_stage >= 1 else full))
+    return MemoryPlan(
+        weights=w_b * (shard if zero_stage >= 3 else full),
+        grads=g_b * (shard if zero_stage >= 2 else full),
+        optimizer=o_b * (shard if zero_stage >= 1 else full),
+    )
 
 
 # ----------------------------------------------------------------------------- activations
@@ -207,9 +210,16 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     moe_ffn = _norm_bytes(D, a) + router + routed + shared
     head = _norm_bytes(D, a) + 4 * m.vocab_size + 8
     mtp_inner = 2 * (_norm_bytes(D, a) - a * D) - (4 * D if a == 4 else 0) + 2 * a * D
-    return ActivationBytes(attention=float(attention), dense_ffn=float(dense_ffn), moe_ffn=float(moe_ffn),
-                           block_input=float(a * D), embedding=8.0, head=float(head),
-                           mtp_inner=float(mtp_inner), mtp_input=float(a * D))
+    return ActivationBytes(
+        attention=float(attention),
+        dense_ffn=float(dense_ffn),
+        moe_ffn=float(moe_ffn),
+        block_input=float(a * D),
+        embedding=8.0,
+        head=float(head),
+        mtp_inner=float(mtp_inner),
+        mtp_input=float(a * D),
+    )
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -253,9 +263,17 @@ def stage_layers(n_layers: int, pp: int) -> list[range]:
 # ----------------------------------------------------------------------------- all-to-all
 
 
-def a2a_volume_per_step(tokens_per_micro_batch: int, m: ModelConfig, ep: int, moe_layers: int, micro_batches: int,
-                        dispatch_bytes: int, combine_bytes: int, grad_bytes: int,
-                        recompute: bool = False) -> float:
+def a2a_volume_per_step(
+    tokens_per_micro_batch: int,
+    m: ModelConfig,
+    ep: int,
+    moe_layers: int,
+    micro_batches: int,
+    dispatch_bytes: int,
+    combine_bytes: int,
+    grad_bytes: int,
+    recompute: bool = False,
+) -> float:
     """Bytes one GPU sends through the expert-parallel all-to-all in one optimizer step.
 
     Each token goes to its ``K = n_activated_experts`` experts: dispatch sends ``K`` rows of
@@ -280,8 +298,9 @@ def a2a_volume_per_step(tokens_per_micro_batch: int, m: ModelConfig, ep: int, mo
     return per_layer * moe_layers * micro_batches
 
 
-def a2a_buffer_bytes(tokens_per_micro_batch: int, m: ModelConfig, ep: int, dispatch_bytes: int,
-                     combine_bytes: int) -> float:
+def a2a_buffer_bytes(
+    tokens_per_micro_batch: int, m: ModelConfig, ep: int, dispatch_bytes: int, combine_bytes: int
+) -> float:
     """Bytes of the all-to-all buffers of one MoE layer for one micro-batch.
 
     Send and receive buffers of the dispatch (``tokens * K * dim * dispatch_bytes`` each) and

@@ -11,11 +11,22 @@ import torch
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters, flops_per_token
+from dsv3.plan.costs import (
+    DTYPE_BYTES,
+    GB,
+    GIB,
+    MemoryPlan,
+    a2a_buffer_bytes,
+    a2a_volume_per_step,
+    activation_bytes_per_token,
+    check_divisible,
+    in_flight_micro_batches,
+    pipeline_bubble,
+    split_counts,
+    stage_layers,
+    static_bytes,
+)
 from dsv3.training.schedule import schedule_table
-
-from dsv3.plan.costs import (DTYPE_BYTES, GB, GIB, MemoryPlan, a2a_buffer_bytes, a2a_volume_per_step,
-                             activation_bytes_per_token, check_divisible, in_flight_micro_batches, pipeline_bubble,
-                             split_counts, stage_layers, static_bytes)
 
 
 @dataclass
@@ -35,8 +46,10 @@ class Layout:
         return self.gpus // self.pp
 
     def describe(self) -> str:
-        return (f"pp={self.pp} ep={self.ep} dp={self.dp} ZeRO-{self.zero_stage} micro-batch {self.micro_batch_size} "
-                f"x {self.micro_batches} per step, checkpointing {'on' if self.checkpointing else 'off'}")
+        return (
+            f"pp={self.pp} ep={self.ep} dp={self.dp} ZeRO-{self.zero_stage} micro-batch {self.micro_batch_size} "
+            f"x {self.micro_batches} per step, checkpointing {'on' if self.checkpointing else 'off'}"
+        )
 
 
 @dataclass
@@ -57,15 +70,18 @@ class ModelParts:
     mtp: list[tuple[int, int]]
 
     @classmethod
-    def of(cls, model: Transformer) -> "ModelParts":
+    def of(cls, model: Transformer) -> ModelParts:
         def split(module) -> tuple[int, int]:
             e = sum(p.numel() for n, p in module.named_parameters() if n.startswith("mlp.experts."))
             return e, sum(p.numel() for p in module.parameters()) - e
 
-        return cls(layers=[split(b) for b in model.layers], moe=[b.is_moe for b in model.layers],
-                   embedding=model.embed_tokens.weight.numel(),
-                   head=model.lm_head.weight.numel() + model.norm.weight.numel(),
-                   mtp=[split(b) for b in model.mtp])
+        return cls(
+            layers=[split(b) for b in model.layers],
+            moe=[b.is_moe for b in model.layers],
+            embedding=model.embed_tokens.weight.numel(),
+            head=model.lm_head.weight.numel() + model.norm.weight.numel(),
+            mtp=[split(b) for b in model.mtp],
+        )
 
 
 @dataclass
@@ -85,8 +101,9 @@ class StagePlan:
         return self.memory.total <= gpu_memory_gib * GIB
 
 
-def plan_layout(cfg: Config, parts: ModelParts, layout: Layout, dispatch: str | None = None,
-                combine: str | None = None) -> StagePlan:
+def plan_layout(
+    cfg: Config, parts: ModelParts, layout: Layout, dispatch: str | None = None, combine: str | None = None
+) -> StagePlan:
     """Memory of every pipeline stage of ``layout``; returns the stage with the largest total.
 
     Per stage s: static memory (:func:`static_bytes`) of the parameters placed on it (see
@@ -109,8 +126,10 @@ def plan_layout(cfg: Config, parts: ModelParts, layout: Layout, dispatch: str | 
     if L.pp > m.n_layers:
         raise DsvError(f"parallel.pp={L.pp} exceeds the {m.n_layers} blocks; use at most pp={m.n_layers}")
     if m.n_routed_experts % L.ep:
-        raise DsvError(f"parallel.ep={L.ep} does not divide the {m.n_routed_experts} routed experts; "
-                       f"choose a divisor of {m.n_routed_experts}")
+        raise DsvError(
+            f"parallel.ep={L.ep} does not divide the {m.n_routed_experts} routed experts; "
+            f"choose a divisor of {m.n_routed_experts}"
+        )
     if L.micro_batch_size <= 0 or L.micro_batches <= 0:
         raise DsvError("parallel.micro_batch_size and parallel.grad_accum must be positive")
     precision = cfg.train.precision
@@ -144,8 +163,10 @@ def plan_layout(cfg: Config, parts: ModelParts, layout: Layout, dispatch: str | 
         mem = static_bytes(other, expert / L.ep, dp, L.ep, L.zero_stage, precision)
         n_in = in_flight_micro_batches(L.pp, s, L.micro_batches)
         if L.checkpointing:
-            recompute = max([act.block(parts.moe[i]) for i in blocks] +
-                            ([act.mtp_module()] if last and parts.mtp else []), default=0.0)
+            recompute = max(
+                [act.block(parts.moe[i]) for i in blocks] + ([act.mtp_module()] if last and parts.mtp else []),
+                default=0.0,
+            )
             mem.activations = tokens * (n_in * kept + recompute)
         else:
             mem.activations = tokens * n_in * sum(full)
@@ -155,10 +176,16 @@ def plan_layout(cfg: Config, parts: ModelParts, layout: Layout, dispatch: str | 
         if worst is None or mem.total > worst.total:
             worst, worst_s = mem, s
     volume = a2a_volume_per_step(tokens, m, L.ep, most_moe, L.micro_batches, d_b, c_b, a, L.checkpointing)
-    return StagePlan(layout=L, stage=worst_s, memory=worst,
-                     in_flight=in_flight_micro_batches(L.pp, worst_s, L.micro_batches),
-                     blocks=len(stage_layers(m.n_layers, L.pp)[worst_s]),
-                     bubble=pipeline_bubble(L.pp, L.micro_batches), a2a_bytes=volume, stages=stages)
+    return StagePlan(
+        layout=L,
+        stage=worst_s,
+        memory=worst,
+        in_flight=in_flight_micro_batches(L.pp, worst_s, L.micro_batches),
+        blocks=len(stage_layers(m.n_layers, L.pp)[worst_s]),
+        bubble=pipeline_bubble(L.pp, L.micro_batches),
+        a2a_bytes=volume,
+        stages=stages,
+    )
 
 
 def relative_step_time(sp: StagePlan) -> float:
@@ -203,7 +230,7 @@ def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
             break
         dp = gpus // pp
         for ep in _divisors(math.gcd(m.n_routed_experts, dp)):
-            for zero in ([1, 2] if pp == 1 else [1]):
+            for zero in [1, 2] if pp == 1 else [1]:
                 for mbs in _divisors(max(1, p.micro_batch_size)):
                     if batch % (mbs * dp):
                         continue
@@ -212,8 +239,14 @@ def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
     return out
 
 
-def propose(cfg: Config, parts: ModelParts, gpus: int, gpu_memory_gib: float, dispatch: str | None = None,
-            combine: str | None = None) -> tuple[list[StagePlan], StagePlan | None]:
+def propose(
+    cfg: Config,
+    parts: ModelParts,
+    gpus: int,
+    gpu_memory_gib: float,
+    dispatch: str | None = None,
+    combine: str | None = None,
+) -> tuple[list[StagePlan], StagePlan | None]:
     """Search :func:`candidate_layouts`; return the fitting ones ranked, and the smallest.
 
     Ranked by :func:`relative_step_time` (bubble and recomputation), then all-to-all bytes
@@ -231,67 +264,97 @@ def _count(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith("ch") else "s")
 
 
-def _layout_table(sp: StagePlan, gpu_memory_gib: float | None, precision: str, dispatch: str, combine: str) -> list[str]:
+def _layout_table(
+    sp: StagePlan, gpu_memory_gib: float | None, precision: str, dispatch: str, combine: str
+) -> list[str]:
     L, mem = sp.layout, sp.memory
     lines = [
-        f"layout      {_count(L.gpus, 'GPU')}: pp={L.pp} ep={L.ep} dp={L.dp} (expert dp {L.dp // L.ep}) ZeRO-{L.zero_stage}, "
+        f"layout      {_count(L.gpus, 'GPU')}: pp={L.pp} ep={L.ep} dp={L.dp} (expert dp {L.dp // L.ep}) "
+        f"ZeRO-{L.zero_stage}, "
         f"{precision}, activation checkpointing {'on' if L.checkpointing else 'off'}",
         f"            {_count(L.micro_batches, 'micro-batch')} of {L.micro_batch_size} per step; global batch "
         f"{L.micro_batch_size * L.micro_batches * L.dp} sequences",
         f"memory/GPU  (GiB, pipeline stage {sp.stage} of {L.pp}: {_count(sp.blocks, 'block')}, "
         f"{_count(sp.in_flight, 'micro-batch')} in flight)",
     ]
-    for name, value in (("weights", mem.weights), ("gradients", mem.grads), ("optimizer", mem.optimizer),
-                        ("activations", mem.activations), ("all-to-all buffers", mem.a2a_buffers)):
+    for name, value in (
+        ("weights", mem.weights),
+        ("gradients", mem.grads),
+        ("optimizer", mem.optimizer),
+        ("activations", mem.activations),
+        ("all-to-all buffers", mem.a2a_buffers),
+    ):
         lines.append(f"  {name:<20}{value / GIB:>9,.2f}")
     total = f"  {'total':<20}{mem.total / GIB:>9,.2f}"
     if gpu_memory_gib is not None:
         total += f"  of {gpu_memory_gib:g}: " + ("fits" if sp.fits(gpu_memory_gib) else "does NOT fit")
     lines.append(total)
     if L.pp > 1:
-        lines.append(f"pipeline    bubble {100 * sp.bubble:.1f}% (1F1B: (p-1)/(m+p-1) = {L.pp - 1}/{L.micro_batches + L.pp - 1}; "
-                     f"DeepSeek-V3's DualPipe idles less)")
+        lines.append(
+            f"pipeline    bubble {100 * sp.bubble:.1f}% "
+            f"(1F1B: (p-1)/(m+p-1) = {L.pp - 1}/{L.micro_batches + L.pp - 1}; "
+            f"DeepSeek-V3's DualPipe idles less)"
+        )
     else:
         lines.append("pipeline    none (pp=1)")
     if L.ep > 1:
-        lines.append(f"all-to-all  {sp.a2a_bytes / GB:,.1f} GB sent per GPU per step (as much received; "
-                     f"dispatch {dispatch}, combine {combine}, gradients {precision}"
-                     f"{', forward repeated by recomputation' if L.checkpointing else ''})")
+        lines.append(
+            f"all-to-all  {sp.a2a_bytes / GB:,.1f} GB sent per GPU per step (as much received; "
+            f"dispatch {dispatch}, combine {combine}, gradients {precision}"
+            f"{', forward repeated by recomputation' if L.checkpointing else ''})"
+        )
     else:
         lines.append("all-to-all  none (ep=1)")
     return lines
 
 
-def _proposal_lines(fitting: list[StagePlan], smallest: StagePlan | None, gpus: int, gpu_memory_gib: float,
-                    params: int, limit: int = 10) -> list[str]:
+def _proposal_lines(
+    fitting: list[StagePlan], smallest: StagePlan | None, gpus: int, gpu_memory_gib: float, params: int, limit: int = 10
+) -> list[str]:
     if not fitting:
         if smallest is None:
-            return [f"proposal    no layout divides {gpus} GPUs with the configured global batch; "
-                    f"change --gpus or parallel.grad_accum"]
+            return [
+                f"proposal    no layout divides {gpus} GPUs with the configured global batch; "
+                f"change --gpus or parallel.grad_accum"
+            ]
         state = 16 * params / GIB
-        return [f"proposal    no layout fits: the smallest needs {smallest.memory.total / GIB:,.1f} GiB per GPU "
-                f"({smallest.layout.describe()}), has {gpu_memory_gib:g}; try more GPUs, GPUs with more memory "
-                f"or a shorter data.seq_len",
-                f"            (weights, gradients and AdamW state alone take 16 bytes per parameter, {state:,.0f} GiB: "
-                f"at least {math.ceil(state / gpu_memory_gib):,} GPUs of {gpu_memory_gib:g} GiB)"]
-    lines = [f"proposal    {len(fitting)} layouts fit in {gpu_memory_gib:g} GiB; the best {min(limit, len(fitting))} "
-             f"(ranked by step time from bubble and recomputation, then all-to-all volume):",
-             "   pp   ep    dp ZeRO  mbs  micro-batches ckpt   GiB/GPU  free GiB  bubble  all-to-all GB  rel. time"]
+        return [
+            f"proposal    no layout fits: the smallest needs {smallest.memory.total / GIB:,.1f} GiB per GPU "
+            f"({smallest.layout.describe()}), has {gpu_memory_gib:g}; try more GPUs, GPUs with more memory "
+            f"or a shorter data.seq_len",
+            f"            (weights, gradients and AdamW state alone take 16 bytes per parameter, {state:,.0f} GiB: "
+            f"at least {math.ceil(state / gpu_memory_gib):,} GPUs of {gpu_memory_gib:g} GiB)",
+        ]
+    lines = [
+        f"proposal    {len(fitting)} layouts fit in {gpu_memory_gib:g} GiB; the best {min(limit, len(fitting))} "
+        f"(ranked by step time from bubble and recomputation, then all-to-all volume):",
+        "   pp   ep    dp ZeRO  mbs  micro-batches ckpt   GiB/GPU  free GiB  bubble  all-to-all GB  rel. time",
+    ]
     for sp in fitting[:limit]:
         L = sp.layout
-        lines.append(f"  {L.pp:>3} {L.ep:>4} {L.dp:>5} {L.zero_stage:>4} {L.micro_batch_size:>4} {L.micro_batches:>14} "
-                     f"{'on' if L.checkpointing else 'off':>4} {sp.memory.total / GIB:>9,.1f} "
-                     f"{gpu_memory_gib - sp.memory.total / GIB:>9,.1f} {100 * sp.bubble:>6.1f}% "
-                     f"{sp.a2a_bytes / GB:>14,.1f} {relative_step_time(sp):>10.2f}")
+        lines.append(
+            f"  {L.pp:>3} {L.ep:>4} {L.dp:>5} {L.zero_stage:>4} {L.micro_batch_size:>4} {L.micro_batches:>14} "
+            f"{'on' if L.checkpointing else 'off':>4} {sp.memory.total / GIB:>9,.1f} "
+            f"{gpu_memory_gib - sp.memory.total / GIB:>9,.1f} {100 * sp.bubble:>6.1f}% "
+            f"{sp.a2a_bytes / GB:>14,.1f} {relative_step_time(sp):>10.2f}"
+        )
     best = fitting[0].layout
-    lines.append(f"            use: parallel.pp={best.pp} parallel.ep={best.ep} parallel.zero_stage={best.zero_stage} "
-                 f"parallel.micro_batch_size={best.micro_batch_size} parallel.grad_accum={best.micro_batches} "
-                 f"parallel.activation_checkpointing={'true' if best.checkpointing else 'false'}")
+    lines.append(
+        f"            use: parallel.pp={best.pp} parallel.ep={best.ep} parallel.zero_stage={best.zero_stage} "
+        f"parallel.micro_batch_size={best.micro_batch_size} parallel.grad_accum={best.micro_batches} "
+        f"parallel.activation_checkpointing={'true' if best.checkpointing else 'false'}"
+    )
     return lines
 
 
-def plan(cfg: Config, gpus: int, gpu_memory_gib: float | None, propose_layouts: bool = False,
-         dispatch: str | None = None, combine: str | None = None) -> str:
+def plan(
+    cfg: Config,
+    gpus: int,
+    gpu_memory_gib: float | None,
+    propose_layouts: bool = False,
+    dispatch: str | None = None,
+    combine: str | None = None,
+) -> str:
     """The report printed by ``dsv3 plan`` (several lines of text).
 
     Counts, FLOPs, the configured layout's memory per GPU (worst stage), bubble and
@@ -329,7 +392,8 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float | None, propose_layouts: 
         f"parameters  main {counts['main']:,}  (routed experts {experts:,}, other {other:,})",
         f"            MTP modules {counts['mtp']:,}  total {counts['total']:,}",
         f"            activated per token {counts['activated']:,}",
-        f"training    {flops / 1e9:,.2f} GFLOP per token at seq_len {cfg.data.seq_len} (forward + backward; MTP modules included)",
+        f"training    {flops / 1e9:,.2f} GFLOP per token at seq_len {cfg.data.seq_len} "
+        "(forward + backward; MTP modules included)",
         f"decode      latent KV cache {cache:,} values per token ({m.kv_lora_rank}+{m.qk_rope_head_dim} per layer)",
         f"activations {act.block(True) / 1024:,.1f} KiB per token per MoE block, {act.block(False) / 1024:,.1f} "
         f"dense, {act.block_input / 1024:,.1f} with checkpointing ({cfg.train.precision})",
@@ -349,16 +413,25 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float | None, propose_layouts: 
         if gpu_memory_gib is not None:
             fits = sp.fits(gpu_memory_gib)
             if fits:
-                lines.append(f"            fits in {gpu_memory_gib:g} GiB with {gpu_memory_gib - sp.memory.total / GIB:,.1f} GiB "
-                             f"to spare (CUDA context and fragmentation not counted)")
+                lines.append(
+                    f"            fits in {gpu_memory_gib:g} GiB with "
+                    f"{gpu_memory_gib - sp.memory.total / GIB:,.1f} GiB "
+                    f"to spare (CUDA context and fragmentation not counted)"
+                )
             else:
-                hint = "see the proposals below" if p.pp == 1 and p.ep == 1 or propose_layouts else \
-                    "try --propose, activation checkpointing, a smaller micro-batch or more GPUs"
-                lines.append(f"            does NOT fit in {gpu_memory_gib:g} GiB: needs {sp.memory.total / GIB:,.1f} GiB per GPU, "
-                             f"has {gpu_memory_gib:g}; {hint}")
+                hint = (
+                    "see the proposals below"
+                    if p.pp == 1 and p.ep == 1 or propose_layouts
+                    else "try --propose, activation checkpointing, a smaller micro-batch or more GPUs"
+                )
+                lines.append(
+                    f"            does NOT fit in {gpu_memory_gib:g} GiB: "
+                    f"needs {sp.memory.total / GIB:,.1f} GiB per GPU, "
+                    f"has {gpu_memory_gib:g}; {hint}"
+                )
     if propose_layouts or (fits is False and p.pp == 1 and p.ep == 1):
         fitting, smallest = propose(cfg, parts, gpus, gpu_memory_gib, dispatch, combine)
-        lines += _proposal_lines(fitting, smallest, gpus, gpu_memory_gib, counts['total'])
+        lines += _proposal_lines(fitting, smallest, gpus, gpu_memory_gib, counts["total"])
     if gpus % p.pp == 0:
         try:
             lines += schedule_table(cfg, gpus // p.pp)

@@ -41,14 +41,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsv3.checkpoint.files import (CONFIG, LATEST, LAYOUT_FREE, MANIFEST, WEIGHTS, previous_good, prune, rng_file,
-                                   tag_for)
+from dsv3.checkpoint.files import (
+    CONFIG,
+    LATEST,
+    LAYOUT_FREE,
+    MANIFEST,
+    WEIGHTS,
+    previous_good,
+    prune,
+    rng_file,
+    tag_for,
+)
 from dsv3.collectives import all_reduce_sum, barrier
 from dsv3.config import Config, save_config
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
 from dsv3.parallel.expert_parallel import ep_modules, save_expert_files
 from dsv3.parallel.unsplit_save import save_optimizer_state, save_weights
+
 
 def rng_state() -> dict[str, Any]:
     """This process's Python, NumPy and torch (CPU and CUDA) RNG states, JSON-serializable."""
@@ -81,8 +91,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
-def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_state: dict[str, Any],
-                    tokenizer_files: Sequence[Path], rank: int, pipe=None) -> Path:
+def save_checkpoint(
+    engine,
+    cfg: Config,
+    ckpt_root: Path,
+    step: int,
+    client_state: dict[str, Any],
+    tokenizer_files: Sequence[Path],
+    rank: int,
+    pipe=None,
+) -> Path:
     """Save a resumable checkpoint of optimizer step ``step`` (collective: every rank calls).
 
     Every rank writes its part of the DeepSpeed state, its RNG states and its share of
@@ -147,12 +165,20 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
     if failure.item() == 0 and rank == 0:
         try:
             manifest = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-            atomic_write_text(folder / MANIFEST, json.dumps(
-                {"step": step, "world_size": client_state.get("world_size"),  # the data-parallel size
-                 "processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-                 "parallel": {k: getattr(cfg.parallel, k) for k in ("pp", "ep", "zero_stage")},
-                 "data": client_state.get("data"),
-                 "files": manifest}, indent=1))
+            atomic_write_text(
+                folder / MANIFEST,
+                json.dumps(
+                    {
+                        "step": step,
+                        "world_size": client_state.get("world_size"),  # the data-parallel size
+                        "processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                        "parallel": {k: getattr(cfg.parallel, k) for k in ("pp", "ep", "zero_stage")},
+                        "data": client_state.get("data"),
+                        "files": manifest,
+                    },
+                    indent=1,
+                ),
+            )
             atomic_write_text(ckpt_root / LATEST, tag + "\n")
         except OSError as exc:
             failure += 1
@@ -167,8 +193,10 @@ def save_checkpoint(engine, cfg: Config, ckpt_root: Path, step: int, client_stat
             free = f"; its disk has {shutil.disk_usage(ckpt_root).free / 2**20:,.0f} MiB free"
         except OSError:
             free = ""
-        raise DsvError(f"could not write checkpoint {folder} ({error or 'failed on another rank'}{free}); {keep}; "
-                       "free disk space or fix the permissions of train.out_dir, then run again to resume")
+        raise DsvError(
+            f"could not write checkpoint {folder} ({error or 'failed on another rank'}{free}); {keep}; "
+            "free disk space or fix the permissions of train.out_dir, then run again to resume"
+        )
     if rank == 0:
         prune(ckpt_root, cfg.ckpt.keep_last, keep=tag)
     barrier()

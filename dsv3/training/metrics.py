@@ -49,8 +49,11 @@ class MetricsLogger:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -132,17 +135,29 @@ class Console:
             return
         if line_due:
             extra = f" | val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-            print(f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
-                  f"mtp {rec['mtp_loss']:.4f} | lr {rec['lr']:.2e} | grad_norm {rec['grad_norm']:.3f} | "
-                  f"{rec['tokens_per_s']:.0f} tok/s{extra}", flush=True)
+            print(
+                f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+                f"mtp {rec['mtp_loss']:.4f} | lr {rec['lr']:.2e} | grad_norm {rec['grad_norm']:.3f} | "
+                f"{rec['tokens_per_s']:.0f} tok/s{extra}",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def step_record(lm: float, mtp: float, balance: float, mtp_lambda: float, alpha: float, lr: float,
-                grad_norm, finite: bool, load: torch.Tensor | None) -> dict[str, float]:
+def step_record(
+    lm: float,
+    mtp: float,
+    balance: float,
+    mtp_lambda: float,
+    alpha: float,
+    lr: float,
+    grad_norm,
+    finite: bool,
+    load: torch.Tensor | None,
+) -> dict[str, float]:
     """The metrics of one optimizer step, as logged to ``metrics.jsonl`` and TensorBoard.
 
     Args:

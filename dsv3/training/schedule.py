@@ -23,8 +23,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from dsv3.config import (BatchRamp, Config, LRPhase, TrainConfig, parse_batch_ramp, parse_lr_schedule,
-                         parse_piecewise)
+from dsv3.config import BatchRamp, Config, LRPhase, TrainConfig, parse_batch_ramp, parse_lr_schedule, parse_piecewise
 from dsv3.errors import DsvError
 
 
@@ -49,12 +48,16 @@ def schedule_warning(t: TrainConfig) -> str | None:
     if t.lr_schedule is not None:
         return None
     if t.warmup_steps > t.steps:
-        return (f"warning: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning rate ends "
-                f"at {lr_at(t.steps - 1, t):.2e}, never reaching train.lr={t.lr:g} nor decaying; lower "
-                "train.warmup_steps")
+        return (
+            f"warning: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning rate ends "
+            f"at {lr_at(t.steps - 1, t):.2e}, never reaching train.lr={t.lr:g} nor decaying; lower "
+            "train.warmup_steps"
+        )
     if t.warmup_steps == t.steps:
-        return (f"warning: train.warmup_steps=train.steps={t.steps}: the learning rate reaches train.lr={t.lr:g} "
-                "only at the last step and never decays; lower train.warmup_steps")
+        return (
+            f"warning: train.warmup_steps=train.steps={t.steps}: the learning rate reaches train.lr={t.lr:g} "
+            "only at the last step and never decays; lower train.warmup_steps"
+        )
     return None
 
 
@@ -111,13 +114,17 @@ class BatchSchedule:
             if value % granule:
                 lower, upper = value // granule * granule, (value // granule + 1) * granule
                 example = f"{lower} or {upper}" if lower else f"{upper}"
-                raise DsvError(f"train.batch_ramp.{key}={value} is not a whole number of micro-batches on every "
-                               f"data-parallel rank (parallel.micro_batch_size x data-parallel size = {granule}); "
-                               f"use a multiple of {granule} such as {example}")
+                raise DsvError(
+                    f"train.batch_ramp.{key}={value} is not a whole number of micro-batches on every "
+                    f"data-parallel rank (parallel.micro_batch_size x data-parallel size = {granule}); "
+                    f"use a multiple of {granule} such as {example}"
+                )
         if ramp.start > self.final:
-            raise DsvError(f"train.batch_ramp.start={ramp.start} exceeds the final global batch {self.final} "
-                           "(parallel.micro_batch_size x grad_accum x data-parallel size); a ramp grows the batch: "
-                           "lower start or raise parallel.grad_accum")
+            raise DsvError(
+                f"train.batch_ramp.start={ramp.start} exceeds the final global batch {self.final} "
+                "(parallel.micro_batch_size x grad_accum x data-parallel size); a ramp grows the batch: "
+                "lower start or raise parallel.grad_accum"
+            )
         n_inc = -(-(self.final - ramp.start) // self.increment)  # K intervals
         self.segments = []
         step, consumed = 0, 0
@@ -222,10 +229,15 @@ class Schedules:
             else:
                 end = None
             if end is not None and end < start:
-                what = f"until_step={ph.until_step}" if ph.until_step is not None else \
-                    f"until_tokens={ph.until_tokens:,} (step {end:,})"
-                raise DsvError(f"train.lr_schedule[{i}] ({ph.type}) ends at {what}, before the previous phase ends "
-                               f"(step {start:,}); give the phases in order with increasing ends")
+                what = (
+                    f"until_step={ph.until_step}"
+                    if ph.until_step is not None
+                    else f"until_tokens={ph.until_tokens:,} (step {end:,})"
+                )
+                raise DsvError(
+                    f"train.lr_schedule[{i}] ({ph.type}) ends at {what}, before the previous phase ends "
+                    f"(step {start:,}); give the phases in order with increasing ends"
+                )
             if ph.type == "warmup":
                 begin, target = 0.0, ph.lr if ph.lr is not None else self.t.lr
             else:
@@ -289,8 +301,12 @@ class Schedules:
     def values(self, step: int) -> dict[str, float]:
         """``global_batch``, ``lr``, ``mtp_lambda``, ``bias_update_speed`` of step ``step``,
         as the step's metrics record logs them."""
-        return {"global_batch": self.batch.batch(step), "lr": self.lr(step), "mtp_lambda": self.mtp_lambda(step),
-                "bias_update_speed": self.bias_update_speed(step)}
+        return {
+            "global_batch": self.batch.batch(step),
+            "lr": self.lr(step),
+            "mtp_lambda": self.mtp_lambda(step),
+            "bias_update_speed": self.bias_update_speed(step),
+        }
 
     # ------------------------------------------------------------------ the phases, for dsv3 plan
     def phase_rows(self) -> list[tuple[str, str, int, int | None]]:
@@ -308,9 +324,12 @@ class Schedules:
         if self.phases:
             for ph in self.phases:
                 kind = ph.spec.type
-                what = {"warmup": f"warmup 0 -> {ph.target:.3g}", "constant": f"constant {ph.target:.3g}",
-                        "cosine": f"cosine {ph.begin_lr:.3g} -> {ph.target:.3g}",
-                        "linear": f"linear {ph.begin_lr:.3g} -> {ph.target:.3g}"}[kind]
+                what = {
+                    "warmup": f"warmup 0 -> {ph.target:.3g}",
+                    "constant": f"constant {ph.target:.3g}",
+                    "cosine": f"cosine {ph.begin_lr:.3g} -> {ph.target:.3g}",
+                    "linear": f"linear {ph.begin_lr:.3g} -> {ph.target:.3g}",
+                }[kind]
                 rows.append(("lr", what, ph.start, ph.end))
             last = self.phases[-1]
             if last.end is not None:
@@ -321,8 +340,10 @@ class Schedules:
             if w:
                 rows.append(("lr", f"warmup 0 -> {t.lr:.3g}", 0, w))
             rows.append(("lr", f"cosine {t.lr:.3g} -> {t.lr * t.min_lr_ratio:.3g}", w, None))
-        for name, sched, const in (("mtp_lambda", self.mtp, self.t.mtp_lambda),
-                                   ("bias_update_speed", self.gamma, self.t.bias_update_speed)):
+        for name, sched, const in (
+            ("mtp_lambda", self.mtp, self.t.mtp_lambda),
+            ("bias_update_speed", self.gamma, self.t.bias_update_speed),
+        ):
             if not sched:
                 rows.append((name, f"{const:g}", 0, None))
                 continue
@@ -341,8 +362,10 @@ class Schedules:
                 late[name] = f"{name} {what} (step {first:,})"
         if not late:
             return []
-        return [f"warning: train.steps={steps:,} ends before these schedule phases start: {'; '.join(late.values())}; "
-                "raise train.steps or shorten the schedules"]
+        return [
+            f"warning: train.steps={steps:,} ends before these schedule phases start: {'; '.join(late.values())}; "
+            "raise train.steps or shorten the schedules"
+        ]
 
 
 def schedule_table(cfg: Config, dp: int) -> list[str]:
@@ -354,16 +377,20 @@ def schedule_table(cfg: Config, dp: int) -> list[str]:
     """
     sched = Schedules(cfg, dp)
     b, steps = sched.batch, cfg.train.steps
-    lines = [f"schedule    train.steps={steps:,} consume {tokens_text(b.tokens(steps))} tokens "
-             f"({b.consumed(steps):,} sequences of {b.seq_len:,}); each phase's token budget and steps (0-based):"]
+    lines = [
+        f"schedule    train.steps={steps:,} consume {tokens_text(b.tokens(steps))} tokens "
+        f"({b.consumed(steps):,} sequences of {b.seq_len:,}); each phase's token budget and steps (0-based):"
+    ]
     for name, what, first, end in sched.phase_rows():
         stop = steps if end is None else end
         if first >= steps and first > 0:
             span = f"from step {first:,}: after train.steps, never runs"
         else:
             stop = min(stop, steps)
-            span = (f"tokens {tokens_text(b.tokens(first)):>7} - {tokens_text(b.tokens(stop)):<7} "
-                    f"steps {first:>9,} - {stop - 1:<9,} ({stop - first:,} steps)")
+            span = (
+                f"tokens {tokens_text(b.tokens(first)):>7} - {tokens_text(b.tokens(stop)):<7} "
+                f"steps {first:>9,} - {stop - 1:<9,} ({stop - first:,} steps)"
+            )
             if end is not None and end > steps:
                 span += f"; train.steps ends it before its step {end - 1:,}"
         lines.append(f"  {name:<18} {what:<47} {span}")

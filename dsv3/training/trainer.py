@@ -30,12 +30,31 @@ import torch
 import yaml
 
 from data_pipeline.chat_data import ChatDataset, prepare_chat
-from data_pipeline.dataset import (PackedDataset, check_loader_state, document_attention_mask, loader_state,
-                                   rank_micro_batches, stream_indices)
+from data_pipeline.dataset import (
+    PackedDataset,
+    check_loader_state,
+    document_attention_mask,
+    loader_state,
+    rank_micro_batches,
+    stream_indices,
+)
 from data_pipeline.prepare import given_tokenizer, prepare
-from dsv3.checkpoint import (CHECKPOINTS, CONFIG, MANIFEST, TOKENIZER, WEIGHTS, CheckpointWeights, interrupted_saves,
-                             is_hf_folder, open_weights, read_checkpoint_config, resolve_checkpoint, resume_candidates,
-                             saved_world_size, tag_for)
+from dsv3.checkpoint import (
+    CHECKPOINTS,
+    CONFIG,
+    MANIFEST,
+    TOKENIZER,
+    WEIGHTS,
+    CheckpointWeights,
+    interrupted_saves,
+    is_hf_folder,
+    open_weights,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    resume_candidates,
+    saved_world_size,
+    tag_for,
+)
 from dsv3.collectives import all_reduce_sum, barrier
 from dsv3.config import Config, extend_model, save_config, validate
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
@@ -91,8 +110,10 @@ def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None, str]:
         if found is None and not is_hf_folder(src):
             found = find_tokenizer(resolve_checkpoint(src))
         if found is None:
-            raise DsvError(f"train.init_from={src} has no tokenizer ({TOKENIZER} or tokenizer.json); set "
-                           "data.tokenizer to the tokenizer these weights were trained with")
+            raise DsvError(
+                f"train.init_from={src} has no tokenizer ({TOKENIZER} or tokenizer.json); set "
+                "data.tokenizer to the tokenizer these weights were trained with"
+            )
         cfg.data.tokenizer = str(found)
     validate(cfg)
     return cfg, source, extension_changes(saved, cfg.model)
@@ -101,8 +122,11 @@ def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None, str]:
 def extension_changes(saved, model) -> str:
     """``"model.rope_factor 1.0 -> 4.0, ..."``: the fields in which ``model`` differs from the
     weights' ``saved`` config ("" when none)."""
-    return ", ".join(f"model.{f.name} {getattr(saved, f.name)} -> {getattr(model, f.name)}"
-                     for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model, f.name))
+    return ", ".join(
+        f"model.{f.name} {getattr(saved, f.name)} -> {getattr(model, f.name)}"
+        for f in dataclasses.fields(saved)
+        if getattr(saved, f.name) != getattr(model, f.name)
+    )
 
 
 class Trainer:
@@ -136,8 +160,10 @@ class Trainer:
             self.train_data = PackedDataset(self.data_dir, "train", cfg.data.seq_len)
             self.val_data = PackedDataset(self.data_dir, "val", cfg.data.seq_len)
         if len(self.train_data) < self.global_batch:
-            raise DsvError(f"the training split has {len(self.train_data)} windows of data.seq_len={cfg.data.seq_len}, "
-                           f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch")
+            raise DsvError(
+                f"the training split has {len(self.train_data)} windows of data.seq_len={cfg.data.seq_len}, "
+                f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch"
+            )
 
         self.resume_tag = self._pick_checkpoint()  # before writing anything into out_dir
         self.tokenizer_files: list[Path] = []  # the run's tokenizer files (rank 0), copied into each checkpoint
@@ -197,8 +223,10 @@ class Trainer:
     def _prepare(self, progress: bool) -> Path:
         if self.cfg.data.format == "chat":
             if not self.cfg.data.tokenizer:
-                raise DsvError("fine-tuning on conversations needs the model's tokenizer: set train.init_from to "
-                               "the run to fine-tune, or data.tokenizer")
+                raise DsvError(
+                    "fine-tuning on conversations needs the model's tokenizer: set train.init_from to "
+                    "the run to fine-tune, or data.tokenizer"
+                )
             return prepare_chat(self.cfg, given_tokenizer(self.cfg.data), progress=progress)
         return prepare(self.cfg, progress=progress)
 
@@ -210,17 +238,22 @@ class Trainer:
             DsvError: there are checkpoints but none is intact (starting over would overwrite them).
         """
         for tag in interrupted_saves(self.ckpt_root):
-            _log(self.info, f"warning: checkpoint {self.ckpt_root / tag} was never completed (the save was "
-                            "interrupted); it is ignored")
+            _log(
+                self.info,
+                f"warning: checkpoint {self.ckpt_root / tag} was never completed (the save was "
+                "interrupted); it is ignored",
+            )
         candidates = resume_candidates(self.ckpt_root)
         for tag, problem in candidates:
             if problem is None:
                 return tag
             _log(self.info, f"warning: checkpoint {self.ckpt_root / tag} is unusable: {problem}; trying an older one")
         if candidates:
-            raise DsvError(f"none of the {len(candidates)} checkpoint(s) in {self.ckpt_root} is usable (see the "
-                           "warnings above); move that folder away to start the run over, or set train.out_dir to a "
-                           "new folder")
+            raise DsvError(
+                f"none of the {len(candidates)} checkpoint(s) in {self.ckpt_root} is usable (see the "
+                "warnings above); move that folder away to start the run over, or set train.out_dir to a "
+                "new folder"
+            )
         return None
 
     def _resume(self) -> None:
@@ -230,8 +263,9 @@ class Trainer:
         if self.layout_free:
             folder = self.ckpt_root / tag
             names = self.pipe.names if self.pipe is not None else [n for n, _ in self.model.named_parameters()]
-            self.start_step = layout_free.resume_layout_free(folder, self.model, names, self.optimizer,
-                                                             self.engine.optimizer)
+            self.start_step = layout_free.resume_layout_free(
+                folder, self.model, names, self.optimizer, self.engine.optimizer
+            )
             self.engine.global_steps = self.start_step
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             self._check_loader(manifest.get("data"), str(folder))
@@ -241,12 +275,22 @@ class Trainer:
             same = (saved.pp, saved.ep, saved_world) == (now.pp, now.ep, self.dp)
             if not same or not load_rng(folder, self.info.rank):
                 seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
-            _log(self.info, f"resumed from {folder} at step {self.start_step}" + ("" if same else
-                 f" (saved with pp={saved.pp} ep={saved.ep} dp={saved_world}, now pp={now.pp} ep={now.ep} "
-                 f"dp={self.dp})")
-                 + (f"; ZeRO stage {saved.zero_stage} -> {now.zero_stage}" if saved.zero_stage != now.zero_stage else "")
-                 + (f"; precision {saved_train.precision} -> {self.cfg.train.precision}"
-                    if saved_train.precision != self.cfg.train.precision else ""))
+            _log(
+                self.info,
+                f"resumed from {folder} at step {self.start_step}"
+                + (
+                    ""
+                    if same
+                    else f" (saved with pp={saved.pp} ep={saved.ep} dp={saved_world}, now pp={now.pp} ep={now.ep} "
+                    f"dp={self.dp})"
+                )
+                + (f"; ZeRO stage {saved.zero_stage} -> {now.zero_stage}" if saved.zero_stage != now.zero_stage else "")
+                + (
+                    f"; precision {saved_train.precision} -> {self.cfg.train.precision}"
+                    if saved_train.precision != self.cfg.train.precision
+                    else ""
+                ),
+            )
             return
         load_fn = expert_parallel.expert_load_fn(self.model) if self.ep > 1 else None
         _, state = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, custom_load_fn=load_fn)
@@ -259,14 +303,25 @@ class Trainer:
             # a new process count (replicated ZeRO-0 state): fresh per-rank streams, still a
             # function of seed, step and rank only
             seed_everything(self.cfg.train.seed + 1_000_003 * self.start_step + self.info.rank)
-        _log(self.info, f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
-                        + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"))
+        _log(
+            self.info,
+            f"resumed from {self.ckpt_root / tag} at step {self.start_step}"
+            + ("" if same_layout else f" (saved with {state.get('world_size')} process(es), now {self.dp})"),
+        )
 
     def _check_loader(self, saved: dict | None, where: str) -> None:
         """The checkpoint's loader position must be this run's after ``start_step`` steps."""
-        check_loader_state(saved, self.start_step, self.global_batch, len(self.train_data), self.cfg.train.seed,
-                           self._data_key(), where, consumed=self.schedules.batch.consumed(self.start_step),
-                           batch_ramp=self.schedules.batch.state())
+        check_loader_state(
+            saved,
+            self.start_step,
+            self.global_batch,
+            len(self.train_data),
+            self.cfg.train.seed,
+            self._data_key(),
+            where,
+            consumed=self.schedules.batch.consumed(self.start_step),
+            batch_ramp=self.schedules.batch.state(),
+        )
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
@@ -299,6 +354,7 @@ class Trainer:
             group["lr"] = lr
         decision: dict[str, object] = {}
         if self.pipe is not None:
+
             def decide() -> None:
                 decision.update(self._decide(self.pipe.stats()))
 
@@ -321,8 +377,9 @@ class Trainer:
         rec.update(global_batch=batch, mtp_lambda=lam, bias_update_speed=values["bias_update_speed"])
         return rec
 
-    def _forward_backward(self, batches: list[tuple], tokens: torch.Tensor, decision: dict,
-                          lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_backward(
+        self, batches: list[tuple], tokens: torch.Tensor, decision: dict, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of this rank's micro-batches through the DeepSpeed engine, the
         update decided before the last ``engine.step()``; returns (the loss sums as
         :meth:`dsv3.parallel.pipeline.PipelineRun.stats`, the (L_moe, E) expert loads).
@@ -344,8 +401,9 @@ class Trainer:
             if self.schedules.ramped:
                 self.engine.set_gradient_accumulation_boundary(i == n - 1)
             out = self.engine(inputs.to(dev), labels.to(dev), **self._doc_kwargs(extra))
-            self.engine.backward(training_loss(out.lm_loss_sum, out.mtp_loss_sum, out.balance_loss, tokens, lam,
-                                               alpha, scale))
+            self.engine.backward(
+                training_loss(out.lm_loss_sum, out.mtp_loss_sum, out.balance_loss, tokens, lam, alpha, scale)
+            )
             stats[0] += out.lm_loss_sum.detach().double()
             stats[1] += out.balance_loss.detach().double() / scale
             stats[3:] += out.mtp_loss_sum.detach().double()
@@ -447,12 +505,22 @@ class Trainer:
 
     def client_state(self, step: int) -> dict:
         sched = self.schedules.batch
-        state = {"step": step, "tokens": sched.tokens(step),
-                 "data": loader_state(step, self.global_batch, len(self.train_data), self.cfg.train.seed,
-                                      self._data_key(), consumed=sched.consumed(step), batch_ramp=sched.state()),
-                 "world_size": self.dp,
-                 # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
-                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        state = {
+            "step": step,
+            "tokens": sched.tokens(step),
+            "data": loader_state(
+                step,
+                self.global_batch,
+                len(self.train_data),
+                self.cfg.train.seed,
+                self._data_key(),
+                consumed=sched.consumed(step),
+                batch_ramp=sched.state(),
+            ),
+            "world_size": self.dp,
+            # lets deepspeed.checkpoint.ds_to_universal re-partition the ZeRO state
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
+        }
         if self.ep > 1:  # DeepSpeed's MoE save reserves this key; EP checkpoints resume on their own layout only
             del state["universal_checkpoint_info"]
         return state
@@ -468,16 +536,23 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         sched = self.schedules.batch
         self._install_signal_handlers()
-        logger = MetricsLogger(self.out_dir, self.start_step, self.info.is_main,
-                               yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        logger = MetricsLogger(
+            self.out_dir, self.start_step, self.info.is_main, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        )
         console = Console(self.info.is_main, self.start_step, t.steps)
         n_params = sum(p.numel() for p in self.model.parameters())  # with ep > 1, this rank's experts only
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
-        ramp = (f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "
-                f"until step {sched.ramp_end_step})" if sched.ramp is not None else "")
-        console.write(f"training {cfg.model.n_layers}-layer model, {n_params:,} parameters, "
-                      f"{self.info.world_size} process(es), global batch {self.global_batch}{ramp} x "
-                      f"{cfg.data.seq_len} tokens, steps {self.start_step}->{t.steps}, out_dir {self.out_dir}")
+        ramp = (
+            f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "
+            f"until step {sched.ramp_end_step})"
+            if sched.ramp is not None
+            else ""
+        )
+        console.write(
+            f"training {cfg.model.n_layers}-layer model, {n_params:,} parameters, "
+            f"{self.info.world_size} process(es), global batch {self.global_batch}{ramp} x "
+            f"{cfg.data.seq_len} tokens, steps {self.start_step}->{t.steps}, out_dir {self.out_dir}"
+        )
         warnings = [schedule_warning(t)] + self.schedules.warnings()
         for warning in warnings:
             if warning and self.start_step < t.steps:
@@ -503,9 +578,11 @@ class Trainer:
                     console.close()
                     good = resume_candidates(self.ckpt_root)
                     last = next((tag for tag, problem in good if problem is None), None)
-                    raise TrainingDiverged(f"{what}; stopped without updating the weights; the last good checkpoint "
-                                           f"is {last or 'none'}; lower train.lr, check the data, or set "
-                                           "train.nonfinite=skip")
+                    raise TrainingDiverged(
+                        f"{what}; stopped without updating the weights; the last good checkpoint "
+                        f"is {last or 'none'}; lower train.lr, check the data, or set "
+                        "train.nonfinite=skip"
+                    )
                 console.write(f"warning: skipped the update of step {done}: {what}")
             if t.eval_every > 0 and (done % t.eval_every == 0 or done == t.steps):
                 rec["val_loss"] = self.evaluate()
@@ -519,20 +596,32 @@ class Trainer:
             signalled = self._stop_agreed()
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
-                save_checkpoint(self.engine, cfg, self.ckpt_root, done, self.client_state(done),
-                                self.tokenizer_files, self.info.rank, pipe=self.pipe)
+                save_checkpoint(
+                    self.engine,
+                    cfg,
+                    self.ckpt_root,
+                    done,
+                    self.client_state(done),
+                    self.tokenizer_files,
+                    self.info.rank,
+                    pipe=self.pipe,
+                )
             if signalled and done < t.steps:
                 logger.close()
                 console.close()
-                raise StopRequested(f"stopped by signal at step {done} after saving {self.ckpt_root / tag_for(done)}; "
-                                    "run the same command again to resume")
+                raise StopRequested(
+                    f"stopped by signal at step {done} after saving {self.ckpt_root / tag_for(done)}; "
+                    "run the same command again to resume"
+                )
             if stopping:
                 break
             t0 = time.perf_counter()  # evaluation and saving do not count as step time
         console.close()
         if self.start_step < t.steps and "val_loss" in rec:
-            logger.log_hparams({f"{sec}.{k}": v for sec, d in cfg.to_dict().items() for k, v in d.items()},
-                               {"hparam/final_val_loss": rec["val_loss"]})
+            logger.log_hparams(
+                {f"{sec}.{k}": v for sec, d in cfg.to_dict().items() for k, v in d.items()},
+                {"hparam/final_val_loss": rec["val_loss"]},
+            )
         logger.close()
         return self.out_dir
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from helpers import run_dsv3, run_script, tiny_overrides
 
 KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens")
@@ -19,12 +18,26 @@ def test_two_process_data_parallel_matches_single_process(corpus_dir, data_cache
     single = tmp_path / "single"
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, single, **common)])
     accum = tmp_path / "accum"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, accum, **common,
-                                                      **{"parallel.micro_batch_size": 2, "parallel.grad_accum": 2})])
+    run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir, data_cache, accum, **common, **{"parallel.micro_batch_size": 2, "parallel.grad_accum": 2}
+            ),
+        ]
+    )
     dp2 = tmp_path / "dp2"
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, dp2, **common,
-                                                             **{"parallel.micro_batch_size": 2,
-                                                                "parallel.zero_stage": 1})], nproc=2)
+    proc = run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir, data_cache, dp2, **common, **{"parallel.micro_batch_size": 2, "parallel.zero_stage": 1}
+            ),
+        ],
+        nproc=2,
+    )
     assert "2 process(es)" in proc.stdout
     ref = metrics(single)
     for other in (metrics(accum), metrics(dp2)):

@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
-from helpers import assert_same_metrics, read_metrics as metrics, run_dsv3, run_script, tiny_overrides
+from helpers import assert_same_metrics, run_dsv3, run_script, tiny_overrides
+from helpers import read_metrics as metrics
 
 COMMON = {"train.steps": 4, "ckpt.every": 2, "ckpt.keep_last": 2, "train.eval_every": 2, "train.sample_tokens": 4}
 
@@ -22,8 +22,13 @@ def reference(corpus_dir, data_cache, tmp_path_factory):
 def train_ep(corpus_dir, data_cache, out, nproc, ep=2, **extra):
     """``dsv3 train`` with parallel.ep=ep on ``nproc`` processes, same global batch as the reference."""
     mbs = 4 // nproc
-    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
-        "parallel.micro_batch_size": mbs, "parallel.ep": ep, **extra})]
+    args = [
+        "train",
+        "--no-sample",
+        *tiny_overrides(
+            corpus_dir, data_cache, out, **COMMON, **{"parallel.micro_batch_size": mbs, "parallel.ep": ep, **extra}
+        ),
+    ]
     proc = run_dsv3(args, nproc=nproc)
     assert f"expert parallelism ep={ep}: {8 // ep} of 8 routed experts per rank" in proc.stdout
     # rank 0 allocates its own expert blocks only (the model is built on the meta device)
@@ -48,8 +53,10 @@ def test_ep2_zero0_matches_ep1_and_checkpoint_holds_every_expert(reference, corp
     from safetensors import safe_open
 
     ck = out / "checkpoints" / "step_0000004"
-    with safe_open(str(ck / "model.safetensors"), "pt") as a, \
-            safe_open(str(reference / "checkpoints" / "step_0000004" / "model.safetensors"), "pt") as b:
+    with (
+        safe_open(str(ck / "model.safetensors"), "pt") as a,
+        safe_open(str(reference / "checkpoints" / "step_0000004" / "model.safetensors"), "pt") as b,
+    ):
         assert sorted(a.keys()) == sorted(b.keys())
         for key in b.keys():
             assert a.get_slice(key).get_shape() == b.get_slice(key).get_shape(), key
@@ -58,13 +65,15 @@ def test_ep2_zero0_matches_ep1_and_checkpoint_holds_every_expert(reference, corp
         assert a.get_tensor(bias).abs().sum() > 0 and a.get_tensor(bias).equal(b.get_tensor(bias))
     # DeepSpeed's per-expert files: every expert of every MoE layer once, under its global index
     assert sorted(p.name for p in ck.glob("layer_*_expert_*")) == sorted(
-        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(8))
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(8)
+    )
     from dsv3 import load_model
 
     model = load_model(out)
     assert model.layers[1].mlp.experts.gate_proj.shape[0] == 8
-    proc = run_dsv3(["generate", "--ckpt", str(out), "--prompt", "def f(", "--max-new-tokens", "4",
-                     "--temperature", "0"])
+    proc = run_dsv3(
+        ["generate", "--ckpt", str(out), "--prompt", "def f(", "--max-new-tokens", "4", "--temperature", "0"]
+    )
     assert "def f(" in proc.stdout
 
 
@@ -102,14 +111,24 @@ def test_ep2_zero1_matches_ep1_and_resumes_bitwise(ep2_zero1, reference, tmp_pat
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("nproc, ep, zero", [(1, 1, 0), (4, 4, 1)])
-def test_ep2_checkpoint_resumes_with_another_ep(ep2_zero1, reference, corpus_dir, data_cache, tmp_path, nproc, ep,
-                                                zero):
+def test_ep2_checkpoint_resumes_with_another_ep(
+    ep2_zero1, reference, corpus_dir, data_cache, tmp_path, nproc, ep, zero
+):
     """E=2 -> E=1 (one process, plain AdamW) and E=2 -> E=4 (four processes, ZeRO-1 partitions): weights,
     AdamW moments and step count come from the layout-free optimizer state, so the steps after the
     resume match the uninterrupted single-process run (to float rounding: another summation order)."""
     out = rewind(ep2_zero1[0], tmp_path / "resharded")
-    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
-        "parallel.micro_batch_size": 4 // nproc, "parallel.ep": ep, "parallel.zero_stage": zero})]
+    args = [
+        "train",
+        "--no-sample",
+        *tiny_overrides(
+            corpus_dir,
+            data_cache,
+            out,
+            **COMMON,
+            **{"parallel.micro_batch_size": 4 // nproc, "parallel.ep": ep, "parallel.zero_stage": zero},
+        ),
+    ]
     proc = run_dsv3(args, nproc=nproc)
     assert f"at step 2 (saved with pp=1 ep=2 dp=2, now pp=1 ep={ep} dp={nproc})" in proc.stdout
     got = metrics(out)
@@ -122,8 +141,11 @@ def test_checkpoint_without_ep_resumes_with_ep2(reference, corpus_dir, data_cach
     """E=1 -> E=2: the single-process fp32 checkpoint (AdamW state in DeepSpeed's model-states file)
     is split into expert blocks on resume."""
     out = rewind(reference, tmp_path / "run")
-    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{
-        "parallel.micro_batch_size": 2, "parallel.ep": 2})]
+    args = [
+        "train",
+        "--no-sample",
+        *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{"parallel.micro_batch_size": 2, "parallel.ep": 2}),
+    ]
     proc = run_dsv3(args, nproc=2)
     assert "at step 2 (saved with pp=1 ep=1 dp=1, now pp=1 ep=2 dp=2)" in proc.stdout
     assert_same_metrics(metrics(out)[3:], metrics(reference)[3:])
@@ -146,8 +168,6 @@ def test_ep4_four_processes_matches_ep1(reference, corpus_dir, data_cache, tmp_p
     assert_same_metrics(metrics(out), metrics(reference))
 
 
-
-
 @pytest.mark.distributed
 def test_ep_layer_matches_unsplit_layer_including_a_rank_without_tokens(tmp_path):
     """Forward / backward / norm of a split layer equal the unsplit layer's; a layer built on the
@@ -158,13 +178,18 @@ def test_ep_layer_matches_unsplit_layer_including_a_rank_without_tokens(tmp_path
     assert "rank 1 all to rank 0: experts 4..7 received no tokens" in proc.stdout
 
 
-@pytest.mark.parametrize("ep, message", [
-    (2, "parallel.ep=2 does not divide the 1 process(es)"),
-    (3, "model.n_routed_experts=8 is not divisible by parallel.ep=3"),
-])
+@pytest.mark.parametrize(
+    "ep, message",
+    [
+        (2, "parallel.ep=2 does not divide the 1 process(es)"),
+        (3, "model.n_routed_experts=8 is not divisible by parallel.ep=3"),
+    ],
+)
 def test_impossible_layout_is_one_line_exit_2(corpus_dir, data_cache, tmp_path, ep, message):
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, tmp_path / "run",
-                                                             **{"parallel.ep": ep})], check=False)
+    proc = run_dsv3(
+        ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **{"parallel.ep": ep})],
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

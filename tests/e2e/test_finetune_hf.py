@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from helpers import hf_config, hf_load, random_hf_model, run_dsv3, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
@@ -12,17 +11,30 @@ transformers = pytest.importorskip("transformers")
 
 def test_train_from_hf_folder_and_export_back(corpus_dir, data_cache, tmp_path):
     # the tokenizer comes from a dsv3 prepare of the same corpus (512 pieces at most)
-    prep = run_dsv3(["prepare", "--config", "configs/tiny.yaml",
-                     *[o for o in tiny_overrides(corpus_dir, data_cache, tmp_path / "unused") if o.startswith("data.")],
-                     "model.vocab_size=512"]).stdout.strip().splitlines()[-1]
+    prep = (
+        run_dsv3(
+            [
+                "prepare",
+                "--config",
+                "configs/tiny.yaml",
+                *[o for o in tiny_overrides(corpus_dir, data_cache, tmp_path / "unused") if o.startswith("data.")],
+                "model.vocab_size=512",
+            ]
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     tokenizer = f"{prep}/tokenizer.model"
     hf_dir = tmp_path / "hf"
     hf_model = random_hf_model(hf_config(vocab_size=512, max_position_embeddings=128), seed=3)
     hf_model.save_pretrained(hf_dir)
 
     out = tmp_path / "run"
-    overrides = [o for o in tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 3, "ckpt.every": 3})
-                 if not o.startswith("model.")]
+    overrides = [
+        o
+        for o in tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 3, "ckpt.every": 3})
+        if not o.startswith("model.")
+    ]
     run_dsv3(["train", "--no-sample", f"train.init_from={hf_dir}", f"data.tokenizer={tokenizer}", *overrides])
     resolved = (out / "config.yaml").read_text()
     assert "dim: 64" in resolved and "n_layers: 3" in resolved  # the model section came from the HF folder

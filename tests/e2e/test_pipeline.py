@@ -5,12 +5,20 @@ import json
 import shutil
 
 import pytest
-
-from helpers import assert_same_metrics as assert_metrics, read_metrics as metrics, run_dsv3, run_script, tiny_overrides
+from helpers import assert_same_metrics as assert_metrics
+from helpers import read_metrics as metrics
+from helpers import run_dsv3, run_script, tiny_overrides
 
 # global batch 8 = micro-batch 4 x 2 micro-batches; the 2-layer tiny model has one dense and one MoE block
-COMMON = {"train.steps": 6, "ckpt.every": 3, "train.eval_every": 3, "parallel.micro_batch_size": 4,
-          "parallel.grad_accum": 2, "train.precision": "fp32"}
+COMMON = {
+    "train.steps": 6,
+    "ckpt.every": 3,
+    "train.eval_every": 3,
+    "parallel.micro_batch_size": 4,
+    "parallel.grad_accum": 2,
+    "train.precision": "fp32",
+}
+
 
 def assert_same_metrics(got, want):
     """Pipelines: agreement within 1e-5, relative or absolute (the issue's bound)."""
@@ -46,8 +54,10 @@ def pp2(corpus_dir, data_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("pp") / "pp2"
     args = tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{"parallel.pp": 2})
     proc = run_script("tied_check.py", args, nproc=2)
-    assert "pipeline parallelism: 2 stages x 1 data-parallel replica(s) (stage 0: blocks 0-0; stage 1: blocks 1-1" \
+    assert (
+        "pipeline parallelism: 2 stages x 1 data-parallel replica(s) (stage 0: blocks 0-0; stage 1: blocks 1-1"
         in proc.stdout
+    )
     assert "ZeRO-2/3 are not available with pipelines" in proc.stdout
     return out
 
@@ -85,8 +95,9 @@ def test_checkpoint_resumes_from_pp1_at_pp2(reference, corpus_dir, data_cache, t
     out = tmp_path / "to_pp2"
     shutil.copytree(reference, out)
     rewind(out)
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON,
-                                                             **{"parallel.pp": 2})], nproc=2)
+    proc = run_dsv3(
+        ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **COMMON, **{"parallel.pp": 2})], nproc=2
+    )
     assert "(saved with pp=1 ep=1 dp=1, now pp=2 ep=1 dp=1)" in proc.stdout
     assert_same_metrics(metrics(out), metrics(reference))
 
@@ -98,8 +109,16 @@ def test_zero1_pipeline_with_activation_checkpointing_and_resume_chain(reference
     DeepSpeed's universal checkpoint)."""
     zero1 = {**COMMON, "parallel.zero_stage": 1}
     b = tmp_path / "b"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, b, **zero1, **{
-        "parallel.pp": 2, "parallel.activation_checkpointing": True})], nproc=2)
+    run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir, data_cache, b, **zero1, **{"parallel.pp": 2, "parallel.activation_checkpointing": True}
+            ),
+        ],
+        nproc=2,
+    )
     assert_same_metrics(metrics(b), metrics(reference))
 
     c = tmp_path / "c"
@@ -113,20 +132,23 @@ def test_zero1_pipeline_with_activation_checkpointing_and_resume_chain(reference
     d = tmp_path / "d"
     shutil.copytree(c, d)
     rewind(d, "step_0000004")
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, d, **zero1, **{
-        "parallel.pp": 2})], nproc=2)
+    proc = run_dsv3(
+        ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, d, **zero1, **{"parallel.pp": 2})], nproc=2
+    )
     assert "resumed from" in proc.stdout and "at step 4 (saved with pp=1 ep=1 dp=1, now pp=2 ep=1 dp=1)" in proc.stdout
     assert_same_metrics(metrics(d), metrics(reference))
 
 
 @pytest.mark.distributed
-def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(reference, corpus_dir, data_cache,
-                                                                         tmp_path):
+def test_pp2_by_ep2_on_four_processes_matches_one_process_and_resumes_at_pp1(
+    reference, corpus_dir, data_cache, tmp_path
+):
     """pp=2 x ep=2 (2 replicas per stage, each holding 4 of the 8 experts) against one process;
     its checkpoint holds whole experts and resumes without pipelines or expert parallelism."""
     out = tmp_path / "pp2ep2"
-    args = tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2,
-                                                          "parallel.ep": 2})
+    args = tiny_overrides(
+        corpus_dir, data_cache, out, **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2, "parallel.ep": 2}
+    )
     proc = run_dsv3(["train", "--no-sample", *args], nproc=4)
     assert "expert parallelism ep=2: 4 of 8 routed experts per rank" in proc.stdout
     # rank 0 (stage 0: embedding and the dense block 0) never allocates the other stage
@@ -162,8 +184,12 @@ def test_init_from_on_pp2_by_ep2_reads_only_the_ranks_weights(reference, corpus_
     export_hf(resolve_checkpoint(reference), hf, max_shard_bytes=400_000)
     assert len(list(hf.glob("*.safetensors"))) > 2
     out = tmp_path / "init"
-    args = tiny_overrides(corpus_dir, data_cache, out, **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2,
-                                                          "parallel.ep": 2, "train.steps": 1})
+    args = tiny_overrides(
+        corpus_dir,
+        data_cache,
+        out,
+        **{**COMMON, "parallel.micro_batch_size": 2, "parallel.pp": 2, "parallel.ep": 2, "train.steps": 1},
+    )
     proc = run_dsv3(["train", "--no-sample", f"train.init_from={hf}", *args], nproc=4)
     assert f"initialized weights from {hf}" in proc.stdout
     import torch
@@ -185,8 +211,12 @@ def test_nonfinite_loss_on_the_last_stage_skips_the_update_on_every_stage(corpus
     from safetensors import safe_open
 
     out = tmp_path / "nan"
-    args = tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 4, "ckpt.every": 4, "train.eval_every": 0,
-                                                          "train.nonfinite": "skip", "parallel.pp": 2})
+    args = tiny_overrides(
+        corpus_dir,
+        data_cache,
+        out,
+        **{"train.steps": 4, "ckpt.every": 4, "train.eval_every": 0, "train.nonfinite": "skip", "parallel.pp": 2},
+    )
     run_script("nan_at_step.py", ["pipeline", "3", "train", "--no-sample", *args], nproc=2)
     recs = metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -196,13 +226,19 @@ def test_nonfinite_loss_on_the_last_stage_skips_the_update_on_every_stage(corpus
         assert f.metadata()["step"] == "3"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"parallel.pp": 2, "parallel.zero_stage": 2},
-     "parallel.zero_stage=2 is not available with pipeline parallelism (parallel.pp=2)"),
-    ({"parallel.pp": 2}, "parallel.pp=2 does not divide the 1 process(es)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"parallel.pp": 2, "parallel.zero_stage": 2},
+            "parallel.zero_stage=2 is not available with pipeline parallelism (parallel.pp=2)",
+        ),
+        ({"parallel.pp": 2}, "parallel.pp=2 does not divide the 1 process(es)"),
+    ],
+)
 def test_impossible_pipeline_layouts_fail_at_start(overrides, message, corpus_dir, data_cache, tmp_path):
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, tmp_path / "x", **overrides)],
-                    check=False)
+    proc = run_dsv3(
+        ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, tmp_path / "x", **overrides)], check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr

@@ -7,7 +7,6 @@ import shutil
 import signal
 
 import pytest
-
 from helpers import assert_same_metrics, launch, read_metrics, run_dsv3, tiny_overrides, wait_for_step
 
 # final batch 12 (4 x 3 per process) of 64 tokens; the ramp 4 -> 8 -> 12 over 3072 tokens:
@@ -15,10 +14,13 @@ from helpers import assert_same_metrics, launch, read_metrics, run_dsv3, tiny_ov
 # 1280, 1536, 2048, 2560, 3072. lambda 0.1 from step 7, gamma 0 from step 8; lr warmup
 # (steps 0-1), constant (2-6), cosine (7-8), tail (9).
 RECIPE = {
-    "train.steps": 10, "ckpt.every": 50, "train.eval_every": 5, "parallel.grad_accum": 3,
+    "train.steps": 10,
+    "ckpt.every": 50,
+    "train.eval_every": 5,
+    "parallel.grad_accum": 3,
     "train.batch_ramp": "{start: 4, tokens: 3072}",
     "train.lr_schedule": "[{type: warmup, until_step: 2, lr: 3.0e-3}, {type: constant, until_tokens: 2048}, "
-                         "{type: cosine, until_tokens: 3072, lr: 3.0e-4}, {type: constant, lr: 1.0e-4}]",
+    "{type: cosine, until_tokens: 3072, lr: 3.0e-4}, {type: constant, lr: 1.0e-4}]",
     "train.mtp_lambda_schedule": "[[0, 0.3], [2048, 0.1]]",
     "train.bias_update_speed_schedule": "[[0, 1.0e-3], [2560, 0]]",
 }
@@ -57,8 +59,9 @@ def test_the_scheduled_values_change_where_the_config_says(recipe_runs, corpus_d
         want = sched.values(r["step"] - 1)
         assert {k: r[k] for k in ("global_batch", "lr", "mtp_lambda", "bias_update_speed")} == want, r["step"]
         assert r["tokens"] == sched.batch.tokens(r["step"])
-        assert r["loss"] == pytest.approx(r["lm_loss"] + r["mtp_lambda"] * r["mtp_loss"] + 1e-4 * r["balance_loss"],
-                                          rel=1e-9)
+        assert r["loss"] == pytest.approx(
+            r["lm_loss"] + r["mtp_lambda"] * r["mtp_loss"] + 1e-4 * r["balance_loss"], rel=1e-9
+        )
     by = {k: [r[k] for r in recs] for k in SCHEDULED}
     assert by["global_batch"] == [4] * 6 + [8] * 3 + [12]
     assert by["tokens"] == [256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 3840]
@@ -86,8 +89,14 @@ def test_sigterm_mid_ramp_then_resume_is_bitwise_identical(recipe_runs):
 @pytest.mark.distributed
 def test_two_processes_resume_the_one_process_checkpoint_mid_ramp(recipe_runs, corpus_dir, data_cache):
     ref, _, _, copy, stopped = recipe_runs
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, copy, **RECIPE,
-                                                              **{"parallel.micro_batch_size": 2})], nproc=2)
+    proc = run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(corpus_dir, data_cache, copy, **RECIPE, **{"parallel.micro_batch_size": 2}),
+        ],
+        nproc=2,
+    )
     assert f"at step {stopped} (saved with 1 process(es), now 2)" in proc.stdout
     got, want = read_metrics(copy), read_metrics(ref)
     assert_same_metrics(got, want, rel=1e-5, abs_tol=1e-7)
@@ -101,8 +110,9 @@ def test_pipeline_stages_follow_the_ramp_and_lambda(recipe_runs, corpus_dir, dat
     loss takes the step's lambda; the same numbers as one process."""
     ref = recipe_runs[0]
     out = tmp_path / "pp2"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **RECIPE,
-                                                      **{"parallel.pp": 2})], nproc=2)
+    run_dsv3(
+        ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **RECIPE, **{"parallel.pp": 2})], nproc=2
+    )
     got, want = read_metrics(out), read_metrics(ref)
     assert_same_metrics(got, want, rel=1e-5, abs_tol=1e-7)
     assert [{k: r.get(k) for k in SCHEDULED} for r in got] == [{k: r.get(k) for k in SCHEDULED} for r in want]

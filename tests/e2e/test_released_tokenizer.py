@@ -11,21 +11,44 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from helpers import (DS_EOS, byte_level_bpe, chat_jsonl, hf_config, random_hf_model, run_dsv3,
-                     save_pretrained_tokenizer, tiny_overrides, transformers_reply, write_released_tokenizer)
+from helpers import (
+    DS_EOS,
+    byte_level_bpe,
+    chat_jsonl,
+    hf_config,
+    random_hf_model,
+    run_dsv3,
+    save_pretrained_tokenizer,
+    tiny_overrides,
+    transformers_reply,
+    write_released_tokenizer,
+)
 
 transformers = pytest.importorskip("transformers")
 
 QUESTION = "What does the function json.dumps do?"
-SFT = {"data.seq_len": 128, "train.steps": 8, "ckpt.every": 8, "train.eval_every": 8, "train.eval_batches": 1,
-       "train.warmup_steps": 1, "train.lr": 3e-3, "parallel.micro_batch_size": 4, "train.log_every": 1,
-       "train.sample_tokens": 6}
+SFT = {
+    "data.seq_len": 128,
+    "train.steps": 8,
+    "ckpt.every": 8,
+    "train.eval_every": 8,
+    "train.eval_batches": 1,
+    "train.warmup_steps": 1,
+    "train.lr": 3e-3,
+    "parallel.micro_batch_size": 4,
+    "train.log_every": 1,
+    "train.sample_tokens": 6,
+}
 
 
 def _sft(init_from, out, data_cache, **extra):
-    over = {"train.init_from": str(init_from), "train.out_dir": str(out), "data.cache_dir": str(data_cache), **SFT,
-            **extra}
+    over = {
+        "train.init_from": str(init_from),
+        "train.out_dir": str(out),
+        "data.cache_dir": str(data_cache),
+        **SFT,
+        **extra,
+    }
     return run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", *[f"{k}={v}" for k, v in over.items()]])
 
 
@@ -94,8 +117,10 @@ def test_pretraining_with_an_existing_129k_tokenizer(big_tokenizer, corpus_dir, 
     base = tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 2, "ckpt.every": 2, "train.eval_every": 0})
     base = [o for o in base if not o.startswith("model.vocab_size=")]
     # the tokenizer does not fit the default 512 rows: one line naming the fix
-    proc = run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={big_tokenizer}",
-                     "model.vocab_size=512"], check=False)
+    proc = run_dsv3(
+        ["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={big_tokenizer}", "model.vocab_size=512"],
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "set model.vocab_size=128815" in proc.stderr
     proc = run_dsv3(["train", *base, f"data.tokenizer={big_tokenizer / 'tokenizer.json'}", "model.vocab_size=129280"])
@@ -122,19 +147,31 @@ def test_bad_tokenizers_and_templates_are_one_line_errors(released_ckpt, corpus_
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"',
-                                        encoding="utf-8")
+    (bad / "tokenizer.json").write_text(
+        '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"', encoding="utf-8"
+    )
     base = [o for o in tiny_overrides(corpus_dir, data_cache, tmp_path / "run") if o.startswith("data.")]
-    proc = run_dsv3(["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={bad / 'tokenizer.json'}"],
-                    check=False)
+    proc = run_dsv3(
+        ["prepare", "--config", "configs/tiny.yaml", *base, f"data.tokenizer={bad / 'tokenizer.json'}"], check=False
+    )
     one_line(proc, "does not parse")
     # a chat template without an assistant marker: sft cannot find the replies
     _, imported = released_ckpt
     marker_less = tmp_path / "marker_less"
     shutil.copytree(imported, marker_less)
     (marker_less / "chat_template.jinja").write_text(
-        "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8")
-    proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", f"train.init_from={marker_less}",
-                     f"train.out_dir={tmp_path / 'sft'}", f"data.cache_dir={data_cache}", "data.seq_len=64"],
-                    check=False)
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8"
+    )
+    proc = run_dsv3(
+        [
+            "sft",
+            "--config",
+            "configs/sft_tiny.yaml",
+            f"train.init_from={marker_less}",
+            f"train.out_dir={tmp_path / 'sft'}",
+            f"data.cache_dir={data_cache}",
+            "data.seq_len=64",
+        ],
+        check=False,
+    )
     one_line(proc, "has no assistant marker")

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 import torch
-
-from helpers import launch, read_metrics as metrics, run_dsv3, run_script, tiny_overrides, wait_for_step
+from helpers import launch, run_dsv3, run_script, tiny_overrides, wait_for_step
+from helpers import read_metrics as metrics
 
 
 def children(pid):
@@ -46,8 +46,13 @@ def test_signal_mid_run_then_resume_is_bitwise_identical(corpus_dir, data_cache,
 
 @pytest.mark.distributed
 def test_two_process_signal_to_one_rank_and_resume(corpus_dir, data_cache, tmp_path):
-    extra = {"train.steps": 16, "ckpt.every": 50, "train.eval_every": 8, "parallel.micro_batch_size": 2,
-             "parallel.zero_stage": 1}
+    extra = {
+        "train.steps": 16,
+        "ckpt.every": 50,
+        "train.eval_every": 8,
+        "parallel.micro_batch_size": 2,
+        "parallel.zero_stage": 1,
+    }
     ref = tmp_path / "ref"
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)], nproc=2)
     out = tmp_path / "run"
@@ -77,7 +82,10 @@ def test_resume_with_a_different_process_count(corpus_dir, data_cache, tmp_path)
     run_script("stop_after.py", ["3", *two], nproc=2)
     manifest = json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())
     assert (manifest["world_size"], manifest["processes"], manifest["parallel"]) == (
-        2, 2, {"pp": 1, "ep": 1, "zero_stage": 1})
+        2,
+        2,
+        {"pp": 1, "ep": 1, "zero_stage": 1},
+    )
     proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **extra)])
     # ZeRO-1 partitions of 2 ranks: the per-parameter state (through DeepSpeed's universal format)
     assert "at step 3 (saved with pp=1 ep=1 dp=2, now pp=1 ep=1 dp=1)" in proc.stdout
@@ -119,7 +127,8 @@ def test_half_written_and_corrupt_checkpoints_fall_back(corpus_dir, data_cache, 
     assert proc.returncode == 2
     assert [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")] == [
         f"dsv3: error: none of the 2 checkpoint(s) in {dead / 'checkpoints'} is usable (see the warnings above); "
-        "move that folder away to start the run over, or set train.out_dir to a new folder"]
+        "move that folder away to start the run over, or set train.out_dir to a new folder"
+    ]
     assert {p: p.stat().st_size for p in dead.rglob("*") if p.is_file()} == before
     proc = run_dsv3(args)
     assert f"checkpoint {ck / 'step_0000009'} was never completed" in proc.stdout
@@ -147,15 +156,26 @@ def test_a_damaged_optimizer_state_file_makes_a_checkpoint_unusable(tmp_path):
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_guard(corpus_dir, data_cache, tmp_path, policy):
     out = tmp_path / policy
-    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "train.steps": 5, "ckpt.every": 2, "train.eval_every": 0, "train.nonfinite": policy})]
+    args = [
+        "train",
+        "--no-sample",
+        *tiny_overrides(
+            corpus_dir,
+            data_cache,
+            out,
+            **{"train.steps": 5, "ckpt.every": 2, "train.eval_every": 0, "train.nonfinite": policy},
+        ),
+    ]
     proc = run_script("nan_at_step.py", ["model", "3", *args], check=False)
     recs = metrics(out)
     step3 = [r for r in recs if r["step"] == 3][0]
     assert step3["skipped"] is True
     if policy == "stop":
         assert proc.returncode == 3, proc.stderr[-2000:]
-        assert "non-finite loss or gradient at step 3" in proc.stderr and "last good checkpoint is step_0000002" in proc.stderr
+        assert (
+            "non-finite loss or gradient at step 3" in proc.stderr
+            and "last good checkpoint is step_0000002" in proc.stderr
+        )
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -172,8 +192,11 @@ def test_failed_save_keeps_previous_checkpoint(corpus_dir, data_cache, tmp_path)
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "step_0000004").write_text("a file where the folder should go")
-    args = ["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "train.steps": 6, "ckpt.every": 2, "train.eval_every": 0})]
+    args = [
+        "train",
+        "--no-sample",
+        *tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 6, "ckpt.every": 2, "train.eval_every": 0}),
+    ]
     proc = run_dsv3(args, check=False)
     assert proc.returncode == 2
     line = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")][-1]
@@ -185,8 +208,13 @@ def test_failed_save_keeps_previous_checkpoint(corpus_dir, data_cache, tmp_path)
 
 
 def test_bf16_resume_is_bitwise_identical(corpus_dir, data_cache, tmp_path):
-    extra = {"train.steps": 4, "ckpt.every": 10, "train.eval_every": 2, "train.precision": "bf16",
-             "parallel.zero_stage": 1}
+    extra = {
+        "train.steps": 4,
+        "ckpt.every": 10,
+        "train.eval_every": 2,
+        "train.precision": "bf16",
+        "parallel.zero_stage": 1,
+    }
     ref = tmp_path / "ref"
     run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, ref, **extra)])
     out = tmp_path / "run"

@@ -4,22 +4,37 @@ import json
 
 import pytest
 import torch
-
 from helpers import run_dsv3, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def pretrained(corpus_dir, data_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "train.steps": 2, "ckpt.every": 2, "train.eval_every": 0})])
+    run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 2, "ckpt.every": 2, "train.eval_every": 0}),
+        ]
+    )
     return out
 
 
 def sft_overrides(data_cache, pretrained, out, **extra):
-    base = {"train.init_from": str(pretrained), "train.out_dir": str(out), "data.cache_dir": str(data_cache),
-            "data.seq_len": 64, "train.steps": 3, "ckpt.every": 3, "train.eval_every": 3, "train.eval_batches": 1,
-            "train.warmup_steps": 1, "parallel.micro_batch_size": 4, "train.log_every": 1, "train.sample_tokens": 6}
+    base = {
+        "train.init_from": str(pretrained),
+        "train.out_dir": str(out),
+        "data.cache_dir": str(data_cache),
+        "data.seq_len": 64,
+        "train.steps": 3,
+        "ckpt.every": 3,
+        "train.eval_every": 3,
+        "train.eval_batches": 1,
+        "train.warmup_steps": 1,
+        "parallel.micro_batch_size": 4,
+        "train.log_every": 1,
+        "train.sample_tokens": 6,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -54,17 +69,35 @@ def test_sft_on_stdlib_docstrings_trains_on_replies_only(pretrained, data_cache,
     # the checkpoint records which prepared conversations it trained on: a resume on others is refused
     saved = json.loads((out / "checkpoints" / "step_0000003" / "manifest.json").read_text())["data"]
     assert saved["data_key"].startswith("chat-") and (data_cache / "prepared" / saved["data_key"]).is_dir()
-    proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml",
-                     *sft_overrides(data_cache, pretrained, out, **{"data.seq_len": 96, "train.steps": 5})], check=False)
+    proc = run_dsv3(
+        [
+            "sft",
+            "--config",
+            "configs/sft_tiny.yaml",
+            *sft_overrides(data_cache, pretrained, out, **{"data.seq_len": 96, "train.steps": 5}),
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "was trained on other prepared data" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_sft_errors(pretrained, data_cache, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
-                   + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
-    proc = run_dsv3(["sft", "--config", "configs/sft_tiny.yaml",
-                     *sft_overrides(data_cache, pretrained, tmp_path / "o", **{"data.source": str(bad)})], check=False)
+    bad.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        + "\n"
+    )
+    proc = run_dsv3(
+        [
+            "sft",
+            "--config",
+            "configs/sft_tiny.yaml",
+            *sft_overrides(data_cache, pretrained, tmp_path / "o", **{"data.source": str(bad)}),
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
     line = [x for x in proc.stderr.splitlines() if x.startswith("dsv3:")][-1]
     assert "conversation 0" in line and "no assistant message" in line
@@ -84,8 +117,15 @@ def test_sft_model_export_chats_in_transformers_like_dsv3_chat(pretrained, data_
     from dsv3.chat_format import END_ID, chat_stop_ids, encode_chat
 
     run = tmp_path / "sft"
-    run_dsv3(["sft", "--config", "configs/sft_tiny.yaml", "--no-sample",
-              *sft_overrides(data_cache, pretrained, run, **{"train.eval_every": 0})])
+    run_dsv3(
+        [
+            "sft",
+            "--config",
+            "configs/sft_tiny.yaml",
+            "--no-sample",
+            *sft_overrides(data_cache, pretrained, run, **{"train.eval_every": 0}),
+        ]
+    )
     question = "What does the function json.dumps do?"
     got = chat_jsonl(run, 10, question)
     export = tmp_path / "export"
@@ -95,8 +135,12 @@ def test_sft_model_export_chats_in_transformers_like_dsv3_chat(pretrained, data_
     assert gen["eos_token_id"] == chat_stop_ids(tok) and gen["eos_token_id"][0] == END_ID
     cfg = json.loads((export / "tokenizer_config.json").read_text())
     assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == ("<s>", "</s>", "<pad>")
-    messages = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": question},
-                {"role": "assistant", "content": "It encodes."}, {"role": "user", "content": question}]
+    messages = [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "It encodes."},
+        {"role": "user", "content": question},
+    ]
     ids, _, _ = transformers_reply(export, messages, 1)
     assert ids == encode_chat(tok, messages)
     ids, new, reply = transformers_reply(export, messages[1:2], 10)

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, tiny_overrides
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 pytestmark = pytest.mark.skipif(
     any(shutil.which(d) is None for d in DAEMONS) or os.geteuid() != 0,
-    reason="needs root and Debian's slurm-wlm + munge (.ci/run installs them: apt-get install slurm-wlm munge)")
+    reason="needs root and Debian's slurm-wlm + munge (.ci/run installs them: apt-get install slurm-wlm munge)",
+)
 
 
 def free_port() -> int:
@@ -38,8 +38,18 @@ def slurm(tmp_path_factory):
     key.chmod(0o400)
     (d / "munge").chmod(0o700)
     sock = d / "munge" / "sock"
-    subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}", f"--log-file={d}/munged.log",
-                    f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed"], check=True)
+    subprocess.run(
+        [
+            "munged",
+            "--force",
+            f"--socket={sock}",
+            f"--key-file={key}",
+            f"--log-file={d}/munged.log",
+            f"--pid-file={d}/munged.pid",
+            f"--seed-file={d}/munged.seed",
+        ],
+        check=True,
+    )
     host = socket.gethostname()
     (d / "slurm.conf").write_text(f"""ClusterName=dsv3test
 SlurmctldHost={host}
@@ -68,8 +78,12 @@ JobAcctGatherType=jobacct_gather/none
 NodeName={host} CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
-    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        SLURM_CONF=str(d / "slurm.conf"),
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PYTHONUNBUFFERED="1",
+    )
     subprocess.run(["slurmctld", "-i"], env=env, check=True)
     subprocess.run(["slurmd"], env=env, check=True)
     deadline = time.time() + 60
@@ -92,8 +106,13 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 def sbatch(env, workdir, args, nproc=2):
     env = dict(env, NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS="1")
     (workdir / "logs").mkdir(exist_ok=True)  # SLURM opens --output before the script runs
-    out = subprocess.run(["sbatch", "--parsable", f"--chdir={workdir}", str(ROOT / "slurm" / "train.sbatch"), *args],
-                         env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={workdir}", str(ROOT / "slurm" / "train.sbatch"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.strip().split(";")[0]
 
 
@@ -122,8 +141,19 @@ def metrics(run_dir):
 @pytest.mark.distributed
 def test_sbatch_two_task_run(slurm, corpus_dir, data_cache, tmp_path):
     out = tmp_path / "run"
-    job = sbatch(slurm, tmp_path, ["--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "parallel.micro_batch_size": 2, "train.steps": 4, "ckpt.every": 4, "train.eval_every": 4})])
+    job = sbatch(
+        slurm,
+        tmp_path,
+        [
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir,
+                data_cache,
+                out,
+                **{"parallel.micro_batch_size": 2, "train.steps": 4, "ckpt.every": 4, "train.eval_every": 4},
+            ),
+        ],
+    )
     state = wait_job(slurm, job)
     log = (tmp_path / "logs" / f"dsv3-train-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
@@ -140,8 +170,10 @@ def test_sbatch_bad_layout_fails_with_one_line(slurm, tmp_path):
     assert job_field(slurm, job, "ExitCode") == "2:0"
     log = (tmp_path / "logs" / f"dsv3-train-{job}.out").read_text()
     errors = [line for line in log.splitlines() if "error" in line.lower()]
-    assert errors == ["dsv3: error: parallel.pp=3 does not divide the 2 process(es); run a multiple of 3 processes "
-                      "or choose a pp that divides 2"], log
+    assert errors == [
+        "dsv3: error: parallel.pp=3 does not divide the 2 process(es); run a multiple of 3 processes "
+        "or choose a pp that divides 2"
+    ], log
     assert "torchrun" not in log and "rendezvous" in log
 
 
@@ -149,8 +181,19 @@ def test_sbatch_bad_layout_fails_with_one_line(slurm, tmp_path):
 def test_usr1_saves_requeues_and_resumes(slurm, corpus_dir, data_cache, tmp_path):
     out = tmp_path / "run"
     steps = 40
-    job = sbatch(slurm, tmp_path, ["--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "parallel.micro_batch_size": 2, "train.steps": steps, "ckpt.every": 100, "train.eval_every": 20})])
+    job = sbatch(
+        slurm,
+        tmp_path,
+        [
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir,
+                data_cache,
+                out,
+                **{"parallel.micro_batch_size": 2, "train.steps": steps, "ckpt.every": 100, "train.eval_every": 20},
+            ),
+        ],
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         f = out / "metrics.jsonl"

@@ -5,9 +5,7 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import ROOT, TIMING, run_dsv3, run_script, tiny_overrides
-
 
 
 def read_metrics(run_dir):
@@ -65,8 +63,17 @@ def test_generate_reproducible(trained):
     greedy = ["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
     a, b = run_dsv3(greedy).stdout, run_dsv3(greedy).stdout
     assert a == b and a.startswith("def ")
-    sampled = ["generate", "--ckpt", str(out / "checkpoints" / "step_0000003"), "--prompt", "import",
-               "--max-new-tokens", "12", "--seed", "7"]
+    sampled = [
+        "generate",
+        "--ckpt",
+        str(out / "checkpoints" / "step_0000003"),
+        "--prompt",
+        "import",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "7",
+    ]
     assert run_dsv3(sampled).stdout == run_dsv3(sampled).stdout
 
 
@@ -83,17 +90,32 @@ def test_bad_input_errors(tmp_path, data_cache):
     bad.write_text("train: {steps: 5\n")
     assert "not valid YAML" in one_line_error(run_dsv3(["train", "--config", str(bad)], check=False))
     missing = tmp_path / "no-such-corpus"
-    msg = one_line_error(run_dsv3(["train", f"data.source={missing}", f"data.cache_dir={data_cache}",
-                                   f"train.out_dir={tmp_path / 'r'}"], check=False))
+    msg = one_line_error(
+        run_dsv3(
+            ["train", f"data.source={missing}", f"data.cache_dir={data_cache}", f"train.out_dir={tmp_path / 'r'}"],
+            check=False,
+        )
+    )
     assert str(missing) in msg
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("   \n\n")
-    msg = one_line_error(run_dsv3(["prepare", "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.source={empty}",
-                                   f"data.cache_dir={data_cache}"], check=False))
+    msg = one_line_error(
+        run_dsv3(
+            [
+                "prepare",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                f"data.source={empty}",
+                f"data.cache_dir={data_cache}",
+            ],
+            check=False,
+        )
+    )
     assert "empty" in msg
-    assert "does not exist" in one_line_error(run_dsv3(["generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
-                                                       check=False))
+    assert "does not exist" in one_line_error(
+        run_dsv3(["generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"], check=False)
+    )
 
 
 def test_convert_round_trip_through_cli(trained, tmp_path):
@@ -111,9 +133,24 @@ def test_convert_round_trip_through_cli(trained, tmp_path):
 
 def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     out = tmp_path / "bf16"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "train.precision": "bf16", "parallel.zero_stage": 1, "train.steps": 4, "ckpt.every": 4,
-        "train.eval_every": 4})])
+    run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir,
+                data_cache,
+                out,
+                **{
+                    "train.precision": "bf16",
+                    "parallel.zero_stage": 1,
+                    "train.steps": 4,
+                    "ckpt.every": 4,
+                    "train.eval_every": 4,
+                },
+            ),
+        ]
+    )
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
     assert all(0 < r["grad_norm"] < 100 for r in recs[1:])
@@ -127,14 +164,31 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     # ZeRO-0 in bf16 (DeepSpeed's unfused optimizer, which steps once at start-up to create the
     # Adam state) takes the same 4 AdamW updates: the same losses, step count 4
     zero0 = tmp_path / "bf16-zero0"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, zero0, **{
-        "train.precision": "bf16", "parallel.zero_stage": 0, "train.steps": 4, "ckpt.every": 2,
-        "train.eval_every": 4})])
+    run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir,
+                data_cache,
+                zero0,
+                **{
+                    "train.precision": "bf16",
+                    "parallel.zero_stage": 0,
+                    "train.steps": 4,
+                    "ckpt.every": 2,
+                    "train.eval_every": 4,
+                },
+            ),
+        ]
+    )
     for a, b in zip(read_metrics(zero0), recs):
-        assert a["loss" if "loss" in b else "val_loss"] == pytest.approx(b["loss" if "loss" in b else "val_loss"],
-                                                                         rel=2e-5), (a, b)
-    states = torch.load(zero0 / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["optimizer"]["optimizer_state_dict"]["state"]
+        assert a["loss" if "loss" in b else "val_loss"] == pytest.approx(
+            b["loss" if "loss" in b else "val_loss"], rel=2e-5
+        ), (a, b)
+    states = torch.load(zero0 / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt", weights_only=False)[
+        "optimizer"
+    ]["optimizer_state_dict"]["state"]
     assert {float(st["step"]) for st in states.values()} == {4.0}
     # its step-2 checkpoint resumes under ZeRO-1 (the fp32 copies and moments of DeepSpeed's
     # unfused optimizer, by parameter) and continues as the ZeRO-1 run
@@ -143,9 +197,24 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     shutil.rmtree(again / "checkpoints" / "step_0000004")
     (again / "checkpoints" / "latest").write_text("step_0000002\n")
     (again / "metrics.jsonl").write_text("")
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, again, **{
-        "train.precision": "bf16", "parallel.zero_stage": 1, "train.steps": 4, "ckpt.every": 4,
-        "train.eval_every": 4})])
+    proc = run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir,
+                data_cache,
+                again,
+                **{
+                    "train.precision": "bf16",
+                    "parallel.zero_stage": 1,
+                    "train.steps": 4,
+                    "ckpt.every": 4,
+                    "train.eval_every": 4,
+                },
+            ),
+        ]
+    )
     assert "at step 2; ZeRO stage 0 -> 1" in proc.stdout
     got = read_metrics(again)
     assert [r["step"] for r in got] == [3, 4]
@@ -162,8 +231,9 @@ def test_generate_warns_about_a_step_folder_without_manifest(trained, tmp_path):
     (run / "checkpoints" / "step_0000003" / "manifest.json").unlink()
     folder = run / "checkpoints" / "step_0000003"
     proc = run_dsv3(["generate", "--ckpt", str(folder), "--prompt", "def", "--max-new-tokens", "2"])
-    assert proc.stderr.splitlines() == [f"warning: checkpoint {folder} is incomplete or damaged: it was never "
-                                        "completed (no manifest.json)"]
+    assert proc.stderr.splitlines() == [
+        f"warning: checkpoint {folder} is incomplete or damaged: it was never completed (no manifest.json)"
+    ]
     assert run_dsv3(["generate", "--ckpt", str(out), "--prompt", "def", "--max-new-tokens", "2"]).stderr == ""
 
 
@@ -174,9 +244,22 @@ def test_tensorboard_events_match_metrics(trained):
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"loss/total", "loss/lm", "loss/mtp", "loss/balance", "loss/val", "optim/lr", "optim/grad_norm",
-            "perf/tokens_per_s", "perf/data_loading_share", "perf/model_tflops", "perf/peak_memory_mib",
-            "moe/load_max_over_mean", "moe/layer0", "moe/layer1"} <= tags  # 1 main MoE layer + 1 MTP layer
+    assert {
+        "loss/total",
+        "loss/lm",
+        "loss/mtp",
+        "loss/balance",
+        "loss/val",
+        "optim/lr",
+        "optim/grad_norm",
+        "perf/tokens_per_s",
+        "perf/data_loading_share",
+        "perf/model_tflops",
+        "perf/peak_memory_mib",
+        "moe/load_max_over_mean",
+        "moe/layer0",
+        "moe/layer1",
+    } <= tags  # 1 main MoE layer + 1 MTP layer
     assert "config/text_summary" in acc.Tags()["tensors"]  # the resolved config as text
     assert {"moe_load/layer0", "moe_load/layer1"} <= set(acc.Tags()["histograms"])
     assert {"moe_bias_spread/layer0", "moe_bias_spread/layer1"} <= tags
@@ -192,12 +275,18 @@ def test_tensorboard_events_match_metrics(trained):
 def test_compiled_training_matches_eager(trained, corpus_dir, data_cache, tmp_path):
     """train.compile=true (torch.compile inside the DeepSpeed engine; the routed experts stay
     in one graph on CPU) logs the same numbers as the eager run of the `trained` fixture."""
-    from helpers import assert_same_metrics, read_metrics as metrics_only
+    from helpers import assert_same_metrics
+    from helpers import read_metrics as metrics_only
 
     full, _ = trained
     out = tmp_path / "compiled"
-    proc = run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out,
-                                                            **{"train.steps": 3, "train.compile": "true"})])
+    proc = run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(corpus_dir, data_cache, out, **{"train.steps": 3, "train.compile": "true"}),
+        ]
+    )
     assert "runs through torch.compile" in proc.stdout
     want = [r for r in metrics_only(full) if r["step"] <= 3]
     assert_same_metrics(metrics_only(out), want, rel=1e-5, abs_tol=1e-6)

@@ -94,18 +94,22 @@ def parse(text: str) -> list[Block]:
         if m.group(1) != "python":
             continue
         nxt = fences[i + 1] if i + 1 < len(fences) else None
-        follows = nxt is not None and nxt.group(1) == "text" and not text[m.end():nxt.start()].strip()
+        follows = nxt is not None and nxt.group(1) == "text" and not text[m.end() : nxt.start()].strip()
         info = (nxt.group(2) or "").split() if follows else []
         if info not in ([], ["trained"]):
-            raise ValueError(f"text block after line {text.count(chr(10), 0, m.start()) + 1}: unknown info "
-                             f"string {' '.join(info)!r} (```text or ```text trained)")
-        blocks.append(Block(
-            code=m.group(3),
-            line=text.count("\n", 0, m.start()) + 1,
-            expected=nxt.group(3) if follows else None,
-            expected_span=nxt.span(3) if follows else None,
-            trained=info == ["trained"],
-        ))
+            raise ValueError(
+                f"text block after line {text.count(chr(10), 0, m.start()) + 1}: unknown info "
+                f"string {' '.join(info)!r} (```text or ```text trained)"
+            )
+        blocks.append(
+            Block(
+                code=m.group(3),
+                line=text.count("\n", 0, m.start()) + 1,
+                expected=nxt.group(3) if follows else None,
+                expected_span=nxt.span(3) if follows else None,
+                trained=info == ["trained"],
+            )
+        )
     return blocks
 
 
@@ -120,7 +124,7 @@ def _split_numbers(line: str) -> tuple[list[str], list[float]]:
     """Text pieces between decimal numbers (whitespace before a number dropped), and the numbers."""
     parts, numbers, pos = [], [], 0
     for m in _FLOAT.finditer(line):
-        parts.append(line[pos:m.start()])
+        parts.append(line[pos : m.start()])
         numbers.append(float(m.group().strip()))
         pos = m.end()
     parts.append(line[pos:])
@@ -151,8 +155,10 @@ def mismatch(actual: str, expected: str, trained: bool = False) -> str | None:
         for a, b in zip(g_nums, w_nums):
             if abs(a - b) > abs_tol + rel_tol * abs(b) and not (math.isnan(a) and math.isnan(b)):
                 kind = "an output of training" if trained else "a determined output"
-                return (f"line {n}: got {a} where {b} is expected, {kind}: at most {abs_tol:g} + {rel_tol:g} x "
-                        f"|{b}| apart ({g!r} vs {w!r})")
+                return (
+                    f"line {n}: got {a} where {b} is expected, {kind}: at most {abs_tol:g} + {rel_tol:g} x "
+                    f"|{b}| apart ({g!r} vs {w!r})"
+                )
     return None
 
 
@@ -200,8 +206,10 @@ def execute(blocks: list[Block]) -> Run:
 def versions_match() -> bool:
     import torch
 
-    return (sys.version_info[:2] == RECORDED_WITH["python"]
-            and torch.__version__.split("+")[0].rsplit(".", 1)[0] == RECORDED_WITH["torch"])
+    return (
+        sys.version_info[:2] == RECORDED_WITH["python"]
+        and torch.__version__.split("+")[0].rsplit(".", 1)[0] == RECORDED_WITH["torch"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +281,9 @@ def _keep_ellipses(out: str, block: Block) -> str:
     document with ``...`` that still matches stays as it is."""
     got, want = _lines(out), _lines(block.expected)
     if len(got) != len(want):
-        print(f"{DOC.name} line {block.line}: the output has another number of lines; put back its `...`",
-              file=sys.stderr)
+        print(
+            f"{DOC.name} line {block.line}: the output has another number of lines; put back its `...`", file=sys.stderr
+        )
         return "\n".join(got)
     return "\n".join(w if "..." in w and _ellipsis_match(g, w) else g for g, w in zip(got, want))
 

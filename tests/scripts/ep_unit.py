@@ -5,11 +5,12 @@ Usage (2 processes): ``torchrun --nproc_per_node=2 tests/scripts/ep_unit.py DIR`
 saved to ``DIR/moe.safetensors``. Each rank prints ``rank R OK`` at the end.
 """
 
+# ruff: noqa: E402 - the process group starts before the package is imported
+
 import sys
 
 import torch
 import torch.distributed as dist
-
 from common import finish
 
 dist.init_process_group("gloo")
@@ -19,8 +20,16 @@ from dsv3.model.moe import MoE
 from dsv3.parallel.expert_parallel import apply_expert_parallel, clip_grad_norm_, is_expert_param
 
 rank, world = dist.get_rank(), dist.get_world_size()
-cfg = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2,
-                  n_limited_groups=1, n_shared_experts=1, route_scale=2.5)
+cfg = ModelConfig(
+    dim=32,
+    moe_inter_dim=16,
+    n_routed_experts=8,
+    n_activated_experts=2,
+    n_expert_groups=2,
+    n_limited_groups=1,
+    n_shared_experts=1,
+    route_scale=2.5,
+)
 
 
 def build(bias):
@@ -61,7 +70,7 @@ def check(bias, name):
     for n, p in ref.named_parameters():
         g = got[n].grad
         if is_expert_param(got[n]):  # local block: already summed over the tokens of every rank
-            want = p.grad[ex.first_expert:ex.first_expert + ex.num_local_experts]
+            want = p.grad[ex.first_expert : ex.first_expert + ex.num_local_experts]
         else:  # replicated: data-parallel sum
             dist.all_reduce(g)
             want = p.grad
@@ -69,8 +78,10 @@ def check(bias, name):
     norm = clip_grad_norm_(m.parameters(), 1e9)
     assert torch.allclose(norm, ref_norm, rtol=1e-5), (name, norm, ref_norm)
     expert_sq = sum(float(p.grad.pow(2).sum()) for p in m.parameters() if is_expert_param(p))
-    sys.stdout.write(f"rank {rank} {name}: experts {ex.first_expert}..{ex.first_expert + ex.num_local_experts - 1} "
-                     f"received {'no' if expert_sq == 0 else 'some'} tokens\n")
+    sys.stdout.write(
+        f"rank {rank} {name}: experts {ex.first_expert}..{ex.first_expert + ex.num_local_experts - 1} "
+        f"received {'no' if expert_sq == 0 else 'some'} tokens\n"
+    )
     sys.stdout.flush()
     return expert_sq
 
@@ -96,13 +107,15 @@ assert n == 8 * 32 + 3 * 32 * 16 + 3 * 4 * 16 * 32 == allocated_elements(lazy), 
 first = lazy.experts.first_expert
 for w in ("gate_proj", "up_proj", "down_proj"):
     p = getattr(lazy.experts, w)
-    assert is_expert_param(p) and torch.equal(p, getattr(full.experts, w)[first:first + 4]), w
-assert torch.equal(lazy.gate.weight, full.gate.weight) and torch.equal(lazy.shared_experts.up_proj.weight,
-                                                                       full.shared_experts.up_proj.weight)
+    assert is_expert_param(p) and torch.equal(p, getattr(full.experts, w)[first : first + 4]), w
+assert torch.equal(lazy.gate.weight, full.gate.weight) and torch.equal(
+    lazy.shared_experts.up_proj.weight, full.shared_experts.up_proj.weight
+)
 
 # saved in the unsplit layout: each rank writes its own expert rows and half of each replicated
 # tensor into one file, which equals the unsplit layer's state dict; nothing is gathered
 from safetensors.torch import load_file
+
 from dsv3.checkpoint.safetensors_io import SafetensorsLayout
 from dsv3.parallel.unsplit_save import save_weights
 
@@ -122,10 +135,15 @@ for piece in pieces:
     elif piece.key != "gate.e_score_correction_bias":  # buffers: rank 0 writes them whole
         n = full.state_dict()[piece.key].numel()
         assert (piece.start, piece.values.numel()) == (rank * n // 2, (rank + 1) * n // 2 - rank * n // 2), piece.key
-replicated = [v.numel() for k, v in full.state_dict().items() if k.split(".")[0] in ("gate", "shared_experts")
-              and k != "gate.e_score_correction_bias"]
-assert sum(p.values.numel() for p in pieces) == sum((rank + 1) * n // 2 - rank * n // 2 for n in replicated) \
-    + 3 * 4 * 16 * 32 + (rank == 0) * 8  # + 4 experts' 3 matrices, + the routing biases on rank 0
+replicated = [
+    v.numel()
+    for k, v in full.state_dict().items()
+    if k.split(".")[0] in ("gate", "shared_experts") and k != "gate.e_score_correction_bias"
+]
+assert (
+    sum(p.values.numel() for p in pieces)
+    == sum((rank + 1) * n // 2 - rank * n // 2 for n in replicated) + 3 * 4 * 16 * 32 + (rank == 0) * 8
+)  # + 4 experts' 3 matrices, + the routing biases on rank 0
 print(f"rank {rank} OK", flush=True)
 dist.barrier()  # no rank leaves while the other still talks to it
 finish(0)

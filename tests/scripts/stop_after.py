@@ -7,6 +7,7 @@ Usage: ``torchrun ... tests/scripts/stop_after.py N KEY=VALUE ...``, or ``python
 import sys
 
 from common import finish
+
 from dsv3.config import load_config
 from dsv3.training.trainer import Trainer
 

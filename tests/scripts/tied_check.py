@@ -11,8 +11,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from common import finish
+
 from dsv3.config import load_config
 from dsv3.training.trainer import Trainer
 

@@ -20,9 +20,21 @@ from dsv3.model import flops_per_token
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = ["model.vocab_size=512", "model.dim=64", "model.inter_dim=128", "model.moe_inter_dim=32", "model.n_layers=2",
-        "model.n_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
-        "model.v_head_dim=16", "model.max_seq_len=128", "data.seq_len=32", "parallel.micro_batch_size=2"]
+TINY = [
+    "model.vocab_size=512",
+    "model.dim=64",
+    "model.inter_dim=128",
+    "model.moe_inter_dim=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
+    "model.max_seq_len=128",
+    "data.seq_len=32",
+    "parallel.micro_batch_size=2",
+]
 
 
 def test_bench_train_writes_result(tmp_path, capsys):
@@ -67,7 +79,9 @@ def test_decode_cache_bytes_per_token(precision, size):
     cfg = load_config(None, TINY)
     r = bench.bench_decode(cfg, precision, batches=(1, 2), prompt_len=4, new_tokens=3, reps=1)
     m = cfg.model
-    assert r["cache_bytes_per_token"] == (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers * size == (16 + 8) * 2 * size
+    assert (
+        r["cache_bytes_per_token"] == (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers * size == (16 + 8) * 2 * size
+    )
     assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b2"] > 0
     assert r["results"]["dsv3@b2"]["tokens_per_s"] == pytest.approx(2 * 3 / r["results"]["dsv3@b2"]["seconds"])
 
@@ -77,8 +91,17 @@ class SyncCounter(TorchDispatchMode):
     (``.item()``, ``.tolist()``, ``int(t)``, ``if t:``) and ops whose output size depends on
     the data (``nonzero``, ``bincount``, ``repeat_interleave`` without ``output_size``...)."""
 
-    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique", "_unique2", "unique_dim",
-               "unique_consecutive", "repeat_interleave"}
+    SYNCING = {
+        "_local_scalar_dense",
+        "nonzero",
+        "bincount",
+        "masked_select",
+        "unique",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "repeat_interleave",
+    }
 
     def __init__(self):
         super().__init__()
@@ -94,9 +117,10 @@ class SyncCounter(TorchDispatchMode):
 def _one_step_syncs(precision: str) -> list[str]:
     cfg = load_config(None, TINY)
     model = bench.build_dsv3(cfg, torch.device("cpu"), precision)
-    side = bench.Side("dsv3", model, bench.make_optimizer(model, cfg, precision, master=True), bench.dsv3_loss(cfg),
-                      1.0)
-    (x, y), = bench.synthetic_batches(cfg, 2, 32, 1, torch.device("cpu"))
+    side = bench.Side(
+        "dsv3", model, bench.make_optimizer(model, cfg, precision, master=True), bench.dsv3_loss(cfg), 1.0
+    )
+    ((x, y),) = bench.synthetic_batches(cfg, 2, 32, 1, torch.device("cpu"))
     side.step(x, y)  # first step: lazily created optimizer state
     with SyncCounter() as counter:
         side.step(x, y)

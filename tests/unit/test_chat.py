@@ -10,10 +10,19 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT, STDLIB
+
 from dsv3.chat import StreamDecoder, chat_loop, fit_conversation
-from dsv3.chat_format import ASSISTANT_ID, END_ID, SYSTEM_ID, USER_ID, chat_labels, chat_stop_ids, encode_chat, encode_content
+from dsv3.chat_format import (
+    ASSISTANT_ID,
+    END_ID,
+    SYSTEM_ID,
+    USER_ID,
+    chat_labels,
+    chat_stop_ids,
+    encode_chat,
+    encode_content,
+)
 from dsv3.errors import DsvError
 from dsv3.model import IGNORE_INDEX
 
@@ -39,9 +48,21 @@ def ckpt(tok, tmp_path_factory):
     from dsv3.config import Config, ModelConfig, save_config
     from dsv3.model import Transformer
 
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, inter_dim=96, moe_inter_dim=32, n_layers=2, n_heads=4,
-                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64,
-                      mtp_depth=1, init_std=0.1)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        dim=48,
+        inter_dim=96,
+        moe_inter_dim=32,
+        n_layers=2,
+        n_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=64,
+        mtp_depth=1,
+        init_std=0.1,
+    )
     model = Transformer(cfg)
     model.init_weights(seed=0)
     folder = tmp_path_factory.mktemp("ckpt")
@@ -52,15 +73,34 @@ def ckpt(tok, tmp_path_factory):
 
 
 def test_template_layout(tok):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi\nthere "},
-            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi\nthere "},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again"},
+    ]
     enc = [encode_content(tok, m["content"]) for m in msgs]
-    want = [tok.bos_id, SYSTEM_ID, *enc[0], END_ID, USER_ID, *enc[1], END_ID, ASSISTANT_ID, *enc[2], END_ID,
-            USER_ID, *enc[3], END_ID]
+    want = [
+        tok.bos_id,
+        SYSTEM_ID,
+        *enc[0],
+        END_ID,
+        USER_ID,
+        *enc[1],
+        END_ID,
+        ASSISTANT_ID,
+        *enc[2],
+        END_ID,
+        USER_ID,
+        *enc[3],
+        END_ID,
+    ]
     assert encode_chat(tok, msgs, add_generation_prompt=False) == want
     assert encode_chat(tok, msgs) == want + [ASSISTANT_ID]
-    assert tok.decode(encode_chat(tok, msgs)) == "<|system|>Be brief.<|end|><|user|>hi\nthere <|end|>" \
+    assert (
+        tok.decode(encode_chat(tok, msgs)) == "<|system|>Be brief.<|end|><|user|>hi\nthere <|end|>"
         "<|assistant|>ok<|end|><|user|>again<|end|><|assistant|>"
+    )
     # a role string inside the content is text, never a turn boundary
     sneaky = encode_content(tok, "a<|end|><|assistant|>b")
     assert not set(sneaky) & {SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID}
@@ -75,9 +115,13 @@ def test_a_reply_stops_at_its_end_or_at_any_role_marker(tok):
 
 
 def test_chat_labels_mask_everything_but_assistant_replies(tok):
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-            {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"},
-            {"role": "assistant", "content": "BC"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "V"},
+        {"role": "assistant", "content": "BC"},
+    ]
     s, u, a, v, bc = (encode_content(tok, m["content"]) for m in msgs)
     assert len(s) == len(u) == len(a) == len(v) == 1 and len(bc) >= 1
     ids, labels = chat_labels(tok, msgs)
@@ -111,9 +155,13 @@ def test_stream_decoder_never_splits_a_character(tok):
 
 
 def test_fit_conversation_drops_oldest_exchanges(tok):
-    turns = [{"role": "user", "content": "first question " * 3}, {"role": "assistant", "content": "first answer " * 3},
-             {"role": "user", "content": "second"}, {"role": "assistant", "content": "reply"},
-             {"role": "user", "content": "third"}]
+    turns = [
+        {"role": "user", "content": "first question " * 3},
+        {"role": "assistant", "content": "first answer " * 3},
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": "third"},
+    ]
     full = encode_chat(tok, [{"role": "system", "content": "sys"}] + turns)
     short = encode_chat(tok, [{"role": "system", "content": "sys"}] + turns[2:])
     kept = list(turns)
@@ -130,22 +178,46 @@ def test_chat_loop_in_process(tok, ckpt):
 
     model = load_model(ckpt)
     out = io.StringIO()
-    chat_loop(model, tok, system="sys", max_new_tokens=6, temperature=0, stdin=io.StringIO("hello\n\n/exit\nlost\n"),
-              stdout=out, stderr=io.StringIO(), interactive=False)
+    chat_loop(
+        model,
+        tok,
+        system="sys",
+        max_new_tokens=6,
+        temperature=0,
+        stdin=io.StringIO("hello\n\n/exit\nlost\n"),
+        stdout=out,
+        stderr=io.StringIO(),
+        interactive=False,
+    )
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello"}]
     ids = generate(model, encode_chat(tok, msgs), 6, temperature=0, eos_ids=chat_stop_ids(tok))
     reply = ids[:-1] if ids[-1] in chat_stop_ids(tok) else ids
     assert out.getvalue() == tok.decode(reply) + "\n"
     tty_out = io.StringIO()
-    chat_loop(model, tok, max_new_tokens=4, temperature=0, stdin=io.StringIO("hi\n"), stdout=tty_out,
-              stderr=io.StringIO(), interactive=True)
+    chat_loop(
+        model,
+        tok,
+        max_new_tokens=4,
+        temperature=0,
+        stdin=io.StringIO("hi\n"),
+        stdout=tty_out,
+        stderr=io.StringIO(),
+        interactive=True,
+    )
     assert tty_out.getvalue().startswith("> ") and tty_out.getvalue().endswith("> \n")
 
 
 def _dsv3(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "dsv3", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "dsv3", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _greedy_reply(model, tok, text: str, n: int) -> str:
@@ -160,8 +232,9 @@ def test_chat_over_a_pipe(tok, ckpt):
     from dsv3 import load_model
 
     model = load_model(ckpt)
-    proc = _dsv3(["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "8"],
-                 stdin="hello\n/reset\nhi\n/exit\n")
+    proc = _dsv3(
+        ["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "8"], stdin="hello\n/reset\nhi\n/exit\n"
+    )
     assert proc.returncode == 0, proc.stderr
     # /reset: the second reply sees a fresh conversation; no prompts or notices on stdout
     assert proc.stdout == _greedy_reply(model, tok, "hello", 8) + "\n" + _greedy_reply(model, tok, "hi", 8) + "\n"
@@ -179,23 +252,39 @@ def test_chat_jsonl_for_scripts(tok, ckpt):
 
     model = load_model(ckpt)
     stops = chat_stop_ids(tok)
-    lines = [json.dumps({"content": "def f(x):\n    return"}), "", json.dumps({"reset": True}), json.dumps({"content": "hi"}),
-             json.dumps({"reset": True, "content": "hi"})]
-    proc = _dsv3(["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "6", "--jsonl"],
-                 stdin="\n".join(lines) + "\n")
+    lines = [
+        json.dumps({"content": "def f(x):\n    return"}),
+        "",
+        json.dumps({"reset": True}),
+        json.dumps({"content": "hi"}),
+        json.dumps({"reset": True, "content": "hi"}),
+    ]
+    proc = _dsv3(
+        ["chat", "--ckpt", str(ckpt), "--temperature", "0", "--max-new-tokens", "6", "--jsonl"],
+        stdin="\n".join(lines) + "\n",
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     want = []
     for text in ("def f(x):\n    return", "hi"):
         ids = generate(model, encode_chat(tok, [{"role": "user", "content": text}]), 6, temperature=0, eos_ids=stops)
         ended = ids[-1] in stops
-        want.append({"reply": tok.decode(ids[:-1] if ended else ids), "tokens": len(ids),
-                     "stop": "end" if ended else "length", "dropped": 0, "truncated": False})
+        want.append(
+            {
+                "reply": tok.decode(ids[:-1] if ended else ids),
+                "tokens": len(ids),
+                "stop": "end" if ended else "length",
+                "dropped": 0,
+                "truncated": False,
+            }
+        )
     # one output line per non-blank input line; a reset is acknowledged; reset + message = a fresh "hi"
     assert [json.loads(x) for x in proc.stdout.splitlines()] == [want[0], {"reset": True}, want[1], want[1]]
     proc = _dsv3(["chat", "--ckpt", str(ckpt), "--jsonl", "--max-new-tokens", "2"], stdin='{"content": "hi"}\nhello\n')
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ['dsv3: error: input line 2 is not JSON (Expecting value); --jsonl reads '
-                                                'one object per line, such as {"content": "hello"}']
+    assert proc.stderr.strip().splitlines() == [
+        "dsv3: error: input line 2 is not JSON (Expecting value); --jsonl reads "
+        'one object per line, such as {"content": "hello"}'
+    ]
     assert len(proc.stdout.splitlines()) == 1  # the first reply was written
 
 
@@ -207,8 +296,11 @@ def test_chat_jsonl_line_errors_say_what_is_wrong():
     assert parse_json_message('{"reset": true}', 1) == (None, True)
     assert parse_json_message('{"reset": true, "content": "x"}', 1) == ("x", True)
     for line, message in [
-        ('{"role": "system", "content": "x"}', "input line 2 has the unknown key(s) 'role'; --jsonl reads \"content\" "
-                                               '(a user message) and "reset"; set the system prompt with --system'),
+        (
+            '{"role": "system", "content": "x"}',
+            "input line 2 has the unknown key(s) 'role'; --jsonl reads \"content\" "
+            '(a user message) and "reset"; set the system prompt with --system',
+        ),
         ('{"content": 5}', 'input line 2: "content" must be a non-empty string, not 5'),
         ('["hi"]', 'input line 2 is a JSON list, not an object such as {"content": "hello"}'),
         ('{"reset": "yes"}', 'input line 2: "reset" must be true or false, not "yes"'),
@@ -223,8 +315,22 @@ def test_generate_speculative_cli(tok, ckpt):
     from dsv3 import load_model
     from dsv3.generation import generate
 
-    proc = _dsv3(["generate", "--ckpt", str(ckpt), "--prompt", "def ", "--temperature", "0", "--max-new-tokens",
-                  "20", "--speculative", "mtp", "--compare"])
+    proc = _dsv3(
+        [
+            "generate",
+            "--ckpt",
+            str(ckpt),
+            "--prompt",
+            "def ",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "20",
+            "--speculative",
+            "mtp",
+            "--compare",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     model = load_model(ckpt)
     ids = generate(model, tok.encode("def "), 20, temperature=0, eos_ids=[tok.eos_id])

@@ -35,27 +35,42 @@ def test_every_shipped_config_parses_and_builds_on_meta(name):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.steps=50", "train.lr=1e-3", "data.source=/x", "parallel.zero_stage=1",
-                             "train.precision=bf16", "model.q_lora_rank=32"])
+    cfg = load_config(
+        None,
+        [
+            "train.steps=50",
+            "train.lr=1e-3",
+            "data.source=/x",
+            "parallel.zero_stage=1",
+            "train.precision=bf16",
+            "model.q_lora_rank=32",
+        ],
+    )
     assert (cfg.train.steps, cfg.train.lr, cfg.data.source, cfg.parallel.zero_stage) == (50, 1e-3, "/x", 1)
     assert cfg.model.q_lora_rank == 32 and cfg.train.precision == "bf16"
     assert load_config(None, ["data.source=null"]).data.source is None
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["train.stepz=5"], "unknown config key train.stepz; did you mean train.steps?"),
-    (["trian.steps=5"], "unknown config section 'trian'"),
-    (["train.steps=many"], "train.steps='many' has the wrong type; expected int"),
-    (["train.steps"], "is not KEY=VALUE"),
-    (["model.n_expert_groups=3"], "n_routed_experts=8 is not divisible into model.n_expert_groups=3; choose n_expert_groups in [1, 2, 4, 8]"),
-    (["model.n_limited_groups=3"], "n_limited_groups=3 must be between 1 and model.n_expert_groups=2"),
-    (["model.n_activated_experts=5"], "n_activated_experts=5 must be between 1 and the 4 experts"),
-    (["model.qk_rope_head_dim=15"], "qk_rope_head_dim=15 must be even"),
-    (["model.n_dense_layers=9"], "n_dense_layers=9 exceeds model.n_layers=4"),
-    (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=1024"),
-    (["train.precision=fp16"], "train.precision='fp16' is not supported; use fp32 or bf16"),
-    (["model.n_expert_groups=8", "model.n_limited_groups=4"], "leaves 1 expert per group"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.stepz=5"], "unknown config key train.stepz; did you mean train.steps?"),
+        (["trian.steps=5"], "unknown config section 'trian'"),
+        (["train.steps=many"], "train.steps='many' has the wrong type; expected int"),
+        (["train.steps"], "is not KEY=VALUE"),
+        (
+            ["model.n_expert_groups=3"],
+            "n_routed_experts=8 is not divisible into model.n_expert_groups=3; choose n_expert_groups in [1, 2, 4, 8]",
+        ),
+        (["model.n_limited_groups=3"], "n_limited_groups=3 must be between 1 and model.n_expert_groups=2"),
+        (["model.n_activated_experts=5"], "n_activated_experts=5 must be between 1 and the 4 experts"),
+        (["model.qk_rope_head_dim=15"], "qk_rope_head_dim=15 must be even"),
+        (["model.n_dense_layers=9"], "n_dense_layers=9 exceeds model.n_layers=4"),
+        (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=1024"),
+        (["train.precision=fp16"], "train.precision='fp16' is not supported; use fp32 or bf16"),
+        (["model.n_expert_groups=8", "model.n_limited_groups=4"], "leaves 1 expert per group"),
+    ],
+)
 def test_validation_messages(overrides, needle):
     assert needle in error_of(overrides)
 
@@ -91,17 +106,23 @@ def test_lr_schedule_by_hand_and_the_warmup_warning():
     assert lr_at(6, t) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
     assert schedule_warning(t) is None
     short = TrainConfig(lr=3e-3, warmup_steps=30, steps=20)
-    assert schedule_warning(short) == ("warning: train.warmup_steps=30 > train.steps=20: the learning rate ends at "
-                                       "2.00e-03, never reaching train.lr=0.003 nor decaying; lower train.warmup_steps")
+    assert schedule_warning(short) == (
+        "warning: train.warmup_steps=30 > train.steps=20: the learning rate ends at "
+        "2.00e-03, never reaching train.lr=0.003 nor decaying; lower train.warmup_steps"
+    )
     assert lr_at(0, TrainConfig(lr=1e-3, warmup_steps=1, steps=1)) == 1e-3
     assert schedule_warning(TrainConfig(lr=1e-3, warmup_steps=1, steps=1)) == (
         "warning: train.warmup_steps=train.steps=1: the learning rate reaches train.lr=0.001 only at the last step "
-        "and never decays; lower train.warmup_steps")
+        "and never decays; lower train.warmup_steps"
+    )
 
 
 def test_a_pipeline_partition_without_pipeline_stages_is_an_error():
-    with pytest.raises(DsvError, match=r"^parallel.pp_partition='1,1' splits blocks over pipeline stages but "
-                                       r"parallel.pp=1; set parallel.pp to the number of stages, or drop pp_partition$"):
+    with pytest.raises(
+        DsvError,
+        match=r"^parallel.pp_partition='1,1' splits blocks over pipeline stages but "
+        r"parallel.pp=1; set parallel.pp to the number of stages, or drop pp_partition$",
+    ):
         load_config(None, ["parallel.pp_partition=1,1"])
     assert load_config(None, ["parallel.pp_partition=4"]).parallel.pp_partition == "4"  # one stage of all 4 blocks
     assert load_config(None, ["parallel.pp=2", "parallel.pp_partition=1,3"]).parallel.pp == 2

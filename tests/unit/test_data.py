@@ -23,8 +23,10 @@ from dsv3.config import DataConfig, load_config
 from dsv3.errors import DsvError
 from dsv3.tokenizer import Tokenizer
 
-WORDS = ("alpha beta gamma delta value result items index count name data node self other key path "
-         "size total buffer config token start end parse build check update append").split()
+WORDS = (
+    "alpha beta gamma delta value result items index count name data node self other key path "
+    "size total buffer config token start end parse build check update append"
+).split()
 
 
 def write_corpus(folder: Path, n_docs: int = 12, seed: int = 0) -> list[Path]:
@@ -39,8 +41,11 @@ def write_corpus(folder: Path, n_docs: int = 12, seed: int = 0) -> list[Path]:
         lines = []
         for _ in range(rng.randint(15, 30)):
             a, b = rng.sample(WORDS, 2)
-            lines.append(f"def {a}_{i}(x):\n    return {b}(x) + {rng.randint(0, 999)}\n" if ext == ".py"
-                         else " ".join(rng.choice(WORDS) for _ in range(12)) + ".\n")
+            lines.append(
+                f"def {a}_{i}(x):\n    return {b}(x) + {rng.randint(0, 999)}\n"
+                if ext == ".py"
+                else " ".join(rng.choice(WORDS) for _ in range(12)) + ".\n"
+            )
         path = where / f"doc{i:02d}{ext}"
         path.write_text("".join(lines), encoding="utf-8")
         paths.append(path)
@@ -48,9 +53,16 @@ def write_corpus(folder: Path, n_docs: int = 12, seed: int = 0) -> list[Path]:
 
 
 def make_cfg(source: Path | str | None, cache: Path, **over) -> object:
-    values = {"data.source": str(source) if source is not None else "", "data.cache_dir": str(cache),
-              "model.vocab_size": 400, "data.seq_len": 32, "data.val_fraction": 0.2, "data.num_proc": 1,
-              "data.tokenizer_sample_size": 5000, "train.seed": 7}
+    values = {
+        "data.source": str(source) if source is not None else "",
+        "data.cache_dir": str(cache),
+        "model.vocab_size": 400,
+        "data.seq_len": 32,
+        "data.val_fraction": 0.2,
+        "data.num_proc": 1,
+        "data.tokenizer_sample_size": 5000,
+        "train.seed": 7,
+    }
     values.update(over)
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
@@ -106,8 +118,12 @@ def test_prepare_files_and_meta(prepared):
         assert stored.tolist() == expected
         assert meta["n_tokens"][split] == len(expected)
         # the document index: end offset of every document, per shard
-        ends = np.concatenate([np.load(out / sh["index"]) + sum(x["n_tokens"] for x in meta["shards"][split][:k])
-                               for k, sh in enumerate(meta["shards"][split])])
+        ends = np.concatenate(
+            [
+                np.load(out / sh["index"]) + sum(x["n_tokens"] for x in meta["shards"][split][:k])
+                for k, sh in enumerate(meta["shards"][split])
+            ]
+        )
         assert ends.tolist() == np.cumsum([len(tok.encode(d)) + 1 for d in split_docs_]).tolist()
     PackedDataset(out, "train", 32).verify()
     PackedDataset(out, "val", 32).verify()
@@ -226,7 +242,9 @@ def test_load_corpus_mixed_and_parquet(tmp_path):
     folder = tmp_path / "mix"
     folder.mkdir()
     (folder / "a.txt").write_text("text file\n")
-    (folder / "b.jsonl").write_text(json.dumps({"text": "json row 1"}) + "\n" + json.dumps({"text": "json row 2"}) + "\n")
+    (folder / "b.jsonl").write_text(
+        json.dumps({"text": "json row 1"}) + "\n" + json.dumps({"text": "json row 2"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["parquet row"], "n": [1]}), folder / "c.parquet")
     ds = load_corpus(str(folder), cache_dir=tmp_path / "hf")
     assert ds["text"] == ["text file\n", "json row 1", "json row 2", "parquet row"]
@@ -310,7 +328,7 @@ def test_packed_windows(prepared):
         for i in (0, 1, len(ds) // 2, len(ds) - 1):
             x = ds[i]
             assert x.dtype == torch.int64 and x.shape == (seq_len + 1,)
-            assert x.tolist() == tokens[i * seq_len:i * seq_len + seq_len + 1].tolist()
+            assert x.tolist() == tokens[i * seq_len : i * seq_len + seq_len + 1].tolist()
         assert ds[-1].tolist() == ds[len(ds) - 1].tolist()
         b = ds.batch([3, 0, 3])
         assert b.shape == (3, seq_len + 1) and b.dtype == torch.int64
@@ -377,7 +395,7 @@ def test_sample_indices_epochs():
     n, gb, seed = 10, 4, 5
     stream = [i for s in range(10) for i in global_sample_indices(s, gb, n, seed)]
     for e in range(4):
-        epoch = stream[e * n:(e + 1) * n]
+        epoch = stream[e * n : (e + 1) * n]
         assert sorted(epoch) == list(range(n))  # each epoch is a permutation
         assert epoch == torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
     # step 2 covers positions 8..11: the end of epoch 0 and the start of epoch 1

@@ -13,9 +13,18 @@ import torch
 
 import data_pipeline.prepare as prep
 import data_pipeline.shards as shards
-from data_pipeline.dataset import (IGNORE_INDEX, PackedDataset, blend_index, check_loader_state,
-                                   document_attention_mask, document_positions, global_sample_indices, load_meta,
-                                   loader_state, rank_micro_batches)
+from data_pipeline.dataset import (
+    IGNORE_INDEX,
+    PackedDataset,
+    blend_index,
+    check_loader_state,
+    document_attention_mask,
+    document_positions,
+    global_sample_indices,
+    load_meta,
+    loader_state,
+    rank_micro_batches,
+)
 from data_pipeline.prepare import prepare
 from data_pipeline.tasks import iter_documents, plan_tasks
 from dsv3.config import ModelConfig, load_config
@@ -35,9 +44,17 @@ def write_docs(folder, n, seed=0, prefix="doc"):
 
 
 def cfg_for(source, cache, **over):
-    values = {"data.source": source, "data.cache_dir": str(cache), "model.vocab_size": 400, "data.seq_len": 16,
-              "data.val_fraction": 0.2, "data.num_proc": 1, "data.tokenizer_sample_size": 5000, "train.seed": 3,
-              "data.shard_mb": 0.003}
+    values = {
+        "data.source": source,
+        "data.cache_dir": str(cache),
+        "model.vocab_size": 400,
+        "data.seq_len": 16,
+        "data.val_fraction": 0.2,
+        "data.num_proc": 1,
+        "data.tokenizer_sample_size": 5000,
+        "train.seed": 3,
+        "data.shard_mb": 0.003,
+    }
     values.update(over)
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
@@ -122,8 +139,10 @@ def test_large_text_file_and_jsonl_ranges(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tasks_mod, "TEXT_PIECE_BYTES", 300)
     rng = random.Random(1)
-    paras = ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(1, 4)))
-             for _ in range(120)]
+    paras = [
+        "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(rng.randint(1, 4)))
+        for _ in range(120)
+    ]
     text = "\n\n".join(paras) + "\n"
     big = tmp_path / "big.txt"
     big.write_text(text, encoding="utf-8")
@@ -133,7 +152,9 @@ def test_large_text_file_and_jsonl_ranges(tmp_path, monkeypatch):
     assert "".join(docs) == text  # no byte lost or repeated across tasks and pieces
     assert all(d.endswith("\n\n") for d in docs[:-1]) and max(len(d) for d in docs) < 300 + 200
 
-    rows = [{"text": f"record {i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))} for i in range(200)]
+    rows = [
+        {"text": f"record {i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))} for i in range(200)
+    ]
     jl = tmp_path / "d.jsonl"
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     plan = plan_tasks(str(jl), 700)
@@ -177,8 +198,12 @@ def test_mixed_kind_plan_and_readers(tmp_path):
     big_jl = [f"record {i} " + "v" * 30 for i in range(40)]
     (src / "h.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in big_jl), encoding="utf-8")
     (src / "i.txt").write_text("last file\n", encoding="utf-8")
-    expected = (["line one\nline two\nthree\n", "x = 1\n", "j1", "j2\r\n", "gz1", "gz2", "arr1", "arr2", "pq1", "pq2"]
-                + big_rows + big_jl + ["last file\n"])
+    expected = (
+        ["line one\nline two\nthree\n", "x = 1\n", "j1", "j2\r\n", "gz1", "gz2", "arr1", "arr2", "pq1", "pq2"]
+        + big_rows
+        + big_jl
+        + ["last file\n"]
+    )
     plan = plan_tasks(str(src), 1000)
     kinds = [t["kind"] for t in plan]
     assert kinds[:3] == ["files", "json_files", "parquet_files"]
@@ -203,8 +228,10 @@ def test_prepare_compressed_jsonl_equals_uncompressed(tmp_path):
     import gzip
 
     rng = random.Random(5)
-    rows = "".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))), "id": i}) + "\n"
-                   for i in range(60))
+    rows = "".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))), "id": i}) + "\n"
+        for i in range(60)
+    )
     plain, packed = tmp_path / "plain", tmp_path / "packed"
     plain.mkdir()
     packed.mkdir()
@@ -234,10 +261,26 @@ def test_document_positions_mask_and_labels():
 
 
 def tiny_model_cfg():
-    return ModelConfig(vocab_size=64, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=2, n_dense_layers=1, n_heads=2,
-                       n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
-                       n_limited_groups=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                       max_seq_len=32, mtp_depth=1)
+    return ModelConfig(
+        vocab_size=64,
+        dim=32,
+        inter_dim=48,
+        moe_inter_dim=16,
+        n_layers=2,
+        n_dense_layers=1,
+        n_heads=2,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        max_seq_len=32,
+        mtp_depth=1,
+    )
 
 
 def test_document_aware_packing_isolates_documents(one_torch_thread):
@@ -278,8 +321,12 @@ def test_document_aware_packing_isolates_documents(one_torch_thread):
         from dsv3.model import label_counts
 
         assert label_counts(labels, 1, pos)[1:].tolist() == out.mtp_tokens.tolist()  # the trainer's normalizer
-        out_b = model(other, torch.where(labels == IGNORE_INDEX, labels, torch.tensor([a + b2 + c + [40]])[:, 1:]),
-                      attn_mask=document_attention_mask(pos), position_ids=pos)
+        out_b = model(
+            other,
+            torch.where(labels == IGNORE_INDEX, labels, torch.tensor([a + b2 + c + [40]])[:, 1:]),
+            attn_mask=document_attention_mask(pos),
+            position_ids=pos,
+        )
         assert out.lm_loss_sum.item() != out_b.lm_loss_sum.item()
 
 
@@ -287,9 +334,13 @@ def test_batch_documents_from_a_prepared_folder(tmp_path):
     out = prepare(cfg_for(str(write_docs(tmp_path / "c", 10)), tmp_path / "cache"), progress=False)
     ds = PackedDataset(out, "train", 16)
     tokens = ds.tokens
-    i = next(k for k in range(len(ds)) if (tokens[k * 16 + 1:k * 16 + 15] == ds.eos_id).any() and tokens[k * 16] != ds.eos_id)
+    i = next(
+        k
+        for k in range(len(ds))
+        if (tokens[k * 16 + 1 : k * 16 + 15] == ds.eos_id).any() and tokens[k * 16] != ds.eos_id
+    )
     inputs, labels, pos = ds.batch_documents([i])
-    x = torch.from_numpy(tokens[i * 16:i * 16 + 17])
+    x = torch.from_numpy(tokens[i * 16 : i * 16 + 17])
     assert inputs[0].tolist() == x[:-1].tolist()
     e = int((x[:-1] == ds.eos_id).nonzero()[0])
     assert labels[0, e].item() == IGNORE_INDEX and labels[0, e - 1].item() == ds.eos_id
@@ -326,8 +377,9 @@ def test_stop_and_resume_stream_equals_uninterrupted(stop, dp_after):
     state = loader_state(stop, gb, n, seed, "k")
     state = json.loads(json.dumps(state))  # as stored in a checkpoint
     check_loader_state(state, stop, gb, n, seed, "k", "ckpt")
-    resumed = rank_stream(range(stop), gb, n, seed, dp=2, accum=2) + \
-        rank_stream(range(state["consumed_samples"] // gb, steps), gb, n, seed, dp=dp_after, accum=8 // (2 * dp_after) or 1)
+    resumed = rank_stream(range(stop), gb, n, seed, dp=2, accum=2) + rank_stream(
+        range(state["consumed_samples"] // gb, steps), gb, n, seed, dp=dp_after, accum=8 // (2 * dp_after) or 1
+    )
     assert len(resumed) == len(uninterrupted) == steps
     assert [g for g, _ in resumed] == [g for g, _ in uninterrupted]  # the global stream, batch by batch
     if dp_after == 2:  # same layout: every rank's batches too
@@ -347,10 +399,14 @@ def test_resume_exactly_at_an_epoch_boundary():
 
 def test_loader_state_mismatch_errors():
     state = loader_state(4, 8, 50, 1, "abc")
-    for args, word in [((4, 16, 50, 1, "abc"), "global batch"), ((4, 8, 50, 2, "abc"), "train.seed"),
-                       ((4, 8, 51, 1, "abc"), "other prepared data"), ((4, 8, 50, 1, "xyz"), "other prepared data"),
-                       ((4, 8, 50, 2, "xyz"), "train.seed"),  # a new seed also changes the key: named first
-                       ((5, 8, 50, 1, "abc"), "inconsistent")]:
+    for args, word in [
+        ((4, 16, 50, 1, "abc"), "global batch"),
+        ((4, 8, 50, 2, "abc"), "train.seed"),
+        ((4, 8, 51, 1, "abc"), "other prepared data"),
+        ((4, 8, 50, 1, "xyz"), "other prepared data"),
+        ((4, 8, 50, 2, "xyz"), "train.seed"),  # a new seed also changes the key: named first
+        ((5, 8, 50, 1, "abc"), "inconsistent"),
+    ]:
         with pytest.raises(DsvError) as e:
             check_loader_state(state, *args, where="ckpt")
         assert word in one_line(e)
@@ -413,11 +469,15 @@ def test_prepare_blended_sources(tmp_path, capsys):
     assert sum(c["samples"] for c in blend) == len(PackedDataset(out, "train", 16))
     ds = PackedDataset(out, "train", 16)
     # a sample of corpus b holds corpus b's tokens
-    per = {c: np.concatenate([np.fromfile(out / sh["file"], dtype="<u2") for sh in meta["shards"]["train"]
-                              if sh["corpus"] == c]) for c in (0, 1)}
+    per = {
+        c: np.concatenate(
+            [np.fromfile(out / sh["file"], dtype="<u2") for sh in meta["shards"]["train"] if sh["corpus"] == c]
+        )
+        for c in (0, 1)
+    }
     for i in range(0, len(ds), 7):
         c, w = ds.locate(i)
-        assert ds[i].tolist() == per[c][w * 16:w * 16 + 17].tolist()
+        assert ds[i].tolist() == per[c][w * 16 : w * 16 + 17].tolist()
     got = np.bincount([ds.locate(i)[0] for i in range(len(ds))])
     assert got.tolist() == [c["samples"] for c in blend]
     with pytest.raises(DsvError) as e:
@@ -429,8 +489,15 @@ def test_train_document_aware(corpus_dir, data_cache, tmp_path):
     from helpers import run_dsv3, tiny_overrides
 
     out = tmp_path / "run"
-    run_dsv3(["train", "--no-sample", *tiny_overrides(corpus_dir, data_cache, out, **{
-        "train.steps": 2, "train.eval_every": 2, "data.document_aware": "true"})])
+    run_dsv3(
+        [
+            "train",
+            "--no-sample",
+            *tiny_overrides(
+                corpus_dir, data_cache, out, **{"train.steps": 2, "train.eval_every": 2, "data.document_aware": "true"}
+            ),
+        ]
+    )
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "lm_loss" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in recs if "loss" in r) and any("val_loss" in r for r in recs)

@@ -24,10 +24,27 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=128, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=3, n_dense_layers=1, n_heads=4,
-                n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
-                q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                max_seq_len=64, mtp_depth=0, init_std=0.12)
+    base = dict(
+        vocab_size=128,
+        dim=64,
+        inter_dim=96,
+        moe_inter_dim=32,
+        n_layers=3,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_expert_groups=2,
+        n_limited_groups=1,
+        q_lora_rank=0,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=64,
+        mtp_depth=0,
+        init_std=0.12,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -75,7 +92,7 @@ def reference_forward(model, ids, latents):
     """Logits (B, T, V) of new tokens ``ids`` given per-layer latents [(kv, pe), ...] (updated)."""
     start = latents[0][0].shape[1]
     T = ids.shape[1]
-    cos, sin = model.rope_cos[start:start + T], model.rope_sin[start:start + T]
+    cos, sin = model.rope_cos[start : start + T], model.rope_sin[start : start + T]
     h = model.embed_tokens(ids)
     for i, layer in enumerate(model.layers):
         a, kv, pe = materialized_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, *latents[i])
@@ -86,12 +103,16 @@ def reference_forward(model, ids, latents):
     return model.lm_head(model.norm(h)).float()
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(q_lora_rank=24, n_expert_groups=4, n_limited_groups=2, rope_factor=4.0, original_seq_len=8),
-    # unequal YaRN coefficients: the decode path rotates (and caches k_rope) with scaled tables
-    dict(q_lora_rank=24, rope_factor=4.0, original_seq_len=8, mscale=0.5, mscale_all_dim=1.0, rms_norm_eps=1e-5),
-], ids=["plain", "qlora-yarn", "qlora-yarn-mscales"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(q_lora_rank=24, n_expert_groups=4, n_limited_groups=2, rope_factor=4.0, original_seq_len=8),
+        # unequal YaRN coefficients: the decode path rotates (and caches k_rope) with scaled tables
+        dict(q_lora_rank=24, rope_factor=4.0, original_seq_len=8, mscale=0.5, mscale_all_dim=1.0, rms_norm_eps=1e-5),
+    ],
+    ids=["plain", "qlora-yarn", "qlora-yarn-mscales"],
+)
 def test_absorbed_decode_matches_full_and_materialized(kw):
     cfg = tiny(**kw)
     model = random_model(cfg)
@@ -113,17 +134,17 @@ def test_absorbed_decode_matches_full_and_materialized(kw):
         assert (ref - full).abs().max().item() < TOL
         assert all(c.length == prompt_len for c in cache)
         for t in range(prompt_len, prompt_len + steps):
-            dec = model(seq[:, t:t + 1], cache=cache)[:, -1]
-            ref = reference_forward(model, seq[:, t:t + 1], latents)[:, -1]
-            full = model(seq[:, :t + 1])[:, -1]
+            dec = model(seq[:, t : t + 1], cache=cache)[:, -1]
+            ref = reference_forward(model, seq[:, t : t + 1], latents)[:, -1]
+            full = model(seq[:, : t + 1])[:, -1]
             assert full.abs().max() > 0.5  # logits are not trivially small
             assert (dec - full).abs().max().item() < TOL, f"step {t}"
             assert (ref - full).abs().max().item() < TOL, f"step {t}"
             assert all(c.length == t + 1 for c in cache)  # exactly one entry per token
     # the cache holds exactly the normalized c_kv and rotated k_rope of every position
     for c, (kv, pe) in zip(cache, latents):
-        assert (c.kv[:, :c.length] - kv).abs().max().item() < TOL
-        assert (c.pe[:, :c.length] - pe).abs().max().item() < TOL
+        assert (c.kv[:, : c.length] - kv).abs().max().item() < TOL
+        assert (c.pe[:, : c.length] - pe).abs().max().item() < TOL
 
 
 def test_greedy_generate_equals_uncached_argmax():
@@ -134,4 +155,4 @@ def test_greedy_generate_equals_uncached_argmax():
     with torch.no_grad():
         for _ in range(10):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert out == ids[len(prompt):]
+    assert out == ids[len(prompt) :]

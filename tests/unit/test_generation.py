@@ -22,10 +22,27 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=96, dim=48, inter_dim=96, moe_inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=4,
-                n_routed_experts=8, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
-                q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                max_seq_len=96, mtp_depth=1, init_std=0.12)
+    base = dict(
+        vocab_size=96,
+        dim=48,
+        inter_dim=96,
+        moe_inter_dim=32,
+        n_layers=2,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_expert_groups=2,
+        n_limited_groups=1,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=96,
+        mtp_depth=1,
+        init_std=0.12,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -45,14 +62,15 @@ def greedy_reference(model, prompt, n, penalty=1.0):
             seen = torch.zeros_like(logits, dtype=torch.bool)
             seen[torch.tensor(ids)] = True
             ids.append(int(apply_repetition_penalty(logits, seen, penalty).argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 PROMPTS = [[5, 17, 60, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [42], [9, 9, 9, 9, 9, 9, 9, 9]]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=0, rope_factor=4.0, original_seq_len=8)],
-                         ids=["plain", "yarn"])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(q_lora_rank=0, rope_factor=4.0, original_seq_len=8)], ids=["plain", "yarn"]
+)
 def test_left_padded_batch_equals_each_row_alone(kw):
     model = random_model(tiny(**kw), seed=1)
     batch = generate_batch(model, PROMPTS, max_new_tokens=20, temperature=0)
@@ -68,8 +86,9 @@ def test_padded_prefill_and_decode_logits_match_unpadded():
     model = random_model(tiny(), seed=2)
     short, long = [7, 8, 9], [1, 2, 3, 4, 5, 6, 7]
     seen = []
-    batch = generate_batch(model, [long, short], max_new_tokens=6, temperature=0,
-                           on_token=lambda row, i: seen.append((row, i)))
+    batch = generate_batch(
+        model, [long, short], max_new_tokens=6, temperature=0, on_token=lambda row, i: seen.append((row, i))
+    )
     ref = greedy_reference(model, short, 6)
     assert batch[1].ids == ref
     assert [i for row, i in seen if row == 1] == ref  # streaming callback per row, in order
@@ -87,8 +106,12 @@ def test_padded_prefill_and_decode_logits_match_unpadded():
         assert (got - want).abs().max().item() < 1e-5
         nxt = int(want.argmax())
         key_ok = torch.cat([cols >= pad, torch.ones(1, dtype=torch.bool)])  # (P + 1,)
-        got = model(torch.tensor([[nxt]]), cache=cache, attn_mask=key_ok[None, None, None],
-                    position_ids=torch.tensor([[len(short)]]))[0, -1]
+        got = model(
+            torch.tensor([[nxt]]),
+            cache=cache,
+            attn_mask=key_ok[None, None, None],
+            position_ids=torch.tensor([[len(short)]]),
+        )[0, -1]
         want = model(torch.tensor([short + [nxt]]))[0, -1]
         assert (got - want).abs().max().item() < 1e-5
 
@@ -98,7 +121,7 @@ def test_stop_ids_and_finish_reasons():
     free = generate_batch(model, PROMPTS[:2], max_new_tokens=12, temperature=0)
     stop_a, stop_b = free[0].ids[4], free[1].ids[7]  # ids each row produces on its own
     res = generate_batch(model, PROMPTS[:2], max_new_tokens=12, temperature=0, stop_ids=[stop_a, stop_b])
-    for r, f, s in zip(res, free, (stop_a, stop_b)):
+    for r, f in zip(res, free):
         cut = next(k for k, i in enumerate(f.ids) if i in (stop_a, stop_b))
         assert r.ids == f.ids[: cut + 1] and r.ids[-1] in (stop_a, stop_b)
         assert r.finish_reason == STOP

@@ -11,8 +11,8 @@ import pickle
 import shutil
 
 import pytest
-
 from helpers import DS_ASSISTANT, DS_BOS, DS_EOS, DS_USER, STDLIB, byte_level_bpe, write_released_tokenizer
+
 from dsv3.chat import StreamDecoder, chat_loop
 from dsv3.chat_format import chat_labels, chat_stop_ids, encode_chat
 from dsv3.errors import DsvError
@@ -30,10 +30,20 @@ CONVERSATION = [
     {"role": "user", "content": "And heapq.heappush? 中文 é"},
     {"role": "assistant", "content": "  It pushes onto a heap; 123456 items max."},
 ]
-TEXTS = ["", " ", "hello world", "def f(x):\n    return x  \n\n", "  leading and trailing  ", "a\r\nb\tc",
-         "中文字符和日本語のテキスト", "emoji 😀👍🏽 👨‍👩‍👧", "digits 1234567 and 3.14159",
-         "control \x00\x07\x1b[31m",
-         f"text with {DS_USER} inside and {DS_EOS} too", "lone surrogate \ud800 here"]
+TEXTS = [
+    "",
+    " ",
+    "hello world",
+    "def f(x):\n    return x  \n\n",
+    "  leading and trailing  ",
+    "a\r\nb\tc",
+    "中文字符和日本語のテキスト",
+    "emoji 😀👍🏽 👨‍👩‍👧",
+    "digits 1234567 and 3.14159",
+    "control \x00\x07\x1b[31m",
+    f"text with {DS_USER} inside and {DS_EOS} too",
+    "lone surrogate \ud800 here",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +102,8 @@ def test_chat_ids_equal_apply_chat_template(tok, auto):
             want = auto.apply_chat_template(CONVERSATION[:n], add_generation_prompt=prompt, return_dict=False)
             assert encode_chat(tok, CONVERSATION[:n], add_generation_prompt=prompt) == want, (n, prompt)
     assert tok.render_chat(CONVERSATION[:2], add_generation_prompt=True) == (
-        f"{DS_BOS}You answer briefly.{DS_USER}What does bisect.insort do?\nIn one line.{DS_ASSISTANT}")
+        f"{DS_BOS}You answer briefly.{DS_USER}What does bisect.insort do?\nIn one line.{DS_ASSISTANT}"
+    )
     # generation stops at the end-of-turn token (= EOS here) and at the turn markers, never at BOS
     assert chat_stop_ids(tok) == [tok.eos_id, tok.special_ids[DS_USER], tok.special_ids[DS_ASSISTANT]]
 
@@ -110,7 +121,7 @@ def test_sft_labels_cover_exactly_the_assistant_turns(tok):
         elif i not in trained and start is not None:
             runs.append((start, i))
             start = None
-    assert [tok.decode(ids[a:b - 1]) for a, b in runs] == [CONVERSATION[2]["content"], CONVERSATION[4]["content"]]
+    assert [tok.decode(ids[a : b - 1]) for a, b in runs] == [CONVERSATION[2]["content"], CONVERSATION[4]["content"]]
     assert [ids[b - 1] for a, b in runs] == [tok.eos_id, tok.eos_id]
     assert [ids[a - 1] for a, b in runs] == [tok.special_ids[DS_ASSISTANT]] * 2  # the marker itself is not trained
     with pytest.raises(DsvError, match="no assistant message"):
@@ -128,17 +139,25 @@ def _with_template(tk_dir, tmp_path, name, template):
 
 def test_templates_the_replies_cannot_be_found_in_are_refused(released, tmp_path):
     # no assistant marker: the generation prompt adds nothing
-    bare = _with_template(released, tmp_path, "bare", "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
-                                                       "{{ eos_token }}{% endfor %}")
+    bare = _with_template(
+        released,
+        tmp_path,
+        "bare",
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}",
+    )
     for call in (lambda t: chat_labels(t, CONVERSATION), lambda t: chat_stop_ids(t)):
         with pytest.raises(DsvError, match="has no assistant marker") as exc:
             call(bare)
         assert "\n" not in str(exc.value)
     # earlier turns rendered differently once later ones exist: not turn by turn
-    moving = _with_template(released, tmp_path, "moving",
-                            "{{ bos_token }}{% for m in messages %}{{ '<｜' + m['role'] + '｜>' + m['content'] }}"
-                            "{% if loop.last %}{{ messages | length }}{% endif %}{% endfor %}"
-                            "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+    moving = _with_template(
+        released,
+        tmp_path,
+        "moving",
+        "{{ bos_token }}{% for m in messages %}{{ '<｜' + m['role'] + '｜>' + m['content'] }}"
+        "{% if loop.last %}{{ messages | length }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}",
+    )
     with pytest.raises(DsvError, match="turn by turn"):
         chat_labels(moving, CONVERSATION)
     broken = _with_template(released, tmp_path, "broken", "{% for m in messages %}{{ m['content'] }")
@@ -155,9 +174,11 @@ def test_templates_the_replies_cannot_be_found_in_are_refused(released, tmp_path
 def test_generation_blocks_mark_the_replies(released, tmp_path):
     """A template with {% generation %} blocks (as transformers' assistant masks use): exactly the
     tokens inside them are trained, here the reply and a trailing newline after its end token."""
-    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<｜Assistant｜>{% generation %}"
-                "{{ m['content'] }}<｜end▁of▁sentence｜>\n{% endgeneration %}{% else %}<｜User｜>{{ m['content'] }}"
-                "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<｜Assistant｜>{% generation %}"
+        "{{ m['content'] }}<｜end▁of▁sentence｜>\n{% endgeneration %}{% else %}<｜User｜>{{ m['content'] }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+    )
     tok = _with_template(released, tmp_path, "gen", template)
     msgs = CONVERSATION[1:3]
     ids, labels = chat_labels(tok, msgs)
@@ -206,17 +227,38 @@ def test_chat_loop_with_a_released_tokenizer(tok, tmp_path):
     from dsv3.generation import generate
     from dsv3.model import Transformer
 
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_heads=2,
-                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=128,
-                      mtp_depth=0, init_std=0.2)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        dim=32,
+        inter_dim=64,
+        moe_inter_dim=16,
+        n_layers=2,
+        n_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        max_seq_len=128,
+        mtp_depth=0,
+        init_std=0.2,
+    )
     model = Transformer(cfg)
     model.init_weights(seed=1)
     with torch.no_grad():  # make the end-of-turn token likely, so a reply ends before the limit
         model.lm_head.weight[tok.eos_id] += 0.5 * model.norm(model.embed_tokens.weight).mean(0)
     model.eval()
     out = io.StringIO()
-    chat_loop(model, tok, system="Be brief.", max_new_tokens=20, temperature=0, stdin=io.StringIO("hello 😀\n"),
-              stdout=out, stderr=io.StringIO(), interactive=False)
+    chat_loop(
+        model,
+        tok,
+        system="Be brief.",
+        max_new_tokens=20,
+        temperature=0,
+        stdin=io.StringIO("hello 😀\n"),
+        stdout=out,
+        stderr=io.StringIO(),
+        interactive=False,
+    )
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello 😀"}]
     ids = generate(model, encode_chat(tok, msgs), 20, temperature=0, eos_ids=chat_stop_ids(tok))
     reply = ids[:-1] if ids[-1] in chat_stop_ids(tok) else ids

@@ -8,17 +8,42 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model import Transformer
-from dsv3.model.init import (allocated_elements, init_module_, init_rule, init_tensor_, materialize_, normal_values,
-                             tensor_seed)
+from dsv3.model.init import (
+    allocated_elements,
+    init_module_,
+    init_rule,
+    init_tensor_,
+    materialize_,
+    normal_values,
+    tensor_seed,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**kw):
-    base = dict(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=2,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                max_seq_len=64, mtp_depth=1, route_scale=2.5, init_std=0.02)
+    base = dict(
+        vocab_size=97,
+        dim=32,
+        inter_dim=48,
+        moe_inter_dim=16,
+        n_layers=3,
+        n_dense_layers=1,
+        n_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        max_seq_len=64,
+        mtp_depth=1,
+        route_scale=2.5,
+        init_std=0.02,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -39,8 +64,13 @@ def test_seed_is_a_stable_hash_of_seed_name_and_expert():
     # the scheme would silently change every run's initial weights
     assert tensor_seed(0, "embed_tokens.weight") == 7217937783527894398
     assert tensor_seed(0, "layers.1.mlp.experts.gate_proj", 3) == 8155850969527477766
-    seeds = {tensor_seed(0, "a"), tensor_seed(1, "a"), tensor_seed(0, "b"), tensor_seed(0, "a", 0),
-             tensor_seed(0, "a", 1)}
+    seeds = {
+        tensor_seed(0, "a"),
+        tensor_seed(1, "a"),
+        tensor_seed(0, "b"),
+        tensor_seed(0, "a", 0),
+        tensor_seed(0, "a", 1),
+    }
     assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
 
 
@@ -72,8 +102,9 @@ def test_expert_block_equals_the_full_models_slice():
     name = "layers.1.mlp.experts.down_proj"
     ref = full.layers[1].mlp.experts.down_proj
     a, b = 2, 6  # any block [a, b) of the 8 experts, as an expert-parallel rank would hold it
-    block = init_tensor_(torch.empty(b - a, cfg.dim, cfg.moe_inter_dim), name, 7, cfg.init_std, "experts",
-                         first_expert=a)
+    block = init_tensor_(
+        torch.empty(b - a, cfg.dim, cfg.moe_inter_dim), name, 7, cfg.init_std, "experts", first_expert=a
+    )
     assert torch.equal(block, ref[a:b])
     assert torch.equal(block[0], normal_values((cfg.dim, cfg.moe_inter_dim), cfg.init_std, 7, name, expert=2))
     assert not torch.equal(ref[0], ref[1])  # each expert its own stream
@@ -106,8 +137,9 @@ def _owner(model, name):
 
 def test_device_and_dtype_do_not_change_the_values():
     cfg = small_cfg()
-    w = init_tensor_(torch.empty(cfg.inter_dim, cfg.dim, dtype=torch.bfloat16), "layers.0.mlp.up_proj.weight", 7,
-                     cfg.init_std)
+    w = init_tensor_(
+        torch.empty(cfg.inter_dim, cfg.dim, dtype=torch.bfloat16), "layers.0.mlp.up_proj.weight", 7, cfg.init_std
+    )
     assert torch.equal(w, full_model(cfg).layers[0].mlp.up_proj.weight.to(torch.bfloat16))
     with pytest.raises(ValueError, match="meta device"):
         init_tensor_(torch.empty(2, device="meta"), "x", 0, 0.1)

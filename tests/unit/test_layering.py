@@ -28,15 +28,29 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dsv3", "data_pipeline")
 
 LAYERS: list[tuple[str, int]] = [  # (module or package prefix, layer); the longest match wins
-    ("dsv3.errors", 0), ("dsv3.fileio", 0), ("dsv3.hardware", 0), ("dsv3.collectives", 0),
-    ("dsv3.config", 1), ("dsv3.tokenizer", 1), ("dsv3.hf_tokenizer", 1), ("dsv3.tokenizer_files", 1),
-    ("dsv3.model", 2), ("dsv3.chat_format", 2), ("dsv3.chat_template", 2),
+    ("dsv3.errors", 0),
+    ("dsv3.fileio", 0),
+    ("dsv3.hardware", 0),
+    ("dsv3.collectives", 0),
+    ("dsv3.config", 1),
+    ("dsv3.tokenizer", 1),
+    ("dsv3.hf_tokenizer", 1),
+    ("dsv3.tokenizer_files", 1),
+    ("dsv3.model", 2),
+    ("dsv3.chat_format", 2),
+    ("dsv3.chat_template", 2),
     ("dsv3.checkpoint", 3),
     ("data_pipeline", 4),
     ("dsv3.parallel", 5),
     ("dsv3.training", 6),
-    ("dsv3.plan", 7), ("dsv3.bench", 7), ("dsv3.generation", 7), ("dsv3.chat", 7), ("dsv3.evaluation", 7),
-    ("dsv3.cli", 8), ("dsv3.__main__", 8), ("dsv3", 8),
+    ("dsv3.plan", 7),
+    ("dsv3.bench", 7),
+    ("dsv3.generation", 7),
+    ("dsv3.chat", 7),
+    ("dsv3.evaluation", 7),
+    ("dsv3.cli", 8),
+    ("dsv3.__main__", 8),
+    ("dsv3", 8),
 ]
 NO_DEEPSPEED = ("dsv3.model", "dsv3.checkpoint")
 
@@ -97,8 +111,9 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], list[str]]:
         for target, names, line in imports_of(path, root):
             where = f"{path.relative_to(root)}:{line}"
             if target.split(".")[0] == "deepspeed" and mod.startswith(NO_DEEPSPEED):
-                problems.append(f"{where}: {mod} imports {target}; the model and the checkpoint formats never import "
-                                "DeepSpeed")
+                problems.append(
+                    f"{where}: {mod} imports {target}; the model and the checkpoint formats never import DeepSpeed"
+                )
             # `from pkg import sub` names a module: the edge goes to the submodule
             candidates = [f"{target}.{n}" if f"{target}.{n}" in modules else target for n in names] or [target]
             for dep in candidates:
@@ -107,9 +122,12 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], list[str]]:
                 if dep != mod:
                     graph[mod].add(dep)
                 if layer_of(dep) > layer_of(mod):
-                    problems.append(f"{where}: {mod} (layer {layer_of(mod)}) imports {dep} (layer {layer_of(dep)}), "
-                                    "a higher layer")
-            private = [n for n in names if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in modules]
+                    problems.append(
+                        f"{where}: {mod} (layer {layer_of(mod)}) imports {dep} (layer {layer_of(dep)}), a higher layer"
+                    )
+            private = [
+                n for n in names if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in modules
+            ]
             if private and target in modules and target != mod:
                 problems.append(f"{where}: {mod} takes the private name(s) {', '.join(private)} from {target}")
     return graph, problems
@@ -125,7 +143,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state:
                 found = visit(d)
                 if found:
@@ -168,19 +186,22 @@ def _write(root: Path, files: dict[str, str]) -> None:
 @pytest.fixture()
 def small_tree(tmp_path):
     """A copy of the project's shape with a few modules that follow the rules."""
-    _write(tmp_path, {
-        "dsv3/__init__.py": "",
-        "dsv3/errors.py": "class DsvError(Exception):\n    pass\n",
-        "dsv3/config.py": "from dsv3.errors import DsvError\n",
-        "dsv3/model/__init__.py": "from dsv3.model.norm import RMSNorm\n",
-        "dsv3/model/norm.py": "from dsv3.config import DsvError\nRMSNorm = 1\n",
-        "dsv3/checkpoint/__init__.py": "",
-        "dsv3/checkpoint/files.py": "from dsv3.model import RMSNorm\n",
-        "dsv3/training/__init__.py": "",
-        "dsv3/training/trainer.py": "from dsv3.checkpoint import files\nfrom . import helpers\n",
-        "dsv3/training/helpers.py": "def _private():\n    pass\n",
-        "data_pipeline/__init__.py": "",
-    })
+    _write(
+        tmp_path,
+        {
+            "dsv3/__init__.py": "",
+            "dsv3/errors.py": "class DsvError(Exception):\n    pass\n",
+            "dsv3/config.py": "from dsv3.errors import DsvError\n",
+            "dsv3/model/__init__.py": "from dsv3.model.norm import RMSNorm\n",
+            "dsv3/model/norm.py": "from dsv3.config import DsvError\nRMSNorm = 1\n",
+            "dsv3/checkpoint/__init__.py": "",
+            "dsv3/checkpoint/files.py": "from dsv3.model import RMSNorm\n",
+            "dsv3/training/__init__.py": "",
+            "dsv3/training/trainer.py": "from dsv3.checkpoint import files\nfrom . import helpers\n",
+            "dsv3/training/helpers.py": "def _private():\n    pass\n",
+            "data_pipeline/__init__.py": "",
+        },
+    )
     return tmp_path
 
 
@@ -189,14 +210,18 @@ def test_checker_passes_a_clean_tree_and_names_each_broken_rule(small_tree):
     assert problems == [] and find_cycle(graph) is None
     assert graph["dsv3.training.trainer"] == {"dsv3.checkpoint.files", "dsv3.training.helpers"}  # relative import
     # an upward import inside a function, DeepSpeed in the model, a private name across modules
-    _write(small_tree, {
-        "dsv3/model/norm.py": "import deepspeed\nRMSNorm = 1\n\ndef f():\n    from dsv3.training import trainer\n",
-        "dsv3/checkpoint/files.py": "from dsv3.training.helpers import _private\n",
-    })
+    _write(
+        small_tree,
+        {
+            "dsv3/model/norm.py": "import deepspeed\nRMSNorm = 1\n\ndef f():\n    from dsv3.training import trainer\n",
+            "dsv3/checkpoint/files.py": "from dsv3.training.helpers import _private\n",
+        },
+    )
     _, problems = import_graph(small_tree)
     assert any("dsv3/model/norm.py:1: dsv3.model.norm imports deepspeed" in p for p in problems)
-    assert any("dsv3/model/norm.py:5: dsv3.model.norm (layer 2) imports dsv3.training.trainer (layer 6)" in p
-               for p in problems)
+    assert any(
+        "dsv3/model/norm.py:5: dsv3.model.norm (layer 2) imports dsv3.training.trainer (layer 6)" in p for p in problems
+    )
     assert any("takes the private name(s) _private from dsv3.training.helpers" in p for p in problems)
 
 

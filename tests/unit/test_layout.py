@@ -27,12 +27,16 @@ def test_stage_split_checks():
 def test_pipeline_with_ep_and_zero1_needs_a_moe_block_on_every_stage():
     """DeepSpeed's ZeRO optimizer reduces one gradient norm per optimizer group over the stages; a
     stage without MoE layers has no expert group and the run would hang: refused up front."""
+
     def check(*extra):
         return check_launch(load_config(None, ["parallel.pp=2", "parallel.ep=2", "model.n_layers=4", *extra]), 4)
 
-    with pytest.raises(DsvError, match=r"pipeline stage 0 holds only dense blocks \(0-0\), but with parallel.ep=2 and "
-                                       r"ZeRO stage 1 every stage needs a MoE block .*; set "
-                                       r"parallel.pp_partition=2,2 or parallel.zero_stage=0$"):
+    with pytest.raises(
+        DsvError,
+        match=r"pipeline stage 0 holds only dense blocks \(0-0\), but with parallel.ep=2 and "
+        r"ZeRO stage 1 every stage needs a MoE block .*; set "
+        r"parallel.pp_partition=2,2 or parallel.zero_stage=0$",
+    ):
         check("parallel.zero_stage=1", "parallel.pp_partition=1,3")
     with pytest.raises(DsvError, match=r"blocks \(0-0\).*; set parallel.zero_stage=0$"):  # no split leaves MoE on both
         check("parallel.zero_stage=1", "model.n_layers=2")
@@ -48,12 +52,18 @@ def test_check_launch_accepts_ep():
 
 
 def test_layout_messages_name_the_data_parallel_size_and_working_ep_values():
-    with pytest.raises(DsvError, match=r"^parallel.ep=4 does not divide the 2 process\(es\); run a multiple of 4 "
-                                       r"processes or choose ep in \[1, 2\]$"):
+    with pytest.raises(
+        DsvError,
+        match=r"^parallel.ep=4 does not divide the 2 process\(es\); run a multiple of 4 "
+        r"processes or choose ep in \[1, 2\]$",
+    ):
         check_expert_parallel(4, 8, 2)
     # 2 processes, pp=2: the data-parallel size is 1, so ep=2 needs 4 processes
-    with pytest.raises(DsvError, match=r"^parallel.ep=2 does not divide the data-parallel size 1 \(2 processes / "
-                                       r"parallel.pp=2\); run a multiple of 4 processes or choose ep in \[1\]$"):
+    with pytest.raises(
+        DsvError,
+        match=r"^parallel.ep=2 does not divide the data-parallel size 1 \(2 processes / "
+        r"parallel.pp=2\); run a multiple of 4 processes or choose ep in \[1\]$",
+    ):
         check_expert_parallel(2, 8, 1, pp=2)
     with pytest.raises(DsvError, match=r"n_routed_experts=8 is not divisible by parallel.ep=3; choose ep in \[1, 2\]$"):
         check_expert_parallel(3, 8, 6)

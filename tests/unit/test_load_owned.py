@@ -8,14 +8,14 @@ import math
 
 import pytest
 import torch
+from helpers import dsv3_checkpoint
 from safetensors.torch import load_file, save_file
+from test_init import _LocalExperts, meta_model, small_cfg
 
 from dsv3.checkpoint import CheckpointWeights, HFWeights, export_hf, load_hf_model, open_weights
 from dsv3.errors import DsvError
 from dsv3.model.init import allocated_elements, materialize_
 from dsv3.parallel.layout import stage_prefixes
-from helpers import dsv3_checkpoint
-from test_init import _LocalExperts, meta_model, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,7 +44,7 @@ def saved_checkpoint(folder, cfg):
 def rank_model(cfg):
     """The meta model of EP rank 1 of 4 on pipeline stage 1 of [2, 1], and its ownership test."""
     m = meta_model(cfg)
-    for layer in [*m.layers[cfg.n_dense_layers:], *m.mtp]:
+    for layer in [*m.layers[cfg.n_dense_layers :], *m.mtp]:
         layer.mlp.experts = _LocalExperts(layer.mlp.experts, EP_RANK * (8 // EP), 8 // EP)
     prefixes = tuple(stage_prefixes(m, COUNTS, STAGE))
     return m, lambda name: name.startswith(prefixes)
@@ -96,8 +96,11 @@ def test_checkpoint_that_does_not_match_is_one_line(tmp_path):
     cfg = small_cfg()
     saved_checkpoint(tmp_path / "ckpt", cfg)
     weights = tmp_path / "ckpt" / "model.safetensors"
-    with pytest.raises(DsvError, match=r"does not match its config.yaml \(layers.0.mlp.down_proj.weight has shape "
-                                       r"\(32, 48\), the config gives \(32, 40\); \d+ problem\(s\)\); use a matching"):
+    with pytest.raises(
+        DsvError,
+        match=r"does not match its config.yaml \(layers.0.mlp.down_proj.weight has shape "
+        r"\(32, 48\), the config gives \(32, 40\); \d+ problem\(s\)\); use a matching",
+    ):
         CheckpointWeights(weights, small_cfg(inter_dim=40))
     with pytest.raises(DsvError, match=r"does not match the run's config \(missing mtp\.1\."):
         CheckpointWeights(weights, small_cfg(mtp_depth=2), "the run's config")
@@ -115,7 +118,7 @@ def quantize_fp8(w, block):
     s = torch.empty(grid)
     for i in range(grid[0]):
         for j in range(grid[1]):
-            s[i, j] = w[i * block:(i + 1) * block, j * block:(j + 1) * block].abs().max().clamp(min=1e-12) / 448
+            s[i, j] = w[i * block : (i + 1) * block, j * block : (j + 1) * block].abs().max().clamp(min=1e-12) / 448
     full = s.repeat_interleave(block, 0)[:m].repeat_interleave(block, 1)[:, :n]
     return (w / full).to(torch.float8_e4m3fn), s
 
@@ -144,14 +147,17 @@ def test_hf_folder_rank_reads_only_its_expert_keys(tmp_path):
         else:
             out[k] = v
     pre = "model.layers.2.mlp.experts"
-    gate_up = [torch.cat([weights[f"{pre}.{e}.gate_proj.weight"], weights[f"{pre}.{e}.up_proj.weight"]])
-               for e in range(8)]
+    gate_up = [
+        torch.cat([weights[f"{pre}.{e}.gate_proj.weight"], weights[f"{pre}.{e}.up_proj.weight"]]) for e in range(8)
+    ]
     out[f"{pre}.gate_up_proj"] = torch.stack(gate_up)
     out[f"{pre}.down_proj"] = torch.stack([weights[f"{pre}.{e}.down_proj.weight"] for e in range(8)])
     hard = tmp_path / "hard"
     hard.mkdir()
-    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in out.items() if ".layers.3." not in k},
-              "model-00002-of-00002.safetensors": {k: v for k, v in out.items() if ".layers.3." in k}}
+    shards = {
+        "model-00001-of-00002.safetensors": {k: v for k, v in out.items() if ".layers.3." not in k},
+        "model-00002-of-00002.safetensors": {k: v for k, v in out.items() if ".layers.3." in k},
+    }
     for file, part in shards.items():
         save_file(part, str(hard / file))
     index = {"weight_map": {k: file for file, part in shards.items() for k in part}}

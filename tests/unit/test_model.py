@@ -23,10 +23,27 @@ from dsv3.training.balance import update_expert_bias
 
 
 def small_cfg(**kw):
-    base = dict(vocab_size=97, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=2,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                max_seq_len=64, mtp_depth=2, route_scale=2.5)
+    base = dict(
+        vocab_size=97,
+        dim=32,
+        inter_dim=48,
+        moe_inter_dim=16,
+        n_layers=3,
+        n_dense_layers=1,
+        n_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        max_seq_len=64,
+        mtp_depth=2,
+        route_scale=2.5,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -117,9 +134,16 @@ def test_experts_grouped_matches_loop(H):
     y.sum().backward()
 
 
-@pytest.mark.parametrize("N, dtype, path", [(2, torch.float32, "_few_tokens"), (5, torch.float32, None),
-                                            (5, torch.bfloat16, "_all_experts"), (16, torch.bfloat16, "_all_experts"),
-                                            (17, torch.bfloat16, None)])
+@pytest.mark.parametrize(
+    "N, dtype, path",
+    [
+        (2, torch.float32, "_few_tokens"),
+        (5, torch.float32, None),
+        (5, torch.bfloat16, "_all_experts"),
+        (16, torch.bfloat16, "_all_experts"),
+        (17, torch.bfloat16, None),
+    ],
+)
 def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
     """Without gradients: N*K < E gathers the chosen experts; in bf16 on CPU up to
     DENSE_MAX_TOKENS (16) tokens run every expert; otherwise the grouped products. Each equals
@@ -212,8 +236,16 @@ def test_rope_rotation_by_hand():
 
 
 def test_yarn_frequencies_and_softmax_scale():
-    cfg = ModelConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, rope_factor=40.0, original_seq_len=4096,
-                      beta_fast=32, beta_slow=1, mscale=1.0, max_seq_len=163840)
+    cfg = ModelConfig(
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        rope_factor=40.0,
+        original_seq_len=4096,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        max_seq_len=163840,
+    )
     assert yarn_softmax_scale(cfg) == pytest.approx(0.135234, abs=5e-7)
     base = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     inv = rope_frequencies(cfg).double()
@@ -233,8 +265,15 @@ def test_yarn_unequal_mscales_by_hand():
     """mscale_all_dim sets the softmax scale, m(mscale) / m(mscale_all_dim) multiplies cos/sin."""
     assert yarn_mscale(40.0, 1.0) == pytest.approx(1.368888, abs=5e-7)
     assert yarn_mscale(1.0, 5.0) == 1.0  # no YaRN, no correction
-    cfg = ModelConfig(qk_nope_head_dim=16, qk_rope_head_dim=8, rope_factor=4.0, original_seq_len=16,
-                      mscale=0.5, mscale_all_dim=1.0, max_seq_len=64)
+    cfg = ModelConfig(
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        rope_factor=4.0,
+        original_seq_len=16,
+        mscale=0.5,
+        mscale_all_dim=1.0,
+        max_seq_len=64,
+    )
     # 24 ** -0.5 * (0.1 ln 4 + 1) ** 2 and (0.05 ln 4 + 1) / (0.1 ln 4 + 1)
     assert yarn_softmax_scale(cfg) == pytest.approx(0.264642, abs=5e-7)
     assert yarn_rope_scale(cfg) == pytest.approx(0.939124, abs=5e-7)
@@ -245,7 +284,7 @@ def test_yarn_unequal_mscales_by_hand():
     # None (the default) means mscale_all_dim = mscale: unscaled tables, mscale sets the softmax
     same = ModelConfig(qk_nope_head_dim=16, qk_rope_head_dim=8, rope_factor=4.0, mscale=0.5)
     assert same.mscale_all_dim is None and yarn_rope_scale(same) == 1.0
-    assert yarn_softmax_scale(same) == pytest.approx(24 ** -0.5 * (0.05 * math.log(4) + 1) ** 2)
+    assert yarn_softmax_scale(same) == pytest.approx(24**-0.5 * (0.05 * math.log(4) + 1) ** 2)
     assert yarn_rope_scale(ModelConfig(mscale=0.5, mscale_all_dim=1.0)) == 1.0  # rope_factor 1: YaRN off
     assert yarn_softmax_scale(ModelConfig(mscale=0.5, mscale_all_dim=1.0)) == pytest.approx((32 + 16) ** -0.5)
 
@@ -297,7 +336,7 @@ def test_mtp_targets_shifted_exactly_once():
         torch.testing.assert_close(out.lm_loss_sum, lm)
         for k in (1, 2):
             mod = m.mtp[k - 1]
-            emb = m.embed_tokens(window[:, k : T])  # token i+k, for i < T-k
+            emb = m.embed_tokens(window[:, k:T])  # token i+k, for i < T-k
             h, _ = mod(h[:, : T - k], emb, m.rope_cos[: T - k], m.rope_sin[: T - k])
             h = mod.shared_head.norm(h)
             logits = m.lm_head(h)

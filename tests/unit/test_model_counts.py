@@ -38,11 +38,35 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.model import Transformer, count_parameters
 
-V3_671B = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3,
-               n_heads=128, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
-               n_limited_groups=4, route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-               qk_rope_head_dim=64, v_head_dim=128, max_seq_len=4096, rope_factor=40.0, original_seq_len=4096,
-               beta_fast=32.0, beta_slow=1.0, mscale=1.0, mtp_depth=1, rms_norm_eps=1e-6, init_std=0.006)
+V3_671B = dict(
+    vocab_size=129280,
+    dim=7168,
+    inter_dim=18432,
+    moe_inter_dim=2048,
+    n_layers=61,
+    n_dense_layers=3,
+    n_heads=128,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    n_activated_experts=8,
+    n_expert_groups=8,
+    n_limited_groups=4,
+    route_scale=2.5,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    max_seq_len=4096,
+    rope_factor=40.0,
+    original_seq_len=4096,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mtp_depth=1,
+    rms_norm_eps=1e-6,
+    init_std=0.006,
+)
 
 
 def test_671b_counts_on_meta():
@@ -81,10 +105,26 @@ def test_flops_per_token_counts_every_activated_matmul(mtp_depth, q_lora_rank):
     half per layer and MTP block."""
     from dsv3.model import flops_per_token
 
-    cfg = ModelConfig(vocab_size=100, dim=16, inter_dim=40, moe_inter_dim=8, n_layers=3, n_dense_layers=1,
-                      n_heads=2, n_routed_experts=6, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
-                      q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
-                      v_head_dim=5, max_seq_len=64, mtp_depth=mtp_depth)
+    cfg = ModelConfig(
+        vocab_size=100,
+        dim=16,
+        inter_dim=40,
+        moe_inter_dim=8,
+        n_layers=3,
+        n_dense_layers=1,
+        n_heads=2,
+        n_routed_experts=6,
+        n_activated_experts=2,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=12,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=4,
+        v_head_dim=5,
+        max_seq_len=64,
+        mtp_depth=mtp_depth,
+    )
     with torch.device("meta"):
         model = Transformer(cfg)
     weights = 0.0
@@ -97,6 +137,15 @@ def test_flops_per_token_counts_every_activated_matmul(mtp_depth, q_lora_rank):
     scores = (3 + mtp_depth) * 2 * T * ((6 + 4) + 5)  # per layer: heads * T * (qk + v) forward, causal half
     assert flops_per_token(cfg, T) == pytest.approx(6 * weights + 3 * scores, rel=1e-12)
     main_only = flops_per_token(dataclasses.replace(cfg, mtp_depth=0), T)
-    assert main_only == pytest.approx(6 * (weights - mtp_depth * 100 * 16 - sum(
-        p.numel() * (2 / 6 if ".experts." in n else 1) for n, p in model.mtp.named_parameters() if p.ndim >= 2))
-        + 3 * 3 * 2 * T * 15, rel=1e-12)
+    assert main_only == pytest.approx(
+        6
+        * (
+            weights
+            - mtp_depth * 100 * 16
+            - sum(
+                p.numel() * (2 / 6 if ".experts." in n else 1) for n, p in model.mtp.named_parameters() if p.ndim >= 2
+            )
+        )
+        + 3 * 3 * 2 * T * 15,
+        rel=1e-12,
+    )

@@ -15,40 +15,51 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from helpers import HF_VOCAB as VOCAB  # noqa: E402
+from helpers import dsv3_checkpoint, hf_config, hf_load, random_hf_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import DeepseekV3Config  # noqa: E402
 
-from helpers import dsv3_checkpoint, hf_config, hf_load, random_hf_model  # noqa: E402
 from dsv3 import load_model  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.checkpoint import export_hf, import_hf, load_hf_model  # noqa: E402
 from dsv3.checkpoint.hf_config import hf_config_to_model_config, model_config_to_hf  # noqa: E402
 from dsv3.checkpoint.hf_import import dequantize_fp8  # noqa: E402
+from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.errors import DsvError  # noqa: E402
 from dsv3.generation import generate  # noqa: E402
 from dsv3.model import Transformer, rope_cos_sin, yarn_rope_scale, yarn_softmax_scale  # noqa: E402
 
-from helpers import HF_VOCAB as VOCAB  # noqa: E402
 TOL = 1e-5  # fp32 logits (observed <= 5e-6); the exactness cases' defects move them by more than 1
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
 CASES = {
     # no query compression, one expert group, plain rope, all layers MoE
-    "nolora-g1-rope-dense0": dict(q_lora_rank=None, n_group=1, topk_group=1, first_k_dense_replace=0,
-                                  num_hidden_layers=2),
+    "nolora-g1-rope-dense0": dict(
+        q_lora_rank=None, n_group=1, topk_group=1, first_k_dense_replace=0, num_hidden_layers=2
+    ),
     # query compression, 4 groups of 2 (2 kept), YaRN active beyond 16 positions, 2 dense layers
-    "lora-g4-yarn-dense2": dict(q_lora_rank=24, n_group=4, topk_group=2, first_k_dense_replace=2,
-                                rope_parameters=dict(YARN)),
+    "lora-g4-yarn-dense2": dict(
+        q_lora_rank=24, n_group=4, topk_group=2, first_k_dense_replace=2, rope_parameters=dict(YARN)
+    ),
     # YaRN with mscale = mscale_all_dim != 1, rotate-half weight layout (rope_interleave false)
-    "lora-g2-yarn-mscale-halfrope": dict(q_lora_rank=24, rope_interleave=False,
-                                         rope_parameters=dict(YARN, mscale=0.7, mscale_all_dim=0.7)),
+    "lora-g2-yarn-mscale-halfrope": dict(
+        q_lora_rank=24, rope_interleave=False, rope_parameters=dict(YARN, mscale=0.7, mscale_all_dim=0.7)
+    ),
 }
 
 
@@ -145,7 +156,7 @@ def cached_decode_logits(model: Transformer, ids: torch.Tensor, prefill: int) ->
     cache = model.new_cache(ids.shape[0], ids.shape[1])
     out = [model(ids[:, :prefill], cache=cache)]
     for t in range(prefill, ids.shape[1]):
-        out.append(model(ids[:, t:t + 1], cache=cache))
+        out.append(model(ids[:, t : t + 1], cache=cache))
     return torch.cat(out, dim=1)
 
 
@@ -166,16 +177,27 @@ TOL_CASES = {
     # rms_norm_eps 1e-5 on the block/final norms; latents of RMS ~1e-3, where the latent
     # norms' own eps (1e-6) decides their output
     "eps1e-5-small-latents-qlora": (dict(q_lora_rank=24, rms_norm_eps=1e-5), True),
-    "eps1e-5-small-latents-nolora": (dict(q_lora_rank=None, rms_norm_eps=1e-5, first_k_dense_replace=0,
-                                          num_hidden_layers=2), True),
+    "eps1e-5-small-latents-nolora": (
+        dict(q_lora_rank=None, rms_norm_eps=1e-5, first_k_dense_replace=0, num_hidden_layers=2),
+        True,
+    ),
     # YaRN with mscale != mscale_all_dim: softmax by m(1.0)**2, cos/sin by m(0.5)/m(1.0) = 0.9391
     "yarn-mscale0.5-all1": (dict(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.5, mscale_all_dim=1.0)), False),
     # the same with rotate-half weights, small latents and eps 1e-5 together
-    "yarn-mscale0.707-all1-halfrope-eps": (dict(q_lora_rank=24, rope_interleave=False, rms_norm_eps=1e-5,
-                                                rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=1.0)), True),
+    "yarn-mscale0.707-all1-halfrope-eps": (
+        dict(
+            q_lora_rank=24,
+            rope_interleave=False,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=1.0),
+        ),
+        True,
+    ),
     # an explicit attention_factor overrides the mscale ratio (folded into dsv3's mscale)
-    "yarn-attention-factor1.2": (dict(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.7, mscale_all_dim=1.0,
-                                                                           attention_factor=1.2)), False),
+    "yarn-attention-factor1.2": (
+        dict(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.7, mscale_all_dim=1.0, attention_factor=1.2)),
+        False,
+    ),
     # mscale without mscale_all_dim: transformers scales cos/sin by m(1) and not the softmax
     "yarn-mscale-only": (dict(q_lora_rank=None, rope_parameters=dict(NO_ALL_DIM, mscale=0.7)), False),
 }
@@ -218,26 +240,51 @@ def test_exactness_hf_to_dsv3_and_back(case, tmp_path):
 NATIVE_YARN = dict(rope_factor=4.0, original_seq_len=16)
 
 
-@pytest.mark.parametrize("kw, small", [
-    (dict(q_lora_rank=24, rms_norm_eps=1e-5), True),
-    (dict(q_lora_rank=0, rms_norm_eps=1e-5, n_dense_layers=0), True),
-    (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=1.0, **NATIVE_YARN), False),
-    (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=1.0, rms_norm_eps=1e-5, **NATIVE_YARN), True),
-    (dict(q_lora_rank=0, mscale=0.0, mscale_all_dim=1.0, **NATIVE_YARN), False),  # exported with attention_factor
-    (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=0.0, **NATIVE_YARN), False),  # exported with attention_factor
-], ids=["eps-qlora", "eps-nolora", "yarn-0.5-1", "yarn-0.5-1-eps", "yarn-0-1", "yarn-0.5-0"])
+@pytest.mark.parametrize(
+    "kw, small",
+    [
+        (dict(q_lora_rank=24, rms_norm_eps=1e-5), True),
+        (dict(q_lora_rank=0, rms_norm_eps=1e-5, n_dense_layers=0), True),
+        (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=1.0, **NATIVE_YARN), False),
+        (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=1.0, rms_norm_eps=1e-5, **NATIVE_YARN), True),
+        (dict(q_lora_rank=0, mscale=0.0, mscale_all_dim=1.0, **NATIVE_YARN), False),  # exported with attention_factor
+        (dict(q_lora_rank=24, mscale=0.5, mscale_all_dim=0.0, **NATIVE_YARN), False),  # exported with attention_factor
+    ],
+    ids=["eps-qlora", "eps-nolora", "yarn-0.5-1", "yarn-0.5-1-eps", "yarn-0-1", "yarn-0.5-0"],
+)
 def test_exactness_dsv3_to_hf(kw, small, tmp_path):
     """A dsv3 model -> export_hf -> transformers gives its logits within 1e-5, and imports back equal."""
-    mcfg = ModelConfig(**{**dict(vocab_size=VOCAB, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2,
-                                 n_dense_layers=1, n_heads=4, n_routed_experts=8, n_activated_experts=2,
-                                 n_expert_groups=2, n_limited_groups=1, kv_lora_rank=32, qk_nope_head_dim=16,
-                                 qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, mtp_depth=0, init_std=0.125),
-                          **kw})
+    mcfg = ModelConfig(
+        **{
+            **dict(
+                vocab_size=VOCAB,
+                dim=64,
+                inter_dim=96,
+                moe_inter_dim=32,
+                n_layers=2,
+                n_dense_layers=1,
+                n_heads=4,
+                n_routed_experts=8,
+                n_activated_experts=2,
+                n_expert_groups=2,
+                n_limited_groups=1,
+                kv_lora_rank=32,
+                qk_nope_head_dim=16,
+                qk_rope_head_dim=8,
+                v_head_dim=16,
+                max_seq_len=64,
+                mtp_depth=0,
+                init_std=0.125,
+            ),
+            **kw,
+        }
+    )
     model = dsv3_checkpoint(tmp_path / "ckpt", mcfg, seed=4)
     if small:
         shrink_latents(model, mcfg.kv_lora_rank)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp_path / "ckpt" / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ckpt" / "model.safetensors")
+        )
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = model(ids)
@@ -263,11 +310,29 @@ def test_exactness_dsv3_to_hf(kw, small, tmp_path):
 
 def test_mtp_roundtrip_and_bf16_export(tmp_path):
     """dsv3 (with MTP) -> HF -> dsv3 is exact; HF loads all but the MTP layer without complaint."""
-    mcfg = ModelConfig(vocab_size=VOCAB, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
-                       n_heads=4, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2,
-                       n_limited_groups=1, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
-                       qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, mtp_depth=1, rope_factor=4.0,
-                       original_seq_len=16, init_std=0.1)
+    mcfg = ModelConfig(
+        vocab_size=VOCAB,
+        dim=64,
+        inter_dim=96,
+        moe_inter_dim=32,
+        n_layers=2,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_expert_groups=2,
+        n_limited_groups=1,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=64,
+        mtp_depth=1,
+        rope_factor=4.0,
+        original_seq_len=16,
+        init_std=0.1,
+    )
     model = dsv3_checkpoint(tmp_path / "ckpt", mcfg)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     with pytest.raises(DsvError, match=r"hf is already a Hugging Face folder \(config.json\); pass a dsv3 run "):
@@ -276,8 +341,15 @@ def test_mtp_roundtrip_and_bf16_export(tmp_path):
     assert hf_json["architectures"] == ["DeepseekV3ForCausalLM"] and hf_json["model_type"] == "deepseek_v3"
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-              "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.7.down_proj.weight"):
+    for k in (
+        "enorm.weight",
+        "hnorm.weight",
+        "eh_proj.weight",
+        "shared_head.norm.weight",
+        "shared_head.head.weight",
+        "embed_tokens.weight",
+        "mlp.experts.7.down_proj.weight",
+    ):
         assert f"model.layers.2.{k}" in keys
 
     back, info = hf_load(tmp_path / "hf")
@@ -324,10 +396,27 @@ def test_mtp_matches_transformers_mtp_model(tmp_path):
     layers = pytest.importorskip("transformers.modeling_layers")
     if not hasattr(layers, "MtpModel"):
         pytest.skip("this transformers version has no MtpModel")
-    mcfg = ModelConfig(vocab_size=VOCAB, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
-                       n_heads=4, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2,
-                       n_limited_groups=1, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
-                       qk_rope_head_dim=8, v_head_dim=16, max_seq_len=64, mtp_depth=2, init_std=0.12)
+    mcfg = ModelConfig(
+        vocab_size=VOCAB,
+        dim=64,
+        inter_dim=96,
+        moe_inter_dim=32,
+        n_layers=2,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_expert_groups=2,
+        n_limited_groups=1,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=64,
+        mtp_depth=2,
+        init_std=0.12,
+    )
     model = dsv3_checkpoint(tmp_path / "ckpt", mcfg, seed=3)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     main, _ = hf_load(tmp_path / "hf")
@@ -361,9 +450,9 @@ def quantize_fp8(w: torch.Tensor, block: int):
     s = torch.empty(gm, gn)
     for i in range(gm):
         for j in range(gn):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            blk = w[i * block : (i + 1) * block, j * block : (j + 1) * block]
             s[i, j] = blk.abs().max().clamp(min=1e-12) / 448.0
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s[i, j]).to(torch.float8_e4m3fn)
+            q[i * block : (i + 1) * block, j * block : (j + 1) * block] = (blk / s[i, j]).to(torch.float8_e4m3fn)
     return q, s
 
 
@@ -403,8 +492,12 @@ def test_import_fp8_checkpoint(tmp_path):
             quantized[k] = v
     save_file(quantized, str(f))
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [block, block]}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block, block],
+    }
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
 
     import_hf(tmp_path / "hf", tmp_path / "dsv3")
@@ -422,36 +515,80 @@ def test_import_fp8_checkpoint(tmp_path):
 
 
 OFFICIAL_671B = {  # config.json of the official release (rope_scaling style, remote-code keys)
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
-    "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
-    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
-    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
-    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
-    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-    "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
-    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128,
-    "vocab_size": 129280, "initializer_range": 0.02,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "attention_bias": False,
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+    "initializer_range": 0.02,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
 }
 
 
 def test_official_config_maps_to_architecture_table():
     cfg = hf_config_to_model_config(OFFICIAL_671B)
     assert (cfg.dim, cfg.n_layers, cfg.n_dense_layers, cfg.inter_dim, cfg.n_heads) == (7168, 61, 3, 18432, 128)
-    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == \
-        (1536, 512, 128, 64, 128)
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (
+        1536,
+        512,
+        128,
+        64,
+        128,
+    )
     assert (cfg.n_routed_experts, cfg.n_shared_experts, cfg.n_activated_experts) == (256, 1, 8)
     assert (cfg.n_expert_groups, cfg.n_limited_groups, cfg.moe_inter_dim, cfg.route_scale) == (8, 4, 2048, 2.5)
     assert (cfg.rope_factor, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow, cfg.mscale) == (40, 4096, 32, 1, 1)
     assert (cfg.vocab_size, cfg.max_seq_len, cfg.mtp_depth, cfg.rms_norm_eps) == (129280, 163840, 1, 1e-6)
     # the transformers 5 form of the same config gives the same result
     assert hf_config_to_model_config(model_config_to_hf(cfg)) == cfg
-    new_style = DeepseekV3Config(**{k: v for k, v in OFFICIAL_671B.items()
-                                    if k not in ("topk_method", "scoring_func", "moe_layer_freq",
-                                                 "quantization_config")}).to_dict()
+    new_style = DeepseekV3Config(
+        **{
+            k: v
+            for k, v in OFFICIAL_671B.items()
+            if k not in ("topk_method", "scoring_func", "moe_layer_freq", "quantization_config")
+        }
+    ).to_dict()
     assert hf_config_to_model_config(new_style) == cfg
 
 
@@ -463,16 +600,21 @@ def test_exported_config_builds_in_transformers():
     assert built.rope_parameters["rope_type"] == "yarn" and built.num_nextn_predict_layers == 2
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"architectures": ["LlamaForCausalLM"]}, "unknown architecture"),
-    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
-    ({"topk_method": "greedy"}, "topk_method='greedy'"),
-    ({"norm_topk_prob": False}, "norm_topk_prob=False"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=True"),
-    ({"rope_scaling": dict(OFFICIAL_671B["rope_scaling"], factor=1, attention_factor=0.9)},
-     r"^config.json yarn factor=1.0 with attention_factor=0.9 scales the rope tables without YaRN"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architectures": ["LlamaForCausalLM"]}, "unknown architecture"),
+        ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ({"topk_method": "greedy"}, "topk_method='greedy'"),
+        ({"norm_topk_prob": False}, "norm_topk_prob=False"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings=True"),
+        (
+            {"rope_scaling": dict(OFFICIAL_671B["rope_scaling"], factor=1, attention_factor=0.9)},
+            r"^config.json yarn factor=1.0 with attention_factor=0.9 scales the rope tables without YaRN",
+        ),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
+    ],
+)
 def test_unsupported_config_values(change, message):
     with pytest.raises(DsvError, match=message) as info:
         hf_config_to_model_config({**OFFICIAL_671B, **change})
@@ -530,7 +672,7 @@ def test_yarn_mscales_give_what_transformers_computes(mscale, all_dim, attention
 def test_yarn_factors_by_hand():
     """Factor 4, mscale 0.5, mscale_all_dim 1, qk head dim 24: softmax 0.264642, cos/sin x 0.9391."""
     m_half, m_one = 0.1 * 0.5 * math.log(4) + 1, 0.1 * 1.0 * math.log(4) + 1  # 1.069315, 1.138629
-    assert 24 ** -0.5 * m_one ** 2 == pytest.approx(0.264642, abs=5e-7)
+    assert 24**-0.5 * m_one**2 == pytest.approx(0.264642, abs=5e-7)
     assert m_half / m_one == pytest.approx(0.9391, abs=5e-5)
     hc = hf_config(q_lora_rank=24, rope_parameters=dict(YARN, mscale=0.5, mscale_all_dim=1.0))
     cfg = hf_config_to_model_config(hc.to_dict())
@@ -541,7 +683,7 @@ def test_yarn_factors_by_hand():
     assert ref.model.layers[0].self_attn.scaling == pytest.approx(0.264642, abs=5e-7)
     assert ref.model.rotary_emb.attention_scaling == pytest.approx(0.9391, abs=5e-5)
     cos, sin = rope_cos_sin(cfg)
-    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, (m_half / m_one) ** 2))
+    torch.testing.assert_close(cos**2 + sin**2, torch.full_like(cos, (m_half / m_one) ** 2))
 
 
 # --------------------------------------------------------------------------- bad input

@@ -8,12 +8,26 @@ import torch
 
 from dsv3.cli import main
 from dsv3.config import load_config
-from dsv3.parallel.layout import check_launch
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
-from dsv3.plan import (GIB, Layout, ModelParts, a2a_buffer_bytes, a2a_volume_per_step, activation_bytes_per_token,
-                       in_flight_micro_batches, check_divisible, static_bytes, pipeline_bubble, plan, plan_layout, propose,
-                       split_counts, stage_layers)
+from dsv3.parallel.layout import check_launch
+from dsv3.plan import (
+    GIB,
+    Layout,
+    ModelParts,
+    a2a_buffer_bytes,
+    a2a_volume_per_step,
+    activation_bytes_per_token,
+    check_divisible,
+    in_flight_micro_batches,
+    pipeline_bubble,
+    plan,
+    plan_layout,
+    propose,
+    split_counts,
+    stage_layers,
+    static_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 V3 = ROOT / "configs" / "deepseek_v3_671b.yaml"
@@ -22,12 +36,30 @@ V3 = ROOT / "configs" / "deepseek_v3_671b.yaml"
 # sequence per micro-batch, so 15360 / dp (= 128) = 120 micro-batches per step, and per-block
 # activation checkpointing standing in for DeepSeek's recomputation of RMSNorm and the MLA
 # up-projections and its FP8 activation caching (finer-grained, which dsv3 does not model).
-DEEPSEEK_LAYOUT = ["parallel.pp=16", "parallel.ep=64", "parallel.zero_stage=1", "parallel.micro_batch_size=1",
-                   "parallel.grad_accum=120", "parallel.activation_checkpointing=true", "data.seq_len=4096"]
+DEEPSEEK_LAYOUT = [
+    "parallel.pp=16",
+    "parallel.ep=64",
+    "parallel.zero_stage=1",
+    "parallel.micro_batch_size=1",
+    "parallel.grad_accum=120",
+    "parallel.activation_checkpointing=true",
+    "data.seq_len=4096",
+]
 # the 2-layer model of tests/helpers.py (tiny_overrides) (dense layer 0, MoE layer 1, one MTP module)
-TINY = ["model.vocab_size=512", "model.dim=64", "model.inter_dim=128", "model.moe_inter_dim=32", "model.n_layers=2",
-        "model.n_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
-        "model.v_head_dim=16", "model.max_seq_len=128", "data.seq_len=64"]
+TINY = [
+    "model.vocab_size=512",
+    "model.dim=64",
+    "model.inter_dim=128",
+    "model.moe_inter_dim=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
+    "model.max_seq_len=128",
+    "data.seq_len=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +225,15 @@ def test_activation_formula_matches_saved_tensors(one_torch_thread):
     weights in fp32) are kept too and are not per-token.
     """
     B, T = 2, 32
-    wider = ["model.q_lora_rank=48", "model.n_routed_experts=16", "model.n_expert_groups=4", "model.n_limited_groups=2",
-             "model.n_activated_experts=4", "model.n_shared_experts=2", "model.n_layers=3"]
+    wider = [
+        "model.q_lora_rank=48",
+        "model.n_routed_experts=16",
+        "model.n_expert_groups=4",
+        "model.n_limited_groups=2",
+        "model.n_activated_experts=4",
+        "model.n_shared_experts=2",
+        "model.n_layers=3",
+    ]
     for precision, extra in (("fp32", []), ("bf16", []), ("fp32", wider), ("bf16", wider)):
         cfg = load_config(None, TINY + extra + ["model.v_head_dim=24", f"train.precision={precision}"])
         torch.manual_seed(0)
@@ -208,7 +247,7 @@ def test_activation_formula_matches_saved_tensors(one_torch_thread):
         owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
         saved = {}
 
-        def pack(t):
+        def pack(t, owned=owned, saved=saved):
             ptr = t.untyped_storage().data_ptr()
             if ptr not in owned:
                 saved[ptr] = t.untyped_storage().nbytes()
@@ -226,8 +265,18 @@ def test_activation_formula_matches_saved_tensors(one_torch_thread):
 
 
 def test_cli_plan_propose_and_errors(capsys):
-    args = ["plan", "--config", str(V3), "--gpus", "2048", "--gpu-memory-gib", "80", "--propose",
-            "--dispatch-dtype", "fp8"] + DEEPSEEK_LAYOUT
+    args = [
+        "plan",
+        "--config",
+        str(V3),
+        "--gpus",
+        "2048",
+        "--gpu-memory-gib",
+        "80",
+        "--propose",
+        "--dispatch-dtype",
+        "fp8",
+    ] + DEEPSEEK_LAYOUT
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "dispatch fp8, combine bf16" in out and "layouts fit in 80 GiB" in out

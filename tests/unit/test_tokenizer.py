@@ -12,8 +12,10 @@ from dsv3.tokenizer import CHUNK_BYTES, Tokenizer, train_tokenizer, training_chu
 
 LONG_WORD = "qzxjvkw"  # appears only inside one very long line of the training corpus
 
-WORDS = ("value result items index count name data node self other key path size total "
-         "buffer config token start end parse build check update append return").split()
+WORDS = (
+    "value result items index count name data node self other key path size total "
+    "buffer config token start end parse build check update append return"
+).split()
 
 
 def python_like(rng: random.Random, n_funcs: int) -> str:
@@ -21,13 +23,15 @@ def python_like(rng: random.Random, n_funcs: int) -> str:
     out = []
     for _ in range(n_funcs):
         a, b, c = rng.sample(WORDS, 3)
-        out.append(f"def {a}_{b}(self, {c}, count=0):\n"
-                   f"    \"\"\"Return the {b} of {c}.\"\"\"\n"
-                   f"    for item in {c}:\n"
-                   f"        if item is None:\n"
-                   f"            continue\n"
-                   f"        count += len(item)\n"
-                   f"    return self.{a}({c}, count)\n\n")
+        out.append(
+            f"def {a}_{b}(self, {c}, count=0):\n"
+            f'    """Return the {b} of {c}."""\n'
+            f"    for item in {c}:\n"
+            f"        if item is None:\n"
+            f"            continue\n"
+            f"        count += len(item)\n"
+            f"    return self.{a}({c}, count)\n\n"
+        )
     return "".join(out)
 
 
@@ -93,8 +97,16 @@ def test_encode_batch_matches_encode(tok):
 
 
 def test_special_ids(tok):
-    expected = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3,
-                "<|system|>": 4, "<|user|>": 5, "<|assistant|>": 6, "<|end|>": 7}
+    expected = {
+        "<pad>": 0,
+        "<unk>": 1,
+        "<s>": 2,
+        "</s>": 3,
+        "<|system|>": 4,
+        "<|user|>": 5,
+        "<|assistant|>": 6,
+        "<|end|>": 7,
+    }
     assert tok.special_ids == expected
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
     for piece, i in expected.items():
@@ -201,6 +213,7 @@ def test_train_errors(tmp_path):
 def test_a_corpus_error_during_training_keeps_its_own_message(tmp_path):
     """An error of the corpus reader (e.g. a file that is not UTF-8) reaches the user as is, not
     wrapped in sentencepiece's error with the advice for a too-small corpus."""
+
     def texts():
         yield "def f(x):\n    return x\n" * 200
         raise DsvError("file a.txt is not valid UTF-8 (bad byte at offset 3); re-encode it as UTF-8")

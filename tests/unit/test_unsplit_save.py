@@ -1,4 +1,5 @@
-"""One safetensors file written in pieces (dsv3.checkpoint.safetensors_io, dsv3.parallel.unsplit_save), read by the safetensors library."""
+"""One safetensors file written in pieces (dsv3.checkpoint.safetensors_io,
+dsv3.parallel.unsplit_save), read by the safetensors library."""
 
 import json
 import os
@@ -54,7 +55,7 @@ def test_pieces_from_three_writers_make_a_valid_file(tmp_path):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     assert n % 8 == 0 and len(raw) == 8 + n + sum(v.numel() * v.element_size() for v in TENSORS.values())
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     spans = sorted(tuple(h["data_offsets"]) for k, h in header.items() if k != "__metadata__")
     assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     for key, h in header.items():
@@ -141,9 +142,9 @@ def test_weights_and_optimizer_state_round_trip_and_a_stage_reads_only_its_own(t
     """save_weights / save_optimizer_state in one process give model.state_dict() and the AdamW
     state under the plain names; read_layout_free on a model holding one stage returns that
     stage's entries only, equal to what was saved."""
+    from dsv3.checkpoint import LAYOUT_FREE
     from dsv3.config import Config
     from dsv3.parallel.layout_free import read_layout_free
-    from dsv3.checkpoint import LAYOUT_FREE
     from dsv3.parallel.unsplit_save import save_optimizer_state, save_weights
 
     model, opt = _stepped_model()
@@ -154,8 +155,10 @@ def test_weights_and_optimizer_state_round_trip_and_a_stage_reads_only_its_own(t
     assert list(weights) != [] and sorted(weights) == sorted(model.state_dict())
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     params = dict(model.named_parameters())
-    saved = {n: {"fp32": p.detach().clone(), **{k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}}
-             for n, p in params.items()}
+    saved = {
+        n: {"fp32": p.detach().clone(), **{k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}}
+        for n, p in params.items()
+    }
     _to_meta(model, ("layers.2.", "norm.", "lm_head.", "mtp."))
     state, step = read_layout_free(tmp_path, Config(), model)
     assert step == 2
@@ -169,7 +172,8 @@ def test_weights_and_optimizer_state_round_trip_and_a_stage_reads_only_its_own(t
 def test_a_rank_that_cannot_see_the_file_names_the_shared_filesystem(tmp_path, monkeypatch):
     """On a node that does not share the run directory the file rank 0 created is missing."""
     monkeypatch.setattr(SafetensorsLayout, "create", lambda self, path: None)
-    error = write_collective(tmp_path / "model.safetensors", entries(), 0, lambda mine: pieces_of(1, 0),
-                             list(TENSORS))
-    assert error == (f"OSError: {tmp_path / '.model.safetensors.tmp'} created by rank 0 is not visible on rank 0; "
-                     "train.out_dir must be on a filesystem every node shares")
+    error = write_collective(tmp_path / "model.safetensors", entries(), 0, lambda mine: pieces_of(1, 0), list(TENSORS))
+    assert error == (
+        f"OSError: {tmp_path / '.model.safetensors.tmp'} created by rank 0 is not visible on rank 0; "
+        "train.out_dir must be on a filesystem every node shares"
+    )
