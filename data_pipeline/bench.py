@@ -63,8 +63,9 @@ def bench_data(
     import sentencepiece as spm
 
     from data_pipeline.corpus import progress_bars
-    from data_pipeline.dataset import PackedDataset, global_sample_indices, rank_micro_batches
+    from data_pipeline.dataset import PackedDataset
     from data_pipeline.prepare import parse_sources, prepare, run_task, token_dtype
+    from data_pipeline.sampling import global_sample_indices, rank_micro_batches
     from data_pipeline.tasks import iter_documents, plan_tasks
     from dsv3.errors import DsvError
     from dsv3.tokenizer import Tokenizer

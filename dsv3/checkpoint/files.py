@@ -26,6 +26,7 @@ finds things, and checks that a folder is intact (:func:`checkpoint_problem`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -197,3 +198,26 @@ def is_hf_folder(path: str | Path) -> bool:
     """True if ``path`` is a folder with a Hugging Face ``config.json`` and no dsv3 ``config.yaml``."""
     p = Path(path)
     return p.is_dir() and (p / HF_CONFIG).is_file() and not (p / CONFIG).is_file()
+
+
+def prepare_out(out_dir: Path) -> Path:
+    """Check ``out_dir`` is new or empty and return a temp folder beside it.
+
+    Raises:
+        DsvError: ``out_dir`` exists and is not an empty folder.
+    """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DsvError(f"output folder {out_dir} already exists and is not empty; pass a new --out folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_out(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temp folder ``tmp`` into place as ``out_dir`` (see :func:`prepare_out`)."""
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked by _prepare_out
+    os.replace(tmp, out_dir)

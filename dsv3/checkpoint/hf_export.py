@@ -19,9 +19,17 @@ from pathlib import Path
 import torch
 
 from dsv3.chat_format import DSV3_CHAT_TEMPLATE, chat_stop_ids, uses_dsv3_format
-from dsv3.checkpoint.files import HF_CONFIG, WEIGHTS, is_hf_folder, read_checkpoint_config, resolve_checkpoint
+from dsv3.checkpoint.files import (
+    HF_CONFIG,
+    WEIGHTS,
+    finish_out,
+    is_hf_folder,
+    prepare_out,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from dsv3.checkpoint.hf_config import HF_GENERATION_CONFIG, HF_INDEX, HF_SINGLE, model_config_to_hf
-from dsv3.checkpoint.hf_import import FP32_KEEP, finish_out, prepare_out
+from dsv3.checkpoint.hf_import import FP32_KEEP
 from dsv3.checkpoint.safetensors_io import TensorWriter, dtype_of, itemsize
 from dsv3.checkpoint.weights import expected_shapes, shape_problems
 from dsv3.config import ModelConfig

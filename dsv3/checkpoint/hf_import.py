@@ -47,8 +47,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -58,8 +56,9 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint.files import CONFIG, WEIGHTS
+from dsv3.checkpoint.files import CONFIG, WEIGHTS, finish_out, prepare_out
 from dsv3.checkpoint.hf_config import HF_INDEX, HF_SINGLE, hf_config_to_model_config, read_hf_config
+from dsv3.checkpoint.hf_tensors import dequantize_fp8, rope_rows_from_half
 from dsv3.checkpoint.safetensors_io import TensorWriter, dtype_of
 from dsv3.checkpoint.weights import expected_shapes
 from dsv3.config import Config, DataConfig, ModelConfig, save_config
@@ -71,54 +70,6 @@ log = logging.getLogger(__name__)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP32_KEEP = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # routers stay float32
-
-
-def dequantize_fp8(
-    weight: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block: tuple[int, int] = (128, 128),
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Blockwise FP8 dequantization of a DeepSeek-V3 weight.
-
-    ``out[i, j] = float(weight[i, j]) * scale_inv[i // bm, j // bn]`` (``bm, bn = block``),
-    computed in float32 and returned in ``dtype``. Partial blocks at the right and bottom
-    edges use their block's scale like full ones.
-
-    Args:
-        weight: (M, N) ``float8_e4m3fn`` (any float dtype works).
-        scale_inv: (ceil(M / bm), ceil(N / bn)) float32.
-
-    Raises:
-        DsvError: the scale grid does not match the weight shape.
-    """
-    if weight.dim() != 2:
-        raise DsvError(f"FP8 weight of shape {tuple(weight.shape)} is not a matrix; cannot dequantize")
-    m, n = weight.shape
-    bm, bn = block
-    grid = (math.ceil(m / bm), math.ceil(n / bn))
-    if tuple(scale_inv.shape) != grid:
-        raise DsvError(
-            f"FP8 scale of shape {tuple(scale_inv.shape)} does not fit a {m}x{n} weight in "
-            f"{bm}x{bn} blocks (expected {grid}); the checkpoint is corrupt"
-        )
-    s = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]  # (M, N)
-    return (weight.float() * s).to(dtype)
-
-
-def _rope_rows_from_half(n_rows: int, start: int, d: int, period: int, n_blocks: int) -> torch.Tensor:
-    """Row order turning rotate-half rope rows into interleaved pairs.
-
-    In each of ``n_blocks`` blocks of ``period`` rows, the ``d`` rope rows beginning at
-    ``start`` are reordered so new row ``2i`` is old row ``i`` and ``2i+1`` is ``i + d/2``.
-    """
-    order = torch.arange(n_rows)
-    half = torch.arange(d // 2)
-    local = torch.stack([half, half + d // 2], dim=-1).flatten()  # (d,)
-    for b in range(n_blocks):
-        base = b * period + start
-        order[base : base + d] = base + local
-    return order
 
 
 @dataclass
@@ -471,10 +422,10 @@ def _fix_rope(plan: _Plan, target: str, t: torch.Tensor) -> torch.Tensor:
     cfg = plan.cfg
     qk = cfg.qk_head_dim
     if target.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
-        order = _rope_rows_from_half(t.shape[0], cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, qk, cfg.n_heads)
+        order = rope_rows_from_half(t.shape[0], cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, qk, cfg.n_heads)
         return t[order]
     if target.endswith("self_attn.kv_a_proj_with_mqa.weight"):
-        order = _rope_rows_from_half(t.shape[0], cfg.kv_lora_rank, cfg.qk_rope_head_dim, t.shape[0], 1)
+        order = rope_rows_from_half(t.shape[0], cfg.kv_lora_rank, cfg.qk_rope_head_dim, t.shape[0], 1)
         return t[order]
     return t
 
@@ -500,29 +451,6 @@ def _check_heads(plan: _Plan) -> None:
 
 
 # --------------------------------------------------------------------------- import
-
-
-def prepare_out(out_dir: Path) -> Path:
-    """Check ``out_dir`` is new or empty and return a temp folder beside it.
-
-    Raises:
-        DsvError: ``out_dir`` exists and is not an empty folder.
-    """
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DsvError(f"output folder {out_dir} already exists and is not empty; pass a new --out folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def finish_out(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temp folder ``tmp`` into place as ``out_dir`` (see :func:`prepare_out`)."""
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked by _prepare_out
-    os.replace(tmp, out_dir)
 
 
 def import_hf(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:

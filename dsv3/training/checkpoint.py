@@ -47,8 +47,10 @@ from dsv3.checkpoint.files import (
     LAYOUT_FREE,
     MANIFEST,
     WEIGHTS,
+    interrupted_saves,
     previous_good,
     prune,
+    resume_candidates,
     rng_file,
     tag_for,
 )
@@ -210,3 +212,26 @@ def load_rng(folder: Path, rank: int) -> bool:
         return False
     set_rng_state(json.loads(f.read_text(encoding="utf-8")))
     return True
+
+
+def pick_checkpoint(ckpt_root: Path, log) -> str | None:
+    """The newest intact checkpoint of ``ckpt_root`` to resume from, or None when there is none;
+    interrupted saves and corrupt checkpoints are reported through ``log(message)`` and skipped.
+
+    Raises:
+        DsvError: there are checkpoints but none is intact (starting over would overwrite them).
+    """
+    for tag in interrupted_saves(ckpt_root):
+        log(f"warning: checkpoint {ckpt_root / tag} was never completed (the save was interrupted); it is ignored")
+    candidates = resume_candidates(ckpt_root)
+    for tag, problem in candidates:
+        if problem is None:
+            return tag
+        log(f"warning: checkpoint {ckpt_root / tag} is unusable: {problem}; trying an older one")
+    if candidates:
+        raise DsvError(
+            f"none of the {len(candidates)} checkpoint(s) in {ckpt_root} is usable (see the "
+            "warnings above); move that folder away to start the run over, or set train.out_dir to a "
+            "new folder"
+        )
+    return None

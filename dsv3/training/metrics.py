@@ -192,3 +192,26 @@ def step_record(
         for i, r in enumerate(ratio.tolist()):
             rec[f"expert_load/layer{i}"] = r
     return rec
+
+
+def perf_record(
+    cfg, tokens_per_s: float, data_time: float, step_time: float, peak_tflops: float | None, world_size: int, device
+) -> dict[str, float]:
+    """Throughput extras of one step: model TFLOP/s (and MFU when a peak is known: TFLOP/s per
+    process), the share of the step spent loading data, and peak memory of this process (MiB:
+    ``max_memory_allocated`` on CUDA, the peak resident set on CPU)."""
+    import resource
+
+    import torch
+
+    from dsv3.model import flops_per_token
+
+    achieved = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_s / 1e12
+    out = {"tflops": achieved, "data_share": data_time / max(step_time, 1e-9)}
+    if peak_tflops:
+        out["mfu"] = achieved / (peak_tflops * world_size)
+    if device.type == "cuda":
+        out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out

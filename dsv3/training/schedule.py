@@ -9,7 +9,7 @@ is itself a pure function of ``s`` (:class:`BatchSchedule`).
 
 - :class:`BatchSchedule`: the global batch of each step (``train.batch_ramp``) and the samples
   consumed before it (the cursor into the exactly-once sample stream,
-  :func:`data_pipeline.dataset.stream_indices`).
+  :func:`data_pipeline.sampling.stream_indices`).
 - :func:`lr_at`: the default warmup + cosine learning rate (``train.warmup_steps``,
   ``train.min_lr_ratio``); :class:`Schedules` runs ``train.lr_schedule`` phases instead when
   set.
@@ -23,7 +23,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from dsv3.config import BatchRamp, Config, LRPhase, TrainConfig, parse_batch_ramp, parse_lr_schedule, parse_piecewise
+from dsv3.config import Config, TrainConfig
+from dsv3.config_schedules import BatchRamp, LRPhase, parse_batch_ramp, parse_lr_schedule, parse_piecewise
 from dsv3.errors import DsvError
 
 

@@ -2,7 +2,7 @@
 
 One optimizer step consumes a global batch of ``micro_batch_size * grad_accum * dp`` packed
 windows (fewer, in whole micro-batches per rank, during a batch-size ramp), the next ones of
-the sample stream (:func:`data_pipeline.dataset.stream_indices`) at the cursor that the step
+the sample stream (:func:`data_pipeline.sampling.stream_indices`) at the cursor that the step
 number alone determines (:class:`dsv3.training.schedule.BatchSchedule`), so the sample
 sequence does not depend on the number of processes, and a resumed run reads exactly what an
 uninterrupted one would. The learning rate, the MTP weight and the bias update speed of a
@@ -17,12 +17,7 @@ over micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha *
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import resource
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -30,103 +25,44 @@ import torch
 import yaml
 
 from data_pipeline.chat_data import ChatDataset, prepare_chat
-from data_pipeline.dataset import (
-    PackedDataset,
-    check_loader_state,
-    document_attention_mask,
-    loader_state,
-    rank_micro_batches,
-    stream_indices,
-)
+from data_pipeline.dataset import PackedDataset, document_attention_mask
 from data_pipeline.prepare import given_tokenizer, prepare
+from data_pipeline.sampling import check_loader_state, loader_state, rank_micro_batches, stream_indices
 from dsv3.checkpoint import (
     CHECKPOINTS,
     CONFIG,
     MANIFEST,
-    TOKENIZER,
     WEIGHTS,
     CheckpointWeights,
-    interrupted_saves,
-    is_hf_folder,
-    open_weights,
     read_checkpoint_config,
-    resolve_checkpoint,
     resume_candidates,
     saved_world_size,
     tag_for,
 )
 from dsv3.collectives import all_reduce_sum, barrier
-from dsv3.config import Config, extend_model, save_config, validate
+from dsv3.config import Config, save_config
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.hardware import DTYPES, measure_peak_tflops
-from dsv3.model import IGNORE_INDEX, Transformer, flops_per_token, label_counts, materialize_, training_loss
-from dsv3.model.init import WeightsSource, allocated_elements
+from dsv3.model import IGNORE_INDEX, Transformer, label_counts, materialize_, training_loss
+from dsv3.model.init import allocated_elements
 from dsv3.parallel import expert_parallel, layout_free
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, init_distributed
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.parallel.layout import check_launch
 from dsv3.parallel.pipeline import PipelineRun
-from dsv3.tokenizer_files import find_tokenizer, open_tokenizer
+from dsv3.tokenizer_files import open_tokenizer
 from dsv3.training.balance import update_expert_bias
-from dsv3.training.checkpoint import load_rng, save_checkpoint, seed_everything
-from dsv3.training.metrics import Console, MetricsLogger, step_record
+from dsv3.training.checkpoint import load_rng, pick_checkpoint, save_checkpoint, seed_everything
+from dsv3.training.init_from import with_init_from
+from dsv3.training.metrics import Console, MetricsLogger, perf_record, step_record
 from dsv3.training.schedule import Schedules, schedule_warning, tokens_text
+from dsv3.training.signals import StopSignal
 
 
 def _log(info: DistInfo, msg: str) -> None:
     if info.is_main:
         print(msg, flush=True)
-
-
-def with_init_from(cfg: Config) -> tuple[Config, WeightsSource | None, str]:
-    """Open ``train.init_from`` and adopt its model section (and, unless set, its tokenizer:
-    ``tokenizer.json`` or ``tokenizer.model``, see :func:`dsv3.tokenizer_files.find_tokenizer`).
-
-    The model section is the weights' own, except the context-extension fields (YaRN,
-    ``max_seq_len``) that the config sets explicitly (:func:`dsv3.config.extend_model`).
-    Reads only the headers (names, shapes) and configs; each rank later reads the tensors it
-    holds (:func:`dsv3.model.init.materialize_` with the returned source).
-
-    Returns:
-        (config, weights source of the initial weights, see :func:`dsv3.checkpoint.open_weights`,
-        the changed model fields as :func:`extension_changes` words them), or (cfg, None, "")
-        without init_from.
-
-    Raises:
-        DsvError: ``init_from`` holds no loadable model, the config changes an architecture
-            field or shrinks the context, or the result is invalid.
-    """
-    if not cfg.train.init_from:
-        return cfg, None, ""
-    cfg = copy.deepcopy(cfg)
-    # e.g. mtp_depth as present in the weights, not as config.json claims; the context-extension
-    # fields (YaRN, max_seq_len) as the config sets them
-    saved, source = open_weights(cfg.train.init_from)
-    cfg.model = extend_model(saved, cfg, str(cfg.train.init_from))
-    if cfg.data.tokenizer is None:
-        src = Path(cfg.train.init_from)
-        found = find_tokenizer(src)
-        if found is None and not is_hf_folder(src):
-            found = find_tokenizer(resolve_checkpoint(src))
-        if found is None:
-            raise DsvError(
-                f"train.init_from={src} has no tokenizer ({TOKENIZER} or tokenizer.json); set "
-                "data.tokenizer to the tokenizer these weights were trained with"
-            )
-        cfg.data.tokenizer = str(found)
-    validate(cfg)
-    return cfg, source, extension_changes(saved, cfg.model)
-
-
-def extension_changes(saved, model) -> str:
-    """``"model.rope_factor 1.0 -> 4.0, ..."``: the fields in which ``model`` differs from the
-    weights' ``saved`` config ("" when none)."""
-    return ", ".join(
-        f"model.{f.name} {getattr(saved, f.name)} -> {getattr(model, f.name)}"
-        for f in dataclasses.fields(saved)
-        if getattr(saved, f.name) != getattr(model, f.name)
-    )
 
 
 class Trainer:
@@ -165,7 +101,8 @@ class Trainer:
                 f"fewer than one global batch of {self.global_batch}; use a bigger corpus or a smaller batch"
             )
 
-        self.resume_tag = self._pick_checkpoint()  # before writing anything into out_dir
+        # the checkpoint to resume, picked before anything is written into out_dir
+        self.resume_tag = pick_checkpoint(self.ckpt_root, lambda msg: _log(self.info, msg))
         self.tokenizer_files: list[Path] = []  # the run's tokenizer files (rank 0), copied into each checkpoint
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,32 +166,6 @@ class Trainer:
                 )
             return prepare_chat(self.cfg, given_tokenizer(self.cfg.data), progress=progress)
         return prepare(self.cfg, progress=progress)
-
-    def _pick_checkpoint(self) -> str | None:
-        """The newest intact checkpoint to resume from; interrupted saves and corrupt checkpoints
-        are reported and skipped.
-
-        Raises:
-            DsvError: there are checkpoints but none is intact (starting over would overwrite them).
-        """
-        for tag in interrupted_saves(self.ckpt_root):
-            _log(
-                self.info,
-                f"warning: checkpoint {self.ckpt_root / tag} was never completed (the save was "
-                "interrupted); it is ignored",
-            )
-        candidates = resume_candidates(self.ckpt_root)
-        for tag, problem in candidates:
-            if problem is None:
-                return tag
-            _log(self.info, f"warning: checkpoint {self.ckpt_root / tag} is unusable: {problem}; trying an older one")
-        if candidates:
-            raise DsvError(
-                f"none of the {len(candidates)} checkpoint(s) in {self.ckpt_root} is usable (see the "
-                "warnings above); move that folder away to start the run over, or set train.out_dir to a "
-                "new folder"
-            )
-        return None
 
     def _resume(self) -> None:
         tag = self.resume_tag
@@ -434,22 +345,6 @@ class Trainer:
         self.optimizer.skip_next = not finite
         return {"finite": finite, "grad_norm": grad_norm}
 
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 on any rank ask every rank to save and stop after the current step."""
-        self._signal = 0
-
-        def handler(signum, frame):
-            self._signal = signum
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, handler)
-
-    def _stop_agreed(self) -> bool:
-        """True on every rank if any rank received a stop signal (one tiny all-reduce per step)."""
-        flag = torch.tensor([1.0 if self._signal else 0.0])
-        return all_reduce_sum(flag).item() > 0
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss (main head) over the first ``eval_batches`` global batches of
@@ -535,7 +430,7 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.train
         sched = self.schedules.batch
-        self._install_signal_handlers()
+        stop = StopSignal()
         logger = MetricsLogger(
             self.out_dir, self.start_step, self.info.is_main, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         )
@@ -569,7 +464,17 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             rec["step_time_s"] = elapsed
             rec["tokens_per_s"] = (sched.tokens(done) - sched.tokens(step)) / max(elapsed, 1e-9)
-            rec.update(self._perf(rec, elapsed))
+            rec.update(
+                perf_record(
+                    self.cfg,
+                    rec["tokens_per_s"],
+                    self._data_time,
+                    elapsed,
+                    self.peak_tflops,
+                    self.info.world_size,
+                    self.info.device,
+                )
+            )
             if rec.get("skipped"):
                 what = f"non-finite loss or gradient at step {done} (loss {rec['loss']}, grad_norm {rec['grad_norm']})"
                 if t.nonfinite == "stop":
@@ -593,7 +498,7 @@ class Trainer:
                     bias = torch.stack([g.e_score_correction_bias.detach().cpu() for g in self.model.moe_gates()])
                     logger.log_expert_load(done, self.last_load, bias)
             console.step(rec, t.steps, due)
-            signalled = self._stop_agreed()
+            signalled = stop.agreed()
             stopping = signalled or (stop_after is not None and done >= stop_after)
             if done % cfg.ckpt.every == 0 or done == t.steps or stopping:
                 save_checkpoint(
@@ -624,19 +529,6 @@ class Trainer:
             )
         logger.close()
         return self.out_dir
-
-    def _perf(self, rec: dict, step_time: float) -> dict[str, float]:
-        """Throughput extras: model TFLOP/s (and MFU when ``train.peak_tflops`` is set), the
-        share of the step spent loading data, peak memory of this process."""
-        achieved = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * rec["tokens_per_s"] / 1e12
-        out = {"tflops": achieved, "data_share": self._data_time / max(step_time, 1e-9)}
-        if self.peak_tflops:
-            out["mfu"] = achieved / (self.peak_tflops * self.info.world_size)
-        if self.info.device.type == "cuda":
-            out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            out["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return out
 
 
 def train(cfg: Config) -> Path:

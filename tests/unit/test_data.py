@@ -16,8 +16,9 @@ import torch
 
 import data_pipeline.prepare as prep
 from data_pipeline.corpus import default_corpus_files, load_corpus, resolve_source
-from data_pipeline.dataset import PackedDataset, global_sample_indices, load_meta, rank_micro_batches
+from data_pipeline.dataset import PackedDataset, load_meta
 from data_pipeline.prepare import cache_root, data_key, is_val, prepare, prepared_path, val_offset
+from data_pipeline.sampling import global_sample_indices, rank_micro_batches
 from data_pipeline.tasks import iter_documents
 from dsv3.config import DataConfig, load_config
 from dsv3.errors import DsvError

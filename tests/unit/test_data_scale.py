@@ -17,15 +17,12 @@ from data_pipeline.dataset import (
     IGNORE_INDEX,
     PackedDataset,
     blend_index,
-    check_loader_state,
     document_attention_mask,
     document_positions,
-    global_sample_indices,
     load_meta,
-    loader_state,
-    rank_micro_batches,
 )
 from data_pipeline.prepare import prepare
+from data_pipeline.sampling import check_loader_state, global_sample_indices, loader_state, rank_micro_batches
 from data_pipeline.tasks import iter_documents, plan_tasks
 from dsv3.config import ModelConfig, load_config
 from dsv3.errors import DsvError

@@ -4,7 +4,7 @@ Layers (a module may import from its own layer or below; the README's Layout sec
 them)::
 
     0  dsv3.errors, dsv3.fileio, dsv3.hardware, dsv3.collectives
-    1  dsv3.config, dsv3.tokenizer, dsv3.hf_tokenizer, dsv3.tokenizer_files
+    1  dsv3.config, dsv3.config_schedules, dsv3.tokenizer, dsv3.hf_tokenizer, dsv3.tokenizer_files
     2  dsv3.model.*, dsv3.chat_format, dsv3.chat_template
     3  dsv3.checkpoint.*
     4  data_pipeline.*
@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, int]] = [  # (module or package prefix, layer); the long
     ("dsv3.hardware", 0),
     ("dsv3.collectives", 0),
     ("dsv3.config", 1),
+    ("dsv3.config_schedules", 1),
     ("dsv3.tokenizer", 1),
     ("dsv3.hf_tokenizer", 1),
     ("dsv3.tokenizer_files", 1),

@@ -24,7 +24,7 @@ from transformers import DeepseekV3Config  # noqa: E402
 from dsv3 import load_model  # noqa: E402
 from dsv3.checkpoint import export_hf, import_hf, load_hf_model  # noqa: E402
 from dsv3.checkpoint.hf_config import hf_config_to_model_config, model_config_to_hf  # noqa: E402
-from dsv3.checkpoint.hf_import import dequantize_fp8  # noqa: E402
+from dsv3.checkpoint.hf_tensors import dequantize_fp8  # noqa: E402
 from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.errors import DsvError  # noqa: E402
 from dsv3.generation import generate  # noqa: E402

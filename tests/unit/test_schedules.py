@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.dataset import check_loader_state, loader_state, rank_micro_batches, stream_indices
-from dsv3.config import BatchRamp, load_config
+from data_pipeline.sampling import check_loader_state, loader_state, rank_micro_batches, stream_indices
+from dsv3.config import load_config
+from dsv3.config_schedules import BatchRamp
 from dsv3.errors import DsvError
 from dsv3.training.schedule import BatchSchedule, Schedules, lr_at, schedule_table
 
