@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (train)")
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
+    p.add_argument(
+        "--profile", action="store_true", help="train: per-operator breakdown of one more step to <stem>.profile.json"
+    )
     return parser
 
 
@@ -259,6 +262,7 @@ def _cmd_bench(args) -> None:
         args.steps,
         args.reps,
         args.out_dir,
+        args.profile,
     )
 
 

@@ -60,20 +60,85 @@ def machine_peaks(device: torch.device, seconds: float = 0.5) -> dict[str, float
     return {name: measure_peak_tflops(dt, device, seconds=seconds) for name, dt in DTYPES.items()}
 
 
+def parse_cpuinfo(text: str) -> dict[str, object]:
+    """Read a Linux ``/proc/cpuinfo`` text.
+
+    Returns:
+        ``{"model": str | None, "flags": set[str], "physical_cores": int | None}``; the cores
+        are the distinct ``(physical id, core id)`` pairs (None where the file lists neither,
+        as some virtual machines do).
+    """
+    model, flags, cores = None, set(), set()
+    phys = core = None
+    for line in text.splitlines() + [""]:
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not key:  # a blank line ends one logical CPU's block
+            if core is not None:
+                cores.add((phys, core))
+            phys = core = None
+        elif key == "model name" and value:
+            model = value
+        elif key == "flags":
+            flags = set(value.split())
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            core = value
+    return {"model": model, "flags": flags, "physical_cores": len(cores) or None}
+
+
+def _read_cpuinfo() -> dict[str, object]:
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return {"model": None, "flags": set(), "physical_cores": None}
+
+
 def cpu_info() -> dict[str, object]:
     """The CPU's model name and the bf16-relevant ISA features it reports (Linux; elsewhere
     only the platform's processor string): ``{"model": str, "features": [flag, ...]}``."""
-    model, flags = platform.processor() or platform.machine(), set()
+    info = _read_cpuinfo()
+    model = info["model"] or platform.processor() or platform.machine()
+    return {"model": model, "features": [f for f in CPU_FEATURES if f in info["flags"]]}
+
+
+def machine_info() -> dict[str, object]:
+    """What a benchmark ran on, recorded in every ``dsv3 bench`` result as ``machine``.
+
+    Keys: ``cpu_model``; ``cpu_features`` (``{flag: bool}`` for each of :data:`CPU_FEATURES`:
+    AVX2, AVX-512F, AVX-512-BF16, AMX-BF16, AMX-TILE, which decide the matmul kernels);
+    ``cpu_dispatch`` (the ISA level torch's CPU kernels were dispatched for, e.g. ``AVX512``);
+    ``logical_cpus`` (``os.cpu_count()``), ``physical_cores`` (None if unknown),
+    ``usable_cpus`` (this process's CPU affinity); ``torch_threads`` and
+    ``torch_interop_threads`` (threads torch uses); ``torch``, ``cuda`` (torch's CUDA version,
+    None for a CPU build), ``python``; ``gpu`` (name of the current CUDA device, None without
+    one) and ``gpu_count``.
+    """
+    import os
+    import sys
+
+    info = _read_cpuinfo()
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "features": [f for f in CPU_FEATURES if f in flags]}
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        usable = os.cpu_count()
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu_model": info["model"] or platform.processor() or platform.machine(),
+        "cpu_features": {f: f in info["flags"] for f in CPU_FEATURES},
+        "cpu_dispatch": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": info["physical_cores"],
+        "usable_cpus": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+    }
 
 
 def device_name(dev: torch.device) -> str:

@@ -11,7 +11,9 @@ from typing import Any
 from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
+from dsv3.hardware import machine_info
 
+from dsv3.bench.profile import format_profile, profile_path, write_profile
 from dsv3.bench.runs import bench_data, bench_decode, bench_train
 
 
@@ -25,7 +27,9 @@ def result_path(out_dir: str | Path, kind: str, config_name: str, precision: str
 
 
 def write_result(result: dict[str, Any], path: Path) -> Path:
-    """Write ``result`` as JSON atomically; returns the path."""
+    """Write ``result`` as JSON atomically, with the ``machine`` it ran on
+    (:func:`dsv3.hardware.machine_info`; set in ``result`` too); returns the path."""
+    result["machine"] = machine_info()
     atomic_write_text(path, json.dumps(result, indent=1, sort_keys=False, default=str) + "\n")
     return path
 
@@ -62,15 +66,23 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_cli(kind: str, config: str | None, overrides: list[str], precision: str = "fp32", vs: str | None = None,
-            compile_model: bool = False, steps: int = 3, reps: int = 3, out_dir: str = "bench") -> Path:
-    """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file."""
+            compile_model: bool = False, steps: int = 3, reps: int = 3, out_dir: str = "bench",
+            profile: bool = False) -> Path:
+    """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file.
+
+    ``profile`` (train only): also write the per-operator breakdown of one more step to
+    ``<stem>.profile.json`` next to the result (:mod:`dsv3.bench.profile`) and print its summary.
+    """
+    if profile and kind != "train":
+        raise DsvError(f"--profile is for dsv3 bench train, not {kind}")
     cfg = load_config(config, overrides)
     compile_model = compile_model or cfg.train.compile
     if vs not in (None, "hf"):
         raise DsvError(f"--vs {vs}: the only peer is 'hf' (transformers)")
     name = Path(config).stem if config else "tiny"
     if kind == "train":
-        result = bench_train(cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps)
+        result = bench_train(cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps,
+                             profile=profile)
     elif kind == "decode":
         result = bench_decode(cfg, precision, vs_hf=vs == "hf", reps=reps, compile_model=compile_model)
     elif kind == "data":
@@ -81,8 +93,17 @@ def run_cli(kind: str, config: str | None, overrides: list[str], precision: str 
     result["command"] = "dsv3 bench " + " ".join(
         [kind] + ([f"--config {config}"] if config else []) + ([f"--vs {vs}"] if vs else [])
         + ([f"--precision {precision}"] if kind != "data" else []) + (["--compile"] if compile_model else [])
-        + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else []) + list(overrides))
-    path = write_result(result, result_path(out_dir, kind, name, precision if kind != "data" else "data"))
+        + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else []) + (["--profile"] if profile else [])
+        + list(overrides))
+    path = result_path(out_dir, kind, name, precision if kind != "data" else "data")
+    prof = result.pop("profile", None)
+    if prof is not None:
+        result["profile_file"] = profile_path(path).name
+    write_result(result, path)
     print(format_table(result))
     print(f"wrote {path}")
+    if prof is not None:
+        ppath = write_profile({"config": name, "command": result["command"], **prof}, path)
+        print(format_profile(prof))
+        print(f"wrote {ppath}")
     return path

@@ -13,6 +13,7 @@ from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.hardware import DTYPES, device_name, machine_peaks, sync
 
+from dsv3.bench.profile import profile_train
 from dsv3.bench.sides import (HF_EXPERTS, Side, activation_bytes, build_dsv3, build_hf, dsv3_loss, dsv3_state,
                               hf_loss, hf_parity, make_optimizer, rss_mib)
 
@@ -52,7 +53,8 @@ def _time_sides(sides: list[Side], batches, steps: int, reps: int, warmup: int, 
 
 def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compile_model: bool = False,
                 steps: int = 3, reps: int = 3, warmup: int = 1, checkpointing: bool = True,
-                hf_precisions: tuple[str, ...] | None = None, device: str | None = None) -> dict[str, Any]:
+                hf_precisions: tuple[str, ...] | None = None, device: str | None = None,
+                profile: bool = False) -> dict[str, Any]:
     """Time optimizer steps of dsv3 (and the transformers peer); see the module doc.
 
     Args:
@@ -63,6 +65,9 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
         steps, reps, warmup: timed steps per round, rounds, untimed warm-up steps per side.
         checkpointing: also time dsv3 with activation checkpointing (not with ``compile_model``).
         hf_precisions: peer precisions (default: fp32, plus bf16 when ``precision`` is bf16).
+        profile: after the timed steps, profile one more dsv3 step
+            (:func:`dsv3.bench.profile.profile_train`); its breakdown is returned under the key
+            ``profile`` (which :func:`dsv3.bench.run_cli` writes to its own file).
 
     Returns:
         The result dict (written to JSON by :func:`write_result`).
@@ -121,6 +126,7 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
             peaks[name] = max(peaks[name], value)
 
     _time_sides(sides, batches, steps, reps, warmup, dev, between=reprobe)
+    prof = profile_train(sides[0], batches, dev, peaks[precision]) if profile else None
     tokens = B * T
     rows = {}
     peak_ref = peaks[precision]
@@ -142,6 +148,9 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
         "rss_peak_mib": rss_mib(), "model": dict(vars(cfg.model)),
     }
     result.update(rows["dsv3"])
+    if prof is not None:
+        result["profile"] = {"precision": precision, "tokens_per_step": tokens, "model_flops_per_step": fpt * tokens,
+                             **prof}
     if vs_hf:
         hf_rows = {k: v for k, v in rows.items() if k.startswith("hf:")}
         best = max(hf_rows, key=lambda k: hf_rows[k]["tokens_per_s"])

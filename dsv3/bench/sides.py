@@ -108,8 +108,20 @@ class Side:
         self.cpu_times: list[float] = []
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = self.loss_fn(self.model, inputs, labels)
+        """One optimizer step: :meth:`forward`, :meth:`backward`, :meth:`update`."""
+        self.backward(self.forward(inputs, labels))
+        self.update()
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of one (B, T) batch (scalar)."""
+        return self.loss_fn(self.model, inputs, labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss``."""
         loss.backward()
+
+    def update(self) -> None:
+        """Gradient clipping, the optimizer update, and dropping the gradients."""
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

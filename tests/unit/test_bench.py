@@ -53,6 +53,7 @@ def test_bench_train_writes_result(tmp_path, capsys):
         assert row["model_tflops"] == pytest.approx(r["flops_per_token"] * row["tokens_per_s"] / 1e12)
         assert row["mfu"] == pytest.approx(row["model_tflops"] / r["peak_tflops"]["fp32"])
     assert r["peak_tflops"]["fp32"] > 0 and r["peak_tflops"]["bf16"] > 0
+    assert r["machine"]["torch"] == torch.__version__ and r["machine"]["torch_threads"] == 1
     # activation checkpointing keeps only block inputs for the backward pass
     assert 0 < r["results"]["dsv3+ckpt"]["activation_mib"] < 0.5 * r["results"]["dsv3"]["activation_mib"]
     out = capsys.readouterr().out
@@ -64,7 +65,8 @@ def test_vs_hf_ratio_and_parity(tmp_path):
     pytest.importorskip("transformers")
     cfg = load_config(None, TINY)
     assert bench.hf_parity(cfg) < 1e-4
-    r = bench.bench_train(cfg, "fp32", vs_hf=True, steps=1, reps=1, warmup=0, checkpointing=False)
+    r = bench.bench_train(cfg, "fp32", vs_hf=True, steps=1, reps=1, warmup=0, checkpointing=False, profile=True)
+    assert r["profile"]["side"] == "dsv3" and r["profile"]["phases"]["forward"]["matmul_flops"] > 0
     hf_rows = {k: v for k, v in r["results"].items() if k.startswith("hf:")}
     assert set(hf_rows) == {f"hf:fp32:{e}" for e in bench.HF_EXPERTS}
     best = max(hf_rows.values(), key=lambda v: v["tokens_per_s"])
@@ -189,6 +191,7 @@ def test_bench_data_writes_what_the_pipeline_reports(monkeypatch, tmp_path, caps
     (f,) = tmp_path.glob("data-tiny-data-*.json")
     r = json.loads(f.read_text())
     assert r["tokens_per_s"] == 123.0 and r["seq_len"] == 32 and r["kind"] == "data"
+    assert set(r["machine"]) >= {"cpu_model", "cpu_features", "logical_cpus", "torch_threads", "torch", "gpu"}
     assert "tokens_per_s" in capsys.readouterr().out
 
 
