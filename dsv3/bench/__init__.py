@@ -29,7 +29,10 @@ the bytes of tensors autograd saves for the backward pass (activation memory, co
 ``saved_tensors_hooks`` pass over one forward), reported with and without activation
 checkpointing.
 
-Results: ``bench/<kind>-<config>-<precision>-<date>.json`` (atomic write) and a table.
+Results: ``bench/<kind>-<config>-<precision>-<date>.json`` (atomic write) and a table; every
+result holds the ``machine`` it ran on (:func:`dsv3.hardware.machine_info`). ``--profile``
+(train) adds a per-operator breakdown of one more step in ``<same stem>.profile.json``
+(:mod:`dsv3.bench.profile`).
 """
 
 from dsv3.bench.report import format_table, result_path, run_cli, write_result
