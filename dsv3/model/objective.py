@@ -23,13 +23,62 @@ micro-batches and ranks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label value that carries no loss (padding, prompt tokens in SFT)
 
 
+#: On CPU the cross-entropy works on blocks of about this many logits (8 MiB in fp32) at a time
+CE_BLOCK_ELEMENTS = 2**21
+
+
+class _BlockedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (N, V) logits whose fp32 work runs block by block.
+
+    Forward: ``sum over labelled rows of logsumexp(x) - x[label]`` in fp32; saves the logits (in
+    their own dtype) and the (N,) fp32 ``logsumexp``. Backward: ``g (softmax(x) - onehot(label))``
+    on labelled rows, 0 elsewhere, computed in fp32 and written in the logits' dtype.
+
+    Same value and gradient as ``F.cross_entropy(logits.float(), labels, reduction="sum")`` up
+    to fp32 rounding, without its four full (N, V) fp32 tensors (the cast, the log-softmax,
+    the zero-filled gradient of the NLL and that of the log-softmax). On CPU each of those was
+    freshly mapped memory every step (e.g. 64 MiB for 2048 x 8192 logits, above the size
+    from which the C allocator maps and unmaps memory at each allocation), so its page faults
+    cost more than the arithmetic; blocks of :data:`CE_BLOCK_ELEMENTS` are reused instead.
+    On CUDA one block holds all rows.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        n, v = logits.shape
+        rows = n if logits.is_cuda else max(1, CE_BLOCK_ELEMENTS // v)
+        valid = labels != IGNORE_INDEX
+        target = torch.where(valid, labels, 0)
+        blocks = [torch.logsumexp(logits[i : i + rows].float(), dim=-1) for i in range(0, n, rows)]
+        lse = torch.cat(blocks) if blocks else logits.new_zeros(0, dtype=torch.float32)  # (N,)
+        picked = logits.gather(1, target[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, target, valid, lse)
+        ctx.rows = rows
+        return torch.where(valid, lse - picked, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        logits, target, valid, lse = ctx.saved_tensors
+        rows = ctx.rows
+        scale = torch.where(valid, grad.float(), 0.0)  # (N,)
+        out = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], rows):
+            p = (logits[i : i + rows].float() - lse[i : i + rows, None]).exp_()  # softmax
+            p.scatter_add_(1, target[i : i + rows, None], p.new_full((p.shape[0], 1), -1.0))  # - onehot
+            out[i : i + rows] = p.mul_(scale[i : i + rows, None])
+        return out, None
+
+
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy in fp32 over positions whose label is not ``IGNORE_INDEX``.
+
+    Computed block by block (:class:`_BlockedCrossEntropy`), equal to
+    ``F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+    reduction="sum")`` up to fp32 rounding.
 
     Args:
         logits: (B, T, V), any float dtype (computed in fp32).
@@ -38,7 +87,7 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar fp32 tensor (0 when no position is labelled).
     """
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return _BlockedCrossEntropy.apply(logits.flatten(0, 1), labels.flatten())
 
 
 def label_counts(labels: torch.Tensor, depth: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -384,3 +384,27 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ckpt.named_parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_cross_entropy_equals_torch(monkeypatch, dtype):
+    """ce_sum works block by block (here 3 rows of 40 logits per block, 7 blocks and a short
+    one); value and gradient equal torch's cross-entropy in fp32, labels -100 included."""
+    from dsv3.model import objective
+
+    monkeypatch.setattr(objective, "CE_BLOCK_ELEMENTS", 120)
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 11, 40, generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 40, (2, 11), generator=g)
+    labels[0, :3] = objective.IGNORE_INDEX
+    ours = objective.ce_sum(logits, labels)
+    (2.5 * ours).backward()
+    grad, logits.grad = logits.grad, None
+    ref = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    (2.5 * ref).backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    assert grad.dtype == dtype and not grad[0, :3].any()  # unlabelled positions get no gradient
+    torch.testing.assert_close(grad, logits.grad)  # the tolerance of the dtype: rounding of the last bit
+    empty = objective.ce_sum(torch.zeros(1, 0, 40), torch.zeros(1, 0, dtype=torch.long))
+    assert empty.item() == 0.0
