@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
     p.add_argument(
-        "--profile", action="store_true", help="train: per-operator breakdown of one more step to <stem>.profile.json"
+        "--profile", action="store_true", help="train: per-operator breakdown of a step to <stem>.profile.json"
     )
     return parser
 

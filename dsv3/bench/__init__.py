@@ -31,7 +31,7 @@ checkpointing.
 
 Results: ``bench/<kind>-<config>-<precision>-<date>.json`` (atomic write) and a table; every
 result holds the ``machine`` it ran on (:func:`dsv3.hardware.machine_info`). ``--profile``
-(train) adds a per-operator breakdown of one more step in ``<same stem>.profile.json``
+(train) adds a per-operator breakdown of an extra step in ``<same stem>.profile.json``
 (:mod:`dsv3.bench.profile`).
 """
 

@@ -70,7 +70,7 @@ def run_cli(kind: str, config: str | None, overrides: list[str], precision: str 
             profile: bool = False) -> Path:
     """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file.
 
-    ``profile`` (train only): also write the per-operator breakdown of one more step to
+    ``profile`` (train only): also write the per-operator breakdown of a step (after the timed ones) to
     ``<stem>.profile.json`` next to the result (:mod:`dsv3.bench.profile`) and print its summary.
     """
     if profile and kind != "train":

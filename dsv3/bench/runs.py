@@ -65,7 +65,7 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
         steps, reps, warmup: timed steps per round, rounds, untimed warm-up steps per side.
         checkpointing: also time dsv3 with activation checkpointing (not with ``compile_model``).
         hf_precisions: peer precisions (default: fp32, plus bf16 when ``precision`` is bf16).
-        profile: after the timed steps, profile one more dsv3 step
+        profile: after the timed steps, profile extra dsv3 steps
             (:func:`dsv3.bench.profile.profile_train`); its breakdown is returned under the key
             ``profile`` (which :func:`dsv3.bench.run_cli` writes to its own file).
 

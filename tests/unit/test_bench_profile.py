@@ -44,6 +44,7 @@ def test_profile_phases_flops_and_groups(precision):
     r = bench.bench_train(cfg, precision, steps=1, reps=1, checkpointing=False, profile=True)
     p = r["profile"]
     assert p["side"] == "dsv3" and p["steps"] == 1 and p["peak_tflops"] == r["peak_tflops"][precision]
+    assert len(p["profiled_walls_ms"]) == 3 and p["wall_ms"] == min(p["profiled_walls_ms"])  # the least disturbed
     # the phases make up the profiled step, and every phase's groups make up the phase
     assert p["step_ms"] == pytest.approx(sum(p["phases"][ph]["time_ms"] for ph in PHASES))
     assert 0.8 * p["wall_ms"] <= p["step_ms"] <= 1.02 * p["wall_ms"]
