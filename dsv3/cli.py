@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory-gib", type=float, default=None)
     p.add_argument("--propose", action="store_true", help="search layouts that fit --gpu-memory-gib and rank them")
+    p.add_argument("--host-memory-gib", type=float, default=None, help="host memory per node that layouts must fit")
+    p.add_argument("--disk-gib", type=float, default=None, help="NVMe space per node that layouts must fit")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs (ranks) per node (default min(gpus, 8))")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="a CPU run: --gpus processes on CPU hosts; report the peak resident memory per process",
+    )
     p.add_argument(
         "--dispatch-dtype",
         choices=["fp8", "bf16", "fp32"],
@@ -245,6 +253,10 @@ def _cmd_plan(args) -> None:
             args.propose,
             args.dispatch_dtype,
             args.combine_dtype,
+            host_memory_gib=args.host_memory_gib,
+            disk_gib=args.disk_gib,
+            gpus_per_node=args.gpus_per_node,
+            cpu=args.cpu,
         )
     )
 

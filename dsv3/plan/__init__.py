@@ -2,10 +2,12 @@
 
 Counts come from building the model on the meta device (no memory). For a layout (``gpus``,
 ``parallel.pp`` / ``ep`` / ``zero_stage`` / ``micro_batch_size`` / ``grad_accum`` /
-``activation_checkpointing``, ``data.seq_len``, ``train.precision``) the plan gives, for the
-worst pipeline stage, the memory per GPU (weights, gradients, optimizer state, activations,
-all-to-all buffers), the pipeline bubble and the all-to-all volume per step, and proposes
-layouts that fit when none is given.
+``activation_checkpointing``, ``offload_optimizer`` / ``offload_param``, ``data.seq_len``,
+``train.precision``) the plan gives, for the worst pipeline stage, the memory per GPU
+(weights, gradients, optimizer state, activations, all-to-all buffers, ZeRO-3's buffers), the
+host memory and NVMe per node under ZeRO-Offload / ZeRO-Infinity (:mod:`dsv3.plan.offload`),
+the pipeline bubble and the all-to-all volume per step, and proposes layouts that fit when none
+is given. For a CPU run (``dsv3 plan --cpu``) it gives the peak resident memory of a process.
 
 Layout semantics (those of the trainer and DeepSpeed):
 
@@ -47,11 +49,21 @@ from dsv3.plan.layouts import (
     StagePlan,
     candidate_layouts,
     global_batch,
-    plan,
     plan_layout,
     propose,
     relative_step_time,
 )
+from dsv3.plan.offload import (
+    OFFLOAD_DEVICES,
+    PROCESS_BASELINE_BYTES,
+    Placement,
+    check_offload,
+    cpu_resident,
+    offload_seconds,
+    offload_traffic,
+    place_states,
+)
+from dsv3.plan.report import plan
 
 __all__ = [
     "DTYPE_BYTES",
@@ -61,14 +73,22 @@ __all__ = [
     "Layout",
     "MemoryPlan",
     "ModelParts",
+    "OFFLOAD_DEVICES",
+    "PROCESS_BASELINE_BYTES",
+    "Placement",
     "StagePlan",
     "a2a_buffer_bytes",
     "a2a_volume_per_step",
     "activation_bytes_per_token",
     "candidate_layouts",
     "check_divisible",
+    "check_offload",
+    "cpu_resident",
     "global_batch",
     "in_flight_micro_batches",
+    "offload_seconds",
+    "offload_traffic",
+    "place_states",
     "pipeline_bubble",
     "plan",
     "plan_layout",

@@ -6,14 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from dsv3.config import Config
 from dsv3.errors import DsvError
-from dsv3.model import Transformer, count_parameters, flops_per_token
+from dsv3.model import Transformer, flops_per_token
 from dsv3.plan.costs import (
     DTYPE_BYTES,
-    GB,
     GIB,
     MemoryPlan,
     a2a_buffer_bytes,
@@ -22,16 +19,28 @@ from dsv3.plan.costs import (
     check_divisible,
     in_flight_micro_batches,
     pipeline_bubble,
-    split_counts,
     stage_layers,
     static_bytes,
 )
-from dsv3.training.schedule import schedule_table
+from dsv3.plan.offload import (
+    DEVICE_FLOPS_PER_S,
+    PROCESS_BASELINE_BYTES,
+    Placement,
+    check_offload,
+    cpu_resident,
+    offload_seconds,
+    offload_traffic,
+    place_states,
+)
 
 
 @dataclass
 class Layout:
-    """A parallel layout; ``micro_batches`` = ``grad_accum`` (micro-batches per step per pipeline)."""
+    """A parallel layout; ``micro_batches`` = ``grad_accum`` (micro-batches per step per pipeline).
+
+    ``offload_optimizer`` / ``offload_param``: ``"none"``, ``"cpu"`` or ``"nvme"``
+    (``parallel.offload_optimizer`` / ``parallel.offload_param``, see :mod:`dsv3.plan.offload`).
+    """
 
     gpus: int
     pp: int
@@ -40,15 +49,31 @@ class Layout:
     micro_batch_size: int
     micro_batches: int
     checkpointing: bool
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
 
     @property
     def dp(self) -> int:
         return self.gpus // self.pp
 
+    @property
+    def offloads(self) -> bool:
+        return self.offload_optimizer != "none" or self.offload_param != "none"
+
+    def offload_text(self) -> str:
+        """``"optimizer on cpu, parameters on nvme"``, or ``"no offload"``."""
+        parts = [
+            f"{what} on {dev}"
+            for what, dev in (("optimizer", self.offload_optimizer), ("parameters", self.offload_param))
+            if dev != "none"
+        ]
+        return ", ".join(parts) or "no offload"
+
     def describe(self) -> str:
         return (
             f"pp={self.pp} ep={self.ep} dp={self.dp} ZeRO-{self.zero_stage} micro-batch {self.micro_batch_size} "
             f"x {self.micro_batches} per step, checkpointing {'on' if self.checkpointing else 'off'}"
+            + (f", {self.offload_text()}" if self.offloads else "")
         )
 
 
@@ -86,7 +111,15 @@ class ModelParts:
 
 @dataclass
 class StagePlan:
-    """Memory of the worst pipeline stage and the step's pipeline and all-to-all figures."""
+    """Memory of the worst pipeline stage and the step's pipeline and all-to-all figures.
+
+    ``memory`` is the stage's :class:`MemoryPlan` before offloading; ``placement`` splits it
+    (plus ZeRO-3's buffers) into device, host and disk bytes per rank
+    (:func:`dsv3.plan.offload.place_states`). Per node: ``gpus_per_node`` ranks of the worst
+    stage, each with a process baseline in host memory. ``cpu``: a CPU run (device = host).
+    ``compute_s`` / ``offload_s``: seconds of model FLOPs at ``DEVICE_FLOPS_PER_S`` and of
+    offload traffic at the assumed rates per step (:func:`relative_step_time`).
+    """
 
     layout: Layout
     stage: int
@@ -96,13 +129,55 @@ class StagePlan:
     bubble: float
     a2a_bytes: float
     stages: list[MemoryPlan] = field(default_factory=list)
+    placement: Placement = field(default_factory=Placement)
+    gpus_per_node: int = 1
+    cpu: bool = False
+    baseline: float = PROCESS_BASELINE_BYTES
+    compute_s: float = 0.0
+    offload_s: float = 0.0
 
-    def fits(self, gpu_memory_gib: float) -> bool:
-        return self.memory.total <= gpu_memory_gib * GIB
+    @property
+    def device_total(self) -> float:
+        """Bytes on one device (GPU) after offloading."""
+        return self.placement.device_total
+
+    @property
+    def resident(self) -> dict[str, float]:
+        """CPU run: resident bytes of one process by term (:func:`dsv3.plan.offload.cpu_resident`)."""
+        return cpu_resident(self.placement, self.baseline)
+
+    @property
+    def host_per_node(self) -> float:
+        """Host memory of a node: ``gpus_per_node`` x (host terms + process baseline); on a CPU
+        run, ``gpus_per_node`` x the resident memory of one process."""
+        per_rank = sum(self.resident.values()) if self.cpu else self.placement.host_total + self.baseline
+        return self.gpus_per_node * per_rank
+
+    @property
+    def disk_per_node(self) -> float:
+        return self.gpus_per_node * self.placement.disk_total
+
+    def fits(
+        self, gpu_memory_gib: float | None, host_memory_gib: float | None = None, disk_gib: float | None = None
+    ) -> bool:
+        """Device bytes within ``gpu_memory_gib`` (ignored on a CPU run or when None), host memory
+        and disk per node within the limits given (None: not checked)."""
+        if not self.cpu and gpu_memory_gib is not None and self.device_total > gpu_memory_gib * GIB:
+            return False
+        if host_memory_gib is not None and self.host_per_node > host_memory_gib * GIB:
+            return False
+        return disk_gib is None or self.disk_per_node <= disk_gib * GIB
 
 
 def plan_layout(
-    cfg: Config, parts: ModelParts, layout: Layout, dispatch: str | None = None, combine: str | None = None
+    cfg: Config,
+    parts: ModelParts,
+    layout: Layout,
+    dispatch: str | None = None,
+    combine: str | None = None,
+    gpus_per_node: int | None = None,
+    cpu: bool = False,
+    baseline: float = PROCESS_BASELINE_BYTES,
 ) -> StagePlan:
     """Memory of every pipeline stage of ``layout``; returns the stage with the largest total.
 
@@ -112,14 +187,20 @@ def plan_layout(
     (:func:`activation_bytes_per_token`; with checkpointing the block inputs, plus one block's
     full activations for one micro-batch while it is recomputed); all-to-all buffers of one
     MoE layer (:func:`a2a_buffer_bytes`) if the stage has one. The all-to-all volume is that
-    of the stage with the most MoE layers.
+    of the stage with the most MoE layers. Each stage's memory is then placed on device, host
+    and disk under the layout's offload options (:func:`dsv3.plan.offload.place_states`); the
+    worst stage is the one with the most device bytes (on a CPU run, resident bytes).
 
     Args:
         dispatch, combine: all-to-all dtypes, ``"fp8"``, ``"bf16"`` or ``"fp32"``; default
             the activation dtype (what dsv3 sends).
+        gpus_per_node: ranks per node (default ``min(gpus, 8)``).
+        cpu: a CPU run (every rank a process on the host; device terms are host memory).
+        baseline: resident bytes of a process before model states.
 
     Raises:
-        DsvError: a layout that does not divide the GPUs or has more stages than blocks.
+        DsvError: a layout that does not divide the GPUs, has more stages than blocks or an
+            offload / ZeRO-3 combination the trainer refuses (:func:`check_offload`).
     """
     m, L = cfg.model, layout
     dp = check_divisible(L.gpus, L.pp, L.ep)
@@ -132,13 +213,17 @@ def plan_layout(
         )
     if L.micro_batch_size <= 0 or L.micro_batches <= 0:
         raise DsvError("parallel.micro_batch_size and parallel.grad_accum must be positive")
+    check_offload(L.zero_stage, L.ep, L.pp, L.offload_optimizer, L.offload_param)
+    per_node = min(L.gpus, 8) if gpus_per_node is None else gpus_per_node
+    if per_node <= 0 or L.gpus % per_node:
+        raise DsvError(f"--gpus-per-node {per_node} must divide --gpus {L.gpus}")
     precision = cfg.train.precision
     act = activation_bytes_per_token(m, precision)
     a = DTYPE_BYTES[precision]
     d_b = DTYPE_BYTES[dispatch or precision]
     c_b = DTYPE_BYTES[combine or precision]
     tokens = L.micro_batch_size * cfg.data.seq_len
-    stages, worst, worst_s = [], None, 0
+    stages, worst, worst_s, worst_place, worst_key, worst_shard = [], None, 0, None, -1.0, 0.0
     most_moe = 0
     for s, blocks in enumerate(stage_layers(m.n_layers, L.pp)):
         first, last = s == 0, s == L.pp - 1
@@ -161,6 +246,9 @@ def plan_layout(
             n_moe += len(parts.mtp)
         most_moe = max(most_moe, n_moe)
         mem = static_bytes(other, expert / L.ep, dp, L.ep, L.zero_stage, precision)
+        sizes = [parts.layers[i][0] / L.ep + parts.layers[i][1] for i in blocks]
+        sizes += [parts.embedding] if first else []
+        sizes += [e / L.ep + o for e, o in parts.mtp] + [parts.head] if last else []
         n_in = in_flight_micro_batches(L.pp, s, L.micro_batches)
         if L.checkpointing:
             recompute = max(
@@ -173,9 +261,18 @@ def plan_layout(
         if n_moe:
             mem.a2a_buffers = a2a_buffer_bytes(tokens, m, L.ep, d_b, c_b)
         stages.append(mem)
-        if worst is None or mem.total > worst.total:
-            worst, worst_s = mem, s
+        shard = other / dp + expert / L.ep / (dp // L.ep)
+        place = place_states(
+            mem, shard, other + expert / L.ep, max(sizes), L.zero_stage, precision, L.micro_batches,
+            L.offload_optimizer, L.offload_param, cpu,
+        )  # fmt: skip
+        key = sum(cpu_resident(place, baseline).values()) if cpu else place.device_total
+        if key > worst_key:
+            worst, worst_s, worst_place, worst_key, worst_shard = mem, s, place, key, shard
     volume = a2a_volume_per_step(tokens, m, L.ep, most_moe, L.micro_batches, d_b, c_b, a, L.checkpointing)
+    link, nvme = offload_traffic(
+        worst_shard, L.zero_stage, precision, L.micro_batches, L.checkpointing, L.offload_optimizer, L.offload_param
+    )
     return StagePlan(
         layout=L,
         stage=worst_s,
@@ -185,17 +282,28 @@ def plan_layout(
         bubble=pipeline_bubble(L.pp, L.micro_batches),
         a2a_bytes=volume,
         stages=stages,
+        placement=worst_place,
+        gpus_per_node=per_node,
+        cpu=cpu,
+        baseline=baseline,
+        compute_s=flops_per_token(m, cfg.data.seq_len) * tokens * L.micro_batches / L.pp / DEVICE_FLOPS_PER_S,
+        offload_s=offload_seconds(link, nvme),
     )
 
 
 def relative_step_time(sp: StagePlan) -> float:
-    """Compute time of a step relative to one without bubble or recomputation.
+    """Compute time of a step relative to one without bubble, recomputation or offloading.
 
-    ``(1 + 1/3 [checkpointing]) / (1 - bubble)``: the backward pass costs about twice the
-    forward (Kaplan et al. 2020 §2.1), so recomputing the forward adds a third of the work;
-    the pipeline bubble idles that fraction of the step. Communication is not included.
+    ``(1 + 1/3 [checkpointing]) / (1 - bubble) + offload_s / compute_s``: the backward pass
+    costs about twice the forward (Kaplan et al. 2020 §2.1), so recomputing the forward adds a
+    third of the work; the pipeline bubble idles that fraction of the step. Offloading adds
+    the time its host-link and NVMe traffic takes (:func:`dsv3.plan.offload.offload_traffic`
+    at the assumed ``HOST_LINK_BYTES_PER_S`` = 25 GB/s and ``NVME_BYTES_PER_S`` = 3 GB/s per
+    GPU), not overlapped, relative to the step's model FLOPs at ``DEVICE_FLOPS_PER_S`` = 400
+    TFLOP/s per GPU. The host's optimizer step and data-parallel communication are not included.
     """
-    return (1.0 + (1.0 / 3.0 if sp.layout.checkpointing else 0.0)) / (1.0 - sp.bubble)
+    base = (1.0 + (1.0 / 3.0 if sp.layout.checkpointing else 0.0)) / (1.0 - sp.bubble)
+    return base + (sp.offload_s / sp.compute_s if sp.compute_s > 0 else 0.0)
 
 
 def _divisors(n: int) -> list[int]:
@@ -217,10 +325,12 @@ def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
 
     Searched: ``pp`` among the divisors of ``gpus`` up to ``n_layers``; ``ep`` among the
     common divisors of ``n_routed_experts`` and ``dp``; ZeRO-1 and ZeRO-2, but only ZeRO-1
-    with ``pp > 1`` (DeepSpeed's pipeline engine supports no higher stage); the micro-batch
-    size among the divisors of ``parallel.micro_batch_size``; activation checkpointing off
-    and on. The number of micro-batches per step follows from the global batch and must be
-    a whole number.
+    with ``pp > 1`` (DeepSpeed's pipeline engine supports no higher stage), and ZeRO-3 with
+    ``pp = ep = 1`` (what the trainer runs); the optimizer state on the device or offloaded to
+    the host (and, at ZeRO-3, to NVMe), and at ZeRO-3 the parameters on the device, the host
+    or NVMe (:func:`dsv3.plan.offload.check_offload`); the micro-batch size among the divisors
+    of ``parallel.micro_batch_size``; activation checkpointing off and on. The number of
+    micro-batches per step follows from the global batch and must be a whole number.
     """
     m, p = cfg.model, cfg.parallel
     batch = global_batch(cfg, gpus)
@@ -230,12 +340,17 @@ def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
             break
         dp = gpus // pp
         for ep in _divisors(math.gcd(m.n_routed_experts, dp)):
-            for zero in [1, 2] if pp == 1 else [1]:
+            zeros = [1, 2] + ([3] if ep == 1 else []) if pp == 1 else [1]
+            for zero in zeros:
+                optimizer = ("none", "cpu", "nvme") if zero == 3 else ("none", "cpu")
+                params = ("none", "cpu", "nvme") if zero == 3 else ("none",)
                 for mbs in _divisors(max(1, p.micro_batch_size)):
                     if batch % (mbs * dp):
                         continue
                     for ckpt in (False, True):
-                        out.append(Layout(gpus, pp, ep, zero, mbs, batch // (mbs * dp), ckpt))
+                        for opt in optimizer:
+                            for par in params:
+                                out.append(Layout(gpus, pp, ep, zero, mbs, batch // (mbs * dp), ckpt, opt, par))
     return out
 
 
@@ -243,198 +358,39 @@ def propose(
     cfg: Config,
     parts: ModelParts,
     gpus: int,
-    gpu_memory_gib: float,
+    gpu_memory_gib: float | None,
     dispatch: str | None = None,
     combine: str | None = None,
+    host_memory_gib: float | None = None,
+    disk_gib: float | None = None,
+    gpus_per_node: int | None = None,
+    cpu: bool = False,
+    baseline: float = PROCESS_BASELINE_BYTES,
 ) -> tuple[list[StagePlan], StagePlan | None]:
     """Search :func:`candidate_layouts`; return the fitting ones ranked, and the smallest.
 
-    Ranked by :func:`relative_step_time` (bubble and recomputation), then all-to-all bytes
-    per step, then the most memory left. The second value is the candidate needing the least
-    memory per GPU (None when there is no candidate at all), for the "cannot fit" message.
+    Fitting: :meth:`StagePlan.fits` (device memory, and host memory and disk per node when
+    given). Ranked: layouts without offloading first (they fit without the host link's
+    traffic), then by :func:`relative_step_time` (bubble, recomputation, offload traffic),
+    ZeRO-1/2 before ZeRO-3 (ZeRO-3 gathers the weights again in every forward and backward,
+    1.5x the data-parallel traffic, ZeRO paper §7.2.2), all-to-all bytes per step, and the
+    fewest device bytes. The second value is the candidate needing the least device memory
+    (on a CPU run, host memory per node; None when there is no candidate at all), for the
+    "cannot fit" message.
     """
-    plans = [plan_layout(cfg, parts, lay, dispatch, combine) for lay in candidate_layouts(cfg, gpus)]
-    fitting = [sp for sp in plans if sp.fits(gpu_memory_gib)]
-    fitting.sort(key=lambda sp: (round(relative_step_time(sp), 6), sp.a2a_bytes, sp.memory.total))
-    smallest = min(plans, key=lambda sp: sp.memory.total, default=None)
-    return fitting, smallest
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith("ch") else "s")
-
-
-def _layout_table(
-    sp: StagePlan, gpu_memory_gib: float | None, precision: str, dispatch: str, combine: str
-) -> list[str]:
-    L, mem = sp.layout, sp.memory
-    lines = [
-        f"layout      {_count(L.gpus, 'GPU')}: pp={L.pp} ep={L.ep} dp={L.dp} (expert dp {L.dp // L.ep}) "
-        f"ZeRO-{L.zero_stage}, "
-        f"{precision}, activation checkpointing {'on' if L.checkpointing else 'off'}",
-        f"            {_count(L.micro_batches, 'micro-batch')} of {L.micro_batch_size} per step; global batch "
-        f"{L.micro_batch_size * L.micro_batches * L.dp} sequences",
-        f"memory/GPU  (GiB, pipeline stage {sp.stage} of {L.pp}: {_count(sp.blocks, 'block')}, "
-        f"{_count(sp.in_flight, 'micro-batch')} in flight)",
+    plans = [
+        plan_layout(cfg, parts, lay, dispatch, combine, gpus_per_node, cpu, baseline)
+        for lay in candidate_layouts(cfg, gpus)
     ]
-    for name, value in (
-        ("weights", mem.weights),
-        ("gradients", mem.grads),
-        ("optimizer", mem.optimizer),
-        ("activations", mem.activations),
-        ("all-to-all buffers", mem.a2a_buffers),
-    ):
-        lines.append(f"  {name:<20}{value / GIB:>9,.2f}")
-    total = f"  {'total':<20}{mem.total / GIB:>9,.2f}"
-    if gpu_memory_gib is not None:
-        total += f"  of {gpu_memory_gib:g}: " + ("fits" if sp.fits(gpu_memory_gib) else "does NOT fit")
-    lines.append(total)
-    if L.pp > 1:
-        lines.append(
-            f"pipeline    bubble {100 * sp.bubble:.1f}% "
-            f"(1F1B: (p-1)/(m+p-1) = {L.pp - 1}/{L.micro_batches + L.pp - 1}; "
-            f"DeepSeek-V3's DualPipe idles less)"
+    fitting = [sp for sp in plans if sp.fits(gpu_memory_gib, host_memory_gib, disk_gib)]
+    fitting.sort(
+        key=lambda sp: (
+            sp.layout.offloads,
+            round(relative_step_time(sp), 6),
+            sp.layout.zero_stage == 3,
+            sp.a2a_bytes,
+            sp.host_per_node if cpu else sp.device_total,
         )
-    else:
-        lines.append("pipeline    none (pp=1)")
-    if L.ep > 1:
-        lines.append(
-            f"all-to-all  {sp.a2a_bytes / GB:,.1f} GB sent per GPU per step (as much received; "
-            f"dispatch {dispatch}, combine {combine}, gradients {precision}"
-            f"{', forward repeated by recomputation' if L.checkpointing else ''})"
-        )
-    else:
-        lines.append("all-to-all  none (ep=1)")
-    return lines
-
-
-def _proposal_lines(
-    fitting: list[StagePlan], smallest: StagePlan | None, gpus: int, gpu_memory_gib: float, params: int, limit: int = 10
-) -> list[str]:
-    if not fitting:
-        if smallest is None:
-            return [
-                f"proposal    no layout divides {gpus} GPUs with the configured global batch; "
-                f"change --gpus or parallel.grad_accum"
-            ]
-        state = 16 * params / GIB
-        return [
-            f"proposal    no layout fits: the smallest needs {smallest.memory.total / GIB:,.1f} GiB per GPU "
-            f"({smallest.layout.describe()}), has {gpu_memory_gib:g}; try more GPUs, GPUs with more memory "
-            f"or a shorter data.seq_len",
-            f"            (weights, gradients and AdamW state alone take 16 bytes per parameter, {state:,.0f} GiB: "
-            f"at least {math.ceil(state / gpu_memory_gib):,} GPUs of {gpu_memory_gib:g} GiB)",
-        ]
-    lines = [
-        f"proposal    {len(fitting)} layouts fit in {gpu_memory_gib:g} GiB; the best {min(limit, len(fitting))} "
-        f"(ranked by step time from bubble and recomputation, then all-to-all volume):",
-        "   pp   ep    dp ZeRO  mbs  micro-batches ckpt   GiB/GPU  free GiB  bubble  all-to-all GB  rel. time",
-    ]
-    for sp in fitting[:limit]:
-        L = sp.layout
-        lines.append(
-            f"  {L.pp:>3} {L.ep:>4} {L.dp:>5} {L.zero_stage:>4} {L.micro_batch_size:>4} {L.micro_batches:>14} "
-            f"{'on' if L.checkpointing else 'off':>4} {sp.memory.total / GIB:>9,.1f} "
-            f"{gpu_memory_gib - sp.memory.total / GIB:>9,.1f} {100 * sp.bubble:>6.1f}% "
-            f"{sp.a2a_bytes / GB:>14,.1f} {relative_step_time(sp):>10.2f}"
-        )
-    best = fitting[0].layout
-    lines.append(
-        f"            use: parallel.pp={best.pp} parallel.ep={best.ep} parallel.zero_stage={best.zero_stage} "
-        f"parallel.micro_batch_size={best.micro_batch_size} parallel.grad_accum={best.micro_batches} "
-        f"parallel.activation_checkpointing={'true' if best.checkpointing else 'false'}"
     )
-    return lines
-
-
-def plan(
-    cfg: Config,
-    gpus: int,
-    gpu_memory_gib: float | None,
-    propose_layouts: bool = False,
-    dispatch: str | None = None,
-    combine: str | None = None,
-) -> str:
-    """The report printed by ``dsv3 plan`` (several lines of text).
-
-    Counts, FLOPs, the configured layout's memory per GPU (worst stage), bubble and
-    all-to-all volume (:func:`plan_layout`). Layouts are proposed (:func:`propose`) when
-    ``propose_layouts`` is set, or when the configured layout has no model parallelism
-    (pp = ep = 1) and does not fit in ``gpu_memory_gib``.
-
-    Args:
-        dispatch, combine: all-to-all dtypes (``"fp8"``, ``"bf16"``, ``"fp32"``); default
-            ``train.precision``.
-
-    Raises:
-        DsvError: bad GPU count or memory, a configured layout that does not divide the GPUs
-            (unless proposing), proposing without ``gpu_memory_gib``.
-    """
-    if gpus <= 0:
-        raise DsvError(f"--gpus {gpus} must be positive")
-    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
-        raise DsvError(f"--gpu-memory-gib {gpu_memory_gib:g} must be positive")
-    if propose_layouts and gpu_memory_gib is None:
-        raise DsvError("--propose needs --gpu-memory-gib to know what fits; add e.g. --gpu-memory-gib 80")
-    for name, dt in (("dispatch", dispatch), ("combine", combine)):
-        if dt is not None and dt not in DTYPE_BYTES:
-            raise DsvError(f"all-to-all {name} dtype {dt!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    counts = count_parameters(model)
-    experts, other = split_counts(model)
-    parts = ModelParts.of(model)
-    m, p = cfg.model, cfg.parallel
-    flops = flops_per_token(m, cfg.data.seq_len)
-    cache = (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers
-    act = activation_bytes_per_token(m, cfg.train.precision)
-    lines = [
-        f"parameters  main {counts['main']:,}  (routed experts {experts:,}, other {other:,})",
-        f"            MTP modules {counts['mtp']:,}  total {counts['total']:,}",
-        f"            activated per token {counts['activated']:,}",
-        f"training    {flops / 1e9:,.2f} GFLOP per token at seq_len {cfg.data.seq_len} "
-        "(forward + backward; MTP modules included)",
-        f"decode      latent KV cache {cache:,} values per token ({m.kv_lora_rank}+{m.qk_rope_head_dim} per layer)",
-        f"activations {act.block(True) / 1024:,.1f} KiB per token per MoE block, {act.block(False) / 1024:,.1f} "
-        f"dense, {act.block_input / 1024:,.1f} with checkpointing ({cfg.train.precision})",
-    ]
-    dispatch = dispatch or cfg.train.precision
-    combine = combine or cfg.train.precision
-    layout = Layout(gpus, p.pp, p.ep, p.zero_stage, p.micro_batch_size, p.grad_accum, p.activation_checkpointing)
-    fits = None
-    try:
-        sp = plan_layout(cfg, parts, layout, dispatch, combine)
-    except DsvError as err:
-        if not propose_layouts:
-            raise
-        lines.append(f"layout      the configured layout does not apply: {err}")
-    else:
-        lines += _layout_table(sp, gpu_memory_gib, cfg.train.precision, dispatch, combine)
-        if gpu_memory_gib is not None:
-            fits = sp.fits(gpu_memory_gib)
-            if fits:
-                lines.append(
-                    f"            fits in {gpu_memory_gib:g} GiB with "
-                    f"{gpu_memory_gib - sp.memory.total / GIB:,.1f} GiB "
-                    f"to spare (CUDA context and fragmentation not counted)"
-                )
-            else:
-                hint = (
-                    "see the proposals below"
-                    if p.pp == 1 and p.ep == 1 or propose_layouts
-                    else "try --propose, activation checkpointing, a smaller micro-batch or more GPUs"
-                )
-                lines.append(
-                    f"            does NOT fit in {gpu_memory_gib:g} GiB: "
-                    f"needs {sp.memory.total / GIB:,.1f} GiB per GPU, "
-                    f"has {gpu_memory_gib:g}; {hint}"
-                )
-    if propose_layouts or (fits is False and p.pp == 1 and p.ep == 1):
-        fitting, smallest = propose(cfg, parts, gpus, gpu_memory_gib, dispatch, combine)
-        lines += _proposal_lines(fitting, smallest, gpus, gpu_memory_gib, counts["total"])
-    if gpus % p.pp == 0:
-        try:
-            lines += schedule_table(cfg, gpus // p.pp)
-        except DsvError as err:
-            lines.append(f"schedule    does not apply to {_count(gpus, 'GPU')}: {err}")
-    return "\n".join(lines)
+    smallest = min(plans, key=lambda sp: sp.host_per_node if cpu else sp.device_total, default=None)
+    return fitting, smallest

@@ -125,25 +125,32 @@ def test_671b_without_model_parallelism_does_not_fit_and_proposes():
 
 def test_671b_on_8_gpus_cannot_fit(v3_parts):
     cfg = load_config(V3, NO_MODEL_PARALLELISM)
-    text = plan(cfg, 8, 80, propose_layouts=True)
+    text = plan(cfg, 8, 80, propose_layouts=True, host_memory_gib=1024)
     assert "does NOT fit in 80 GiB" in text
-    # 682.6B parameters x 16 bytes = 10,172 GiB: 128 GPUs of 80 GiB at the very least
-    assert "no layout fits: the smallest needs" in text
-    assert "16 bytes per parameter, 10,172 GiB: at least 128 GPUs of 80 GiB" in text
-    fitting, smallest = propose(cfg, v3_parts, 8, 80)
+    # 682.6B parameters x 16 bytes = 10,172 GiB: 128 GPUs of 80 GiB at the very least without
+    # offloading; with it, ZeRO-3's host-side gradient partitions alone exceed a 1 TiB node
+    assert "no layout fits in 80 GiB per GPU, 1024 GiB host memory per node: the smallest needs" in text
+    assert "16 bytes per parameter, 10,172 GiB: at least 128 GPUs of 80 GiB without offloading" in text
+    fitting, smallest = propose(cfg, v3_parts, 8, 80, host_memory_gib=1024)
     assert fitting == [] and smallest.memory.total > 1000 * GIB
+    # without a host limit only ZeRO-3 with the parameters offloaded fits the GPUs
+    fitting, _ = propose(cfg, v3_parts, 8, 80)
+    assert fitting and all(sp.layout.zero_stage == 3 and sp.layout.offload_param != "none" for sp in fitting)
+    assert all(sp.device_total <= 80 * GIB and sp.host_per_node > 1024 * GIB for sp in fitting)
 
 
 def test_proposer_finds_a_fitting_layout_for_671b(v3_parts):
     cfg = load_config(V3, DEEPSEEK_LAYOUT)
     fitting, _ = propose(cfg, v3_parts, 2048, 80)
-    assert fitting and all(sp.memory.total <= 80 * GIB for sp in fitting)
+    assert fitting and all(sp.device_total <= 80 * GIB for sp in fitting)
     layouts = [sp.layout for sp in fitting]
     assert Layout(2048, 16, 64, 1, 1, 120, True) in layouts  # DeepSeek's own layout is among them
     for lay in layouts:  # global batch kept: 15360 sequences; no ZeRO-2 with a pipeline
         assert lay.micro_batch_size * lay.micro_batches * lay.dp == 15360
         assert lay.pp == 1 or lay.zero_stage == 1
+        assert lay.zero_stage < 3 or lay.pp == lay.ep == 1  # ZeRO-3 only without model parallelism
     best = fitting[0]
+    assert not best.layout.offloads  # fits without offloading: no host-link traffic
     assert best.fits(80) and plan_layout(cfg, v3_parts, best.layout).memory.total == best.memory.total
 
 

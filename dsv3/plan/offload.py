@@ -1,0 +1,268 @@
+"""Where the model states of one rank live under DeepSpeed's ZeRO-Offload and ZeRO-Infinity:
+device (GPU) memory, host memory and NVMe, and what moving them costs per step.
+
+The ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", §3.1, §5) accounts 2 + 2 + 12 bytes per parameter for bf16 weights,
+gradients and the fp32 master copy + Adam moments; ZeRO-Offload (Ren et al. 2021,
+"ZeRO-Offload: Democratizing Billion-Scale Model Training", §3-4) keeps the fp32 state and the
+fp32 gradients of the rank's partition on the host and runs Adam there; ZeRO-Infinity
+(Rajbhandari et al. 2021, "ZeRO-Infinity: Breaking the GPU Memory Wall for Extreme Scale Deep
+Learning", §4-6) also moves them, and the bf16 parameters, to NVMe through pinned host
+buffers. The exact host buffers below are those DeepSpeed 0.19.8 allocates
+(``runtime/zero/stage_1_and_2.py``, ``runtime/zero/stage3.py``, ``runtime/swap_tensor/``)
+under its defaults, which dsv3 does not change:
+
+- ZeRO-1/2 with ``offload_optimizer=cpu`` (host, per rank, ``P`` = parameters of the rank's
+  optimizer partition, ``a`` = bytes of a parameter, 2 under bf16, 4 under fp32): the fp32
+  partition ``4P``, its fp32 ``.grad`` ``4P``, Adam's two moments ``8P``, a parameter-dtype
+  copy of the partition that updated weights return to the device through ``aP``, and, when a
+  step accumulates several micro-batches, a parameter-dtype accumulation buffer per parameter
+  of the partition ``aP``. The device keeps the weights and gradients of :func:`static_bytes`.
+- ZeRO-3 with ``offload_optimizer=cpu``: the fp32 partition ``4P``, the moments ``8P``, an fp32
+  gradient buffer per sub-group ``4P`` and the flat gradient partition in the accumulation
+  dtype (the parameter dtype by default) ``aP``, all on the host; with ``nvme`` the fp32
+  partition, moments and fp32 gradients go to disk (``16P``) and the host keeps the flat
+  gradient partition ``aP``, one fp32 gradient buffer of the largest sub-group ``4S`` and
+  ``buffer_count`` (4) fp32 swap buffers of it ``16S`` (``S = min(P, sub_group_size)``,
+  ``sub_group_size`` = 1e9 elements).
+- ZeRO-3 with ``offload_param=cpu``: the parameter partition ``aP`` moves from the device to
+  the host; with ``nvme`` its files take ``aP`` on disk, the host keeps up to ``max_in_cpu``
+  (1e9) elements of it plus ``buffer_count`` x ``buffer_size`` (5 x 1e8 elements) swap
+  buffers, and a swap buffer of the largest sub-group when some sub-group is not kept.
+- ZeRO-3 on the device, besides :func:`static_bytes`' partitions: the parameters gathered for
+  the running module (taken as the largest block plus one ``stage3_prefetch_bucket_size``,
+  5e7 elements, at most ``stage3_max_live_parameters``, 1e9) and the gradient reduce bucket
+  (``reduce_bucket_size``, 5e8 elements in the parameter dtype; on a CPU run only the part that
+  gets written is resident: at most the stage's parameters).
+
+Pinned ("page-locked") host memory is counted like any host memory. The async-I/O queue
+(``aio`` block size 1 MiB, queue depth 8) is negligible. ``nvme`` for the optimizer state
+needs ZeRO-3 (DeepSpeed's ZeRO-1/2 keep it in host memory when given ``nvme``); parameter
+offload needs ZeRO-3; any offload needs ZeRO >= 1; dsv3 runs ZeRO-3 only without expert and
+pipeline parallelism (:func:`check_offload`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsv3.errors import DsvError
+from dsv3.plan.costs import DTYPE_BYTES, GIB, MemoryPlan
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+# DeepSpeed 0.19.8 defaults (runtime/zero/config.py, runtime/zero/offload_config.py)
+REDUCE_BUCKET_ELEMENTS = 5e8
+PREFETCH_BUCKET_ELEMENTS = 5e7
+MAX_LIVE_PARAMETERS = 1e9
+SUB_GROUP_ELEMENTS = 1e9
+OPTIMIZER_SWAP_BUFFERS = 4
+PARAM_SWAP_BUFFERS = 5
+PARAM_SWAP_BUFFER_ELEMENTS = 1e8
+PARAMS_KEPT_IN_HOST = 1e9
+# Resident memory of one training process before any model state: measured on the CPU host
+# (x86-64, torch 2.x, DeepSpeed 0.19.8) as the VmHWM of a process that imported torch,
+# deepspeed and dsv3's trainer (0.34 GiB) and loaded DeepSpeed's CPU Adam extension
+# (0.40 GiB); rounded up for the process group and the data loader's index.
+PROCESS_BASELINE_BYTES = 0.45 * GIB
+# Assumed rates for charging offload in the layout ranking (not measured here): the host link
+# (PCIe 4.0 x16, 32 GB/s each way nominal, ~25 GB/s achieved), one NVMe drive per GPU
+# (~3 GB/s), and the bf16 throughput a GPU sustains in training (400 TFLOP/s, about 40% of
+# an H100's dense peak).
+HOST_LINK_BYTES_PER_S = 25e9
+NVME_BYTES_PER_S = 3e9
+DEVICE_FLOPS_PER_S = 400e12
+
+
+def check_offload(zero_stage: int, ep: int, pp: int, offload_optimizer: str, offload_param: str) -> None:
+    """Refuse the combinations the trainer (DeepSpeed 0.19.8 through dsv3) cannot run.
+
+    Raises:
+        DsvError: an unknown offload device; offload at ZeRO-0; ``nvme`` optimizer offload or any
+            parameter offload below ZeRO-3; ZeRO-3 with expert or pipeline parallelism.
+    """
+    for key, value in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+        if value not in OFFLOAD_DEVICES:
+            raise DsvError(f"parallel.{key}={value!r} is unknown; use none, cpu or nvme")
+    if zero_stage == 3 and (ep > 1 or pp > 1):
+        raise DsvError(f"parallel.zero_stage=3 needs parallel.ep=1 and parallel.pp=1 (got ep={ep}, pp={pp})")
+    if zero_stage < 1 and (offload_optimizer != "none" or offload_param != "none"):
+        raise DsvError("offloading needs parallel.zero_stage >= 1; set zero_stage 1, 2 or 3, or offload none")
+    if offload_param != "none" and zero_stage != 3:
+        raise DsvError(f"parallel.offload_param={offload_param} needs parallel.zero_stage=3")
+    if offload_optimizer == "nvme" and zero_stage != 3:
+        raise DsvError("parallel.offload_optimizer=nvme needs parallel.zero_stage=3; use cpu with ZeRO-1/2")
+
+
+@dataclass
+class Placement:
+    """Bytes of one rank by where they live; each dict maps a term's name to bytes (0 kept out)."""
+
+    device: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+    disk: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+    @property
+    def disk_total(self) -> float:
+        return sum(self.disk.values())
+
+
+def place_states(
+    mem: MemoryPlan,
+    shard: float,
+    stage_params: float,
+    largest_block: float,
+    zero_stage: int,
+    precision: str,
+    micro_batches: int,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+    cpu: bool = False,
+) -> Placement:
+    """Split one rank's memory (``mem``, from :func:`static_bytes` plus activations) into device,
+    host and disk terms under the offload options (the accounting is in the module docstring).
+
+    Args:
+        mem: the rank's weights, gradients, optimizer state, activations and all-to-all buffers.
+        shard: parameters of the rank's partition ``P`` (non-expert / dp + expert / expert dp).
+        stage_params: parameters of the rank's pipeline stage (its experts divided by ep).
+        largest_block: parameters of the stage's largest block (ZeRO-3's gathered working set).
+        zero_stage, precision, micro_batches: the layout's; ``micro_batches`` per step.
+        offload_optimizer, offload_param: ``"none"``, ``"cpu"`` or ``"nvme"`` (checked by
+            :func:`check_offload` beforehand).
+        cpu: a CPU run (device = host): count only the written part of the reduce bucket.
+
+    Returns:
+        :class:`Placement` in bytes; ``device`` keeps the names ``weights``, ``gradients``,
+        ``optimizer``, ``activations``, ``all-to-all buffers`` and adds ZeRO-3's terms.
+    """
+    a = DTYPE_BYTES[precision]
+    P = shard
+    device = {
+        "weights": mem.weights,
+        "gradients": mem.grads,
+        "optimizer": mem.optimizer,
+        "activations": mem.activations,
+        "all-to-all buffers": mem.a2a_buffers,
+    }
+    host: dict[str, float] = {}
+    disk: dict[str, float] = {}
+    if zero_stage >= 3:
+        gathered = min(MAX_LIVE_PARAMETERS, largest_block + PREFETCH_BUCKET_ELEMENTS)
+        device["gathered parameters"] = a * gathered
+        bucket = min(REDUCE_BUCKET_ELEMENTS, stage_params) if cpu else REDUCE_BUCKET_ELEMENTS
+        device["reduce bucket"] = a * bucket
+    if offload_optimizer != "none":
+        device["optimizer"] = 0.0
+        if zero_stage < 3:
+            host["fp32 master weights"] = 4 * P
+            host["fp32 gradients"] = 4 * P
+            host["Adam moments"] = 8 * P
+            host["weight copy-back buffer"] = a * P
+            if micro_batches > 1:
+                host["gradient accumulation"] = a * P
+        else:
+            device["gradients"] = 0.0  # the flat gradient partition lives where the optimizer runs
+            host["gradient partition"] = a * P
+            S = min(P, SUB_GROUP_ELEMENTS)
+            if offload_optimizer == "cpu":
+                host["fp32 master weights"] = 4 * P
+                host["fp32 gradients"] = 4 * P
+                host["Adam moments"] = 8 * P
+            else:
+                disk["fp32 master weights"] = 4 * P
+                disk["fp32 gradients"] = 4 * P
+                disk["Adam moments"] = 8 * P
+                host["fp32 gradient buffer"] = 4 * S
+                host["optimizer swap buffers"] = OPTIMIZER_SWAP_BUFFERS * 4 * S
+    if offload_param != "none":
+        device["weights"] = 0.0
+        if offload_param == "cpu":
+            host["parameter partition"] = a * P
+        else:
+            disk["parameter partition"] = a * P
+            host["parameter partition"] = a * min(P, PARAMS_KEPT_IN_HOST)
+            host["parameter swap buffers"] = a * PARAM_SWAP_BUFFERS * PARAM_SWAP_BUFFER_ELEMENTS
+            if P > PARAMS_KEPT_IN_HOST:
+                host["parameter swap-out buffer"] = a * min(P, SUB_GROUP_ELEMENTS)
+    return Placement(
+        device={k: v for k, v in device.items() if v or k in ("weights", "gradients", "optimizer", "activations")},
+        host={k: v for k, v in host.items() if v},
+        disk={k: v for k, v in disk.items() if v},
+    )
+
+
+def offload_traffic(
+    shard: float,
+    zero_stage: int,
+    precision: str,
+    micro_batches: int,
+    checkpointing: bool,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+) -> tuple[float, float]:
+    """Bytes one rank moves per optimizer step over the host link and to/from NVMe for offloading.
+
+    Host link (``a`` bytes per parameter, ``P`` = partition, ``m`` micro-batches):
+
+    - optimizer offload, ZeRO-1/2: each micro-batch's gradient partition goes to the host,
+      and from the second on the accumulated one comes back first (DeepSpeed accumulates through
+      the device), ``a P (2 m - 1)``; the updated weights return, ``a P``: ``2 m a P`` in all.
+    - optimizer offload, ZeRO-3: gradients accumulate on the host, ``m a P``; weights return
+      ``a P`` (ZeRO-Offload §4.1's ``2 x`` model size per step, times the micro-batches).
+    - parameter offload: the partition crosses to the device for the forward and the backward
+      of each micro-batch, and once more for the recomputation under checkpointing:
+      ``(2 + [checkpointing]) m a P``.
+
+    NVMe (ZeRO-Infinity §5.1): optimizer state is read (fp32 weights, gradients, moments,
+    ``16 P``) and written back (weights, moments, ``12 P``) each step, and the fp32 gradients are
+    written once, ``4 P``: ``32 P``; offloaded parameters beyond the host-kept ones are read as
+    often as they cross the link and written once per step.
+
+    Returns:
+        (host-link bytes, NVMe bytes) per step.
+    """
+    a = DTYPE_BYTES[precision]
+    P, m = shard, micro_batches
+    link = nvme = 0.0
+    if offload_optimizer != "none":
+        link += (2 * m if zero_stage < 3 else m + 1) * a * P
+        if offload_optimizer == "nvme":
+            nvme += 32 * P
+    if offload_param != "none":
+        crossings = (2 + (1 if checkpointing else 0)) * m
+        link += crossings * a * P
+        if offload_param == "nvme":
+            on_disk = max(0.0, P - PARAMS_KEPT_IN_HOST)
+            nvme += (crossings + 1) * a * on_disk
+    return link, nvme
+
+
+def offload_seconds(link_bytes: float, nvme_bytes: float) -> float:
+    """Seconds a step spends moving offloaded state at the assumed rates (``HOST_LINK_BYTES_PER_S``,
+    ``NVME_BYTES_PER_S``), taken as not overlapped with compute (a pessimistic bound: DeepSpeed
+    overlaps part of it)."""
+    return link_bytes / HOST_LINK_BYTES_PER_S + nvme_bytes / NVME_BYTES_PER_S
+
+
+def cpu_resident(placement: Placement, baseline: float = PROCESS_BASELINE_BYTES) -> dict[str, float]:
+    """Peak resident memory of one process of a CPU run, by term (bytes).
+
+    On a CPU run the device is the host, so every device and host term of ``placement`` is
+    resident in the process, plus the process baseline (:data:`PROCESS_BASELINE_BYTES`); disk
+    terms are not. Terms present in both places (e.g. ``fp32 gradients``) are distinct
+    allocations and are summed; the keys of host terms get a ``(host)`` suffix where a device
+    term has the same name.
+    """
+    out = {"process baseline": baseline}
+    out.update(placement.device)
+    for k, v in placement.host.items():
+        out[k + (" (host)" if k in out else "")] = v
+    return out
