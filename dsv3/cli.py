@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CPU run: --gpus processes on CPU hosts; report the peak resident memory per process",
     )
     p.add_argument(
+        "--sub-group-size",
+        type=float,
+        default=None,
+        help="ZeRO-3 sub_group_size in elements, sizes the NVMe swap buffers (default DeepSpeed's 1e9)",
+    )
+    p.add_argument(
         "--dispatch-dtype",
         choices=["fp8", "bf16", "fp32"],
         default=None,
@@ -257,6 +263,7 @@ def _cmd_plan(args) -> None:
             disk_gib=args.disk_gib,
             gpus_per_node=args.gpus_per_node,
             cpu=args.cpu,
+            sub_group_size=args.sub_group_size,
         )
     )
 

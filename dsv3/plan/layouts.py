@@ -25,8 +25,10 @@ from dsv3.plan.costs import (
 from dsv3.plan.offload import (
     DEVICE_FLOPS_PER_S,
     PROCESS_BASELINE_BYTES,
+    SUB_GROUP_ELEMENTS,
     Placement,
     check_offload,
+    cpu_init_peak,
     cpu_resident,
     offload_seconds,
     offload_traffic,
@@ -135,6 +137,7 @@ class StagePlan:
     baseline: float = PROCESS_BASELINE_BYTES
     compute_s: float = 0.0
     offload_s: float = 0.0
+    stage_params: float = 0.0
 
     @property
     def device_total(self) -> float:
@@ -147,10 +150,21 @@ class StagePlan:
         return cpu_resident(self.placement, self.baseline)
 
     @property
+    def init_peak(self) -> float:
+        """CPU run: resident bytes of a process while the model is built in fp32
+        (:func:`dsv3.plan.offload.cpu_init_peak`)."""
+        return cpu_init_peak(self.stage_params, self.baseline)
+
+    @property
+    def peak_resident(self) -> float:
+        """CPU run: peak resident bytes of one process, ``max(sum of resident terms, init peak)``."""
+        return max(sum(self.resident.values()), self.init_peak)
+
+    @property
     def host_per_node(self) -> float:
         """Host memory of a node: ``gpus_per_node`` x (host terms + process baseline); on a CPU
-        run, ``gpus_per_node`` x the resident memory of one process."""
-        per_rank = sum(self.resident.values()) if self.cpu else self.placement.host_total + self.baseline
+        run, ``gpus_per_node`` x the peak resident memory of one process."""
+        per_rank = self.peak_resident if self.cpu else self.placement.host_total + self.baseline
         return self.gpus_per_node * per_rank
 
     @property
@@ -178,6 +192,7 @@ def plan_layout(
     gpus_per_node: int | None = None,
     cpu: bool = False,
     baseline: float = PROCESS_BASELINE_BYTES,
+    sub_group_size: float = SUB_GROUP_ELEMENTS,
 ) -> StagePlan:
     """Memory of every pipeline stage of ``layout``; returns the stage with the largest total.
 
@@ -197,6 +212,7 @@ def plan_layout(
         gpus_per_node: ranks per node (default ``min(gpus, 8)``).
         cpu: a CPU run (every rank a process on the host; device terms are host memory).
         baseline: resident bytes of a process before model states.
+        sub_group_size: ZeRO-3's ``sub_group_size`` in elements (sizes the NVMe swap buffers).
 
     Raises:
         DsvError: a layout that does not divide the GPUs, has more stages than blocks or an
@@ -223,7 +239,7 @@ def plan_layout(
     d_b = DTYPE_BYTES[dispatch or precision]
     c_b = DTYPE_BYTES[combine or precision]
     tokens = L.micro_batch_size * cfg.data.seq_len
-    stages, worst, worst_s, worst_place, worst_key, worst_shard = [], None, 0, None, -1.0, 0.0
+    stages, worst, worst_s, worst_place, worst_key, worst_shard, worst_params = [], None, 0, None, -1.0, 0.0, 0.0
     most_moe = 0
     for s, blocks in enumerate(stage_layers(m.n_layers, L.pp)):
         first, last = s == 0, s == L.pp - 1
@@ -264,11 +280,13 @@ def plan_layout(
         shard = other / dp + expert / L.ep / (dp // L.ep)
         place = place_states(
             mem, shard, other + expert / L.ep, max(sizes), L.zero_stage, precision, L.micro_batches,
-            L.offload_optimizer, L.offload_param, cpu,
+            L.offload_optimizer, L.offload_param, cpu, sub_group_size,
         )  # fmt: skip
-        key = sum(cpu_resident(place, baseline).values()) if cpu else place.device_total
+        params = other + expert / L.ep
+        steady = sum(cpu_resident(place, baseline).values())
+        key = max(steady, cpu_init_peak(params, baseline)) if cpu else place.device_total
         if key > worst_key:
-            worst, worst_s, worst_place, worst_key, worst_shard = mem, s, place, key, shard
+            worst, worst_s, worst_place, worst_key, worst_shard, worst_params = mem, s, place, key, shard, params
     volume = a2a_volume_per_step(tokens, m, L.ep, most_moe, L.micro_batches, d_b, c_b, a, L.checkpointing)
     link, nvme = offload_traffic(
         worst_shard, L.zero_stage, precision, L.micro_batches, L.checkpointing, L.offload_optimizer, L.offload_param
@@ -288,6 +306,7 @@ def plan_layout(
         baseline=baseline,
         compute_s=flops_per_token(m, cfg.data.seq_len) * tokens * L.micro_batches / L.pp / DEVICE_FLOPS_PER_S,
         offload_s=offload_seconds(link, nvme),
+        stage_params=worst_params,
     )
 
 
@@ -366,6 +385,7 @@ def propose(
     gpus_per_node: int | None = None,
     cpu: bool = False,
     baseline: float = PROCESS_BASELINE_BYTES,
+    sub_group_size: float = SUB_GROUP_ELEMENTS,
 ) -> tuple[list[StagePlan], StagePlan | None]:
     """Search :func:`candidate_layouts`; return the fitting ones ranked, and the smallest.
 
@@ -379,7 +399,7 @@ def propose(
     "cannot fit" message.
     """
     plans = [
-        plan_layout(cfg, parts, lay, dispatch, combine, gpus_per_node, cpu, baseline)
+        plan_layout(cfg, parts, lay, dispatch, combine, gpus_per_node, cpu, baseline, sub_group_size)
         for lay in candidate_layouts(cfg, gpus)
     ]
     fitting = [sp for sp in plans if sp.fits(gpu_memory_gib, host_memory_gib, disk_gib)]

@@ -31,7 +31,8 @@ under its defaults, which dsv3 does not change:
   buffers, and a swap buffer of the largest sub-group when some sub-group is not kept.
 - ZeRO-3 on the device, besides :func:`static_bytes`' partitions: the parameters gathered for
   the running module (taken as the largest block plus one ``stage3_prefetch_bucket_size``,
-  5e7 elements, at most ``stage3_max_live_parameters``, 1e9) and the gradient reduce bucket
+  5e7 elements, at most ``stage3_max_live_parameters``, 1e9, and at most the stage's
+  parameters; gathering allocates new full tensors, also on one rank) and the gradient reduce bucket
   (``reduce_bucket_size``, 5e8 elements in the parameter dtype; on a CPU run only the part that
   gets written is resident: at most the stage's parameters).
 
@@ -125,6 +126,7 @@ def place_states(
     offload_optimizer: str = "none",
     offload_param: str = "none",
     cpu: bool = False,
+    sub_group_size: float = SUB_GROUP_ELEMENTS,
 ) -> Placement:
     """Split one rank's memory (``mem``, from :func:`static_bytes` plus activations) into device,
     host and disk terms under the offload options (the accounting is in the module docstring).
@@ -138,6 +140,8 @@ def place_states(
         offload_optimizer, offload_param: ``"none"``, ``"cpu"`` or ``"nvme"`` (checked by
             :func:`check_offload` beforehand).
         cpu: a CPU run (device = host): count only the written part of the reduce bucket.
+        sub_group_size: ZeRO-3's ``sub_group_size`` (elements; DeepSpeed's default 1e9): the
+            NVMe swap buffers are sized by the largest sub-group.
 
     Returns:
         :class:`Placement` in bytes; ``device`` keeps the names ``weights``, ``gradients``,
@@ -155,10 +159,13 @@ def place_states(
     host: dict[str, float] = {}
     disk: dict[str, float] = {}
     if zero_stage >= 3:
-        gathered = min(MAX_LIVE_PARAMETERS, largest_block + PREFETCH_BUCKET_ELEMENTS)
+        gathered = min(MAX_LIVE_PARAMETERS, largest_block + PREFETCH_BUCKET_ELEMENTS, stage_params)
         device["gathered parameters"] = a * gathered
         bucket = min(REDUCE_BUCKET_ELEMENTS, stage_params) if cpu else REDUCE_BUCKET_ELEMENTS
         device["reduce bucket"] = a * bucket
+        if precision == "fp32" and offload_optimizer == "none":
+            # DeepSpeed's ZeRO-3 updates fp32 parameter partitions in place (no separate master copy)
+            device["optimizer"] = mem.optimizer * 8 / 12
     if offload_optimizer != "none":
         device["optimizer"] = 0.0
         if zero_stage < 3:
@@ -171,7 +178,7 @@ def place_states(
         else:
             device["gradients"] = 0.0  # the flat gradient partition lives where the optimizer runs
             host["gradient partition"] = a * P
-            S = min(P, SUB_GROUP_ELEMENTS)
+            S = min(P, sub_group_size)
             if offload_optimizer == "cpu":
                 host["fp32 master weights"] = 4 * P
                 host["fp32 gradients"] = 4 * P
@@ -191,7 +198,7 @@ def place_states(
             host["parameter partition"] = a * min(P, PARAMS_KEPT_IN_HOST)
             host["parameter swap buffers"] = a * PARAM_SWAP_BUFFERS * PARAM_SWAP_BUFFER_ELEMENTS
             if P > PARAMS_KEPT_IN_HOST:
-                host["parameter swap-out buffer"] = a * min(P, SUB_GROUP_ELEMENTS)
+                host["parameter swap-out buffer"] = a * min(P, sub_group_size)
     return Placement(
         device={k: v for k, v in device.items() if v or k in ("weights", "gradients", "optimizer", "activations")},
         host={k: v for k, v in host.items() if v},
@@ -253,16 +260,25 @@ def offload_seconds(link_bytes: float, nvme_bytes: float) -> float:
 
 
 def cpu_resident(placement: Placement, baseline: float = PROCESS_BASELINE_BYTES) -> dict[str, float]:
-    """Peak resident memory of one process of a CPU run, by term (bytes).
+    """Resident memory of one process of a CPU run during training, by term (bytes).
 
     On a CPU run the device is the host, so every device and host term of ``placement`` is
     resident in the process, plus the process baseline (:data:`PROCESS_BASELINE_BYTES`); disk
-    terms are not. Terms present in both places (e.g. ``fp32 gradients``) are distinct
-    allocations and are summed; the keys of host terms get a ``(host)`` suffix where a device
-    term has the same name.
+    terms are not. Terms present in both places (e.g. ``weights``) are distinct allocations
+    and are summed; the keys of host terms get a ``(host)`` suffix where a device term has the
+    same name. All terms are taken as alive together (activations and the optimizer step's
+    buffers in fact peak at different moments, so the sum is an upper bound of the training
+    phase). The process's peak is the larger of this sum and :func:`cpu_init_peak`.
     """
     out = {"process baseline": baseline}
     out.update(placement.device)
     for k, v in placement.host.items():
         out[k + (" (host)" if k in out else "")] = v
     return out
+
+
+def cpu_init_peak(stage_params: float, baseline: float = PROCESS_BASELINE_BYTES) -> float:
+    """Resident bytes of a process of a CPU run while the trainer builds the model: its
+    parameters materialized in fp32 (``4`` bytes each, :func:`dsv3.model.init.materialize_`)
+    before the DeepSpeed engine casts them to bf16 and partitions them, plus the baseline."""
+    return baseline + 4 * stage_params

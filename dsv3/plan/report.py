@@ -13,12 +13,12 @@ from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters, flops_per_token
 from dsv3.plan.costs import DTYPE_BYTES, GB, GIB, activation_bytes_per_token, split_counts
 from dsv3.plan.layouts import Layout, ModelParts, StagePlan, plan_layout, propose, relative_step_time
-from dsv3.plan.offload import PROCESS_BASELINE_BYTES
+from dsv3.plan.offload import PROCESS_BASELINE_BYTES, SUB_GROUP_ELEMENTS
 from dsv3.training.schedule import schedule_table
 
 
 def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith("ch") else "s")
+    return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith(("ch", "ss")) else "s")
 
 
 def _gib(x: float) -> str:
@@ -57,9 +57,11 @@ def _layout_table(
     node = f"{_count(sp.gpus_per_node, unit)} per node"
     if sp.cpu:
         resident = sp.resident
-        lines.append(f"memory/process (GiB, CPU run: peak resident = the sum of these terms; {where})")
+        lines.append(f"memory/process (GiB, CPU run: resident while training = the sum of these terms; {where})")
         lines += [f"  {name:<26}{_gib(value)}" for name, value in resident.items()]
-        lines.append(f"  {'total per process':<26}{_gib(sum(resident.values()))}")
+        lines.append(f"  {'sum (training)':<26}{_gib(sum(resident.values()))}")
+        lines.append(f"  {'model built in fp32':<26}{_gib(sp.init_peak)}  (baseline + 4 bytes x parameters, at start)")
+        lines.append(f"  {'peak per process':<26}{_gib(sp.peak_resident)}  (the larger of the two)")
         lines.append(
             f"  {'total per node':<26}{_gib(sp.host_per_node)}  ({node})" + _verdict(host_memory_gib, sp.host_per_node)
         )
@@ -77,7 +79,7 @@ def _layout_table(
         lines.append(f"  {'total per node':<26}{_gib(sp.disk_per_node)}" + _verdict(disk_gib, sp.disk_per_node))
     else:
         lines.append("disk/node   none (nothing offloaded to NVMe)")
-    if L.offloads:
+    if L.offloads and not sp.cpu:
         lines.append(
             f"offload     {sp.offload_s:,.1f} s of host-link / NVMe traffic per step vs {sp.compute_s:,.1f} s of "
             f"compute at the assumed rates (relative step time {relative_step_time(sp):.2f})"
@@ -151,7 +153,7 @@ def _proposal_lines(
     ]
     for sp in fitting[:limit]:
         L = sp.layout
-        per = sum(sp.resident.values()) if cpu else sp.device_total
+        per = sp.peak_resident if cpu else sp.device_total
         lines.append(
             f"  {L.pp:>3} {L.ep:>4} {L.dp:>5} {L.zero_stage:>4} {L.micro_batch_size:>4} {L.micro_batches:>14} "
             f"{'on' if L.checkpointing else 'off':>4} {L.offload_optimizer:>9} {L.offload_param:>6} "
@@ -190,6 +192,7 @@ def plan(
     gpus_per_node: int | None = None,
     cpu: bool = False,
     baseline: float = PROCESS_BASELINE_BYTES,
+    sub_group_size: float | None = None,
 ) -> str:
     """The report printed by ``dsv3 plan`` (several lines of text).
 
@@ -208,6 +211,8 @@ def plan(
         host_memory_gib, disk_gib: limits per node that fitting layouts respect (None: none).
         gpus_per_node: ranks per node (default ``min(gpus, 8)``).
         baseline: resident bytes of one process before model states.
+        sub_group_size: ZeRO-3's ``sub_group_size`` (elements); None: ``parallel.sub_group_size``
+            when the config has it, else DeepSpeed's default (1e9).
 
     Raises:
         DsvError: bad GPU count or memory, a configured layout that does not divide the GPUs
@@ -261,11 +266,15 @@ def plan(
         getattr(p, "offload_optimizer", "none"),
         getattr(p, "offload_param", "none"),
     )
+    if sub_group_size is None:
+        sub_group_size = getattr(p, "sub_group_size", SUB_GROUP_ELEMENTS)
+    if sub_group_size <= 0:
+        raise DsvError(f"--sub-group-size {sub_group_size:g} must be positive")
     limited = (gpu_memory_gib is not None and not cpu) or host_memory_gib is not None or disk_gib is not None
     limits = _limits(gpu_memory_gib, host_memory_gib, disk_gib, cpu)
     fits = None
     try:
-        sp = plan_layout(cfg, parts, layout, dispatch, combine, gpus_per_node, cpu, baseline)
+        sp = plan_layout(cfg, parts, layout, dispatch, combine, gpus_per_node, cpu, baseline, sub_group_size)
     except DsvError as err:
         if not propose_layouts:
             raise
@@ -283,7 +292,7 @@ def plan(
                     f"to spare (CUDA context and fragmentation not counted)"
                 )
             elif fits:
-                lines.append(f"            fits {limits}")
+                lines.append(f"            fits in {limits}")
             else:
                 hint = (
                     "see the proposals below"
@@ -291,17 +300,17 @@ def plan(
                     else "try --propose, activation checkpointing, a smaller micro-batch or more GPUs"
                 )
                 if cpu:
-                    need = f"needs {sp.host_per_node / GIB:,.1f} GiB host memory per node, has {limits}"
+                    need = f"needs {sp.host_per_node / GIB:,.1f} GiB host memory per node"
                 else:
                     need = f"needs {sp.device_total / GIB:,.1f} GiB per GPU, has {gpu_memory_gib:g}"
                     need += f" ({sp.host_per_node / GIB:,.1f} GiB host memory per node"
                     need += f", {sp.disk_per_node / GIB:,.1f} GiB disk)" if sp.disk_per_node else ")"
-                head = f"in {gpu_memory_gib:g} GiB" if not cpu and gpu_memory_gib is not None else limits
+                head = f"in {gpu_memory_gib:g} GiB" if not cpu and gpu_memory_gib is not None else f"in {limits}"
                 lines.append(f"            does NOT fit {head}: {need}; {hint}")
     if propose_layouts or (fits is False and p.pp == 1 and p.ep == 1):
         fitting, smallest = propose(
             cfg, parts, gpus, gpu_memory_gib, dispatch, combine, host_memory_gib, disk_gib, gpus_per_node, cpu,
-            baseline,
+            baseline, sub_group_size,
         )  # fmt: skip
         lines += _proposal_lines(
             fitting, smallest, gpus, gpu_memory_gib, counts["total"], 10, host_memory_gib, disk_gib, cpu
