@@ -219,9 +219,12 @@ def offload_traffic(
 
     Host link (``a`` bytes per parameter, ``P`` = partition, ``m`` micro-batches):
 
-    - optimizer offload, ZeRO-1/2: each micro-batch's gradient partition goes to the host,
-      and from the second on the accumulated one comes back first (DeepSpeed accumulates through
-      the device), ``a P (2 m - 1)``; the updated weights return, ``a P``: ``2 m a P`` in all.
+    - optimizer offload, ZeRO-2 (DeepSpeed accumulates through the device): micro-batch 0 sends
+      its gradient partition to the host's accumulation buffer, each later one first fetches the
+      accumulated partition back, and the last also copies the sum into the fp32 gradients,
+      ``2 m a P`` for ``m >= 2``; the updated weights return, ``a P``: ``(2 m + 1) a P``.
+      ZeRO-1 reduces only at the step's last micro-batch (fetch, store, fp32 copy, weights
+      back): ``4 a P``. With one micro-batch: the fp32 copy and the weights, ``2 a P``.
     - optimizer offload, ZeRO-3: gradients accumulate on the host, ``m a P``; weights return
       ``a P`` (ZeRO-Offload §4.1's ``2 x`` model size per step, times the micro-batches).
     - parameter offload: the partition crosses to the device for the forward and the backward
@@ -240,7 +243,10 @@ def offload_traffic(
     P, m = shard, micro_batches
     link = nvme = 0.0
     if offload_optimizer != "none":
-        link += (2 * m if zero_stage < 3 else m + 1) * a * P
+        if zero_stage >= 3:
+            link += (m + 1) * a * P
+        else:
+            link += (2 if m == 1 else 4 if zero_stage == 1 else 2 * m + 1) * a * P
         if offload_optimizer == "nvme":
             nvme += 32 * P
     if offload_param != "none":

@@ -126,8 +126,11 @@ def test_zero_3_bytes_by_hand():
 
 def test_offload_traffic_by_hand():
     m = 4  # micro-batches per step, bf16
-    # ZeRO-1/2: each micro-batch's gradients go out, from the 2nd on they come back first; weights return
-    assert offload_traffic(P, 2, "bf16", m, False, "cpu") == (2 * m * 2 * P, 0)
+    # ZeRO-2: each micro-batch's gradients go out, from the 2nd on the sum comes back first, the
+    # last also fills the fp32 gradients; the weights return. ZeRO-1 reduces at the last only.
+    assert offload_traffic(P, 2, "bf16", m, False, "cpu") == ((1 + 2 * (m - 2) + 3 + 1) * 2 * P, 0)
+    assert offload_traffic(P, 1, "bf16", m, False, "cpu") == (4 * 2 * P, 0)
+    assert offload_traffic(P, 2, "bf16", 1, False, "cpu") == offload_traffic(P, 1, "bf16", 1, True, "cpu") == (4 * P, 0)
     assert offload_traffic(P, 3, "bf16", m, False, "cpu") == ((m + 1) * 2 * P, 0)  # accumulates on the host
     assert offload_traffic(P, 3, "bf16", m, False, "nvme") == ((m + 1) * 2 * P, 32 * P)
     assert offload_traffic(P, 3, "bf16", m, True, "none", "cpu") == (3 * m * 2 * P, 0)  # fwd, bwd, recompute
@@ -192,11 +195,23 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
     assert fitting and all(sp.layout.offloads and sp.device_total <= 80 * GIB for sp in fitting)
     best = fitting[0]
     L = best.layout
-    assert (L.zero_stage, L.offload_optimizer, L.offload_param, L.micro_batches) == (3, "cpu", "none", 16)
-    # host: 18 bytes per parameter (dp = 1: the partition is the whole model) + the process
-    assert best.host_per_node == 18 * LITE_PARAMS + PROCESS_BASELINE_BYTES
-    assert best.placement.device["weights"] == 2 * LITE_PARAMS and best.placement.device["optimizer"] == 0
+    # ZeRO-1 sends the gradients to the host once per step (ZeRO-2 twice per micro-batch, ZeRO-3 once
+    # per micro-batch); with checkpointing its bf16 weights and gradients fit on the GPU
+    assert (L.zero_stage, L.offload_optimizer, L.offload_param, L.micro_batches, L.checkpointing) == (
+        1,
+        "cpu",
+        "none",
+        16,
+        True,
+    )
+    # host: 4 + 4 + 8 + 2 + 2 bytes per parameter (dp = 1: the partition is the whole model) + the process
+    assert best.host_per_node == 20 * LITE_PARAMS + PROCESS_BASELINE_BYTES
+    device = best.placement.device
+    assert device["weights"] == device["gradients"] == 2 * LITE_PARAMS and device["optimizer"] == 0
+    assert best.device_total == 4 * LITE_PARAMS + device["activations"] <= 80 * GIB
     assert best.disk_per_node == 0
+    zero3 = next(sp for sp in fitting if sp.layout.zero_stage == 3)  # next: ZeRO-3, 18 bytes per parameter
+    assert zero3.layout.offload_optimizer == "cpu" and zero3.host_per_node == 18 * LITE_PARAMS + PROCESS_BASELINE_BYTES
     # a 64 GiB host takes only NVMe offload: the host keeps the gradient partition and the swap buffers
     fitting, _ = propose(cfg, parts, 1, 80, host_memory_gib=64)
     best = fitting[0]
@@ -212,9 +227,10 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
 def test_cli_v2_lite_proposal_and_limits(capsys):
     assert main(["plan", "--config", str(LITE), "--gpus", "1", "--gpu-memory-gib", "80"]) == 0
     out = capsys.readouterr().out
-    host = (18 * LITE_PARAMS + PROCESS_BASELINE_BYTES) / GIB
+    host = (20 * LITE_PARAMS + PROCESS_BASELINE_BYTES) / GIB
     assert "does NOT fit in 80 GiB" in out and "layouts fit in 80 GiB per GPU" in out
-    assert "parallel.zero_stage=3" in out and "parallel.offload_optimizer=cpu parallel.offload_param=none" in out
+    assert "parallel.zero_stage=1" in out and "parallel.activation_checkpointing=true" in out
+    assert "parallel.offload_optimizer=cpu parallel.offload_param=none" in out
     assert f"(needs {host:,.1f} GiB of host memory per node)" in out
     args = ["plan", "--config", str(LITE), "--gpus", "1", "--gpu-memory-gib", "80", "--host-memory-gib", "64"]
     assert main(args + ["--disk-gib", "100"]) == 0
