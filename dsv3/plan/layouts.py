@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, flops_per_token
+from dsv3.parallel.engine import param_groups
 from dsv3.plan.costs import (
     DTYPE_BYTES,
     GIB,
@@ -30,6 +31,7 @@ from dsv3.plan.offload import (
     check_offload,
     cpu_init_peak,
     cpu_resident,
+    largest_sub_group,
     offload_seconds,
     offload_traffic,
     place_states,
@@ -88,6 +90,9 @@ class ModelParts:
         moe: per block, whether its FFN is MoE.
         embedding, head: parameters of ``embed_tokens``; of the final norm + ``lm_head``.
         mtp: per MTP module, (routed-expert, other) parameters (embedding and head shared).
+        groups: per optimizer parameter group of the trainer
+            (:func:`dsv3.parallel.engine.param_groups`), the sizes of its parameters in order
+            (ZeRO-3's sub-groups, :func:`dsv3.plan.offload.largest_sub_group`); empty: unknown.
     """
 
     layers: list[tuple[int, int]]
@@ -95,6 +100,7 @@ class ModelParts:
     embedding: int
     head: int
     mtp: list[tuple[int, int]]
+    groups: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: Transformer) -> ModelParts:
@@ -108,6 +114,7 @@ class ModelParts:
             embedding=model.embed_tokens.weight.numel(),
             head=model.lm_head.weight.numel() + model.norm.weight.numel(),
             mtp=[split(b) for b in model.mtp],
+            groups=[[p.numel() for p in g["params"]] for g in param_groups(model, 0.0)],
         )
 
 
@@ -239,6 +246,7 @@ def plan_layout(
     d_b = DTYPE_BYTES[dispatch or precision]
     c_b = DTYPE_BYTES[combine or precision]
     tokens = L.micro_batch_size * cfg.data.seq_len
+    sub_group = largest_sub_group(parts.groups, dp, sub_group_size) if L.zero_stage >= 3 and parts.groups else None
     stages, worst, worst_s, worst_place, worst_key, worst_shard, worst_params = [], None, 0, None, -1.0, 0.0, 0.0
     most_moe = 0
     for s, blocks in enumerate(stage_layers(m.n_layers, L.pp)):
@@ -280,7 +288,7 @@ def plan_layout(
         shard = other / dp + expert / L.ep / (dp // L.ep)
         place = place_states(
             mem, shard, other + expert / L.ep, max(sizes), L.zero_stage, precision, L.micro_batches,
-            L.offload_optimizer, L.offload_param, cpu, sub_group_size,
+            L.offload_optimizer, L.offload_param, cpu, sub_group_size, sub_group,
         )  # fmt: skip
         params = other + expert / L.ep
         steady = sum(cpu_resident(place, baseline).values())

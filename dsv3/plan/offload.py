@@ -29,12 +29,18 @@ under its defaults, which dsv3 does not change:
   the host; with ``nvme`` its files take ``aP`` on disk, the host keeps up to ``max_in_cpu``
   (1e9) elements of it plus ``buffer_count`` x ``buffer_size`` (5 x 1e8 elements) swap
   buffers, and a swap buffer of the largest sub-group when some sub-group is not kept.
-- ZeRO-3 on the device, besides :func:`static_bytes`' partitions: the parameters gathered for
-  the running module (taken as the largest block plus one ``stage3_prefetch_bucket_size``,
-  5e7 elements, at most ``stage3_max_live_parameters``, 1e9, and at most the stage's
-  parameters; gathering allocates new full tensors, also on one rank) and the gradient reduce bucket
+- ZeRO-3 on the device, besides :func:`static_bytes`' partitions: the gathered parameters
+  (gathering allocates new full tensors, also on one rank) and the gradient reduce bucket
   (``reduce_bucket_size``, 5e8 elements in the parameter dtype; on a CPU run only the part that
-  gets written is resident: at most the stage's parameters).
+  gets written is resident: at most the stage's parameters). Gathered: up to
+  ``stage3_max_live_parameters`` (1e9 elements; at least the largest block plus one
+  ``stage3_prefetch_bucket_size``, 5e7), at most the stage's parameters. Measured on one CPU
+  rank with dsv3's model: after a backward pass the parameters stay gathered until the next
+  forward releases them (DeepSpeed's post-backward hooks do not see the tensors inside dsv3's
+  ``TrainOutput``), so the peak holds (almost) all of them.
+- ZeRO-3 with ``offload_optimizer=nvme``, at the step's last micro-batch: the fp32 copies of
+  one reduce bucket's gradient partitions that are written to NVMe,
+  ``4 min(P, reduce_bucket_size)`` (``partition_grads``).
 
 Pinned ("page-locked") host memory is counted like any host memory. The async-I/O queue
 (``aio`` block size 1 MiB, queue depth 8) is negligible. ``nvme`` for the optimizer state
@@ -127,6 +133,7 @@ def place_states(
     offload_param: str = "none",
     cpu: bool = False,
     sub_group_size: float = SUB_GROUP_ELEMENTS,
+    sub_group: float | None = None,
 ) -> Placement:
     """Split one rank's memory (``mem``, from :func:`static_bytes` plus activations) into device,
     host and disk terms under the offload options (the accounting is in the module docstring).
@@ -142,6 +149,8 @@ def place_states(
         cpu: a CPU run (device = host): count only the written part of the reduce bucket.
         sub_group_size: ZeRO-3's ``sub_group_size`` (elements; DeepSpeed's default 1e9): the
             NVMe swap buffers are sized by the largest sub-group.
+        sub_group: the largest ZeRO-3 sub-group's elements on this rank
+            (:func:`largest_sub_group`); None: ``min(P, sub_group_size)``.
 
     Returns:
         :class:`Placement` in bytes; ``device`` keeps the names ``weights``, ``gradients``,
@@ -159,7 +168,7 @@ def place_states(
     host: dict[str, float] = {}
     disk: dict[str, float] = {}
     if zero_stage >= 3:
-        gathered = min(MAX_LIVE_PARAMETERS, largest_block + PREFETCH_BUCKET_ELEMENTS, stage_params)
+        gathered = min(stage_params, max(MAX_LIVE_PARAMETERS, largest_block + PREFETCH_BUCKET_ELEMENTS))
         device["gathered parameters"] = a * gathered
         bucket = min(REDUCE_BUCKET_ELEMENTS, stage_params) if cpu else REDUCE_BUCKET_ELEMENTS
         device["reduce bucket"] = a * bucket
@@ -178,7 +187,7 @@ def place_states(
         else:
             device["gradients"] = 0.0  # the flat gradient partition lives where the optimizer runs
             host["gradient partition"] = a * P
-            S = min(P, sub_group_size)
+            S = min(P, sub_group_size) if sub_group is None else sub_group
             if offload_optimizer == "cpu":
                 host["fp32 master weights"] = 4 * P
                 host["fp32 gradients"] = 4 * P
@@ -189,6 +198,7 @@ def place_states(
                 disk["Adam moments"] = 8 * P
                 host["fp32 gradient buffer"] = 4 * S
                 host["optimizer swap buffers"] = OPTIMIZER_SWAP_BUFFERS * 4 * S
+                host["fp32 gradient copies"] = 4 * min(P, REDUCE_BUCKET_ELEMENTS)
     if offload_param != "none":
         device["weights"] = 0.0
         if offload_param == "cpu":
@@ -204,6 +214,32 @@ def place_states(
         host={k: v for k, v in host.items() if v},
         disk={k: v for k, v in disk.items() if v},
     )
+
+
+def largest_sub_group(groups: list[list[int]], dp: int, sub_group_size: float = SUB_GROUP_ELEMENTS) -> int:
+    """Elements of the largest ZeRO-3 sub-group on one rank, as DeepSpeed 0.19.8 forms them
+    (``DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups``): each optimizer parameter group
+    whose partition exceeds ``sub_group_size`` is cut, in parameter order, after the parameter
+    that makes a sub-group reach ``sub_group_size``; a partition holds ``ceil(n / dp)`` elements
+    of a parameter of ``n``.
+
+    Args:
+        groups: per optimizer parameter group, the element counts of its parameters in order.
+        dp: ranks the parameters are partitioned over.
+    """
+    best = 0
+    for group in groups:
+        sizes = [-(-n // dp) for n in group]
+        if sub_group_size >= sum(sizes):
+            best = max(best, sum(sizes))
+            continue
+        current = 0
+        for n in sizes:
+            current += n
+            if current >= sub_group_size:
+                best, current = max(best, current), 0
+        best = max(best, current)
+    return best
 
 
 def offload_traffic(

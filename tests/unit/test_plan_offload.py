@@ -16,6 +16,7 @@ from dsv3.plan import (
     Layout,
     ModelParts,
     check_offload,
+    largest_sub_group,
     offload_seconds,
     offload_traffic,
     place_states,
@@ -44,7 +45,8 @@ TINY = [  # the 2-layer model of tests/helpers.py (tiny_overrides)
     "train.precision=bf16",
 ]
 P = 1000  # parameters of the rank's partition (dp = 1: the whole model)
-GATHERED = 2 * (300 + 5e7)  # ZeRO-3: bf16 largest block (300) + DeepSpeed's prefetch bucket (5e7 elements)
+# ZeRO-3: bf16 gathered parameters, up to stage3_max_live_parameters (1e9 elements), here the whole stage (1e9)
+GATHERED = 2 * 1e9
 BUCKET = 2 * 5e8  # ZeRO-3: bf16 reduce bucket of DeepSpeed's default 5e8 elements
 
 
@@ -104,12 +106,19 @@ def test_zero_3_bytes_by_hand():
         "Adam moments": 8000,
     }
     # optimizer on NVMe: 16 bytes per parameter on disk; the host keeps the bf16 gradient
-    # partition, one fp32 gradient buffer and 4 fp32 swap buffers of the largest sub-group (= P)
+    # partition, one fp32 gradient buffer and 4 fp32 swap buffers of the largest sub-group (= P),
+    # and the fp32 copies of one reduce bucket's gradients on their way to disk (all P here)
     pl = _place(3, "nvme")
     assert pl.disk == {"fp32 master weights": 4000, "fp32 gradients": 4000, "Adam moments": 8000}
-    assert pl.host == {"gradient partition": 2000, "fp32 gradient buffer": 4000, "optimizer swap buffers": 16000}
+    assert pl.host == {
+        "gradient partition": 2000,
+        "fp32 gradient buffer": 4000,
+        "optimizer swap buffers": 16000,
+        "fp32 gradient copies": 4000,
+    }
     small = _place(3, "nvme", sub_group_size=100)  # sub-groups of 100 elements: buffers of 100
     assert small.host["fp32 gradient buffer"] == 400 and small.host["optimizer swap buffers"] == 1600
+    assert _place(3, "nvme", sub_group=150).host["optimizer swap buffers"] == 16 * 150  # as DeepSpeed cut it
     # parameters on the host: the bf16 partition leaves the device
     pl = _place(3, "cpu", "cpu")
     assert pl.device["weights"] == 0 and pl.host["parameter partition"] == 2000 and pl.host_total == 20 * P
@@ -118,10 +127,18 @@ def test_zero_3_bytes_by_hand():
     pl = _place(3, "nvme", "nvme")
     assert pl.disk_total == 16 * P + 2 * P
     assert pl.host["parameter partition"] == 2000 and pl.host["parameter swap buffers"] == 2 * 5 * 1e8
-    assert pl.host_total == (2 + 4 + 16 + 2) * P + 1e9
+    assert pl.host_total == (2 + 4 + 16 + 4 + 2) * P + 1e9
     pl = _place(3, "none", "nvme")
     assert pl.device["weights"] == 0 and pl.device["gradients"] == 2000 and pl.device["optimizer"] == 12000
     assert pl.disk == {"parameter partition": 2000}
+
+
+def test_largest_sub_group_as_deepspeed_cuts():
+    # one group under the limit stays whole; a bigger one is cut after the parameter that reaches it
+    assert largest_sub_group([[30, 20], [5]], 1, 100) == 50
+    assert largest_sub_group([[60, 50, 30, 80, 10]], 1, 100) == 110  # [60, 50], [30, 80], [10]
+    assert largest_sub_group([[60, 50, 30, 80, 10]], 2, 50) == 55  # halves: [30, 25], [15, 40], [5]
+    assert largest_sub_group([[7]], 2, 100) == 4  # ceil(7 / 2)
 
 
 def test_offload_traffic_by_hand():
@@ -183,7 +200,11 @@ def test_per_node_totals_of_a_layout():
     assert sp.host_per_node == pytest.approx(2 * (18 * n / 2 + PROCESS_BASELINE_BYTES))
     one = plan_layout(cfg, parts, Layout(2, 1, 1, 3, 4, 3, True, "nvme", "cpu"), gpus_per_node=1)
     assert one.disk_per_node == pytest.approx(16 * n / 2)
-    assert one.host_per_node == pytest.approx(PROCESS_BASELINE_BYTES + (2 + 4 + 16 + 2) * n / 2)
+    # ZeRO-3 cuts sub-groups within the trainer's parameter groups: the largest is the half of the
+    # decaying matrices that a rank holds, ceil(numel / 2) of each
+    S = sum(-(-p.numel() // 2) for p in model.parameters() if p.ndim >= 2)
+    assert largest_sub_group(parts.groups, 2) == S
+    assert one.host_per_node == pytest.approx(PROCESS_BASELINE_BYTES + (2 + 4 + 2) * n / 2 + 20 * S)
 
 
 def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
@@ -216,7 +237,10 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
     fitting, _ = propose(cfg, parts, 1, 80, host_memory_gib=64)
     best = fitting[0]
     assert best.layout.offload_optimizer == "nvme"
-    assert best.host_per_node == 2 * LITE_PARAMS + 20 * 1e9 + PROCESS_BASELINE_BYTES  # 4S + 16S, S = 1e9
+    S = largest_sub_group(parts.groups, 1)  # the first ~1e9 elements of the decaying matrices
+    assert 1e9 <= S < 1e9 + 2048 * 64 * 1408 * 3  # DeepSpeed closes a sub-group after reaching 1e9
+    # the host: bf16 gradients, 4S + 16S fp32 gradient and swap buffers, fp32 copies of one 5e8 bucket
+    assert best.host_per_node == 2 * LITE_PARAMS + 20 * S + 4 * 5e8 + PROCESS_BASELINE_BYTES
     assert best.disk_per_node == 16 * LITE_PARAMS
     assert propose(cfg, parts, 1, 80, host_memory_gib=64, disk_gib=100)[0] == []
     # with enough GPUs a layout without offloading fits and comes first
@@ -248,13 +272,15 @@ def test_cpu_run_resident_memory_by_term():
         model = Transformer(cfg.model)
     parts = ModelParts.of(model)
     n = sum(p.numel() for p in model.parameters())
+    S = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
     sp = plan_layout(cfg, parts, Layout(1, 1, 1, 3, 2, 1, False, "nvme"), cpu=True)
     act = sp.memory.activations
     r = sp.resident
     # one process holds everything: the baseline, bf16 weights, activations, the gathered
-    # parameters (here the whole model is smaller than one prefetch bucket), the written part
-    # of the reduce bucket (the whole model), and on the host side the bf16 gradient partition,
-    # one fp32 gradient buffer and 4 fp32 swap buffers; the optimizer state is on disk
+    # parameters (the whole model), the written part of the reduce bucket (the whole model), and
+    # on the host side the bf16 gradient partition, one fp32 gradient buffer, 4 fp32 swap
+    # buffers (one sub-group: the decaying matrices S) and the fp32 gradient copies; the
+    # optimizer state is on disk
     assert r == {
         "process baseline": PROCESS_BASELINE_BYTES,
         "weights": 2 * n,
@@ -264,10 +290,11 @@ def test_cpu_run_resident_memory_by_term():
         "gathered parameters": 2 * n,
         "reduce bucket": 2 * n,
         "gradient partition": 2 * n,
-        "fp32 gradient buffer": 4 * n,
-        "optimizer swap buffers": 16 * n,
+        "fp32 gradient buffer": 4 * S,
+        "optimizer swap buffers": 16 * S,
+        "fp32 gradient copies": 4 * n,
     }
-    assert sp.peak_resident == sum(r.values()) == PROCESS_BASELINE_BYTES + act + 28 * n
+    assert sp.peak_resident == sum(r.values()) == PROCESS_BASELINE_BYTES + act + 12 * n + 20 * S
     assert sp.init_peak == PROCESS_BASELINE_BYTES + 4 * n  # the model materialized in fp32 first
     assert sp.disk_per_node == 16 * n
     text = plan(cfg, 1, None, cpu=True)
