@@ -23,8 +23,9 @@ under its defaults, which dsv3 does not change:
   dtype (the parameter dtype by default) ``aP``, all on the host; with ``nvme`` the fp32
   partition, moments and fp32 gradients go to disk (``16P``) and the host keeps the flat
   gradient partition ``aP``, one fp32 gradient buffer of the largest sub-group ``4S`` and
-  ``buffer_count`` (4) fp32 swap buffers of it ``16S`` (``S = min(P, sub_group_size)``,
-  ``sub_group_size`` = 1e9 elements).
+  ``buffer_count`` (4) fp32 swap buffers of it ``16S`` (:func:`largest_sub_group`: sub-groups
+  are cut from the optimizer's parameter groups once they reach ``sub_group_size``, 1e9
+  elements).
 - ZeRO-3 with ``offload_param=cpu``: the parameter partition ``aP`` moves from the device to
   the host; with ``nvme`` its files take ``aP`` on disk, the host keeps up to ``max_in_cpu``
   (1e9) elements of it plus ``buffer_count`` x ``buffer_size`` (5 x 1e8 elements) swap
@@ -41,6 +42,12 @@ under its defaults, which dsv3 does not change:
 - ZeRO-3 with ``offload_optimizer=nvme``, at the step's last micro-batch: the fp32 copies of
   one reduce bucket's gradient partitions that are written to NVMe,
   ``4 min(P, reduce_bucket_size)`` (``partition_grads``).
+
+On one CPU process running DeepSpeed ZeRO-3 with NVMe optimizer offload on dsv3 models of
+143M and 515M parameters (bf16, sub_group_size 2e7, with and without activation
+checkpointing), the sum of these terms (with the measured baseline of that process) came
+within 2-4% (515M) and 8-12% (143M) below the measured peak resident memory; the rest is
+memory the allocator keeps after freeing, not modelled.
 
 Pinned ("page-locked") host memory is counted like any host memory. The async-I/O queue
 (``aio`` block size 1 MiB, queue depth 8) is negligible. ``nvme`` for the optimizer state
