@@ -181,7 +181,7 @@ def place_states(
         device["reduce bucket"] = a * bucket
         if precision == "fp32" and offload_optimizer == "none":
             # DeepSpeed's ZeRO-3 updates fp32 parameter partitions in place (no separate master copy)
-            device["optimizer"] = mem.optimizer * 8 / 12
+            device["optimizer"] = 8.0 * P
     if offload_optimizer != "none":
         device["optimizer"] = 0.0
         if zero_stage < 3:

@@ -308,3 +308,6 @@ def test_cli_cpu_plan(capsys):
     assert main(["plan", "--config", tiny, "--cpu", "--gpus", "2", "--host-memory-gib", "24"] + TINY) == 0
     out = capsys.readouterr().out
     assert "layout      2 processes:" in out and "total per node" in out and "of 24: fits" in out
+    assert "(2 processes per node)" in out
+    assert main(["plan", "--config", tiny, "--cpu", "--gpus", "2", "--gpus-per-node", "1"] + TINY) == 0
+    assert "(1 process per node)" in capsys.readouterr().out
