@@ -47,7 +47,8 @@ On one CPU process running DeepSpeed ZeRO-3 with NVMe optimizer offload on dsv3 
 143M and 515M parameters (bf16, sub_group_size 2e7, with and without activation
 checkpointing), the sum of these terms (with the measured baseline of that process) came
 within 2-4% (515M) and 8-12% (143M) below the measured peak resident memory; the rest is
-memory the allocator keeps after freeing, not modelled.
+memory the allocator keeps after freeing, not modelled. The swap files took 16 bytes per
+parameter on disk, as counted.
 
 Pinned ("page-locked") host memory is counted like any host memory. The async-I/O queue
 (``aio`` block size 1 MiB, queue depth 8) is negligible. ``nvme`` for the optimizer state
