@@ -37,11 +37,34 @@ result holds the ``machine`` it ran on (:func:`dsv3.hardware.machine_info`). ``-
 
 from dsv3.bench.report import format_table, result_path, run_cli, write_result
 from dsv3.bench.runs import bench_data, bench_decode, bench_train, synthetic_batches
-from dsv3.bench.sides import (HF_EXPERTS, MasterWeightAdamW, Side, activation_bytes, build_dsv3, build_hf, dsv3_loss,
-                              hf_parity, make_optimizer)
+from dsv3.bench.sides import (
+    HF_EXPERTS,
+    MasterWeightAdamW,
+    Side,
+    activation_bytes,
+    build_dsv3,
+    build_hf,
+    dsv3_loss,
+    hf_parity,
+    make_optimizer,
+)
 
 __all__ = [
-    "HF_EXPERTS", "MasterWeightAdamW", "Side", "activation_bytes", "bench_data", "bench_decode", "bench_train",
-    "build_dsv3", "build_hf", "dsv3_loss", "format_table", "hf_parity", "make_optimizer", "result_path", "run_cli",
-    "synthetic_batches", "write_result",
+    "HF_EXPERTS",
+    "MasterWeightAdamW",
+    "Side",
+    "activation_bytes",
+    "bench_data",
+    "bench_decode",
+    "bench_train",
+    "build_dsv3",
+    "build_hf",
+    "dsv3_loss",
+    "format_table",
+    "hf_parity",
+    "make_optimizer",
+    "result_path",
+    "run_cli",
+    "synthetic_batches",
+    "write_result",
 ]

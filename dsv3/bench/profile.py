@@ -173,7 +173,9 @@ def summarize(events, wall_s: float, steps: int, peak_tflops: float, device: tor
     """
     on_gpu = device.type == "cuda"
     ranges = sorted(
-        (ev.time_range.start, ev.time_range.end, ev.name) for ev in events if ev.name in PHASES and ev.cpu_parent is None
+        (ev.time_range.start, ev.time_range.end, ev.name)
+        for ev in events
+        if ev.name in PHASES and ev.cpu_parent is None
     )
     if not ranges:
         raise ValueError("the profile holds no forward / backward / optimizer range")
@@ -227,14 +229,28 @@ def summarize(events, wall_s: float, steps: int, peak_tflops: float, device: tor
     matmuls = []
     for (phase, op, shapes, dtype), g in mm.items():
         t = tflops(g["flops"], g["us"])
-        matmuls.append({
-            "phase": phase, "op": op, "shapes": json.loads(shapes), "dtype": dtype, "count": g["count"] // steps,
-            "time_ms": g["us"] / steps / 1e3, "share": g["us"] / step_us, "flops": g["flops"] / steps,
-            "tflops": t, "of_peak": t / peak_tflops if peak_tflops else None,
-        })
+        matmuls.append(
+            {
+                "phase": phase,
+                "op": op,
+                "shapes": json.loads(shapes),
+                "dtype": dtype,
+                "count": g["count"] // steps,
+                "time_ms": g["us"] / steps / 1e3,
+                "share": g["us"] / step_us,
+                "flops": g["flops"] / steps,
+                "tflops": t,
+                "of_peak": t / peak_tflops if peak_tflops else None,
+            }
+        )
     others = [
-        {"phase": phase, "op": op, "count": g["count"] // steps, "time_ms": g["us"] / steps / 1e3,
-         "share": g["us"] / step_us}
+        {
+            "phase": phase,
+            "op": op,
+            "count": g["count"] // steps,
+            "time_ms": g["us"] / steps / 1e3,
+            "share": g["us"] / step_us,
+        }
         for (phase, op), g in other.items()
     ]
     matmuls.sort(key=lambda r: -r["time_ms"])
@@ -244,17 +260,29 @@ def summarize(events, wall_s: float, steps: int, peak_tflops: float, device: tor
         rows = [r for r in matmuls if r["phase"] == p]
         us = sum(r["time_ms"] for r in rows) * 1e3
         flops = sum(r["flops"] for r in rows)
-        phases[p] = {"time_ms": phase_us[p] / steps / 1e3, "share": phase_us[p] / step_us,
-                     "matmul_time_ms": us / 1e3, "matmul_share": us * steps / step_us, "matmul_flops": flops,
-                     "matmul_tflops": tflops(flops, us)}
+        phases[p] = {
+            "time_ms": phase_us[p] / steps / 1e3,
+            "share": phase_us[p] / step_us,
+            "matmul_time_ms": us / 1e3,
+            "matmul_share": us * steps / step_us,
+            "matmul_flops": flops,
+            "matmul_tflops": tflops(flops, us),
+        }
     mm_us = sum(r["time_ms"] for r in matmuls) * 1e3
     mm_flops = sum(r["flops"] for r in matmuls)
     return {
-        "steps": steps, "timer": "kernel time (CUDA)" if on_gpu else "CPU time of the operators",
-        "wall_ms": wall_s / steps * 1e3, "step_ms": step_us / steps / 1e3, "peak_tflops": peak_tflops,
-        "phases": phases, "matmul_time_ms": mm_us / 1e3, "matmul_share": mm_us * steps / step_us,
-        "matmul_flops": mm_flops, "matmul_tflops": tflops(mm_flops, mm_us),
-        "matmuls": matmuls, "others": others,
+        "steps": steps,
+        "timer": "kernel time (CUDA)" if on_gpu else "CPU time of the operators",
+        "wall_ms": wall_s / steps * 1e3,
+        "step_ms": step_us / steps / 1e3,
+        "peak_tflops": peak_tflops,
+        "phases": phases,
+        "matmul_time_ms": mm_us / 1e3,
+        "matmul_share": mm_us * steps / step_us,
+        "matmul_flops": mm_flops,
+        "matmul_tflops": tflops(mm_flops, mm_us),
+        "matmuls": matmuls,
+        "others": others,
     }
 
 
@@ -293,18 +321,28 @@ def format_profile(prof: dict[str, Any], top: int = 12) -> str:
     """The printed summary: the phases, then the ``top`` matrix-product and other groups."""
     peak = prof["peak_tflops"]
     walls = prof.get("profiled_walls_ms") or [prof["wall_ms"]]
-    lines = [f"profile of the least disturbed of {len(walls)} {prof.get('side', '')} step(s) ({prof['timer']}): "
-             f"{prof['step_ms']:.1f} ms per step (wall {prof['wall_ms']:.1f} ms); matmul peak {peak:.3g} TFLOP/s"]
+    lines = [
+        f"profile of the least disturbed of {len(walls)} {prof.get('side', '')} step(s) ({prof['timer']}): "
+        f"{prof['step_ms']:.1f} ms per step (wall {prof['wall_ms']:.1f} ms); matmul peak {peak:.3g} TFLOP/s"
+    ]
     for p, r in prof["phases"].items():
-        lines.append(f"  {p:<10}{r['time_ms']:9.1f} ms {100 * r['share']:5.1f}%   matmuls {r['matmul_time_ms']:.1f} ms "
-                     f"({100 * r['matmul_share']:.1f}% of the step), {r['matmul_tflops']:.3g} TFLOP/s")
-    lines.append(f"  matmuls in all: {prof['matmul_time_ms']:.1f} ms, {100 * prof['matmul_share']:.1f}%, "
-                 f"{prof['matmul_tflops']:.3g} TFLOP/s ({100 * prof['matmul_tflops'] / peak:.0f}% of peak)")
-    lines.append(f"top matrix products:\n  {'ms':>8} {'share':>6} {'count':>5} {'TFLOP/s':>8} {'peak':>5}  "
-                 "phase      op [shapes] dtype")
+        lines.append(
+            f"  {p:<10}{r['time_ms']:9.1f} ms {100 * r['share']:5.1f}%   matmuls {r['matmul_time_ms']:.1f} ms "
+            f"({100 * r['matmul_share']:.1f}% of the step), {r['matmul_tflops']:.3g} TFLOP/s"
+        )
+    lines.append(
+        f"  matmuls in all: {prof['matmul_time_ms']:.1f} ms, {100 * prof['matmul_share']:.1f}%, "
+        f"{prof['matmul_tflops']:.3g} TFLOP/s ({100 * prof['matmul_tflops'] / peak:.0f}% of peak)"
+    )
+    lines.append(
+        f"top matrix products:\n  {'ms':>8} {'share':>6} {'count':>5} {'TFLOP/s':>8} {'peak':>5}  "
+        "phase      op [shapes] dtype"
+    )
     for r in prof["matmuls"][:top]:
-        lines.append(f"  {r['time_ms']:8.2f} {100 * r['share']:5.1f}% {r['count']:5d} {r['tflops']:8.3g} "
-                     f"{100 * (r['of_peak'] or 0):4.0f}%  {r['phase']:<10} {r['op']} {r['shapes']} {r['dtype']}")
+        lines.append(
+            f"  {r['time_ms']:8.2f} {100 * r['share']:5.1f}% {r['count']:5d} {r['tflops']:8.3g} "
+            f"{100 * (r['of_peak'] or 0):4.0f}%  {r['phase']:<10} {r['op']} {r['shapes']} {r['dtype']}"
+        )
     lines.append(f"top other operators (self time):\n  {'ms':>8} {'share':>6} {'count':>5}  phase      op")
     for r in prof["others"][:top]:
         lines.append(f"  {r['time_ms']:8.2f} {100 * r['share']:5.1f}% {r['count']:5d}  {r['phase']:<10} {r['op']}")

@@ -7,15 +7,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
+from dsv3.bench.profile import format_profile, profile_path, write_profile
+from dsv3.bench.runs import bench_data, bench_decode, bench_train
 from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
 from dsv3.hardware import machine_info
-
-from dsv3.bench.profile import format_profile, profile_path, write_profile
-from dsv3.bench.runs import bench_data, bench_decode, bench_train
-
 
 # --------------------------------------------------------------------------- output
 
@@ -55,7 +52,9 @@ def format_table(result: dict[str, Any]) -> str:
         table = [["side", *cols]] + [[name, *(_fmt(r.get(c, "")) for c in cols)] for name, r in rows.items()]
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
-            lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+            lines.append(
+                "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            )
         lines.append("")
     flat = {k: v for k, v in result.items() if k not in ("results", "model") and not isinstance(v, (dict, list))}
     if isinstance(result.get("peak_tflops"), dict):
@@ -65,9 +64,18 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_cli(kind: str, config: str | None, overrides: list[str], precision: str = "fp32", vs: str | None = None,
-            compile_model: bool = False, steps: int = 3, reps: int = 3, out_dir: str = "bench",
-            profile: bool = False) -> Path:
+def run_cli(
+    kind: str,
+    config: str | None,
+    overrides: list[str],
+    precision: str = "fp32",
+    vs: str | None = None,
+    compile_model: bool = False,
+    steps: int = 3,
+    reps: int = 3,
+    out_dir: str = "bench",
+    profile: bool = False,
+) -> Path:
     """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file.
 
     ``profile`` (train only): also write the per-operator breakdown of a step (after the timed ones) to
@@ -81,8 +89,9 @@ def run_cli(kind: str, config: str | None, overrides: list[str], precision: str 
         raise DsvError(f"--vs {vs}: the only peer is 'hf' (transformers)")
     name = Path(config).stem if config else "tiny"
     if kind == "train":
-        result = bench_train(cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps,
-                             profile=profile)
+        result = bench_train(
+            cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps, profile=profile
+        )
     elif kind == "decode":
         result = bench_decode(cfg, precision, vs_hf=vs == "hf", reps=reps, compile_model=compile_model)
     elif kind == "data":
@@ -91,10 +100,15 @@ def run_cli(kind: str, config: str | None, overrides: list[str], precision: str 
         raise DsvError(f"unknown benchmark {kind!r}; use train, decode or data")
     result["config"] = name
     result["command"] = "dsv3 bench " + " ".join(
-        [kind] + ([f"--config {config}"] if config else []) + ([f"--vs {vs}"] if vs else [])
-        + ([f"--precision {precision}"] if kind != "data" else []) + (["--compile"] if compile_model else [])
-        + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else []) + (["--profile"] if profile else [])
-        + list(overrides))
+        [kind]
+        + ([f"--config {config}"] if config else [])
+        + ([f"--vs {vs}"] if vs else [])
+        + ([f"--precision {precision}"] if kind != "data" else [])
+        + (["--compile"] if compile_model else [])
+        + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else [])
+        + (["--profile"] if profile else [])
+        + list(overrides)
+    )
     path = result_path(out_dir, kind, name, precision if kind != "data" else "data")
     prof = result.pop("profile", None)
     if prof is not None:

@@ -5,23 +5,35 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from dsv3.bench.profile import profile_train
+from dsv3.bench.sides import (
+    HF_EXPERTS,
+    Side,
+    activation_bytes,
+    build_dsv3,
+    build_hf,
+    dsv3_loss,
+    dsv3_state,
+    hf_loss,
+    hf_parity,
+    make_optimizer,
+    rss_mib,
+)
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.hardware import DTYPES, device_name, machine_peaks, sync
 
-from dsv3.bench.profile import profile_train
-from dsv3.bench.sides import (HF_EXPERTS, Side, activation_bytes, build_dsv3, build_hf, dsv3_loss, dsv3_state,
-                              hf_loss, hf_parity, make_optimizer, rss_mib)
-
-
 # --------------------------------------------------------------------------- train
 
 
-def synthetic_batches(cfg: Config, batch: int, seq: int, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_batches(
+    cfg: Config, batch: int, seq: int, n: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(cfg.train.seed)
     out = []
     for _ in range(n):
@@ -30,8 +42,15 @@ def synthetic_batches(cfg: Config, batch: int, seq: int, n: int, device: torch.d
     return out
 
 
-def _time_sides(sides: list[Side], batches, steps: int, reps: int, warmup: int, device: torch.device,
-                between: Callable[[], None] | None = None) -> None:
+def _time_sides(
+    sides: list[Side],
+    batches,
+    steps: int,
+    reps: int,
+    warmup: int,
+    device: torch.device,
+    between: Callable[[], None] | None = None,
+) -> None:
     """Warm up every side, then ``steps * reps`` timed steps per side, interleaved step by step
     (side A, side B, ..., side A, ...) so that load from other processes hits all sides alike.
     ``between`` runs after every ``steps`` rounds (used to re-probe the matmul peak)."""
@@ -51,10 +70,19 @@ def _time_sides(sides: list[Side], batches, steps: int, reps: int, warmup: int, 
             between()
 
 
-def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compile_model: bool = False,
-                steps: int = 3, reps: int = 3, warmup: int = 1, checkpointing: bool = True,
-                hf_precisions: tuple[str, ...] | None = None, device: str | None = None,
-                profile: bool = False) -> dict[str, Any]:
+def bench_train(
+    cfg: Config,
+    precision: str = "fp32",
+    vs_hf: bool = False,
+    compile_model: bool = False,
+    steps: int = 3,
+    reps: int = 3,
+    warmup: int = 1,
+    checkpointing: bool = True,
+    hf_precisions: tuple[str, ...] | None = None,
+    device: str | None = None,
+    profile: bool = False,
+) -> dict[str, Any]:
     """Time optimizer steps of dsv3 (and the transformers peer); see the module doc.
 
     Args:
@@ -95,12 +123,14 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
 
     sides = []
     model = build_dsv3(cfg, dev, precision, compile_model=compile_model, seed=seed)
-    sides.append(Side("dsv3", model, make_optimizer(model, cfg, precision, master=True), dsv3_loss(cfg),
-                      cfg.train.grad_clip))
+    sides.append(
+        Side("dsv3", model, make_optimizer(model, cfg, precision, master=True), dsv3_loss(cfg), cfg.train.grad_clip)
+    )
     if checkpointing and not compile_model:  # (a second compilation would double the start-up time)
         m2 = build_dsv3(cfg, dev, precision, checkpointing=True, seed=seed)
-        sides.append(Side("dsv3+ckpt", m2, make_optimizer(m2, cfg, precision, master=True), dsv3_loss(cfg),
-                          cfg.train.grad_clip))
+        sides.append(
+            Side("dsv3+ckpt", m2, make_optimizer(m2, cfg, precision, master=True), dsv3_loss(cfg), cfg.train.grad_clip)
+        )
     parity = None
     if vs_hf:
         parity = hf_parity(cfg, seed)
@@ -108,8 +138,9 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
         for hp in hf_precisions or (("fp32", "bf16") if precision == "bf16" else ("fp32",)):
             for ex in HF_EXPERTS:
                 hm = build_hf(cfg, state, dev, DTYPES[hp], experts=ex)
-                sides.append(Side(f"hf:{hp}:{ex}", hm, make_optimizer(hm, cfg, hp, master=False), hf_loss,
-                                  cfg.train.grad_clip))
+                sides.append(
+                    Side(f"hf:{hp}:{ex}", hm, make_optimizer(hm, cfg, hp, master=False), hf_loss, cfg.train.grad_clip)
+                )
 
     memory = {}
     for s in sides:
@@ -134,23 +165,44 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
         t = min(s.times)  # the least disturbed step: other processes share this machine
         tps = tokens / t
         tflops = fpt * tps / 1e12
-        rows[s.name] = {"step_time_s": t, "median_step_time_s": statistics.median(s.times),
-                        "cpu_time_s": min(s.cpu_times), "tokens_per_s": tps,
-                        "model_tflops": tflops, "mfu": tflops / peak_ref, "mfu_vs_bf16_peak": tflops / peaks["bf16"],
-                        **memory.get(s.name, {})}
+        rows[s.name] = {
+            "step_time_s": t,
+            "median_step_time_s": statistics.median(s.times),
+            "cpu_time_s": min(s.cpu_times),
+            "tokens_per_s": tps,
+            "model_tflops": tflops,
+            "mfu": tflops / peak_ref,
+            "mfu_vs_bf16_peak": tflops / peaks["bf16"],
+            **memory.get(s.name, {}),
+        }
     result = {
-        "kind": "train", "precision": precision, "device": device_name(dev), "batch": B, "seq_len": T,
-        "tokens_per_step": tokens, "flops_per_token": fpt, "peak_tflops": peaks, "compile": compile_model,
+        "kind": "train",
+        "precision": precision,
+        "device": device_name(dev),
+        "batch": B,
+        "seq_len": T,
+        "tokens_per_step": tokens,
+        "flops_per_token": fpt,
+        "peak_tflops": peaks,
+        "compile": compile_model,
         "optimizer": "fp32-master AdamW (bf16 weights)" if precision != "fp32" else "AdamW (fp32)",
         "timing": f"best of {steps * reps} steps per side, interleaved step by step, after {warmup} warm-up step(s); "
-                  f"peaks: best of {reps + 1} probes spread over the run",
-        "results": rows, "notes": notes, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "rss_peak_mib": rss_mib(), "model": dict(vars(cfg.model)),
+        f"peaks: best of {reps + 1} probes spread over the run",
+        "results": rows,
+        "notes": notes,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rss_peak_mib": rss_mib(),
+        "model": dict(vars(cfg.model)),
     }
     result.update(rows["dsv3"])
     if prof is not None:
-        result["profile"] = {"precision": precision, "tokens_per_step": tokens, "model_flops_per_step": fpt * tokens,
-                             **prof}
+        result["profile"] = {
+            "precision": precision,
+            "tokens_per_step": tokens,
+            "model_flops_per_step": fpt * tokens,
+            **prof,
+        }
     if vs_hf:
         hf_rows = {k: v for k, v in rows.items() if k.startswith("hf:")}
         best = max(hf_rows, key=lambda k: hf_rows[k]["tokens_per_s"])
@@ -172,9 +224,17 @@ def bench_train(cfg: Config, precision: str = "fp32", vs_hf: bool = False, compi
 # --------------------------------------------------------------------------- decode
 
 
-def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batches: tuple[int, ...] = (1, 8),
-                 prompt_len: int = 32, new_tokens: int = 64, reps: int = 3, device: str | None = None,
-                 compile_model: bool = False) -> dict[str, Any]:
+def bench_decode(
+    cfg: Config,
+    precision: str = "fp32",
+    vs_hf: bool = False,
+    batches: tuple[int, ...] = (1, 8),
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    reps: int = 3,
+    device: str | None = None,
+    compile_model: bool = False,
+) -> dict[str, Any]:
     """Greedy decode tokens/s for each batch size, dsv3's :func:`dsv3.generation.generate_batch`
     against transformers' ``generate`` on the same weights (same prompts, same number of new
     tokens, interleaved repetitions, best run).
@@ -193,7 +253,9 @@ def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batc
     if precision not in DTYPES:
         raise DsvError(f"--precision {precision} is not one of {sorted(DTYPES)}")
     if prompt_len + new_tokens > cfg.model.max_seq_len:
-        raise DsvError(f"prompt {prompt_len} + {new_tokens} new tokens exceed model.max_seq_len={cfg.model.max_seq_len}")
+        raise DsvError(
+            f"prompt {prompt_len} + {new_tokens} new tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[precision]
     cfg = copy.deepcopy(cfg)
@@ -217,11 +279,18 @@ def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batc
             "dsv3": lambda p=prompts: [r.ids for r in generate_batch(runner, p.tolist(), new_tokens, temperature=0)],
         }
         for ex, hm in hf_models.items():
+
             def run_hf(p=prompts, hm=hm):
                 with torch.no_grad():
-                    out = hm.generate(p.to(dev), attention_mask=torch.ones_like(p).to(dev), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False)
+                    out = hm.generate(
+                        p.to(dev),
+                        attention_mask=torch.ones_like(p).to(dev),
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                    )
                 return out[:, prompt_len:].tolist()
+
             runs[f"hf:{ex}"] = run_hf
         times: dict[str, list[float]] = {k: [] for k in runs}
         cpu: dict[str, list[float]] = {k: [] for k in runs}
@@ -237,12 +306,26 @@ def bench_decode(cfg: Config, precision: str = "fp32", vs_hf: bool = False, batc
                 cpu[k].append(time.process_time() - c0)
         for k in runs:
             t = min(times[k])
-            rows[f"{k}@b{B}"] = {"seconds": t, "cpu_seconds": min(cpu[k]), "tokens_per_s": B * new_tokens / t,
-                                 "same_tokens_as_dsv3": outs[k] == outs["dsv3"]}
-    result = {"kind": "decode", "precision": precision, "device": device_name(dev), "prompt_len": prompt_len,
-              "new_tokens": new_tokens, "compile": compile_model, "threads": torch.get_num_threads(),
-              "cache_bytes_per_token": per_token, "cache_bytes_formula": formula,
-              "results": rows, "torch": torch.__version__, "model": dict(vars(cfg.model))}
+            rows[f"{k}@b{B}"] = {
+                "seconds": t,
+                "cpu_seconds": min(cpu[k]),
+                "tokens_per_s": B * new_tokens / t,
+                "same_tokens_as_dsv3": outs[k] == outs["dsv3"],
+            }
+    result = {
+        "kind": "decode",
+        "precision": precision,
+        "device": device_name(dev),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "compile": compile_model,
+        "threads": torch.get_num_threads(),
+        "cache_bytes_per_token": per_token,
+        "cache_bytes_formula": formula,
+        "results": rows,
+        "torch": torch.__version__,
+        "model": dict(vars(cfg.model)),
+    }
     for B in batches:
         result[f"tokens_per_s_b{B}"] = rows[f"dsv3@b{B}"]["tokens_per_s"]
         if vs_hf:
@@ -266,8 +349,10 @@ def bench_data(cfg: Config) -> dict[str, Any]:
     try:
         from data_pipeline.bench import bench_data as run
     except ImportError as err:
-        raise DsvError(f"dsv3 bench data needs data_pipeline.bench.bench_data, which this installation lacks ({err}); "
-                       "update dsv3 to a version with the data pipeline benchmark") from err
+        raise DsvError(
+            f"dsv3 bench data needs data_pipeline.bench.bench_data, which this installation lacks ({err}); "
+            "update dsv3 to a version with the data pipeline benchmark"
+        ) from err
     result = dict(run(cfg))
     result.setdefault("kind", "data")
     return result

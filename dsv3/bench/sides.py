@@ -4,8 +4,9 @@ optimizers, and the activation memory of one micro-batch."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -140,8 +141,14 @@ def hf_loss(model, inputs, labels):
     return model(input_ids=inputs, labels=inputs).loss
 
 
-def build_dsv3(cfg: Config, device: torch.device, precision: str, checkpointing: bool = False,
-               compile_model: bool = False, seed: int = 0):
+def build_dsv3(
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+    checkpointing: bool = False,
+    compile_model: bool = False,
+    seed: int = 0,
+):
     """The dsv3 model in ``precision`` on ``device`` (routing biases and rope tables stay fp32)."""
     from dsv3.model import Transformer
     from dsv3.parallel.checkpointing import apply_activation_checkpointing
@@ -160,8 +167,14 @@ def build_dsv3(cfg: Config, device: torch.device, precision: str, checkpointing:
     return model
 
 
-def build_hf(cfg: Config, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-             experts: str = "grouped_mm", attn: str = "sdpa"):
+def build_hf(
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    experts: str = "grouped_mm",
+    attn: str = "sdpa",
+):
     """transformers' ``DeepseekV3ForCausalLM`` with the weights of a dsv3 state dict.
 
     The weights go through :func:`dsv3.checkpoint.export_hf` (a temporary folder), so the peer
@@ -174,12 +187,11 @@ def build_hf(cfg: Config, state: dict[str, torch.Tensor], device: torch.device, 
         from transformers import DeepseekV3ForCausalLM
     except ImportError as err:  # pragma: no cover - transformers is a test dependency
         raise DsvError(f"--vs hf needs transformers ({err}); pip install transformers") from err
+    import transformers
     from safetensors.torch import save_file
 
-    from dsv3.config import save_config
     from dsv3.checkpoint import export_hf
-
-    import transformers
+    from dsv3.config import save_config
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -189,8 +201,9 @@ def build_hf(cfg: Config, state: dict[str, torch.Tensor], device: torch.device, 
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(ck / "model.safetensors"))
         save_config(Config(model=cfg.model), ck / "config.yaml")
         export_hf(ck, Path(tmp) / "hf")
-        model = DeepseekV3ForCausalLM.from_pretrained(str(Path(tmp) / "hf"), attn_implementation=attn,
-                                                      experts_implementation=experts, dtype=torch.float32)
+        model = DeepseekV3ForCausalLM.from_pretrained(
+            str(Path(tmp) / "hf"), attn_implementation=attn, experts_implementation=experts, dtype=torch.float32
+        )
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     model.to(device)
@@ -216,7 +229,9 @@ def hf_parity(cfg: Config, seed: int = 0) -> float:
     state = dsv3_state(cfg, seed)
     ours = build_dsv3(cfg, torch.device("cpu"), "fp32", seed=seed).eval()
     hf = build_hf(cfg, state, torch.device("cpu"), torch.float32, experts="eager", attn="eager").eval()
-    ids = torch.randint(0, cfg.model.vocab_size, (2, min(32, cfg.data.seq_len)), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, cfg.model.vocab_size, (2, min(32, cfg.data.seq_len)), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         return (ours(ids) - hf(input_ids=ids).logits.float()).abs().max().item()
 

@@ -109,9 +109,9 @@ class ActivationBytes:
         moe_ffn: one DeepSeekMoE sublayer including its RMSNorm, the router and the experts.
         block_input: what a checkpointed block keeps (its input hidden state).
         embedding: token ids kept by the embedding lookup.
-        head: final RMSNorm, fp32 log-probabilities over the vocabulary, labels.
+        head: final RMSNorm, the logits, targets, their mask and log-sum-exp.
         mtp_inner: one MTP module beyond its transformer block and its head (two norms, the
-            concatenation); its head costs ``head - 8`` (the labels are shared).
+            concatenation); its head costs ``head`` too (its own label and mask tensors).
         mtp_input: what a checkpointed MTP module keeps (the embeddings it reads).
     """
 
@@ -164,8 +164,10 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
       expert outputs before and after the gate weighting ``2 a K D`` (the weighted rows are
       what the scatter-add back to the tokens keeps), the gate weight per row ``a K``) +
       shared experts ``4 a S``.
-    - head: ``norm(D) + 4 V`` (fp32 log-probabilities) ``+ 8`` (labels); embedding ``8``.
-    - MTP module (besides its MoE block and its head ``norm(D) + 4 V``): the norms of the
+    - head: ``norm(D) + a V`` (the logits, kept by the blocked cross-entropy of
+      :func:`dsv3.model.objective.ce_sum`) ``+ 13`` (int64 targets, their bool mask, one fp32
+      log-sum-exp); embedding ``8``.
+    - MTP module (besides its MoE block and its head ``norm(D) + a V + 13``): the norms of the
       embedding and of the previous depth's state without their outputs (the concatenation
       keeps nothing), ``2 (8 D + 4)`` (minus ``4 D`` under fp32, where the second norm's
       input is the head norm's output, kept anyway), and the concatenation ``2 a D`` (the
@@ -208,7 +210,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     routed = 16 * K + 3 * a * K * D + 4 * a * K * m.moe_inter_dim + a * K
     shared = 4 * a * m.n_shared_experts * m.moe_inter_dim
     moe_ffn = _norm_bytes(D, a) + router + routed + shared
-    head = _norm_bytes(D, a) + 4 * m.vocab_size + 8
+    head = _norm_bytes(D, a) + a * m.vocab_size + 13
     mtp_inner = 2 * (_norm_bytes(D, a) - a * D) - (4 * D if a == 4 else 0) + 2 * a * D
     return ActivationBytes(
         attention=float(attention),

@@ -264,7 +264,7 @@ def plan_layout(
             other += parts.head + (parts.embedding if L.pp > 1 and parts.mtp else 0)
             for e, o in parts.mtp:
                 expert, other = expert + e, other + o
-            mtp_head = act.head - 8
+            mtp_head = act.head
             full.append(act.head + len(parts.mtp) * (act.mtp_module() + mtp_head))
             kept += act.head + len(parts.mtp) * (act.mtp_input + mtp_head)
             n_moe += len(parts.mtp)
