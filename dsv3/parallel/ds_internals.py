@@ -174,3 +174,106 @@ def before_pipeline_update(engine, hook: Callable[[], None]) -> None:
 def is_tied_copy(p: torch.Tensor) -> bool:
     """True for the last stage's copy of a tied pipeline weight (``ds_pipe_replicated``)."""
     return bool(getattr(p, "ds_pipe_replicated", False))
+
+
+# ---------------------------------------------------------------- memory held by the engine
+#: attributes of DeepSpeed's optimizer wrappers (ZeRO-1/2 ``DeepSpeedZeroOptimizer``, the bf16
+#: ``BF16_Optimizer``, ``FP16_UnfusedOptimizer``) holding fp32 master weights (optimizer state)
+MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups", "fp32_groups_flat")
+#: attribute fragments naming the low-precision (or fp32) model weights and their flat buffers
+WEIGHT_FRAGMENTS = ("bit16", "bf16", "fp16")
+_WRAPPER_SKIP = ("module", "client_model_parameters", "param_names", "model_parameters")
+
+
+def _walk(obj, path: str, seen: set[int], depth: int):
+    """(path, tensor) for every tensor reachable from ``obj`` through containers and the
+    attributes of DeepSpeed and ``torch.optim`` objects (modules are not entered)."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        return
+    if depth > 8 or id(obj) in seen or isinstance(obj, (nn.Module, str, bytes, int, float, bool, type(None))):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}[{k if isinstance(k, (str, int)) else '.'}]", seen, depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]", seen, depth + 1)
+    elif type(obj).__module__.startswith(("deepspeed", "torch.optim", "dsv3")) and hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            if k not in _WRAPPER_SKIP:
+                yield from _walk(v, f"{path}.{k}", seen, depth + 1)
+
+
+def part_of(attr: str) -> str:
+    """Which model state the DeepSpeed optimizer attribute ``attr`` holds: ``"optimizer"``
+    (fp32 master weights: :data:`MASTER_ATTRS`, and the torch optimizer inside, ``optimizer``:
+    its Adam moments), ``"gradients"`` (any name with ``grad``, the ``ipg_buckets`` reduction
+    buffers), ``"weights"`` (the bit16 / bf16 / fp16 groups and their flat buffers, which hold
+    the model's weights, fp32 too under fp32 ZeRO), else ``"other"``."""
+    if attr in MASTER_ATTRS or attr == "optimizer":
+        return "optimizer"
+    if "grad" in attr or attr.startswith("ipg"):
+        return "gradients"
+    if any(f in attr for f in WEIGHT_FRAGMENTS):
+        return "weights"
+    return "other"
+
+
+def engine_tensors(engine, ds_optimizer):
+    """(part, path, tensor) for every tensor DeepSpeed's optimizer wrapper ``ds_optimizer``
+    (or a plain torch optimizer) and the ``engine`` object hold, outside the module.
+
+    Walks the instance attributes (``vars``) of the optimizer wrapper, the torch optimizer
+    inside it (``.optimizer``: ``state`` holds the Adam moments) and the engine, through lists,
+    tuples and dicts, and classifies each by its first attribute with :func:`part_of`
+    (everything the engine holds directly is ``"other"``, e.g. pipeline buffers). A tensor can
+    come up several times (views of one flat buffer): the caller deduplicates by storage.
+    """
+    seen: set[int] = set()
+    if isinstance(ds_optimizer, torch.optim.Optimizer) and type(ds_optimizer).__module__.startswith(
+        ("torch.optim", "dsv3")
+    ):
+        for path, t in _walk(ds_optimizer, "optimizer", seen, 0):
+            yield "optimizer", path, t
+    elif ds_optimizer is not None:
+        seen.add(id(ds_optimizer))
+        for k, v in vars(ds_optimizer).items():
+            if k in _WRAPPER_SKIP:
+                continue
+            part = part_of(k)
+            for path, t in _walk(v, k, seen, 1):
+                yield part, path, t
+    if engine is not None:
+        seen.add(id(engine))
+        for k, v in vars(engine).items():
+            if k in ("module", "optimizer", "basic_optimizer", "client_optimizer", "lr_scheduler") or k.startswith("_"):
+                continue
+            for path, t in _walk(v, f"engine.{k}", seen, 1):
+                yield "other", path, t
+
+
+def param_attr_tensors(p: torch.Tensor):
+    """(attribute, tensor) of tensors DeepSpeed attaches to a parameter (e.g. ZeRO's
+    ``grad_accum``, the ``_hp_mapping`` fragments of the master partition)."""
+    for k, v in vars(p).items():
+        yield from _walk(v, k, set(), 1)
+
+
+def master_and_state_elements(ds_optimizer, p: torch.Tensor) -> list[torch.Tensor] | None:
+    """The fp32 master fragment and Adam moments this rank holds for parameter ``p`` when
+    they live in a flat partition (``_hp_mapping.get_hp_fragment``; ZeRO-1/2, bf16 optimizer),
+    or None when ``p`` has no flat partition; ``[]`` when this rank owns no part of it."""
+    if not has_flat_partition(p):
+        return None
+    frag = p._hp_mapping
+    if frag is None:
+        return []
+    out = [frag.get_hp_fragment()]
+    for key in ("exp_avg", "exp_avg_sq"):
+        try:
+            out.append(frag.get_hp_fragment(key))
+        except (KeyError, ValueError, AssertionError, AttributeError, TypeError):
+            pass
+    return out

@@ -3,6 +3,8 @@ pipeline bubble, all-to-all volume and buffers (the layout semantics are in :mod
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
@@ -59,31 +61,83 @@ def check_divisible(gpus: int, pp: int, ep: int) -> int:
 
 
 def static_bytes(
-    local_other: float, local_expert: float, dp: int, ep: int, zero_stage: int, precision: str = "bf16"
+    local_other: float,
+    local_expert: float,
+    dp: int,
+    ep: int,
+    zero_stage: int,
+    precision: str = "bf16",
+    pipeline: bool = False,
 ) -> MemoryPlan:
-    """Weights, gradients and AdamW state of the parameters held by one GPU.
+    """Weights, gradients and AdamW state of the parameters held by one GPU, as DeepSpeed holds
+    them between the gradient reduction and the optimizer step (when all three are alive).
 
     Mixed precision (bf16, the ZeRO paper's accounting, Rajbhandari et al. 2020 §3.1): 2 bytes
-    per parameter of bf16 weights, 2 of bf16 gradients, 12 of optimizer state (fp32 master
-    copy and two fp32 moments). fp32: 4 + 4 + 8 (two moments), plus the fp32 partition copy
+    per parameter of bf16 weights, 2 of bf16 gradients, 12 of optimizer state (fp32 master copy
+    and two fp32 moments). fp32: 4 + 4 + 8 (two moments), plus the fp32 partition copy
     DeepSpeed's ZeRO-1/2 optimizer keeps (4) when ``zero_stage >= 1``. ZeRO-1 partitions the
     optimizer state over the data-parallel group, ZeRO-2 also the gradients, ZeRO-3 also the
     weights; expert parameters are partitioned over the ``dp / ep`` expert-data-parallel ranks.
 
+    DeepSpeed (0.16-0.19) reduces the gradients of ZeRO-1 into the partitions at the end of the
+    backward pass as ZeRO-2 does and frees the rest, so from then to the update a ZeRO-1 rank
+    holds only its partition of the gradients too (during the backward pass both hold up to a
+    reduction bucket more, not counted here); :func:`zero_held_elements` adds the parts of the
+    tensors that straddle a partition's edges. With pipelines, bf16 at ZeRO stage 0 runs
+    DeepSpeed's ``BF16_Optimizer`` (``pipeline=True``): besides the bf16 ``.grad`` it keeps a
+    gradient accumulation buffer of the same size (2 + 2 bytes per parameter) and partitions
+    the fp32 master weights and moments over the data-parallel ranks like ZeRO-1.
+
     Args:
         local_other: non-expert parameters held by this GPU (its stage's, unpartitioned).
         local_expert: routed-expert parameters held by this GPU (already divided by ``ep``).
+        pipeline: the layout has pipeline stages (``pp > 1``).
     """
     edp = dp // ep
     shard = local_other / dp + local_expert / edp
     full = local_other + local_expert
     w_b, g_b = (2, 2) if precision == "bf16" else (4, 4)
     o_b = 12 if precision == "bf16" else (12 if zero_stage >= 1 else 8)
+    bf16_pipe = precision == "bf16" and pipeline and zero_stage == 0
     return MemoryPlan(
         weights=w_b * (shard if zero_stage >= 3 else full),
-        grads=g_b * (shard if zero_stage >= 2 else full),
-        optimizer=o_b * (shard if zero_stage >= 1 else full),
+        grads=g_b * (shard if zero_stage >= 1 else (2 * full if bf16_pipe else full)),
+        optimizer=o_b * (shard if zero_stage >= 1 or bf16_pipe else full),
     )
+
+
+def zero_held_elements(sizes: list[int], parts: int, rank: int | None = None) -> int:
+    """Gradient elements rank ``rank`` of ``parts`` holds for one ZeRO-1/2 optimizer group.
+
+    DeepSpeed flattens the group's tensors in order (``sizes``, elements each), pads the total
+    to a multiple of ``2 * parts`` and gives each rank an equal slice; after the reduction a
+    rank keeps views of the gradients of the tensors that overlap its slice (its
+    ``averaged_gradients``), which hold each such tensor whole: the slice plus the parts of
+    the (at most two) tensors straddling its edges (the per-tensor alignment padding is
+    ignored: a few elements).
+
+    Args:
+        rank: the rank in the group; None = the largest over the ranks.
+
+    Returns:
+        elements held (0 for an empty group).
+    """
+    sizes = [n for n in sizes if n > 0]
+    total = sum(sizes)
+    if total == 0:
+        return 0
+    align = 2 * parts
+    part = -(-total // align) * align // parts
+    ends = list(itertools.accumulate(sizes))  # ends[i]: offset just after tensor i
+    starts = [0, *ends[:-1]]
+
+    def held(r: int) -> int:
+        lo, hi = r * part, (r + 1) * part
+        first = bisect.bisect_right(ends, lo)  # first tensor ending after lo
+        last = bisect.bisect_left(starts, hi) - 1  # last tensor starting before hi
+        return ends[last] - starts[first] if last >= first else 0
+
+    return held(rank) if rank is not None else max(held(r) for r in range(parts))
 
 
 # ----------------------------------------------------------------------------- activations

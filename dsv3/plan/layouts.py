@@ -22,6 +22,7 @@ from dsv3.plan.costs import (
     pipeline_bubble,
     stage_layers,
     static_bytes,
+    zero_held_elements,
 )
 from dsv3.plan.offload import (
     DEVICE_FLOPS_PER_S,
@@ -93,6 +94,8 @@ class ModelParts:
         groups: per optimizer parameter group of the trainer
             (:func:`dsv3.parallel.engine.param_groups`), the sizes of its parameters in order
             (ZeRO-3's sub-groups, :func:`dsv3.plan.offload.largest_sub_group`); empty: unknown.
+        tensors: every parameter tensor of the plain model in its order, (name, elements, ndim),
+            for ZeRO's flat partitions (:func:`dsv3.plan.costs.zero_held_elements`).
     """
 
     layers: list[tuple[int, int]]
@@ -101,6 +104,7 @@ class ModelParts:
     head: int
     mtp: list[tuple[int, int]]
     groups: list[list[int]] = field(default_factory=list)
+    tensors: list[tuple[str, int, int]] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: Transformer) -> ModelParts:
@@ -115,7 +119,65 @@ class ModelParts:
             head=model.lm_head.weight.numel() + model.norm.weight.numel(),
             mtp=[split(b) for b in model.mtp],
             groups=[[p.numel() for p in g["params"]] for g in param_groups(model, 0.0)],
+            tensors=[(n, p.numel(), p.dim()) for n, p in model.named_parameters()],
         )
+
+    def stage_counts(self, pp: int, spec: str = "parameters") -> list[int]:
+        """Blocks per pipeline stage as the trainer splits them (``parallel.pp_partition``):
+        explicit counts ``"2,3,3"``, or balanced by parameter count with the embedding on the
+        first stage and the head, MTP modules and tied embedding on the last (the weights and
+        DeepSpeed's ``partition_balanced`` of :func:`dsv3.parallel.layout.balanced_counts`);
+        ``stage_layers``' even split when that leaves a stage empty or ``spec`` does not fit."""
+        n = len(self.layers)
+        spec = str(spec).strip()
+        if pp <= 1:
+            return [n]
+        if spec != "parameters":
+            try:
+                counts = [int(x) for x in spec.split(",")]
+            except ValueError:
+                counts = []
+            if len(counts) == pp and min(counts) >= 1 and sum(counts) == n:
+                return counts
+        else:
+            from deepspeed.runtime.utils import partition_balanced
+
+            weights = [e + o for e, o in self.layers]
+            weights[0] += self.embedding
+            weights[-1] += self.head + sum(e + o for e, o in self.mtp) + self.embedding
+            bounds = partition_balanced(weights=weights, num_parts=pp)
+            counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+            if len(counts) == pp and min(counts) >= 1:
+                return counts
+        return [len(r) for r in stage_layers(n, pp)]
+
+    def stage_tensors(self, counts: list[int], stage: int) -> list[tuple[str, int, int]]:
+        """The tensors pipeline stage ``stage`` holds, in the order of its pipeline layers
+        (:mod:`dsv3.parallel.pipeline`): embedding (first stage), its blocks, and on the last
+        stage the tied embedding (with pipelines), final norm, head and MTP modules."""
+        first = sum(counts[:stage])
+        prefixes = ["embed_tokens."] if stage == 0 else []
+        prefixes += [f"layers.{i}." for i in range(first, first + counts[stage])]
+        if stage == len(counts) - 1:
+            prefixes += (["embed_tokens."] if len(counts) > 1 else []) + ["norm.", "lm_head.", "mtp."]
+        return [t for pre in prefixes for t in self.tensors if t[0].startswith(pre)]
+
+
+def zero_grad_elements(tensors: list[tuple[str, int, int]], dp: int, ep: int, dp_rank: int | None) -> int:
+    """Gradient elements a ZeRO-1/2 rank holds for the ``tensors`` of its stage, group by group
+    as :func:`dsv3.parallel.engine.param_groups` forms them (matrices, vectors, and with
+    ``ep`` > 1 the local routed experts, 1/ep of each, over the ``dp / ep`` expert-data-parallel
+    ranks: rank ``dp_rank // ep``); see :func:`dsv3.plan.costs.zero_held_elements`.
+    ``dp_rank`` None: each group's largest share."""
+    decay = [n for name, n, nd in tensors if nd >= 2 and not (ep > 1 and ".experts." in name)]
+    no_decay = [n for _, n, nd in tensors if nd < 2]
+    experts = [n // ep for name, n, _ in tensors if ep > 1 and ".experts." in name]
+    edp_rank = None if dp_rank is None else dp_rank // ep
+    return (
+        zero_held_elements(decay, dp, dp_rank)
+        + zero_held_elements(no_decay, dp, dp_rank)
+        + zero_held_elements(experts, dp // ep, edp_rank)
+    )
 
 
 @dataclass
@@ -200,11 +262,14 @@ def plan_layout(
     cpu: bool = False,
     baseline: float = PROCESS_BASELINE_BYTES,
     sub_group_size: float = SUB_GROUP_ELEMENTS,
+    dp_rank: int | None = None,
 ) -> StagePlan:
     """Memory of every pipeline stage of ``layout``; returns the stage with the largest total.
 
-    Per stage s: static memory (:func:`static_bytes`) of the parameters placed on it (see
-    the module docstring); activations = in-flight micro-batches
+    Per stage s (its blocks as the trainer places them, :meth:`ModelParts.stage_counts`):
+    static memory (:func:`static_bytes`) of the parameters placed on it (see the module
+    docstring), with ZeRO-1/2 the gradients a rank keeps of the tensors overlapping its
+    partitions (:func:`zero_grad_elements`); activations = in-flight micro-batches
     (:func:`in_flight_micro_batches`) x tokens per micro-batch x bytes per token of its parts
     (:func:`activation_bytes_per_token`; with checkpointing the block inputs, plus one block's
     full activations for one micro-batch while it is recomputed); all-to-all buffers of one
@@ -220,6 +285,8 @@ def plan_layout(
         cpu: a CPU run (every rank a process on the host; device terms are host memory).
         baseline: resident bytes of a process before model states.
         sub_group_size: ZeRO-3's ``sub_group_size`` in elements (sizes the NVMe swap buffers).
+        dp_rank: the data-parallel rank within the stage whose ZeRO partitions to count;
+            None = the largest share over the ranks.
 
     Raises:
         DsvError: a layout that does not divide the GPUs, has more stages than blocks or an
@@ -249,7 +316,9 @@ def plan_layout(
     sub_group = largest_sub_group(parts.groups, dp, sub_group_size) if L.zero_stage >= 3 and parts.groups else None
     stages, worst, worst_s, worst_place, worst_key, worst_shard, worst_params = [], None, 0, None, -1.0, 0.0, 0.0
     most_moe = 0
-    for s, blocks in enumerate(stage_layers(m.n_layers, L.pp)):
+    counts = parts.stage_counts(L.pp, cfg.parallel.pp_partition)
+    spans = [range(sum(counts[:s]), sum(counts[: s + 1])) for s in range(L.pp)]
+    for s, blocks in enumerate(spans):
         first, last = s == 0, s == L.pp - 1
         expert = sum(parts.layers[i][0] for i in blocks)
         other = sum(parts.layers[i][1] for i in blocks)
@@ -261,7 +330,7 @@ def plan_layout(
             kept += act.embedding
         n_moe = sum(parts.moe[i] for i in blocks)
         if last:
-            other += parts.head + (parts.embedding if L.pp > 1 and parts.mtp else 0)
+            other += parts.head + (parts.embedding if L.pp > 1 else 0)  # the pipeline's tied copy
             for e, o in parts.mtp:
                 expert, other = expert + e, other + o
             mtp_head = act.head
@@ -269,7 +338,10 @@ def plan_layout(
             kept += act.head + len(parts.mtp) * (act.mtp_input + mtp_head)
             n_moe += len(parts.mtp)
         most_moe = max(most_moe, n_moe)
-        mem = static_bytes(other, expert / L.ep, dp, L.ep, L.zero_stage, precision)
+        mem = static_bytes(other, expert / L.ep, dp, L.ep, L.zero_stage, precision, pipeline=L.pp > 1)
+        if L.zero_stage in (1, 2) and parts.tensors:
+            held = zero_grad_elements(parts.stage_tensors(counts, s), dp, L.ep, dp_rank)
+            mem.grads = DTYPE_BYTES[precision] * held
         sizes = [parts.layers[i][0] / L.ep + parts.layers[i][1] for i in blocks]
         sizes += [parts.embedding] if first else []
         sizes += [e / L.ep + o for e, o in parts.mtp] + [parts.head] if last else []
@@ -304,7 +376,7 @@ def plan_layout(
         stage=worst_s,
         memory=worst,
         in_flight=in_flight_micro_batches(L.pp, worst_s, L.micro_batches),
-        blocks=len(stage_layers(m.n_layers, L.pp)[worst_s]),
+        blocks=counts[worst_s],
         bubble=pipeline_bubble(L.pp, L.micro_batches),
         a2a_bytes=volume,
         stages=stages,

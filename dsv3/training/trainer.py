@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -155,6 +156,9 @@ class Trainer:
             self.peak_tflops = measure_peak_tflops(DTYPES[cfg.train.precision], self.info.device)
             _log(self.info, f"measured matmul peak: {self.peak_tflops:.3g} TFLOP/s ({cfg.train.precision}) per process")
         self.start_step = 0
+        # called with no arguments once a step's gradients are reduced, before its update
+        # (measurements such as dsv3.bench.memory's, which need gradients and state together)
+        self.before_update: list[Callable[[], None]] = []
         self._resume()
 
     def _prepare(self, progress: bool) -> Path:
@@ -329,6 +333,8 @@ class Trainer:
         norm where the trainer does (:func:`dsv3.parallel.engine.trainer_clips`), and decide on
         every rank alike whether to apply the update (every loss sum and the norm finite). The
         step's one host sync. Returns ``{"finite": bool, "grad_norm": tensor or None}``."""
+        for hook in self.before_update:
+            hook()
         grad_norm = None
         if self.manual_clip:
             clip = self.cfg.train.grad_clip

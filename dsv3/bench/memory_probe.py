@@ -1,0 +1,116 @@
+"""One layout of ``dsv3 bench memory``: a few real training steps, then what each rank holds.
+
+Run as a program, alone or under ``torchrun`` (one process per rank)::
+
+    python -m dsv3.bench.memory_probe --out DIR [--steps N] [--config CFG] [KEY=VALUE ...]
+
+Each rank records its resident memory right after the imports (torch, DeepSpeed, dsv3), before
+any model or process group exists (the process baseline), builds :class:`dsv3.training.trainer.Trainer` for the config (evaluation,
+checkpoints and the sample left out: ``train.eval_every=0``, ``train.out_dir`` a folder under
+``DIR``), runs ``N`` optimizer steps (``train_step``, the trainer's own step), and in the last
+step, once the gradients are reduced and before the update (``Trainer.before_update``), counts
+what it holds (:func:`dsv3.parallel.memory.held_bytes`; the Adam state exists from the first
+update on, so ``N`` >= 2). After the last step it reads the peak resident memory (``VmHWM``)
+and writes ``DIR/rank<R>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import deepspeed  # noqa: F401 - imported before the baseline is read, as every run imports it
+import torch  # noqa: F401
+
+from dsv3.config import load_config
+from dsv3.fileio import atomic_write_text
+from dsv3.parallel.layout import stage_of_rank
+from dsv3.parallel.memory import held_bytes, rss_bytes
+from dsv3.training.trainer import Trainer
+
+
+def probe(config: str | None, overrides: list[str], out: Path, steps: int = 2) -> dict:
+    """Train ``steps`` steps of ``config`` + ``overrides`` on this rank and measure; returns
+    (and writes to ``out/rank<R>.json``) the record of this rank.
+
+    Returns:
+        ``{"rank", "world_size", "stage", "baseline_rss_bytes", "rss_at_measure_bytes",
+        "peak_rss_bytes", "held": HeldBytes.to_dict(), "steps", "seconds"}``.
+
+    Raises:
+        ValueError: fewer than 2 steps (the optimizer state appears at the first update).
+    """
+    if steps < 2:
+        raise ValueError(f"--steps {steps}: at least 2 steps are needed (Adam's state exists after the first)")
+    baseline, _ = rss_bytes()
+    t0 = time.perf_counter()
+    run_dir = out / "run"
+    cfg = load_config(
+        config,
+        [
+            *overrides,
+            f"train.steps={steps}",
+            "train.eval_every=0",
+            f"train.out_dir={run_dir}",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+        ],
+    )
+    trainer = Trainer(cfg)
+    seen: dict = {}
+    last = {"step": -1}
+
+    def measure() -> None:
+        if last["step"] == steps - 1:
+            engine = trainer.engine
+            seen["held"] = held_bytes(engine.module, engine.optimizer, engine)
+            seen["rss"] = rss_bytes()[0]
+
+    trainer.before_update.append(measure)
+    for step in range(steps):
+        last["step"] = step
+        trainer.train_step(step)
+    info = trainer.info
+    record = {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "stage": stage_of_rank(info.rank, info.world_size, cfg.parallel.pp),
+        "baseline_rss_bytes": baseline,
+        "rss_at_measure_bytes": seen["rss"],
+        "peak_rss_bytes": rss_bytes()[1],
+        "held": seen["held"].to_dict(),
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"rank{info.rank}.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of the program (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m dsv3.bench.memory_probe")
+    ap.add_argument("--out", required=True, help="folder for rank<R>.json and the run")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    probe(a.config, a.overrides, Path(a.out), a.steps)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    # as `dsv3 train` ends (dsv3.cli.run): skip interpreter finalization, which races with
+    # gloo's worker threads and can abort a finished process
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
