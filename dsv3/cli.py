@@ -205,15 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-from", default=None, help="run whose validation split to read (default --ckpt's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p = sub.add_parser("bench", help="benchmarks: training step, decoding, data pipeline (JSON under bench/)")
-    p.add_argument("kind", choices=["train", "decode", "data"])
+    p = sub.add_parser(
+        "bench", help="benchmarks: training step, decoding, data pipeline, memory per rank (JSON under bench/)"
+    )
+    p.add_argument("kind", choices=["train", "decode", "data", "memory"])
     _add_config_args(p, required=False)
     p.add_argument(
         "--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio"
     )
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train, decode)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round (train)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per round (train, default 3); steps per layout (memory, 2)"
+    )
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="memory: layouts to measure, each procs=N,KEY=VALUE,... (e.g. procs=2,ep=2,zero=1,precision=bf16)",
+    )
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
     p.add_argument(
@@ -281,7 +292,8 @@ def _cmd_bench(args) -> None:
         args.steps,
         args.reps,
         args.out_dir,
-        args.profile,
+        profile=args.profile,
+        layouts=args.layouts,
     )
 
 

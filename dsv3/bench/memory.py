@@ -82,13 +82,13 @@ class MemoryLayout:
 #: the default layouts: 1 and 2 processes, ep 1/2, ZeRO 0/1/2, pp 1/2, fp32/bf16, checkpointing
 DEFAULT_LAYOUTS = (
     "procs=1,zero=0,precision=fp32",
-    "procs=1,zero=0,precision=bf16",
-    "procs=2,ep=2,zero=0,precision=fp32",
+    "procs=1,zero=2,precision=bf16",
+    "procs=2,ep=2,zero=0,precision=bf16",
     "procs=2,ep=2,zero=1,precision=fp32",
     "procs=2,ep=2,zero=2,precision=bf16,ckpt=true",
-    "procs=2,ep=1,zero=1,precision=bf16",
     "procs=2,ep=1,zero=2,precision=bf16",
     "procs=2,pp=2,zero=1,precision=bf16",
+    "procs=2,pp=2,zero=0,precision=fp32",
 )
 
 
@@ -217,7 +217,8 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
             other_bytes=held["other_bytes"],
             expert_weights_bytes=held["expert_weights_bytes"],
             expert_optimizer_bytes=held["expert_optimizer_bytes"],
-            rss_at_measure_bytes=rec["rss_at_measure_bytes"],
+            rss_at_update_bytes=rec["rss_at_measure_bytes"],
+            peak_rss_by_phase=rec.get("peak_rss_by_phase", {}),
             holders=held["holders"],
         )
         planned = dict(plan)
@@ -225,8 +226,10 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
         planned["peak_rss_bytes"] = (
             plan["static_bytes"] + plan["activations_bytes"] + plan["a2a_buffers_bytes"] + rec["baseline_rss_bytes"]
         )
+        planned["rss_at_update_bytes"] = plan["static_bytes"] + rec["baseline_rss_bytes"]
         ratio = {k: (measured[f"{k}_bytes"] / plan[f"{k}_bytes"] if plan[f"{k}_bytes"] else None) for k in STATES}
         ratio["peak_rss"] = measured["peak_rss_bytes"] / planned["peak_rss_bytes"]
+        ratio["rss_at_update"] = measured["rss_at_update_bytes"] / planned["rss_at_update_bytes"]
         ranks.append(
             {
                 "rank": rec["rank"],
@@ -272,10 +275,13 @@ def bench_memory(
             "measured": "bytes of distinct tensor storages held between the last step's backward and its update "
             "(weights: parameters / their flat buffers; gradients: .grad, ZeRO gradient partitions and "
             "reduction buckets; optimizer: fp32 master copies / partitions and the Adam state); "
-            "peak_rss_bytes: VmHWM after the steps",
+            "peak_rss_bytes: VmHWM, the largest of the phases in peak_rss_by_phase (build: start-up and "
+            "engine; earlier_steps; last_forward_backward; last_update), each restarted through "
+            "/proc/self/clear_refs; rss_at_update_bytes: VmRSS at the measurement",
             "planned": "dsv3 plan for the same layout and the rank's pipeline stage; peak_rss_bytes = static_bytes "
             "+ activations_bytes + a2a_buffers_bytes (planned) + baseline_rss_bytes (measured: resident memory "
-            "after the imports, before any model)",
+            "after the imports, before any model); rss_at_update_bytes = static_bytes + baseline_rss_bytes "
+            "(activations are freed by then)",
         },
         "layouts": [],
     }
@@ -302,12 +308,16 @@ def _summary(entry: dict) -> str:
 
 
 def memory_table(result: dict[str, Any]) -> str:
-    """The printed table: one row per rank of each layout, GiB measured / planned."""
+    """The printed table: one row per rank of each layout, measured / planned (GiB, or MiB for
+    a model under 1 GiB of weights)."""
+    ranks = [r for e in result["layouts"] for r in e.get("ranks", [])]
+    small = all(r["measured"]["weights_bytes"] < GIB for r in ranks)
+    unit, scale = ("MiB", 2**20) if small else ("GiB", GIB)
 
     def gib(v) -> str:
-        return f"{v / GIB:.2f}"
+        return f"{v / scale:.2f}"
 
-    head = ["layout", "rank", "weights", "gradients", "optimizer", "max dev.", "peak RSS", "planned RSS"]
+    head = ["layout", "rank", "weights", "gradients", "optimizer", "max dev.", "RSS at update", "peak RSS"]
     rows = [head]
     for e in result["layouts"]:
         if e.get("error"):
@@ -322,12 +332,12 @@ def memory_table(result: dict[str, Any]) -> str:
                     str(r["rank"]),
                     *(f"{gib(m[f'{k}_bytes'])} / {gib(p[f'{k}_bytes'])}" for k in STATES),
                     f"{100 * dev:.2f}%",
-                    gib(m["peak_rss_bytes"]),
-                    gib(p["peak_rss_bytes"]),
+                    f"{gib(m['rss_at_update_bytes'])} / {gib(p['rss_at_update_bytes'])}",
+                    f"{gib(m['peak_rss_bytes'])} / {gib(p['peak_rss_bytes'])}",
                 ]
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"machine: {result['machine']['device']}", "GiB measured / planned per rank"]
+    lines = [f"machine: {result['machine']['device']}", f"{unit} measured / planned per rank"]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)

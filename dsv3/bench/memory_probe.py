@@ -5,13 +5,17 @@ Run as a program, alone or under ``torchrun`` (one process per rank)::
     python -m dsv3.bench.memory_probe --out DIR [--steps N] [--config CFG] [KEY=VALUE ...]
 
 Each rank records its resident memory right after the imports (torch, DeepSpeed, dsv3), before
-any model or process group exists (the process baseline), builds :class:`dsv3.training.trainer.Trainer` for the config (evaluation,
-checkpoints and the sample left out: ``train.eval_every=0``, ``train.out_dir`` a folder under
+any model or process group exists (the process baseline), builds
+:class:`dsv3.training.trainer.Trainer` for the config (evaluation, checkpoints and the sample
+left out: ``train.eval_every=0``, ``train.out_dir`` a folder under
 ``DIR``), runs ``N`` optimizer steps (``train_step``, the trainer's own step), and in the last
 step, once the gradients are reduced and before the update (``Trainer.before_update``), counts
-what it holds (:func:`dsv3.parallel.memory.held_bytes`; the Adam state exists from the first
-update on, so ``N`` >= 2). After the last step it reads the peak resident memory (``VmHWM``)
-and writes ``DIR/rank<R>.json``.
+what it holds (:func:`dsv3.parallel.memory.held_bytes`) and its resident memory (the Adam
+state exists from the first update on, so ``N`` >= 2). The peak resident memory (``VmHWM``)
+is read per phase, restarted in between (:func:`dsv3.parallel.memory.reset_peak_rss`):
+``build`` (start-up to the end of ``Trainer()``), ``earlier_steps``, ``last_forward_backward``
+(to the measurement) and ``last_update``; ``peak_rss_bytes`` is their maximum. It writes
+``DIR/rank<R>.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch  # noqa: F401
 from dsv3.config import load_config
 from dsv3.fileio import atomic_write_text
 from dsv3.parallel.layout import stage_of_rank
-from dsv3.parallel.memory import held_bytes, rss_bytes
+from dsv3.parallel.memory import held_bytes, reset_peak_rss, rss_bytes
 from dsv3.training.trainer import Trainer
 
 
@@ -61,19 +65,27 @@ def probe(config: str | None, overrides: list[str], out: Path, steps: int = 2) -
         ],
     )
     trainer = Trainer(cfg)
+    peaks = {"build": rss_bytes()[1]}  # the process's peak so far: building the model and the engine
+    phases = reset_peak_rss()  # then the peak of each phase, where the kernel allows restarting it
     seen: dict = {}
     last = {"step": -1}
 
     def measure() -> None:
         if last["step"] == steps - 1:
+            peaks["last_forward_backward"] = rss_bytes()[1]
             engine = trainer.engine
             seen["held"] = held_bytes(engine.module, engine.optimizer, engine)
             seen["rss"] = rss_bytes()[0]
+            reset_peak_rss()
 
     trainer.before_update.append(measure)
     for step in range(steps):
         last["step"] = step
+        if step == steps - 1 and phases:
+            peaks["earlier_steps"] = rss_bytes()[1]
+            reset_peak_rss()
         trainer.train_step(step)
+    peaks["last_update"] = rss_bytes()[1]
     info = trainer.info
     record = {
         "rank": info.rank,
@@ -81,7 +93,8 @@ def probe(config: str | None, overrides: list[str], out: Path, steps: int = 2) -
         "stage": stage_of_rank(info.rank, info.world_size, cfg.parallel.pp),
         "baseline_rss_bytes": baseline,
         "rss_at_measure_bytes": seen["rss"],
-        "peak_rss_bytes": rss_bytes()[1],
+        "peak_rss_bytes": max(peaks.values()),
+        "peak_rss_by_phase": peaks if phases else {},
         "held": seen["held"].to_dict(),
         "steps": steps,
         "seconds": time.perf_counter() - t0,

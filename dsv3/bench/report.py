@@ -14,6 +14,11 @@ from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
 from dsv3.hardware import machine_info
 
+from dsv3.bench.memory import bench_memory, memory_table
+
+#: the config of ``dsv3 bench memory`` when none is given
+DEFAULT_MEMORY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench_memory.yaml"
+
 # --------------------------------------------------------------------------- output
 
 
@@ -71,18 +76,26 @@ def run_cli(
     precision: str = "fp32",
     vs: str | None = None,
     compile_model: bool = False,
-    steps: int = 3,
+    steps: int | None = None,
     reps: int = 3,
     out_dir: str = "bench",
     profile: bool = False,
+    layouts: list[str] | None = None,
 ) -> Path:
     """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file.
 
     ``profile`` (train only): also write the per-operator breakdown of a step (after the timed ones) to
     ``<stem>.profile.json`` next to the result (:mod:`dsv3.bench.profile`) and print its summary.
+    ``memory`` measures ``layouts`` (default :data:`dsv3.bench.memory.DEFAULT_LAYOUTS`) of
+    ``config`` (default ``configs/bench_memory.yaml``) with :func:`dsv3.bench.memory.bench_memory`.
     """
     if profile and kind != "train":
         raise DsvError(f"--profile is for dsv3 bench train, not {kind}")
+    if layouts is not None and kind != "memory":
+        raise DsvError(f"--layouts is for dsv3 bench memory, not {kind}")
+    if kind == "memory":
+        return _run_memory(config, overrides, 2 if steps is None else steps, out_dir, layouts)
+    steps = 3 if steps is None else steps
     cfg = load_config(config, overrides)
     compile_model = compile_model or cfg.train.compile
     if vs not in (None, "hf"):
@@ -97,7 +110,7 @@ def run_cli(
     elif kind == "data":
         result = bench_data(cfg)
     else:
-        raise DsvError(f"unknown benchmark {kind!r}; use train, decode or data")
+        raise DsvError(f"unknown benchmark {kind!r}; use train, decode, data or memory")
     result["config"] = name
     result["command"] = "dsv3 bench " + " ".join(
         [kind]
@@ -120,4 +133,26 @@ def run_cli(
         ppath = write_profile({"config": name, "command": result["command"], **prof}, path)
         print(format_profile(prof))
         print(f"wrote {ppath}")
+    return path
+
+
+def _run_memory(config: str | None, overrides: list[str], steps: int, out_dir: str, layouts: list[str] | None) -> Path:
+    """``dsv3 bench memory``: see :mod:`dsv3.bench.memory`."""
+    if steps < 2:
+        raise DsvError(f"--steps {steps}: dsv3 bench memory needs at least 2 (Adam's state exists after the first)")
+    if config is None:
+        config = str(DEFAULT_MEMORY_CONFIG)
+        if not DEFAULT_MEMORY_CONFIG.is_file():
+            raise DsvError(f"{config} is missing; pass --config CFG")
+    result = bench_memory(config, overrides, layouts, steps)
+    name = Path(config).stem
+    precisions = {e.get("precision") for e in result["layouts"] if e.get("precision")}
+    result["config"] = name
+    result["command"] = " ".join(
+        ["dsv3 bench memory", f"--config {config}", f"--steps {steps}"]
+        + (["--layouts", *layouts] if layouts else []) + list(overrides))
+    precision = precisions.pop() if len(precisions) == 1 else "mixed"
+    path = write_result(result, result_path(out_dir, "memory", name, precision))
+    print(memory_table(result))
+    print(f"wrote {path}")
     return path

@@ -169,3 +169,14 @@ def rss_bytes() -> tuple[int, int]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = peak if peak > 2**32 else peak * 1024
     return peak, peak
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak resident memory (``VmHWM``) at the current resident memory,
+    so that the next :func:`rss_bytes` peak covers what happens from now on (writes ``5`` to
+    ``/proc/self/clear_refs``, Linux). Returns False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
