@@ -220,10 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layouts",
-        nargs="+",
+        action="append",
         default=None,
-        metavar="SPEC",
-        help="memory: layouts to measure, each procs=N,KEY=VALUE,... (e.g. procs=2,ep=2,zero=1,precision=bf16)",
+        metavar="SPEC[;SPEC...]",
+        help="memory: layouts to measure, separated by ';' (or the option repeated), each procs=N,KEY=VALUE,... "
+        "(e.g. 'procs=1,zero=0;procs=2,ep=2,zero=1,precision=bf16')",
     )
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
@@ -293,7 +294,7 @@ def _cmd_bench(args) -> None:
         args.reps,
         args.out_dir,
         profile=args.profile,
-        layouts=args.layouts,
+        layouts=None if args.layouts is None else [x for arg in args.layouts for x in arg.split(";") if x.strip()],
     )
 
 

@@ -1,4 +1,7 @@
-"""Benchmarks (``dsv3 bench train|decode|data``): throughput, MFU, memory, and a peer comparison.
+"""Benchmarks (``dsv3 bench train|decode|data|memory``): throughput, MFU, memory, and a peer comparison.
+
+``bench memory`` (:mod:`dsv3.bench.memory`) measures what each rank of a layout holds after a
+few real training steps and puts ``dsv3 plan``'s prediction beside it.
 
 ``bench train`` times full optimizer steps (forward, backward, gradient clipping, AdamW
 update) of the plain :class:`dsv3.model.Transformer` on synthetic token batches, in this

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,13 +143,18 @@ def run_layout(
         env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
+            proc.communicate()
             return [], f"timed out after {timeout:.0f} s"
         files = sorted(Path(tmp).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
         if proc.returncode != 0 or len(files) != layout.processes:
-            lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+            lines = [x for x in (stdout + stderr).splitlines() if x.strip()]
             errors = [x for x in lines if "error" in x.lower()]
             return [], " | ".join((errors or lines)[-3:])[-600:]
         return [json.loads(f.read_text()) for f in files], None

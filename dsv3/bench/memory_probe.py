@@ -104,8 +104,24 @@ def probe(config: str | None, overrides: list[str], out: Path, steps: int = 2) -
     return record
 
 
+def _end_with_parent() -> None:
+    """Ask Linux to stop this process when its parent (torchrun, or ``dsv3 bench memory``)
+    ends, so that a run given up by a timeout leaves no process holding gigabytes
+    (``prctl(PR_SET_PDEATHSIG, SIGTERM)``; nothing elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line of the program (see the module docstring)."""
+    _end_with_parent()
     ap = argparse.ArgumentParser(prog="python -m dsv3.bench.memory_probe")
     ap.add_argument("--out", required=True, help="folder for rank<R>.json and the run")
     ap.add_argument("--steps", type=int, default=2)

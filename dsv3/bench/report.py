@@ -140,8 +140,9 @@ def _run_memory(config: str | None, overrides: list[str], steps: int, out_dir: s
     """``dsv3 bench memory``: see :mod:`dsv3.bench.memory`."""
     if steps < 2:
         raise DsvError(f"--steps {steps}: dsv3 bench memory needs at least 2 (Adam's state exists after the first)")
+    shown = config
     if config is None:
-        config = str(DEFAULT_MEMORY_CONFIG)
+        config, shown = str(DEFAULT_MEMORY_CONFIG), "configs/bench_memory.yaml"
         if not DEFAULT_MEMORY_CONFIG.is_file():
             raise DsvError(f"{config} is missing; pass --config CFG")
     result = bench_memory(config, overrides, layouts, steps)
@@ -149,8 +150,8 @@ def _run_memory(config: str | None, overrides: list[str], steps: int, out_dir: s
     precisions = {e.get("precision") for e in result["layouts"] if e.get("precision")}
     result["config"] = name
     result["command"] = " ".join(
-        ["dsv3 bench memory", f"--config {config}", f"--steps {steps}"]
-        + (["--layouts", *layouts] if layouts else []) + list(overrides))
+        ["dsv3 bench memory", f"--config {shown}", f"--steps {steps}"]
+        + ([f"--layouts '{';'.join(layouts)}'"] if layouts else []) + list(overrides))
     precision = precisions.pop() if len(precisions) == 1 else "mixed"
     path = write_result(result, result_path(out_dir, "memory", name, precision))
     print(memory_table(result))

@@ -1,0 +1,78 @@
+"""dsv3 bench memory on a tiny model: real trainer steps in 1 and 2 processes, what each rank holds
+against dsv3 plan (within 5%), and where the expert state lives under expert parallelism + ZeRO."""
+
+import json
+
+import pytest
+from helpers import run_dsv3, tiny_overrides
+
+from dsv3.bench.memory import bench_memory
+
+pytestmark = pytest.mark.e2e
+STATES = ("weights", "gradients", "optimizer")
+# 2 MoE layers (block 1 and the MTP module) x 8 experts x SwiGLU (3 x dim 64 x moe_inter_dim 32)
+EXPERTS = 2 * 8 * 3 * 64 * 32
+
+
+def _overrides(corpus_dir, data_cache, tmp_path):
+    return tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **{"parallel.micro_batch_size": 2})
+
+
+def _assert_agree(entry):
+    assert "error" not in entry, entry.get("error")
+    for rank in entry["ranks"]:
+        for k in STATES:
+            measured, planned = rank["measured"][f"{k}_bytes"], rank["planned"][f"{k}_bytes"]
+            assert measured == pytest.approx(planned, rel=0.05), (entry["name"], rank["rank"], k)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_zero_partitions_the_expert_state(corpus_dir, data_cache, tmp_path):
+    """ep=2 halves each rank's expert weights and optimizer state; the optimizer state of every
+    expert lives on exactly one rank of its expert-data-parallel group (here ep=2 over 2
+    processes: groups of one), and with ep=1 ZeRO-1 partitions the experts over both ranks."""
+    layouts = ["procs=2,ep=2,zero=1,precision=fp32", "procs=2,ep=1,zero=1,precision=fp32"]
+    result = bench_memory(None, _overrides(corpus_dir, data_cache, tmp_path), layouts, steps=2, progress=lambda _: 0)
+    ep2, ep1 = result["layouts"]
+    for entry in (ep2, ep1):
+        _assert_agree(entry)
+        ranks = [r["measured"] for r in entry["ranks"]]
+        # fp32 master + two moments (12 bytes) of every expert element, once over all ranks
+        assert sum(m["expert_optimizer_bytes"] for m in ranks) == 12 * EXPERTS
+    for m in (r["measured"] for r in ep2["ranks"]):
+        assert m["expert_weights_bytes"] == 4 * EXPERTS // 2  # each rank holds its 4 of 8 experts
+        assert m["expert_optimizer_bytes"] == 12 * EXPERTS // 2  # and only their state
+    for m in (r["measured"] for r in ep1["ranks"]):
+        assert m["expert_weights_bytes"] == 4 * EXPERTS  # every rank holds every expert
+    assert ep2["ranks"][0]["measured"]["weights_bytes"] == ep1["ranks"][0]["measured"]["weights_bytes"] - 2 * EXPERTS
+
+
+@pytest.mark.distributed
+def test_bench_memory_command_plan_agrees(corpus_dir, data_cache, tmp_path):
+    """The command's JSON: required shape, the machine, and plan = measurement within 5% for
+    1 process (fp32 ZeRO-0, bf16 ZeRO-2) and a bf16 pipeline at ZeRO-0 on 2 processes."""
+    layouts = ["procs=1,zero=0,precision=fp32", "procs=1,zero=2,precision=bf16", "procs=2,pp=2,zero=0,precision=bf16"]
+    out = tmp_path / "bench"
+    args = ["bench", "memory", "--config", "configs/tiny.yaml", "--out-dir", str(out), "--layouts", ";".join(layouts)]
+    proc = run_dsv3([*args, *_overrides(corpus_dir, data_cache, tmp_path)], timeout=300)
+    (path,) = out.glob("memory-tiny-mixed-*.json")
+    result = json.loads(path.read_text())
+    assert "AMD" in proc.stdout or "cpu" in proc.stdout
+    assert result["machine"]["cpu"]["model"] and "features" in result["machine"]["cpu"]
+    assert [e["name"] for e in result["layouts"]] == layouts
+    for entry in result["layouts"]:
+        _assert_agree(entry)
+        assert len(entry["ranks"]) == entry["processes"]
+        for rank in entry["ranks"]:
+            for side in ("measured", "planned"):
+                assert all(f"{k}_bytes" in rank[side] for k in (*STATES, "peak_rss"))
+            p = rank["planned"]
+            assert p["peak_rss_bytes"] == (
+                p["static_bytes"] + p["activations_bytes"] + p["a2a_buffers_bytes"] + p["baseline_rss_bytes"]
+            )
+    params = result["model"]["parameters"]
+    assert result["layouts"][0]["ranks"][0]["measured"]["weights_bytes"] == 4 * params  # fp32, one process
+    assert result["layouts"][1]["ranks"][0]["measured"]["weights_bytes"] == 2 * params  # bf16
+    # the pipeline's bf16 optimizer keeps a second bf16 gradient buffer: 4 bytes per parameter
+    for rank in result["layouts"][2]["ranks"]:
+        assert rank["measured"]["gradients_bytes"] == pytest.approx(2 * rank["measured"]["weights_bytes"], abs=8)
