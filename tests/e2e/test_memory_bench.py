@@ -28,13 +28,18 @@ def _assert_agree(entry):
 
 @pytest.mark.distributed
 def test_expert_parallel_zero_partitions_the_expert_state(corpus_dir, data_cache, tmp_path):
-    """ep=2 halves each rank's expert weights and optimizer state; the optimizer state of every
-    expert lives on exactly one rank of its expert-data-parallel group (here ep=2 over 2
-    processes: groups of one), and with ep=1 ZeRO-1 partitions the experts over both ranks."""
-    layouts = ["procs=2,ep=2,zero=1,precision=fp32", "procs=2,ep=1,zero=1,precision=fp32"]
+    """ep=2 halves each rank's expert weights and optimizer state; ZeRO-1 partitions the experts'
+    optimizer state over their expert-data-parallel group (with ep=2 on 2 processes groups of
+    one; on 4 processes groups of 2, a quarter per rank), and the state of every expert element
+    lives on exactly one rank: never duplicated. With ep=1 ZeRO-1 partitions it over both ranks."""
+    layouts = [
+        "procs=2,ep=2,zero=1,precision=fp32",
+        "procs=2,ep=1,zero=1,precision=fp32",
+        "procs=4,ep=2,zero=1,precision=fp32",
+    ]
     result = bench_memory(None, _overrides(corpus_dir, data_cache, tmp_path), layouts, steps=2, progress=lambda _: 0)
-    ep2, ep1 = result["layouts"]
-    for entry in (ep2, ep1):
+    ep2, ep1, ep2x2 = result["layouts"]
+    for entry in (ep2, ep1, ep2x2):
         _assert_agree(entry)
         ranks = [r["measured"] for r in entry["ranks"]]
         # fp32 master + two moments (12 bytes) of every expert element, once over all ranks
@@ -42,6 +47,9 @@ def test_expert_parallel_zero_partitions_the_expert_state(corpus_dir, data_cache
     for m in (r["measured"] for r in ep2["ranks"]):
         assert m["expert_weights_bytes"] == 4 * EXPERTS // 2  # each rank holds its 4 of 8 experts
         assert m["expert_optimizer_bytes"] == 12 * EXPERTS // 2  # and only their state
+    for m in (r["measured"] for r in ep2x2["ranks"]):
+        assert m["expert_weights_bytes"] == 4 * EXPERTS // 2
+        assert m["expert_optimizer_bytes"] == 12 * EXPERTS // 4  # half of its experts' state
     for m in (r["measured"] for r in ep1["ranks"]):
         assert m["expert_weights_bytes"] == 4 * EXPERTS  # every rank holds every expert
     assert ep2["ranks"][0]["measured"]["weights_bytes"] == ep1["ranks"][0]["measured"]["weights_bytes"] - 2 * EXPERTS
