@@ -3,6 +3,7 @@ layouts that fit, and the printed report (:func:`plan`)."""
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -140,7 +141,8 @@ class ModelParts:
             if len(counts) == pp and min(counts) >= 1 and sum(counts) == n:
                 return counts
         else:
-            from deepspeed.runtime.utils import partition_balanced
+            importlib.import_module("dsv3.parallel")  # picks DeepSpeed's accelerator before DeepSpeed loads
+            partition_balanced = importlib.import_module("deepspeed.runtime.utils").partition_balanced
 
             weights = [e + o for e, o in self.layers]
             weights[0] += self.embedding
