@@ -79,11 +79,11 @@ def static_bytes(
     optimizer state over the data-parallel group, ZeRO-2 also the gradients, ZeRO-3 also the
     weights; expert parameters are partitioned over the ``dp / ep`` expert-data-parallel ranks.
 
-    DeepSpeed (0.16-0.19) reduces the gradients of ZeRO-1 into the partitions at the end of the
-    backward pass as ZeRO-2 does and frees the rest, so from then to the update a ZeRO-1 rank
-    holds only its partition of the gradients too (during the backward pass both hold up to a
-    reduction bucket more, not counted here); :func:`zero_held_elements` adds the parts of the
-    tensors that straddle a partition's edges. With pipelines, bf16 at ZeRO stage 0 runs
+    DeepSpeed (0.19; checked with 0.19.8) reduces the gradients of ZeRO-1 into the partitions
+    at the end of the backward pass as ZeRO-2 does and frees the rest, so from then to the
+    update a ZeRO-1 rank holds only its partition of the gradients too (during the backward
+    pass both hold up to a reduction bucket more, not counted here); :func:`zero_held_elements`
+    adds the parts of the tensors that straddle a partition's edges. With pipelines, bf16 at ZeRO stage 0 runs
     DeepSpeed's ``BF16_Optimizer`` (``pipeline=True``): besides the bf16 ``.grad`` it keeps a
     gradient accumulation buffer of the same size (2 + 2 bytes per parameter) and partitions
     the fp32 master weights and moments over the data-parallel ranks like ZeRO-1.
