@@ -7,14 +7,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dsv3.bench.memory import bench_memory, memory_table
 from dsv3.bench.profile import format_profile, profile_path, write_profile
 from dsv3.bench.runs import bench_data, bench_decode, bench_train
 from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
 from dsv3.hardware import machine_info
-
-from dsv3.bench.memory import bench_memory, memory_table
 
 #: the config of ``dsv3 bench memory`` when none is given
 DEFAULT_MEMORY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench_memory.yaml"
@@ -151,7 +150,9 @@ def _run_memory(config: str | None, overrides: list[str], steps: int, out_dir: s
     result["config"] = name
     result["command"] = " ".join(
         ["dsv3 bench memory", f"--config {shown}", f"--steps {steps}"]
-        + ([f"--layouts '{';'.join(layouts)}'"] if layouts else []) + list(overrides))
+        + ([f"--layouts '{';'.join(layouts)}'"] if layouts else [])
+        + list(overrides)
+    )
     precision = precisions.pop() if len(precisions) == 1 else "mixed"
     path = write_result(result, result_path(out_dir, "memory", name, precision))
     print(memory_table(result))
