@@ -181,6 +181,15 @@ class ParallelConfig:
     micro_batch_size: int = 8
     grad_accum: int = 1
     activation_checkpointing: bool = False
+    # ZeRO-Offload / ZeRO-Infinity (DeepSpeed's own): where the fp32 master weights and AdamW
+    # moments live (none | cpu | nvme), where the partitioned ZeRO-3 weights live, and the
+    # folder of the nvme swap files
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    offload_dir: str = ""
+
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")  # values of parallel.offload_optimizer / parallel.offload_param
 
 
 @dataclass
@@ -522,6 +531,11 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if p.zero_stage not in (0, 1, 2, 3):
         raise DsvError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    for key, value in (("parallel.offload_optimizer", p.offload_optimizer), ("parallel.offload_param", p.offload_param)):
+        if value not in OFFLOAD_DEVICES:
+            raise DsvError(f"{key}={value!r} must be none, cpu or nvme")
+        if value == "nvme" and not str(p.offload_dir).strip():
+            raise DsvError(f"{key}=nvme needs parallel.offload_dir, the folder for DeepSpeed's swap files; set it")
     if cfg.ckpt.keep_last < 1:
         raise DsvError(f"ckpt.keep_last={cfg.ckpt.keep_last} must be at least 1")
     parse_lr_schedule(t.lr_schedule, t.lr)

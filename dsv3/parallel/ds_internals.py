@@ -137,6 +137,44 @@ def unfused_fp32_copies(optimizer_state: dict) -> tuple[list[torch.Tensor] | Non
     return None, optimizer_state
 
 
+# ---------------------------------------------------------------- ZeRO-3
+def optimizer_calls_per_update(ds_optimizer) -> int:
+    """How many times one update calls the torch optimizer's ``step()``: once per sub-group
+    of the partition for ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3.fp16_groups``), else once."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    if isinstance(ds_optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return max(1, len(ds_optimizer.fp16_groups))
+    return 1
+
+
+def create_zero3_state(ds_optimizer, step: int) -> None:
+    """Give ZeRO-3's flat fp32 partitions (``fp32_partitioned_groups_flat``) an empty Adam
+    state (zero moments, ``step``) where they have none yet, so that a resumed state can be
+    written into it; a no-op for other optimizers."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    if not isinstance(ds_optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return
+    base = ds_optimizer.optimizer
+    for flat in ds_optimizer.fp32_partitioned_groups_flat:
+        if not base.state[flat]:
+            base.state[flat].update(
+                step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+            )
+
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    """True for a parameter ZeRO-3 partitions (it carries ``ds_id``); its ``data`` is then
+    this rank's share or empty outside the forward and backward of its module."""
+    return hasattr(p, "ds_id")
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of ``p`` whole: ZeRO-3's ``ds_shape`` for a partitioned parameter, else ``p.shape``."""
+    return p.ds_shape if is_zero3_param(p) else p.shape
+
+
 # ---------------------------------------------------------------- pipelines
 def staged_pipeline_class():
     """A ``PipelineModule`` subclass taking its stage boundaries as given (``layer_parts``)

@@ -24,13 +24,60 @@ from dsv3.model.moe import MoE
 
 
 def check_zero(cfg: Config) -> None:
-    """Refuse ZeRO stages the trainer cannot run (``dsv3 plan`` still accepts them).
+    """Refuse ZeRO stages and offload settings the trainer cannot run (``dsv3 plan`` still accepts them).
+
+    ZeRO-3 partitions every parameter over the data-parallel ranks; it runs without expert
+    parallelism and without pipelines. Offload (ZeRO-Offload / ZeRO-Infinity, DeepSpeed's own)
+    needs ZeRO: the optimizer state to the CPU from ZeRO-1, to nvme only with ZeRO-3 (ZeRO-1/2
+    treat nvme as cpu), the parameters only with ZeRO-3.
 
     Raises:
-        DsvError: ZeRO-3 (the MoE model is not supported there yet).
+        DsvError: the first unsupported combination, naming what works.
     """
-    if cfg.parallel.zero_stage == 3:
-        raise DsvError("parallel.zero_stage=3 is not supported for the MoE model yet; use zero_stage 0, 1 or 2")
+    p = cfg.parallel
+    if p.zero_stage == 3 and p.ep > 1:
+        raise DsvError(
+            f"parallel.zero_stage=3 is not available with expert parallelism (parallel.ep={p.ep}): ZeRO-3 would "
+            "gather every expert on every rank; use zero_stage 1 or 2 with ep, or ep=1 with zero_stage 3"
+        )
+    if p.zero_stage == 3 and p.pp > 1:
+        raise DsvError(
+            f"parallel.zero_stage=3 is not available with pipeline parallelism (parallel.pp={p.pp}): DeepSpeed "
+            "pipelines support ZeRO stage 0 or 1 only; use zero_stage 1 with pp, or pp=1 with zero_stage 3"
+        )
+    for key, value in (("offload_optimizer", p.offload_optimizer), ("offload_param", p.offload_param)):
+        if value != "none" and p.zero_stage == 0:
+            raise DsvError(
+                f"parallel.{key}={value} needs ZeRO (parallel.zero_stage=0 keeps everything on each rank); "
+                f"set zero_stage to {'3' if key == 'offload_param' or value == 'nvme' else '1, 2 or 3'}"
+            )
+    if p.offload_param != "none" and p.zero_stage != 3:
+        raise DsvError(
+            f"parallel.offload_param={p.offload_param} needs parallel.zero_stage=3 (ZeRO-{p.zero_stage} keeps "
+            "every weight on each rank); set zero_stage=3 or offload_param=none"
+        )
+    if p.offload_optimizer == "nvme" and p.zero_stage != 3:
+        raise DsvError(
+            f"parallel.offload_optimizer=nvme needs parallel.zero_stage=3 (DeepSpeed's ZeRO-{p.zero_stage} keeps "
+            "an nvme-offloaded optimizer state in CPU memory); set zero_stage=3, or offload_optimizer=cpu"
+        )
+    if "nvme" in (p.offload_optimizer, p.offload_param):
+        check_async_io()
+
+
+def check_async_io() -> None:
+    """Refuse nvme offload where DeepSpeed's asynchronous I/O op cannot be built.
+
+    Raises:
+        DsvError: ``AsyncIOBuilder().is_compatible()`` is False (libaio missing).
+    """
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise DsvError(
+            "offload to nvme needs DeepSpeed's async_io op, which cannot be built here (install libaio-dev, "
+            "e.g. apt-get install libaio-dev); or set parallel.offload_optimizer / offload_param to cpu or none"
+        )
 
 
 def check_launch(cfg, world_size: int) -> list[int] | None:

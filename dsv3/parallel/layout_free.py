@@ -75,15 +75,20 @@ def set_layout_free_state(
 
     if ds_optimizer is not None and step > 0:
         ds_internals.relink_hp_state(ds_optimizer, create_step=step)
+        ds_internals.create_zero3_state(ds_optimizer, step)
     for name, p in named.items():
         entry = state.get(name)
         if entry is not None:
             entry = {k: _local_experts(model, name, v) for k, v in entry.items()}
-        if entry is None or tuple(entry["fp32"].shape) != tuple(p.shape):
+        shape = tuple(ds_internals.full_shape(p))
+        if entry is None or tuple(entry["fp32"].shape) != shape:
             raise DsvError(
-                f"the checkpoint has no optimizer state for {name} with shape {tuple(p.shape)}; "
+                f"the checkpoint has no optimizer state for {name} with shape {shape}; "
                 "resume with the layout it was saved with"
             )
+        if ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each
+            _set_zero3_partition(p, entry, step)
+            continue
         p.data.copy_(entry["fp32"].to(p.device, p.dtype))
         if ds_internals.has_flat_partition(p):
             safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
@@ -100,6 +105,28 @@ def set_layout_free_state(
     for st in optimizer.state.values():  # ZeRO's flat partitions
         if "step" in st:
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+
+
+def _set_zero3_partition(p: nn.Parameter, entry: dict[str, torch.Tensor], step: int) -> None:
+    """Write this rank's partition of ``entry`` (whole fp32 tensors) into ZeRO-3's fp32 master
+    weights and, after the first update, Adam's moments of ``p`` (``safe_set_local_*``). The
+    weights themselves were loaded into the model before DeepSpeed partitioned it."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    size = safe_get_local_fp32_param(p).numel()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def part(value: torch.Tensor) -> torch.Tensor:
+        flat = value.reshape(-1).float()
+        out = torch.zeros(size, dtype=torch.float32)
+        valid = max(0, min(size, flat.numel() - rank * size))
+        out[:valid] = flat[rank * size : rank * size + valid]
+        return out
+
+    safe_set_local_fp32_param(p, part(entry["fp32"]))
+    for key in ADAM_KEYS:
+        if key in entry and step > 0:
+            safe_set_local_optimizer_state(p, part(entry[key]), key)
 
 
 def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:

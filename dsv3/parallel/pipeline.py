@@ -47,7 +47,7 @@ from dsv3.collectives import all_reduce_sum
 from dsv3.config import Config
 from dsv3.model import IGNORE_INDEX, Transformer, ce_sum, materialize_, training_loss
 from dsv3.parallel import ds_internals
-from dsv3.parallel.engine import GuardedAdamW, deepspeed_config, param_groups, restore_buffers, start_engine
+from dsv3.parallel.engine import deepspeed_config, make_optimizer, param_groups, restore_buffers, start_engine
 from dsv3.parallel.expert_parallel import is_expert_param
 from dsv3.parallel.layout import balanced_counts, stage_of_rank, stage_prefixes
 
@@ -257,7 +257,7 @@ class PipelineRun:
 
     Attributes:
         engine: DeepSpeed's ``PipelineEngine``.
-        optimizer: the :class:`dsv3.parallel.engine.GuardedAdamW` inside it.
+        optimizer: the :class:`dsv3.parallel.engine.UpdateGuard` optimizer inside it (:func:`dsv3.parallel.engine.make_optimizer`).
         counts: blocks per stage.
         stage, dp_rank, dp: this rank's stage and data-parallel coordinates.
         names: plain-model names of the parameters this rank's stage holds.
@@ -282,8 +282,7 @@ class PipelineRun:
         self.recorder = Recorder()
         module = build_pipeline_module(model, cfg, self.counts, self.recorder, device)
         self.loss: PipelineLoss = module.loss_fn
-        t = cfg.train
-        opt = GuardedAdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        opt = make_optimizer(param_groups(module, cfg.train.weight_decay), cfg)
         fp32_buffers = {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}
         self.dp = world // cfg.parallel.pp
         self.engine = start_engine(module, opt, deepspeed_config(cfg, self.dp))

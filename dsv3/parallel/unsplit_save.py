@@ -12,6 +12,9 @@ module decides the pieces:
   ``K`` near-equal chunks, so the writes are spread over the replicas;
 - an expert-parallel rank's block of routed experts ``(E/P, ...)``: its rows of the stacked
   ``(E, ...)`` tensor, which are contiguous, chunked over the expert-data-parallel replicas;
+- ZeRO-3 splits every parameter (its fp32 master weights and Adam moments too) in equal
+  partitions of the flattened tensor: each rank writes its own (:func:`zero3_partition`), the
+  weights cast from the fp32 master to the parameter's dtype;
 - ZeRO-1/2 (and DeepSpeed's bf16 optimizer) keep the fp32 master weights and Adam moments in
   flat per-rank partitions: each rank writes the fragment of each parameter it owns
   (:func:`dsv3.parallel.ds_internals.hp_fragment`: its start in the flattened parameter and
@@ -42,7 +45,7 @@ def _placement(model: nn.Module, name: str, p: torch.Tensor) -> tuple[int, tuple
     """(element offset of ``p`` in the unsplit tensor, unsplit shape, its expert-parallel module or None)."""
     m = ep_module(model, name)
     if m is None:
-        return 0, tuple(p.shape), None
+        return 0, tuple(ds_internals.full_shape(p)), None
     row = math.prod(p.shape[1:])
     return m.first_expert * row, (m.num_experts, *p.shape[1:]), m
 
@@ -60,6 +63,32 @@ def _replicated(key: str, base: int, value: torch.Tensor, replica: tuple[int, in
     lo, hi = chunk(flat.numel(), replica[1], replica[0])
     if hi > lo:
         yield Piece(key, base + lo, flat[lo:hi])
+
+
+def zero3_partition(p: torch.Tensor, key: str | None, dp: tuple[int, int]) -> Piece | None:
+    """This rank's share of ZeRO-3 parameter ``p`` as a piece of the flattened tensor, or None.
+
+    ZeRO-3 splits the flattened parameter into ``dp`` equal partitions (the last one padded);
+    rank ``i`` holds elements ``[i * size, (i + 1) * size)``. ``key`` None reads the fp32 master
+    weights, ``"exp_avg"`` / ``"exp_avg_sq"`` Adam's moments, through DeepSpeed's
+    ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state`` (which also read an
+    optimizer state swapped out to nvme). The piece's key is set by the caller.
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    local = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+    local = local.detach().reshape(-1).float().cpu()
+    start = dp[0] * local.numel()
+    valid = min(local.numel(), math.prod(ds_internals.full_shape(p)) - start)
+    return Piece("", start, local[:valid]) if valid > 0 else None
+
+
+def _zero3_pieces(p: torch.Tensor, fields: dict[str, str | None], dp, dtype=None) -> Iterator[Piece]:
+    """The pieces :func:`zero3_partition` gives for ``{file key: optimizer key}``, cast to ``dtype``."""
+    for out_key, key in fields.items():
+        piece = zero3_partition(p, key, dp)
+        if piece is not None:
+            yield Piece(out_key, piece.start, piece.values.to(dtype or torch.float32))
 
 
 def save_weights(
@@ -92,7 +121,9 @@ def save_weights(
 
     def pieces(mine: set[str]) -> Iterator[Piece]:
         for n in names:
-            if n in mine:
+            if n in mine and ds_internals.is_zero3_param(params[n]):  # this rank's partition (fp32 master)
+                yield from _zero3_pieces(params[n], {n: None}, dp, params[n].dtype)
+            elif n in mine:
                 base, _, m = _placement(model, n, params[n])
                 yield from _replicated(n, base, params[n], _replica(m, dp))
         for n, b in buffers.items():
@@ -135,6 +166,9 @@ def save_optimizer_state(
                 continue
             p = params[n]
             base, _, m = _placement(model, n, p)
+            if ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each
+                yield from _zero3_pieces(p, {f"{n}/{f}": (None if f == "fp32" else f) for f in fields}, dp)
+                continue
             if ds_internals.has_flat_partition(p):  # flat partitions: the fragment this rank owns, if any
                 frag = ds_internals.hp_fragment(p)
                 if frag is not None:

@@ -5,7 +5,7 @@ The folder layout and its names are :mod:`dsv3.checkpoint.files`; under
 
     step_0000200/                 one folder per saved optimizer step
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's sharded engine state
-        layout_free.safetensors   with pipelines or expert parallelism: fp32 weights and AdamW
+        layout_free.safetensors   with pipelines, expert parallelism or ZeRO-3: fp32 weights and AdamW
                                   state under the single-process names, experts whole
                                   (resumes with any pp / ep / process count, see
                                   dsv3.parallel.layout_free; pipelines write only these)
@@ -114,7 +114,7 @@ def save_checkpoint(
 
     With expert parallelism (:mod:`dsv3.parallel.expert_parallel`) each EP rank also writes
     its experts into DeepSpeed's per-expert files under their global index. Runs with expert
-    parallelism or pipelines also write the optimizer state in the single-process layout
+    parallelism, pipelines or ZeRO-3 also write the optimizer state in the single-process layout
     (``layout_free.safetensors``, the same way), so the checkpoint resumes with another
     ``ep``, ``pp``, process count or ZeRO stage (:mod:`dsv3.parallel.layout_free`).
 
@@ -144,7 +144,7 @@ def save_checkpoint(
         error = f"{type(exc).__name__}: {exc}"
     # collective, every rank writing what it holds
     error = save_weights(folder / WEIGHTS, model, names, stage, dp, {"format": "pt", "step": str(step)}) or error
-    if pipe is not None or expert_parallel:
+    if pipe is not None or expert_parallel or cfg.parallel.zero_stage == 3:
         params = dict(model.named_parameters())
         trainable = [n for n in names if params[n].requires_grad]
         error = save_optimizer_state(folder / LAYOUT_FREE, model, trainable, engine.optimizer, stage, dp) or error

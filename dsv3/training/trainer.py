@@ -18,6 +18,7 @@ over micro-batches and ranks. Total loss = LM + lambda/D * sum_k MTP_k + alpha *
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,7 @@ from dsv3.model.init import allocated_elements
 from dsv3.parallel import expert_parallel, layout_free
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, init_distributed
+from dsv3.parallel.ds_internals import full_shape
 from dsv3.parallel.engine import build_engine, trainer_clips
 from dsv3.parallel.layout import check_launch
 from dsv3.parallel.pipeline import PipelineRun
@@ -441,7 +443,7 @@ class Trainer:
             self.out_dir, self.start_step, self.info.is_main, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         )
         console = Console(self.info.is_main, self.start_step, t.steps)
-        n_params = sum(p.numel() for p in self.model.parameters())  # with ep > 1, this rank's experts only
+        n_params = sum(math.prod(full_shape(p)) for p in self.model.parameters())  # with ep > 1, this rank's experts only
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
         ramp = (
             f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "
