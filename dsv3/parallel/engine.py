@@ -160,6 +160,11 @@ def guarded_cpu_adam_class() -> type:
 
         tensor_steps = False
 
+        def __setstate__(self, state):  # a state dict saved by torch's AdamW lacks bias_correction
+            super().__setstate__(state)
+            for group in self.param_groups:
+                group.setdefault("bias_correction", True)
+
     return GuardedCPUAdam
 
 

@@ -204,14 +204,18 @@ def resumes_layout_free(cfg: Config, folder, dp: int) -> bool:
     """True when resuming checkpoint ``folder`` with ``cfg`` on ``dp`` data-parallel ranks goes
     through the plain-name weights and per-parameter optimizer state: either side uses
     pipelines, ``parallel.ep``, ``parallel.zero_stage`` or ``train.precision`` changed (each
-    changes the form of DeepSpeed's optimizer files), or an expert-parallel run changed its
-    process count."""
+    changes the form of DeepSpeed's optimizer files), either side offloads to nvme
+    (``engine.load_checkpoint`` leaves the swapped optimizer state of ZeRO-Infinity stale; its
+    checkpoints are ZeRO-3 ones, which hold the per-parameter state), or an expert-parallel
+    run changed its process count."""
     saved_cfg = read_checkpoint_config(folder)
     saved, p = saved_cfg.parallel, cfg.parallel
     if p.pp > 1 or saved.pp > 1 or saved.ep != p.ep or saved.zero_stage != p.zero_stage:
         return True
     if saved_cfg.train.precision != cfg.train.precision:
         return True
+    if "nvme" in (saved.offload_optimizer, p.offload_optimizer, saved.offload_param, p.offload_param):
+        return True  # DeepSpeed's own files do not restore a state swapped to nvme
     if saved_world_size(folder) in (None, dp):
         return False
     # another process count: expert-parallel files, and ZeRO-1/2 partitions, are split by it
