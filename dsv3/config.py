@@ -531,7 +531,10 @@ def validate(cfg: Config) -> None:
         raise DsvError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if p.zero_stage not in (0, 1, 2, 3):
         raise DsvError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
-    for key, value in (("parallel.offload_optimizer", p.offload_optimizer), ("parallel.offload_param", p.offload_param)):
+    for key, value in (
+        ("parallel.offload_optimizer", p.offload_optimizer),
+        ("parallel.offload_param", p.offload_param),
+    ):
         if value not in OFFLOAD_DEVICES:
             raise DsvError(f"{key}={value!r} must be none, cpu or nvme")
         if value == "nvme" and not str(p.offload_dir).strip():

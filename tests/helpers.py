@@ -169,6 +169,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
 
 
+def rewind(src: Path, dst: Path, tag: str = "step_0000002") -> Path:
+    """Copy run ``src`` to ``dst`` as if it had been interrupted right after saving ``tag``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    ck = dst / "checkpoints"
+    for later in ck.glob("step_*"):
+        if later.name > tag:
+            shutil.rmtree(later)
+    (ck / "latest").write_text(tag + "\n")
+    lines = (dst / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= int(tag[5:])))
+    return dst
+
+
 def assert_same_metrics(got: list[dict], want: list[dict], rel: float = 1e-5, abs_tol: float = 1e-7) -> None:
     """Same logged steps, and every METRIC_KEYS value of ``want`` matched within ``rel`` / ``abs_tol``."""
     import pytest

@@ -28,7 +28,9 @@ def deepspeed_config(cfg: Config, dp_size: int, largest_param: int = 0) -> dict[
     and, with nvme, an ``aio`` section (DeepSpeed's defaults for the asynchronous I/O op).
     ZeRO-3 partitions every parameter (no persistence threshold for small ones).
     ``largest_param`` (elements of the largest parameter) sizes the swap buffers of
-    ``offload_param: nvme``: DeepSpeed swaps a parameter whole through one buffer.
+    ``offload_param: nvme``: DeepSpeed swaps a parameter whole through one buffer. With
+    ``offload_optimizer: nvme`` the update runs over sub-groups of 1e8 elements (fp32 weights,
+    gradients and both moments of one sub-group, 1.6 GB, in memory at a time).
     """
     p = cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
@@ -36,6 +38,8 @@ def deepspeed_config(cfg: Config, dp_size: int, largest_param: int = 0) -> dict[
         zero["stage3_param_persistence_threshold"] = 0
     if p.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload_section(p.offload_optimizer, p.offload_dir)
+    if p.offload_optimizer == "nvme":  # the update swaps in one sub-group at a time: 16 bytes per element
+        zero["sub_group_size"] = int(1e8)
     if p.offload_param != "none":
         zero["offload_param"] = _offload_section(p.offload_param, p.offload_dir)
         if p.offload_param == "nvme":

@@ -257,7 +257,8 @@ class PipelineRun:
 
     Attributes:
         engine: DeepSpeed's ``PipelineEngine``.
-        optimizer: the :class:`dsv3.parallel.engine.UpdateGuard` optimizer inside it (:func:`dsv3.parallel.engine.make_optimizer`).
+        optimizer: the :class:`dsv3.parallel.engine.UpdateGuard` optimizer inside it
+            (:func:`dsv3.parallel.engine.make_optimizer`).
         counts: blocks per stage.
         stage, dp_rank, dp: this rank's stage and data-parallel coordinates.
         names: plain-model names of the parameters this rank's stage holds.

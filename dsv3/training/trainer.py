@@ -443,7 +443,8 @@ class Trainer:
             self.out_dir, self.start_step, self.info.is_main, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         )
         console = Console(self.info.is_main, self.start_step, t.steps)
-        n_params = sum(math.prod(full_shape(p)) for p in self.model.parameters())  # with ep > 1, this rank's experts only
+        # whole (ZeRO-3 partitions); with ep > 1 this rank's experts only
+        n_params = sum(math.prod(full_shape(p)) for p in self.model.parameters())
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
         ramp = (
             f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "

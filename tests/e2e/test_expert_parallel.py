@@ -1,11 +1,8 @@
 """Expert parallelism (parallel.ep): the split does not change the numbers, checkpoints hold
 every expert, and impossible layouts fail at start-up."""
 
-import json
-import shutil
-
 import pytest
-from helpers import assert_same_metrics, run_dsv3, run_script, tiny_overrides
+from helpers import assert_same_metrics, rewind, run_dsv3, run_script, tiny_overrides
 from helpers import read_metrics as metrics
 
 COMMON = {"train.steps": 4, "ckpt.every": 2, "ckpt.keep_last": 2, "train.eval_every": 2, "train.sample_tokens": 4}
@@ -82,19 +79,6 @@ def ep2_zero1(reference, corpus_dir, data_cache, tmp_path_factory):
     """ep=2 on 2 processes under ZeRO-1: (run dir, its arguments)."""
     out = tmp_path_factory.mktemp("ep") / "ep2"
     return out, train_ep(corpus_dir, data_cache, out, nproc=2, **{"parallel.zero_stage": 1})
-
-
-def rewind(src, dst, tag="step_0000002"):
-    """Copy run ``src`` to ``dst`` as if it had been interrupted right after saving ``tag``."""
-    shutil.copytree(src, dst)
-    ck = dst / "checkpoints"
-    for later in ck.glob("step_*"):
-        if later.name > tag:
-            shutil.rmtree(later)
-    (ck / "latest").write_text(tag + "\n")
-    lines = (dst / "metrics.jsonl").read_text().splitlines()
-    (dst / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= int(tag[5:])))
-    return dst
 
 
 @pytest.mark.distributed

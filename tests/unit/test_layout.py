@@ -68,3 +68,48 @@ def test_layout_messages_name_the_data_parallel_size_and_working_ep_values():
     with pytest.raises(DsvError, match=r"n_routed_experts=8 is not divisible by parallel.ep=3; choose ep in \[1, 2\]$"):
         check_expert_parallel(3, 8, 6)
     check_expert_parallel(2, 8, 6)
+
+
+def test_zero3_and_offload_layouts():
+    """ZeRO-3 runs without EP and pipelines; offload needs ZeRO (nvme and parameters: ZeRO-3)."""
+
+    def check(world, *extra):
+        return check_launch(load_config(None, list(extra)), world)
+
+    assert check(2, "parallel.zero_stage=3") is None
+    assert check(2, "parallel.zero_stage=1", "parallel.ep=2", "parallel.offload_optimizer=cpu") is None
+    assert check(2, "parallel.zero_stage=1", "parallel.pp=2", "parallel.offload_optimizer=cpu") is None
+    refused = [
+        (
+            ["parallel.zero_stage=3", "parallel.ep=2"],
+            r"^parallel.zero_stage=3 is not available with expert parallelism \(parallel.ep=2\): ZeRO-3 would "
+            r"gather every expert on every rank; use zero_stage 1 or 2 with ep, or ep=1 with zero_stage 3$",
+        ),
+        (
+            ["parallel.zero_stage=3", "parallel.pp=2"],
+            r"^parallel.zero_stage=3 is not available with pipeline parallelism \(parallel.pp=2\): DeepSpeed "
+            r"pipelines support ZeRO stage 0 or 1 only; use zero_stage 1 with pp, or pp=1 with zero_stage 3$",
+        ),
+        (
+            ["parallel.offload_optimizer=cpu"],
+            r"^parallel.offload_optimizer=cpu needs ZeRO \(parallel.zero_stage=0 keeps everything on each "
+            r"rank\); set zero_stage to 1, 2 or 3$",
+        ),
+        (
+            ["parallel.zero_stage=2", "parallel.offload_param=cpu"],
+            r"^parallel.offload_param=cpu needs parallel.zero_stage=3 \(ZeRO-2 keeps every weight on each "
+            r"rank\); set zero_stage=3 or offload_param=none$",
+        ),
+        (
+            ["parallel.zero_stage=1", "parallel.offload_optimizer=nvme", "parallel.offload_dir=/tmp/x"],
+            r"^parallel.offload_optimizer=nvme needs parallel.zero_stage=3 \(DeepSpeed's ZeRO-1 keeps an "
+            r"nvme-offloaded optimizer state in CPU memory\); set zero_stage=3, or offload_optimizer=cpu$",
+        ),
+    ]
+    for extra, message in refused:
+        with pytest.raises(DsvError, match=message):
+            check(2, *extra)
+    with pytest.raises(DsvError, match=r"^parallel.offload_param=nvme needs parallel.offload_dir, the folder"):
+        load_config(None, ["parallel.zero_stage=3", "parallel.offload_param=nvme"])
+    with pytest.raises(DsvError, match=r"^parallel.offload_optimizer='disk' must be none, cpu or nvme$"):
+        load_config(None, ["parallel.offload_optimizer=disk"])
