@@ -212,6 +212,10 @@ class Experts(nn.Module):
 
     ``first_expert`` (0 here) is the global index of row 0, read by the per-expert
     initialization (:mod:`dsv3.model.init`); an expert-parallel block sets its own.
+
+    Every forward reads all three stacked tensors, whichever experts the tokens chose (none
+    on a rank whose batch routes nowhere): a wrapper that gathers a module's parameters around
+    its forward (ZeRO-3) then gathers the same tensors in the same order on every rank.
     """
 
     first_expert = 0

@@ -164,6 +164,41 @@ def create_zero3_state(ds_optimizer, step: int) -> None:
             )
 
 
+def zero3_partitions(ds_optimizer, named: list[tuple[str, torch.Tensor]], write: bool = False):
+    """This rank's partitions of ZeRO-3 parameters ``named`` in its optimizer, one sub-group at a time.
+
+    Yields ``(name, param, read)`` where ``read(key)`` is a view of the flat fp32 partition
+    (``key`` None: the master weights; ``"exp_avg"`` / ``"exp_avg_sq"``: Adam's moments) holding
+    ``param``'s share: ``partition size`` elements (the last rank's padded), starting at element
+    ``rank * partition size`` of the flattened parameter. A sub-group swapped out to nvme is
+    swapped in once for all its parameters and released after them (``write``: written back),
+    instead of once per parameter and key as ``safe_get_local_*`` would; consume the views
+    before taking the next item. Uses ``grad_position``, ``get_param_id``,
+    ``fp32_partitioned_groups_flat``, ``_swappable_optimizer_subgroup``,
+    ``_optimizer_states_and_gradient_swap_in`` / ``_swap_out`` and ``_release_swap_buffers``.
+    """
+    by_group: dict[int, list] = {}
+    for name, p in named:
+        group, offset, numel = ds_optimizer.grad_position[ds_optimizer.get_param_id(p)]
+        by_group.setdefault(group, []).append((name, p, offset, numel))
+    for group in sorted(by_group):
+        swapped = ds_optimizer._swappable_optimizer_subgroup(group)
+        if swapped:
+            ds_optimizer._optimizer_states_and_gradient_swap_in(group)
+        flat = ds_optimizer.fp32_partitioned_groups_flat[group]
+        for name, p, offset, numel in by_group[group]:
+
+            def read(key=None, flat=flat, offset=offset, numel=numel):
+                src = flat if key is None else ds_optimizer.optimizer.state[flat][key]
+                return src.narrow(0, offset, numel)
+
+            yield name, p, read
+        if swapped and write:
+            ds_optimizer._optimizer_states_and_gradient_swap_out(group)
+        elif swapped:
+            ds_optimizer._release_swap_buffers(group)
+
+
 def is_zero3_param(p: torch.Tensor) -> bool:
     """True for a parameter ZeRO-3 partitions (it carries ``ds_id``); its ``data`` is then
     this rank's share or empty outside the forward and backward of its module."""

@@ -76,6 +76,7 @@ def set_layout_free_state(
     if ds_optimizer is not None and step > 0:
         ds_internals.relink_hp_state(ds_optimizer, create_step=step)
         ds_internals.create_zero3_state(ds_optimizer, step)
+    zero3: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in named.items():
         entry = state.get(name)
         if entry is not None:
@@ -86,8 +87,8 @@ def set_layout_free_state(
                 f"the checkpoint has no optimizer state for {name} with shape {shape}; "
                 "resume with the layout it was saved with"
             )
-        if ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each
-            _set_zero3_partition(p, entry, step)
+        if ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each, below
+            zero3[name] = entry
             continue
         p.data.copy_(entry["fp32"].to(p.device, p.dtype))
         if ds_internals.has_flat_partition(p):
@@ -102,31 +103,30 @@ def set_layout_free_state(
                 "step": torch.tensor(float(step)),
                 **{k: entry[k].to(master.device, master.dtype).clone() for k in ADAM_KEYS},
             }
+    if zero3:
+        _set_zero3_partitions(ds_optimizer, [(n, named[n]) for n in zero3], zero3, step)
     for st in optimizer.state.values():  # ZeRO's flat partitions
         if "step" in st:
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
 
 
-def _set_zero3_partition(p: nn.Parameter, entry: dict[str, torch.Tensor], step: int) -> None:
-    """Write this rank's partition of ``entry`` (whole fp32 tensors) into ZeRO-3's fp32 master
-    weights and, after the first update, Adam's moments of ``p`` (``safe_set_local_*``). The
-    weights themselves were loaded into the model before DeepSpeed partitioned it."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-    size = safe_get_local_fp32_param(p).numel()
+def _set_zero3_partitions(ds_optimizer, params: list, entries: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    """Write this rank's partition of each ``entries[name]`` (whole fp32 tensors) into ZeRO-3's
+    fp32 master weights and, after the first update, Adam's moments of the parameters
+    ``params`` (``[(name, param)]``), one optimizer sub-group at a time
+    (:func:`dsv3.parallel.ds_internals.zero3_partitions`). The weights themselves were loaded
+    into the model before DeepSpeed partitioned it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-
-    def part(value: torch.Tensor) -> torch.Tensor:
-        flat = value.reshape(-1).float()
-        out = torch.zeros(size, dtype=torch.float32)
-        valid = max(0, min(size, flat.numel() - rank * size))
-        out[:valid] = flat[rank * size : rank * size + valid]
-        return out
-
-    safe_set_local_fp32_param(p, part(entry["fp32"]))
-    for key in ADAM_KEYS:
-        if key in entry and step > 0:
-            safe_set_local_optimizer_state(p, part(entry[key]), key)
+    for name, _, read in ds_internals.zero3_partitions(ds_optimizer, params, write=True):
+        for key in ("fp32",) + ADAM_KEYS:
+            if key not in entries[name] or (key != "fp32" and step == 0):
+                continue
+            dest = read(None if key == "fp32" else key)
+            size = dest.numel()
+            flat = entries[name][key].reshape(-1)
+            valid = max(0, min(size, flat.numel() - rank * size))
+            dest.zero_()
+            dest[:valid].copy_(flat[rank * size : rank * size + valid])
 
 
 def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dict, int]:

@@ -13,7 +13,7 @@ module decides the pieces:
 - an expert-parallel rank's block of routed experts ``(E/P, ...)``: its rows of the stacked
   ``(E, ...)`` tensor, which are contiguous, chunked over the expert-data-parallel replicas;
 - ZeRO-3 splits every parameter (its fp32 master weights and Adam moments too) in equal
-  partitions of the flattened tensor: each rank writes its own (:func:`zero3_partition`), the
+  partitions of the flattened tensor: each rank writes its own (:func:`zero3_pieces`), the
   weights cast from the fp32 master to the parameter's dtype;
 - ZeRO-1/2 (and DeepSpeed's bf16 optimizer) keep the fp32 master weights and Adam moments in
   flat per-rank partitions: each rank writes the fragment of each parameter it owns
@@ -65,34 +65,38 @@ def _replicated(key: str, base: int, value: torch.Tensor, replica: tuple[int, in
         yield Piece(key, base + lo, flat[lo:hi])
 
 
-def zero3_partition(p: torch.Tensor, key: str | None, dp: tuple[int, int]) -> Piece | None:
-    """This rank's share of ZeRO-3 parameter ``p`` as a piece of the flattened tensor, or None.
+def zero3_pieces(
+    ds_optimizer, named: list[tuple[str, torch.Tensor]], keys: tuple, dp: tuple[int, int], weights: bool
+) -> Iterator[Piece]:
+    """This rank's partition of each ZeRO-3 parameter of ``named``, as pieces of the flattened tensors.
 
     ZeRO-3 splits the flattened parameter into ``dp`` equal partitions (the last one padded);
-    rank ``i`` holds elements ``[i * size, (i + 1) * size)``. ``key`` None reads the fp32 master
-    weights, ``"exp_avg"`` / ``"exp_avg_sq"`` Adam's moments, through DeepSpeed's
-    ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state`` (which also read an
-    optimizer state swapped out to nvme). The piece's key is set by the caller.
+    rank ``i`` holds elements ``[i * size, (i + 1) * size)``. Values come from the optimizer's
+    fp32 partitions (:func:`dsv3.parallel.ds_internals.zero3_partitions`, which swaps a
+    sub-group in from nvme once for all its parameters): ``keys`` None for the master weights,
+    ``"exp_avg"`` / ``"exp_avg_sq"`` for Adam's moments. ``weights``: pieces of
+    ``model.safetensors`` (key = the parameter's name, the master weights cast to its dtype),
+    else of ``layout_free.safetensors`` (``NAME/fp32``, ``NAME/exp_avg``, ... in fp32).
     """
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-    local = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
-    local = local.detach().reshape(-1).float().cpu()
-    start = dp[0] * local.numel()
-    valid = min(local.numel(), math.prod(ds_internals.full_shape(p)) - start)
-    return Piece("", start, local[:valid]) if valid > 0 else None
-
-
-def _zero3_pieces(p: torch.Tensor, fields: dict[str, str | None], dp, dtype=None) -> Iterator[Piece]:
-    """The pieces :func:`zero3_partition` gives for ``{file key: optimizer key}``, cast to ``dtype``."""
-    for out_key, key in fields.items():
-        piece = zero3_partition(p, key, dp)
-        if piece is not None:
-            yield Piece(out_key, piece.start, piece.values.to(dtype or torch.float32))
+    for name, p, read in ds_internals.zero3_partitions(ds_optimizer, named):
+        total = math.prod(ds_internals.full_shape(p))
+        for key in keys:
+            local = read(key).detach().reshape(-1)
+            start = dp[0] * local.numel()
+            valid = min(local.numel(), total - start)
+            if valid > 0:
+                out = name if weights else f"{name}/{key or 'fp32'}"
+                yield Piece(out, start, local[:valid].to(p.dtype if weights else torch.float32))
 
 
 def save_weights(
-    path: str | Path, model: nn.Module, names: list[str], stage: int, dp: tuple[int, int], metadata: dict[str, str]
+    path: str | Path,
+    model: nn.Module,
+    names: list[str],
+    stage: int,
+    dp: tuple[int, int],
+    metadata: dict[str, str],
+    ds_optimizer=None,
 ) -> str | None:
     """Write ``model.safetensors`` in the unsplit layout (the keys and shapes of the
     single-process ``model.state_dict()``) from every rank's parameters. Collective.
@@ -104,6 +108,8 @@ def save_weights(
         stage: this rank's pipeline stage (0 without pipelines).
         dp: (index, count) of this rank among its stage's data-parallel ranks.
         metadata: the header's ``__metadata__``.
+        ds_optimizer: the engine's optimizer; needed with ZeRO-3, whose parameters are
+            written from its fp32 partitions (:func:`zero3_pieces`).
 
     Returns:
         None, or an error message (see :func:`write_collective`).
@@ -120,12 +126,13 @@ def save_weights(
     entries.update({n: (b.dtype, tuple(b.shape)) for n, b in buffers.items()})
 
     def pieces(mine: set[str]) -> Iterator[Piece]:
+        zero3 = [(n, params[n]) for n in names if n in mine and ds_internals.is_zero3_param(params[n])]
         for n in names:
-            if n in mine and ds_internals.is_zero3_param(params[n]):  # this rank's partition (fp32 master)
-                yield from _zero3_pieces(params[n], {n: None}, dp, params[n].dtype)
-            elif n in mine:
+            if n in mine and not ds_internals.is_zero3_param(params[n]):
                 base, _, m = _placement(model, n, params[n])
                 yield from _replicated(n, base, params[n], _replica(m, dp))
+        if zero3:  # this rank's partitions, from the fp32 master weights
+            yield from zero3_pieces(ds_optimizer, zero3, (None,), dp, weights=True)
         for n, b in buffers.items():
             if n in mine:
                 yield Piece(n, 0, b)
@@ -161,14 +168,15 @@ def save_optimizer_state(
     entries = {f"{n}/{f}": (torch.float32, _placement(model, n, params[n])[1]) for n in names for f in fields}
 
     def pieces(mine: set[str]) -> Iterator[Piece]:
+        zero3 = [(n, params[n]) for n in names if f"{n}/fp32" in mine and ds_internals.is_zero3_param(params[n])]
+        if zero3:  # ZeRO-3: this rank's partition of each
+            keys = (None,) + tuple(f for f in fields[1:])
+            yield from zero3_pieces(ds_optimizer, zero3, keys, dp, weights=False)
         for n in names:
-            if f"{n}/fp32" not in mine:
+            if f"{n}/fp32" not in mine or ds_internals.is_zero3_param(params[n]):
                 continue
             p = params[n]
             base, _, m = _placement(model, n, p)
-            if ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each
-                yield from _zero3_pieces(p, {f"{n}/{f}": (None if f == "fp32" else f) for f in fields}, dp)
-                continue
             if ds_internals.has_flat_partition(p):  # flat partitions: the fragment this rank owns, if any
                 frag = ds_internals.hp_fragment(p)
                 if frag is not None:

@@ -8,7 +8,8 @@ The folder layout and its names are :mod:`dsv3.checkpoint.files`; under
         layout_free.safetensors   with pipelines, expert parallelism or ZeRO-3: fp32 weights and AdamW
                                   state under the single-process names, experts whole
                                   (resumes with any pp / ep / process count, see
-                                  dsv3.parallel.layout_free; pipelines write only these)
+                                  dsv3.parallel.layout_free; pipelines and nvme
+                                  offload write only these)
         model.safetensors         full model weights (loadable without DeepSpeed or pickle)
         config.yaml               the run's resolved config
         tokenizer.model           the tokenizer: dsv3's sentencepiece model, or a released
@@ -119,7 +120,8 @@ def save_checkpoint(
     ``ep``, ``pp``, process count or ZeRO stage (:mod:`dsv3.parallel.layout_free`).
 
     ``pipe``: the :class:`dsv3.parallel.pipeline.PipelineRun` of a run with pipelines; its
-    checkpoint holds only the files above, not DeepSpeed's per-stage engine files.
+    checkpoint holds only the files above, not DeepSpeed's per-stage engine files. Neither
+    does the checkpoint of a run offloading to nvme (it resumes from ``layout_free.safetensors``).
 
     Returns:
         The step folder.
@@ -138,12 +140,16 @@ def save_checkpoint(
         model, names, stage = engine.module, [n for n, _ in engine.module.named_parameters()], 0
         dp = (rank, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     expert_parallel = pipe is None and bool(ep_modules(model))
+    # ZeRO-Infinity resumes from layout_free.safetensors only (see dsv3.parallel.layout_free):
+    # DeepSpeed's own files, which copy the whole swapped optimizer state, are not written
+    nvme = "nvme" in (cfg.parallel.offload_optimizer, cfg.parallel.offload_param)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         error = f"{type(exc).__name__}: {exc}"
     # collective, every rank writing what it holds
-    error = save_weights(folder / WEIGHTS, model, names, stage, dp, {"format": "pt", "step": str(step)}) or error
+    meta = {"format": "pt", "step": str(step)}
+    error = save_weights(folder / WEIGHTS, model, names, stage, dp, meta, engine.optimizer) or error
     if pipe is not None or expert_parallel or cfg.parallel.zero_stage == 3:
         params = dict(model.named_parameters())
         trainable = [n for n in names if params[n].requires_grad]
@@ -151,7 +157,7 @@ def save_checkpoint(
     if error:
         failure += 1
     try:
-        if pipe is None:
+        if pipe is None and not nvme:
             engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
             if expert_parallel:
                 save_expert_files(engine.module, ckpt_root, tag)
