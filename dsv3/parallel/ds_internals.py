@@ -3,13 +3,14 @@
 dsv3 uses DeepSpeed's public API wherever one exists (``deepspeed.initialize``,
 ``PipelineModule``, ``deepspeed.utils.safe_set_full_*``, ``deepspeed.moe.layer.MoE``, ...).
 A few things it needs have no public API: the expert-parallel process groups by name, the
-per-parameter views of ZeRO's flat optimizer partitions, the fp32 copies of the unfused bf16
-optimizer, a hook between the pipeline engine's gradient reduction and its optimizer step, and
-explicit pipeline stage boundaries. They are reached only through the functions below, so
+per-parameter views of ZeRO's flat optimizer partitions (ZeRO-3's by sub-group, swapped in
+from nvme once per sub-group), the fp32 copies of the unfused bf16 optimizer, a hook between
+the pipeline engine's gradient reduction and its optimizer step, and explicit pipeline stage
+boundaries. They are reached only through the functions below, so
 that a DeepSpeed upgrade touches this file alone.
 
-Checked against DeepSpeed 0.16 - 0.19 (0.19.8 is what the tests run). Each function names
-the private attribute or function it uses.
+Checked against DeepSpeed 0.16 - 0.19 (0.19.8 is what the tests run; the ZeRO-3 functions
+against 0.19.8 only). Each function names the private attribute or function it uses.
 """
 
 from __future__ import annotations
