@@ -221,6 +221,20 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int):
     return engine, opt
 
 
+def remove_swap_files(cfg: Config, rank: int) -> None:
+    """Delete this rank's nvme swap files (``<offload_dir>/zero_stage_3/*/rank<rank>``) once a
+    run is over: DeepSpeed removes them at interpreter exit, which a process that joined a
+    process group skips (see :func:`dsv3.parallel.distributed.started`). A no-op without nvme."""
+    import shutil
+
+    p = cfg.parallel
+    if "nvme" not in (p.offload_optimizer, p.offload_param):
+        return
+    root = Path(p.offload_dir).expanduser().resolve() / "zero_stage_3"
+    for folder in root.glob(f"*/rank{rank}"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """Put back the named buffers ``saved`` (with their dtype) into ``model``, in place."""
     for name, value in saved.items():

@@ -51,7 +51,7 @@ from dsv3.parallel import expert_parallel, layout_free
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
 from dsv3.parallel.distributed import DistInfo, init_distributed
 from dsv3.parallel.ds_internals import full_shape
-from dsv3.parallel.engine import build_engine, trainer_clips
+from dsv3.parallel.engine import build_engine, remove_swap_files, trainer_clips
 from dsv3.parallel.layout import check_launch
 from dsv3.parallel.pipeline import PipelineRun
 from dsv3.tokenizer_files import open_tokenizer
@@ -547,4 +547,6 @@ def train(cfg: Config) -> Path:
         The run directory.
     """
     trainer = Trainer(cfg)
-    return trainer.run()
+    out = trainer.run()
+    remove_swap_files(cfg, trainer.info.rank)  # nvme offload: the swap files, once the run is over
+    return out

@@ -111,8 +111,8 @@ def test_zero_infinity_nvme_matches_zero3_and_resumes(zero3, reference, corpus_d
     assert_same_metrics(full, metrics(zero3[0]))
     assert_same_metrics(full, metrics(reference))
     assert_same_weights(out, reference)
-    swap = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders (it deletes the files at exit)
-    assert (swap / "optimizer" / "rank0").is_dir() and any(swap.glob("*params/rank0"))
+    swap = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders; the run removes its files at the end
+    assert (swap / "optimizer").is_dir() and any(swap.glob("*params")) and not any(swap.rglob("*.swp"))
     assert resume(out, tmp_path / "again", args) == full
     # written with nvme offload, resumed without offload
     none = {"parallel.offload_optimizer": "none", "parallel.offload_param": "none"}
