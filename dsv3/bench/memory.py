@@ -33,7 +33,7 @@ import torch
 
 from dsv3.config import load_config
 from dsv3.errors import DsvError
-from dsv3.hardware import cpu_info, device_name
+from dsv3.hardware import device_name
 from dsv3.model import Transformer, count_parameters
 from dsv3.parallel.layout import stage_of_rank
 from dsv3.plan.costs import split_counts
@@ -267,7 +267,7 @@ def bench_memory(
     experts, other = split_counts(model)
     result: dict[str, Any] = {
         "kind": "memory",
-        "machine": {"cpu": cpu_info(), "device": device_name(torch.device("cpu"))},
+        "device": device_name(torch.device("cpu")),  # "machine" is added by write_result
         "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed")},
         "model": {
             "parameters": counts["total"],
@@ -343,7 +343,7 @@ def memory_table(result: dict[str, Any]) -> str:
                 ]
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"machine: {result['machine']['device']}", f"{unit} measured / planned per rank"]
+    lines = [f"machine: {result['device']}", f"{unit} measured / planned per rank"]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
