@@ -159,13 +159,20 @@ def create_zero3_state(ds_optimizer, step: int) -> None:
         return
     base = ds_optimizer.optimizer
     for flat in ds_optimizer.fp32_partitioned_groups_flat:
-        if not base.state[flat]:
-            base.state[flat].update(
-                step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
-            )
+        if not base.state[flat] and flat.numel():  # a sub-group swapped out to nvme: see zero3_partitions
+            _fresh_adam_state(base, flat, step)
 
 
-def zero3_partitions(ds_optimizer, named: list[tuple[str, torch.Tensor]], write: bool = False):
+def _fresh_adam_state(base, flat: torch.Tensor, step: int) -> None:
+    """Zero Adam moments of ``flat``'s size and the step count ``step`` in ``base.state[flat]``."""
+    base.state[flat].update(
+        step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+    )
+
+
+def zero3_partitions(
+    ds_optimizer, named: list[tuple[str, torch.Tensor]], write: bool = False, state_step: int | None = None
+):
     """This rank's partitions of ZeRO-3 parameters ``named`` in its optimizer, one sub-group at a time.
 
     Yields ``(name, param, read)`` where ``read(key)`` is a view of the flat fp32 partition
@@ -174,7 +181,10 @@ def zero3_partitions(ds_optimizer, named: list[tuple[str, torch.Tensor]], write:
     ``rank * partition size`` of the flattened parameter. A sub-group swapped out to nvme is
     swapped in once for all its parameters and released after them (``write``: written back),
     instead of once per parameter and key as ``safe_get_local_*`` would; consume the views
-    before taking the next item. Uses ``grad_position``, ``get_param_id``,
+    before taking the next item. ``state_step`` (with ``write``): a sub-group without Adam
+    moments of its size yet (swapped out before the first update of this process) gets zero
+    moments and that step count once swapped in, so a resumed state can be written into them
+    and swapped out with it. Uses ``grad_position``, ``get_param_id``,
     ``fp32_partitioned_groups_flat``, ``_swappable_optimizer_subgroup``,
     ``_optimizer_states_and_gradient_swap_in`` / ``_swap_out`` and ``_release_swap_buffers``.
     """
@@ -187,6 +197,9 @@ def zero3_partitions(ds_optimizer, named: list[tuple[str, torch.Tensor]], write:
         if swapped:
             ds_optimizer._optimizer_states_and_gradient_swap_in(group)
         flat = ds_optimizer.fp32_partitioned_groups_flat[group]
+        moments = ds_optimizer.optimizer.state[flat].get("exp_avg")
+        if write and state_step is not None and (moments is None or moments.numel() != flat.numel()):
+            _fresh_adam_state(ds_optimizer.optimizer, flat, state_step)
         for name, p, offset, numel in by_group[group]:
 
             def read(key=None, flat=flat, offset=offset, numel=numel):

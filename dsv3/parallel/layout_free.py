@@ -117,7 +117,7 @@ def _set_zero3_partitions(ds_optimizer, params: list, entries: dict[str, dict[st
     (:func:`dsv3.parallel.ds_internals.zero3_partitions`). The weights themselves were loaded
     into the model before DeepSpeed partitioned it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    for name, _, read in ds_internals.zero3_partitions(ds_optimizer, params, write=True):
+    for name, _, read in ds_internals.zero3_partitions(ds_optimizer, params, write=True, state_step=step or None):
         for key in ("fp32",) + ADAM_KEYS:
             if key not in entries[name] or (key != "fp32" and step == 0):
                 continue
