@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.decode import derived, fast_inference, interleaved_rope_tables, rotate_interleaved
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, yarn_softmax_scale
 
@@ -118,6 +119,8 @@ class MLA(nn.Module):
         Returns:
             (B, T, dim), dtype of ``x``.
         """
+        if cache is not None and fast_inference():
+            return self._decode(x, cos, sin, cache, attn_mask)
         B, T, _ = x.shape
         q = self._queries(x)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
@@ -180,3 +183,67 @@ class MLA(nn.Module):
             )
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, dv)
         return self.o_proj(o.flatten(2))
+
+    def _decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the first projection, W_uk (H, dn, C), W_uv^T (H, C, dv)), derived once from the weights.
+
+        The first projection stacks ``q_proj`` (or ``q_a_proj``) over ``kv_a_proj_with_mqa``,
+        so the new tokens go through one matrix product instead of two.
+        """
+        wq = self.q_proj.weight if hasattr(self, "q_proj") else self.q_a_proj.weight
+        wkv, wb = self.kv_a_proj_with_mqa.weight, self.kv_b_proj.weight
+
+        def build():
+            w = wb.unflatten(0, (self.n_heads, self.dn + self.dv))  # (H, dn+dv, C)
+            return (
+                torch.cat([wq, wkv]),
+                w[:, : self.dn].contiguous(),
+                w[:, self.dn :].transpose(1, 2).contiguous(),
+            )
+
+        return derived(self, "decode", (wq, wkv, wb), build)
+
+    def _decode(self, x, cos, sin, cache: LatentCache, attn_mask) -> torch.Tensor:
+        """The cache path of :meth:`forward` in inference (no autograd, not compiled), in fewer
+        operators: one product for the query and latent projections, one rotation for the
+        query and key rope slices, and the absorbed multi-query attention as two ``bmm``
+        around a softmax (fp32) over the ``H * T`` query rows of each sequence. ``cos`` /
+        ``sin`` may be the half tables of :meth:`forward` or the interleaved ones of
+        :func:`dsv3.model.decode.interleaved_rope_tables`, shaped to broadcast over
+        (B, T, H + 1, dr). Every query row must be allowed at least one key."""
+        B, T, _ = x.shape
+        H, dn, dr, C = self.n_heads, self.dn, self.dr, self.kv_lora_rank
+        w_a, w_uk, w_uv_t = self._decode_weights()
+        a = F.linear(x, w_a)  # (B, T, q + C + dr)
+        if hasattr(self, "q_proj"):
+            q, c_kv, k_pe = a.split([H * (dn + dr), C, dr], dim=-1)
+        else:
+            q_a, c_kv, k_pe = a.split([a.shape[-1] - C - dr, C, dr], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        q = q.unflatten(-1, (H, dn + dr))  # (B, T, H, dn+dr)
+        if cos.shape[-1] != dr:  # half tables (T, dr/2) or (B, T, dr/2)
+            cos, sin = interleaved_rope_tables(cos, sin)
+            cos, sin = (cos.unsqueeze(-2), sin.unsqueeze(-2)) if cos.dim() == 3 else (cos[:, None], sin[:, None])
+        pe = rotate_interleaved(torch.cat([q[..., dn:], k_pe.unsqueeze(2)], dim=2), cos, sin)  # (B, T, H+1, dr)
+        start = cache.length
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"decode cache holds {cache.max_len} positions; {end} needed")
+        cache.kv[:B, start:end] = self.kv_a_layernorm(c_kv)
+        cache.pe[:B, start:end] = pe[:, :, H]
+        cache.length = end
+        keys = cache.buf[:B, :end]  # (B, S, C + dr): [c_kv ; k_rope] per position
+        q_lat = torch.bmm(q[..., :dn].reshape(B * T, H, dn).transpose(0, 1), w_uk)  # (H, B*T, C)
+        qk = torch.cat([q_lat.transpose(0, 1), pe[:, :, :H].reshape(B * T, H, dr).to(q_lat.dtype)], dim=-1)
+        scores = torch.bmm(qk.view(B, T * H, C + dr), keys.transpose(1, 2)).mul_(self.softmax_scale)  # (B, T*H, S)
+        if attn_mask is not None or T > 1:
+            if attn_mask is None:  # causal: query t sees positions <= start + t
+                allowed = torch.arange(end, device=x.device) <= torch.arange(start, end, device=x.device)[:, None]
+                allowed = allowed[None, :, None]  # (1, T, 1, S)
+            else:
+                allowed = attn_mask.transpose(1, 2)  # (B, T, 1, S)
+            scores = scores.view(B, T, H, end).masked_fill_(~allowed, float("-inf")).view(B, T * H, end)
+        probs = scores.softmax(-1, dtype=torch.float32).to(keys.dtype)
+        o_lat = torch.bmm(probs, keys[..., :C])  # (B, T*H, C)
+        o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, dv)
+        return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.dv))

@@ -19,6 +19,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LatentCache
+from dsv3.model.decode import derived, fast_inference, interleaved_rope_tables
 from dsv3.model.init import init_module_
 from dsv3.model.moe import MLP, Gate, MoE
 from dsv3.model.norm import RMSNorm
@@ -190,13 +191,22 @@ class Transformer(nn.Module):
         """The device token ids should be on: where the embedding computes."""
         return module_device(self.embed_tokens)
 
+    def _interleaved_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return interleaved_rope_tables(self.rope_cos, self.rope_sin)
+
     def _trunk(self, input_ids, cache=None, attn_mask=None, valid=None, position_ids=None):
         """Embed and run the main blocks. Returns (h (B, T, D) before the final norm, auxes)."""
         B, T = input_ids.shape
         start = cache[0].length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        if position_ids is None:
+        if cache is not None and fast_inference():  # interleaved tables, shaped once for every layer
+            cos, sin = derived(self, "rope", (self.rope_cos, self.rope_sin), self._interleaved_rope)
+            if position_ids is None:
+                cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # (T, 1, dr)
+            else:
+                cos, sin = cos[position_ids].unsqueeze(2), sin[position_ids].unsqueeze(2)  # (B, T, 1, dr)
+        elif position_ids is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, dr/2)
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, dr/2)
