@@ -166,7 +166,7 @@ def _seen_mask(rows: Sequence[Sequence[int]], vocab: int, device) -> torch.Tenso
     return seen
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -249,11 +249,12 @@ def generate_batch(
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             logits = logits.float().cpu()
+            greedy = logits.argmax(-1).tolist() if temperature <= 0 else None  # one call for all rows
             nxt = [0] * B  # finished rows feed a dummy id; their states are never read
             for b in range(B):
                 if not active[b]:
                     continue
-                nxt[b] = sample_next(logits[b], temperature, top_k, top_p, gens[b])
+                nxt[b] = greedy[b] if greedy is not None else sample_next(logits[b], temperature, top_k, top_p, gens[b])
                 out[b].append(nxt[b])
                 if on_token is not None:
                     on_token(b, nxt[b])
@@ -326,7 +327,7 @@ def check_speculative(model: Transformer, temperature: float) -> None:
         )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_speculative(
     model: Transformer,
     prompt_ids: list[int],
