@@ -77,6 +77,7 @@ def rotate_interleaved(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) 
     Returns:
         Tensor of the shape and dtype of ``x``.
     """
-    xf = x.float()
+    xf = x if x.dtype == torch.float32 else x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
-    return (xf * cos2 + swapped * sin2).to(x.dtype)
+    out = xf * cos2 + swapped * sin2
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

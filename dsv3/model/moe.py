@@ -84,7 +84,8 @@ class Gate(nn.Module):
         Returns:
             weights (N, K) float32, indices (N, K) int64, scores (N, E) float32 (the ``s_i``).
         """
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        scores = F.linear(x if x.dtype == torch.float32 else x.float(), w).sigmoid()  # (N, E)
         select = scores + self.e_score_correction_bias  # (N, E)
         if self.n_groups > 1:
             grouped = select.unflatten(-1, (self.n_groups, -1))  # (N, G, E/G)
@@ -204,6 +205,10 @@ class ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 DENSE_MAX_TOKENS = 16
 """On CPU in bf16 / fp16, inference batches of at most this many tokens whose choices fill at
 least E expert slots (N * K >= E) run every expert on every token (:meth:`Experts._all_experts`).
@@ -264,11 +269,12 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat)
         )  # (E,)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
-        xs = ContiguousGrad.apply(x[token])  # (N*K, D)
+        cg = ContiguousGrad.apply if torch.is_grad_enabled() else _same  # an autograd.Function call costs ~10 us
+        xs = cg(x[token])  # (N*K, D)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
-        ys = grouped_matmul(ContiguousGrad.apply(h), self.down_proj, offsets)  # (N*K, D)
+        ys = grouped_matmul(cg(h), self.down_proj, offsets)  # (N*K, D)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ContiguousGrad.apply(ys))
+        return torch.zeros_like(x).index_add_(0, token, cg(ys))
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens that together reach most experts (batched decoding): every
@@ -303,18 +309,23 @@ class Experts(nn.Module):
         Args: x (N, D); weights (N, K) float32; flat (N*K,) expert ids, token-major.
         Returns: (N, D), dtype of ``x``.
         """
+        per_expert = derived(self, "views", (self.gate_proj, self.up_proj, self.down_proj), self._expert_views)
         ids, ws = flat.tolist(), weights.tolist()
         rows = []
         for n in range(N):
             xn = x[n : n + 1] if N > 1 else x
             y = None
             for k in range(K):
-                e = ids[n * K + k]
-                h = F.silu(F.linear(xn, self.gate_proj[e])) * F.linear(xn, self.up_proj[e])
-                o = F.linear(h, self.down_proj[e]) * ws[n][k]
+                gate, up, down = per_expert[ids[n * K + k]]
+                h = F.silu(F.linear(xn, gate)) * F.linear(xn, up)
+                o = F.linear(h, down) * ws[n][k]
                 y = o if y is None else y + o
             rows.append(y)
         return rows[0] if N == 1 else torch.cat(rows)
+
+    def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per expert (gate_proj[e], up_proj[e], down_proj[e]): views, no copies."""
+        return [(self.gate_proj[e], self.up_proj[e], self.down_proj[e]) for e in range(self.n_experts)]
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, N: int, K: int) -> torch.Tensor:
         """Inference with fewer token-expert pairs than experts (decoding): gather only the

@@ -22,4 +22,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel; same fp32 arithmetic as x * rsqrt(mean(x^2) + eps) * weight
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts to dispatch
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
