@@ -166,7 +166,6 @@ def _seen_mask(rows: Sequence[Sequence[int]], vocab: int, device) -> torch.Tenso
     return seen
 
 
-@torch.inference_mode()
 def generate_batch(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -239,35 +238,41 @@ def generate_batch(
 
     was_training = model.training
     model.eval()
+    # inference mode skips autograd's per-operator bookkeeping (version counters, view
+    # tracking); a compiled or otherwise wrapped model keeps no_grad, which its tracing expects
+    mode = torch.inference_mode() if isinstance(model, Transformer) else torch.no_grad()
     try:
-        cache = model.new_cache(B, total)
-        logits = model(ids, cache=cache, **prefill_kw)[:, -1]  # (B, V)
-        out: list[list[int]] = [[] for _ in range(B)]
-        reason = [LENGTH] * B
-        active = [True] * B
-        for step in range(max_new_tokens):
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            logits = logits.float().cpu()
-            greedy = logits.argmax(-1).tolist() if temperature <= 0 else None  # one call for all rows
-            nxt = [0] * B  # finished rows feed a dummy id; their states are never read
-            for b in range(B):
-                if not active[b]:
-                    continue
-                nxt[b] = greedy[b] if greedy is not None else sample_next(logits[b], temperature, top_k, top_p, gens[b])
-                out[b].append(nxt[b])
-                if on_token is not None:
-                    on_token(b, nxt[b])
-                if nxt[b] in stops:
-                    active[b], reason[b] = False, STOP
-            if not any(active) or step == max_new_tokens - 1:
-                break
-            new = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
-            if seen is not None:
-                seen[torch.arange(B, device=device), new[:, 0]] = True
-            end = cache[0].length + 1
-            kw = dict(attn_mask=key_ok[:, None, None, :end], position_ids=pos[:, end - 1 : end]) if padded else {}
-            logits = model(new, cache=cache, **kw)[:, -1]
+        with mode:
+            cache = model.new_cache(B, total)
+            logits = model(ids, cache=cache, **prefill_kw)[:, -1]  # (B, V)
+            out: list[list[int]] = [[] for _ in range(B)]
+            reason = [LENGTH] * B
+            active = [True] * B
+            for step in range(max_new_tokens):
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                logits = logits.float().cpu()
+                greedy = logits.argmax(-1).tolist() if temperature <= 0 else None  # one call for all rows
+                nxt = [0] * B  # finished rows feed a dummy id; their states are never read
+                for b in range(B):
+                    if not active[b]:
+                        continue
+                    nxt[b] = (
+                        greedy[b] if greedy is not None else sample_next(logits[b], temperature, top_k, top_p, gens[b])
+                    )
+                    out[b].append(nxt[b])
+                    if on_token is not None:
+                        on_token(b, nxt[b])
+                    if nxt[b] in stops:
+                        active[b], reason[b] = False, STOP
+                if not any(active) or step == max_new_tokens - 1:
+                    break
+                new = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
+                if seen is not None:
+                    seen[torch.arange(B, device=device), new[:, 0]] = True
+                end = cache[0].length + 1
+                kw = dict(attn_mask=key_ok[:, None, None, :end], position_ids=pos[:, end - 1 : end]) if padded else {}
+                logits = model(new, cache=cache, **kw)[:, -1]
     finally:
         model.train(was_training)
     return [GenerationResult(o, r) for o, r in zip(out, reason)]
@@ -327,7 +332,7 @@ def check_speculative(model: Transformer, temperature: float) -> None:
         )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_speculative(
     model: Transformer,
     prompt_ids: list[int],

@@ -119,7 +119,8 @@ class MLA(nn.Module):
         Returns:
             (B, T, dim), dtype of ``x``.
         """
-        if cache is not None and fast_inference():
+        first = (self.q_proj,) if hasattr(self, "q_proj") else (self.q_a_proj,)
+        if cache is not None and fast_inference(*first, self.kv_a_proj_with_mqa, self.kv_b_proj):
             return self._decode(x, cos, sin, cache, attn_mask)
         B, T, _ = x.shape
         q = self._queries(x)

@@ -19,9 +19,14 @@ from torch import nn
 _STORE = "_dsv3_derived"
 
 
-def fast_inference() -> bool:
-    """Whether the eager inference path applies: no autograd recording, not compiling."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+def fast_inference(*modules: nn.Module) -> bool:
+    """Whether the eager inference path applies: no autograd recording, not compiling, and
+    none of ``modules`` (those whose weights the path reads directly instead of calling them)
+    carries a big-model dispatch hook (accelerate's ``_hf_hook``, which brings offloaded
+    weights in only when the module itself is called; see :mod:`dsv3.checkpoint.offload`)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return not any(hasattr(m, "_hf_hook") for m in modules)
 
 
 def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]):
@@ -30,9 +35,11 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
     The kept value is rebuilt when any source is another tensor object, has other storage
     (``data_ptr``; e.g. after ``model.to(dtype)``), or its version counter moved (any
     in-place update through autograd-visible operations: optimizer steps, ``copy_``,
-    ``load_state_dict``). The sources are referenced by the kept entry, so their storage
-    cannot be reused while it lives. Writes through ``.data`` bypass the version counter and
-    are not seen.
+    ``load_state_dict``). The kept entry references the sources' storage (a detached view), so
+    its address cannot be taken by another tensor while the entry lives. Writes through
+    ``.data`` bypass the version counter and are not seen. Sources that are inference tensors
+    (made under ``torch.inference_mode``) have no version counter: the value is then built on
+    every call and not kept.
 
     Args:
         module: where the value is kept (an attribute outside the state dict).
@@ -43,6 +50,9 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
     Returns:
         Whatever ``build`` returns.
     """
+    if any(s.is_inference() for s in sources):  # made under inference_mode: no version counter to watch
+        with torch.no_grad():
+            return build()
     store = module.__dict__.get(_STORE)
     if store is None:
         store = module.__dict__[_STORE] = {}
@@ -52,7 +62,7 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
         return hit[2]
     with torch.no_grad():
         value = build()
-    store[name] = (sources, key, value)
+    store[name] = (sources, key, value, tuple(s.detach() for s in sources))  # pins their storage
     return value
 
 

@@ -37,7 +37,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast_inference():  # one product for gate and up (their rows stacked once)
+        if fast_inference(self.gate_proj, self.up_proj):  # one product for gate and up (rows stacked once)
             w = derived(self, "gate_up", (self.gate_proj.weight, self.up_proj.weight), self._gate_up)
             g, u = F.linear(x, w).chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
@@ -257,7 +257,7 @@ class Experts(nn.Module):
         N, K = indices.shape
         flat = indices.flatten()  # (N*K,)
         if not torch.is_grad_enabled() and N * K < self.n_experts:
-            if x.device.type == "cpu" and x.element_size() >= 4 and not torch.compiler.is_compiling():
+            if x.device.type == "cpu" and x.element_size() >= 4 and fast_inference(self):
                 return self._chosen_loop(x, weights, flat, N, K)
             return self._few_tokens(x, weights, flat, N, K)
         if not torch.is_grad_enabled() and N <= DENSE_MAX_TOKENS and x.device.type == "cpu" and x.element_size() < 4:

@@ -200,7 +200,9 @@ class Transformer(nn.Module):
         start = cache[0].length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        if cache is not None and fast_inference():  # interleaved tables, shaped once for every layer
+        if cache is not None and fast_inference() and not hasattr(self, "hf_device_map"):
+            # interleaved tables, shaped once for every layer (a dispatched model, whose hooked
+            # layers take the plain path, gets the half tables, which the eager path converts)
             cos, sin = derived(self, "rope", (self.rope_cos, self.rope_sin), self._interleaved_rope)
             if position_ids is None:
                 cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # (T, 1, dr)

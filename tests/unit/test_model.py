@@ -137,7 +137,8 @@ def test_experts_grouped_matches_loop(H):
 @pytest.mark.parametrize(
     "N, dtype, path",
     [
-        (2, torch.float32, "_few_tokens"),
+        (2, torch.float32, "_chosen_loop"),
+        (2, torch.bfloat16, "_few_tokens"),
         (5, torch.float32, None),
         (5, torch.bfloat16, "_all_experts"),
         (16, torch.bfloat16, "_all_experts"),
@@ -145,7 +146,8 @@ def test_experts_grouped_matches_loop(H):
     ],
 )
 def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
-    """Without gradients: N*K < E gathers the chosen experts; in bf16 on CPU up to
+    """Without gradients: N*K < E runs the chosen experts from views of their weights (fp32 on
+    CPU) or gathers them (otherwise); in bf16 on CPU up to
     DENSE_MAX_TOKENS (16) tokens run every expert; otherwise the grouped products. Each equals
     the per-token loop (computed in fp32 from the same weights)."""
     from dsv3.model import moe
@@ -160,7 +162,7 @@ def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
     w = torch.rand(N, K)
     calls = []
-    for name in ("_few_tokens", "_all_experts"):
+    for name in ("_chosen_loop", "_few_tokens", "_all_experts"):
         plain = getattr(Experts, name)
         monkeypatch.setattr(Experts, name, lambda self, *a, _n=name, _f=plain: calls.append(_n) or _f(self, *a))
     with torch.no_grad():
