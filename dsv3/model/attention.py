@@ -236,7 +236,7 @@ class MLA(nn.Module):
         keys = cache.buf[:B, :end]  # (B, S, C + dr): [c_kv ; k_rope] per position
         q_lat = torch.bmm(q[..., :dn].reshape(B * T, H, dn).transpose(0, 1), w_uk)  # (H, B*T, C)
         qk = torch.cat([q_lat.transpose(0, 1), pe[:, :, :H].reshape(B * T, H, dr).to(q_lat.dtype)], dim=-1)
-        scores = torch.bmm(qk.view(B, T * H, C + dr), keys.transpose(1, 2)).mul_(self.softmax_scale)  # (B, T*H, S)
+        scores = torch.bmm(qk.view(B, T * H, C + dr).mul_(self.softmax_scale), keys.transpose(1, 2))  # (B, T*H, S)
         if attn_mask is not None or T > 1:
             if attn_mask is None:  # causal: query t sees positions <= start + t
                 allowed = torch.arange(end, device=x.device) <= torch.arange(start, end, device=x.device)[:, None]
