@@ -109,8 +109,9 @@ class MLA(nn.Module):
             x: (B, T, dim) hidden states of the new tokens.
             cos, sin: (T, dr/2) float32 rope tables (:func:`dsv3.model.rope.rope_cos_sin`, which
                 carry YaRN's ``yarn_rope_scale``) for the absolute positions of the new tokens,
-                or (B, T, dr/2) for per-row positions (see :func:`dsv3.model.rope.apply_rope`).
-                Both paths rotate ``q_rope`` and ``k_rope`` with them; the decode cache keeps
+                or (B, T, dr/2) for per-row positions (see :func:`dsv3.model.rope.apply_rope`),
+                or their interleaved forms (..., 1, dr) (:mod:`dsv3.model.decode`). Both paths
+                rotate ``q_rope`` and ``k_rope`` with them; the decode cache keeps
                 ``k_rope`` as rotated (scale included).
             cache: decode cache; the new tokens are appended at ``cache.length``.
             attn_mask: optional boolean (B or 1, 1, T, S) mask, True = may attend; replaces
@@ -122,6 +123,8 @@ class MLA(nn.Module):
         first = (self.q_proj,) if hasattr(self, "q_proj") else (self.q_a_proj,)
         if cache is not None and fast_inference(*first, self.kv_a_proj_with_mqa, self.kv_b_proj):
             return self._decode(x, cos, sin, cache, attn_mask)
+        if cos.shape[-1] == self.dr:  # interleaved tables (T or B, T, 1, dr) from the eager inference path
+            cos, sin = cos[..., 0, 0::2], sin[..., 0, 1::2]  # back to the half tables, same values
         B, T, _ = x.shape
         q = self._queries(x)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)

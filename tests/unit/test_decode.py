@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.config import Config, ModelConfig
-from dsv3.generation import generate
+from dsv3.generation import generate, generate_batch
 from dsv3.model import Transformer, apply_rope
 
 TOL = 1e-5
@@ -201,3 +201,19 @@ def test_decode_step_operator_count(batch):
     if batch == 1:
         assert counter.ops["aten.index_select"] == 0
     assert cache[0].length == 10
+
+
+def test_hooked_modules_keep_the_plain_path():
+    """A linear layer with a forward pre-hook (ZeRO stage 3 gathers parameters that way) is
+    called, not bypassed by the eager path's derived weights, and greedy ids stay the same."""
+    model = random_model(tiny(), seed=3)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    want = [r.ids for r in generate_batch(model, prompts, 6, temperature=0)]
+    called = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(lambda m, inp, _n=name: called.add(_n))
+    assert [r.ids for r in generate_batch(model, prompts, 6, temperature=0)] == want
+    # kv_b_proj is never called on the cache path: its weight is split for the absorbed form
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "kv_b_proj" not in n}
+    assert called == linears
