@@ -30,6 +30,7 @@ for bit.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -79,6 +80,15 @@ def set_layout_free_state(
     zero3: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in named.items():
         entry = state.get(name)
+        if entry is not None and ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each, below
+            shape = tuple(ds_internals.full_shape(p))
+            if _entry_shape(entry) != shape:
+                raise DsvError(
+                    f"the checkpoint has no optimizer state for {name} with shape {shape}; "
+                    "resume with the layout it was saved with"
+                )
+            zero3[name] = entry  # read tensor by tensor (LazyEntry): never the whole state at once
+            continue
         if entry is not None:
             entry = {k: _local_experts(model, name, v) for k, v in entry.items()}
         shape = tuple(ds_internals.full_shape(p))
@@ -87,9 +97,6 @@ def set_layout_free_state(
                 f"the checkpoint has no optimizer state for {name} with shape {shape}; "
                 "resume with the layout it was saved with"
             )
-        if ds_internals.is_zero3_param(p):  # ZeRO-3: this rank's partition of each, below
-            zero3[name] = entry
-            continue
         p.data.copy_(entry["fp32"].to(p.device, p.dtype))
         if ds_internals.has_flat_partition(p):
             safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
@@ -108,6 +115,49 @@ def set_layout_free_state(
     for st in optimizer.state.values():  # ZeRO's flat partitions
         if "step" in st:
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+
+
+class LazyEntry(Mapping):
+    """One parameter's fields in ``layout_free.safetensors`` (``"fp32"``, ``"exp_avg"``,
+    ``"exp_avg_sq"``), each read from the open file when accessed and not kept, so that a
+    resume holds one tensor at a time instead of the whole optimizer state (16 bytes per
+    parameter: more than the memory of a machine that trains with nvme offload).
+
+    Args:
+        handle: an open ``safetensors.safe_open`` of the file.
+        name: the parameter's plain name.
+        keys: the fields the file has for it.
+        rows: with expert parallelism, this rank's rows of the stacked experts; else None.
+    """
+
+    def __init__(self, handle, name: str, keys: list[str], rows: slice | None = None):
+        self.handle, self.name, self.keys_, self.rows = handle, name, list(keys), rows
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        full = f"{self.name}/{key}"
+        return self.handle.get_slice(full)[self.rows] if self.rows else self.handle.get_tensor(full)
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys_
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the ``"fp32"`` field as read (this rank's expert rows), without reading it."""
+        shape = list(self.handle.get_slice(f"{self.name}/fp32").get_shape())
+        if self.rows is not None:
+            shape[0] = len(range(*self.rows.indices(shape[0])))
+        return tuple(shape)
+
+
+def _entry_shape(entry) -> tuple[int, ...]:
+    return entry.shape() if isinstance(entry, LazyEntry) else tuple(entry["fp32"].shape)
 
 
 def _set_zero3_partitions(ds_optimizer, params: list, entries: dict[str, dict[str, torch.Tensor]], step: int) -> None:
@@ -144,7 +194,8 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     block gets only its rows of the stacked experts (``safe_open(...).get_slice``).
 
     Returns:
-        (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count)
+        (``{name: {"fp32", "exp_avg", "exp_avg_sq"}}``, Adam step count); from a
+        ``layout_free.safetensors`` file each entry is a :class:`LazyEntry` (read on access).
 
     Raises:
         DsvError: the checkpoint keeps its optimizer state in another form.
@@ -154,19 +205,15 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     folder = Path(folder)
     if (folder / LAYOUT_FREE).is_file():
         state = {}
-        with safe_open(str(folder / LAYOUT_FREE), framework="pt") as f:
-            keys = set(f.keys())
-            step = int(f.metadata()["step"])
-            for name, p in model.named_parameters():
-                if p.is_meta or f"{name}/fp32" not in keys:
-                    continue  # another stage's parameter; a missing one is reported by set_layout_free_state
-                m = ep_module(model, name)
-                rows = slice(m.first_expert, m.first_expert + m.num_local_experts) if m is not None else None
-                state[name] = {
-                    key: (f.get_slice(f"{name}/{key}")[rows] if rows else f.get_tensor(f"{name}/{key}"))
-                    for key in ("fp32",) + ADAM_KEYS
-                    if f"{name}/{key}" in keys
-                }
+        f = safe_open(str(folder / LAYOUT_FREE), framework="pt")  # open while the entries are read
+        keys = set(f.keys())
+        step = int(f.metadata()["step"])
+        for name, p in model.named_parameters():
+            if p.is_meta or f"{name}/fp32" not in keys:
+                continue  # another stage's parameter; a missing one is reported by set_layout_free_state
+            m = ep_module(model, name)
+            rows = slice(m.first_expert, m.first_expert + m.num_local_experts) if m is not None else None
+            state[name] = LazyEntry(f, name, [k for k in ("fp32",) + ADAM_KEYS if f"{name}/{k}" in keys], rows)
         return state, step
     if cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
         raise DsvError(
