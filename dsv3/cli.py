@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sub-group-size",
         type=float,
         default=None,
-        help="ZeRO-3 sub_group_size in elements, sizes the NVMe swap buffers (default DeepSpeed's 1e9)",
+        help="ZeRO-3 sub_group_size in elements, sizes the NVMe swap buffers "
+        "(default: the engine's, 1e8 with offload_optimizer nvme, else 1e9)",
     )
     p.add_argument(
         "--dispatch-dtype",

@@ -5,6 +5,7 @@ The DeepSpeed JSON is generated here from :class:`dsv3.config.Config` (one sourc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,61 @@ from torch import nn
 from dsv3.config import Config
 from dsv3.parallel import ds_internals
 
+# ZeRO settings of dsv3's runs (DeepSpeed 0.19.8 names; where dsv3 keeps DeepSpeed's default the
+# value is that default, written into the config all the same). dsv3.plan sizes its terms by them.
+SUB_GROUP_SIZE = int(1e9)  # ZeRO-3 sub_group_size (elements per optimizer sub-group), DeepSpeed's default
+NVME_SUB_GROUP_SIZE = int(1e8)  # ... with offload_optimizer nvme: 16 bytes x 1e8 = 1.6 GB in memory at a time
+REDUCE_BUCKET_SIZE = int(5e8)  # reduce_bucket_size (elements)
+ALLGATHER_BUCKET_SIZE = int(5e8)  # allgather_bucket_size (elements, ZeRO-1/2)
+PREFETCH_BUCKET_SIZE = int(5e7)  # stage3_prefetch_bucket_size (elements)
+MAX_LIVE_PARAMETERS = int(1e9)  # stage3_max_live_parameters (gathered elements)
+PARAM_PERSISTENCE_THRESHOLD = 0  # stage3_param_persistence_threshold: every parameter is partitioned
+OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer buffer_count (nvme), DeepSpeed's default
+PARAM_SWAP_BUFFERS = 5  # offload_param buffer_count (nvme)
+PARAM_SWAP_BUFFER_SIZE = int(1e8)  # offload_param buffer_size (elements), at least the largest parameter
+PARAMS_KEPT_IN_HOST = int(1e9)  # offload_param max_in_cpu (elements), DeepSpeed's default
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The ZeRO settings a run uses (elements unless noted; see the constants above).
+
+    Attributes:
+        sub_group_size: ZeRO-3's optimizer sub-group size.
+        reduce_bucket_size, allgather_bucket_size, prefetch_bucket_size: bucket sizes.
+        max_live_parameters: ZeRO-3's limit of gathered parameter elements.
+        param_persistence_threshold: ZeRO-3 keeps parameters below it whole on every rank.
+        optimizer_swap_buffers: fp32 sub-group swap buffers (``offload_optimizer: nvme``).
+        param_swap_buffers, param_swap_buffer_size: parameter swap buffers (``offload_param: nvme``).
+        params_kept_in_host: ``max_in_cpu``, parameter elements kept in host memory under nvme.
+    """
+
+    sub_group_size: int = SUB_GROUP_SIZE
+    reduce_bucket_size: int = REDUCE_BUCKET_SIZE
+    allgather_bucket_size: int = ALLGATHER_BUCKET_SIZE
+    prefetch_bucket_size: int = PREFETCH_BUCKET_SIZE
+    max_live_parameters: int = MAX_LIVE_PARAMETERS
+    param_persistence_threshold: int = PARAM_PERSISTENCE_THRESHOLD
+    optimizer_swap_buffers: int = OPTIMIZER_SWAP_BUFFERS
+    param_swap_buffers: int = PARAM_SWAP_BUFFERS
+    param_swap_buffer_size: int = PARAM_SWAP_BUFFER_SIZE
+    params_kept_in_host: int = PARAMS_KEPT_IN_HOST
+
+
+def zero_settings(offload_optimizer: str = "none", largest_param: int = 0) -> ZeroSettings:
+    """The ZeRO settings :func:`deepspeed_config` writes for a run with ``offload_optimizer``
+    (``"none"``, ``"cpu"`` or ``"nvme"``) whose largest parameter has ``largest_param`` elements.
+
+    With ``offload_optimizer: nvme`` the update runs over sub-groups of
+    :data:`NVME_SUB_GROUP_SIZE` (fp32 weights, gradients and both moments of one sub-group in
+    memory at a time), else DeepSpeed's 1e9; a parameter swap buffer holds the largest
+    parameter whole (DeepSpeed swaps a parameter through one buffer).
+    """
+    return ZeroSettings(
+        sub_group_size=NVME_SUB_GROUP_SIZE if offload_optimizer == "nvme" else SUB_GROUP_SIZE,
+        param_swap_buffer_size=max(PARAM_SWAP_BUFFER_SIZE, int(largest_param)),
+    )
+
 
 def deepspeed_config(cfg: Config, dp_size: int, largest_param: int = 0) -> dict[str, Any]:
     """DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks.
@@ -23,27 +79,39 @@ def deepspeed_config(cfg: Config, dp_size: int, largest_param: int = 0) -> dict[
     Gradient clipping is DeepSpeed's (global norm over all parameters). bf16 keeps fp32
     master weights in the optimizer.
 
+    The ZeRO section carries :func:`zero_settings` (bucket sizes; at ZeRO-3 the sub-group
+    size, prefetch bucket, live-parameter limit and no persistence threshold: each rank holds
+    1/dp of every parameter, however small).
     ``parallel.offload_optimizer`` / ``parallel.offload_param`` become ZeRO's
     ``offload_optimizer`` / ``offload_param`` sections (``nvme_path`` = ``parallel.offload_dir``)
     and, with nvme, an ``aio`` section (DeepSpeed's defaults for the asynchronous I/O op).
-    ZeRO-3 partitions every parameter (no persistence threshold for small ones).
     ``largest_param`` (elements of the largest parameter) sizes the swap buffers of
-    ``offload_param: nvme``: DeepSpeed swaps a parameter whole through one buffer. With
-    ``offload_optimizer: nvme`` the update runs over sub-groups of 1e8 elements (fp32 weights,
-    gradients and both moments of one sub-group, 1.6 GB, in memory at a time).
+    ``offload_param: nvme``.
     """
     p = cfg.parallel
+    z = zero_settings(p.offload_optimizer, largest_param)
     zero: dict[str, Any] = {"stage": p.zero_stage}
-    if p.zero_stage == 3:  # partition every parameter, however small: each rank holds 1/dp of each
-        zero["stage3_param_persistence_threshold"] = 0
+    if p.zero_stage >= 1:
+        zero.update(reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size)
+    if p.zero_stage == 3:
+        zero.update(
+            sub_group_size=z.sub_group_size,
+            stage3_prefetch_bucket_size=z.prefetch_bucket_size,
+            stage3_max_live_parameters=z.max_live_parameters,
+            stage3_param_persistence_threshold=z.param_persistence_threshold,
+        )
     if p.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload_section(p.offload_optimizer, p.offload_dir)
-    if p.offload_optimizer == "nvme":  # the update swaps in one sub-group at a time: 16 bytes per element
-        zero["sub_group_size"] = int(1e8)
+        if p.offload_optimizer == "nvme":
+            zero["offload_optimizer"]["buffer_count"] = z.optimizer_swap_buffers
     if p.offload_param != "none":
         zero["offload_param"] = _offload_section(p.offload_param, p.offload_dir)
         if p.offload_param == "nvme":
-            zero["offload_param"].update(buffer_count=5, buffer_size=max(int(1e8), int(largest_param)))
+            zero["offload_param"].update(
+                buffer_count=z.param_swap_buffers,
+                buffer_size=z.param_swap_buffer_size,
+                max_in_cpu=z.params_kept_in_host,
+            )
     out = {
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
         "gradient_accumulation_steps": p.grad_accum,

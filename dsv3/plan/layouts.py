@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, flops_per_token
-from dsv3.parallel.engine import param_groups
+from dsv3.parallel.engine import param_groups, zero_settings
 from dsv3.plan.costs import (
     DTYPE_BYTES,
     GIB,
@@ -28,7 +28,6 @@ from dsv3.plan.costs import (
 from dsv3.plan.offload import (
     DEVICE_FLOPS_PER_S,
     PROCESS_BASELINE_BYTES,
-    SUB_GROUP_ELEMENTS,
     Placement,
     check_offload,
     cpu_init_peak,
@@ -263,7 +262,7 @@ def plan_layout(
     gpus_per_node: int | None = None,
     cpu: bool = False,
     baseline: float = PROCESS_BASELINE_BYTES,
-    sub_group_size: float = SUB_GROUP_ELEMENTS,
+    sub_group_size: float | None = None,
     dp_rank: int | None = None,
 ) -> StagePlan:
     """Memory of every pipeline stage of ``layout``; returns the stage with the largest total.
@@ -286,7 +285,8 @@ def plan_layout(
         gpus_per_node: ranks per node (default ``min(gpus, 8)``).
         cpu: a CPU run (every rank a process on the host; device terms are host memory).
         baseline: resident bytes of a process before model states.
-        sub_group_size: ZeRO-3's ``sub_group_size`` in elements (sizes the NVMe swap buffers).
+        sub_group_size: ZeRO-3's ``sub_group_size`` in elements (sizes the NVMe swap buffers);
+            None: the engine's for the layout (:func:`dsv3.parallel.engine.zero_settings`).
         dp_rank: the data-parallel rank within the stage whose ZeRO partitions to count;
             None = the largest share over the ranks.
 
@@ -315,6 +315,9 @@ def plan_layout(
     d_b = DTYPE_BYTES[dispatch or precision]
     c_b = DTYPE_BYTES[combine or precision]
     tokens = L.micro_batch_size * cfg.data.seq_len
+    if sub_group_size is None:
+        sub_group_size = zero_settings(L.offload_optimizer).sub_group_size
+    largest_param = max((n for _, n, _ in parts.tensors), default=0)
     sub_group = largest_sub_group(parts.groups, dp, sub_group_size) if L.zero_stage >= 3 and parts.groups else None
     stages, worst, worst_s, worst_place, worst_key, worst_shard, worst_params = [], None, 0, None, -1.0, 0.0, 0.0
     most_moe = 0
@@ -362,7 +365,7 @@ def plan_layout(
         shard = other / dp + expert / L.ep / (dp // L.ep)
         place = place_states(
             mem, shard, other + expert / L.ep, max(sizes), L.zero_stage, precision, L.micro_batches,
-            L.offload_optimizer, L.offload_param, cpu, sub_group_size, sub_group,
+            L.offload_optimizer, L.offload_param, cpu, sub_group_size, sub_group, largest_param,
         )  # fmt: skip
         params = other + expert / L.ep
         steady = sum(cpu_resident(place, baseline).values())
@@ -467,7 +470,7 @@ def propose(
     gpus_per_node: int | None = None,
     cpu: bool = False,
     baseline: float = PROCESS_BASELINE_BYTES,
-    sub_group_size: float = SUB_GROUP_ELEMENTS,
+    sub_group_size: float | None = None,
 ) -> tuple[list[StagePlan], StagePlan | None]:
     """Search :func:`candidate_layouts`; return the fitting ones ranked, and the smallest.
 

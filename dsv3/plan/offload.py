@@ -10,7 +10,8 @@ fp32 gradients of the rank's partition on the host and runs Adam there; ZeRO-Inf
 Learning", §4-6) also moves them, and the bf16 parameters, to NVMe through pinned host
 buffers. The exact host buffers below are those DeepSpeed 0.19.8 allocates
 (``runtime/zero/stage_1_and_2.py``, ``runtime/zero/stage3.py``, ``runtime/swap_tensor/``)
-under its defaults, which dsv3 does not change:
+under the ZeRO settings dsv3's engine configures (:func:`dsv3.parallel.engine.zero_settings`,
+the same values the generated DeepSpeed config carries):
 
 - ZeRO-1/2 with ``offload_optimizer=cpu`` (host, per rank, ``P`` = parameters of the rank's
   optimizer partition, ``a`` = bytes of a parameter, 2 under bf16, 4 under fp32): the fp32
@@ -24,12 +25,13 @@ under its defaults, which dsv3 does not change:
   partition, moments and fp32 gradients go to disk (``16P``) and the host keeps the flat
   gradient partition ``aP``, one fp32 gradient buffer of the largest sub-group ``4S`` and
   ``buffer_count`` (4) fp32 swap buffers of it ``16S`` (:func:`largest_sub_group`: sub-groups
-  are cut from the optimizer's parameter groups once they reach ``sub_group_size``, 1e9
-  elements).
+  are cut from the optimizer's parameter groups once they reach ``sub_group_size``, which the
+  engine sets to 1e8 elements under nvme optimizer offload, else DeepSpeed's 1e9).
 - ZeRO-3 with ``offload_param=cpu``: the parameter partition ``aP`` moves from the device to
   the host; with ``nvme`` its files take ``aP`` on disk, the host keeps up to ``max_in_cpu``
-  (1e9) elements of it plus ``buffer_count`` x ``buffer_size`` (5 x 1e8 elements) swap
-  buffers, and a swap buffer of the largest sub-group when some sub-group is not kept.
+  (1e9) elements of it plus ``buffer_count`` x ``buffer_size`` swap buffers (5 x the larger
+  of 1e8 elements and the largest parameter), and a swap buffer of the largest sub-group when
+  some sub-group is not kept.
 - ZeRO-3 on the device, besides :func:`static_bytes`' partitions: the gathered parameters
   (gathering allocates new full tensors, also on one rank) and the gradient reduce bucket
   (``reduce_bucket_size``, 5e8 elements in the parameter dtype; on a CPU run only the part that
@@ -62,18 +64,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsv3.errors import DsvError
+from dsv3.parallel.engine import PARAMS_KEPT_IN_HOST, SUB_GROUP_SIZE, ZeroSettings, zero_settings
 from dsv3.plan.costs import DTYPE_BYTES, GIB, MemoryPlan
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-# DeepSpeed 0.19.8 defaults (runtime/zero/config.py, runtime/zero/offload_config.py)
-REDUCE_BUCKET_ELEMENTS = 5e8
-PREFETCH_BUCKET_ELEMENTS = 5e7
-MAX_LIVE_PARAMETERS = 1e9
-SUB_GROUP_ELEMENTS = 1e9
-OPTIMIZER_SWAP_BUFFERS = 4
-PARAM_SWAP_BUFFERS = 5
-PARAM_SWAP_BUFFER_ELEMENTS = 1e8
-PARAMS_KEPT_IN_HOST = 1e9
 # Resident memory of one training process before any model state: measured on the CPU host
 # (x86-64, torch 2.x, DeepSpeed 0.19.8) as the VmHWM of a process that imported torch,
 # deepspeed and dsv3's trainer (0.34 GiB) and loaded DeepSpeed's CPU Adam extension
@@ -140,8 +134,9 @@ def place_states(
     offload_optimizer: str = "none",
     offload_param: str = "none",
     cpu: bool = False,
-    sub_group_size: float = SUB_GROUP_ELEMENTS,
+    sub_group_size: float | None = None,
     sub_group: float | None = None,
+    largest_param: float = 0,
 ) -> Placement:
     """Split one rank's memory (``mem``, from :func:`static_bytes` plus activations) into device,
     host and disk terms under the offload options (the accounting is in the module docstring).
@@ -155,10 +150,13 @@ def place_states(
         offload_optimizer, offload_param: ``"none"``, ``"cpu"`` or ``"nvme"`` (checked by
             :func:`check_offload` beforehand).
         cpu: a CPU run (device = host): count only the written part of the reduce bucket.
-        sub_group_size: ZeRO-3's ``sub_group_size`` (elements; DeepSpeed's default 1e9): the
-            NVMe swap buffers are sized by the largest sub-group.
+        sub_group_size: ZeRO-3's ``sub_group_size`` (elements): the NVMe swap buffers are
+            sized by the largest sub-group; None: the engine's for ``offload_optimizer``
+            (:func:`dsv3.parallel.engine.zero_settings`: 1e8 under nvme, else 1e9).
         sub_group: the largest ZeRO-3 sub-group's elements on this rank
             (:func:`largest_sub_group`); None: ``min(P, sub_group_size)``.
+        largest_param: elements of the largest parameter (the engine sizes the parameter swap
+            buffers of ``offload_param: nvme`` to hold it); 0: unknown (buffers of 1e8).
 
     Returns:
         :class:`Placement` in bytes; ``device`` keeps the names ``weights``, ``gradients``,
@@ -166,6 +164,9 @@ def place_states(
     """
     a = DTYPE_BYTES[precision]
     P = shard
+    z: ZeroSettings = zero_settings(offload_optimizer, int(largest_param))
+    if sub_group_size is None:
+        sub_group_size = z.sub_group_size
     device = {
         "weights": mem.weights,
         "gradients": mem.grads,
@@ -176,9 +177,9 @@ def place_states(
     host: dict[str, float] = {}
     disk: dict[str, float] = {}
     if zero_stage >= 3:
-        gathered = min(stage_params, max(MAX_LIVE_PARAMETERS, largest_block + PREFETCH_BUCKET_ELEMENTS))
+        gathered = min(stage_params, max(z.max_live_parameters, largest_block + z.prefetch_bucket_size))
         device["gathered parameters"] = a * gathered
-        bucket = min(REDUCE_BUCKET_ELEMENTS, stage_params) if cpu else REDUCE_BUCKET_ELEMENTS
+        bucket = min(z.reduce_bucket_size, stage_params) if cpu else z.reduce_bucket_size
         device["reduce bucket"] = a * bucket
         if precision == "fp32" and offload_optimizer == "none":
             # DeepSpeed's ZeRO-3 updates fp32 parameter partitions in place (no separate master copy)
@@ -205,17 +206,17 @@ def place_states(
                 disk["fp32 gradients"] = 4 * P
                 disk["Adam moments"] = 8 * P
                 host["fp32 gradient buffer"] = 4 * S
-                host["optimizer swap buffers"] = OPTIMIZER_SWAP_BUFFERS * 4 * S
-                host["fp32 gradient copies"] = 4 * min(P, REDUCE_BUCKET_ELEMENTS)
+                host["optimizer swap buffers"] = z.optimizer_swap_buffers * 4 * S
+                host["fp32 gradient copies"] = 4 * min(P, z.reduce_bucket_size)
     if offload_param != "none":
         device["weights"] = 0.0
         if offload_param == "cpu":
             host["parameter partition"] = a * P
         else:
             disk["parameter partition"] = a * P
-            host["parameter partition"] = a * min(P, PARAMS_KEPT_IN_HOST)
-            host["parameter swap buffers"] = a * PARAM_SWAP_BUFFERS * PARAM_SWAP_BUFFER_ELEMENTS
-            if P > PARAMS_KEPT_IN_HOST:
+            host["parameter partition"] = a * min(P, z.params_kept_in_host)
+            host["parameter swap buffers"] = a * z.param_swap_buffers * z.param_swap_buffer_size
+            if P > z.params_kept_in_host:
                 host["parameter swap-out buffer"] = a * min(P, sub_group_size)
     return Placement(
         device={k: v for k, v in device.items() if v or k in ("weights", "gradients", "optimizer", "activations")},
@@ -224,7 +225,7 @@ def place_states(
     )
 
 
-def largest_sub_group(groups: list[list[int]], dp: int, sub_group_size: float = SUB_GROUP_ELEMENTS) -> int:
+def largest_sub_group(groups: list[list[int]], dp: int, sub_group_size: float = SUB_GROUP_SIZE) -> int:
     """Elements of the largest ZeRO-3 sub-group on one rank, as DeepSpeed 0.19.8 forms them
     (``DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups``): each optimizer parameter group
     whose partition exceeds ``sub_group_size`` is cut, in parameter order, after the parameter

@@ -13,7 +13,7 @@ from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters, flops_per_token
 from dsv3.plan.costs import DTYPE_BYTES, GB, GIB, activation_bytes_per_token, split_counts
 from dsv3.plan.layouts import Layout, ModelParts, StagePlan, plan_layout, propose, relative_step_time
-from dsv3.plan.offload import PROCESS_BASELINE_BYTES, SUB_GROUP_ELEMENTS
+from dsv3.plan.offload import PROCESS_BASELINE_BYTES
 from dsv3.training.schedule import schedule_table
 
 
@@ -211,8 +211,9 @@ def plan(
         host_memory_gib, disk_gib: limits per node that fitting layouts respect (None: none).
         gpus_per_node: ranks per node (default ``min(gpus, 8)``).
         baseline: resident bytes of one process before model states.
-        sub_group_size: ZeRO-3's ``sub_group_size`` (elements); None: ``parallel.sub_group_size``
-            when the config has it, else DeepSpeed's default (1e9).
+        sub_group_size: ZeRO-3's ``sub_group_size`` (elements), overriding the engine's; None:
+            what the engine configures for each layout (:func:`dsv3.parallel.engine.zero_settings`:
+            1e8 under nvme optimizer offload, else DeepSpeed's 1e9).
 
     Raises:
         DsvError: bad GPU count or memory, a configured layout that does not divide the GPUs
@@ -266,9 +267,7 @@ def plan(
         getattr(p, "offload_optimizer", "none"),
         getattr(p, "offload_param", "none"),
     )
-    if sub_group_size is None:
-        sub_group_size = getattr(p, "sub_group_size", SUB_GROUP_ELEMENTS)
-    if sub_group_size <= 0:
+    if sub_group_size is not None and sub_group_size <= 0:
         raise DsvError(f"--sub-group-size {sub_group_size:g} must be positive")
     limited = (gpu_memory_gib is not None and not cpu) or host_memory_gib is not None or disk_gib is not None
     limits = _limits(gpu_memory_gib, host_memory_gib, disk_gib, cpu)

@@ -10,6 +10,7 @@ from dsv3.cli import main
 from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
+from dsv3.parallel.engine import deepspeed_config, zero_settings
 from dsv3.plan import (
     GIB,
     PROCESS_BASELINE_BYTES,
@@ -116,6 +117,8 @@ def test_zero_3_bytes_by_hand():
         "optimizer swap buffers": 16000,
         "fp32 gradient copies": 4000,
     }
+    # the engine's sub-groups under nvme optimizer offload are 1e8 elements (P is smaller: one sub-group)
+    assert _place(3, "nvme", sub_group_size=None).host == pl.host
     small = _place(3, "nvme", sub_group_size=100)  # sub-groups of 100 elements: buffers of 100
     assert small.host["fp32 gradient buffer"] == 400 and small.host["optimizer swap buffers"] == 1600
     assert _place(3, "nvme", sub_group=150).host["optimizer swap buffers"] == 16 * 150  # as DeepSpeed cut it
@@ -128,6 +131,9 @@ def test_zero_3_bytes_by_hand():
     assert pl.disk_total == 16 * P + 2 * P
     assert pl.host["parameter partition"] == 2000 and pl.host["parameter swap buffers"] == 2 * 5 * 1e8
     assert pl.host_total == (2 + 4 + 16 + 4 + 2) * P + 1e9
+    # a parameter larger than 1e8 elements: the engine sizes each of the 5 swap buffers to hold it
+    big = _place(3, "nvme", "nvme", largest_param=3e8)
+    assert big.host["parameter swap buffers"] == 2 * 5 * 3e8
     pl = _place(3, "none", "nvme")
     assert pl.device["weights"] == 0 and pl.device["gradients"] == 2000 and pl.device["optimizer"] == 12000
     assert pl.disk == {"parameter partition": 2000}
@@ -237,8 +243,11 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
     fitting, _ = propose(cfg, parts, 1, 80, host_memory_gib=64)
     best = fitting[0]
     assert best.layout.offload_optimizer == "nvme"
-    S = largest_sub_group(parts.groups, 1)  # the first ~1e9 elements of the decaying matrices
-    assert 1e9 <= S < 1e9 + 2048 * 64 * 1408 * 3  # DeepSpeed closes a sub-group after reaching 1e9
+    # the engine runs nvme optimizer offload with sub-groups of 1e8: the largest is the first ~1e8
+    # elements of the decaying matrices (DeepSpeed closes a sub-group after the parameter reaching 1e8)
+    S = largest_sub_group(parts.groups, 1, 1e8)
+    assert 1e8 <= S < 1e8 + max(n for _, n, _ in parts.tensors)
+    assert S == largest_sub_group([[n for _, n, d in parts.tensors if d >= 2]], 1, 1e8)
     # the host: bf16 gradients, 4S + 16S fp32 gradient and swap buffers, fp32 copies of one 5e8 bucket
     assert best.host_per_node == 2 * LITE_PARAMS + 20 * S + 4 * 5e8 + PROCESS_BASELINE_BYTES
     assert best.disk_per_node == 16 * LITE_PARAMS
@@ -311,3 +320,29 @@ def test_cli_cpu_plan(capsys):
     assert "(2 processes per node)" in out
     assert main(["plan", "--config", tiny, "--cpu", "--gpus", "2", "--gpus-per-node", "1"] + TINY) == 0
     assert "(1 process per node)" in capsys.readouterr().out
+
+
+def test_plan_uses_the_settings_the_engine_writes():
+    cfg = load_config(
+        None, TINY + ["parallel.zero_stage=3", "parallel.offload_optimizer=nvme", "parallel.offload_dir=/tmp"]
+    )
+    cfg.parallel.offload_param = "nvme"
+    zero = deepspeed_config(cfg, 1, largest_param=3e8)["zero_optimization"]
+    assert zero["sub_group_size"] == 1e8 and zero["stage3_param_persistence_threshold"] == 0
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"]) == (
+        5e8,
+        5e7,
+        1e9,
+    )
+    assert zero["offload_optimizer"]["buffer_count"] == 4
+    assert (zero["offload_param"]["buffer_count"], zero["offload_param"]["buffer_size"]) == (5, 3e8)
+    assert zero["offload_param"]["max_in_cpu"] == 1e9
+    z = zero_settings("nvme", 3e8)
+    assert (z.sub_group_size, z.param_swap_buffers, z.param_swap_buffer_size) == (1e8, 5, 3e8)
+    assert zero_settings("cpu").sub_group_size == zero_settings("none").sub_group_size == 1e9
+    assert zero_settings("none", 10).param_swap_buffer_size == 1e8
+    cfg.parallel.offload_optimizer = "cpu"
+    assert deepspeed_config(cfg, 1)["zero_optimization"]["sub_group_size"] == 1e9
+    cfg.parallel.zero_stage = 0
+    cfg.parallel.offload_optimizer = cfg.parallel.offload_param = "none"
+    assert deepspeed_config(cfg, 1)["zero_optimization"] == {"stage": 0}
