@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SPEC[;SPEC...]",
         help="memory: layouts to measure, separated by ';' (or the option repeated), each procs=N,KEY=VALUE,... "
-        "(e.g. 'procs=1,zero=0;procs=2,ep=2,zero=1,precision=bf16')",
+        "(e.g. 'procs=1,zero=0;procs=2,ep=2,zero=1,precision=bf16'); 'default' and 'offload' name the built-in lists",
     )
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")

@@ -91,6 +91,17 @@ DEFAULT_LAYOUTS = (
     "procs=2,pp=2,zero=1,precision=bf16",
     "procs=2,pp=2,zero=0,precision=fp32",
 )
+#: ZeRO-3 and ZeRO-Offload / ZeRO-Infinity layouts (one process; NVMe swap files in a temporary
+#: folder), measured with ``--layouts offload``: kept out of the default list, whose run they
+#: would lengthen by several minutes on the 0.54B bench model
+OFFLOAD_LAYOUTS = (
+    "procs=1,zero=3,precision=bf16",
+    "procs=1,zero=2,precision=bf16,offload_optimizer=cpu",
+    "procs=1,zero=3,precision=bf16,offload_optimizer=cpu",
+    "procs=1,zero=3,precision=bf16,offload_optimizer=nvme,offload_param=nvme",
+)
+#: names that stand for a list of layouts in ``--layouts``
+LAYOUT_LISTS = {"default": DEFAULT_LAYOUTS, "offload": OFFLOAD_LAYOUTS}
 
 
 def parse_layout(spec: str) -> MemoryLayout:
@@ -160,35 +171,87 @@ def run_layout(
         return [json.loads(f.read_text()) for f in files], None
 
 
+#: ``dsv3 plan``'s per-rank resident terms (device and host, :func:`dsv3.plan.offload.place_states`)
+#: by the part of :func:`dsv3.parallel.memory.held_bytes` that measures them; terms not listed
+#: (activations, all-to-all buffers, the reduce bucket, the gathered parameters, the fp32
+#: gradient copies of the last micro-batch, NVMe offload's fp32 gradient buffer of start-up)
+#: are not alive as tensors at the measurement, or are reported apart (``buckets``, ``gathered``)
+PLAN_PARTS = {
+    "weights": ("weights", "parameter partition", "weight copy-back buffer"),
+    "gradients": (
+        "gradients",
+        "gradient partition",
+        "fp32 gradients",
+        "gradient accumulation",
+        "gradient staging buffers",
+    ),
+    "optimizer": ("optimizer", "fp32 master weights", "Adam moments"),
+    "swap": ("optimizer swap buffers", "parameter swap buffers", "parameter swap-out buffer"),
+}
+
+
 def planned_ranks(cfg, processes: int) -> list[dict]:
-    """``dsv3 plan``'s prediction for each rank of ``processes`` (its pipeline stage's plan)."""
+    """``dsv3 plan``'s prediction for each rank of ``processes`` (its pipeline stage's plan):
+    weights, gradients, optimizer state and swap buffers resident in the process, the device
+    and host terms of the plan summed per part (:data:`PLAN_PARTS`), and ``disk_bytes``
+    (the swap files)."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     p = cfg.parallel
-    layout = Layout(processes, p.pp, p.ep, p.zero_stage, p.micro_batch_size, p.grad_accum, p.activation_checkpointing)
+    layout = Layout(
+        processes,
+        p.pp,
+        p.ep,
+        p.zero_stage,
+        p.micro_batch_size,
+        p.grad_accum,
+        p.activation_checkpointing,
+        p.offload_optimizer,
+        p.offload_param,
+    )
     parts = ModelParts.of(model)
     out = []
     for rank in range(processes):
         # DeepSpeed's pipeline topology: rank = stage * dp + data-parallel rank
-        mem = plan_layout(cfg, parts, layout, dp_rank=rank % (processes // p.pp)).stages[
-            stage_of_rank(rank, processes, p.pp)
-        ]
-        out.append(
-            {
-                "weights_bytes": int(mem.weights),
-                "gradients_bytes": int(mem.grads),
-                "optimizer_bytes": int(mem.optimizer),
-                "static_bytes": int(mem.static),
-                "activations_bytes": int(mem.activations),
-                "a2a_buffers_bytes": int(mem.a2a_buffers),
-            }
-        )
+        stage = stage_of_rank(rank, processes, p.pp)
+        sp = plan_layout(cfg, parts, layout, cpu=True, dp_rank=rank % (processes // p.pp))
+        mem = sp.stages[stage]
+        planned = {
+            "weights_bytes": int(mem.weights),
+            "gradients_bytes": int(mem.grads),
+            "optimizer_bytes": int(mem.optimizer),
+            "swap_bytes": 0,
+            "disk_bytes": 0,
+            "static_bytes": int(mem.static),
+            "activations_bytes": int(mem.activations),
+            "a2a_buffers_bytes": int(mem.a2a_buffers),
+        }
+        if p.zero_stage == 3 or layout.offloads:  # pp = 1: the placement is this rank's stage
+            resident = {**sp.placement.device, **{k: v for k, v in sp.placement.host.items()}}
+            for k, v in sp.placement.host.items():
+                if k in sp.placement.device:
+                    resident[k] = sp.placement.device[k] + v
+            for part, terms in PLAN_PARTS.items():
+                planned[f"{part}_bytes"] = int(sum(resident.get(t, 0.0) for t in terms))
+            planned["static_bytes"] = sum(planned[f"{k}_bytes"] for k in (*STATES, "swap"))
+            planned["disk_bytes"] = int(sp.placement.disk_total)
+            planned["terms"] = {k: int(v) for k, v in sp.resident.items()}
+        out.append(planned)
     return out
 
 
 def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, steps: int) -> dict[str, Any]:
-    """Measure one layout and put the plan beside each rank (the ``layouts`` entry of the result)."""
+    """Measure one layout and put the plan beside each rank (the ``layouts`` entry of the result).
+
+    A layout with NVMe offload and no ``offload_dir`` swaps to a temporary folder (removed after)."""
     entry: dict[str, Any] = {"name": layout.name(), "processes": layout.processes, "overrides": layout.overrides}
+    nvme = any(o.endswith("=nvme") for o in layout.overrides if o.startswith("parallel.offload_"))
+    if nvme and layout.setting("parallel.offload_dir") is None:
+        with tempfile.TemporaryDirectory(prefix="dsv3-swap-") as swap:
+            inner = MemoryLayout(layout.processes, [*layout.overrides, f"parallel.offload_dir={swap}"])
+            entry = measure_layout(config, base, inner, steps)
+        entry.update(name=layout.name(), overrides=layout.overrides)
+        return entry
     try:
         cfg = load_config(config, [*base, *layout.overrides])
     except DsvError as err:
@@ -216,8 +279,9 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
     ranks = []
     for rec, plan in zip(records, plans):
         held = rec["held"]
-        measured = {f"{k}_bytes": held[f"{k}_bytes"] for k in STATES}
+        measured = {f"{k}_bytes": held[f"{k}_bytes"] for k in (*STATES, "swap", "gathered", "buckets")}
         measured.update(
+            disk_bytes=rec.get("disk_bytes", 0),
             peak_rss_bytes=rec["peak_rss_bytes"],
             buffers_bytes=held["buffers_bytes"],
             other_bytes=held["other_bytes"],
@@ -233,7 +297,11 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
             plan["static_bytes"] + plan["activations_bytes"] + plan["a2a_buffers_bytes"] + rec["baseline_rss_bytes"]
         )
         planned["rss_at_update_bytes"] = plan["static_bytes"] + rec["baseline_rss_bytes"]
-        ratio = {k: (measured[f"{k}_bytes"] / plan[f"{k}_bytes"] if plan[f"{k}_bytes"] else None) for k in STATES}
+        if "terms" in plan:  # ZeRO-3 / offload: every resident term of the plan, the measured baseline
+            resident = sum(v for k, v in plan["terms"].items() if k != "process baseline")
+            planned["peak_rss_bytes"] = resident + rec["baseline_rss_bytes"]
+        compared = _compared(plan)
+        ratio = {k: (measured[f"{k}_bytes"] / plan[f"{k}_bytes"] if plan[f"{k}_bytes"] else None) for k in compared}
         ratio["peak_rss"] = measured["peak_rss_bytes"] / planned["peak_rss_bytes"]
         ratio["rss_at_update"] = measured["rss_at_update_bytes"] / planned["rss_at_update_bytes"]
         ranks.append(
@@ -243,7 +311,7 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
                 "measured": measured,
                 "planned": planned,
                 "ratio": ratio,
-                "agree_5pct": all(r is not None and abs(r - 1) <= 0.05 for k, r in ratio.items() if k in STATES),
+                "agree_5pct": all(r is not None and abs(r - 1) <= 0.05 for k, r in ratio.items() if k in compared),
                 "seconds": rec["seconds"],
             }
         )
@@ -251,15 +319,24 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
     return entry
 
 
+def _compared(planned: dict) -> tuple[str, ...]:
+    """The parts a rank's measurement is checked against the plan for: weights, gradients,
+    optimizer, and the swap buffers where the plan has them (NVMe offload)."""
+    return (*STATES, "swap") if planned.get("swap_bytes") else STATES
+
+
 def bench_memory(
     config: str | None, overrides: list[str], layouts: list[str] | None = None, steps: int = 2, progress=print
 ) -> dict[str, Any]:
-    """Run every layout (default :data:`DEFAULT_LAYOUTS`) and collect the result (see the module docstring).
+    """Run every layout (default :data:`DEFAULT_LAYOUTS`; ``"default"`` and ``"offload"`` in
+    ``layouts`` stand for :data:`DEFAULT_LAYOUTS` and :data:`OFFLOAD_LAYOUTS`) and collect the
+    result (see the module docstring).
 
     Raises:
         DsvError: a malformed layout spec or config.
     """
-    specs = [parse_layout(s) for s in (layouts or DEFAULT_LAYOUTS)]
+    names = [x for s in (layouts or ["default"]) for x in LAYOUT_LISTS.get(s.strip(), [s])]
+    specs = [parse_layout(s) for s in names]
     cfg = load_config(config, overrides)
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -309,7 +386,10 @@ def _version(name: str) -> str | None:
 
 
 def _summary(entry: dict) -> str:
-    worst = max((abs(r - 1) for rk in entry["ranks"] for k, r in rk["ratio"].items() if k in STATES and r), default=0)
+    worst = max(
+        (abs(r - 1) for rk in entry["ranks"] for k, r in rk["ratio"].items() if k in (*STATES, "swap") and r),
+        default=0,
+    )
     return f"{len(entry['ranks'])} rank(s), largest deviation of plan and measurement {100 * worst:.2f}%"
 
 
@@ -331,7 +411,7 @@ def memory_table(result: dict[str, Any]) -> str:
             continue
         for r in e["ranks"]:
             m, p = r["measured"], r["planned"]
-            dev = max(abs(r["ratio"][k] - 1) for k in STATES if r["ratio"][k] is not None)
+            dev = max(abs(v - 1) for k, v in r["ratio"].items() if k in (*STATES, "swap") and v is not None)
             rows.append(
                 [
                     e["name"],
@@ -343,7 +423,7 @@ def memory_table(result: dict[str, Any]) -> str:
                 ]
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"machine: {result['device']}", f"{unit} measured / planned per rank"]
+    lines = [f"machine: {result.get('device') or result['machine'].get('cpu_model', 'unknown')}", f"{unit} measured / planned per rank"]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)

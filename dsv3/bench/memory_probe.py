@@ -76,6 +76,7 @@ def probe(config: str | None, overrides: list[str], out: Path, steps: int = 2) -
             engine = trainer.engine
             seen["held"] = held_bytes(engine.module, engine.optimizer, engine)
             seen["rss"] = rss_bytes()[0]
+            seen["disk"] = _swap_bytes(cfg)
             reset_peak_rss()
 
     trainer.before_update.append(measure)
@@ -96,12 +97,23 @@ def probe(config: str | None, overrides: list[str], out: Path, steps: int = 2) -
         "peak_rss_bytes": max(peaks.values()),
         "peak_rss_by_phase": peaks if phases else {},
         "held": seen["held"].to_dict(),
+        "disk_bytes": seen["disk"],
         "steps": steps,
         "seconds": time.perf_counter() - t0,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"rank{info.rank}.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _swap_bytes(cfg) -> int:
+    """Bytes of this rank's NVMe swap files (``<offload_dir>/zero_stage_3/*/rank<R>``), 0 without nvme."""
+    p = cfg.parallel
+    if "nvme" not in (p.offload_optimizer, p.offload_param):
+        return 0
+    rank = int(os.environ.get("RANK", "0"))
+    root = Path(p.offload_dir).expanduser().resolve() / "zero_stage_3"
+    return sum(f.stat().st_size for d in root.glob(f"*/rank{rank}") for f in d.rglob("*") if f.is_file())
 
 
 def _end_with_parent() -> None:

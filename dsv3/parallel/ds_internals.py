@@ -266,7 +266,13 @@ def is_tied_copy(p: torch.Tensor) -> bool:
 # ---------------------------------------------------------------- memory held by the engine
 #: attributes of DeepSpeed's optimizer wrappers (ZeRO-1/2 ``DeepSpeedZeroOptimizer``, the bf16
 #: ``BF16_Optimizer``, ``FP16_UnfusedOptimizer``) holding fp32 master weights (optimizer state)
-MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups", "fp32_groups_flat")
+MASTER_ATTRS = (
+    "single_partition_of_fp32_groups",
+    "fp32_groups_flat_partition",
+    "fp32_groups",
+    "fp32_groups_flat",
+    "fp32_partitioned_groups_flat",  # ZeRO-3 (its ``.grad``: the fp32 gradient partition)
+)
 #: attribute fragments naming the low-precision (or fp32) model weights and their flat buffers
 WEIGHT_FRAGMENTS = ("bit16", "bf16", "fp16")
 _WRAPPER_SKIP = ("module", "client_model_parameters", "param_names", "model_parameters")
@@ -277,6 +283,8 @@ def _walk(obj, path: str, seen: set[int], depth: int):
     attributes of DeepSpeed and ``torch.optim`` objects (modules are not entered)."""
     if isinstance(obj, torch.Tensor):
         yield path, obj
+        if obj.grad is not None:  # ZeRO's fp32 partitions carry their fp32 gradients as .grad
+            yield f"{path}.grad", obj.grad
         return
     if depth > 8 or id(obj) in seen or isinstance(obj, (nn.Module, str, bytes, int, float, bool, type(None))):
         return
@@ -293,14 +301,20 @@ def _walk(obj, path: str, seen: set[int], depth: int):
                 yield from _walk(v, f"{path}.{k}", seen, depth + 1)
 
 
-def part_of(attr: str) -> str:
-    """Which model state the DeepSpeed optimizer attribute ``attr`` holds: ``"optimizer"``
-    (fp32 master weights: :data:`MASTER_ATTRS`, and the torch optimizer inside, ``optimizer``:
-    its Adam moments), ``"gradients"`` (any name with ``grad``, the ``ipg_buckets`` reduction
-    buffers), ``"weights"`` (the bit16 / bf16 / fp16 groups and their flat buffers, which hold
-    the model's weights, fp32 too under fp32 ZeRO), else ``"other"``."""
+def part_of(attr: str, zero3: bool = False) -> str:
+    """Which model state the DeepSpeed optimizer attribute ``attr`` holds: ``"swap"`` (the
+    NVMe swappers' buffers), ``"optimizer"`` (fp32 master weights: :data:`MASTER_ATTRS`, and
+    the torch optimizer inside, ``optimizer``: its Adam moments), ``"buckets"`` (ZeRO-3's
+    ``ipg_buckets``, the reduce bucket allocated whole: ``reduce_bucket_size`` elements),
+    ``"gradients"`` (any name with ``grad``, ZeRO-1/2's ``ipg_buckets`` reduction buffers),
+    ``"weights"`` (the bit16 / bf16 / fp16 groups and their flat buffers, which hold the
+    model's weights, fp32 too under fp32 ZeRO), else ``"other"``."""
+    if "swapper" in attr:
+        return "swap"
     if attr in MASTER_ATTRS or attr == "optimizer":
         return "optimizer"
+    if zero3 and attr.startswith("ipg"):
+        return "buckets"
     if "grad" in attr or attr.startswith("ipg"):
         return "gradients"
     if any(f in attr for f in WEIGHT_FRAGMENTS):
@@ -315,23 +329,25 @@ def engine_tensors(engine, ds_optimizer):
     Walks the instance attributes (``vars``) of the optimizer wrapper, the torch optimizer
     inside it (``.optimizer``: ``state`` holds the Adam moments) and the engine, through lists,
     tuples and dicts, and classifies each by its first attribute with :func:`part_of`
-    (everything the engine holds directly is ``"other"``, e.g. pipeline buffers). A tensor can
-    come up several times (views of one flat buffer): the caller deduplicates by storage.
+    (everything the engine holds directly is ``"other"``, e.g. pipeline buffers). The ``.grad``
+    of a tensor met there (ZeRO's fp32 partitions) is ``"gradients"``. A tensor can come up
+    several times (views of one flat buffer): the caller deduplicates by storage.
     """
     seen: set[int] = set()
     if isinstance(ds_optimizer, torch.optim.Optimizer) and type(ds_optimizer).__module__.startswith(
         ("torch.optim", "dsv3")
     ):
         for path, t in _walk(ds_optimizer, "optimizer", seen, 0):
-            yield "optimizer", path, t
+            yield "gradients" if path.endswith(".grad") else "optimizer", path, t
     elif ds_optimizer is not None:
         seen.add(id(ds_optimizer))
+        zero3 = is_zero3_optimizer(ds_optimizer)
         for k, v in vars(ds_optimizer).items():
             if k in _WRAPPER_SKIP:
                 continue
-            part = part_of(k)
+            part = part_of(k, zero3)
             for path, t in _walk(v, k, seen, 1):
-                yield part, path, t
+                yield "gradients" if path.endswith(".grad") and part != "swap" else part, path, t
     if engine is not None:
         seen.add(id(engine))
         for k, v in vars(engine).items():
@@ -343,9 +359,36 @@ def engine_tensors(engine, ds_optimizer):
 
 def param_attr_tensors(p: torch.Tensor):
     """(attribute, tensor) of tensors DeepSpeed attaches to a parameter (e.g. ZeRO's
-    ``grad_accum``, the ``_hp_mapping`` fragments of the master partition)."""
+    ``grad_accum``, the ``_hp_mapping`` fragments of the master partition; ZeRO-3's
+    ``ds_tensor`` partition and its NVMe swapper are left to :func:`zero3_partition`)."""
     for k, v in vars(p).items():
+        if k in ("ds_tensor", "nvme_swapper"):
+            continue
         yield from _walk(v, k, set(), 1)
+
+
+def is_zero3_optimizer(ds_optimizer) -> bool:
+    """True for DeepSpeed's ZeRO-3 optimizer wrapper (``DeepSpeedZeroOptimizer_Stage3``)."""
+    return hasattr(ds_optimizer, "fp32_partitioned_groups_flat")
+
+
+def zero3_partition(p: torch.Tensor) -> torch.Tensor | None:
+    """This rank's partition of a ZeRO-3 parameter (``ds_tensor``: a view of the optimizer's
+    flat ``fp16_partitioned_groups_flat`` buffer, on the host under ``offload_param``), or
+    None for a parameter ZeRO-3 does not partition. Its storage is empty when the partition
+    is swapped out to NVMe."""
+    return getattr(p, "ds_tensor", None) if is_zero3_param(p) else None
+
+
+def param_swapper_tensors(module: nn.Module):
+    """(path, tensor) of the buffers of ZeRO-3's NVMe parameter swapper (``offload_param:
+    nvme``: ``buffer_count`` x ``buffer_size`` elements), shared by every parameter; found
+    through the first parameter that carries it."""
+    for p in module.parameters():
+        swapper = getattr(p, "nvme_swapper", None)
+        if swapper is not None:
+            yield from _walk(swapper, "param.nvme_swapper", set(), 1)
+            return
 
 
 def master_and_state_elements(ds_optimizer, p: torch.Tensor) -> list[torch.Tensor] | None:

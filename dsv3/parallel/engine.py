@@ -29,6 +29,8 @@ OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer buffer_count (nvme), DeepSpeed's
 PARAM_SWAP_BUFFERS = 5  # offload_param buffer_count (nvme)
 PARAM_SWAP_BUFFER_SIZE = int(1e8)  # offload_param buffer_size (elements), at least the largest parameter
 PARAMS_KEPT_IN_HOST = int(1e9)  # offload_param max_in_cpu (elements), DeepSpeed's default
+AIO_BLOCK_SIZE = 1048576  # aio block_size (bytes): DeepSpeed swaps only a sub-group of at least
+# max(1 MiB, block_size) fp32 bytes; a smaller one keeps its optimizer state in host memory
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def deepspeed_config(cfg: Config, dp_size: int, largest_param: int = 0) -> dict[
     }
     if "nvme" in (p.offload_optimizer, p.offload_param):
         out["aio"] = {
-            "block_size": 1048576,
+            "block_size": AIO_BLOCK_SIZE,
             "queue_depth": 8,
             "intra_op_parallelism": 1,
             "single_submit": False,

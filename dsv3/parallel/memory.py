@@ -7,13 +7,23 @@ and sums the bytes of every tensor storage once: the views of one flat buffer (Z
 parameters are views of ``bit16_groups_flat``) count as that buffer, padding included. A
 storage is counted in the first part it is met in, in this order:
 
-1. ``weights``: the module's parameters (the storage behind them: the flat buffer under ZeRO);
+1. ``weights``: the module's parameters (the storage behind them: the flat buffer under ZeRO;
+   under ZeRO-3 each parameter's partition ``ds_tensor``, a view of the flat
+   ``fp16_partitioned_groups_flat``, on the host under ``offload_param``), and ``gathered``:
+   ZeRO-3's whole parameters alive at the time (gathered for a forward or backward and not
+   yet released: ``param.data`` outside the partition; ``dsv3 plan``'s "gathered
+   parameters");
 2. ``buffers``: the module's buffers (rope tables, routing biases; not parameters);
 3. ``gradients``: each parameter's ``.grad``;
 4. the optimizer wrapper's attributes, each classified by
-   :func:`dsv3.parallel.ds_internals.part_of`: fp32 master weights and the torch optimizer's
-   state (Adam moments, step counters) are ``optimizer``; reduction buffers and gradient
-   partitions are ``gradients``; the bit16 groups are ``weights``;
+   :func:`dsv3.parallel.ds_internals.part_of`: fp32 master weights (ZeRO-3's
+   ``fp32_partitioned_groups_flat`` too, on the host under ``offload_optimizer``) and the
+   torch optimizer's state (Adam moments, step counters) are ``optimizer``; reduction
+   buffers, gradient partitions and the ``.grad`` of the fp32 partitions (offload's fp32
+   gradients) are ``gradients``; ZeRO-3's reduce bucket (``ipg_buckets``, allocated whole
+   with ``reduce_bucket_size`` elements, of which a CPU process makes resident only the part
+   it writes) is ``buckets``; the NVMe swappers' buffers (optimizer and parameters) are
+   ``swap``; the bit16 groups are ``weights``;
 5. tensors DeepSpeed attaches to parameters (``grad_accum`` -> ``gradients``, else ``other``);
 6. the engine's own tensors (pipeline buffers, ...): ``other``.
 
@@ -37,7 +47,7 @@ from torch import nn
 
 from dsv3.parallel import ds_internals
 
-PARTS = ("weights", "gradients", "optimizer", "buffers", "other")
+PARTS = ("weights", "gradients", "optimizer", "buffers", "gathered", "buckets", "swap", "other")
 
 
 @dataclass
@@ -45,7 +55,8 @@ class HeldBytes:
     """Bytes one rank holds, by part (see the module docstring), plus the routed experts' share.
 
     Attributes:
-        weights, gradients, optimizer, buffers, other: bytes of distinct storages.
+        weights, gradients, optimizer, buffers, gathered, buckets, swap, other: bytes of
+            distinct storages (see the module docstring).
         expert_weights: bytes of the routed-expert parameters (names with ``.experts.``).
         expert_optimizer: bytes of their optimizer state on this rank (fp32 master fragment and
             Adam moments in ZeRO's flat partitions, or the per-parameter state and master copy).
@@ -57,6 +68,9 @@ class HeldBytes:
     gradients: int = 0
     optimizer: int = 0
     buffers: int = 0
+    gathered: int = 0
+    buckets: int = 0
+    swap: int = 0
     other: int = 0
     expert_weights: int = 0
     expert_optimizer: int = 0
@@ -114,7 +128,15 @@ def held_bytes(module: nn.Module, optimizer=None, engine=None) -> HeldBytes:
     c = _Counter()
     named = [(n, p) for n, p in module.named_parameters() if not p.is_meta]
     for n, p in named:
-        c.add("weights", "parameters", p)
+        part = ds_internals.zero3_partition(p)
+        if part is not None:  # ZeRO-3: the rank's partition; whole parameters alive are "gathered"
+            c.add("weights", "parameters", part)
+            c.add("gathered", "parameters", p)
+            p = part
+        else:
+            c.add("weights", "parameters", p)
+        if _storage_key(p) is None:  # a partition swapped out to NVMe
+            continue
         c.held.parameters += p.numel()
         if is_routed_expert(n):
             c.held.expert_weights += p.numel() * p.element_size()
@@ -128,6 +150,8 @@ def held_bytes(module: nn.Module, optimizer=None, engine=None) -> HeldBytes:
     for _, p in named:
         for path, t in ds_internals.param_attr_tensors(p):
             c.add("gradients" if "grad" in path else "other", f"param.{path}", t)
+    for path, t in ds_internals.param_swapper_tensors(module):
+        c.add("swap", path, t)
     c.held.expert_optimizer = _expert_optimizer_bytes(named, optimizer)
     return c.held
 

@@ -69,6 +69,8 @@ from dsv3.plan.offload import (
     offload_seconds,
     offload_traffic,
     place_states,
+    sub_group_sizes,
+    unswapped_elements,
 )
 from dsv3.plan.report import plan
 
@@ -94,6 +96,8 @@ __all__ = [
     "global_batch",
     "in_flight_micro_batches",
     "largest_sub_group",
+    "sub_group_sizes",
+    "unswapped_elements",
     "offload_seconds",
     "offload_traffic",
     "place_states",

@@ -36,6 +36,7 @@ from dsv3.plan.offload import (
     offload_seconds,
     offload_traffic,
     place_states,
+    unswapped_elements,
 )
 
 
@@ -319,6 +320,7 @@ def plan_layout(
         sub_group_size = zero_settings(L.offload_optimizer).sub_group_size
     largest_param = max((n for _, n, _ in parts.tensors), default=0)
     sub_group = largest_sub_group(parts.groups, dp, sub_group_size) if L.zero_stage >= 3 and parts.groups else None
+    unswapped = unswapped_elements(parts.groups, dp, sub_group_size) if L.zero_stage >= 3 else 0
     stages, worst, worst_s, worst_place, worst_key, worst_shard, worst_params = [], None, 0, None, -1.0, 0.0, 0.0
     most_moe = 0
     counts = parts.stage_counts(L.pp, cfg.parallel.pp_partition)
@@ -365,7 +367,7 @@ def plan_layout(
         shard = other / dp + expert / L.ep / (dp // L.ep)
         place = place_states(
             mem, shard, other + expert / L.ep, max(sizes), L.zero_stage, precision, L.micro_batches,
-            L.offload_optimizer, L.offload_param, cpu, sub_group_size, sub_group, largest_param,
+            L.offload_optimizer, L.offload_param, cpu, sub_group_size, sub_group, largest_param, unswapped,
         )  # fmt: skip
         params = other + expert / L.ep
         steady = sum(cpu_resident(place, baseline).values())

@@ -16,9 +16,13 @@ the same values the generated DeepSpeed config carries):
 - ZeRO-1/2 with ``offload_optimizer=cpu`` (host, per rank, ``P`` = parameters of the rank's
   optimizer partition, ``a`` = bytes of a parameter, 2 under bf16, 4 under fp32): the fp32
   partition ``4P``, its fp32 ``.grad`` ``4P``, Adam's two moments ``8P``, a parameter-dtype
-  copy of the partition that updated weights return to the device through ``aP``, and, when a
-  step accumulates several micro-batches, a parameter-dtype accumulation buffer per parameter
-  of the partition ``aP``. The device keeps the weights and gradients of :func:`static_bytes`.
+  copy of the partition that updated weights return to the device through ``aP``, two
+  parameter-dtype staging buffers of the largest parameter (``temp_grad_buffer_for_*``) and,
+  when a step accumulates several micro-batches, a parameter-dtype accumulation buffer per
+  parameter of the partition ``aP``. The device keeps the weights of :func:`static_bytes`;
+  ZeRO-1 also its gradients, while ZeRO-2 copies each reduced bucket straight into the host's
+  fp32 gradients and keeps only the reduce bucket (measured on a CPU run: no gradient
+  partition is left on the device side at the update).
 - ZeRO-3 with ``offload_optimizer=cpu``: the fp32 partition ``4P``, the moments ``8P``, an fp32
   gradient buffer per sub-group ``4P`` and the flat gradient partition in the accumulation
   dtype (the parameter dtype by default) ``aP``, all on the host; with ``nvme`` the fp32
@@ -26,7 +30,11 @@ the same values the generated DeepSpeed config carries):
   gradient partition ``aP``, one fp32 gradient buffer of the largest sub-group ``4S`` and
   ``buffer_count`` (4) fp32 swap buffers of it ``16S`` (:func:`largest_sub_group`: sub-groups
   are cut from the optimizer's parameter groups once they reach ``sub_group_size``, which the
-  engine sets to 1e8 elements under nvme optimizer offload, else DeepSpeed's 1e9).
+  engine sets to 1e8 elements under nvme optimizer offload, else DeepSpeed's 1e9). A sub-group
+  under 1 MiB of fp32 is not swapped: its ``16`` bytes per element stay on the host
+  (:func:`unswapped_elements`). The fp32 gradient buffer lives while the optimizer state is
+  created (start-up); during the update each swapped sub-group's fp32 weights, moments and
+  gradients come in through the swap buffers.
 - ZeRO-3 with ``offload_param=cpu``: the parameter partition ``aP`` moves from the device to
   the host; with ``nvme`` its files take ``aP`` on disk, the host keeps up to ``max_in_cpu``
   (1e9) elements of it plus ``buffer_count`` x ``buffer_size`` swap buffers (5 x the larger
@@ -64,7 +72,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsv3.errors import DsvError
-from dsv3.parallel.engine import PARAMS_KEPT_IN_HOST, SUB_GROUP_SIZE, ZeroSettings, zero_settings
+from dsv3.parallel.engine import AIO_BLOCK_SIZE, PARAMS_KEPT_IN_HOST, SUB_GROUP_SIZE, ZeroSettings, zero_settings
 from dsv3.plan.costs import DTYPE_BYTES, GIB, MemoryPlan
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -137,6 +145,7 @@ def place_states(
     sub_group_size: float | None = None,
     sub_group: float | None = None,
     largest_param: float = 0,
+    unswapped: float = 0,
 ) -> Placement:
     """Split one rank's memory (``mem``, from :func:`static_bytes` plus activations) into device,
     host and disk terms under the offload options (the accounting is in the module docstring).
@@ -157,6 +166,9 @@ def place_states(
             (:func:`largest_sub_group`); None: ``min(P, sub_group_size)``.
         largest_param: elements of the largest parameter (the engine sizes the parameter swap
             buffers of ``offload_param: nvme`` to hold it); 0: unknown (buffers of 1e8).
+        unswapped: elements of the partition in sub-groups too small to swap
+            (:func:`unswapped_elements`): under ``offload_optimizer: nvme`` their fp32 weights,
+            fp32 gradients and moments stay in host memory.
 
     Returns:
         :class:`Placement` in bytes; ``device`` keeps the names ``weights``, ``gradients``,
@@ -193,6 +205,11 @@ def place_states(
             host["weight copy-back buffer"] = a * P
             if micro_batches > 1:
                 host["gradient accumulation"] = a * P
+            # two parameter-dtype staging buffers of the largest parameter (one each side of the link)
+            host["gradient staging buffers"] = 2 * a * largest_param
+            if zero_stage == 2:  # each reduced bucket goes straight to the host's fp32 gradients
+                device["gradients"] = 0.0
+                device["reduce bucket"] = a * (min(z.reduce_bucket_size, stage_params) if cpu else z.reduce_bucket_size)
         else:
             device["gradients"] = 0.0  # the flat gradient partition lives where the optimizer runs
             host["gradient partition"] = a * P
@@ -202,9 +219,13 @@ def place_states(
                 host["fp32 gradients"] = 4 * P
                 host["Adam moments"] = 8 * P
             else:
-                disk["fp32 master weights"] = 4 * P
-                disk["fp32 gradients"] = 4 * P
-                disk["Adam moments"] = 8 * P
+                K = min(P, unswapped)
+                disk["fp32 master weights"] = 4 * (P - K)
+                disk["fp32 gradients"] = 4 * (P - K)
+                disk["Adam moments"] = 8 * (P - K)
+                host["fp32 master weights"] = 4 * K
+                host["fp32 gradients"] = 4 * K
+                host["Adam moments"] = 8 * K
                 host["fp32 gradient buffer"] = 4 * S
                 host["optimizer swap buffers"] = z.optimizer_swap_buffers * 4 * S
                 host["fp32 gradient copies"] = 4 * min(P, z.reduce_bucket_size)
@@ -223,6 +244,29 @@ def place_states(
         host={k: v for k, v in host.items() if v},
         disk={k: v for k, v in disk.items() if v},
     )
+
+
+def sub_group_sizes(groups: list[list[int]], dp: int, sub_group_size: float = SUB_GROUP_SIZE) -> list[int]:
+    """Elements of every ZeRO-3 sub-group on one rank, in order (cut as :func:`largest_sub_group` says)."""
+    out = []
+    for group in groups:
+        sizes = [-(-n // dp) for n in group]
+        current = 0
+        for n in sizes:
+            current += n
+            if current >= sub_group_size:
+                out.append(current)
+                current = 0
+        if current:
+            out.append(current)
+    return out
+
+
+def unswapped_elements(groups: list[list[int]], dp: int, sub_group_size: float = SUB_GROUP_SIZE) -> int:
+    """Elements of one rank's ZeRO-3 sub-groups that NVMe optimizer offload keeps in host memory:
+    DeepSpeed 0.19.8 swaps a sub-group only when its fp32 bytes reach max(1 MiB, the aio block
+    size) (``OptimizerSwapper.is_swappable_tensor``), :data:`dsv3.parallel.engine.AIO_BLOCK_SIZE`."""
+    return sum(n for n in sub_group_sizes(groups, dp, sub_group_size) if 4 * n < max(2**20, AIO_BLOCK_SIZE))
 
 
 def largest_sub_group(groups: list[list[int]], dp: int, sub_group_size: float = SUB_GROUP_SIZE) -> int:

@@ -25,11 +25,13 @@ from dsv3.plan import (
     plan_layout,
     propose,
     static_bytes,
+    unswapped_elements,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 LITE = ROOT / "configs" / "deepseek_v2_lite_16b.yaml"
 LITE_PARAMS = 16_299_726_848  # main + MTP (dsv3 plan's "total")
+LITE_LARGEST = 102_400 * 2048  # its largest parameter: the embedding (and the head)
 TINY = [  # the 2-layer model of tests/helpers.py (tiny_overrides)
     "model.vocab_size=512",
     "model.dim=64",
@@ -64,16 +66,23 @@ def test_zero_1_2_bytes_by_hand():
     assert pl.host == {} and pl.disk == {}
     # optimizer on the host: fp32 partition, its fp32 .grad, the two moments, the bf16 copy-back
     # buffer, and with 4 micro-batches per step a bf16 accumulation buffer
-    pl = _place(2, "cpu")
-    assert pl.device == {"weights": 2000, "gradients": 2000, "optimizer": 0, "activations": 500}
+    # buffer, with 4 micro-batches per step a bf16 accumulation buffer, and two bf16 staging
+    # buffers of the largest parameter (here 100 elements); ZeRO-2 sends each reduced bucket to
+    # the host's fp32 gradients and keeps only the bf16 reduce bucket (5e8 elements) on the device
+    pl = _place(2, "cpu", largest_param=100)
+    assert pl.device == {"weights": 2000, "gradients": 0, "optimizer": 0, "activations": 500, "reduce bucket": BUCKET}
     assert pl.host == {
         "fp32 master weights": 4000,
         "fp32 gradients": 4000,
         "Adam moments": 8000,
         "weight copy-back buffer": 2000,
         "gradient accumulation": 2000,
+        "gradient staging buffers": 2 * 2 * 100,
     }
-    assert pl.host_total == 20 * P and pl.disk == {}
+    assert pl.host_total == 20 * P + 400 and pl.disk == {}
+    # ZeRO-1 keeps the gradients on the device; a CPU run makes only the written part of the bucket resident
+    assert _place(1, "cpu").device["gradients"] == 2000
+    assert _place(2, "cpu", stage=P, cpu=True).device["reduce bucket"] == 2 * P
     assert _place(1, "cpu", m=1).host_total == 18 * P  # one micro-batch: no accumulation buffer
     # fp32 training: the copy-back and accumulation buffers are fp32 too
     assert _place(2, "cpu", precision="fp32").host_total == (4 + 4 + 8 + 4 + 4) * P
@@ -205,12 +214,15 @@ def test_per_node_totals_of_a_layout():
     assert sp.gpus_per_node == 2 and sp.placement.host_total == pytest.approx(18 * n / 2)
     assert sp.host_per_node == pytest.approx(2 * (18 * n / 2 + PROCESS_BASELINE_BYTES))
     one = plan_layout(cfg, parts, Layout(2, 1, 1, 3, 4, 3, True, "nvme", "cpu"), gpus_per_node=1)
-    assert one.disk_per_node == pytest.approx(16 * n / 2)
+    # the tiny model's sub-groups hold under 1 MiB of fp32 each: DeepSpeed swaps none of them
+    assert one.disk_per_node == 0 and unswapped_elements(parts.groups, 2) >= n / 2
     # ZeRO-3 cuts sub-groups within the trainer's parameter groups: the largest is the half of the
     # decaying matrices that a rank holds, ceil(numel / 2) of each
     S = sum(-(-p.numel() // 2) for p in model.parameters() if p.ndim >= 2)
     assert largest_sub_group(parts.groups, 2) == S
-    assert one.host_per_node == pytest.approx(PROCESS_BASELINE_BYTES + (2 + 4 + 2) * n / 2 + 20 * S)
+    # bf16 gradient partition, fp32 weights, gradients and moments kept on the host, fp32 gradient
+    # copies, bf16 parameter partition: (2 + 16 + 4 + 2) bytes per parameter of the half; 20 S of buffers
+    assert one.host_per_node == pytest.approx(PROCESS_BASELINE_BYTES + (2 + 16 + 4 + 2) * n / 2 + 20 * S)
 
 
 def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
@@ -231,8 +243,9 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
         16,
         True,
     )
-    # host: 4 + 4 + 8 + 2 + 2 bytes per parameter (dp = 1: the partition is the whole model) + the process
-    assert best.host_per_node == 20 * LITE_PARAMS + PROCESS_BASELINE_BYTES
+    # host: 4 + 4 + 8 + 2 + 2 bytes per parameter (dp = 1: the partition is the whole model), two bf16
+    # staging buffers of the largest parameter (the 102400 x 2048 embedding), the process
+    assert best.host_per_node == 20 * LITE_PARAMS + 2 * 2 * LITE_LARGEST + PROCESS_BASELINE_BYTES
     device = best.placement.device
     assert device["weights"] == device["gradients"] == 2 * LITE_PARAMS and device["optimizer"] == 0
     assert best.device_total == 4 * LITE_PARAMS + device["activations"] <= 80 * GIB
@@ -248,9 +261,13 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
     S = largest_sub_group(parts.groups, 1, 1e8)
     assert 1e8 <= S < 1e8 + max(n for _, n, _ in parts.tensors)
     assert S == largest_sub_group([[n for _, n, d in parts.tensors if d >= 2]], 1, 1e8)
-    # the host: bf16 gradients, 4S + 16S fp32 gradient and swap buffers, fp32 copies of one 5e8 bucket
-    assert best.host_per_node == 2 * LITE_PARAMS + 20 * S + 4 * 5e8 + PROCESS_BASELINE_BYTES
-    assert best.disk_per_node == 16 * LITE_PARAMS
+    # the host: bf16 gradients, 4S + 16S fp32 gradient and swap buffers, fp32 copies of one 5e8 bucket,
+    # and the no-decay group (137,216 norm weights: one sub-group under 1 MiB of fp32, not swapped) in fp32
+    # with its gradients and moments
+    K = unswapped_elements(parts.groups, 1, 1e8)
+    assert K == sum(parts.groups[1]) == 137_216
+    assert best.host_per_node == 2 * LITE_PARAMS + 20 * S + 4 * 5e8 + 16 * K + PROCESS_BASELINE_BYTES
+    assert best.disk_per_node == 16 * (LITE_PARAMS - K)
     assert propose(cfg, parts, 1, 80, host_memory_gib=64, disk_gib=100)[0] == []
     # with enough GPUs a layout without offloading fits and comes first
     fitting, _ = propose(cfg, parts, 8, 80)
@@ -260,7 +277,7 @@ def test_v2_lite_on_one_80gb_gpu_fits_with_the_optimizer_offloaded():
 def test_cli_v2_lite_proposal_and_limits(capsys):
     assert main(["plan", "--config", str(LITE), "--gpus", "1", "--gpu-memory-gib", "80"]) == 0
     out = capsys.readouterr().out
-    host = (20 * LITE_PARAMS + PROCESS_BASELINE_BYTES) / GIB
+    host = (20 * LITE_PARAMS + 4 * LITE_LARGEST + PROCESS_BASELINE_BYTES) / GIB
     assert "does NOT fit in 80 GiB" in out and "layouts fit in 80 GiB per GPU" in out
     assert "parallel.zero_stage=1" in out and "parallel.activation_checkpointing=true" in out
     assert "parallel.offload_optimizer=cpu parallel.offload_param=none" in out
@@ -289,7 +306,7 @@ def test_cpu_run_resident_memory_by_term():
     # parameters (the whole model), the written part of the reduce bucket (the whole model), and
     # on the host side the bf16 gradient partition, one fp32 gradient buffer, 4 fp32 swap
     # buffers (one sub-group: the decaying matrices S) and the fp32 gradient copies; the
-    # optimizer state is on disk
+    # optimizer state stays in host memory too: no sub-group reaches the 1 MiB DeepSpeed swaps
     assert r == {
         "process baseline": PROCESS_BASELINE_BYTES,
         "weights": 2 * n,
@@ -302,14 +319,17 @@ def test_cpu_run_resident_memory_by_term():
         "fp32 gradient buffer": 4 * S,
         "optimizer swap buffers": 16 * S,
         "fp32 gradient copies": 4 * n,
+        "fp32 master weights": 4 * n,  # sub-groups under 1 MiB of fp32 stay in host memory
+        "fp32 gradients": 4 * n,
+        "Adam moments": 8 * n,
     }
-    assert sp.peak_resident == sum(r.values()) == PROCESS_BASELINE_BYTES + act + 12 * n + 20 * S
+    assert sp.peak_resident == sum(r.values()) == PROCESS_BASELINE_BYTES + act + 28 * n + 20 * S
     assert sp.init_peak == PROCESS_BASELINE_BYTES + 4 * n  # the model materialized in fp32 first
-    assert sp.disk_per_node == 16 * n
+    assert sp.disk_per_node == 0  # nothing swapped
     text = plan(cfg, 1, None, cpu=True)
     assert "memory/process (GiB, CPU run" in text and "optimizer swap buffers" in text
     assert f"peak per process          {sp.peak_resident / GIB:>9,.2f}" in text
-    assert "fp32 master weights" in text  # on disk
+    assert "fp32 master weights" in text
 
 
 def test_cli_cpu_plan(capsys):
