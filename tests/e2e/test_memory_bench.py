@@ -59,7 +59,13 @@ def test_expert_parallel_zero_partitions_the_expert_state(corpus_dir, data_cache
 def test_bench_memory_command_plan_agrees(corpus_dir, data_cache, tmp_path):
     """The command's JSON: required shape, the machine, and plan = measurement within 5% for
     1 process (fp32 ZeRO-0, bf16 ZeRO-2) and a bf16 pipeline at ZeRO-0 on 2 processes."""
-    layouts = ["procs=1,zero=0,precision=fp32", "procs=1,zero=2,precision=bf16", "procs=2,pp=2,zero=0,precision=bf16"]
+    layouts = [
+        "procs=1,zero=0,precision=fp32",
+        "procs=1,zero=2,precision=bf16",
+        "procs=2,pp=2,zero=0,precision=bf16",
+        "procs=1,zero=3,precision=bf16",
+        "procs=1,zero=2,precision=bf16,offload_optimizer=cpu",
+    ]
     out = tmp_path / "bench"
     args = ["bench", "memory", "--config", "configs/tiny.yaml", "--out-dir", str(out), "--layouts", ";".join(layouts)]
     proc = run_dsv3([*args, *_overrides(corpus_dir, data_cache, tmp_path)], timeout=300)
@@ -75,12 +81,26 @@ def test_bench_memory_command_plan_agrees(corpus_dir, data_cache, tmp_path):
             for side in ("measured", "planned"):
                 assert all(f"{k}_bytes" in rank[side] for k in (*STATES, "peak_rss"))
             p = rank["planned"]
-            assert p["peak_rss_bytes"] == (
-                p["static_bytes"] + p["activations_bytes"] + p["a2a_buffers_bytes"] + p["baseline_rss_bytes"]
-            )
+            if "terms" in p:  # ZeRO-3 / offload: every resident term of dsv3 plan --cpu
+                resident = sum(v for k, v in p["terms"].items() if k != "process baseline")
+                assert p["peak_rss_bytes"] == resident + p["baseline_rss_bytes"]
+            else:
+                assert p["peak_rss_bytes"] == (
+                    p["static_bytes"] + p["activations_bytes"] + p["a2a_buffers_bytes"] + p["baseline_rss_bytes"]
+                )
     params = result["model"]["parameters"]
     assert result["layouts"][0]["ranks"][0]["measured"]["weights_bytes"] == 4 * params  # fp32, one process
     assert result["layouts"][1]["ranks"][0]["measured"]["weights_bytes"] == 2 * params  # bf16
     # the pipeline's bf16 optimizer keeps a second bf16 gradient buffer: 4 bytes per parameter
     for rank in result["layouts"][2]["ranks"]:
         assert rank["measured"]["gradients_bytes"] == pytest.approx(2 * rank["measured"]["weights_bytes"], abs=8)
+    # ZeRO-3 on one process: the bf16 partitions of every parameter, the bf16 gradient partition (and
+    # DeepSpeed's fp64 global norm), fp32 partition + moments + one fp32 step counter per optimizer group
+    z3 = result["layouts"][3]["ranks"][0]["measured"]
+    assert (z3["weights_bytes"], z3["gradients_bytes"]) == (2 * params, 2 * params + 8)
+    assert z3["optimizer_bytes"] == 12 * params + 8 and z3["buckets_bytes"] == 2 * 5e8
+    # ZeRO-2 with the optimizer on the host: bf16 weights + the bf16 copy-back buffer; fp32 gradients on
+    # the host and two bf16 staging buffers of the largest parameter (the 512 x 64 embedding)
+    z2 = result["layouts"][4]["ranks"][0]["measured"]
+    assert z2["weights_bytes"] == 4 * params and z2["optimizer_bytes"] == 12 * params
+    assert z2["gradients_bytes"] - 4 * params - 2 * 2 * 512 * 64 < 1024  # + per-tensor norms
