@@ -13,8 +13,11 @@ any model existed).
 The JSON result (``bench/memory-<config>-<precision>-<date>.json``): ``machine`` (CPU model and
 ISA), ``model`` (parameter counts), ``layouts``: one entry per layout with its settings and
 ``ranks``: per rank ``measured`` and ``planned`` (both with ``weights_bytes``,
-``gradients_bytes``, ``optimizer_bytes``, ``peak_rss_bytes``) and ``ratio`` (measured /
-planned of the three model states).
+``gradients_bytes``, ``optimizer_bytes``, ``swap_bytes``, ``disk_bytes``, ``peak_rss_bytes``;
+measured also ``gathered_bytes`` and ``buckets_bytes``; planned, for ZeRO-3 and offload
+layouts, the ``dsv3 plan --cpu`` ``terms`` mapped to parts by :data:`PLAN_PARTS`) and
+``ratio`` (measured / planned of the three model states, and of the swap buffers where
+planned).
 """
 
 from __future__ import annotations

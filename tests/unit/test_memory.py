@@ -11,6 +11,7 @@ from dsv3.bench.memory import DEFAULT_LAYOUTS, MemoryLayout, parse_layout
 from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
+from dsv3.parallel import ds_internals
 from dsv3.parallel.layout import balanced_counts
 from dsv3.parallel.memory import held_bytes, reset_peak_rss, rss_bytes
 from dsv3.plan.costs import static_bytes, zero_held_elements
@@ -170,7 +171,8 @@ def zero3_process(one_torch_thread):
 
 def _zero3_held(extra: list[str]):
     """A tiny bf16 model under DeepSpeed ZeRO-3 on one process, measured between the backward pass
-    and the update of a step after the first update; returns (HeldBytes, parameter count, tensors)."""
+    and the update of its second step; returns (HeldBytes, parameter count, parameter tensors,
+    bytes of the optimizer's tensor step counters)."""
     from dsv3.parallel.engine import build_engine
 
     cfg = load_config(None, TINY + ["train.precision=bf16", "parallel.zero_stage=3", *extra])
@@ -179,25 +181,39 @@ def _zero3_held(extra: list[str]):
     n, tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
     engine, opt = build_engine(model, cfg, 1)
     ids = torch.randint(0, 512, (2, 64))
-    for _ in range(4):  # DeepSpeed may skip an update (overflow check): measure once Adam's state exists
+    for step in range(2):
         out = engine(ids, ids)
         engine.backward(out.lm_loss_sum + out.mtp_loss_sum.sum())
-        if opt.state:
+        if step == 1:
+            # DeepSpeed's ZeRO-3 skips an update now and then (it reports an overflow): the Adam
+            # state is then created here as a resumed run creates it, zero moments and a tensor step
+            ds_internals.create_zero3_state(engine.optimizer, 1)
             held = held_bytes(engine.module, engine.optimizer, engine)
-            engine.step()
-            return held, n, tensors
+            steps = sum(4 for st in opt.state.values() if torch.is_tensor(st.get("step")))
+            return held, n, tensors, steps
         engine.step()
-    raise AssertionError("no update in 4 steps")
 
 
 @pytest.mark.distributed
 def test_zero3_cpu_offload_by_hand(zero3_process):
-    # one engine per process: a second ZeRO-3 engine built in the same process skips every update
-    # (DeepSpeed reports an overflow), so plain ZeRO-3 is checked by hand in tests/e2e/test_memory_bench.py
-    held, n, tensors = _zero3_held(["parallel.offload_optimizer=cpu", "parallel.offload_param=cpu"])
+    held, n, tensors, steps = _zero3_held(["parallel.offload_optimizer=cpu", "parallel.offload_param=cpu"])
     assert held.parameters == n and held.weights == 2 * n and held.gathered == 0
     # bf16 gradient partition, its fp32 copy (the .grad of the fp32 partition), one gradient norm per
-    # parameter tensor (fp64) and the fp32 global norm
-    assert held.gradients == 2 * n + 4 * n + 8 * tensors + 4
-    # fp32 partition and moments; DeepSpeed's CPU Adam counts steps in a Python int
-    assert held.optimizer == 12 * n
+    # parameter tensor (fp64) and, once an update computed it, the fp32 global norm
+    assert held.gradients - held.holders.get("gradients:_global_grad_norm", 0) == 2 * n + 4 * n + 8 * tensors
+    # fp32 partition and moments; DeepSpeed's CPU Adam counts steps in a Python int (a created state: a tensor)
+    assert held.optimizer == 12 * n + steps
+
+
+@pytest.mark.distributed
+def test_zero3_partitions_by_hand(zero3_process):
+    held, n, _, steps = _zero3_held([])
+    # one rank holds every parameter's partition (ds_tensor, bf16); nothing gathered between backward and update
+    assert held.parameters == n and held.weights == 2 * n and held.gathered == 0
+    assert held.expert_weights == 2 * TINY_EXPERTS
+    # the bf16 gradient partition (and, once an update computed it, DeepSpeed's fp64 global norm)
+    assert held.gradients - held.holders.get("gradients:_global_grad_norm", 0) == 2 * n
+    # fp32 partition + two moments, and torch AdamW's fp32 step counter per optimizer group (decay, no decay)
+    assert held.optimizer == 12 * n + steps and steps == 2 * 4
+    # the reduce bucket, allocated whole: 5e8 bf16 elements
+    assert held.buckets == 2 * 5e8 and held.swap == 0
