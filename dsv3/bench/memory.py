@@ -426,7 +426,10 @@ def memory_table(result: dict[str, Any]) -> str:
                 ]
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"machine: {result.get('device') or result['machine'].get('cpu_model', 'unknown')}", f"{unit} measured / planned per rank"]
+    lines = [
+        f"machine: {result.get('device') or result['machine'].get('cpu_model', 'unknown')}",
+        f"{unit} measured / planned per rank",
+    ]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
