@@ -87,7 +87,8 @@ def check_launch(cfg, world_size: int) -> list[int] | None:
     impossible layout ends with one error line and exit code 2 instead of one line per rank
     and the launcher's report. Checks: the ZeRO stage (:func:`check_zero`), the pipeline
     layout (:func:`check_pipeline`), the expert-parallel layout (:func:`check_expert_parallel`),
-    that every pipeline stage holds a MoE block where DeepSpeed needs one, and that
+    that every pipeline stage holds a MoE block where DeepSpeed needs one, that
+    ``offload_param: nvme`` would not swap parameters (:func:`_check_param_swapping`), and that
     ``train.init_from`` names a checkpoint or Hugging Face folder. Config keys and types were checked when ``cfg`` was
     loaded.
 
@@ -115,10 +116,39 @@ def check_launch(cfg, world_size: int) -> list[int] | None:
         check_expert_parallel(p.ep, cfg.model.n_routed_experts, world_size // p.pp, p.pp)
     if p.pp > 1 and p.ep > 1 and p.zero_stage >= 1:
         _check_moe_on_every_stage(cfg, stage_blocks)
+    if p.offload_param == "nvme":
+        _check_param_swapping(cfg, world_size)
     if cfg.train.init_from:
         if not is_hf_folder(Path(cfg.train.init_from)):
             resolve_checkpoint(cfg.train.init_from)
     return stage_blocks
+
+
+def _check_param_swapping(cfg: Config, world_size: int) -> None:
+    """Refuse ``offload_param: nvme`` where DeepSpeed would really swap parameters to nvme.
+
+    DeepSpeed keeps the first ``max_in_cpu`` (:data:`dsv3.parallel.engine.PARAMS_KEPT_IN_HOST`,
+    1e9) parameter elements of a process in host memory and swaps the rest through a fixed
+    set of buffers. With dsv3's model (DeepSpeed 0.19.8, 1.77B parameters, bf16) every swapped
+    parameter kept its buffer after the first step and the second step stopped with
+    DeepSpeed's "Not enough buffers" error, with 5 or 8 buffers and with or without
+    prefetching; so a run that would swap is refused at start-up, and one below the limit
+    keeps its parameters in host memory (as with ``offload_param: cpu``).
+
+    Raises:
+        DsvError: this process's ZeRO-3 partition exceeds the host limit.
+    """
+    from dsv3.parallel.engine import PARAMS_KEPT_IN_HOST
+
+    with torch.device("meta"):
+        total = sum(t.numel() for t in Transformer(cfg.model).parameters())
+    per_process = -(-total // max(1, world_size))
+    if per_process > PARAMS_KEPT_IN_HOST:
+        raise DsvError(
+            f"parallel.offload_param=nvme would swap parameters to nvme ({per_process:,} elements per process, "
+            f"above the {PARAMS_KEPT_IN_HOST:,} DeepSpeed keeps in host memory), which runs out of DeepSpeed's "
+            "parameter swap buffers at the second step; set offload_param=cpu and keep offload_optimizer=nvme"
+        )
 
 
 def _check_moe_on_every_stage(cfg, stage_blocks: list[int] | None) -> None:

@@ -2,6 +2,7 @@
 --check WORLD`` and the trainer run before any process group exists."""
 
 import pytest
+from helpers import ROOT
 
 from dsv3.config import load_config
 from dsv3.errors import DsvError
@@ -113,3 +114,18 @@ def test_zero3_and_offload_layouts():
         load_config(None, ["parallel.zero_stage=3", "parallel.offload_param=nvme"])
     with pytest.raises(DsvError, match=r"^parallel.offload_optimizer='disk' must be none, cpu or nvme$"):
         load_config(None, ["parallel.offload_optimizer=disk"])
+
+
+def test_parameter_swapping_to_nvme_is_refused_beyond_the_host_limit():
+    """offload_param=nvme swaps parameters only beyond 1e9 elements per process; that is refused."""
+    from dsv3.parallel.layout import check_async_io
+
+    try:
+        check_async_io()
+    except DsvError as exc:
+        pytest.skip(str(exc))
+    cfg = load_config(str(ROOT / "configs" / "offload_2b.yaml"), ["parallel.offload_param=nvme"])
+    with pytest.raises(DsvError, match=r"offload_param=nvme would swap parameters to nvme \(1,768,451,712 elements"):
+        check_launch(cfg, 1)
+    check_launch(cfg, 2)  # 884,225,856 elements per process: kept in host memory
+    check_launch(load_config(str(ROOT / "configs" / "offload_2b.yaml"), []), 1)  # the config as shipped
