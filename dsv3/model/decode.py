@@ -20,12 +20,14 @@ _STORE = "_dsv3_derived"
 
 
 def fast_inference(*modules: nn.Module) -> bool:
-    """Whether the eager inference path applies: no autograd recording, not compiling, and
+    """Whether the eager inference path applies: under ``torch.inference_mode`` (generation; not
+    a training run's evaluation under ``no_grad``, whose weights DeepSpeed may rewrite through a
+    flat buffer that the cached copies of :func:`derived` cannot see), not compiling, and
     none of ``modules`` (those whose weights the path reads directly instead of calling them)
     carries a forward hook: accelerate's ``_hf_hook`` (which brings offloaded weights in only
     when the module itself is called; see :mod:`dsv3.checkpoint.offload`) or any registered
     forward (pre-)hook, such as the one with which ZeRO stage 3 gathers a module's parameters."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
         return False
     return not any(hasattr(m, "_hf_hook") or m._forward_pre_hooks or m._forward_hooks for m in modules)
 

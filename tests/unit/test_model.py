@@ -165,7 +165,7 @@ def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
     for name in ("_chosen_loop", "_few_tokens", "_all_experts"):
         plain = getattr(Experts, name)
         monkeypatch.setattr(Experts, name, lambda self, *a, _n=name, _f=plain: calls.append(_n) or _f(self, *a))
-    with torch.no_grad():
+    with torch.inference_mode():  # generation's mode (the chosen-expert path needs it; no_grad suffices for the others)
         y = ex(x, w, idx)
     assert calls == ([path] if path else []) and moe.DENSE_MAX_TOKENS == 16
     ref = torch.zeros(N, D)
