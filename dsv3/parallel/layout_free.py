@@ -123,21 +123,27 @@ class LazyEntry(Mapping):
     resume holds one tensor at a time instead of the whole optimizer state (16 bytes per
     parameter: more than the memory of a machine that trains with nvme offload).
 
+    Each access opens the file anew (a small header read), so the mapped pages of what was read
+    are released with it instead of staying resident until the whole state was read.
+
     Args:
-        handle: an open ``safetensors.safe_open`` of the file.
+        path: the ``layout_free.safetensors`` file.
         name: the parameter's plain name.
         keys: the fields the file has for it.
         rows: with expert parallelism, this rank's rows of the stacked experts; else None.
     """
 
-    def __init__(self, handle, name: str, keys: list[str], rows: slice | None = None):
-        self.handle, self.name, self.keys_, self.rows = handle, name, list(keys), rows
+    def __init__(self, path: str, name: str, keys: list[str], rows: slice | None = None):
+        self.path, self.name, self.keys_, self.rows = str(path), name, list(keys), rows
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         if key not in self.keys_:
             raise KeyError(key)
         full = f"{self.name}/{key}"
-        return self.handle.get_slice(full)[self.rows] if self.rows else self.handle.get_tensor(full)
+        with safe_open(self.path, framework="pt") as f:
+            return (f.get_slice(full)[self.rows] if self.rows else f.get_tensor(full)).clone()
 
     def __contains__(self, key) -> bool:
         return key in self.keys_
@@ -150,7 +156,10 @@ class LazyEntry(Mapping):
 
     def shape(self) -> tuple[int, ...]:
         """Shape of the ``"fp32"`` field as read (this rank's expert rows), without reading it."""
-        shape = list(self.handle.get_slice(f"{self.name}/fp32").get_shape())
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            shape = list(f.get_slice(f"{self.name}/fp32").get_shape())
         if self.rows is not None:
             shape[0] = len(range(*self.rows.indices(shape[0])))
         return tuple(shape)
@@ -205,15 +214,17 @@ def read_layout_free(folder, cfg_saved: Config, model: Transformer) -> tuple[dic
     folder = Path(folder)
     if (folder / LAYOUT_FREE).is_file():
         state = {}
-        f = safe_open(str(folder / LAYOUT_FREE), framework="pt")  # open while the entries are read
-        keys = set(f.keys())
-        step = int(f.metadata()["step"])
+        with safe_open(str(folder / LAYOUT_FREE), framework="pt") as f:
+            keys = set(f.keys())
+            step = int(f.metadata()["step"])
         for name, p in model.named_parameters():
             if p.is_meta or f"{name}/fp32" not in keys:
                 continue  # another stage's parameter; a missing one is reported by set_layout_free_state
             m = ep_module(model, name)
             rows = slice(m.first_expert, m.first_expert + m.num_local_experts) if m is not None else None
-            state[name] = LazyEntry(f, name, [k for k in ("fp32",) + ADAM_KEYS if f"{name}/{k}" in keys], rows)
+            state[name] = LazyEntry(
+                folder / LAYOUT_FREE, name, [k for k in ("fp32",) + ADAM_KEYS if f"{name}/{k}" in keys], rows
+            )
         return state, step
     if cfg_saved.parallel.pp > 1 or cfg_saved.parallel.ep > 1:
         raise DsvError(
