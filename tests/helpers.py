@@ -34,6 +34,29 @@ CORPUS_FILES = [
 ]
 
 
+#: the 2-layer model with every DeepSeek-V3 part (MLA, MoE, MTP) that the tests train: dense
+#: block 0, MoE block 1 (8 routed experts), one MTP module
+TINY_MODEL = {
+    "model.vocab_size": 512,
+    "model.dim": 64,
+    "model.inter_dim": 128,
+    "model.moe_inter_dim": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 2,
+    "model.kv_lora_rank": 16,
+    "model.qk_nope_head_dim": 16,
+    "model.qk_rope_head_dim": 8,
+    "model.v_head_dim": 16,
+    "model.max_seq_len": 128,
+}
+
+
+def tiny_model(**extra) -> list[str]:
+    """:data:`TINY_MODEL` with ``data.seq_len=64`` as ``KEY=VALUE`` overrides (for configs built
+    in process), ``extra`` (dotted keys) added or replacing."""
+    return [f"{k}={v}" for k, v in {**TINY_MODEL, "data.seq_len": 64, **extra}.items()]
+
+
 def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[str]:
     """Overrides for a 2-layer model with every DeepSeek-V3 part (MLA, MoE, MTP) that runs fast."""
     base = {
@@ -41,17 +64,7 @@ def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[st
         "data.cache_dir": str(cache),
         "data.seq_len": 64,
         "data.num_proc": 1,
-        "model.vocab_size": 512,
-        "model.dim": 64,
-        "model.inter_dim": 128,
-        "model.moe_inter_dim": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.kv_lora_rank": 16,
-        "model.qk_nope_head_dim": 16,
-        "model.qk_rope_head_dim": 8,
-        "model.v_head_dim": 16,
-        "model.max_seq_len": 128,
+        **TINY_MODEL,
         "train.steps": 6,
         "train.log_every": 1,
         "train.eval_every": 3,

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3 import bench
@@ -20,21 +21,7 @@ from dsv3.model import flops_per_token
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = [
-    "model.vocab_size=512",
-    "model.dim=64",
-    "model.inter_dim=128",
-    "model.moe_inter_dim=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16",
-    "model.max_seq_len=128",
-    "data.seq_len=32",
-    "parallel.micro_batch_size=2",
-]
+TINY = tiny_model(**{"data.seq_len": "32", "parallel.micro_batch_size": "2"})
 
 
 def test_bench_train_writes_result(tmp_path, capsys):

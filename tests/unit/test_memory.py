@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model
 from torch import nn
 
 from dsv3.bench.memory import DEFAULT_LAYOUTS, MemoryLayout, parse_layout
@@ -18,20 +19,7 @@ from dsv3.plan.costs import static_bytes, zero_held_elements
 from dsv3.plan.layouts import Layout, ModelParts, plan_layout
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.vocab_size=512",
-    "model.dim=64",
-    "model.inter_dim=128",
-    "model.moe_inter_dim=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-]
+TINY = tiny_model()
 # 2 MoE layers (block 1 and the MTP module) x 8 experts x SwiGLU (3 x 64 x 32)
 TINY_EXPERTS = 2 * 8 * 3 * 64 * 32
 

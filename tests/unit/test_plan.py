@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from dsv3.cli import main
 from dsv3.config import load_config
@@ -46,20 +47,7 @@ DEEPSEEK_LAYOUT = [
     "data.seq_len=4096",
 ]
 # the 2-layer model of tests/helpers.py (tiny_overrides) (dense layer 0, MoE layer 1, one MTP module)
-TINY = [
-    "model.vocab_size=512",
-    "model.dim=64",
-    "model.inter_dim=128",
-    "model.moe_inter_dim=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-]
+TINY = tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from dsv3.cli import main
 from dsv3.config import load_config
@@ -32,21 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LITE = ROOT / "configs" / "deepseek_v2_lite_16b.yaml"
 LITE_PARAMS = 16_299_726_848  # main + MTP (dsv3 plan's "total")
 LITE_LARGEST = 102_400 * 2048  # its largest parameter: the embedding (and the head)
-TINY = [  # the 2-layer model of tests/helpers.py (tiny_overrides)
-    "model.vocab_size=512",
-    "model.dim=64",
-    "model.inter_dim=128",
-    "model.moe_inter_dim=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16",
-    "model.max_seq_len=128",
-    "data.seq_len=64",
-    "train.precision=bf16",
-]
+TINY = tiny_model(
+    **{"data.seq_len": "64", "train.precision": "bf16"}
+)  # the 2-layer model of tests/helpers.py (tiny_overrides)
 P = 1000  # parameters of the rank's partition (dp = 1: the whole model)
 # ZeRO-3: bf16 gathered parameters, up to stage3_max_live_parameters (1e9 elements), here the whole stage (1e9)
 GATHERED = 2 * 1e9
