@@ -34,7 +34,7 @@ def test_profile_phases_flops_and_groups(precision):
     assert len(p["profiled_walls_ms"]) == 3 and p["wall_ms"] == min(p["profiled_walls_ms"])  # the least disturbed
     # the phases make up the profiled step, and every phase's groups make up the phase
     assert p["step_ms"] == pytest.approx(sum(p["phases"][ph]["time_ms"] for ph in PHASES))
-    assert 0 < p["step_ms"] <= 1.02 * p["wall_ms"]  # the phases lie within the step (a lower bound would depend on load)
+    assert 0 < p["step_ms"] <= 1.02 * p["wall_ms"]  # within the step (a lower bound would depend on load)
     for ph in PHASES:
         groups = [g for g in p["matmuls"] + p["others"] if g["phase"] == ph]
         assert sum(g["time_ms"] for g in groups) == pytest.approx(p["phases"][ph]["time_ms"], rel=1e-6)
