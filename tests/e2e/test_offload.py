@@ -122,10 +122,7 @@ def test_zero_infinity_nvme_matches_zero3_and_resumes(zero3, reference, corpus_d
     assert_same_weights(out, reference)
     swap = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders; the run removes its files at the end
     assert (swap / "optimizer").is_dir() and any(swap.glob("*params")) and not any(swap.rglob("*.swp"))
-    assert resume(out, tmp_path / "again", args) == full
-    # written with nvme offload, resumed without offload
-    none = {"parallel.offload_optimizer": "none", "parallel.offload_param": "none"}
-    assert_same_metrics(resume(out, tmp_path / "plain", args, **none), full)
+    assert resume(out, tmp_path / "again", args) == full  # with every sub-group swapped out at the start
 
 
 def test_offload_refusal_at_check(tmp_path):
