@@ -181,9 +181,7 @@ class ParallelConfig:
     micro_batch_size: int = 8
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    # ZeRO-Offload / ZeRO-Infinity (DeepSpeed's own): where the fp32 master weights and AdamW
-    # moments live (none | cpu | nvme), where the partitioned ZeRO-3 weights live, and the
-    # folder of the nvme swap files
+    # ZeRO-Offload / ZeRO-Infinity: where the optimizer state and ZeRO-3's weights live; nvme's folder
     offload_optimizer: str = "none"
     offload_param: str = "none"
     offload_dir: str = ""

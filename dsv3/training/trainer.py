@@ -158,8 +158,7 @@ class Trainer:
             self.peak_tflops = measure_peak_tflops(DTYPES[cfg.train.precision], self.info.device)
             _log(self.info, f"measured matmul peak: {self.peak_tflops:.3g} TFLOP/s ({cfg.train.precision}) per process")
         self.start_step = 0
-        # called with no arguments once a step's gradients are reduced, before its update
-        # (measurements such as dsv3.bench.memory's, which need gradients and state together)
+        # called once a step's gradients are reduced, before its update (dsv3.bench.memory's counts)
         self.before_update: list[Callable[[], None]] = []
         self._resume()
 
@@ -443,8 +442,7 @@ class Trainer:
             self.out_dir, self.start_step, self.info.is_main, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         )
         console = Console(self.info.is_main, self.start_step, t.steps)
-        # whole (ZeRO-3 partitions); with ep > 1 this rank's experts only
-        n_params = sum(math.prod(full_shape(p)) for p in self.model.parameters())
+        n_params = sum(math.prod(full_shape(p)) for p in self.model.parameters())  # ZeRO-3: whole shapes
         n_params += (self.ep - 1) * sum(p.numel() for n, p in self.model.named_parameters() if ".experts." in n)
         ramp = (
             f" (ramp from {sched.ramp.start} over the first {tokens_text(sched.ramp.tokens)} tokens, "
