@@ -14,6 +14,7 @@ from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
 from dsv3.hardware import machine_info
+from dsv3.model import kernels
 
 #: the config of ``dsv3 bench memory`` when none is given
 DEFAULT_MEMORY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench_memory.yaml"
@@ -29,8 +30,10 @@ def result_path(out_dir: str | Path, kind: str, config_name: str, precision: str
 
 def write_result(result: dict[str, Any], path: Path) -> Path:
     """Write ``result`` as JSON atomically, with the ``machine`` it ran on
-    (:func:`dsv3.hardware.machine_info`; set in ``result`` too); returns the path."""
+    (:func:`dsv3.hardware.machine_info`) and the ``kernels`` this process chose by measuring
+    (:func:`dsv3.model.kernels.choices`, with their timings; set in ``result`` too); returns the path."""
     result["machine"] = machine_info()
+    result.setdefault("kernels", kernels.choices())
     atomic_write_text(path, json.dumps(result, indent=1, sort_keys=False, default=str) + "\n")
     return path
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model import kernels
 from dsv3.model.decode import derived, fast_inference, interleaved_rope_tables, rotate_interleaved
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, yarn_softmax_scale
@@ -36,6 +37,89 @@ from dsv3.model.rope import apply_rope, yarn_softmax_scale
 #: DeepSeek-V3 code and ``transformers`` build them with the RMSNorm default 1e-6 whatever the
 #: config's ``rms_norm_eps`` (which only the block, final and MTP norms use).
 LATENT_NORM_EPS = 1e-6
+
+
+#: the matmul attention materializes the (B, H, T, S) scores: it is a candidate only while they
+#: take at most this many bytes (fp32 scores and their low-precision copy, 6 bytes each)
+MATMUL_ATTENTION_MAX_BYTES = 1 << 28
+
+
+def _flash(q, k, v, scale):
+    """SDPA with v zero-padded to the q/k head dim (the flash kernels need one head dim: zero
+    columns of v give zero output columns, dropped here); the causal flash kernel skips the
+    masked half of the products."""
+    pad = q.shape[-1] - v.shape[-1]
+    o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=scale)
+    return o[..., : v.shape[-1]]
+
+
+def _sdpa(q, k, v, scale):
+    """SDPA as given (with another v head dim the CPU runs its math kernel)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _matmul(q, k, v, scale):
+    """Two matrix products around an fp32 softmax: ``softmax(q k^T * scale + causal) v``, the
+    scores materialized (the bf16 products run at the machine's matmul speed, which the CPU
+    flash kernel does not reach on every CPU)."""
+    T, S = q.shape[-2], k.shape[-2]
+    s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, S)
+    mask = torch.full((T, S), float("-inf"), device=q.device).triu_(S - T + 1)  # query t sees keys <= S-T+t
+    p = torch.softmax(s.float() + mask, dim=-1).to(q.dtype)
+    return torch.matmul(p, v)  # (B, H, T, dv)
+
+
+ATTENTION_KERNELS = {"flash": _flash, "sdpa": _sdpa, "matmul": _matmul}
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal multi-head attention ``softmax(q k^T * scale) v`` (report eq. 7-8 per head), by the
+    kernel :func:`dsv3.model.kernels.choose` picks for this dtype and shape.
+
+    Candidates: ``flash`` (SDPA, v padded to the q/k head dim), ``sdpa`` (SDPA as given) and,
+    on CPU while the scores fit :data:`MATMUL_ATTENTION_MAX_BYTES`, ``matmul``. The first is the
+    fixed rule: on CUDA ``flash`` in bf16 / fp16, else ``sdpa``; on CPU ``flash`` in fp32 and
+    from 512 tokens in bf16 (measured on a 2-core AVX-512-BF16 CPU: flash beat the math kernel in
+    fp32 by 18-32% per attention forward + backward, in bf16 from 512 tokens; the matmul
+    attention beat both in bf16, 84 against 111 ms at 4 x 8 heads x 512 tokens and 8 against
+    20 ms at 8 x 4 x 256, and tied in fp32).
+
+    Args:
+        q, k: (B, H, T, Dk); v: (B, H, T, Dv), one dtype.
+        scale: the softmax scale.
+
+    Returns:
+        (B, H, T, Dv), dtype of ``q``.
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    cuda = q.device.type == "cuda"
+    if Dv == Dk:
+        candidates = ["sdpa"]
+    elif (cuda and half) or (not cuda and (not half or T >= 512)):
+        candidates = ["flash", "sdpa"]
+    else:
+        candidates = ["sdpa", "flash"]
+    if not cuda and B * H * T * T * 6 <= MATMUL_ATTENTION_MAX_BYTES:
+        candidates.append("matmul")
+    if len(candidates) == 1 or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return ATTENTION_KERNELS[candidates[0]](q, k, v, scale)
+    train = not torch.is_inference_mode_enabled()
+    key = f"{str(q.dtype).removeprefix('torch.')} {'train' if train else 'infer'} {B}x{H}x{kernels.bucket(T)} {Dk}/{Dv}"
+
+    def run(name, data={}):  # noqa: B006 - the synthetic inputs, made on the first call
+        if not data:
+            g, n = kernels.generator(), kernels.bucket(T)
+            data["q"], data["k"] = (torch.randn(B, H, n, Dk, generator=g).to(q.dtype) for _ in range(2))
+            data["v"] = torch.randn(B, H, n, Dv, generator=g).to(q.dtype)
+        with torch.enable_grad() if train else torch.inference_mode():
+            qs, ks, vs = (data[x].detach().requires_grad_(train) for x in "qkv")
+            o = ATTENTION_KERNELS[name](qs, ks, vs, scale)
+            if train:
+                o.sum().backward()
+
+    return ATTENTION_KERNELS[kernels.choose("attention", key, candidates, run, q.device)](q, k, v, scale)
 
 
 class LatentCache:
@@ -139,21 +223,11 @@ class MLA(nn.Module):
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+dr)
             kh = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
             vh = v.transpose(1, 2)  # (B, H, T, dv)
-            pad = self.dn + self.dr - self.dv
-            half = vh.dtype in (torch.bfloat16, torch.float16)
-            if pad > 0 and ((vh.is_cuda and half) or (not vh.is_cuda and (not half or T >= 512))):
-                # flash kernels need one head dim for q, k and v: zero columns of v give zero
-                # output columns, dropped below. On CPU the flash kernel (which skips the
-                # masked half of a causal product) beat the math one in fp32 (fwd + bwd, 4 x 256
-                # tokens, 4 heads: -18%; 512 tokens: -32%) and in bf16 from 512 tokens (+14%
-                # per training step, 30% less activation memory), but not in bf16 at 256
-                # tokens (-4% per step), hence the length threshold there
-                vh = F.pad(vh, (0, pad))
             if attn_mask is None:
-                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
+                o = causal_attention(qh, kh, vh, self.softmax_scale)  # (B, H, T, dv)
             else:
                 o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=self.softmax_scale)
-            o = o[..., : self.dv].transpose(1, 2).flatten(2)  # (B, T, H*dv)
+            o = o.transpose(1, 2).flatten(2)  # (B, T, H*dv)
             return self.o_proj(o)
 
         start = cache.length

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model import kernels
 from dsv3.model.decode import derived, fast_inference
 
 
@@ -101,13 +102,15 @@ class Gate(nn.Module):
         return weights, indices, scores
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, kernel: str = "grouped_mm") -> torch.Tensor:
     """``x[rows of group e] @ w[e].T`` for every group e, as one grouped product.
 
     Args:
         x: (M, In) rows sorted by group.
         w: (E, Out, In) one weight per group.
         offsets: (E,) int32 cumulative row counts (end row of each group).
+        kernel: ``grouped_mm`` (where it runs) or ``bmm`` (the padded product); the experts
+            choose by measuring both (:meth:`Experts.kernel`).
 
     Returns:
         (M, Out), dtype of ``x``.
@@ -118,10 +121,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 
     Measured on a 2-core CPU (fwd + bwd of one expert layer, E=16, D=512, I=256, 4096 rows):
     ``_grouped_mm`` 83 ms fp32 / 42 ms bf16, padded ``bmm`` 92 / 52 ms, a Python loop over
-    experts 133 / 61 ms; so ``_grouped_mm`` is used wherever it is available.
+    experts 133 / 61 ms (another CPU may rank them otherwise: hence the measured choice).
     """
     out_dim, in_dim = w.shape[1], w.shape[2]
-    if _grouped_mm_ok(x, out_dim, in_dim):
+    if kernel == "grouped_mm" and _grouped_mm_ok(x, out_dim, in_dim):
         if x.device.type == "cpu" and torch.compiler.is_compiling():
             return _grouped_mm_cpu(x, w, offsets)  # opaque to the compiler: any dtype, no graph break
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
@@ -211,11 +214,16 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 
 DENSE_MAX_TOKENS = 16
 """On CPU in bf16 / fp16, inference batches of at most this many tokens whose choices fill at
-least E expert slots (N * K >= E) run every expert on every token (:meth:`Experts._all_experts`).
-Measured on the 2-core CPU (``tiny`` config, compiled, greedy decoding at batch 8, one thread):
-bf16 1589 -> 2079 tokens/s, since each small bf16 product has a large fixed cost; in fp32 the
-small products are cheap and the E/K times more arithmetic made it slower (1346 -> 1271), so
-fp32 keeps the grouped products."""
+least E expert slots (N * K >= E) may run every expert on every token
+(:meth:`Experts._all_experts`), chosen by measurement against the grouped products (the rule
+where nothing is measured: every expert). Measured on the 2-core AVX-512-BF16 CPU (``tiny``
+config, compiled, greedy decoding at batch 8, one thread): bf16 1589 -> 2079 tokens/s, since
+each small bf16 product has a large fixed cost; in fp32 the small products are cheap and the
+E/K times more arithmetic made it slower (1346 -> 1271), so fp32 keeps the grouped products."""
+
+#: expert weights are measured on synthetic copies: only while the three stacked tensors hold
+#: at most this many elements (larger layers keep the fixed rules)
+MEASURE_MAX_ELEMENTS = 1 << 26
 
 
 class Experts(nn.Module):
@@ -261,7 +269,14 @@ class Experts(nn.Module):
                 return self._chosen_loop(x, weights, flat, N, K)
             return self._few_tokens(x, weights, flat, N, K)
         if not torch.is_grad_enabled() and N <= DENSE_MAX_TOKENS and x.device.type == "cpu" and x.element_size() < 4:
-            return self._all_experts(x, weights, indices)
+            if self.kernel(x, N, K, dense=True) == "all_experts":
+                return self._all_experts(x, weights, indices)
+        return self._grouped(x, weights, indices, self.kernel(x, N, K))
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, kernel: str) -> torch.Tensor:
+        """The grouped path of :meth:`forward` with ``kernel`` (see :func:`grouped_matmul`)."""
+        K = indices.shape[1]
+        flat = indices.flatten()  # (N*K,)
         order = flat.argsort(stable=True)  # (N*K,) sorted by expert
         token = order // K  # (N*K,) source token of each sorted row
         # scatter_add, not bincount: bincount sizes its output from the data (a host sync on GPU)
@@ -271,10 +286,57 @@ class Experts(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         cg = ContiguousGrad.apply if torch.is_grad_enabled() else _same  # an autograd.Function call costs ~10 us
         xs = cg(x[token])  # (N*K, D)
-        h = F.silu(grouped_matmul(xs, self.gate_proj, offsets)) * grouped_matmul(xs, self.up_proj, offsets)
-        ys = grouped_matmul(cg(h), self.down_proj, offsets)  # (N*K, D)
+        h = F.silu(grouped_matmul(xs, self.gate_proj, offsets, kernel)) * grouped_matmul(
+            xs, self.up_proj, offsets, kernel
+        )
+        ys = grouped_matmul(cg(h), self.down_proj, offsets, kernel)  # (N*K, D)
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, cg(ys))
+
+    def kernel(self, x: torch.Tensor, N: int, K: int, dense: bool = False) -> str:
+        """The measured choice (:func:`dsv3.model.kernels.choose`) for N tokens of ``x``'s dtype,
+        K experts each: with ``dense``, ``all_experts`` or ``grouped`` for a few inference tokens
+        (see :data:`DENSE_MAX_TOKENS`); else ``grouped_mm`` or ``bmm`` (padded) for the grouped
+        products (:func:`grouped_matmul`), measured forward and backward outside inference."""
+        E, I, D = self.gate_proj.shape
+        if dense:
+            candidates = ["all_experts", "grouped"]
+        elif _grouped_mm_ok(x, I, D) and _grouped_mm_ok(x, D, I):
+            candidates = ["grouped_mm", "bmm"]
+        else:
+            return "bmm"
+        if x.device.type != "cpu" or 3 * E * I * D > MEASURE_MAX_ELEMENTS or torch.compiler.is_compiling():
+            return candidates[0]
+        train = not dense and not torch.is_inference_mode_enabled()
+        rows = N if dense else kernels.bucket(N)
+        dtype = str(x.dtype).removeprefix("torch.")
+        key = f"{dtype} {'train' if train else 'infer'} N={rows} K={K} E={E} D={D} I={I}"
+
+        def run(name, data={}):  # noqa: B006 - the synthetic layer, made on the first call
+            if not data:
+                g = kernels.generator()
+                data["x"] = torch.randn(rows, D, generator=g).to(x.dtype)
+                data["w"] = torch.randn(rows, E, generator=g).softmax(-1).topk(K)
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    data[p] = (torch.randn(getattr(self, p).shape, generator=g) * 0.02).to(x.dtype)
+            layer = Experts(E, D, I)
+            with torch.enable_grad() if train else torch.inference_mode():
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    setattr(layer, p, nn.Parameter(data[p].detach(), requires_grad=train))
+                xs = data["x"].detach().requires_grad_(train)
+                w, ids = data["w"]
+                if dense:
+                    y = (
+                        layer._all_experts(xs, w, ids)
+                        if name == "all_experts"
+                        else layer._grouped(xs, w, ids, "grouped_mm")
+                    )
+                else:
+                    y = layer._grouped(xs, w, ids, name)
+                if train:
+                    y.sum().backward()
+
+        return kernels.choose("decode_experts" if dense else "experts", key, candidates, run, x.device)
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens that together reach most experts (batched decoding): every

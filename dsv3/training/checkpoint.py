@@ -15,6 +15,8 @@ The folder layout and its names are :mod:`dsv3.checkpoint.files`; under
         tokenizer.model           the tokenizer: dsv3's sentencepiece model, or a released
                                   model's tokenizer.json, tokenizer_config.json, chat_template.jinja
         rng_rankNNNNN.json        each rank's Python / NumPy / torch RNG states
+        kernels.json              the kernels rank 0 chose by measuring (dsv3.model.kernels),
+                                  which a resumed run uses again
         manifest.json             every file with its size; written once all ranks finished
     latest                        name of the newest complete folder
 
@@ -44,6 +46,7 @@ import torch
 
 from dsv3.checkpoint.files import (
     CONFIG,
+    KERNELS,
     LATEST,
     LAYOUT_FREE,
     MANIFEST,
@@ -59,6 +62,7 @@ from dsv3.collectives import all_reduce_sum, barrier
 from dsv3.config import Config, save_config
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
+from dsv3.model import kernels
 from dsv3.parallel.expert_parallel import ep_modules, save_expert_files
 from dsv3.parallel.unsplit_save import save_optimizer_state, save_weights
 
@@ -164,6 +168,7 @@ def save_checkpoint(
         atomic_write_text(rng_file(folder, rank), json.dumps(rng_state()))
         if rank == 0:
             save_config(cfg, folder / CONFIG)
+            atomic_write_text(folder / KERNELS, json.dumps(kernels.choices(), indent=1, sort_keys=True) + "\n")
             for f in tokenizer_files:
                 shutil.copyfile(f, folder / f.name)
     except (OSError, RuntimeError) as exc:
@@ -212,7 +217,13 @@ def save_checkpoint(
 
 
 def load_rng(folder: Path, rank: int) -> bool:
-    """Restore this rank's RNG states from ``folder``; False if that rank saved none."""
+    """Restore this rank's RNG states from ``folder`` and the kernel choices recorded there
+    (:func:`dsv3.model.kernels.preload`, so the resumed steps compute as the saved run did);
+    False if that rank saved no RNG states."""
+    try:
+        kernels.preload(json.loads((folder / KERNELS).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass  # a checkpoint written before kernels were recorded
     f = rng_file(folder, rank)
     if not f.is_file():
         return False

@@ -7,6 +7,8 @@ are noise); these tests check that the figures are computed from the right quant
 from __future__ import annotations
 
 import json
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -41,6 +43,9 @@ def test_bench_train_writes_result(tmp_path, capsys):
         assert row["mfu"] == pytest.approx(row["model_tflops"] / r["peak_tflops"]["fp32"])
     assert r["peak_tflops"]["fp32"] > 0 and r["peak_tflops"]["bf16"] > 0
     assert r["machine"]["torch"] == torch.__version__ and r["machine"]["torch_threads"] == 1
+    # the kernels chosen by measurement, with the candidates' timings
+    (attn,) = [v for k, v in r["kernels"].items() if k.startswith("attention | float32 train 2x2x32 24/16")]
+    assert attn["choice"] in attn["ms"] and set(attn["ms"]) == {"flash", "sdpa", "matmul"}
     # activation checkpointing keeps only block inputs for the backward pass
     assert 0 < r["results"]["dsv3+ckpt"]["activation_mib"] < 0.5 * r["results"]["dsv3"]["activation_mib"]
     out = capsys.readouterr().out
@@ -104,6 +109,13 @@ class SyncCounter(TorchDispatchMode):
 
 
 def _one_step_syncs(precision: str) -> list[str]:
+    """Host reads of one step with the kernels a GPU runs (the fixed rules: nothing is measured
+    there; on CPU the measured padded-bmm experts may read their block size, which is free)."""
+    with mock.patch.dict(os.environ, {"DSV3_KERNELS": "rules"}):
+        return _count_syncs(precision)
+
+
+def _count_syncs(precision: str) -> list[str]:
     cfg = load_config(None, TINY)
     model = bench.build_dsv3(cfg, torch.device("cpu"), precision)
     side = bench.Side(

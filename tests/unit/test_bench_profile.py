@@ -26,7 +26,8 @@ TINY = tiny_model(**{"model.mtp_depth": "0", "data.seq_len": "32", "parallel.mic
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_profile_phases_flops_and_groups(precision):
+def test_profile_phases_flops_and_groups(precision, monkeypatch):
+    monkeypatch.setenv("DSV3_KERNELS", "rules")  # the FLOPs below are those of the fixed kernels
     cfg = load_config(None, TINY)
     r = bench.bench_train(cfg, precision, steps=1, reps=1, checkpointing=False, profile=True)
     p = r["profile"]
@@ -119,3 +120,14 @@ def test_machine_info():
     assert m["logical_cpus"] >= m["usable_cpus"] >= 1
     assert (m["gpu"] is None) == (not torch.cuda.is_available())
     assert m["cpu_dispatch"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_profile_counts_the_matmul_attention(monkeypatch):
+    """With the attention as two matrix products (a measured choice on CPU), the profile counts
+    both full (T x T) products: the causal half the flash kernel skips is computed and counted."""
+    monkeypatch.setenv("DSV3_KERNELS", "attention=matmul,experts=grouped_mm")
+    cfg = load_config(None, TINY)
+    r = bench.bench_train(cfg, "bf16", steps=1, reps=1, checkpointing=False, profile=True)
+    B, T, H, layers, dk, dv = 2, 32, 2, 2, 24, 16
+    expected = flops_per_token(cfg.model, T) / 3 * B * T + layers * 2 * B * H * T * T * (dk + dv) / 2
+    assert r["profile"]["phases"]["forward"]["matmul_flops"] == expected

@@ -149,9 +149,11 @@ def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
     """Without gradients: N*K < E runs the chosen experts from views of their weights (fp32 on
     CPU) or gathers them (otherwise); in bf16 on CPU up to
     DENSE_MAX_TOKENS (16) tokens run every expert; otherwise the grouped products. Each equals
-    the per-token loop (computed in fp32 from the same weights)."""
+    the per-token loop (computed in fp32 from the same weights). The fixed rules
+    (DSV3_KERNELS=rules); the measured alternatives are in test_kernels.py."""
     from dsv3.model import moe
 
+    monkeypatch.setenv("DSV3_KERNELS", "rules")
     torch.manual_seed(1)
     E, D, H, K = 6, 12, 16, 2
     ex = Experts(E, D, H)

@@ -1,0 +1,181 @@
+"""Kernels chosen by measuring them on this machine, once per shape.
+
+Some operations of the model have several implementations that compute the same values to
+rounding and whose speed depends on the CPU (its bf16 units: AVX-512-BF16, AMX) and on the
+shapes: the causal attention of training (``scaled_dot_product_attention``'s flash kernel, or
+two matrix products around a softmax), the routed experts' products (``torch._grouped_mm`` or
+one padded ``bmm``), the experts of a few decoding tokens in bf16 (grouped, or every expert
+on every token). :func:`choose` picks among such candidates:
+
+1. ``DSV3_KERNELS`` set to ``rules`` uses the first candidate (the fixed rule) everywhere, and
+   ``op=candidate,...`` forces candidates by operation name;
+2. else a choice this process already made or was given (:func:`preload`: the choices recorded
+   in a checkpoint, so a resumed run computes as it did before);
+3. else the machine's record (``$DSV3_KERNEL_CACHE``, else ``kernels.json`` in ``$DSV3_CACHE``
+   or ``~/.cache/dsv3``),
+   keyed by CPU model and torch version, read and written under a file lock: every process on
+   the machine makes the same choice, so two runs of one config compute the same values;
+4. else each candidate is timed on synthetic inputs of that shape (forward and backward when
+   training), interleaved, best of several rounds, and the fastest kept unless the first
+   candidate is within :data:`MARGIN` of it; the timings go to the record.
+
+Measuring uses its own random generator (the run's random state is untouched) and happens on
+CPU only: other devices and code being compiled use the first candidate. :func:`choices`
+returns this process's choices with their timings (written next to a benchmark result and
+into each checkpoint).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from dsv3.fileio import atomic_write_text
+from dsv3.hardware import cpu_info
+
+#: the first candidate is kept unless another is faster by more than this fraction
+MARGIN = 0.1
+#: timed rounds per candidate (the best counts): at least ROUNDS, more until each candidate
+#: has run for MIN_SECONDS, at most MAX_ROUNDS; after WARMUP untimed calls
+ROUNDS, MAX_ROUNDS, MIN_SECONDS, WARMUP = 3, 50, 0.05, 1
+
+_made: dict[str, dict] = {}  # key -> {"choice": name, "ms": {name: best ms} (absent when given)}
+
+
+def _forced() -> dict[str, str] | str | None:
+    value = os.environ.get("DSV3_KERNELS", "").strip()
+    if not value:
+        return None
+    if value == "rules":
+        return "rules"
+    forced = {}
+    for item in value.split(","):
+        op, sep, name = item.partition("=")
+        if not sep:
+            raise ValueError(f"DSV3_KERNELS={value!r}: write 'rules' or op=candidate pairs, e.g. attention=matmul")
+        forced[op.strip()] = name.strip()
+    return forced
+
+
+def cache_path() -> Path:
+    """The machine's record of measured choices: ``$DSV3_KERNEL_CACHE``, else ``kernels.json`` in
+    ``$DSV3_CACHE`` or ``~/.cache/dsv3`` (where prepared data lives by default)."""
+    if os.environ.get("DSV3_KERNEL_CACHE"):
+        return Path(os.environ["DSV3_KERNEL_CACHE"])
+    return Path(os.environ.get("DSV3_CACHE") or Path.home() / ".cache" / "dsv3") / "kernels.json"
+
+
+def _machine() -> str:
+    return f"{cpu_info()['model']} | torch {torch.__version__}"
+
+
+def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], None], device: torch.device) -> str:
+    """The candidate to use for operation ``op`` at ``key`` (dtype and shape), see the module doc.
+
+    Args:
+        op: operation name (``attention``, ``experts``, ``decode_experts``).
+        key: what the choice depends on besides the machine, e.g. ``"bf16 train 4x8x512x96"``.
+        candidates: names; the first is the fixed rule used where nothing is measured.
+        run: ``run(name)`` executes candidate ``name`` once on synthetic inputs (the timed work).
+        device: where the operation runs; only CPU is measured.
+
+    Returns:
+        one of ``candidates``.
+
+    Raises:
+        ValueError: ``DSV3_KERNELS`` names an unknown candidate for ``op`` or is malformed.
+    """
+    forced = _forced()
+    if forced == "rules" or device.type != "cpu" or torch.compiler.is_compiling():
+        return candidates[0]
+    if forced and op in forced:
+        if forced[op] not in candidates:
+            raise ValueError(f"DSV3_KERNELS: {op}={forced[op]} is not one of {', '.join(candidates)}")
+        return forced[op]
+    full = f"{op} | {key}"
+    made = _made.get(full)
+    if made is not None and made["choice"] in candidates:
+        return made["choice"]
+    path = cache_path()
+    machine = _machine()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - held across the measurement
+    except OSError:
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        record = _read(path)
+        entry = record.get(machine, {}).get(full)
+        if entry is None or entry.get("choice") not in candidates:
+            entry = _measure(candidates, run)
+            record.setdefault(machine, {})[full] = entry
+            if lock is not None:
+                try:
+                    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+                except OSError:
+                    pass
+    finally:
+        if lock is not None:
+            lock.close()
+    _made[full] = entry
+    return entry["choice"]
+
+
+def _read(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _measure(candidates: Sequence[str], run: Callable[[str], None]) -> dict:
+    """Time each candidate (interleaved rounds after a warm-up; best wall time) and pick."""
+    best = {name: float("inf") for name in candidates}
+    spent = dict.fromkeys(candidates, 0.0)
+    for _ in range(WARMUP):
+        for name in candidates:
+            run(name)
+    for r in range(MAX_ROUNDS):
+        if r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
+            break
+        for name in candidates:
+            t0 = time.perf_counter()
+            run(name)
+            dt = time.perf_counter() - t0
+            best[name], spent[name] = min(best[name], dt), spent[name] + dt
+    fastest = min(candidates, key=best.get)
+    choice = candidates[0] if best[candidates[0]] <= best[fastest] * (1 + MARGIN) else fastest
+    return {"choice": choice, "ms": {name: round(best[name] * 1e3, 3) for name in candidates}}
+
+
+def choices() -> dict[str, dict]:
+    """This process's choices: ``{"op | key": {"choice": name, "ms": {candidate: best ms}}}``
+    (``ms`` is absent for choices given by :func:`preload`)."""
+    return {k: dict(v) for k, v in _made.items()}
+
+
+def preload(recorded: dict[str, dict]) -> None:
+    """Use ``recorded`` (the :func:`choices` of an earlier process, e.g. from a checkpoint) for
+    the keys it holds, before anything is measured or read from the machine's record."""
+    for key, entry in recorded.items():
+        if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
+            _made[key] = {"choice": entry["choice"]}
+
+
+def generator() -> torch.Generator:
+    """A fresh CPU generator for synthetic inputs (the global random state is not touched)."""
+    return torch.Generator().manual_seed(0)
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two: one measurement covers a range of lengths."""
+    return 1 << max(0, (n - 1).bit_length())

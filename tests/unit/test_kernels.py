@@ -1,0 +1,150 @@
+"""Kernels chosen by measurement (dsv3.model.kernels): the choice, the machine's record, the
+forced settings, and every candidate computing the same values as the fixed rule."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from dsv3.model import kernels
+from dsv3.model.attention import ATTENTION_KERNELS, causal_attention
+from dsv3.model.moe import Experts
+
+
+@pytest.fixture
+def record(tmp_path, monkeypatch):
+    """A fresh machine record and no choices made in this process yet."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("DSV3_KERNEL_CACHE", str(path))
+    monkeypatch.delenv("DSV3_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_made", {})
+    return path
+
+
+def _sleeper(seconds: dict[str, float], calls: list[str]):
+    def run(name):
+        calls.append(name)
+        time.sleep(seconds[name])
+
+    return run
+
+
+def test_the_fastest_is_chosen_recorded_and_reused(record, monkeypatch):
+    calls = []
+    run = _sleeper({"a": 0.004, "b": 0.001}, calls)
+    cpu = torch.device("cpu")
+    assert kernels.choose("op", "k1", ["a", "b"], run, cpu) == "b"
+    assert calls[:2] == ["a", "b"] and calls.count("a") == calls.count("b") >= 1 + kernels.ROUNDS
+    entry = json.loads(record.read_text())[kernels._machine()]["op | k1"]
+    assert entry["choice"] == "b" and entry["ms"]["a"] > entry["ms"]["b"] >= 1.0
+    # another process on this machine reads the record instead of measuring
+    monkeypatch.setattr(kernels, "_made", {})
+    calls.clear()
+    assert kernels.choose("op", "k1", ["a", "b"], run, cpu) == "b" and calls == []
+    assert kernels.choices()["op | k1"]["choice"] == "b"
+    # a checkpoint's choices come first
+    kernels.preload({"op | k1": {"choice": "a"}})
+    assert kernels.choose("op", "k1", ["a", "b"], run, cpu) == "a" and calls == []
+
+
+def test_the_rule_stays_within_the_margin_and_off_cpu(record):
+    calls = []
+    run = _sleeper({"a": 0.0021, "b": 0.002}, calls)  # b is 5% faster: within MARGIN (10%)
+    assert kernels.MARGIN == 0.1
+    assert kernels.choose("op", "k2", ["a", "b"], run, torch.device("cpu")) == "a"
+    calls.clear()
+    assert kernels.choose("op", "k3", ["a", "b"], run, torch.device("meta")) == "a" and calls == []
+
+
+def test_forced_kernels(record, monkeypatch):
+    def run(name):
+        raise AssertionError("nothing is measured when the kernel is forced")
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("DSV3_KERNELS", "rules")
+    assert kernels.choose("attention", "k", ["flash", "matmul"], run, cpu) == "flash"
+    monkeypatch.setenv("DSV3_KERNELS", "attention=matmul, experts=bmm")
+    assert kernels.choose("attention", "k", ["flash", "matmul"], run, cpu) == "matmul"
+    assert kernels.choose("experts", "k", ["grouped_mm", "bmm"], run, cpu) == "bmm"
+    monkeypatch.setenv("DSV3_KERNELS", "attention=fast")
+    with pytest.raises(ValueError, match="attention=fast is not one of flash, matmul"):
+        kernels.choose("attention", "k", ["flash", "matmul"], run, cpu)
+    monkeypatch.setenv("DSV3_KERNELS", "matmul")
+    with pytest.raises(ValueError, match="op=candidate"):
+        kernels.choose("attention", "k", ["flash", "matmul"], run, cpu)
+    assert not record.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernels_agree(dtype, record):
+    """Every candidate computes the causal attention: values and gradients of the fp32 SDPA
+    reference (fp32 within 1e-5; bf16 within its rounding), and measuring them leaves the
+    global random state alone."""
+    torch.manual_seed(0)
+    B, H, T, Dk, Dv = 2, 3, 40, 24, 16
+    q, k, v = (torch.randn(B, H, T, d) for d in (Dk, Dk, Dv))
+    g = torch.randn(B, H, T, Dv)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=True, scale=0.3)
+    ref_grads = torch.autograd.grad((ref * g).sum(), ref_in)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    for name, fn in ATTENTION_KERNELS.items():
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*ins, 0.3)
+        grads = torch.autograd.grad((out.float() * g).sum(), ins)
+        torch.testing.assert_close(out.float(), ref, **tol, msg=name)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a.float(), b, **tol, msg=name)
+    state = torch.random.get_rng_state()
+    causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    (entry,) = kernels.choices().values()
+    assert set(entry["ms"]) == {"flash", "sdpa", "matmul"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_kernels_agree(dtype, record, monkeypatch):
+    """The padded bmm and the grouped products give the same output and gradients."""
+    torch.manual_seed(0)
+    E, D, I, N, K = 6, 16, 32, 20, 2
+    ex = Experts(E, D, I)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ex = ex.to(dtype)
+    x = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])
+    w = torch.rand(N, K)
+    got = {}
+    for name in ("grouped_mm", "bmm"):
+        monkeypatch.setenv("DSV3_KERNELS", f"experts={name}")
+        y = ex(x, w, idx)
+        got[name] = [y, *torch.autograd.grad(y.float().square().sum(), [x, *ex.parameters()])]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    for a, b in zip(got["grouped_mm"], got["bmm"]):
+        torch.testing.assert_close(a, b, **tol)
+    monkeypatch.delenv("DSV3_KERNELS")
+    ex(x, w, idx)
+    (entry,) = kernels.choices().values()
+    assert set(entry["ms"]) == {"grouped_mm", "bmm"}
+
+
+def test_a_model_step_measures_once_per_shape(record):
+    """A forward and backward of the tiny model measures each (operation, shape) once; a second
+    step measures nothing."""
+    from dsv3.config import load_config
+    from dsv3.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = load_config(None, tiny_model())
+    model = Transformer(cfg.model)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    model(ids).float().mean().backward()
+    first = json.loads(record.read_text())[kernels._machine()]
+    assert {k.split(" | ")[0] for k in first} == {"attention", "experts"}
+    mtime = record.stat().st_mtime_ns
+    model(ids).float().mean().backward()
+    assert record.stat().st_mtime_ns == mtime and set(kernels.choices()) == set(first)
