@@ -163,7 +163,7 @@ class ActivationBytes:
         moe_ffn: one DeepSeekMoE sublayer including its RMSNorm, the router and the experts.
         block_input: what a checkpointed block keeps (its input hidden state).
         embedding: token ids kept by the embedding lookup.
-        head: final RMSNorm, the logits, targets, their mask and log-sum-exp.
+        head: final RMSNorm, the logits, targets and their mask.
         mtp_inner: one MTP module beyond its transformer block and its head (two norms, the
             concatenation); its head costs ``head`` too (its own label and mask tensors).
         mtp_input: what a checkpointed MTP module keeps (the embeddings it reads).
@@ -219,9 +219,9 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
       what the scatter-add back to the tokens keeps), the gate weight per row ``a K``) +
       shared experts ``4 a S``.
     - head: ``norm(D) + a V`` (the logits, kept by the blocked cross-entropy of
-      :func:`dsv3.model.objective.ce_sum`) ``+ 13`` (int64 targets, their bool mask, one fp32
-      log-sum-exp); embedding ``8``.
-    - MTP module (besides its MoE block and its head ``norm(D) + a V + 13``): the norms of the
+      :func:`dsv3.model.objective.ce_sum`) ``+ 9`` (int64 targets and their bool mask);
+      embedding ``8``.
+    - MTP module (besides its MoE block and its head ``norm(D) + a V + 9``): the norms of the
       embedding and of the previous depth's state without their outputs (the concatenation
       keeps nothing), ``2 (8 D + 4)`` (minus ``4 D`` under fp32, where the second norm's
       input is the head norm's output, kept anyway), and the concatenation ``2 a D`` (the
@@ -264,7 +264,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     routed = 16 * K + 3 * a * K * D + 4 * a * K * m.moe_inter_dim + a * K
     shared = 4 * a * m.n_shared_experts * m.moe_inter_dim
     moe_ffn = _norm_bytes(D, a) + router + routed + shared
-    head = _norm_bytes(D, a) + a * m.vocab_size + 13
+    head = _norm_bytes(D, a) + a * m.vocab_size + 9
     mtp_inner = 2 * (_norm_bytes(D, a) - a * D) - (4 * D if a == 4 else 0) + 2 * a * D
     return ActivationBytes(
         attention=float(attention),

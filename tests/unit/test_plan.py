@@ -155,7 +155,7 @@ def test_activation_bytes_by_hand():
     router = 4 * 8 + 8 * 2 + 4 * 2 + 12 + 8 * (2 * 2 + 1) + 2  # scores, top-K, weights, sums, group top-k, mask
     routed = 16 * 2 + 3 * 4 * 2 * 64 + 4 * 4 * 2 * 32 + 4 * 2
     assert a32.moe_ffn == norm + router + routed + 4 * 4 * 32 == 3994
-    assert a32.head == norm + 4 * 512 + 13 == 2833  # logits, targets, mask, log-sum-exp
+    assert a32.head == norm + 4 * 512 + 9 == 2829  # logits, targets, mask
     assert a32.mtp_inner == 2 * (norm - 4 * 64) - 4 * 64 + 2 * 4 * 64 == 1288  # norm outputs go to cat
     assert a32.block_input == 256 and a32.embedding == 8
 
@@ -167,7 +167,7 @@ def test_activation_bytes_by_hand():
     router = 4 * 64 + 4 * 8 + 8 * 2 + 4 * 2 + 12 + 8 * (2 * 2 + 1) + 2  # + the gate's fp32 input copy
     routed = 16 * 2 + 3 * 2 * 2 * 64 + 4 * 2 * 2 * 32 + 2 * 2
     assert a16.moe_ffn == norm + router + routed + 4 * 2 * 32 == 2582
-    assert a16.head == norm + 2 * 512 + 13 == 1681  # bf16 logits
+    assert a16.head == norm + 2 * 512 + 9 == 1677  # bf16 logits
     assert a16.mtp_inner == 2 * (norm - 2 * 64) + 2 * 2 * 64 == 1288
     assert a16.block_input == 128
     with pytest.raises(DsvError, match="train.precision='fp16'"):
@@ -183,11 +183,11 @@ def test_tiny_stage_activations_by_hand():
     # stage 1 = MoE layer 1 + head + MTP module (MoE block + its head), 1 in flight
     sp = plan_layout(cfg, parts, Layout(2, 2, 1, 1, 4, 3, False))
     assert sp.stages[0].activations == tokens * 2 * (1776 + 2820 + 8)
-    assert sp.stages[1].activations == tokens * ((1776 + 3994) + 2833 + (1288 + 1776 + 3994) + 2833)
+    assert sp.stages[1].activations == tokens * ((1776 + 3994) + 2829 + (1288 + 1776 + 3994) + 2829)
     ck = plan_layout(cfg, parts, Layout(2, 2, 1, 1, 4, 3, True))
     # checkpointed: block inputs (+ ids) per micro-batch in flight, plus the recomputed block once
     assert ck.stages[0].activations == tokens * (2 * (256 + 8) + 1776 + 2820)
-    assert ck.stages[1].activations == tokens * ((256 + 2833 + 256 + 2833) + (1288 + 1776 + 3994))
+    assert ck.stages[1].activations == tokens * ((256 + 2829 + 256 + 2829) + (1288 + 1776 + 3994))
     assert sp.stages[0].a2a_buffers == 0 and sp.a2a_bytes == 0  # ep=1: no all-to-all
     assert sp.bubble == pytest.approx(1 / 4)
 
