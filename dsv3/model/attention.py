@@ -40,7 +40,7 @@ LATENT_NORM_EPS = 1e-6
 
 
 #: the matmul attention materializes the (B, H, T, S) scores: it is a candidate only while they
-#: take at most this many bytes (fp32 scores and their low-precision copy, 6 bytes each)
+#: take at most this many bytes (the scores and the probabilities kept for the backward)
 MATMUL_ATTENTION_MAX_BYTES = 1 << 28
 
 
@@ -59,13 +59,15 @@ def _sdpa(q, k, v, scale):
 
 
 def _matmul(q, k, v, scale):
-    """Two matrix products around an fp32 softmax: ``softmax(q k^T * scale + causal) v``, the
-    scores materialized (the bf16 products run at the machine's matmul speed, which the CPU
-    flash kernel does not reach on every CPU)."""
+    """Two matrix products around a softmax: ``softmax(q k^T * scale + causal) v``, the scores
+    materialized in the inputs' dtype (the matmul's output dtype; the softmax computes in fp32
+    inside and keeps its bf16 output for the backward). The products run at the machine's matmul
+    speed, which the CPU flash kernel does not reach everywhere: in bf16 on a 2-core AVX-512-BF16
+    CPU, forward + backward of 4 x 8 heads x 512 tokens took 47 ms against 104 for flash."""
     T, S = q.shape[-2], k.shape[-2]
     s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, S)
-    mask = torch.full((T, S), float("-inf"), device=q.device).triu_(S - T + 1)  # query t sees keys <= S-T+t
-    p = torch.softmax(s.float() + mask, dim=-1).to(q.dtype)
+    masked = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)  # query t sees keys <= S-T+t
+    p = torch.softmax(s.masked_fill_(masked, float("-inf")), dim=-1)
     return torch.matmul(p, v)  # (B, H, T, dv)
 
 
@@ -79,10 +81,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Candidates: ``flash`` (SDPA, v padded to the q/k head dim), ``sdpa`` (SDPA as given) and,
     on CPU while the scores fit :data:`MATMUL_ATTENTION_MAX_BYTES`, ``matmul``. The first is the
     fixed rule: on CUDA ``flash`` in bf16 / fp16, else ``sdpa``; on CPU ``flash`` in fp32 and
-    from 512 tokens in bf16 (measured on a 2-core AVX-512-BF16 CPU: flash beat the math kernel in
-    fp32 by 18-32% per attention forward + backward, in bf16 from 512 tokens; the matmul
-    attention beat both in bf16, 84 against 111 ms at 4 x 8 heads x 512 tokens and 8 against
-    20 ms at 8 x 4 x 256, and tied in fp32).
+    from 512 tokens in bf16 (on the first machine measured, flash beat the math kernel in fp32 by
+    18-32% per attention forward + backward, in bf16 from 512 tokens). On a 2-core
+    AVX-512-BF16 CPU (bf16 matmul peak 4.4x fp32) the matmul attention beat both in bf16:
+    5.4 against 12.5 ms (flash) at 4 x 4 heads x 256 tokens, 47 against 104 ms at 4 x 8 x 512.
 
     Args:
         q, k: (B, H, T, Dk); v: (B, H, T, Dv), one dtype.
@@ -101,7 +103,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         candidates = ["flash", "sdpa"]
     else:
         candidates = ["sdpa", "flash"]
-    if not cuda and B * H * T * T * 6 <= MATMUL_ATTENTION_MAX_BYTES:
+    if not cuda and B * H * T * T * 2 * q.element_size() <= MATMUL_ATTENTION_MAX_BYTES:
         candidates.append("matmul")
     if len(candidates) == 1 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return ATTENTION_KERNELS[candidates[0]](q, k, v, scale)

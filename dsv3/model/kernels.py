@@ -13,7 +13,7 @@ on every token). :func:`choose` picks among such candidates:
    in a checkpoint, so a resumed run computes as it did before);
 3. else the machine's record (``$DSV3_KERNEL_CACHE``, else ``kernels.json`` in ``$DSV3_CACHE``
    or ``~/.cache/dsv3``),
-   keyed by CPU model and torch version, read and written under a file lock: every process on
+   keyed by CPU model, torch version and :data:`REVISION`, read and written under a file lock: every process on
    the machine makes the same choice, so two runs of one config compute the same values;
 4. else each candidate is timed on synthetic inputs of that shape (forward and backward when
    training), interleaved, best of several rounds, and the fastest kept unless the first
@@ -45,6 +45,10 @@ MARGIN = 0.1
 #: has run for MIN_SECONDS, at most MAX_ROUNDS; after WARMUP untimed calls
 ROUNDS, MAX_ROUNDS, MIN_SECONDS, WARMUP = 3, 50, 0.05, 1
 
+#: part of the machine's record key: raised whenever a candidate's implementation changes, so
+#: that choices measured with the old one are measured again
+REVISION = 2
+
 _made: dict[str, dict] = {}  # key -> {"choice": name, "ms": {name: best ms} (absent when given)}
 
 
@@ -72,7 +76,7 @@ def cache_path() -> Path:
 
 
 def _machine() -> str:
-    return f"{cpu_info()['model']} | torch {torch.__version__}"
+    return f"{cpu_info()['model']} | torch {torch.__version__} | dsv3 kernels {REVISION}"
 
 
 def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], None], device: torch.device) -> str:
