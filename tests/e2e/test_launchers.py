@@ -33,19 +33,27 @@ def launch(script, overrides):
     return proc
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh", "accelerate.sh"])
-def test_launcher_two_cpu_processes(script, corpus_dir, data_cache, tmp_path):
-    extra = {"train.steps": 3, "ckpt.every": 3, "train.eval_every": 3, "parallel.micro_batch_size": 2}
-    launch(script, tiny_overrides(corpus_dir, data_cache, tmp_path / "dp2", **extra))
-    single = tmp_path / "single"
+EXTRA = {"train.steps": 3, "ckpt.every": 3, "train.eval_every": 3, "parallel.micro_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def single(corpus_dir, data_cache, tmp_path_factory):
+    """One process with the launchers' global batch (2 x 2): the run each launcher must reproduce."""
+    out = tmp_path_factory.mktemp("launchers") / "single"
     run_dsv3(
         [
             "train",
             "--no-sample",
-            *tiny_overrides(corpus_dir, data_cache, single, **{**extra, "parallel.micro_batch_size": 4}),
+            *tiny_overrides(corpus_dir, data_cache, out, **{**EXTRA, "parallel.micro_batch_size": 4}),
         ]
     )
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh", "accelerate.sh"])
+def test_launcher_two_cpu_processes(script, single, corpus_dir, data_cache, tmp_path):
+    launch(script, tiny_overrides(corpus_dir, data_cache, tmp_path / "dp2", **EXTRA))
     got, want = metrics(tmp_path / "dp2"), metrics(single)
     assert sorted(got) == sorted(want) == [0, 1, 2, 3]
     for step, rec in want.items():
