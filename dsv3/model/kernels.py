@@ -115,7 +115,10 @@ def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], No
         lock = None
     try:
         if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks: measure and write anyway
+                pass
         record = _read(path)
         entry = record.get(machine, {}).get(full)
         if entry is None or entry.get("choice") not in candidates:

@@ -148,3 +148,28 @@ def test_a_model_step_measures_once_per_shape(record):
     mtime = record.stat().st_mtime_ns
     model(ids).float().mean().backward()
     assert record.stat().st_mtime_ns == mtime and set(kernels.choices()) == set(first)
+
+
+def test_processes_on_one_machine_measure_once(record, tmp_path):
+    """Three processes asking for the same choice at once: one measures (under the record's
+    lock), the others wait and read its choice."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time, torch\n"
+        "from dsv3.model import kernels\n"
+        "def run(name):\n"
+        "    open(sys.argv[1], 'a').write(name + '\\n')\n"
+        "    time.sleep({'a': 0.02, 'b': 0.002}[name])\n"
+        "print(kernels.choose('op', 'shared', ['a', 'b'], run, torch.device('cpu')))\n"
+    )
+    log = tmp_path / "measured.txt"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(log)], stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == ["b", "b", "b"] and all(p.returncode == 0 for p in procs)
+    calls = log.read_text().split()
+    assert calls.count("a") == calls.count("b") >= 1 + kernels.ROUNDS  # one measurement in all
+    assert calls.count("a") <= 1 + kernels.MAX_ROUNDS
