@@ -146,11 +146,10 @@ def zero_held_elements(sizes: list[int], parts: int, rank: int | None = None) ->
 def _norm_bytes(n: int, a: int) -> int:
     """Bytes per token that :class:`dsv3.model.norm.RMSNorm` over ``n`` channels keeps for backward.
 
-    The norm computes in fp32: it keeps its input in fp32 (a cast copy under bf16, the input
-    itself under fp32), the normalized fp32 values, one fp32 reciprocal RMS, and the consumer
-    (a linear layer) keeps the output in the activation dtype: ``(4 + 4 + a) * n + 4``.
+    The norm computes in fp32 and keeps its input in the activation dtype and one fp32
+    reciprocal RMS; the consumer (a linear layer) keeps the output: ``2 a n + 4``.
     """
-    return (8 + a) * n + 4
+    return 2 * a * n + 4
 
 
 @dataclass
@@ -201,12 +200,12 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
 
     With D = dim, Rq = q_lora_rank, C = kv_lora_rank, dn/dr/dv the head dims, H heads,
     F = inter_dim, I = moe_inter_dim, S = n_shared_experts * I, E routed experts, K activated,
-    G groups, Gk = n_limited_groups, V = vocab_size, ``norm(n) = (8 + a) n + 4`` (see
+    G groups, Gk = n_limited_groups, V = vocab_size, ``norm(n) = 2 a n + 4`` (see
     :func:`_norm_bytes`), per token:
 
     - MLA: ``norm(D)`` + query path ``norm(Rq)`` (when Rq > 0) + key latent
-      ``4 C + 4 C + a C + 4`` (the latent's fp32 copy, normalized, output; under fp32 the
-      norm's input is a view of the whole kv_a output, ``4 (C + dr)`` instead of ``4 C``) +
+      ``a (C + dr) + a C + 4`` (the norm's input is a view of the whole kv_a output; its
+      output; the reciprocal RMS) +
       attention inputs ``a H (dn + dr)`` (q) ``+ a H (dn + dr)`` (k) ``+ a H (dn + dv)`` (the
       kv_b output that v is a view of) + output ``a H dv`` (also the input of o_proj) +
       log-sum-exp ``4 H``. RoPE is linear in its input and keeps only the cos/sin tables.
@@ -223,7 +222,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
       embedding ``8``.
     - MTP module (besides its MoE block and its head ``norm(D) + a V + 9``): the norms of the
       embedding and of the previous depth's state without their outputs (the concatenation
-      keeps nothing), ``2 (8 D + 4)`` (minus ``4 D`` under fp32, where the second norm's
+      keeps nothing): the embedding ``a D`` and two reciprocal RMS ``8`` (the second norm's
       input is the head norm's output, kept anyway), and the concatenation ``2 a D`` (the
       input of eh_proj). Counted over T positions (depth k really has T - k).
 
@@ -255,7 +254,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     attention = _norm_bytes(D, a)
     if m.q_lora_rank > 0:
         attention += _norm_bytes(m.q_lora_rank, a)
-    attention += 4 * (C + (dr if a == 4 else 0)) + 4 * C + a * C + 4  # key latent and its norm
+    attention += a * (C + dr) + a * C + 4  # key latent and its norm
     attention += a * H * (dn + dr) * 2 + a * H * (dn + dv) + a * H * dv + 4 * H  # q, k, kv_b out, o, lse
     dense_ffn = _norm_bytes(D, a) + 4 * a * m.inter_dim
     router = (4 * D if a < 4 else 0) + 4 * E + 8 * K + 4 * K + 12
@@ -265,7 +264,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     shared = 4 * a * m.n_shared_experts * m.moe_inter_dim
     moe_ffn = _norm_bytes(D, a) + router + routed + shared
     head = _norm_bytes(D, a) + a * m.vocab_size + 9
-    mtp_inner = 2 * (_norm_bytes(D, a) - a * D) - (4 * D if a == 4 else 0) + 2 * a * D
+    mtp_inner = a * D + 8 + 2 * a * D
     return ActivationBytes(
         attention=float(attention),
         dense_ffn=float(dense_ffn),

@@ -148,27 +148,29 @@ def test_proposer_finds_a_fitting_layout_for_671b(v3_parts):
 def test_activation_bytes_by_hand():
     m = load_config(None, TINY).model  # D=64 H=2 C=16 dn=16 dr=8 dv=16 F=128 I=32 E=8 K=2 G=2 Gk=1 V=512
     a32 = activation_bytes_per_token(m, "fp32")
-    norm = 4 * 64 + 4 * 64 + 4 * 64 + 4  # fp32 input, normalized, output, 1/rms
-    assert a32.attention == norm + (4 * 24 + 4 * 16 + 4 * 16 + 4) + 4 * 2 * 24 * 2 + 4 * 2 * 32 + 4 * 2 * 16 + 4 * 2
-    assert a32.attention == 1776
-    assert a32.dense_ffn == norm + 4 * 4 * 128 == 2820
+    norm = 4 * 64 + 4 * 64 + 4  # input, output (kept by the next linear), 1/rms
+    latent = 4 * (16 + 8) + 4 * 16 + 4  # kv_a output (the latent norm's input is a view), normalized, 1/rms
+    assert a32.attention == norm + latent + 4 * 2 * 24 * 2 + 4 * 2 * 32 + 4 * 2 * 16 + 4 * 2
+    assert a32.attention == 1456
+    assert a32.dense_ffn == norm + 4 * 4 * 128 == 2564
     router = 4 * 8 + 8 * 2 + 4 * 2 + 12 + 8 * (2 * 2 + 1) + 2  # scores, top-K, weights, sums, group top-k, mask
     routed = 16 * 2 + 3 * 4 * 2 * 64 + 4 * 4 * 2 * 32 + 4 * 2
-    assert a32.moe_ffn == norm + router + routed + 4 * 4 * 32 == 3994
-    assert a32.head == norm + 4 * 512 + 9 == 2829  # logits, targets, mask
-    assert a32.mtp_inner == 2 * (norm - 4 * 64) - 4 * 64 + 2 * 4 * 64 == 1288  # norm outputs go to cat
+    assert a32.moe_ffn == norm + router + routed + 4 * 4 * 32 == 3738
+    assert a32.head == norm + 4 * 512 + 9 == 2573  # logits, targets, mask
+    assert a32.mtp_inner == 4 * 64 + 8 + 2 * 4 * 64 == 776  # embedding, two 1/rms, the concatenation
     assert a32.block_input == 256 and a32.embedding == 8
 
     a16 = activation_bytes_per_token(m, "bf16")
-    norm = 4 * 64 + 4 * 64 + 2 * 64 + 4
-    assert a16.attention == norm + (4 * 16 + 4 * 16 + 2 * 16 + 4) + 2 * 2 * 24 * 2 + 2 * 2 * 32 + 2 * 2 * 16 + 4 * 2
-    assert a16.attention == 1200
-    assert a16.dense_ffn == norm + 4 * 2 * 128 == 1668
+    norm = 2 * 64 + 2 * 64 + 4
+    latent = 2 * (16 + 8) + 2 * 16 + 4
+    assert a16.attention == norm + latent + 2 * 2 * 24 * 2 + 2 * 2 * 32 + 2 * 2 * 16 + 4 * 2
+    assert a16.attention == 736
+    assert a16.dense_ffn == norm + 4 * 2 * 128 == 1284
     router = 4 * 64 + 4 * 8 + 8 * 2 + 4 * 2 + 12 + 8 * (2 * 2 + 1) + 2  # + the gate's fp32 input copy
     routed = 16 * 2 + 3 * 2 * 2 * 64 + 4 * 2 * 2 * 32 + 2 * 2
-    assert a16.moe_ffn == norm + router + routed + 4 * 2 * 32 == 2582
-    assert a16.head == norm + 2 * 512 + 9 == 1677  # bf16 logits
-    assert a16.mtp_inner == 2 * (norm - 2 * 64) + 2 * 2 * 64 == 1288
+    assert a16.moe_ffn == norm + router + routed + 4 * 2 * 32 == 2198
+    assert a16.head == norm + 2 * 512 + 9 == 1293  # bf16 logits
+    assert a16.mtp_inner == 2 * 64 + 8 + 2 * 2 * 64 == 392
     assert a16.block_input == 128
     with pytest.raises(DsvError, match="train.precision='fp16'"):
         activation_bytes_per_token(m, "fp16")
@@ -182,12 +184,12 @@ def test_tiny_stage_activations_by_hand():
     # pp=2: stage 0 = embedding + dense layer 0, 2 micro-batches in flight (m=3);
     # stage 1 = MoE layer 1 + head + MTP module (MoE block + its head), 1 in flight
     sp = plan_layout(cfg, parts, Layout(2, 2, 1, 1, 4, 3, False))
-    assert sp.stages[0].activations == tokens * 2 * (1776 + 2820 + 8)
-    assert sp.stages[1].activations == tokens * ((1776 + 3994) + 2829 + (1288 + 1776 + 3994) + 2829)
+    assert sp.stages[0].activations == tokens * 2 * (1456 + 2564 + 8)
+    assert sp.stages[1].activations == tokens * ((1456 + 3738) + 2573 + (776 + 1456 + 3738) + 2573)
     ck = plan_layout(cfg, parts, Layout(2, 2, 1, 1, 4, 3, True))
     # checkpointed: block inputs (+ ids) per micro-batch in flight, plus the recomputed block once
-    assert ck.stages[0].activations == tokens * (2 * (256 + 8) + 1776 + 2820)
-    assert ck.stages[1].activations == tokens * ((256 + 2829 + 256 + 2829) + (1288 + 1776 + 3994))
+    assert ck.stages[0].activations == tokens * (2 * (256 + 8) + 1456 + 2564)
+    assert ck.stages[1].activations == tokens * ((256 + 2573 + 256 + 2573) + (776 + 1456 + 3738))
     assert sp.stages[0].a2a_buffers == 0 and sp.a2a_bytes == 0  # ep=1: no all-to-all
     assert sp.bubble == pytest.approx(1 / 4)
 
