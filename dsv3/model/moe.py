@@ -213,10 +213,10 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 
 
 DENSE_MAX_TOKENS = 16
-"""On CPU in bf16 / fp16, inference batches of at most this many tokens whose choices fill at
-least E expert slots (N * K >= E) may run every expert on every token
-(:meth:`Experts._all_experts`), chosen by measurement against the grouped products (the rule
-where nothing is measured: every expert). Measured on the 2-core AVX-512-BF16 CPU (``tiny``
+"""On CPU, inference batches of at most this many tokens whose choices fill at least E expert
+slots (N * K >= E) may run every expert on every token (:meth:`Experts._all_experts`), chosen
+by measurement against the grouped products (the rule where nothing is measured: every
+expert in bf16 / fp16, the grouped products in fp32). Measured on the 2-core AVX-512-BF16 CPU (``tiny``
 config, compiled, greedy decoding at batch 8, one thread): bf16 1589 -> 2079 tokens/s, since
 each small bf16 product has a large fixed cost; in fp32 the small products are cheap and the
 E/K times more arithmetic made it slower (1346 -> 1271), so fp32 keeps the grouped products."""
@@ -268,7 +268,7 @@ class Experts(nn.Module):
             if x.device.type == "cpu" and x.element_size() >= 4 and fast_inference(self):
                 return self._chosen_loop(x, weights, flat, N, K)
             return self._few_tokens(x, weights, flat, N, K)
-        if not torch.is_grad_enabled() and N <= DENSE_MAX_TOKENS and x.device.type == "cpu" and x.element_size() < 4:
+        if not torch.is_grad_enabled() and N <= DENSE_MAX_TOKENS and x.device.type == "cpu":
             if self.kernel(x, N, K, dense=True) == "all_experts":
                 return self._all_experts(x, weights, indices)
         return self._grouped(x, weights, indices, self.kernel(x, N, K))
@@ -299,8 +299,8 @@ class Experts(nn.Module):
         (see :data:`DENSE_MAX_TOKENS`); else ``grouped_mm`` or ``bmm`` (padded) for the grouped
         products (:func:`grouped_matmul`), measured forward and backward outside inference."""
         E, I, D = self.gate_proj.shape
-        if dense:
-            candidates = ["all_experts", "grouped"]
+        if dense:  # the rule: every expert in bf16 / fp16, the grouped products in fp32
+            candidates = ["all_experts", "grouped"] if x.element_size() < 4 else ["grouped", "all_experts"]
         elif _grouped_mm_ok(x, I, D) and _grouped_mm_ok(x, D, I):
             candidates = ["grouped_mm", "bmm"]
         else:

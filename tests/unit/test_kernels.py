@@ -173,3 +173,25 @@ def test_processes_on_one_machine_measure_once(record, tmp_path):
     calls = log.read_text().split()
     assert calls.count("a") == calls.count("b") >= 1 + kernels.ROUNDS  # one measurement in all
     assert calls.count("a") <= 1 + kernels.MAX_ROUNDS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_expert_candidates_agree(dtype, record, monkeypatch):
+    """A few inference tokens: every expert on every token (unchosen ones weighted 0) equals the
+    grouped products, in fp32 and bf16."""
+    torch.manual_seed(0)
+    E, D, I, N, K = 8, 16, 32, 6, 2
+    ex = Experts(E, D, I)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ex = ex.to(dtype)
+    x = torch.randn(N, D, dtype=dtype)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    w = torch.rand(N, K)
+    got = {}
+    for name in ("all_experts", "grouped"):
+        monkeypatch.setenv("DSV3_KERNELS", f"decode_experts={name}")
+        with torch.inference_mode():
+            got[name] = ex(x, w, idx).float()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got["all_experts"], got["grouped"], **tol)
