@@ -12,9 +12,9 @@ on every token). :func:`choose` picks among such candidates:
 2. else a choice this process already made or was given (:func:`preload`: the choices recorded
    in a checkpoint, so a resumed run computes as it did before);
 3. else the machine's record (``$DSV3_KERNEL_CACHE``, else ``kernels.json`` in ``$DSV3_CACHE``
-   or ``~/.cache/dsv3``),
-   keyed by CPU model, torch version and :data:`REVISION`, read and written under a file lock: every process on
-   the machine makes the same choice, so two runs of one config compute the same values;
+   or ``~/.cache/dsv3``), keyed by CPU model and ISA features, torch version and
+   :data:`REVISION`, read and written under a file lock: every process on the machine makes
+   the same choice, so two runs of one config compute the same values;
 4. else each candidate is timed on synthetic inputs of that shape (forward and backward when
    training), interleaved, best of several rounds, and the fastest kept unless the first
    candidate is within :data:`MARGIN` of it; the timings go to the record.
@@ -76,7 +76,9 @@ def cache_path() -> Path:
 
 
 def _machine() -> str:
-    return f"{cpu_info()['model']} | torch {torch.__version__} | dsv3 kernels {REVISION}"
+    info = cpu_info()
+    features = ",".join(info["features"]) or "-"
+    return f"{info['model']} ({features}) | torch {torch.__version__} | dsv3 kernels {REVISION}"
 
 
 def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], None], device: torch.device) -> str:
