@@ -67,7 +67,9 @@ def _matmul(q, k, v, scale):
     T, S = q.shape[-2], k.shape[-2]
     s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, S)
     masked = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)  # query t sees keys <= S-T+t
-    p = torch.softmax(s.masked_fill_(masked, float("-inf")), dim=-1)
+    with torch.no_grad():  # not recorded: the softmax's gradient at a masked score is 0 already (p = 0 there)
+        s.masked_fill_(masked, float("-inf"))
+    p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v)  # (B, H, T, dv)
 
 
