@@ -147,7 +147,15 @@ def _read(path: Path) -> dict:
 
 
 def _measure(candidates: Sequence[str], run: Callable[[str], None]) -> dict:
-    """Time each candidate (interleaved rounds after a warm-up; best wall time) and pick."""
+    """Time each candidate (interleaved rounds after a warm-up; best wall time) and pick.
+
+    The candidates run under identity saved-tensor hooks, so hooks of the caller (which may
+    be counting what its own forward keeps for backward) do not see the synthetic tensors."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return _timed(candidates, run)
+
+
+def _timed(candidates: Sequence[str], run: Callable[[str], None]) -> dict:
     best = {name: float("inf") for name in candidates}
     spent = dict.fromkeys(candidates, 0.0)
     for _ in range(WARMUP):

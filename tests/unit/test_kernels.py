@@ -195,3 +195,17 @@ def test_decode_expert_candidates_agree(dtype, record, monkeypatch):
             got[name] = ex(x, w, idx).float()
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     torch.testing.assert_close(got["all_experts"], got["grouped"], **tol)
+
+
+def test_measuring_is_invisible_to_the_callers_saved_tensor_hooks(record):
+    """What a forward keeps for backward (counted through saved-tensor hooks, as
+    ``dsv3 bench train`` does) is the same whether its kernels were measured on the way or not."""
+    q, k = (torch.randn(2, 2, 16, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 2, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    counts = []
+    for _ in range(2):  # the first call measures, the second reads the choice
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+            causal_attention(q, k, v, 0.2)
+        counts.append(len(packed))
+    assert len(kernels.choices()) == 1 and counts[0] == counts[1] > 0
