@@ -205,7 +205,7 @@ def test_measuring_is_invisible_to_the_callers_saved_tensor_hooks(record):
     counts = []
     for _ in range(2):  # the first call measures, the second reads the choice
         packed = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, seen=packed: seen.append(t.shape) or t, lambda t: t):
             causal_attention(q, k, v, 0.2)
         counts.append(len(packed))
     assert len(kernels.choices()) == 1 and counts[0] == counts[1] > 0
