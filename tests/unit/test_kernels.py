@@ -106,15 +106,20 @@ def test_attention_kernels_agree(dtype, record):
     assert set(entry["ms"]) == {"flash", "sdpa", "matmul"}
 
 
+def _experts(E: int, D: int, dtype: torch.dtype) -> Experts:
+    """E routed experts of width D (hidden 32), weights N(0, 0.3) from seed 0, in ``dtype``."""
+    torch.manual_seed(0)
+    ex = Experts(E, D, 32)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return ex.to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_kernels_agree(dtype, record, monkeypatch):
     """The padded bmm and the grouped products give the same output and gradients."""
-    torch.manual_seed(0)
-    E, D, I, N, K = 6, 16, 32, 20, 2
-    ex = Experts(E, D, I)
-    for p in ex.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    ex = ex.to(dtype)
+    E, D, N, K = 6, 16, 20, 2
+    ex = _experts(E, D, dtype)
     x = torch.randn(N, D, dtype=dtype, requires_grad=True)
     idx = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])
     w = torch.rand(N, K)
@@ -179,12 +184,8 @@ def test_processes_on_one_machine_measure_once(record, tmp_path):
 def test_decode_expert_candidates_agree(dtype, record, monkeypatch):
     """A few inference tokens: every expert on every token (unchosen ones weighted 0) equals the
     grouped products, in fp32 and bf16."""
-    torch.manual_seed(0)
-    E, D, I, N, K = 8, 16, 32, 6, 2
-    ex = Experts(E, D, I)
-    for p in ex.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    ex = ex.to(dtype)
+    E, D, N, K = 8, 16, 6, 2
+    ex = _experts(E, D, dtype)
     x = torch.randn(N, D, dtype=dtype)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
     w = torch.rand(N, K)
