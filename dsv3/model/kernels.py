@@ -2,10 +2,10 @@
 
 Some operations of the model have several implementations that compute the same values to
 rounding and whose speed depends on the CPU (its bf16 units: AVX-512-BF16, AMX) and on the
-shapes: the causal attention of training (``scaled_dot_product_attention``'s flash kernel, or
-two matrix products around a softmax), the routed experts' products (``torch._grouped_mm`` or
-one padded ``bmm``), the experts of a few decoding tokens in bf16 (grouped, or every expert
-on every token). :func:`choose` picks among such candidates:
+shapes: the causal attention of training, evaluation and prefill
+(``scaled_dot_product_attention``'s flash kernel, SDPA as given, or two matrix products around
+a softmax), the routed experts' products (``torch._grouped_mm`` or one padded ``bmm``), the
+experts of a few decoding tokens (grouped, or every expert on every token). :func:`choose` picks among such candidates:
 
 1. ``DSV3_KERNELS`` set to ``rules`` uses the first candidate (the fixed rule) everywhere, and
    ``op=candidate,...`` forces candidates by operation name;
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
 from dsv3.hardware import cpu_info
 
@@ -62,7 +63,10 @@ def _forced() -> dict[str, str] | str | None:
     for item in value.split(","):
         op, sep, name = item.partition("=")
         if not sep:
-            raise ValueError(f"DSV3_KERNELS={value!r}: write 'rules' or op=candidate pairs, e.g. attention=matmul")
+            raise DsvError(
+                f"DSV3_KERNELS={value!r} is not understood; set it to 'rules' or to op=candidate pairs, "
+                "e.g. attention=matmul,experts=bmm"
+            )
         forced[op.strip()] = name.strip()
     return forced
 
@@ -95,14 +99,17 @@ def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], No
         one of ``candidates``.
 
     Raises:
-        ValueError: ``DSV3_KERNELS`` names an unknown candidate for ``op`` or is malformed.
+        DsvError: ``DSV3_KERNELS`` names an unknown candidate for ``op`` or is malformed.
     """
     forced = _forced()
     if forced == "rules" or device.type != "cpu" or torch.compiler.is_compiling():
         return candidates[0]
     if forced and op in forced:
         if forced[op] not in candidates:
-            raise ValueError(f"DSV3_KERNELS: {op}={forced[op]} is not one of {', '.join(candidates)}")
+            raise DsvError(
+                f"DSV3_KERNELS: {op}={forced[op]} is not one of {', '.join(candidates)} here; "
+                "name one of them or unset DSV3_KERNELS"
+            )
         return forced[op]
     full = f"{op} | {key}"
     made = _made.get(full)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from dsv3.errors import DsvError
 from dsv3.model import kernels
 from dsv3.model.attention import ATTENTION_KERNELS, causal_attention
 from dsv3.model.moe import Experts
@@ -71,10 +72,10 @@ def test_forced_kernels(record, monkeypatch):
     assert kernels.choose("attention", "k", ["flash", "matmul"], run, cpu) == "matmul"
     assert kernels.choose("experts", "k", ["grouped_mm", "bmm"], run, cpu) == "bmm"
     monkeypatch.setenv("DSV3_KERNELS", "attention=fast")
-    with pytest.raises(ValueError, match="attention=fast is not one of flash, matmul"):
+    with pytest.raises(DsvError, match="attention=fast is not one of flash, matmul"):
         kernels.choose("attention", "k", ["flash", "matmul"], run, cpu)
     monkeypatch.setenv("DSV3_KERNELS", "matmul")
-    with pytest.raises(ValueError, match="op=candidate"):
+    with pytest.raises(DsvError, match="op=candidate"):
         kernels.choose("attention", "k", ["flash", "matmul"], run, cpu)
     assert not record.exists()
 
