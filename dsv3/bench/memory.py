@@ -200,24 +200,13 @@ def planned_ranks(cfg, processes: int) -> list[dict]:
     (the swap files)."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    p = cfg.parallel
-    layout = Layout(
-        processes,
-        p.pp,
-        p.ep,
-        p.zero_stage,
-        p.micro_batch_size,
-        p.grad_accum,
-        p.activation_checkpointing,
-        p.offload_optimizer,
-        p.offload_param,
-    )
+    layout = Layout.of(cfg.parallel, processes)
     parts = ModelParts.of(model)
     out = []
     for rank in range(processes):
         # DeepSpeed's pipeline topology: rank = stage * dp + data-parallel rank
-        stage = stage_of_rank(rank, processes, p.pp)
-        sp = plan_layout(cfg, parts, layout, cpu=True, dp_rank=rank % (processes // p.pp))
+        stage = stage_of_rank(rank, processes, layout.pp)
+        sp = plan_layout(cfg, parts, layout, cpu=True, dp_rank=rank % layout.dp)
         mem = sp.stages[stage]
         planned = {
             "weights_bytes": int(mem.weights),
@@ -229,7 +218,7 @@ def planned_ranks(cfg, processes: int) -> list[dict]:
             "activations_bytes": int(mem.activations),
             "a2a_buffers_bytes": int(mem.a2a_buffers),
         }
-        if p.zero_stage == 3 or layout.offloads:  # pp = 1: the placement is this rank's stage
+        if layout.zero_stage == 3 or layout.offloads:  # pp = 1: the placement is this rank's stage
             resident = {**sp.placement.device, **{k: v for k, v in sp.placement.host.items()}}
             for k, v in sp.placement.host.items():
                 if k in sp.placement.device:

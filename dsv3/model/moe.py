@@ -317,22 +317,18 @@ class Experts(nn.Module):
                 g = kernels.generator()
                 data["x"] = torch.randn(rows, D, generator=g).to(x.dtype)
                 data["w"] = torch.randn(rows, E, generator=g).softmax(-1).topk(K)
+                layer = data["layer"] = Experts(E, D, I)
                 for p in ("gate_proj", "up_proj", "down_proj"):
-                    data[p] = (torch.randn(getattr(self, p).shape, generator=g) * 0.02).to(x.dtype)
-            layer = Experts(E, D, I)
+                    w = (torch.randn(getattr(self, p).shape, generator=g) * 0.02).to(x.dtype)
+                    setattr(layer, p, nn.Parameter(w, requires_grad=train))
+            layer, (w, ids) = data["layer"], data["w"]
+            layer.zero_grad(set_to_none=True)
             with torch.enable_grad() if train else torch.inference_mode():
-                for p in ("gate_proj", "up_proj", "down_proj"):
-                    setattr(layer, p, nn.Parameter(data[p].detach(), requires_grad=train))
                 xs = data["x"].detach().requires_grad_(train)
-                w, ids = data["w"]
-                if dense:
-                    y = (
-                        layer._all_experts(xs, w, ids)
-                        if name == "all_experts"
-                        else layer._grouped(xs, w, ids, "grouped_mm")
-                    )
+                if name == "all_experts":
+                    y = layer._all_experts(xs, w, ids)
                 else:
-                    y = layer._grouped(xs, w, ids, name)
+                    y = layer._grouped(xs, w, ids, "grouped_mm" if name == "grouped" else name)
                 if train:
                     y.sum().backward()
 

@@ -58,6 +58,23 @@ class Layout:
     offload_optimizer: str = "none"
     offload_param: str = "none"
 
+    @classmethod
+    def of(cls, parallel, gpus: int) -> Layout:
+        """The layout a config's ``parallel`` section runs on ``gpus`` processes (offload keys a
+        section lacks count as ``"none"``)."""
+        p = parallel
+        return cls(
+            gpus,
+            p.pp,
+            p.ep,
+            p.zero_stage,
+            p.micro_batch_size,
+            p.grad_accum,
+            p.activation_checkpointing,
+            getattr(p, "offload_optimizer", "none"),
+            getattr(p, "offload_param", "none"),
+        )
+
     @property
     def dp(self) -> int:
         return self.gpus // self.pp

@@ -256,17 +256,7 @@ def plan(
     ]
     dispatch = dispatch or cfg.train.precision
     combine = combine or cfg.train.precision
-    layout = Layout(
-        gpus,
-        p.pp,
-        p.ep,
-        p.zero_stage,
-        p.micro_batch_size,
-        p.grad_accum,
-        p.activation_checkpointing,
-        getattr(p, "offload_optimizer", "none"),
-        getattr(p, "offload_param", "none"),
-    )
+    layout = Layout.of(p, gpus)
     if sub_group_size is not None and sub_group_size <= 0:
         raise DsvError(f"--sub-group-size {sub_group_size:g} must be positive")
     limited = (gpu_memory_gib is not None and not cpu) or host_memory_gib is not None or disk_gib is not None
