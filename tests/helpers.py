@@ -103,9 +103,12 @@ def _launch(
     return proc
 
 
-def run_dsv3(args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the dsv3 CLI in a subprocess (under torchrun when nproc > 1)."""
-    return _launch(["-m", "dsv3"], args, nproc, timeout, check)
+def run_dsv3(
+    args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run the dsv3 CLI in a subprocess (under torchrun when nproc > 1); ``env`` adds
+    environment variables."""
+    return _launch(["-m", "dsv3"], args, nproc, timeout, check, env)
 
 
 def run_script(

@@ -49,12 +49,24 @@ def test_run_directory_contents(trained):
 
 
 def test_resume_is_exact(trained, corpus_dir, data_cache, tmp_path):
+    """Resumed from step 4, the run logs what the uninterrupted one did, bit for bit; also when
+    the machine's kernel record now names other kernels: the resumed run takes the kernels
+    recorded in the checkpoint (kernels.json) over the record."""
+    from dsv3.model import kernels
+
     full, _ = trained
     out = tmp_path / "resumed"
     overrides = tiny_overrides(corpus_dir, data_cache, out)
     stop_after(overrides, 4)  # checkpoints at 3 (ckpt.every) and 4 (the stop)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    run_dsv3(["train", "--no-sample", *overrides])
+    saved = json.loads((out / "checkpoints" / "step_0000004" / "kernels.json").read_text())
+    ops = {key.split(" | ")[0] for key in saved}
+    assert {"attention", "experts"} <= ops and all(e["choice"] in e["ms"] for e in saved.values())
+    other = {"attention": "sdpa", "experts": "bmm"}  # neither is the fixed rule of an fp32 tiny run
+    record = tmp_path / "other-kernels.json"
+    swapped = {k: {"choice": other[k.split(" | ")[0]]} for k in saved if k.split(" | ")[0] in other}
+    record.write_text(json.dumps({kernels._machine(): swapped}))
+    run_dsv3(["train", "--no-sample", *overrides], env={"DSV3_KERNEL_CACHE": str(record)})
     assert without_timing(read_metrics(out)) == without_timing(read_metrics(full))
 
 
