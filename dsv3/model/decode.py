@@ -27,7 +27,7 @@ def fast_inference(*modules: nn.Module) -> bool:
     carries a forward hook: accelerate's ``_hf_hook`` (which brings offloaded weights in only
     when the module itself is called; see :mod:`dsv3.checkpoint.offload`) or any registered
     forward (pre-)hook, such as the one with which ZeRO stage 3 gathers a module's parameters."""
-    if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():  # (this order: no graph break)
         return False
     return not any(hasattr(m, "_hf_hook") or m._forward_pre_hooks or m._forward_hooks for m in modules)
 

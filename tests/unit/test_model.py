@@ -207,6 +207,31 @@ def test_experts_compile_whole_graph_on_cpu(dtype):
     assert got[2][E - 1].abs().sum() == 0  # unused expert: zero gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_model_traces_as_one_graph(dtype):
+    """``torch.compile(fullgraph=True)`` of the whole model (MLA, dense and MoE blocks, MTP,
+    the loss sums) raises on any graph break: checked for the training forward with
+    backward and for the evaluation forward under ``no_grad`` (what ``train.compile`` runs),
+    with the eager backend (tracing only). Values match the plain model's (which may run other
+    measured kernels: compiled code takes the fixed rules)."""
+    torch.manual_seed(0)
+    model = Transformer(small_cfg())
+    model.init_weights(seed=0)
+    model = model.to(dtype)
+    ids = torch.randint(0, 97, (2, 12))
+    labels = torch.randint(0, 97, (2, 12))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            want, got = model(ids, labels), compiled(ids, labels)
+        tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.02, atol=0.1)
+        torch.testing.assert_close(got.lm_loss_sum, want.lm_loss_sum, **tol)
+        torch.testing.assert_close(got.mtp_loss_sum, want.mtp_loss_sum, **tol)
+        if grad:
+            got.local_loss(0.3, 1e-4).backward()
+
+
 def test_balance_loss_by_hand():
     cfg = small_cfg(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1, dim=4)
     moe = MoE(cfg)
