@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model import kernels
+from dsv3.model import decode, kernels
 from dsv3.model.decode import derived, fast_inference, interleaved_rope_tables, rotate_interleaved
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, yarn_softmax_scale
@@ -209,7 +209,7 @@ class MLA(nn.Module):
             (B, T, dim), dtype of ``x``.
         """
         first = (self.q_proj,) if hasattr(self, "q_proj") else (self.q_a_proj,)
-        if cache is not None and fast_inference(*first, self.kv_a_proj_with_mqa, self.kv_b_proj):
+        if cache is not None and fast_inference(*first, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj):
             return self._decode(x, cos, sin, cache, attn_mask)
         if cos.shape[-1] == self.dr:  # interleaved tables (T or B, T, 1, dr) from the eager inference path
             cos, sin = cos[..., 0, 0::2], sin[..., 0, 1::2]  # back to the half tables, same values
@@ -266,24 +266,23 @@ class MLA(nn.Module):
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, dv)
         return self.o_proj(o.flatten(2))
 
-    def _decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the first projection, W_uk (H, dn, C), W_uv^T (H, C, dv)), derived once from the weights.
-
-        The first projection stacks ``q_proj`` (or ``q_a_proj``) over ``kv_a_proj_with_mqa``,
-        so the new tokens go through one matrix product instead of two.
-        """
-        wq = self.q_proj.weight if hasattr(self, "q_proj") else self.q_a_proj.weight
-        wkv, wb = self.kv_a_proj_with_mqa.weight, self.kv_b_proj.weight
+    def _decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk (H, dn, C), W_uv^T (H, C, dv)), derived once from ``kv_b_proj``'s weight."""
+        wb = self.kv_b_proj.weight
 
         def build():
             w = wb.unflatten(0, (self.n_heads, self.dn + self.dv))  # (H, dn+dv, C)
-            return (
-                torch.cat([wq, wkv]),
-                w[:, : self.dn].contiguous(),
-                w[:, self.dn :].transpose(1, 2).contiguous(),
-            )
+            return w[:, : self.dn].contiguous(), w[:, self.dn :].transpose(1, 2).contiguous()
 
-        return derived(self, "decode", (wq, wkv, wb), build)
+        return derived(self, "decode", (wb,), build)
+
+    def _first_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through ``q_proj`` (or ``q_a_proj``) and ``kv_a_proj_with_mqa`` as one product
+        (their weights stacked once; :func:`dsv3.model.decode.linear`): (..., q + C + dr)."""
+        wq = self.q_proj.weight if hasattr(self, "q_proj") else self.q_a_proj.weight
+        wkv = self.kv_a_proj_with_mqa.weight
+        shape = (wq.shape[0] + wkv.shape[0], wq.shape[1])
+        return decode.linear(self, "first", x, (wq, wkv), shape, lambda: torch.cat([wq, wkv]))
 
     def _decode(self, x, cos, sin, cache: LatentCache, attn_mask) -> torch.Tensor:
         """The cache path of :meth:`forward` in inference (no autograd, not compiled), in fewer
@@ -295,8 +294,8 @@ class MLA(nn.Module):
         (B, T, H + 1, dr). Every query row must be allowed at least one key."""
         B, T, _ = x.shape
         H, dn, dr, C = self.n_heads, self.dn, self.dr, self.kv_lora_rank
-        w_a, w_uk, w_uv_t = self._decode_weights()
-        a = F.linear(x, w_a)  # (B, T, q + C + dr)
+        w_uk, w_uv_t = self._decode_weights()
+        a = self._first_projection(x)  # (B, T, q + C + dr)
         if hasattr(self, "q_proj"):
             q, c_kv, k_pe = a.split([H * (dn + dr), C, dr], dim=-1)
         else:
@@ -328,4 +327,5 @@ class MLA(nn.Module):
         probs = scores.softmax(-1, dtype=torch.float32).to(keys.dtype)
         o_lat = torch.bmm(probs, keys[..., :C])  # (B, T*H, C)
         o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, dv)
-        return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.dv))
+        wo = self.o_proj.weight
+        return decode.linear(self, "o_proj", o.transpose(0, 1).reshape(B, T, H * self.dv), (wo,), tuple(wo.shape))

@@ -5,7 +5,9 @@ rounding and whose speed depends on the CPU (its bf16 units: AVX-512-BF16, AMX) 
 shapes: the causal attention of training, evaluation and prefill
 (``scaled_dot_product_attention``'s flash kernel, SDPA as given, or two matrix products around
 a softmax), the routed experts' products (``torch._grouped_mm`` or one padded ``bmm``), the
-experts of a few decoding tokens (grouped, or every expert on every token). :func:`choose` picks among such candidates:
+experts of a few decoding tokens (grouped, or every expert on every token), and the linear
+products of a few decoding tokens (``F.linear``, or oneDNN with a prepacked weight).
+:func:`choose` picks among such candidates:
 
 1. ``DSV3_KERNELS`` set to ``rules`` uses the first candidate (the fixed rule) everywhere, and
    ``op=candidate,...`` forces candidates by operation name;
@@ -20,7 +22,9 @@ experts of a few decoding tokens (grouped, or every expert on every token). :fun
    candidate is within :data:`MARGIN` of it; the timings go to the record.
 
 Measuring uses its own random generator (the run's random state is untouched) and happens on
-CPU only: other devices and code being compiled use the first candidate. :func:`choices`
+CPU only: other devices, code being compiled and a choice asked for while candidates are being
+timed (a candidate containing another measured operation, unless that choice was made before)
+use the first candidate. :func:`choices`
 returns this process's choices with their timings (written next to a benchmark result and
 into each checkpoint).
 """
@@ -45,11 +49,15 @@ MARGIN = 0.1
 #: timed rounds per candidate (the best counts): at least ROUNDS, more until each candidate
 #: has run for MIN_SECONDS, at most MAX_ROUNDS; after WARMUP untimed calls
 ROUNDS, MAX_ROUNDS, MIN_SECONDS, WARMUP = 3, 50, 0.05, 1
+#: rounds of a measurement with cold caches (``choose(cold=True)``)
+COLD_ROUNDS = 7
 
 #: part of the machine's record key: raised whenever a candidate's implementation changes, so
 #: that choices measured with the old one are measured again
-REVISION = 2
+REVISION = 4
 
+_measuring = 0  # > 0 while candidates are being timed
+_version = 0  # raised whenever a choice is made or given (see :func:`state`)
 _made: dict[str, dict] = {}  # key -> {"choice": name, "ms": {name: best ms} (absent when given)}
 
 
@@ -85,15 +93,20 @@ def _machine() -> str:
     return f"{info['model']} ({features}) | torch {torch.__version__} | dsv3 kernels {REVISION}"
 
 
-def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], None], device: torch.device) -> str:
+def choose(
+    op: str, key: str, candidates: Sequence[str], run: Callable[[str], None], device: torch.device, cold: bool = False
+) -> str:
     """The candidate to use for operation ``op`` at ``key`` (dtype and shape), see the module doc.
 
     Args:
-        op: operation name (``attention``, ``experts``, ``decode_experts``).
+        op: operation name (``attention``, ``experts``, ``decode_experts``, ``decode_linear``).
         key: what the choice depends on besides the machine, e.g. ``"bf16 train 4x8x512x96"``.
         candidates: names; the first is the fixed rule used where nothing is measured.
         run: ``run(name)`` executes candidate ``name`` once on synthetic inputs (the timed work).
         device: where the operation runs; only CPU is measured.
+        cold: time each run after reading a buffer twice the size of the last-level cache
+            (:func:`_evict`): the operation's weights come from memory, as in a decoding step,
+            which reads every weight of the model once; :data:`COLD_ROUNDS` rounds.
 
     Returns:
         one of ``candidates``.
@@ -115,6 +128,8 @@ def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], No
     made = _made.get(full)
     if made is not None and made["choice"] in candidates:
         return made["choice"]
+    if _measuring:  # asked inside a candidate being timed: the fixed rule, not recorded
+        return candidates[0]
     path = cache_path()
     machine = _machine()
     try:
@@ -131,7 +146,7 @@ def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], No
         record = _read(path)
         entry = record.get(machine, {}).get(full)
         if entry is None or entry.get("choice") not in candidates:
-            entry = _measure(candidates, run)
+            entry = _measure(candidates, run, cold)
             record.setdefault(machine, {})[full] = entry
             if lock is not None:
                 try:
@@ -142,7 +157,20 @@ def choose(op: str, key: str, candidates: Sequence[str], run: Callable[[str], No
         if lock is not None:
             lock.close()
     _made[full] = entry
+    _bump()
     return entry["choice"]
+
+
+def _bump() -> None:
+    global _version
+    _version += 1
+
+
+def state() -> tuple:
+    """What every choice depends on besides its key: ``DSV3_KERNELS``, the choices made or
+    given (:func:`preload`). A caller that keeps its own copies of choices (a hot path asking
+    for the same key on every call) keeps them while this stays equal."""
+    return os.environ.get("DSV3_KERNELS"), id(_made), _version
 
 
 def _read(path: Path) -> dict:
@@ -153,25 +181,34 @@ def _read(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _measure(candidates: Sequence[str], run: Callable[[str], None]) -> dict:
+def _measure(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False) -> dict:
     """Time each candidate (interleaved rounds after a warm-up; best wall time) and pick.
 
     The candidates run under identity saved-tensor hooks, so hooks of the caller (which may
-    be counting what its own forward keeps for backward) do not see the synthetic tensors."""
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        return _timed(candidates, run)
+    be counting what its own forward keeps for backward) do not see the synthetic tensors.
+    A choice asked for inside a candidate gets the fixed rule (see :func:`choose`)."""
+    global _measuring
+    _measuring += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return _timed(candidates, run, cold)
+    finally:
+        _measuring -= 1
+        _evict_buffer.clear()
 
 
-def _timed(candidates: Sequence[str], run: Callable[[str], None]) -> dict:
+def _timed(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False) -> dict:
     best = {name: float("inf") for name in candidates}
     spent = dict.fromkeys(candidates, 0.0)
     for _ in range(WARMUP):
         for name in candidates:
             run(name)
-    for r in range(MAX_ROUNDS):
-        if r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
+    for r in range(COLD_ROUNDS if cold else MAX_ROUNDS):
+        if not cold and r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
             break
         for name in candidates:
+            if cold:
+                _evict()
             t0 = time.perf_counter()
             run(name)
             dt = time.perf_counter() - t0
@@ -179,6 +216,30 @@ def _timed(candidates: Sequence[str], run: Callable[[str], None]) -> dict:
     fastest = min(candidates, key=best.get)
     choice = candidates[0] if best[candidates[0]] <= best[fastest] * (1 + MARGIN) else fastest
     return {"choice": choice, "ms": {name: round(best[name] * 1e3, 3) for name in candidates}}
+
+
+_evict_buffer: list[torch.Tensor] = []
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs), 32 MiB where it reports none."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def _evict() -> None:
+    """Read a buffer twice the last-level cache's size (at most 512 MiB): whatever the next
+    timed run reads then comes from memory."""
+    if not _evict_buffer:
+        n = min(2 * _last_level_cache_bytes(), 512 << 20) // 4
+        _evict_buffer.append(torch.ones(n, dtype=torch.float32))
+    _evict_buffer[0].sum()
 
 
 def choices() -> dict[str, dict]:
@@ -193,6 +254,7 @@ def preload(recorded: dict[str, dict]) -> None:
     for key, entry in recorded.items():
         if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
             _made[key] = {"choice": entry["choice"]}
+    _bump()
 
 
 def generator() -> torch.Generator:

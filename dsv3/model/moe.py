@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model import kernels
+from dsv3.model import decode, kernels
 from dsv3.model.decode import derived, fast_inference
 
 
@@ -38,10 +38,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast_inference(self.gate_proj, self.up_proj):  # one product for gate and up (rows stacked once)
-            w = derived(self, "gate_up", (self.gate_proj.weight, self.up_proj.weight), self._gate_up)
-            g, u = F.linear(x, w).chunk(2, dim=-1)
-            return self.down_proj(F.silu(g) * u)
+        if fast_inference(self.gate_proj, self.up_proj, self.down_proj):  # one product for gate and up
+            wg, wu, wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+            shape = (2 * wg.shape[0], wg.shape[1])
+            g, u = decode.linear(self, "gate_up", x, (wg, wu), shape, self._gate_up).chunk(2, dim=-1)
+            return decode.linear(self, "down", F.silu(g) * u, (wd,), tuple(wd.shape))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def _gate_up(self) -> torch.Tensor:
@@ -265,7 +266,7 @@ class Experts(nn.Module):
         N, K = indices.shape
         flat = indices.flatten()  # (N*K,)
         if not torch.is_grad_enabled() and N * K < self.n_experts:
-            if x.device.type == "cpu" and x.element_size() >= 4 and fast_inference(self):
+            if x.device.type == "cpu" and fast_inference(self) and self.few_kernel(x, N, K) == "loop":
                 return self._chosen_loop(x, weights, flat, N, K)
             return self._few_tokens(x, weights, flat, N, K)
         if not torch.is_grad_enabled() and N <= DENSE_MAX_TOKENS and x.device.type == "cpu":
@@ -314,13 +315,7 @@ class Experts(nn.Module):
 
         def run(name, data={}):  # noqa: B006 - the synthetic layer, made on the first call
             if not data:
-                g = kernels.generator()
-                data["x"] = torch.randn(rows, D, generator=g).to(x.dtype)
-                data["w"] = torch.randn(rows, E, generator=g).softmax(-1).topk(K)
-                layer = data["layer"] = Experts(E, D, I)
-                for p in ("gate_proj", "up_proj", "down_proj"):
-                    w = (torch.randn(getattr(self, p).shape, generator=g) * 0.02).to(x.dtype)
-                    setattr(layer, p, nn.Parameter(w, requires_grad=train))
+                data.update(self._synthetic(rows, K, x.dtype, train))
             layer, (w, ids) = data["layer"], data["w"]
             layer.zero_grad(set_to_none=True)
             with torch.enable_grad() if train else torch.inference_mode():
@@ -332,7 +327,46 @@ class Experts(nn.Module):
                 if train:
                     y.sum().backward()
 
-        return kernels.choose("decode_experts" if dense else "experts", key, candidates, run, x.device)
+        if dense and "all_experts" in candidates and rows <= decode.PACK_MAX_ROWS and decode.packing(x.dtype):
+            for shape in ((2 * E * I, D), (D, E * I)):  # the products of all_experts, chosen before it is timed
+                decode.linear_kernel(x.dtype, rows, shape)
+        return kernels.choose("decode_experts" if dense else "experts", key, candidates, run, x.device, cold=dense)
+
+    def _synthetic(self, N: int, K: int, dtype: torch.dtype, train: bool) -> dict:
+        """A layer of this one's sizes with random weights (std 0.02), N random rows and their
+        top-K routing (``w``: (weights, indices)), for timing candidates (own generator; made
+        outside inference mode, so that copies derived from the weights are kept)."""
+        g = kernels.generator()
+        E, D = self.n_experts, self.gate_proj.shape[2]
+        with torch.inference_mode(False):
+            layer = Experts(E, D, self.gate_proj.shape[1])
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                w = (torch.randn(getattr(self, p).shape, generator=g) * 0.02).to(dtype)
+                setattr(layer, p, nn.Parameter(w, requires_grad=train))
+            x = torch.randn(N, D, generator=g).to(dtype)
+            return {"layer": layer, "x": x, "w": torch.randn(N, E, generator=g).softmax(-1).topk(K)}
+
+    def few_kernel(self, x: torch.Tensor, N: int, K: int) -> str:
+        """For fewer token-expert pairs than experts in eager inference on CPU: ``loop``
+        (:meth:`_chosen_loop`, the rule) or ``gather`` (:meth:`_few_tokens`), the measured choice
+        (:func:`dsv3.model.kernels.choose`, operation ``decode_few``) for N tokens of ``x``'s
+        dtype."""
+        E, I, D = self.gate_proj.shape
+        if 3 * E * I * D > MEASURE_MAX_ELEMENTS:
+            return "loop"
+        key = f"{str(x.dtype).removeprefix('torch.')} N={N} K={K} E={E} D={D} I={I}"
+
+        def run(name, data={}):  # noqa: B006 - the synthetic layer, made on the first call
+            if not data:
+                data.update(self._synthetic(N, K, x.dtype, train=False))
+            with torch.inference_mode():
+                path = data["layer"]._chosen_loop if name == "loop" else data["layer"]._few_tokens
+                path(data["x"], data["w"][0], data["w"][1].flatten(), N, K)
+
+        if decode.packing(x.dtype):
+            for shape in ((I, D), (D, I)):  # the loop's products, chosen before it is timed
+                decode.linear_kernel(x.dtype, 1, shape)
+        return kernels.choose("decode_few", key, ["loop", "gather"], run, x.device, cold=True)
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens that together reach most experts (batched decoding): every
@@ -350,33 +384,52 @@ class Experts(nn.Module):
         """
         N, D = x.shape
         E, I = self.gate_proj.shape[0], self.gate_proj.shape[1]
+        w = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)  # (N, E)
+        if fast_inference(self):  # the gate weight inside: sum_e (w_e h_e) W_down,e as one product
+            sources = (self.gate_proj, self.up_proj, self.down_proj)
+            g, u = decode.linear(self, "dense gate_up", x, sources, (2 * E * I, D), self._dense_gate_up).chunk(2, -1)
+            h = (F.silu(g) * u).view(N, E, I) * w.unsqueeze(-1).to(x.dtype)
+            return decode.linear(self, "dense down", h.view(N, E * I), sources, (D, E * I), self._dense_down)
         h = F.silu(F.linear(x, self.gate_proj.reshape(E * I, D))) * F.linear(x, self.up_proj.reshape(E * I, D))
         ys = torch.bmm(h.view(N, E, I).transpose(0, 1), self.down_proj.transpose(1, 2))  # (E, N, D)
-        w = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)  # (N, E)
         return (ys * w.t().unsqueeze(-1).to(ys.dtype)).sum(0)  # (N, D)
 
+    def _dense_gate_up(self) -> torch.Tensor:
+        """(2 E I, D): every expert's gate rows, then every expert's up rows."""
+        E, I, D = self.gate_proj.shape
+        return torch.cat([self.gate_proj.reshape(E * I, D), self.up_proj.reshape(E * I, D)])
+
+    def _dense_down(self) -> torch.Tensor:
+        """(D, E I): the experts' down projections side by side (columns of expert e: e I ... e I + I - 1)."""
+        E, D, I = self.down_proj.shape
+        return self.down_proj.permute(1, 0, 2).reshape(D, E * I)
+
     def _chosen_loop(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, N: int, K: int) -> torch.Tensor:
-        """Eager fp32 inference on CPU with fewer token-expert pairs than experts (decoding): each
-        chosen expert's SwiGLU on its token, straight from views of the stacked weights.
+        """Eager inference on CPU with fewer token-expert pairs than experts (decoding): each
+        chosen expert's SwiGLU on its token, from views of the stacked weights, each product
+        through :func:`dsv3.model.decode.linear` (so possibly from a prepacked copy of the view).
 
         :meth:`_few_tokens` copies the chosen experts' weights (``index_select``) before its
-        batched products, and a (K, I, D) x (K, D, 1) fp32 ``bmm`` is slow on CPU; here nothing is
-        copied (one expert layer at batch 1 on the ``tiny`` sizes: 46 against 254 us). The
-        expert ids are read to the host, which is free on CPU.
+        batched products, and a (K, I, D) x (K, D, 1) ``bmm`` is slow on CPU; here nothing is
+        copied per call (one fp32 expert layer at batch 1 on the ``tiny`` sizes: 46 against
+        254 us). The expert ids are read to the host, which is free on CPU.
 
         Args: x (N, D); weights (N, K) float32; flat (N*K,) expert ids, token-major.
         Returns: (N, D), dtype of ``x``.
         """
         per_expert = derived(self, "views", (self.gate_proj, self.up_proj, self.down_proj), self._expert_views)
+        E, I, D = self.gate_proj.shape
         ids, ws = flat.tolist(), weights.tolist()
         rows = []
         for n in range(N):
             xn = x[n : n + 1] if N > 1 else x
             y = None
             for k in range(K):
-                gate, up, down = per_expert[ids[n * K + k]]
-                h = F.silu(F.linear(xn, gate)) * F.linear(xn, up)
-                o = F.linear(h, down) * ws[n][k]
+                e = ids[n * K + k]
+                gate, up, down = per_expert[e]
+                g = decode.linear(self, f"gate {e}", xn, (self.gate_proj,), (I, D), weight=gate)
+                u = decode.linear(self, f"up {e}", xn, (self.up_proj,), (I, D), weight=up)
+                o = decode.linear(self, f"down {e}", F.silu(g) * u, (self.down_proj,), (D, I), weight=down) * ws[n][k]
                 y = o if y is None else y + o
             rows.append(y)
         return rows[0] if N == 1 else torch.cat(rows)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model import decode
 from dsv3.model.attention import MLA, LatentCache
 from dsv3.model.decode import derived, fast_inference, interleaved_rope_tables
 from dsv3.model.init import init_module_
@@ -252,7 +253,11 @@ class Transformer(nn.Module):
             ValueError: the sequence does not fit ``max_seq_len`` or the cache.
         """
         if labels is None:
-            return self.lm_head(self.hidden_states(input_ids, cache, attn_mask, position_ids)).float()
+            h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
+            if cache is not None and fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
+                w = self.lm_head.weight
+                return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
+            return self.lm_head(h).float()
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid, position_ids=position_ids)
         h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1

@@ -211,3 +211,70 @@ def test_measuring_is_invisible_to_the_callers_saved_tensor_hooks(record):
             causal_attention(q, k, v, 0.2)
         counts.append(len(packed))
     assert len(kernels.choices()) == 1 and counts[0] == counts[1] > 0
+
+
+def test_cold_measurement_evicts_before_every_timed_run(record, monkeypatch):
+    """choose(cold=True): the cache-evicting read runs before each timed run (not the warm-up),
+    COLD_ROUNDS rounds per candidate; the buffer is freed afterwards."""
+    order = []
+    real = kernels._evict
+    monkeypatch.setattr(kernels, "_evict", lambda: order.append("evict") or real())
+    run = _sleeper({"a": 0.001, "b": 0.003}, order)
+    assert kernels.choose("op", "cold", ["a", "b"], run, torch.device("cpu"), cold=True) == "a"
+    warm = 2 * kernels.WARMUP
+    assert order[:warm] == ["a", "b"] * kernels.WARMUP
+    assert order[warm:] == ["evict", "a", "evict", "b"] * kernels.COLD_ROUNDS
+    assert kernels._evict_buffer == [] and kernels._last_level_cache_bytes() >= 1 << 20
+
+
+def test_a_choice_inside_a_timed_candidate_takes_the_rule_unless_made_before(record):
+    """A candidate that itself asks for a measured choice gets the rule (no nested measuring,
+    which would wait for the record's lock this process holds), or the choice already made."""
+    cpu = torch.device("cpu")
+    inner = []
+
+    def outer(name):
+        inner.append(kernels.choose("inner", "k", ["rule", "fast"], _sleeper({"rule": 0.002, "fast": 0.0}, []), cpu))
+        inner.append(kernels.choose("made", "k", ["rule", "fast"], _sleeper({"rule": 0.002, "fast": 0.0}, []), cpu))
+
+    assert kernels.choose("made", "k", ["rule", "fast"], _sleeper({"rule": 0.002, "fast": 0.0}, []), cpu) == "fast"
+    state = kernels.state()
+    kernels.choose("outer", "k", ["x", "y"], outer, cpu)
+    assert set(inner[0::2]) == {"rule"} and set(inner[1::2]) == {"fast"}
+    assert "inner | k" not in kernels.choices() and kernels.state() != state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8, 16, 17])
+def test_decode_linear_packed_equals_plain(dtype, rows, record, monkeypatch):
+    """decode.linear with the prepacked weight (forced) equals F.linear to rounding, for the
+    weight itself, a view and a built one; more than PACK_MAX_ROWS rows take F.linear; the
+    packed copy is rebuilt after an in-place update of its source."""
+    from dsv3.model import decode
+
+    if not decode.packing(dtype):
+        pytest.skip(f"oneDNN does not run {dtype} on this CPU")
+    monkeypatch.setenv("DSV3_KERNELS", "decode_linear=packed")
+    g = torch.Generator().manual_seed(0)
+    owner = torch.nn.Linear(32, 48, bias=False).to(dtype)
+    stack = torch.nn.Parameter(torch.randn(3, 48, 32, generator=g).to(dtype), requires_grad=False)
+    x = torch.randn(rows, 32, generator=g).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
+    packed_calls = []
+    real = decode._packed_product
+    monkeypatch.setattr(decode, "_packed_product", lambda *a: packed_calls.append(1) or real(*a))
+    with torch.inference_mode():
+        w = owner.weight
+        y = decode.linear(owner, "w", x, (w,), tuple(w.shape))
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w), **tol)
+        y = decode.linear(owner, "view", x, (stack,), (48, 32), weight=stack[1])
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, stack[1]), **tol)
+        both = torch.cat([stack[0], stack[2]])
+        y = decode.linear(owner, "built", x, (stack,), (96, 32), lambda: torch.cat([stack[0], stack[2]]))
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, both), **tol)
+        assert len(packed_calls) == (3 if rows <= decode.PACK_MAX_ROWS else 0)
+    with torch.no_grad():
+        stack.mul_(-1)  # an update the kept copies must follow
+    with torch.inference_mode():
+        y = decode.linear(owner, "view", x, (stack,), (48, 32), weight=stack[1])
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, stack[1]), **tol)

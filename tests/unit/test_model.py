@@ -135,25 +135,30 @@ def test_experts_grouped_matches_loop(H):
 
 
 @pytest.mark.parametrize(
-    "N, dtype, path",
+    "N, dtype, path, kernels",
     [
-        (2, torch.float32, "_chosen_loop"),
-        (2, torch.bfloat16, "_few_tokens"),
-        (5, torch.float32, None),
-        (5, torch.bfloat16, "_all_experts"),
-        (16, torch.bfloat16, "_all_experts"),
-        (17, torch.bfloat16, None),
+        (2, torch.float32, "_chosen_loop", "rules"),
+        (2, torch.bfloat16, "_chosen_loop", "rules"),
+        (2, torch.bfloat16, "_few_tokens", "decode_few=gather"),
+        (2, torch.float32, "_chosen_loop", "decode_few=loop,decode_linear=packed"),
+        (2, torch.bfloat16, "_chosen_loop", "decode_few=loop,decode_linear=packed"),
+        (5, torch.float32, None, "rules"),
+        (5, torch.bfloat16, "_all_experts", "rules"),
+        (5, torch.float32, "_all_experts", "decode_experts=all_experts,decode_linear=packed"),
+        (16, torch.bfloat16, "_all_experts", "decode_experts=all_experts,decode_linear=packed"),
+        (17, torch.bfloat16, None, "rules"),
     ],
 )
-def test_experts_inference_paths_match_the_loop(N, dtype, path, monkeypatch):
-    """Without gradients: N*K < E runs the chosen experts from views of their weights (fp32 on
-    CPU) or gathers them (otherwise); in bf16 on CPU up to
-    DENSE_MAX_TOKENS (16) tokens run every expert; otherwise the grouped products. Each equals
-    the per-token loop (computed in fp32 from the same weights). The fixed rules
-    (DSV3_KERNELS=rules); the measured alternatives are in test_kernels.py."""
+def test_experts_inference_paths_match_the_loop(N, dtype, path, kernels, monkeypatch):
+    """Without gradients: N*K < E runs the chosen experts from views of their weights (the
+    rule on CPU) or gathers them; up to DENSE_MAX_TOKENS (16) tokens may run every expert
+    (the rule in bf16 on CPU); otherwise the grouped products; each product of a few rows may
+    read a prepacked weight (decode_linear=packed, where oneDNN runs the dtype). Each equals
+    the per-token loop (computed in fp32 from the same weights). The measured choices
+    themselves are in test_kernels.py."""
     from dsv3.model import moe
 
-    monkeypatch.setenv("DSV3_KERNELS", "rules")
+    monkeypatch.setenv("DSV3_KERNELS", kernels)
     torch.manual_seed(1)
     E, D, H, K = 6, 12, 16, 2
     ex = Experts(E, D, H)
