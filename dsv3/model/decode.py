@@ -17,6 +17,8 @@ product reads its weight at about a third of the speed of the packed one.
 from __future__ import annotations
 
 import functools
+import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -118,8 +120,29 @@ def packing(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+_packed_bytes = [0]  # bytes of the prepacked copies alive in this process
+
+
+@functools.cache
+def pack_budget() -> int:
+    """Bytes the prepacked copies of :func:`linear` may hold in all: an eighth of the machine's
+    memory (past it, products read their weights as they are)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    except (OSError, ValueError):
+        return 1 << 30
+
+
 def _pack(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+    size = w.numel() * w.element_size()
+    _packed_bytes[0] += size
+    weakref.finalize(packed, _release, size)
+    return packed
+
+
+def _release(size: int) -> None:
+    _packed_bytes[0] -= size
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -142,8 +165,9 @@ def linear(
     most :data:`PACK_MAX_ROWS` rows on a CPU where oneDNN runs ``x``'s dtype, the measured
     choice ``decode_linear`` (``plain`` or ``packed``, per dtype, row count and weight shape)
     may read W from a copy reordered once for oneDNN's blocked layout (:func:`derived` from
-    ``sources``, kept while they are unchanged). The packed product equals the plain one to
-    rounding (another summation order).
+    ``sources``, kept while they are unchanged), while all such copies stay within
+    :func:`pack_budget`. The packed product equals the plain one to rounding (another
+    summation order).
 
     Args:
         owner: the module that keeps derived weights.
@@ -159,12 +183,19 @@ def linear(
     """
     rows = x.numel() // x.shape[-1]
     if x.device.type == "cpu" and rows <= PACK_MAX_ROWS and packing(x.dtype):
-        if linear_kernel(x.dtype, rows, shape) == "packed":
+        if linear_kernel(x.dtype, rows, shape) == "packed" and _may_pack(owner, name, shape, x.element_size()):
             make = (lambda: weight) if weight is not None else build or (lambda: sources[0])
             return _packed_product(x, derived(owner, name + " packed", sources, lambda: _pack(make())))
     if weight is None:
         weight = derived(owner, name, sources, build) if build is not None else sources[0]
     return F.linear(x, weight)
+
+
+def _may_pack(owner: nn.Module, name: str, shape: tuple[int, int], itemsize: int) -> bool:
+    """A packed copy is kept already, or one more stays within :func:`pack_budget`."""
+    if name + " packed" in owner.__dict__.get(_STORE, {}):
+        return True
+    return _packed_bytes[0] + shape[0] * shape[1] * itemsize <= pack_budget()
 
 
 _memo: dict[tuple, str] = {}

@@ -306,6 +306,8 @@ class Experts(nn.Module):
             candidates = ["grouped_mm", "bmm"]
         else:
             return "bmm"
+        if dense and 3 * E * I * D > MEASURE_MAX_ELEMENTS:
+            return "grouped"  # a large layer: not every expert for a few tokens (E/K times the reads)
         if x.device.type != "cpu" or 3 * E * I * D > MEASURE_MAX_ELEMENTS or torch.compiler.is_compiling():
             return candidates[0]
         train = not dense and not torch.is_inference_mode_enabled()
@@ -385,7 +387,8 @@ class Experts(nn.Module):
         N, D = x.shape
         E, I = self.gate_proj.shape[0], self.gate_proj.shape[1]
         w = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)  # (N, E)
-        if fast_inference(self):  # the gate weight inside: sum_e (w_e h_e) W_down,e as one product
+        if 3 * E * I * D <= MEASURE_MAX_ELEMENTS and fast_inference(self):  # (copies of a small layer's weights)
+            # the gate weight inside: sum_e (w_e h_e) W_down,e as one product
             sources = (self.gate_proj, self.up_proj, self.down_proj)
             g, u = decode.linear(self, "dense gate_up", x, sources, (2 * E * I, D), self._dense_gate_up).chunk(2, -1)
             h = (F.silu(g) * u).view(N, E, I) * w.unsqueeze(-1).to(x.dtype)

@@ -278,3 +278,42 @@ def test_decode_linear_packed_equals_plain(dtype, rows, record, monkeypatch):
     with torch.inference_mode():
         y = decode.linear(owner, "view", x, (stack,), (48, 32), weight=stack[1])
         torch.testing.assert_close(y, torch.nn.functional.linear(x, stack[1]), **tol)
+
+
+def test_prepacked_copies_stay_within_their_budget(record, monkeypatch):
+    """Past pack_budget() the products read their weights as they are; the bytes of the packed
+    copies are counted while they live and released with them."""
+    import gc
+
+    from dsv3.model import decode
+
+    if not decode.packing(torch.float32):
+        pytest.skip("oneDNN does not run fp32 on this CPU")
+    monkeypatch.setenv("DSV3_KERNELS", "decode_linear=packed")
+    monkeypatch.setattr(decode, "pack_budget", lambda: 48 * 32 * 4)  # room for one 48 x 32 fp32 copy
+    calls = []
+    real = decode._packed_product
+    monkeypatch.setattr(decode, "_packed_product", lambda *a: calls.append(1) or real(*a))
+    before = decode._packed_bytes[0]
+    a, b = (torch.nn.Linear(32, 48, bias=False) for _ in range(2))
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        for m in (a, b, a):
+            y = decode.linear(m, "w", x, (m.weight,), (48, 32))
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, m.weight), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1] and decode._packed_bytes[0] == before + 48 * 32 * 4  # a packed, b plain, a packed
+    del a, m
+    gc.collect()
+    assert decode._packed_bytes[0] == before
+
+
+def test_a_layer_too_large_to_measure_decodes_with_the_grouped_products(monkeypatch):
+    """Every expert on every token reads E/K times the weights: a layer above the measuring
+    limit keeps the grouped products for a few tokens, in fp32 and bf16."""
+    from dsv3.model import moe
+
+    monkeypatch.delenv("DSV3_KERNELS", raising=False)
+    monkeypatch.setattr(moe, "MEASURE_MAX_ELEMENTS", 100)
+    ex = Experts(8, 16, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert ex.kernel(torch.zeros(4, 16, dtype=dtype), 4, 2, dense=True) == "grouped"
