@@ -198,6 +198,14 @@ def _may_pack(owner: nn.Module, name: str, shape: tuple[int, int], itemsize: int
     return _packed_bytes[0] + shape[0] * shape[1] * itemsize <= pack_budget()
 
 
+def choose_linears(dtype: torch.dtype, rows: int, shapes: tuple[tuple[int, int], ...]) -> None:
+    """Make the ``decode_linear`` choices of these products now: before a measured candidate that
+    runs them is timed (inside it they would take the rule)."""
+    if rows <= PACK_MAX_ROWS and packing(dtype):
+        for shape in shapes:
+            linear_kernel(dtype, rows, shape)
+
+
 _memo: dict[tuple, str] = {}
 _memo_state: tuple = ()
 

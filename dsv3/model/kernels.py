@@ -168,9 +168,10 @@ def _bump() -> None:
 
 def state() -> tuple:
     """What every choice depends on besides its key: ``DSV3_KERNELS``, the choices made or
-    given (:func:`preload`). A caller that keeps its own copies of choices (a hot path asking
-    for the same key on every call) keeps them while this stays equal."""
-    return os.environ.get("DSV3_KERNELS"), id(_made), _version
+    given (:func:`preload`), and whether candidates are being timed (the rule answers then). A
+    caller that keeps its own copies of choices (a hot path asking for the same key on every
+    call) keeps them while this stays equal."""
+    return os.environ.get("DSV3_KERNELS"), id(_made), _version, _measuring
 
 
 def _read(path: Path) -> dict:

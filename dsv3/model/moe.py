@@ -306,9 +306,9 @@ class Experts(nn.Module):
             candidates = ["grouped_mm", "bmm"]
         else:
             return "bmm"
-        if dense and 3 * E * I * D > MEASURE_MAX_ELEMENTS:
+        if dense and not self._measurable():
             return "grouped"  # a large layer: not every expert for a few tokens (E/K times the reads)
-        if x.device.type != "cpu" or 3 * E * I * D > MEASURE_MAX_ELEMENTS or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or not self._measurable() or torch.compiler.is_compiling():
             return candidates[0]
         train = not dense and not torch.is_inference_mode_enabled()
         rows = N if dense else kernels.bucket(N)
@@ -329,10 +329,14 @@ class Experts(nn.Module):
                 if train:
                     y.sum().backward()
 
-        if dense and "all_experts" in candidates and rows <= decode.PACK_MAX_ROWS and decode.packing(x.dtype):
-            for shape in ((2 * E * I, D), (D, E * I)):  # the products of all_experts, chosen before it is timed
-                decode.linear_kernel(x.dtype, rows, shape)
+        if dense:  # the products of all_experts, chosen before it is timed
+            decode.choose_linears(x.dtype, rows, ((2 * E * I, D), (D, E * I)))
         return kernels.choose("decode_experts" if dense else "experts", key, candidates, run, x.device, cold=dense)
+
+    def _measurable(self) -> bool:
+        """Whether this layer is small enough (:data:`MEASURE_MAX_ELEMENTS`) to time candidates
+        on a synthetic copy, and to keep stacked copies of its weights for decoding."""
+        return self.gate_proj.numel() + self.up_proj.numel() + self.down_proj.numel() <= MEASURE_MAX_ELEMENTS
 
     def _synthetic(self, N: int, K: int, dtype: torch.dtype, train: bool) -> dict:
         """A layer of this one's sizes with random weights (std 0.02), N random rows and their
@@ -354,7 +358,7 @@ class Experts(nn.Module):
         (:func:`dsv3.model.kernels.choose`, operation ``decode_few``) for N tokens of ``x``'s
         dtype."""
         E, I, D = self.gate_proj.shape
-        if 3 * E * I * D > MEASURE_MAX_ELEMENTS:
+        if not self._measurable():
             return "loop"
         key = f"{str(x.dtype).removeprefix('torch.')} N={N} K={K} E={E} D={D} I={I}"
 
@@ -365,9 +369,7 @@ class Experts(nn.Module):
                 path = data["layer"]._chosen_loop if name == "loop" else data["layer"]._few_tokens
                 path(data["x"], data["w"][0], data["w"][1].flatten(), N, K)
 
-        if decode.packing(x.dtype):
-            for shape in ((I, D), (D, I)):  # the loop's products, chosen before it is timed
-                decode.linear_kernel(x.dtype, 1, shape)
+        decode.choose_linears(x.dtype, 1, ((I, D), (D, I)))  # the loop's products, chosen before it is timed
         return kernels.choose("decode_few", key, ["loop", "gather"], run, x.device, cold=True)
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -387,7 +389,7 @@ class Experts(nn.Module):
         N, D = x.shape
         E, I = self.gate_proj.shape[0], self.gate_proj.shape[1]
         w = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)  # (N, E)
-        if 3 * E * I * D <= MEASURE_MAX_ELEMENTS and fast_inference(self):  # (copies of a small layer's weights)
+        if self._measurable() and fast_inference(self):  # (copies of a small layer's weights)
             # the gate weight inside: sum_e (w_e h_e) W_down,e as one product
             sources = (self.gate_proj, self.up_proj, self.down_proj)
             g, u = decode.linear(self, "dense gate_up", x, sources, (2 * E * I, D), self._dense_gate_up).chunk(2, -1)
