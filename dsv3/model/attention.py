@@ -266,15 +266,15 @@ class MLA(nn.Module):
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, dv)
         return self.o_proj(o.flatten(2))
 
-    def _decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_uk (H, dn, C), W_uv^T (H, C, dv)), derived once from ``kv_b_proj``'s weight."""
+    def _decode_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk (H, dn, C), W_uv^T (H, C, dv)) in ``dtype``, derived once from ``kv_b_proj``'s weight."""
         wb = self.kv_b_proj.weight
 
         def build():
-            w = wb.unflatten(0, (self.n_heads, self.dn + self.dv))  # (H, dn+dv, C)
+            w = wb.unflatten(0, (self.n_heads, self.dn + self.dv)).to(dtype)  # (H, dn+dv, C)
             return w[:, : self.dn].contiguous(), w[:, self.dn :].transpose(1, 2).contiguous()
 
-        return derived(self, "decode", (wb,), build)
+        return derived(self, f"decode {dtype}", (wb,), build)
 
     def _first_projection(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` through ``q_proj`` (or ``q_a_proj``) and ``kv_a_proj_with_mqa`` as one product
@@ -294,7 +294,6 @@ class MLA(nn.Module):
         (B, T, H + 1, dr). Every query row must be allowed at least one key."""
         B, T, _ = x.shape
         H, dn, dr, C = self.n_heads, self.dn, self.dr, self.kv_lora_rank
-        w_uk, w_uv_t = self._decode_weights()
         a = self._first_projection(x)  # (B, T, q + C + dr)
         if hasattr(self, "q_proj"):
             q, c_kv, k_pe = a.split([H * (dn + dr), C, dr], dim=-1)
@@ -314,18 +313,95 @@ class MLA(nn.Module):
         cache.pe[:B, start:end] = pe[:, :, H]
         cache.length = end
         keys = cache.buf[:B, :end]  # (B, S, C + dr): [c_kv ; k_rope] per position
-        q_lat = torch.bmm(q[..., :dn].reshape(B * T, H, dn).transpose(0, 1), w_uk)  # (H, B*T, C)
-        qk = torch.cat([q_lat.transpose(0, 1), pe[:, :, :H].reshape(B * T, H, dr).to(q_lat.dtype)], dim=-1)
-        scores = torch.bmm(qk.view(B, T * H, C + dr).mul_(self.softmax_scale), keys.transpose(1, 2))  # (B, T*H, S)
+        allowed = None
         if attn_mask is not None or T > 1:
             if attn_mask is None:  # causal: query t sees positions <= start + t
                 allowed = torch.arange(end, device=x.device) <= torch.arange(start, end, device=x.device)[:, None]
                 allowed = allowed[None, :, None]  # (1, T, 1, S)
             else:
                 allowed = attn_mask.transpose(1, 2)  # (B, T, 1, S)
-            scores = scores.view(B, T, H, end).masked_fill_(~allowed, float("-inf")).view(B, T * H, end)
-        probs = scores.softmax(-1, dtype=torch.float32).to(keys.dtype)
-        o_lat = torch.bmm(probs, keys[..., :C])  # (B, T*H, C)
-        o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, dv)
+        ct = decode_attention_dtype(x.dtype, B, T, H, end, (dn, dr, C, self.dv), x.device)
+        w_uk, w_uv_t = self._decode_weights(ct)
+        o = absorbed_attention(q[..., :dn], pe[:, :, :H], keys, w_uk, w_uv_t, self.softmax_scale, allowed)
         wo = self.o_proj.weight
-        return decode.linear(self, "o_proj", o.transpose(0, 1).reshape(B, T, H * self.dv), (wo,), tuple(wo.shape))
+        o = o if o.dtype == x.dtype else o.to(x.dtype)
+        return decode.linear(self, "o_proj", o, (wo,), tuple(wo.shape))
+
+
+def absorbed_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    keys: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv_t: torch.Tensor,
+    scale: float,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MLA's absorbed attention over the latent cache (V2 §2.1.3; V3 eq. 1-11), as two batched
+    products around a softmax over the ``H * T`` query rows of each sequence, computed in the
+    dtype of ``w_uk`` (the model's dtype, or float32 for a bf16 model where that measured faster:
+    :func:`decode_attention_dtype`).
+
+    Args:
+        q_nope: (B, T, H, dn) the queries' non-rotated part; q_pe: (B, T, H, dr) their rotated part.
+        keys: (B, S, C + dr) the cache, ``[c_kv ; k_rope]`` per position (any float dtype).
+        w_uk: (H, dn, C) and w_uv_t: (H, C, dv): ``kv_b_proj``'s key and value halves.
+        scale: the softmax scale.
+        allowed: optional bool broadcastable to (B, T, 1, S), True = may attend (every query
+            row must be allowed at least one key); None: every row sees all S positions.
+
+    Returns:
+        (B, T, H * dv) in ``w_uk``'s dtype.
+    """
+    B, T, H, dn = q_nope.shape
+    C, dv, dt = w_uk.shape[2], w_uv_t.shape[2], w_uk.dtype
+    S = keys.shape[1]
+    keys, q_nope, q_pe = (t if t.dtype == dt else t.to(dt) for t in (keys, q_nope, q_pe))  # (no call when equal)
+    q_lat = torch.bmm(q_nope.reshape(B * T, H, dn).transpose(0, 1), w_uk)  # (H, B*T, C)
+    qk = torch.cat([q_lat.transpose(0, 1), q_pe.reshape(B * T, H, -1)], dim=-1)  # (B*T, H, C + dr)
+    scores = torch.bmm(qk.view(B, T * H, -1).mul_(scale), keys.transpose(1, 2))  # (B, T*H, S)
+    if allowed is not None:
+        scores = scores.view(B, T, H, S).masked_fill_(~allowed, float("-inf")).view(B, T * H, S)
+    probs = scores.softmax(-1, dtype=torch.float32)
+    probs = probs if dt == torch.float32 else probs.to(dt)
+    o_lat = torch.bmm(probs, keys[..., :C])  # (B, T*H, C)
+    o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # (H, B*T, dv)
+    return o.transpose(0, 1).reshape(B, T, H * dv)
+
+
+def decode_attention_dtype(
+    dtype: torch.dtype, B: int, T: int, H: int, S: int, dims: tuple[int, int, int, int], device: torch.device
+) -> torch.dtype:
+    """The dtype :func:`absorbed_attention` computes in for a ``dtype`` model: ``dtype`` itself
+    (the rule), or, for a half-precision model on CPU, float32 where that measured faster
+    (operation ``decode_attention``, candidates ``native`` / ``fp32``, per B, T * H and
+    power-of-two S; :mod:`dsv3.model.kernels`). A CPU's bf16 batched product of a few rows
+    costs about 13 us however small it is (fp32: under 2 us), and a decode step makes four per
+    layer. fp32 keeps the query's latent part and the probabilities unrounded: the two agree to
+    the model dtype's rounding.
+
+    Args:
+        dims: (dn, dr, C, dv).
+    """
+    if dtype == torch.float32 or device.type != "cpu":
+        return dtype
+    dn, dr, C, dv = dims
+    S = kernels.bucket(S)
+    key = f"{str(dtype).removeprefix('torch.')} B={B} TH={T * H} S={S} dn={dn} dr={dr} C={C} dv={dv}"
+
+    def run(name, data={}):  # noqa: B006 - the synthetic operands, made on the first call
+        if not data:
+            g = kernels.generator()
+            with torch.inference_mode(False):
+                w = (torch.randn(H, dn + dv, C, generator=g) * 0.05).to(dtype)
+                for ct in (dtype, torch.float32):
+                    wc = w.to(ct)
+                    data[ct] = (wc[:, :dn].contiguous(), wc[:, dn:].transpose(1, 2).contiguous())
+                data["q"] = torch.randn(B, T, H, dn + dr, generator=g).to(dtype)
+                data["keys"] = torch.randn(B, S, C + dr, generator=g).to(dtype)
+        w_uk, w_uv_t = data[dtype if name == "native" else torch.float32]
+        q = data["q"]
+        absorbed_attention(q[..., :dn], q[..., dn:], data["keys"], w_uk, w_uv_t, 0.1).to(dtype)
+
+    choice = kernels.choose("decode_attention", key, ["native", "fp32"], run, device, cold=True)
+    return torch.float32 if choice == "fp32" else dtype

@@ -54,7 +54,7 @@ COLD_ROUNDS = 7
 
 #: part of the machine's record key: raised whenever a candidate's implementation changes, so
 #: that choices measured with the old one are measured again
-REVISION = 4
+REVISION = 6
 
 _measuring = 0  # > 0 while candidates are being timed
 _version = 0  # raised whenever a choice is made or given (see :func:`state`)
@@ -94,7 +94,13 @@ def _machine() -> str:
 
 
 def choose(
-    op: str, key: str, candidates: Sequence[str], run: Callable[[str], None], device: torch.device, cold: bool = False
+    op: str,
+    key: str,
+    candidates: Sequence[str],
+    run: Callable[[str], None],
+    device: torch.device,
+    cold: bool = False,
+    streamed: bool = False,
 ) -> str:
     """The candidate to use for operation ``op`` at ``key`` (dtype and shape), see the module doc.
 
@@ -107,6 +113,8 @@ def choose(
         cold: time each run after reading a buffer twice the size of the last-level cache
             (:func:`_evict`): the operation's weights come from memory, as in a decoding step,
             which reads every weight of the model once; :data:`COLD_ROUNDS` rounds.
+        streamed: ``run`` itself goes through enough copies of its operands to leave the
+            core's caches (:func:`stream_copies`); :data:`COLD_ROUNDS` rounds, no eviction.
 
     Returns:
         one of ``candidates``.
@@ -146,7 +154,7 @@ def choose(
         record = _read(path)
         entry = record.get(machine, {}).get(full)
         if entry is None or entry.get("choice") not in candidates:
-            entry = _measure(candidates, run, cold)
+            entry = _measure(candidates, run, cold, streamed)
             record.setdefault(machine, {})[full] = entry
             if lock is not None:
                 try:
@@ -182,7 +190,7 @@ def _read(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _measure(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False) -> dict:
+def _measure(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False, streamed: bool = False) -> dict:
     """Time each candidate (interleaved rounds after a warm-up; best wall time) and pick.
 
     The candidates run under identity saved-tensor hooks, so hooks of the caller (which may
@@ -192,20 +200,21 @@ def _measure(candidates: Sequence[str], run: Callable[[str], None], cold: bool =
     _measuring += 1
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            return _timed(candidates, run, cold)
+            return _timed(candidates, run, cold, streamed)
     finally:
         _measuring -= 1
         _evict_buffer.clear()
 
 
-def _timed(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False) -> dict:
+def _timed(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False, streamed: bool = False) -> dict:
     best = {name: float("inf") for name in candidates}
     spent = dict.fromkeys(candidates, 0.0)
     for _ in range(WARMUP):
         for name in candidates:
             run(name)
-    for r in range(COLD_ROUNDS if cold else MAX_ROUNDS):
-        if not cold and r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
+    fixed = cold or streamed
+    for r in range(COLD_ROUNDS if fixed else MAX_ROUNDS):
+        if not fixed and r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
             break
         for name in candidates:
             if cold:
@@ -232,6 +241,21 @@ def _last_level_cache_bytes() -> int:
         except (OSError, ValueError):
             continue
     return max(sizes, default=32 << 20)
+
+
+#: at most this many copies in a streamed run (:func:`stream_copies`)
+STREAM_MAX_COPIES = 32
+
+
+def stream_copies(nbytes: int) -> int:
+    """How many distinct copies of an operand of ``nbytes`` a streamed measurement
+    (``choose(streamed=True)``) goes through in one timed run: enough to fill a quarter of the
+    last-level cache, at most :data:`STREAM_MAX_COPIES` (a small operand's cost is then the
+    call's own), at least one. Each copy is then read from the last-level cache, not from the
+    core's own caches, as a decoding step meets its weights after the other layers' (the
+    candidates' copies together stay within the cache: measured with more, the timings rank
+    the candidates as memory-bound products, which a model that fits in the cache is not)."""
+    return max(1, min(STREAM_MAX_COPIES, -(-(_last_level_cache_bytes() // 4) // max(nbytes, 1))))
 
 
 def _evict() -> None:

@@ -317,3 +317,78 @@ def test_a_layer_too_large_to_measure_decodes_with_the_grouped_products(monkeypa
     ex = Experts(8, 16, 16)
     for dtype in (torch.float32, torch.bfloat16):
         assert ex.kernel(torch.zeros(4, 16, dtype=dtype), 4, 2, dense=True) == "grouped"
+
+
+def test_absorbed_attention_equals_the_expanded_heads():
+    """The absorbed form (queries folded through W_uk, values through W_uv after the softmax)
+    equals per-head attention over the expanded keys [c_kv W_uk^T ; k_rope] and values
+    c_kv W_uv^T, with and without a mask, in fp32."""
+    from dsv3.model.attention import absorbed_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, dn, dr, C, dv, S = 2, 3, 4, 8, 4, 16, 6, 7
+    q_nope, q_pe = torch.randn(B, T, H, dn, generator=g), torch.randn(B, T, H, dr, generator=g)
+    keys = torch.randn(B, S, C + dr, generator=g)
+    w_uk, w_uv = torch.randn(H, dn, C, generator=g) * 0.3, torch.randn(H, dv, C, generator=g) * 0.3
+    allowed = torch.rand(B, T, 1, S, generator=g) > 0.3
+    allowed[..., 0] = True
+    for mask in (None, allowed):
+        got = absorbed_attention(q_nope, q_pe, keys, w_uk, w_uv.transpose(1, 2).contiguous(), 0.25, mask)
+        k_nope = torch.einsum("bsc,hdc->bhsd", keys[..., :C], w_uk)  # (B, H, S, dn)
+        k = torch.cat([k_nope, keys[:, None, :, C:].expand(B, H, S, dr)], -1)
+        q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)  # (B, H, T, dn + dr)
+        scores = q @ k.transpose(-1, -2) * 0.25  # (B, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.permute(0, 2, 1, 3), float("-inf"))
+        v = torch.einsum("bsc,hdc->bhsd", keys[..., :C], w_uv)  # (B, H, S, dv)
+        want = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * dv)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_transformer(seed: int):
+    from dsv3.config import load_config
+    from dsv3.model import Transformer
+
+    model = Transformer(load_config(None, tiny_model()).model)
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
+def test_bf16_decode_attention_in_fp32_agrees_with_native(record, monkeypatch):
+    """A bf16 model's decode attention computed in fp32 (the candidate a CPU's slow small bf16
+    products favour) gives the native bf16 logits to bf16 rounding, keeps fp32 copies of the
+    absorbed weights only in that mode, and an fp32 model makes no such choice."""
+    model = _tiny_transformer(seed=0).to(torch.bfloat16)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name in ("native", "fp32"):
+        monkeypatch.setenv("DSV3_KERNELS", f"decode_attention={name}")
+        with torch.inference_mode():
+            cache = model.new_cache(2, 8)
+            model(ids[:, :5], cache=cache)
+            logits[name] = model(ids[:, 5:], cache=cache).float()
+        kept = model.layers[0].self_attn.__dict__["_dsv3_derived"]
+        assert ("decode torch.float32" in kept) == (name == "fp32")
+    torch.testing.assert_close(logits["fp32"], logits["native"], rtol=0.05, atol=0.08)
+    assert (logits["fp32"] - logits["native"]).abs().max() > 0  # they did compute differently
+    monkeypatch.delenv("DSV3_KERNELS")
+    fp32 = _tiny_transformer(seed=0)
+    with torch.inference_mode():
+        fp32(ids, cache=fp32.new_cache(2, 8))
+    assert not any(k.startswith("decode_attention") for k in kernels.choices())
+
+
+def test_streamed_measurements_fill_a_quarter_of_the_last_level_cache(record):
+    """A decode product is timed over enough copies of its weight to fill a quarter of the
+    last-level cache (each read once, as a decoding step reads it), at most STREAM_MAX_COPIES, at
+    least one; COLD_ROUNDS timed rounds."""
+    part, most = kernels._last_level_cache_bytes() // 4, kernels.STREAM_MAX_COPIES
+    assert kernels.stream_copies(64) == most and kernels.stream_copies(4 * part) == 1
+    for nbytes in (part // most, part // 3, part // 2 + 1, part):
+        n = kernels.stream_copies(nbytes)
+        assert n * nbytes >= part and (n - 1) * nbytes < part
+    calls = []
+    assert kernels.choose(
+        "op", "s", ["a", "b"], _sleeper({"a": 0.0, "b": 0.0}, calls), torch.device("cpu"), streamed=True
+    )
+    assert calls == ["a", "b"] * (kernels.WARMUP + kernels.COLD_ROUNDS)
