@@ -389,19 +389,28 @@ def decode_attention_dtype(
     S = kernels.bucket(S)
     key = f"{str(dtype).removeprefix('torch.')} B={B} TH={T * H} S={S} dn={dn} dr={dr} C={C} dv={dv}"
 
-    def run(name, data={}):  # noqa: B006 - the synthetic operands, made on the first call
-        if not data:
+    def run(name, sets=[]):  # noqa: B006 - the synthetic operands (copies, as a step meets them), made once
+        if not sets:
             g = kernels.generator()
             with torch.inference_mode(False):
                 w = (torch.randn(H, dn + dv, C, generator=g) * 0.05).to(dtype)
+                data = {"q": torch.randn(B, T, H, dn + dr, generator=g).to(dtype)}
+                data["keys"] = torch.randn(B, S, C + dr, generator=g).to(dtype)
                 for ct in (dtype, torch.float32):
                     wc = w.to(ct)
                     data[ct] = (wc[:, :dn].contiguous(), wc[:, dn:].transpose(1, 2).contiguous())
-                data["q"] = torch.randn(B, T, H, dn + dr, generator=g).to(dtype)
-                data["keys"] = torch.randn(B, S, C + dr, generator=g).to(dtype)
-        w_uk, w_uv_t = data[dtype if name == "native" else torch.float32]
-        q = data["q"]
-        absorbed_attention(q[..., :dn], q[..., dn:], data["keys"], w_uk, w_uv_t, 0.1).to(dtype)
+                nbytes = (w.numel() + data["keys"].numel()) * dtype.itemsize
+                sets.extend(
+                    {
+                        k: v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v)
+                        for k, v in data.items()
+                    }
+                    for _ in range(kernels.stream_copies(nbytes))
+                )
+        for data in sets:
+            w_uk, w_uv_t = data[dtype if name == "native" else torch.float32]
+            q = data["q"]
+            absorbed_attention(q[..., :dn], q[..., dn:], data["keys"], w_uk, w_uv_t, 0.1).to(dtype)
 
-    choice = kernels.choose("decode_attention", key, ["native", "fp32"], run, device, cold=True)
+    choice = kernels.choose("decode_attention", key, ["native", "fp32"], run, device, streamed=True)
     return torch.float32 if choice == "fp32" else dtype

@@ -49,8 +49,8 @@ MARGIN = 0.1
 #: timed rounds per candidate (the best counts): at least ROUNDS, more until each candidate
 #: has run for MIN_SECONDS, at most MAX_ROUNDS; after WARMUP untimed calls
 ROUNDS, MAX_ROUNDS, MIN_SECONDS, WARMUP = 3, 50, 0.05, 1
-#: rounds of a measurement with cold caches (``choose(cold=True)``)
-COLD_ROUNDS = 7
+#: timed rounds of a streamed measurement (``choose(streamed=True)``)
+STREAM_ROUNDS = 7
 
 #: part of the machine's record key: raised whenever a candidate's implementation changes, so
 #: that choices measured with the old one are measured again
@@ -99,7 +99,6 @@ def choose(
     candidates: Sequence[str],
     run: Callable[[str], None],
     device: torch.device,
-    cold: bool = False,
     streamed: bool = False,
 ) -> str:
     """The candidate to use for operation ``op`` at ``key`` (dtype and shape), see the module doc.
@@ -110,11 +109,9 @@ def choose(
         candidates: names; the first is the fixed rule used where nothing is measured.
         run: ``run(name)`` executes candidate ``name`` once on synthetic inputs (the timed work).
         device: where the operation runs; only CPU is measured.
-        cold: time each run after reading a buffer twice the size of the last-level cache
-            (:func:`_evict`): the operation's weights come from memory, as in a decoding step,
-            which reads every weight of the model once; :data:`COLD_ROUNDS` rounds.
-        streamed: ``run`` itself goes through enough copies of its operands to leave the
-            core's caches (:func:`stream_copies`); :data:`COLD_ROUNDS` rounds, no eviction.
+        streamed: ``run`` itself goes through enough copies of its operands that each comes
+            from the last-level cache, not from the core's own caches (:func:`stream_copies`),
+            as a decoding step meets its weights; :data:`STREAM_ROUNDS` rounds.
 
     Returns:
         one of ``candidates``.
@@ -154,7 +151,7 @@ def choose(
         record = _read(path)
         entry = record.get(machine, {}).get(full)
         if entry is None or entry.get("choice") not in candidates:
-            entry = _measure(candidates, run, cold, streamed)
+            entry = _measure(candidates, run, streamed)
             record.setdefault(machine, {})[full] = entry
             if lock is not None:
                 try:
@@ -190,7 +187,7 @@ def _read(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _measure(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False, streamed: bool = False) -> dict:
+def _measure(candidates: Sequence[str], run: Callable[[str], None], streamed: bool = False) -> dict:
     """Time each candidate (interleaved rounds after a warm-up; best wall time) and pick.
 
     The candidates run under identity saved-tensor hooks, so hooks of the caller (which may
@@ -200,25 +197,21 @@ def _measure(candidates: Sequence[str], run: Callable[[str], None], cold: bool =
     _measuring += 1
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            return _timed(candidates, run, cold, streamed)
+            return _timed(candidates, run, streamed)
     finally:
         _measuring -= 1
-        _evict_buffer.clear()
 
 
-def _timed(candidates: Sequence[str], run: Callable[[str], None], cold: bool = False, streamed: bool = False) -> dict:
+def _timed(candidates: Sequence[str], run: Callable[[str], None], streamed: bool = False) -> dict:
     best = {name: float("inf") for name in candidates}
     spent = dict.fromkeys(candidates, 0.0)
     for _ in range(WARMUP):
         for name in candidates:
             run(name)
-    fixed = cold or streamed
-    for r in range(COLD_ROUNDS if fixed else MAX_ROUNDS):
-        if not fixed and r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
+    for r in range(STREAM_ROUNDS if streamed else MAX_ROUNDS):
+        if not streamed and r >= ROUNDS and min(spent.values()) >= MIN_SECONDS:
             break
         for name in candidates:
-            if cold:
-                _evict()
             t0 = time.perf_counter()
             run(name)
             dt = time.perf_counter() - t0
@@ -226,9 +219,6 @@ def _timed(candidates: Sequence[str], run: Callable[[str], None], cold: bool = F
     fastest = min(candidates, key=best.get)
     choice = candidates[0] if best[candidates[0]] <= best[fastest] * (1 + MARGIN) else fastest
     return {"choice": choice, "ms": {name: round(best[name] * 1e3, 3) for name in candidates}}
-
-
-_evict_buffer: list[torch.Tensor] = []
 
 
 def _last_level_cache_bytes() -> int:
@@ -256,15 +246,6 @@ def stream_copies(nbytes: int) -> int:
     candidates' copies together stay within the cache: measured with more, the timings rank
     the candidates as memory-bound products, which a model that fits in the cache is not)."""
     return max(1, min(STREAM_MAX_COPIES, -(-(_last_level_cache_bytes() // 4) // max(nbytes, 1))))
-
-
-def _evict() -> None:
-    """Read a buffer twice the last-level cache's size (at most 512 MiB): whatever the next
-    timed run reads then comes from memory."""
-    if not _evict_buffer:
-        n = min(2 * _last_level_cache_bytes(), 512 << 20) // 4
-        _evict_buffer.append(torch.ones(n, dtype=torch.float32))
-    _evict_buffer[0].sum()
 
 
 def choices() -> dict[str, dict]:

@@ -315,23 +315,30 @@ class Experts(nn.Module):
         dtype = str(x.dtype).removeprefix("torch.")
         key = f"{dtype} {'train' if train else 'infer'} N={rows} K={K} E={E} D={D} I={I}"
 
-        def run(name, data={}):  # noqa: B006 - the synthetic layer, made on the first call
-            if not data:
-                data.update(self._synthetic(rows, K, x.dtype, train))
-            layer, (w, ids) = data["layer"], data["w"]
-            layer.zero_grad(set_to_none=True)
-            with torch.enable_grad() if train else torch.inference_mode():
-                xs = data["x"].detach().requires_grad_(train)
-                if name == "all_experts":
-                    y = layer._all_experts(xs, w, ids)
-                else:
-                    y = layer._grouped(xs, w, ids, "grouped_mm" if name == "grouped" else name)
-                if train:
-                    y.sum().backward()
+        def run(name, sets=[]):  # noqa: B006 - the synthetic layers, made on the first call
+            if not sets:  # decoding: copies of the layer, as a decoding step meets it (after other layers)
+                copies = kernels.stream_copies(self._bytes(x.dtype)) if dense else 1
+                sets.extend(self._synthetic(rows, K, x.dtype, train) for _ in range(copies))
+            for data in sets:
+                layer, (w, ids) = data["layer"], data["w"]
+                layer.zero_grad(set_to_none=True)
+                with torch.enable_grad() if train else torch.inference_mode():
+                    xs = data["x"].detach().requires_grad_(train)
+                    if name == "all_experts":
+                        y = layer._all_experts(xs, w, ids)
+                    else:
+                        y = layer._grouped(xs, w, ids, "grouped_mm" if name == "grouped" else name)
+                    if train:
+                        y.sum().backward()
 
         if dense:  # the products of all_experts, chosen before it is timed
             decode.choose_linears(x.dtype, rows, ((2 * E * I, D), (D, E * I)))
-        return kernels.choose("decode_experts" if dense else "experts", key, candidates, run, x.device, cold=dense)
+        op = "decode_experts" if dense else "experts"
+        return kernels.choose(op, key, candidates, run, x.device, streamed=dense)
+
+    def _bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of this layer's three weights in ``dtype``."""
+        return (self.gate_proj.numel() + self.up_proj.numel() + self.down_proj.numel()) * dtype.itemsize
 
     def _measurable(self) -> bool:
         """Whether this layer is small enough (:data:`MEASURE_MAX_ELEMENTS`) to time candidates
@@ -362,15 +369,17 @@ class Experts(nn.Module):
             return "loop"
         key = f"{str(x.dtype).removeprefix('torch.')} N={N} K={K} E={E} D={D} I={I}"
 
-        def run(name, data={}):  # noqa: B006 - the synthetic layer, made on the first call
-            if not data:
-                data.update(self._synthetic(N, K, x.dtype, train=False))
+        def run(name, sets=[]):  # noqa: B006 - the synthetic layers, made on the first call
+            if not sets:
+                copies = kernels.stream_copies(self._bytes(x.dtype))
+                sets.extend(self._synthetic(N, K, x.dtype, train=False) for _ in range(copies))
             with torch.inference_mode():
-                path = data["layer"]._chosen_loop if name == "loop" else data["layer"]._few_tokens
-                path(data["x"], data["w"][0], data["w"][1].flatten(), N, K)
+                for data in sets:
+                    path = data["layer"]._chosen_loop if name == "loop" else data["layer"]._few_tokens
+                    path(data["x"], data["w"][0], data["w"][1].flatten(), N, K)
 
-        decode.choose_linears(x.dtype, 1, ((I, D), (D, I)))  # the loop's products, chosen before it is timed
-        return kernels.choose("decode_few", key, ["loop", "gather"], run, x.device, cold=True)
+        decode.choose_linears(x.dtype, 1, ((2 * I, D), (D, I)))  # the loop's products, chosen before it is timed
+        return kernels.choose("decode_few", key, ["loop", "gather"], run, x.device, streamed=True)
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens that together reach most experts (batched decoding): every
@@ -391,18 +400,20 @@ class Experts(nn.Module):
         w = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)  # (N, E)
         if self._measurable() and fast_inference(self):  # (copies of a small layer's weights)
             # the gate weight inside: sum_e (w_e h_e) W_down,e as one product
-            sources = (self.gate_proj, self.up_proj, self.down_proj)
-            g, u = decode.linear(self, "dense gate_up", x, sources, (2 * E * I, D), self._dense_gate_up).chunk(2, -1)
-            h = (F.silu(g) * u).view(N, E, I) * w.unsqueeze(-1).to(x.dtype)
+            sources = (self.gate_proj, self.up_proj)
+            gu = decode.linear(self, "dense gate_up", x, sources, (2 * E * I, D), self._dense_gate_up)
+            gu = gu.view(N, E, 2, I)  # expert e's gate then up outputs
+            h = (F.silu(gu[:, :, 0]) * gu[:, :, 1]) * w.unsqueeze(-1).to(x.dtype)  # (N, E, I)
+            sources = (self.down_proj,)
             return decode.linear(self, "dense down", h.view(N, E * I), sources, (D, E * I), self._dense_down)
         h = F.silu(F.linear(x, self.gate_proj.reshape(E * I, D))) * F.linear(x, self.up_proj.reshape(E * I, D))
         ys = torch.bmm(h.view(N, E, I).transpose(0, 1), self.down_proj.transpose(1, 2))  # (E, N, D)
         return (ys * w.t().unsqueeze(-1).to(ys.dtype)).sum(0)  # (N, D)
 
     def _dense_gate_up(self) -> torch.Tensor:
-        """(2 E I, D): every expert's gate rows, then every expert's up rows."""
+        """(2 E I, D): per expert e its gate rows, then its up rows (rows 2 I e ... 2 I e + 2 I - 1)."""
         E, I, D = self.gate_proj.shape
-        return torch.cat([self.gate_proj.reshape(E * I, D), self.up_proj.reshape(E * I, D)])
+        return torch.cat([self.gate_proj, self.up_proj], dim=1).reshape(2 * E * I, D)
 
     def _dense_down(self) -> torch.Tensor:
         """(D, E I): the experts' down projections side by side (columns of expert e: e I ... e I + I - 1)."""
@@ -422,7 +433,8 @@ class Experts(nn.Module):
         Args: x (N, D); weights (N, K) float32; flat (N*K,) expert ids, token-major.
         Returns: (N, D), dtype of ``x``.
         """
-        per_expert = derived(self, "views", (self.gate_proj, self.up_proj, self.down_proj), self._expert_views)
+        gate_up = (self.gate_proj, self.up_proj)
+        per_expert = derived(self, "views", (*gate_up, self.down_proj), self._expert_views)
         E, I, D = self.gate_proj.shape
         ids, ws = flat.tolist(), weights.tolist()
         rows = []
@@ -431,17 +443,26 @@ class Experts(nn.Module):
             y = None
             for k in range(K):
                 e = ids[n * K + k]
-                gate, up, down = per_expert[e]
-                g = decode.linear(self, f"gate {e}", xn, (self.gate_proj,), (I, D), weight=gate)
-                u = decode.linear(self, f"up {e}", xn, (self.up_proj,), (I, D), weight=up)
+                stacked, down = per_expert[e]
+                if stacked is None:  # a layer too large for stacked copies
+                    g = decode.linear(self, f"gate {e}", xn, gate_up[:1], (I, D), weight=self.gate_proj[e])
+                    u = decode.linear(self, f"up {e}", xn, gate_up[1:], (I, D), weight=self.up_proj[e])
+                else:
+                    g, u = decode.linear(self, f"gate_up {e}", xn, gate_up, (2 * I, D), weight=stacked).chunk(2, -1)
                 o = decode.linear(self, f"down {e}", F.silu(g) * u, (self.down_proj,), (D, I), weight=down) * ws[n][k]
                 y = o if y is None else y + o
             rows.append(y)
         return rows[0] if N == 1 else torch.cat(rows)
 
-    def _expert_views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per expert (gate_proj[e], up_proj[e], down_proj[e]): views, no copies."""
-        return [(self.gate_proj[e], self.up_proj[e], self.down_proj[e]) for e in range(self.n_experts)]
+    def _expert_views(self) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """Per expert (its gate and up rows as one (2 I, D) view of :meth:`_dense_gate_up`'s copy,
+        or None for a layer too large for that copy, or whose weights are inference tensors, of
+        which no copy is kept; ``down_proj[e]``)."""
+        E, I = self.gate_proj.shape[:2]
+        if not self._measurable() or self.gate_proj.is_inference():
+            return [(None, self.down_proj[e]) for e in range(E)]
+        stacked = derived(self, "dense gate_up", (self.gate_proj, self.up_proj), self._dense_gate_up)
+        return [(stacked[2 * I * e : 2 * I * (e + 1)], self.down_proj[e]) for e in range(E)]
 
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, N: int, K: int) -> torch.Tensor:
         """Inference with fewer token-expert pairs than experts (decoding): gather only the

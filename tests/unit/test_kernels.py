@@ -213,20 +213,6 @@ def test_measuring_is_invisible_to_the_callers_saved_tensor_hooks(record):
     assert len(kernels.choices()) == 1 and counts[0] == counts[1] > 0
 
 
-def test_cold_measurement_evicts_before_every_timed_run(record, monkeypatch):
-    """choose(cold=True): the cache-evicting read runs before each timed run (not the warm-up),
-    COLD_ROUNDS rounds per candidate; the buffer is freed afterwards."""
-    order = []
-    real = kernels._evict
-    monkeypatch.setattr(kernels, "_evict", lambda: order.append("evict") or real())
-    run = _sleeper({"a": 0.001, "b": 0.003}, order)
-    assert kernels.choose("op", "cold", ["a", "b"], run, torch.device("cpu"), cold=True) == "a"
-    warm = 2 * kernels.WARMUP
-    assert order[:warm] == ["a", "b"] * kernels.WARMUP
-    assert order[warm:] == ["evict", "a", "evict", "b"] * kernels.COLD_ROUNDS
-    assert kernels._evict_buffer == [] and kernels._last_level_cache_bytes() >= 1 << 20
-
-
 def test_a_choice_inside_a_timed_candidate_takes_the_rule_unless_made_before(record):
     """A candidate that itself asks for a measured choice gets the rule (no nested measuring,
     which would wait for the record's lock this process holds), or the choice already made."""
@@ -381,7 +367,7 @@ def test_bf16_decode_attention_in_fp32_agrees_with_native(record, monkeypatch):
 def test_streamed_measurements_fill_a_quarter_of_the_last_level_cache(record):
     """A decode product is timed over enough copies of its weight to fill a quarter of the
     last-level cache (each read once, as a decoding step reads it), at most STREAM_MAX_COPIES, at
-    least one; COLD_ROUNDS timed rounds."""
+    least one; STREAM_ROUNDS timed rounds."""
     part, most = kernels._last_level_cache_bytes() // 4, kernels.STREAM_MAX_COPIES
     assert kernels.stream_copies(64) == most and kernels.stream_copies(4 * part) == 1
     for nbytes in (part // most, part // 3, part // 2 + 1, part):
@@ -391,4 +377,4 @@ def test_streamed_measurements_fill_a_quarter_of_the_last_level_cache(record):
     assert kernels.choose(
         "op", "s", ["a", "b"], _sleeper({"a": 0.0, "b": 0.0}, calls), torch.device("cpu"), streamed=True
     )
-    assert calls == ["a", "b"] * (kernels.WARMUP + kernels.COLD_ROUNDS)
+    assert calls == ["a", "b"] * (kernels.WARMUP + kernels.STREAM_ROUNDS)
