@@ -43,7 +43,10 @@ def fast_inference(*modules: nn.Module) -> bool:
     forward (pre-)hook, such as the one with which ZeRO stage 3 gathers a module's parameters."""
     if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():  # (this order: no graph break)
         return False
-    return not any(hasattr(m, "_hf_hook") or m._forward_pre_hooks or m._forward_hooks for m in modules)
+    for m in modules:  # (``in __dict__``: a missing attribute costs an exception in nn.Module.__getattr__)
+        if "_hf_hook" in m.__dict__ or m._forward_pre_hooks or m._forward_hooks:
+            return False
+    return True
 
 
 def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]):
@@ -67,13 +70,15 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
     Returns:
         Whatever ``build`` returns.
     """
-    if any(s.is_inference() for s in sources):  # made under inference_mode: no version counter to watch
-        with torch.no_grad():
-            return build()
+    key = []
+    for s in sources:
+        if s.is_inference():  # made under inference_mode: no version counter to watch
+            with torch.no_grad():
+                return build()
+        key.append((s.data_ptr(), s._version))
     store = module.__dict__.get(_STORE)
     if store is None:
         store = module.__dict__[_STORE] = {}
-    key = tuple((s.data_ptr(), s._version) for s in sources)
     hit = store.get(name)
     if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], sources)):
         return hit[2]
@@ -215,7 +220,6 @@ def linear_kernel(dtype: torch.dtype, rows: int, shape: tuple[int, int]) -> str:
     ``rows`` rows of ``dtype`` through a weight of ``shape`` (out, in) on this CPU (kept here
     while :func:`dsv3.model.kernels.state` is unchanged: this is asked on every product)."""
     global _memo_state
-    rows = kernels.bucket(rows)
     state = kernels.state()
     if state != _memo_state:
         _memo.clear()
@@ -223,6 +227,7 @@ def linear_kernel(dtype: torch.dtype, rows: int, shape: tuple[int, int]) -> str:
     hit = _memo.get((dtype, rows, shape))
     if hit is not None:
         return hit
+    asked, rows = rows, kernels.bucket(rows)
     out_dim, in_dim = shape
     key = f"{str(dtype).removeprefix('torch.')} N={rows} out={out_dim} in={in_dim}"
 
@@ -244,6 +249,6 @@ def linear_kernel(dtype: torch.dtype, rows: int, shape: tuple[int, int]) -> str:
                 _packed_product(x, w)
 
     choice = kernels.choose("decode_linear", key, ["plain", "packed"], run, torch.device("cpu"), streamed=True)
-    _memo[(dtype, rows, shape)] = choice
+    _memo[(dtype, asked, shape)] = choice
     _memo_state = kernels.state()
     return choice

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.model.decode import PACK_MAX_ROWS, derived, fast_inference
+
 
 class _RMSNormFunction(torch.autograd.Function):
     """``y = x * rsqrt(mean(x^2) + eps) * w`` in fp32 with a written-out backward.
@@ -57,7 +59,20 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if x.device.type == "cpu" and x.numel() <= PACK_MAX_ROWS * x.shape[-1] and fast_inference(self):
+            return self._mirrored(x)
         # inference: one fused kernel; same fp32 arithmetic as x * rsqrt(mean(x^2) + eps) * weight
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts to dispatch
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+    def _mirrored(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of a few rows (a decoding step on CPU) as one ``layer_norm`` of ``[x, -x]``:
+        that vector has mean 0 and variance ``mean(x^2)``, so its first half comes out as
+        ``x * rsqrt(mean(x^2) + eps) * weight`` (to fp32 rounding: the mean is summed, not known
+        to be 0), computed in fp32 and rounded once to ``x.dtype``, in two operators instead
+        of the eight ``F.rms_norm`` runs as on CPU (one 256-wide row: 4.7 against 9.6 us)."""
+        w = self.weight
+        w2 = derived(self, "mirrored", (w,), lambda: torch.cat([w, w]))
+        D = x.shape[-1]
+        return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * D,), w2, None, self.eps)[..., :D]

@@ -442,3 +442,31 @@ def test_blocked_cross_entropy_equals_torch(monkeypatch, dtype):
     torch.testing.assert_close(grad, logits.grad)  # the tolerance of the dtype: rounding of the last bit
     empty = objective.ce_sum(torch.zeros(1, 0, 40), torch.zeros(1, 0, dtype=torch.long))
     assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_of_a_decoding_step_is_the_mirrored_layer_norm(dtype):
+    """In inference on a few CPU rows RMSNorm runs as layer_norm of [x, -x] (mean 0, variance
+    mean(x^2)): the values of x * rsqrt(mean(x^2) + eps) * w to fp32 rounding, rounded once to
+    the input dtype; many rows, autograd and a hooked module keep F.rms_norm."""
+    from dsv3.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=g) + 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 2, 48, generator=g) * 3).to(dtype)
+    xf, wf = x.double(), norm.weight.double()
+    want = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-5) * wf).to(dtype)
+    with torch.inference_mode():
+        got = norm(x)
+    assert "mirrored" in norm.__dict__["_dsv3_derived"]
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.008, atol=0.008)
+    torch.testing.assert_close(got, want, **tol)
+    many = RMSNorm(48).to(dtype)
+    with torch.inference_mode():
+        many(torch.randn(17, 48).to(dtype))  # more than a decoding step's rows
+    with torch.no_grad():
+        many(x)  # not inference mode (a training run's evaluation)
+    assert "_dsv3_derived" not in many.__dict__
