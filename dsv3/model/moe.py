@@ -216,11 +216,15 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 DENSE_MAX_TOKENS = 16
 """On CPU, inference batches of at most this many tokens whose choices fill at least E expert
 slots (N * K >= E) may run every expert on every token (:meth:`Experts._all_experts`), chosen
-by measurement against the grouped products (the rule where nothing is measured: every
-expert in bf16 / fp16, the grouped products in fp32). Measured on the 2-core AVX-512-BF16 CPU (``tiny``
-config, compiled, greedy decoding at batch 8, one thread): bf16 1589 -> 2079 tokens/s, since
-each small bf16 product has a large fixed cost; in fp32 the small products are cheap and the
-E/K times more arithmetic made it slower (1346 -> 1271), so fp32 keeps the grouped products."""
+by measurement against the grouped products (every expert is also the rule where nothing is
+measured, e.g. in compiled code, for a layer small enough to measure; a larger one keeps the
+grouped products). Measured on the 2-core AVX-512-BF16 CPU (``tiny`` config, compiled, greedy
+decoding at batch 8, one thread): bf16 1589 -> 2079 tokens/s, since each small bf16 product has
+a large fixed cost. In fp32 the E/K times more arithmetic first made it slower (1346 -> 1271),
+and fp32's rule was the grouped products until the eager path ran every expert as two plain
+products; on 2026-12-07 every expert measured faster in fp32 too (eager, 0.61 against 0.83 ms
+per layer of 8 tokens; compiled ``tiny`` decoding at batch 8, two threads: 2547 against
+1952-2171 tokens/s)."""
 
 #: expert weights are measured on synthetic copies: only while the three stacked tensors hold
 #: at most this many elements (larger layers keep the fixed rules)
@@ -300,8 +304,8 @@ class Experts(nn.Module):
         (see :data:`DENSE_MAX_TOKENS`); else ``grouped_mm`` or ``bmm`` (padded) for the grouped
         products (:func:`grouped_matmul`), measured forward and backward outside inference."""
         E, I, D = self.gate_proj.shape
-        if dense:  # the rule: every expert in bf16 / fp16, the grouped products in fp32
-            candidates = ["all_experts", "grouped"] if x.element_size() < 4 else ["grouped", "all_experts"]
+        if dense:  # the rule: every expert (see DENSE_MAX_TOKENS)
+            candidates = ["all_experts", "grouped"]
         elif _grouped_mm_ok(x, I, D) and _grouped_mm_ok(x, D, I):
             candidates = ["grouped_mm", "bmm"]
         else:

@@ -142,8 +142,9 @@ def test_experts_grouped_matches_loop(H):
         (2, torch.bfloat16, "_few_tokens", "decode_few=gather"),
         (2, torch.float32, "_chosen_loop", "decode_few=loop,decode_linear=packed"),
         (2, torch.bfloat16, "_chosen_loop", "decode_few=loop,decode_linear=packed"),
-        (5, torch.float32, None, "rules"),
+        (5, torch.float32, "_all_experts", "rules"),
         (5, torch.bfloat16, "_all_experts", "rules"),
+        (5, torch.float32, None, "decode_experts=grouped"),
         (5, torch.float32, "_all_experts", "decode_experts=all_experts,decode_linear=packed"),
         (16, torch.bfloat16, "_all_experts", "decode_experts=all_experts,decode_linear=packed"),
         (17, torch.bfloat16, None, "rules"),
@@ -152,7 +153,7 @@ def test_experts_grouped_matches_loop(H):
 def test_experts_inference_paths_match_the_loop(N, dtype, path, kernels, monkeypatch):
     """Without gradients: N*K < E runs the chosen experts from views of their weights (the
     rule on CPU) or gathers them; up to DENSE_MAX_TOKENS (16) tokens may run every expert
-    (the rule in bf16 on CPU); otherwise the grouped products; each product of a few rows may
+    (the rule on CPU); otherwise the grouped products; each product of a few rows may
     read a prepacked weight (decode_linear=packed, where oneDNN runs the dtype). Each equals
     the per-token loop (computed in fp32 from the same weights). The measured choices
     themselves are in test_kernels.py."""
