@@ -178,9 +178,9 @@ class MLA(nn.Module):
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+            q = decode.project(self.q_proj, x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = decode.project(self.q_b_proj, self.q_a_layernorm(decode.project(self.q_a_proj, x)))
         return q.unflatten(-1, (self.n_heads, -1))  # (B, T, H, dn + dr)
 
     def forward(
@@ -217,7 +217,7 @@ class MLA(nn.Module):
         q = self._queries(x)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
         q_pe = apply_rope(q_pe, cos, sin)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
+        c_kv, k_pe = decode.project(self.kv_a_proj_with_mqa, x).split([self.kv_lora_rank, self.dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, C)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)  # (B, T, 1, dr): one key for all heads
 
@@ -264,7 +264,7 @@ class MLA(nn.Module):
                 q, k, v, attn_mask=attn_mask, scale=self.softmax_scale, enable_gqa=True
             )
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, dv)
-        return self.o_proj(o.flatten(2))
+        return decode.project(self.o_proj, o.flatten(2))
 
     def _decode_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_uk (H, dn, C), W_uv^T (H, C, dv)) in ``dtype``, derived once from ``kv_b_proj``'s weight."""

@@ -196,6 +196,60 @@ def linear(
     return F.linear(x, weight)
 
 
+_compiled_packs: dict[int, tuple] = {}  # id(weight) -> (weakref to it, (data_ptr, version), packed copy)
+
+
+@torch.library.custom_op("dsv3::few_rows_linear", mutates_args=())
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight.reshape(-1, in))`` for compiled inference on CPU (:func:`compiled_linear`):
+    opaque to the compiler, it runs eagerly with the measured ``decode_linear`` kernel, keeping
+    a packed copy per weight tensor (released with the tensor, rebuilt when it changes).
+
+    Args: x (..., in) float32 / bfloat16 with at most :data:`PACK_MAX_ROWS` rows; weight
+    (out, in), or stacked (E, I, in) read as (E I, in).
+
+    Returns: (..., out), dtype of ``x``."""
+    w = weight.reshape(-1, weight.shape[-1])
+    rows = x.numel() // x.shape[-1]
+    if packing(x.dtype) and linear_kernel(x.dtype, rows, tuple(w.shape)) == "packed":
+        key = (weight.data_ptr(), weight._version)
+        hit = _compiled_packs.get(id(weight))
+        if hit is None or hit[0]() is not weight or hit[1] != key:
+            if hit is None and _packed_bytes[0] + w.numel() * w.element_size() > pack_budget():
+                return F.linear(x, w)
+            k = id(weight)
+            ref = weakref.ref(weight, lambda _, k=k: _compiled_packs.pop(k, None))
+            hit = _compiled_packs[k] = (ref, key, _pack(w))
+        return _packed_product(x, hit[2])
+    return F.linear(x, w)
+
+
+@few_rows_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.numel() // weight.shape[-1]))
+
+
+def compiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (``weight`` (out, in) or stacked (E, I, in) read as (E I, in)) in
+    model code; while ``torch.compile`` traces CPU inference on at most :data:`PACK_MAX_ROWS`
+    rows, through :func:`few_rows_linear`, so that compiled decoding reads prepacked weights
+    where that measured faster, as the eager path does."""
+    if (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.numel() <= PACK_MAX_ROWS * x.shape[-1]
+    ):
+        return few_rows_linear(x, weight)
+    return F.linear(x, weight.reshape(-1, weight.shape[-1]))
+
+
+def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for a bias-free ``nn.Linear``; under ``torch.compile``
+    :func:`compiled_linear` of its weight (a prepacked one for a few rows of CPU inference)."""
+    return compiled_linear(x, linear.weight) if torch.compiler.is_compiling() else linear(x)
+
+
 def _may_pack(owner: nn.Module, name: str, shape: tuple[int, int], itemsize: int) -> bool:
     """A packed copy is kept already, or one more stays within :func:`pack_budget`."""
     if name + " packed" in owner.__dict__.get(_STORE, {}):

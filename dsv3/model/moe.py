@@ -43,7 +43,8 @@ class MLP(nn.Module):
             shape = (2 * wg.shape[0], wg.shape[1])
             g, u = decode.linear(self, "gate_up", x, (wg, wu), shape, self._gate_up).chunk(2, dim=-1)
             return decode.linear(self, "down", F.silu(g) * u, (wd,), tuple(wd.shape))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        project = decode.project  # (compiled inference on a few rows: maybe prepacked weights)
+        return project(self.down_proj, F.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
 
     def _gate_up(self) -> torch.Tensor:
         return torch.cat([self.gate_proj.weight, self.up_proj.weight])  # (2 hidden, dim)
@@ -410,7 +411,7 @@ class Experts(nn.Module):
             h = (F.silu(gu[:, :, 0]) * gu[:, :, 1]) * w.unsqueeze(-1).to(x.dtype)  # (N, E, I)
             sources = (self.down_proj,)
             return decode.linear(self, "dense down", h.view(N, E * I), sources, (D, E * I), self._dense_down)
-        h = F.silu(F.linear(x, self.gate_proj.reshape(E * I, D))) * F.linear(x, self.up_proj.reshape(E * I, D))
+        h = F.silu(decode.compiled_linear(x, self.gate_proj)) * decode.compiled_linear(x, self.up_proj)  # (N, E I)
         ys = torch.bmm(h.view(N, E, I).transpose(0, 1), self.down_proj.transpose(1, 2))  # (E, N, D)
         return (ys * w.t().unsqueeze(-1).to(ys.dtype)).sum(0)  # (N, D)
 

@@ -257,6 +257,8 @@ class Transformer(nn.Module):
             if cache is not None and fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
                 w = self.lm_head.weight
                 return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
+            if cache is not None and torch.compiler.is_compiling():  # compiled decoding: maybe a prepacked head
+                return decode.compiled_linear(h, self.lm_head.weight).float()
             return self.lm_head(h).float()
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid, position_ids=position_ids)

@@ -378,3 +378,49 @@ def test_streamed_measurements_fill_a_quarter_of_the_last_level_cache(record):
         "op", "s", ["a", "b"], _sleeper({"a": 0.0, "b": 0.0}, calls), torch.device("cpu"), streamed=True
     )
     assert calls == ["a", "b"] * (kernels.WARMUP + kernels.STREAM_ROUNDS)
+
+
+def test_compiled_few_row_products_keep_one_packed_copy_per_weight(record, monkeypatch):
+    """The opaque product compiled inference calls (decode.few_rows_linear): F.linear's values
+    (a stacked (E, I, D) weight read as (E I, D)), one packed copy per weight tensor, rebuilt
+    after an in-place update, dropped with the tensor; in code being compiled for a few CPU rows
+    compiled_linear calls it (a whole-model graph holds it), elsewhere it is F.linear."""
+    import gc
+
+    from dsv3.model import decode
+
+    if not decode.packing(torch.float32):
+        pytest.skip("oneDNN does not run fp32 on this CPU")
+    monkeypatch.setenv("DSV3_KERNELS", "decode_linear=packed")
+    packs = []
+    real = decode._pack
+    monkeypatch.setattr(decode, "_pack", lambda w: packs.append(w.shape) or real(w))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 16, 32, generator=g)
+    x = torch.randn(2, 32, generator=g)
+    with torch.inference_mode():
+        for _ in range(2):
+            y = decode.few_rows_linear(x, w)
+            torch.testing.assert_close(y, x @ w.reshape(48, 32).t(), rtol=1e-5, atol=1e-5)
+    assert packs == [(48, 32)]
+    w.mul_(-1)
+    with torch.inference_mode():
+        torch.testing.assert_close(decode.few_rows_linear(x, w), x @ w.reshape(48, 32).t(), rtol=1e-5, atol=1e-5)
+    assert len(packs) == 2 and id(w) in decode._compiled_packs
+    key = id(w)
+    del w
+    gc.collect()
+    assert key not in decode._compiled_packs
+
+    lin = torch.nn.Linear(32, 24, bias=False)
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.inference_mode():
+        out = torch.compile(lambda t: decode.project(lin, t), backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+    assert any("few_rows_linear" in op for op in ops)
+    assert torch.equal(decode.project(lin, x), lin(x))  # eager: the module itself
