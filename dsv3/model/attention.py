@@ -385,8 +385,15 @@ def decode_attention_dtype(
     """
     if dtype == torch.float32 or device.type != "cpu":
         return dtype
-    dn, dr, C, dv = dims
     S = kernels.bucket(S)
+    ask = ("decode_attention", dtype, B, T, H, S, dims)
+    return kernels.remembered(ask, lambda: _attention_choice(dtype, B, T, H, S, dims, device))
+
+
+def _attention_choice(
+    dtype: torch.dtype, B: int, T: int, H: int, S: int, dims: tuple[int, int, int, int], device: torch.device
+) -> torch.dtype:
+    dn, dr, C, dv = dims
     key = f"{str(dtype).removeprefix('torch.')} B={B} TH={T * H} S={S} dn={dn} dr={dr} C={C} dv={dv}"
 
     def run(name, sets=[]):  # noqa: B006 - the synthetic operands (copies, as a step meets them), made once

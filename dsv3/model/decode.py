@@ -265,23 +265,15 @@ def choose_linears(dtype: torch.dtype, rows: int, shapes: tuple[tuple[int, int],
             linear_kernel(dtype, rows, shape)
 
 
-_memo: dict[tuple, str] = {}
-_memo_state: tuple = ()
-
-
 def linear_kernel(dtype: torch.dtype, rows: int, shape: tuple[int, int]) -> str:
     """``plain`` (F.linear) or ``packed`` (oneDNN, prepacked weight): the measured choice for
-    ``rows`` rows of ``dtype`` through a weight of ``shape`` (out, in) on this CPU (kept here
-    while :func:`dsv3.model.kernels.state` is unchanged: this is asked on every product)."""
-    global _memo_state
-    state = kernels.state()
-    if state != _memo_state:
-        _memo.clear()
-        _memo_state = state
-    hit = _memo.get((dtype, rows, shape))
-    if hit is not None:
-        return hit
-    asked, rows = rows, kernels.bucket(rows)
+    ``rows`` rows of ``dtype`` through a weight of ``shape`` (out, in) on this CPU (remembered
+    per call site's inputs: this is asked on every product)."""
+    return kernels.remembered(("decode_linear", dtype, rows, shape), lambda: _linear_choice(dtype, rows, shape))
+
+
+def _linear_choice(dtype: torch.dtype, rows: int, shape: tuple[int, int]) -> str:
+    rows = kernels.bucket(rows)
     out_dim, in_dim = shape
     key = f"{str(dtype).removeprefix('torch.')} N={rows} out={out_dim} in={in_dim}"
 
@@ -302,7 +294,4 @@ def linear_kernel(dtype: torch.dtype, rows: int, shape: tuple[int, int]) -> str:
             for w in data["packed"]:
                 _packed_product(x, w)
 
-    choice = kernels.choose("decode_linear", key, ["plain", "packed"], run, torch.device("cpu"), streamed=True)
-    _memo[(dtype, asked, shape)] = choice
-    _memo_state = kernels.state()
-    return choice
+    return kernels.choose("decode_linear", key, ["plain", "packed"], run, torch.device("cpu"), streamed=True)

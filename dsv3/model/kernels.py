@@ -31,6 +31,7 @@ into each checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -171,12 +172,52 @@ def _bump() -> None:
     _version += 1
 
 
+_UNREAD = object()
+_pinned_env: object = _UNREAD  # DSV3_KERNELS as read once for a model call (see :func:`pinned`)
+
+
 def state() -> tuple:
     """What every choice depends on besides its key: ``DSV3_KERNELS``, the choices made or
     given (:func:`preload`), and whether candidates are being timed (the rule answers then). A
     caller that keeps its own copies of choices (a hot path asking for the same key on every
-    call) keeps them while this stays equal."""
-    return os.environ.get("DSV3_KERNELS"), id(_made), _version, _measuring
+    call) keeps them while this stays equal (:func:`remembered`)."""
+    env = os.environ.get("DSV3_KERNELS") if _pinned_env is _UNREAD else _pinned_env
+    return env, id(_made), _version, _measuring
+
+
+@contextlib.contextmanager
+def pinned():
+    """Read ``DSV3_KERNELS`` once for what runs inside (one decoding step asks for its choices
+    a hundred times; reading the environment each time cost 2-4% of a small model's step)."""
+    global _pinned_env
+    outer = _pinned_env
+    _pinned_env = os.environ.get("DSV3_KERNELS")
+    try:
+        yield
+    finally:
+        _pinned_env = outer
+
+
+_memo: dict[tuple, str] = {}
+_memo_state: tuple = ()
+
+
+def remembered(key: tuple, answer: Callable[[], str]) -> str:
+    """``answer()`` for ``key`` (a tuple of the choice's inputs, cheaper to build than
+    :func:`choose`'s key string), kept while :func:`state` is unchanged and nothing is being
+    timed: for choices asked on every call of a hot path."""
+    global _memo_state
+    now = state()
+    if now != _memo_state:
+        _memo.clear()
+        _memo_state = now
+    hit = _memo.get(key)
+    if hit is None:
+        hit = answer()
+        if not _measuring:
+            _memo[key] = hit
+            _memo_state = state()
+    return hit
 
 
 def _read(path: Path) -> dict:

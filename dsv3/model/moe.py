@@ -316,6 +316,13 @@ class Experts(nn.Module):
         if x.device.type != "cpu" or not self._measurable() or torch.compiler.is_compiling():
             return candidates[0]
         train = not dense and not torch.is_inference_mode_enabled()
+        if dense:  # asked on every decoding step: remembered
+            key = ("decode_experts", x.dtype, N, K, E, I, D)
+            return kernels.remembered(key, lambda: self._measured_kernel(x, N, K, candidates, dense, train))
+        return self._measured_kernel(x, N, K, candidates, dense, train)
+
+    def _measured_kernel(self, x: torch.Tensor, N: int, K: int, candidates: list[str], dense: bool, train: bool) -> str:
+        E, I, D = self.gate_proj.shape
         rows = N if dense else kernels.bucket(N)
         dtype = str(x.dtype).removeprefix("torch.")
         key = f"{dtype} {'train' if train else 'infer'} N={rows} K={K} E={E} D={D} I={I}"
@@ -372,6 +379,10 @@ class Experts(nn.Module):
         E, I, D = self.gate_proj.shape
         if not self._measurable():
             return "loop"
+        return kernels.remembered(("decode_few", x.dtype, N, K, E, I, D), lambda: self._few_choice(x, N, K))
+
+    def _few_choice(self, x: torch.Tensor, N: int, K: int) -> str:
+        E, I, D = self.gate_proj.shape
         key = f"{str(x.dtype).removeprefix('torch.')} N={N} K={K} E={E} D={D} I={I}"
 
         def run(name, sets=[]):  # noqa: B006 - the synthetic layers, made on the first call

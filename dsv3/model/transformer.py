@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model import decode
+from dsv3.model import decode, kernels
 from dsv3.model.attention import MLA, LatentCache
 from dsv3.model.decode import derived, fast_inference, interleaved_rope_tables
 from dsv3.model.init import init_module_
@@ -253,10 +253,14 @@ class Transformer(nn.Module):
             ValueError: the sequence does not fit ``max_seq_len`` or the cache.
         """
         if labels is None:
+            if cache is not None and fast_inference():  # a decoding step: its choices read DSV3_KERNELS once
+                with kernels.pinned():
+                    h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
+                    if fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
+                        w = self.lm_head.weight
+                        return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
+                    return self.lm_head(h).float()
             h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
-            if cache is not None and fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
-                w = self.lm_head.weight
-                return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
             if cache is not None and torch.compiler.is_compiling():  # compiled decoding: maybe a prepacked head
                 return decode.compiled_linear(h, self.lm_head.weight).float()
             return self.lm_head(h).float()

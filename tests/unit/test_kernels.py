@@ -424,3 +424,26 @@ def test_compiled_few_row_products_keep_one_packed_copy_per_weight(record, monke
     torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
     assert any("few_rows_linear" in op for op in ops)
     assert torch.equal(decode.project(lin, x), lin(x))  # eager: the module itself
+
+
+def test_remembered_answers_follow_the_state_and_the_pinned_environment(record, monkeypatch):
+    """A hot path's remembered choice is asked again when DSV3_KERNELS or the choices change,
+    never kept while candidates are timed; inside pinned() DSV3_KERNELS is read once."""
+    asked = []
+
+    def answer():
+        asked.append(1)
+        return kernels._forced() or "rule"
+
+    assert kernels.remembered(("op", 1), answer) == "rule" and kernels.remembered(("op", 1), answer) == "rule"
+    assert len(asked) == 1
+    monkeypatch.setenv("DSV3_KERNELS", "rules")
+    assert kernels.remembered(("op", 1), answer) == "rules" and len(asked) == 2
+    with kernels.pinned():
+        monkeypatch.setenv("DSV3_KERNELS", "op=x")  # not seen until the pinned call ends
+        assert kernels.remembered(("op", 1), answer) == "rules" and len(asked) == 2
+    assert kernels.remembered(("op", 1), answer) == {"op": "x"} and len(asked) == 3
+    monkeypatch.setattr(kernels, "_measuring", 1)
+    kernels.remembered(("op", 2), answer)
+    kernels.remembered(("op", 2), answer)
+    assert len(asked) == 5  # asked each time while timing, nothing kept
