@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model import decode, kernels
 from dsv3.model.decode import derived, fast_inference
+from dsv3.model.grouped import ContiguousGrad, grouped_matmul, grouped_mm_ok
 
 
 class MLP(nn.Module):
@@ -103,111 +105,56 @@ class Gate(nn.Module):
             weights = weights * self.route_scale
         return weights, indices, scores
 
+    def route_on_host(self, x: torch.Tensor) -> tuple[list[int], list[list[float]]] | None:
+        """:meth:`forward`'s routing for a few tokens (a decoding step on CPU), done in Python on
+        the host from the scores: the dozen small operators of the group-limited top-k cost more
+        than the arithmetic on E values. Sums and quotients are rounded to float32 as
+        :meth:`forward` computes them.
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, kernel: str = "grouped_mm") -> torch.Tensor:
-    """``x[rows of group e] @ w[e].T`` for every group e, as one grouped product.
+        Args:
+            x: (N, D).
 
-    Args:
-        x: (M, In) rows sorted by group.
-        w: (E, Out, In) one weight per group.
-        offsets: (E,) int32 cumulative row counts (end row of each group).
-        kernel: ``grouped_mm`` (where it runs) or ``bmm`` (the padded product); the experts
-            choose by measuring both (:meth:`Experts.kernel`).
-
-    Returns:
-        (M, Out), dtype of ``x``.
-
-    Uses ``torch._grouped_mm`` where it runs (see :func:`_grouped_mm_ok`); otherwise a padded
-    batched product: rows are scattered into an (E, max_rows, In) block, multiplied with one
-    ``bmm`` and gathered back (the block size is read from the data: a host sync on GPU).
-
-    Measured on a 2-core CPU (fwd + bwd of one expert layer, E=16, D=512, I=256, 4096 rows):
-    ``_grouped_mm`` 83 ms fp32 / 42 ms bf16, padded ``bmm`` 92 / 52 ms, a Python loop over
-    experts 133 / 61 ms (another CPU may rank them otherwise: hence the measured choice).
-    """
-    out_dim, in_dim = w.shape[1], w.shape[2]
-    if kernel == "grouped_mm" and _grouped_mm_ok(x, out_dim, in_dim):
-        if x.device.type == "cpu" and torch.compiler.is_compiling():
-            return _grouped_mm_cpu(x, w, offsets)  # opaque to the compiler: any dtype, no graph break
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-    E = w.shape[0]
-    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).long()  # (E,)
-    counts = offsets.long() - starts
-    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # (M,)
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]  # (M,)
-    width = int(counts.max()) if x.shape[0] else 0
-    padded = x.new_zeros(E, width, in_dim).index_put((expert, slot), x)  # (E, C, In)
-    return torch.bmm(padded, w.transpose(-2, -1))[expert, slot]  # (M, Out)
-
-
-_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
-
-
-def _grouped_mm_ok(x: torch.Tensor, out_dim: int, in_dim: int) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: the build has it, row strides are
-    16-byte aligned, and the dtype is supported there (any on CPU, under ``torch.compile``
-    through the opaque :func:`_grouped_mm_cpu`; bf16 on CUDA from compute capability 9.0)."""
-    item = x.element_size()
-    if not _HAS_GROUPED_MM or (in_dim * item) % 16 or (out_dim * item) % 16:
-        return False
-    if x.device.type == "cpu":
-        return True
-    if x.dtype != torch.bfloat16:
-        return False
-    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+        Returns:
+            expert ids (N*K, token-major) and weights (N lists of K floats), the values of
+            :meth:`forward`'s ``indices`` and ``weights``; or None where a token's last kept
+            group or expert ties with the first one left out (``topk`` breaks such ties its own
+            way: the caller then routes with :meth:`forward`).
+        """
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        scores = F.linear(x if x.dtype == torch.float32 else x.float(), w).sigmoid()  # (N, E)
+        select = scores + self.e_score_correction_bias
+        f32 = np.float32
+        E, G, K = self.n_experts, self.n_groups, self.top_k
+        n = E // G
+        ids: list[int] = []
+        ws: list[list[float]] = []
+        for s, sel in zip(scores.tolist(), select.tolist()):
+            if G > 1:
+                tops = [sorted(sel[g * n : (g + 1) * n], reverse=True) for g in range(G)]
+                group = [f32(t[0]) + f32(t[1]) for t in tops]
+                order = sorted(range(G), key=lambda g: -group[g])
+                if self.topk_groups < G and group[order[self.topk_groups - 1]] == group[order[self.topk_groups]]:
+                    return None
+                allowed = [e for g in sorted(order[: self.topk_groups]) for e in range(g * n, (g + 1) * n)]
+            else:
+                allowed = list(range(E))
+            ranked = sorted(allowed, key=lambda e: -sel[e])
+            if K < len(ranked) and sel[ranked[K - 1]] == sel[ranked[K]]:
+                return None
+            top = ranked[:K]
+            total = f32(0.0)
+            for e in top:
+                total = total + f32(s[e])
+            row = [f32(s[e]) / total for e in top]
+            if self.route_scale != 1.0:
+                row = [v * f32(self.route_scale) for v in row]
+            ids.extend(top)
+            ws.append([float(v) for v in row])
+        return ids, ws
 
 
-if _HAS_GROUPED_MM:
-    # torch.compile traces torch._grouped_mm with shape rules written for CUDA bf16, and the
-    # fallback below reads its block size from the data (a graph break). On CPU the compiled
-    # model therefore calls the eager kernel through these two custom ops, whose backward is
-    # written out: dX = dY W (per group), dW_e = dY_e^T X_e.
-
-    @torch.library.custom_op("dsv3::grouped_mm_cpu", mutates_args=())
-    def _grouped_mm_cpu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """(M, In) x (E, Out, In) -> (M, Out): rows ``offsets[e-1]:offsets[e]`` times ``w[e].T``."""
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-
-    @_grouped_mm_cpu.register_fake
-    def _(x, w, offsets):
-        return x.new_empty(x.shape[0], w.shape[1])
-
-    @torch.library.custom_op("dsv3::grouped_mm_cpu_weight_grad", mutates_args=())
-    def _grouped_mm_cpu_weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """(M, In), (M, Out) -> (E, Out, In): ``g[rows of e].T @ x[rows of e]`` (zero for an empty group)."""
-        return torch._grouped_mm(g.t(), x, offs=offsets)
-
-    @_grouped_mm_cpu_weight_grad.register_fake
-    def _(x, g, offsets):
-        return x.new_empty(offsets.shape[0], g.shape[1], x.shape[1])
-
-    def _grouped_mm_cpu_setup(ctx, inputs, output):
-        x, w, offsets = inputs
-        ctx.save_for_backward(x, w, offsets)
-
-    def _grouped_mm_cpu_backward(ctx, g):
-        x, w, offsets = ctx.saved_tensors
-        g = g.contiguous()
-        gx = _grouped_mm_cpu(g, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
-        gw = _grouped_mm_cpu_weight_grad(x, g, offsets) if ctx.needs_input_grad[1] else None
-        return gx, gw, None
-
-    _grouped_mm_cpu.register_autograd(_grouped_mm_cpu_backward, setup_context=_grouped_mm_cpu_setup)
-
-
-class ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    ``torch._grouped_mm`` rejects expanded (stride-0) gradients, which e.g. ``y.sum()`` makes.
-    """
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: D102
-        return g.contiguous()
+#: a decoding step routes on the host (:meth:`Gate.route_on_host`) while N * E is at most this
+ROUTE_ON_HOST_MAX = 512
 
 
 def _same(x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +254,7 @@ class Experts(nn.Module):
         E, I, D = self.gate_proj.shape
         if dense:  # the rule: every expert (see DENSE_MAX_TOKENS)
             candidates = ["all_experts", "grouped"]
-        elif _grouped_mm_ok(x, I, D) and _grouped_mm_ok(x, D, I):
+        elif grouped_mm_ok(x, I, D) and grouped_mm_ok(x, D, I):
             candidates = ["grouped_mm", "bmm"]
         else:
             return "bmm"
@@ -449,10 +396,13 @@ class Experts(nn.Module):
         Args: x (N, D); weights (N, K) float32; flat (N*K,) expert ids, token-major.
         Returns: (N, D), dtype of ``x``.
         """
+        return self._loop(x, flat.tolist(), weights.tolist(), N, K)
+
+    def _loop(self, x: torch.Tensor, ids: list[int], ws: list[list[float]], N: int, K: int) -> torch.Tensor:
+        """:meth:`_chosen_loop` with the routing as host lists: ``ids`` (N*K) token-major, ``ws`` N x K."""
         gate_up = (self.gate_proj, self.up_proj)
         per_expert = derived(self, "views", (*gate_up, self.down_proj), self._expert_views)
         E, I, D = self.gate_proj.shape
-        ids, ws = flat.tolist(), weights.tolist()
         rows = []
         for n in range(N):
             xn = x[n : n + 1] if N > 1 else x
@@ -540,6 +490,14 @@ class MoE(nn.Module):
         """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
+        routed = None
+        if valid is None and not torch.is_grad_enabled() and self._routes_on_host(flat):
+            routed = self.gate.route_on_host(flat)  # a decoding step: routed on the host (None: a tie)
+        if routed is not None:  # the chosen experts in a loop
+            y = self.experts._loop(flat, routed[0], routed[1], B * T, self.top_k)
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(flat)
+            return y.view(B, T, D), None
         weights, indices, scores = self.gate(flat)
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
@@ -547,6 +505,18 @@ class MoE(nn.Module):
         if valid is None and not self.training and not torch.is_grad_enabled():
             return y.view(B, T, D), None  # inference (generation): no load statistics needed
         return y.view(B, T, D), self._aux(indices, scores, B, T, valid)
+
+    def _routes_on_host(self, flat: torch.Tensor) -> bool:
+        """Eager inference on CPU with fewer (token, expert) pairs than experts, few enough scores
+        (:data:`ROUTE_ON_HOST_MAX`), where the chosen experts run in a loop (``decode_few``)."""
+        N, E = flat.shape[0], self.n_experts
+        return (
+            flat.device.type == "cpu"
+            and N * self.top_k < E
+            and N * E <= ROUTE_ON_HOST_MAX
+            and fast_inference(self.gate, self.experts)
+            and self.experts.few_kernel(flat, N, self.top_k) == "loop"
+        )
 
     def _aux(self, indices, scores, B, T, valid) -> MoEAux:
         """Expert load and the sequence-wise balance loss (eq. 17-20).

@@ -13,7 +13,7 @@ dispatch / combine pattern; no capacity factor, no token is ever dropped):
 1. sort the N*K (token, expert) pairs by global expert id;
 2. exchange the per-expert row counts (one small all-to-all), then the rows themselves
    (``all_to_all_single`` with variable split sizes, differentiable);
-3. run the local experts as grouped matrix products (:func:`dsv3.model.moe.grouped_matmul`);
+3. run the local experts as grouped matrix products (:func:`dsv3.model.grouped.grouped_matmul`);
 4. send the results back by the reverse all-to-all and combine them on the source rank,
    weighted by the gate (so the gate's gradient stays local).
 
@@ -58,7 +58,8 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from dsv3.errors import DsvError
-from dsv3.model.moe import ContiguousGrad, MoE, grouped_matmul
+from dsv3.model.grouped import ContiguousGrad, grouped_matmul
+from dsv3.model.moe import MoE
 from dsv3.parallel import ds_internals
 from dsv3.parallel.layout import check_expert_parallel
 

@@ -136,9 +136,9 @@ def test_training_step_has_no_host_sync(precision):
 
 def test_sync_counter_sees_the_padded_expert_path(monkeypatch):
     """The counter does catch a sync: the padded-bmm expert path sizes its block from the data."""
-    from dsv3.model import moe
+    from dsv3.model import grouped
 
-    monkeypatch.setattr(moe, "_HAS_GROUPED_MM", False)
+    monkeypatch.setattr(grouped, "HAS_GROUPED_MM", False)
     assert "_local_scalar_dense" in _one_step_syncs("fp32")
 
 

@@ -471,3 +471,32 @@ def test_rmsnorm_of_a_decoding_step_is_the_mirrored_layer_norm(dtype):
     with torch.no_grad():
         many(x)  # not inference mode (a training run's evaluation)
     assert "_dsv3_derived" not in many.__dict__
+
+
+@pytest.mark.parametrize("groups,limited,scale", [(1, 1, 1.0), (4, 2, 2.5), (2, 1, 1.0)])
+def test_host_routing_equals_the_gate(groups, limited, scale):
+    """Gate.route_on_host (a decoding step's routing in Python) gives the gate's expert ids
+    and float32 weights exactly, group-limited or not, with route_scale; a tie at the boundary
+    of the kept experts (which topk breaks its own way) returns None (the caller uses the gate)."""
+    from dsv3.model.moe import Gate
+
+    cfg = ModelConfig(
+        dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=groups, n_limited_groups=limited
+    )
+    cfg.route_scale = scale
+    gate = Gate(cfg)
+    g = torch.Generator().manual_seed(groups)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(8, 16, generator=g))
+        gate.e_score_correction_bias.copy_(torch.rand(8, generator=g) * 0.2 - 0.1)
+    x = torch.randn(40, 16, generator=g)
+    x[1] = 0.0  # every score 0.5: the selection is decided by the bias alone
+    with torch.inference_mode():
+        weights, indices, _ = gate(x)
+        ids, ws = gate.route_on_host(x)
+    assert ids == indices.flatten().tolist()
+    assert torch.equal(torch.tensor(ws, dtype=torch.float32), weights)
+    with torch.no_grad():
+        gate.e_score_correction_bias.zero_()
+    with torch.inference_mode():
+        assert gate.route_on_host(torch.zeros(1, 16)) is None  # every selection score 0.5
