@@ -75,4 +75,4 @@ class RMSNorm(nn.Module):
         w = self.weight
         w2 = derived(self, "mirrored", (w,), lambda: torch.cat([w, w]))
         D = x.shape[-1]
-        return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * D,), w2, None, self.eps)[..., :D]
+        return torch.layer_norm(torch.cat([x, -x], dim=-1), (2 * D,), w2, None, self.eps, False)[..., :D]
