@@ -121,6 +121,7 @@ def run_cli(
         + ([f"--precision {precision}"] if kind != "data" else [])
         + (["--compile"] if compile_model else [])
         + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else [])
+        + ([f"--reps {reps}"] if kind == "decode" else [])
         + (["--profile"] if profile else [])
         + list(overrides)
     )
