@@ -186,9 +186,8 @@ def linear(
     Returns:
         (..., out), dtype of ``x``.
     """
-    rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and rows <= PACK_MAX_ROWS and packing(x.dtype):
-        if linear_kernel(x.dtype, rows, shape) == "packed" and _may_pack(owner, name, shape, x.element_size()):
+    if _packed_wanted(x, shape):
+        if name + " packed" in owner.__dict__.get(_STORE, {}) or _fits(shape[0] * shape[1] * x.element_size()):
             make = (lambda: weight) if weight is not None else build or (lambda: sources[0])
             return _packed_product(x, derived(owner, name + " packed", sources, lambda: _pack(make())))
     if weight is None:
@@ -210,12 +209,11 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Returns: (..., out), dtype of ``x``."""
     w = weight.reshape(-1, weight.shape[-1])
-    rows = x.numel() // x.shape[-1]
-    if packing(x.dtype) and linear_kernel(x.dtype, rows, tuple(w.shape)) == "packed":
+    if _packed_wanted(x, tuple(w.shape)):
         key = (weight.data_ptr(), weight._version)
         hit = _compiled_packs.get(id(weight))
         if hit is None or hit[0]() is not weight or hit[1] != key:
-            if hit is None and _packed_bytes[0] + w.numel() * w.element_size() > pack_budget():
+            if hit is None and not _fits(w.numel() * w.element_size()):
                 return F.linear(x, w)
             k = id(weight)
             ref = weakref.ref(weight, lambda _, k=k: _compiled_packs.pop(k, None))
@@ -250,11 +248,21 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return compiled_linear(x, linear.weight) if torch.compiler.is_compiling() else linear(x)
 
 
-def _may_pack(owner: nn.Module, name: str, shape: tuple[int, int], itemsize: int) -> bool:
-    """A packed copy is kept already, or one more stays within :func:`pack_budget`."""
-    if name + " packed" in owner.__dict__.get(_STORE, {}):
-        return True
-    return _packed_bytes[0] + shape[0] * shape[1] * itemsize <= pack_budget()
+def _packed_wanted(x: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Whether the product of ``x`` (..., in) by a weight of ``shape`` (out, in) should read a
+    prepacked weight: a few rows on a CPU where oneDNN runs the dtype, and measured faster."""
+    rows = x.numel() // x.shape[-1]
+    return (
+        x.device.type == "cpu"
+        and rows <= PACK_MAX_ROWS
+        and packing(x.dtype)
+        and linear_kernel(x.dtype, rows, shape) == "packed"
+    )
+
+
+def _fits(nbytes: int) -> bool:
+    """One more prepacked copy of ``nbytes`` stays within :func:`pack_budget`."""
+    return _packed_bytes[0] + nbytes <= pack_budget()
 
 
 def choose_linears(dtype: torch.dtype, rows: int, shapes: tuple[tuple[int, int], ...]) -> None:

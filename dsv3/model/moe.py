@@ -495,14 +495,12 @@ class MoE(nn.Module):
             routed = self.gate.route_on_host(flat)  # a decoding step: routed on the host (None: a tie)
         if routed is not None:  # the chosen experts in a loop
             y = self.experts._loop(flat, routed[0], routed[1], B * T, self.top_k)
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(flat)
-            return y.view(B, T, D), None
-        weights, indices, scores = self.gate(flat)
-        y = self.experts(flat, weights, indices)
+        else:
+            weights, indices, scores = self.gate(flat)
+            y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        if valid is None and not self.training and not torch.is_grad_enabled():
+        if routed is not None or (valid is None and not self.training and not torch.is_grad_enabled()):
             return y.view(B, T, D), None  # inference (generation): no load statistics needed
         return y.view(B, T, D), self._aux(indices, scores, B, T, valid)
 

@@ -12,6 +12,7 @@ Hugging Face as layer ``n_layers + k - 1``; here it is ``mtp.{k-1}``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -253,17 +254,13 @@ class Transformer(nn.Module):
             ValueError: the sequence does not fit ``max_seq_len`` or the cache.
         """
         if labels is None:
-            if cache is not None and fast_inference():  # a decoding step: its choices read DSV3_KERNELS once
-                with kernels.pinned():
-                    h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
-                    if fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
-                        w = self.lm_head.weight
-                        return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
-                    return self.lm_head(h).float()
-            h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
-            if cache is not None and torch.compiler.is_compiling():  # compiled decoding: maybe a prepacked head
-                return decode.compiled_linear(h, self.lm_head.weight).float()
-            return self.lm_head(h).float()
+            step = cache is not None and fast_inference()  # an eager decoding step: DSV3_KERNELS read once
+            with kernels.pinned() if step else contextlib.nullcontext():
+                h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
+                if step and fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
+                    w = self.lm_head.weight
+                    return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
+                return decode.project(self.lm_head, h).float()
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid, position_ids=position_ids)
         h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1
