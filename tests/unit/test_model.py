@@ -500,3 +500,30 @@ def test_host_routing_equals_the_gate(groups, limited, scale):
         gate.e_score_correction_bias.zero_()
     with torch.inference_mode():
         assert gate.route_on_host(torch.zeros(1, 16)) is None  # every selection score 0.5
+
+
+def test_a_decoding_step_routed_on_the_host_equals_the_gated_layer(monkeypatch):
+    """An MoE layer on one token in inference mode (the chosen experts in a loop) routes on the
+    host and gives the output of the gate + experts path (computed under no_grad) to fp32
+    rounding; each token's expert outputs are weighted by its own gate weights."""
+    monkeypatch.setenv("DSV3_KERNELS", "decode_few=loop,decode_linear=plain")
+    cfg = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=2)
+    layer = MoE(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        layer.gate.e_score_correction_bias.copy_(torch.rand(8, generator=g) * 0.2)
+    layer.eval()
+    routed = []
+    real = Gate.route_on_host
+    monkeypatch.setattr(Gate, "route_on_host", lambda self, x: routed.append(1) or real(self, x))
+    for seed in range(4):
+        x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want, _ = layer(x)
+        with torch.inference_mode():
+            got, aux = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert aux is None
+    assert len(routed) == 4
