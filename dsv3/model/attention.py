@@ -97,20 +97,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    half = q.dtype in (torch.bfloat16, torch.float16)
-    cuda = q.device.type == "cuda"
-    if Dv == Dk:
-        candidates = ["sdpa"]
-    elif (cuda and half) or (not cuda and (not half or T >= 512)):
-        candidates = ["flash", "sdpa"]
-    else:
-        candidates = ["sdpa", "flash"]
-    if not cuda and B * H * T * T * 2 * q.element_size() <= MATMUL_ATTENTION_MAX_BYTES:
-        candidates.append("matmul")
+    candidates = _attention_candidates(B, H, T, Dk, Dv, q.dtype, q.device.type)
     if len(candidates) == 1 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return ATTENTION_KERNELS[candidates[0]](q, k, v, scale)
     train = not torch.is_inference_mode_enabled()
-    key = f"{str(q.dtype).removeprefix('torch.')} {'train' if train else 'infer'} {B}x{H}x{kernels.bucket(T)} {Dk}/{Dv}"
+    key = _attention_key(B, H, T, Dk, Dv, q.dtype, train)
 
     def run(name, data={}):  # noqa: B006 - the synthetic inputs, made on the first call
         if not data:
@@ -124,6 +115,74 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                 o.sum().backward()
 
     return ATTENTION_KERNELS[kernels.choose("attention", key, candidates, run, q.device)](q, k, v, scale)
+
+
+def _attention_candidates(B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, device_type: str) -> list[str]:
+    """The kernels :func:`causal_attention` may run for these shapes, the fixed rule first."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    cuda = device_type == "cuda"
+    if Dv == Dk:
+        candidates = ["sdpa"]
+    elif (cuda and half) or (not cuda and (not half or T >= 512)):
+        candidates = ["flash", "sdpa"]
+    else:
+        candidates = ["sdpa", "flash"]
+    if not cuda and B * H * T * T * 2 * dtype.itemsize <= MATMUL_ATTENTION_MAX_BYTES:
+        candidates.append("matmul")
+    return candidates
+
+
+def _attention_key(B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, train: bool) -> str:
+    """The key of :func:`causal_attention`'s measured choice (lengths rounded up to a power of two)."""
+    return f"{str(dtype).removeprefix('torch.')} {'train' if train else 'infer'} {B}x{H}x{kernels.bucket(T)} {Dk}/{Dv}"
+
+
+def planned_attention(
+    B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, device_type: str
+) -> tuple[list[str], bool]:
+    """What the training forward of :func:`causal_attention` will keep for the backward pass
+    at these shapes, for the memory plan (:func:`dsv3.plan.costs.activation_bytes_per_token`).
+
+    Each kernel keeps its own tensors (:func:`saved_form`); which one runs on a CPU is
+    measured on first use (:func:`dsv3.model.kernels.choose`). Where the choice is known
+    without timing (one candidate, a GPU, ``DSV3_KERNELS``, this process or the machine's
+    record) it is the one returned; else every candidate, for the plan to count the largest.
+
+    Args:
+        B, H, T: micro-batch size, heads, sequence length; Dk, Dv: query/key and value head dims.
+        dtype: the activations' dtype; device_type: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``(kinds, known)``: the distinct :func:`saved_form` of the kernel(s) that may run, and
+        whether the kernel is known (else the machine has not measured this shape yet).
+    """
+    candidates = _attention_candidates(B, H, T, Dk, Dv, dtype, device_type)
+    key = _attention_key(B, H, T, Dk, Dv, dtype, train=True)
+    choice = candidates[0] if len(candidates) == 1 else kernels.known("attention", key, candidates, device_type)
+    names = candidates if choice is None else [choice]
+    kinds = list(dict.fromkeys(saved_form(n, Dk, Dv, device_type) for n in names))
+    return kinds, choice is not None
+
+
+def saved_form(kernel: str, Dk: int, Dv: int, device_type: str) -> str:
+    """What attention kernel ``kernel`` of :data:`ATTENTION_KERNELS` keeps for its backward pass:
+
+    - ``"fused"``: q, k, v, the output and one fp32 log-sum-exp per row and head (a fused
+      kernel: ``sdpa`` with equal head dims, or on a GPU, where SDPA runs a fused kernel for
+      any head dims);
+    - ``"padded"``: the same with v and the output zero-padded to the q/k head dim (``flash``
+      with ``Dv < Dk``), plus the unpadded output copied for the output projection;
+    - ``"math"``: ``sdpa`` with ``Dv != Dk`` on a CPU, SDPA's math kernel: the scaled q and k,
+      the (T, T) probabilities and v, in fp32 whatever the inputs' dtype;
+    - ``"matmul"``: the scaled q, k, the (T, T) probabilities and v in the inputs' dtype.
+    """
+    if kernel == "matmul":
+        return "matmul"
+    if Dv == Dk:
+        return "fused"
+    if kernel == "flash":
+        return "padded"
+    return "fused" if device_type == "cuda" else "math"
 
 
 class LatentCache:

@@ -120,20 +120,10 @@ def choose(
     Raises:
         DsvError: ``DSV3_KERNELS`` names an unknown candidate for ``op`` or is malformed.
     """
-    forced = _forced()
-    if forced == "rules" or device.type != "cpu" or torch.compiler.is_compiling():
-        return candidates[0]
-    if forced and op in forced:
-        if forced[op] not in candidates:
-            raise DsvError(
-                f"DSV3_KERNELS: {op}={forced[op]} is not one of {', '.join(candidates)} here; "
-                "name one of them or unset DSV3_KERNELS"
-            )
-        return forced[op]
+    given = _given(op, key, candidates, device.type)
+    if given is not None:
+        return given
     full = f"{op} | {key}"
-    made = _made.get(full)
-    if made is not None and made["choice"] in candidates:
-        return made["choice"]
     if _measuring:  # asked inside a candidate being timed: the fixed rule, not recorded
         return candidates[0]
     path = cache_path()
@@ -165,6 +155,43 @@ def choose(
     _made[full] = entry
     _bump()
     return entry["choice"]
+
+
+def _given(op: str, key: str, candidates: Sequence[str], device_type: str) -> str | None:
+    """The choice :func:`choose` makes before reading the machine's record (steps 1-2 of the
+    module doc, a device other than the CPU, code being compiled), else None."""
+    forced = _forced()
+    if forced == "rules" or device_type != "cpu" or torch.compiler.is_compiling():
+        return candidates[0]
+    if forced and op in forced:
+        if forced[op] not in candidates:
+            raise DsvError(
+                f"DSV3_KERNELS: {op}={forced[op]} is not one of {', '.join(candidates)} here; "
+                "name one of them or unset DSV3_KERNELS"
+            )
+        return forced[op]
+    made = _made.get(f"{op} | {key}")
+    if made is not None and made["choice"] in candidates:
+        return made["choice"]
+    return None
+
+
+def known(op: str, key: str, candidates: Sequence[str], device_type: str = "cpu") -> str | None:
+    """The candidate :func:`choose` would return for ``op`` at ``key`` without timing anything:
+    given (``DSV3_KERNELS``, this process, a device other than the CPU) or in the machine's
+    record; None when the machine has not measured it yet. Reads the record without taking its
+    lock and writes nothing (what the memory plan asks, :func:`dsv3.model.attention.planned_attention`).
+
+    Raises:
+        DsvError: ``DSV3_KERNELS`` names an unknown candidate for ``op`` or is malformed.
+    """
+    given = _given(op, key, candidates, device_type)
+    if given is not None:
+        return given
+    entry = _read(cache_path()).get(_machine(), {}).get(f"{op} | {key}")
+    if isinstance(entry, dict) and entry.get("choice") in candidates:
+        return entry["choice"]
+    return None
 
 
 def _bump() -> None:

@@ -23,6 +23,11 @@ Layout semantics (those of the trainer and DeepSpeed):
 - One optimizer step runs ``grad_accum`` micro-batches of ``micro_batch_size`` sequences of
   ``seq_len`` tokens on each pipeline; the global batch is ``micro_batch_size * grad_accum * dp``.
 
+- Activations are the tensors autograd keeps for the backward pass
+  (:func:`dsv3.plan.costs.activation_bytes_per_token`), with the attention kernel the run
+  will use (:func:`dsv3.plan.costs.planned_activations`): on a GPU flash attention, on a CPU
+  the kernel recorded for the machine, or, before it has measured one, the candidate that
+  keeps the most (the (T, T) probabilities of SDPA's math kernel or the matmul attention).
 - Weights, gradients and optimizer state are what a rank holds between the gradient
   reduction and the update (:func:`dsv3.plan.costs.static_bytes`); ``dsv3 bench memory``
   measures the same from the tensors and agrees within 0.01% on the layouts dsv3 trains.
@@ -34,6 +39,7 @@ CUDA context and allocator fragmentation (typically 1-3 GiB on a GPU) and NCCL's
 """
 
 from dsv3.plan.costs import (
+    ATTENTION_FORMS,
     DTYPE_BYTES,
     GB,
     GIB,
@@ -45,6 +51,7 @@ from dsv3.plan.costs import (
     check_divisible,
     in_flight_micro_batches,
     pipeline_bubble,
+    planned_activations,
     split_counts,
     stage_layers,
     static_bytes,
@@ -75,6 +82,7 @@ from dsv3.plan.offload import (
 from dsv3.plan.report import plan
 
 __all__ = [
+    "ATTENTION_FORMS",
     "DTYPE_BYTES",
     "GB",
     "GIB",
@@ -104,6 +112,7 @@ __all__ = [
     "pipeline_bubble",
     "plan",
     "plan_layout",
+    "planned_activations",
     "propose",
     "relative_step_time",
     "split_counts",

@@ -7,9 +7,12 @@ import bisect
 import itertools
 from dataclasses import dataclass
 
-from dsv3.config import ModelConfig
+import torch
+
+from dsv3.config import Config, ModelConfig
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters
+from dsv3.model.attention import planned_attention
 
 GIB = 2**30
 GB = 1e9
@@ -186,7 +189,18 @@ class ActivationBytes:
         return self.mtp_inner + self.block(True)
 
 
-def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationBytes:
+#: what an attention kernel keeps for backward (:func:`dsv3.model.attention.saved_form`)
+ATTENTION_FORMS = {
+    "fused": "fused attention, no (T, T) matrix kept",
+    "padded": "flash attention with v padded to the q/k head dim, no (T, T) matrix kept",
+    "math": "SDPA's math kernel, keeps fp32 (T, T) probabilities",
+    "matmul": "matmul attention, keeps (T, T) probabilities",
+}
+
+
+def activation_bytes_per_token(
+    m: ModelConfig, precision: str, attention: str = "fused", seq_len: int | None = None
+) -> ActivationBytes:
     """Bytes per token that the forward pass keeps for the backward pass, per part of the model.
 
     Derived from the tensors each operation of dsv3's model must keep for its gradient (a
@@ -194,9 +208,11 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     with a fused kernel q, k, v, its output and one fp32 log-sum-exp per head, log-softmax its
     output, an index its indices), as in Korthikanti et al. 2022 ("Reducing Activation
     Recomputation in Large Transformer Models", §4.1), applied to MLA (DeepSeek-V2 §2.1) and
-    DeepSeekMoE (DeepSeek-V3 §2.1.2) instead of the GPT block. No attention matrix is kept
-    (fused attention), no dropout. Activation dtype ``a`` = 2 bytes (bf16) or 4 (fp32);
-    RMSNorm, RoPE, the router and the log-softmax work in fp32 (4 bytes).
+    DeepSeekMoE (DeepSeek-V3 §2.1.2) instead of the GPT block. No dropout. Activation dtype
+    ``a`` = 2 bytes (bf16) or 4 (fp32); RMSNorm, RoPE, the router and the log-softmax work in
+    fp32 (4 bytes). What the attention keeps depends on its kernel (``attention``, see
+    :func:`dsv3.model.attention.saved_form`); the unfused ones keep a row of probabilities per
+    query, so their bytes per token grow with ``seq_len``.
 
     With D = dim, Rq = q_lora_rank, C = kv_lora_rank, dn/dr/dv the head dims, H heads,
     F = inter_dim, I = moe_inter_dim, S = n_shared_experts * I, E routed experts, K activated,
@@ -206,9 +222,19 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     - MLA: ``norm(D)`` + query path ``norm(Rq)`` (when Rq > 0) + key latent
       ``a (C + dr) + a C + 4`` (the norm's input is a view of the whole kv_a output; its
       output; the reciprocal RMS) +
-      attention inputs ``a H (dn + dr)`` (q) ``+ a H (dn + dr)`` (k) ``+ a H (dn + dv)`` (the
-      kv_b output that v is a view of) + output ``a H dv`` (also the input of o_proj) +
-      log-sum-exp ``4 H``. RoPE is linear in its input and keeps only the cos/sin tables.
+      the attention's tensors, with Dk = dn + dr, T = seq_len:
+
+      - ``fused``: q ``a H Dk`` + k ``a H Dk`` + ``a H (dn + dv)`` (the kv_b output that v is
+        a view of) + output ``a H dv`` (also the input of o_proj) + log-sum-exp ``4 H``;
+      - ``padded``: q, k, v padded ``3 a H Dk`` + padded output ``a H Dk`` + log-sum-exp
+        ``4 H`` + the output's unpadded copy (o_proj's input) ``a H dv``;
+      - ``math``: contiguous fp32 copies (whatever ``a``) of the scaled q and k ``4 H 2 Dk``,
+        the probabilities ``4 H T`` and v ``4 H dv`` + o_proj's input ``a H dv``;
+      - ``matmul``: contiguous copies of the scaled q and of k ``a H 2 Dk``, the probabilities
+        ``a H T``, a contiguous copy of v ``a H dv`` (the batched product's operand) + o_proj's
+        input ``a H dv``.
+
+      RoPE is linear in its input and keeps only the cos/sin tables.
     - dense FFN: ``norm(D) + 4 a F`` (gate output, its SiLU, up output, their product).
     - MoE FFN: ``norm(D)`` + router (fp32 input copy ``4 D`` under bf16, sigmoid scores
       ``4 E``, group top-2 and top-Gk indices ``8 (2 G + Gk) + G`` when G > 1, top-K indices
@@ -238,24 +264,30 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     Args:
         m: model sizes.
         precision: ``"bf16"`` or ``"fp32"`` (``train.precision``).
+        attention: one of :data:`ATTENTION_FORMS` (default the fused kernel of a GPU).
+        seq_len: tokens per sequence; needed for ``math`` and ``matmul``.
 
     Returns:
         :class:`ActivationBytes`, each field in bytes per token (integers as floats).
 
     Raises:
-        DsvError: an unknown precision.
+        DsvError: an unknown precision or attention form, or no ``seq_len`` for an unfused one.
     """
     if precision not in ("bf16", "fp32"):
         raise DsvError(f"train.precision={precision!r} is not supported; use fp32 or bf16")
+    if attention not in ATTENTION_FORMS:
+        raise DsvError(f"attention form {attention!r} is unknown; use one of {', '.join(ATTENTION_FORMS)}")
+    if attention in ("math", "matmul") and not seq_len:
+        raise DsvError(f"the {attention} attention keeps (T, T) probabilities: give seq_len")
     a = DTYPE_BYTES[precision]
     D, H, C = m.dim, m.n_heads, m.kv_lora_rank
     dn, dr, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     K, E, G = m.n_activated_experts, m.n_routed_experts, m.n_expert_groups
-    attention = _norm_bytes(D, a)
+    mla = _norm_bytes(D, a)
     if m.q_lora_rank > 0:
-        attention += _norm_bytes(m.q_lora_rank, a)
-    attention += a * (C + dr) + a * C + 4  # key latent and its norm
-    attention += a * H * (dn + dr) * 2 + a * H * (dn + dv) + a * H * dv + 4 * H  # q, k, kv_b out, o, lse
+        mla += _norm_bytes(m.q_lora_rank, a)
+    mla += a * (C + dr) + a * C + 4  # key latent and its norm
+    mla += _attention_bytes(attention, a, H, dn + dr, dn, dv, seq_len or 0)
     dense_ffn = _norm_bytes(D, a) + 4 * a * m.inter_dim
     router = (4 * D if a < 4 else 0) + 4 * E + 8 * K + 4 * K + 12
     if G > 1:
@@ -266,7 +298,7 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
     head = _norm_bytes(D, a) + a * m.vocab_size + 9
     mtp_inner = a * D + 8 + 2 * a * D
     return ActivationBytes(
-        attention=float(attention),
+        attention=float(mla),
         dense_ffn=float(dense_ffn),
         moe_ffn=float(moe_ffn),
         block_input=float(a * D),
@@ -275,6 +307,39 @@ def activation_bytes_per_token(m: ModelConfig, precision: str) -> ActivationByte
         mtp_inner=float(mtp_inner),
         mtp_input=float(a * D),
     )
+
+
+def _attention_bytes(form: str, a: int, H: int, Dk: int, dn: int, dv: int, T: int) -> int:
+    """Bytes per token the attention kernel of saved form ``form`` keeps (see
+    :func:`activation_bytes_per_token`), its output copy for o_proj included."""
+    if form == "fused":
+        return a * H * (2 * Dk + dn + dv + dv) + 4 * H
+    if form == "padded":
+        return a * H * (4 * Dk + dv) + 4 * H
+    if form == "math":
+        return 4 * H * (2 * Dk + T + dv) + a * H * dv
+    return a * H * (2 * Dk + T + dv + dv)  # matmul
+
+
+def planned_activations(cfg: Config, micro_batch_size: int, cpu: bool = False) -> tuple[ActivationBytes, str, bool]:
+    """Activation bytes per token of ``cfg``'s model with the attention kernel a run will use.
+
+    On a GPU the fused or padded flash attention (the fixed rule); on a CPU the kernel is
+    measured on first use (:func:`dsv3.model.attention.planned_attention`): the recorded choice
+    when the machine has one for this micro-batch shape, else the candidate that keeps the most
+    (the matmul attention's (T, T) probabilities, while it is a candidate).
+
+    Returns:
+        ``(bytes, form, known)``: :func:`dsv3.plan.costs.activation_bytes_per_token` with the
+        attention's saved form ``form``, and whether the kernel is known.
+    """
+    m, T = cfg.model, cfg.data.seq_len
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    dk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    forms, known = planned_attention(micro_batch_size, m.n_heads, T, dk, m.v_head_dim, dtype, "cpu" if cpu else "cuda")
+    acts = {f: activation_bytes_per_token(m, cfg.train.precision, f, T) for f in forms}
+    form = max(forms, key=lambda f: acts[f].attention)
+    return acts[form], form, known
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -17,10 +17,10 @@ from dsv3.plan.costs import (
     MemoryPlan,
     a2a_buffer_bytes,
     a2a_volume_per_step,
-    activation_bytes_per_token,
     check_divisible,
     in_flight_micro_batches,
     pipeline_bubble,
+    planned_activations,
     stage_layers,
     static_bytes,
     zero_held_elements,
@@ -208,7 +208,10 @@ class StagePlan:
     (:func:`dsv3.plan.offload.place_states`). Per node: ``gpus_per_node`` ranks of the worst
     stage, each with a process baseline in host memory. ``cpu``: a CPU run (device = host).
     ``compute_s`` / ``offload_s``: seconds of model FLOPs at ``DEVICE_FLOPS_PER_S`` and of
-    offload traffic at the assumed rates per step (:func:`relative_step_time`).
+    offload traffic at the assumed rates per step (:func:`relative_step_time`). ``attention``:
+    the saved form of the attention counted (:func:`dsv3.plan.costs.planned_activations`);
+    ``attention_known`` False when the CPU has not measured its attention kernel at this shape
+    yet (the largest candidate is counted).
     """
 
     layout: Layout
@@ -226,6 +229,8 @@ class StagePlan:
     compute_s: float = 0.0
     offload_s: float = 0.0
     stage_params: float = 0.0
+    attention: str = "fused"
+    attention_known: bool = True
 
     @property
     def device_total(self) -> float:
@@ -328,7 +333,7 @@ def plan_layout(
     if per_node <= 0 or L.gpus % per_node:
         raise DsvError(f"--gpus-per-node {per_node} must divide --gpus {L.gpus}")
     precision = cfg.train.precision
-    act = activation_bytes_per_token(m, precision)
+    act, form, known = planned_activations(cfg, L.micro_batch_size, cpu)
     a = DTYPE_BYTES[precision]
     d_b = DTYPE_BYTES[dispatch or precision]
     c_b = DTYPE_BYTES[combine or precision]
@@ -411,6 +416,8 @@ def plan_layout(
         compute_s=flops_per_token(m, cfg.data.seq_len) * tokens * L.micro_batches / L.pp / DEVICE_FLOPS_PER_S,
         offload_s=offload_seconds(link, nvme),
         stage_params=worst_params,
+        attention=form,
+        attention_known=known,
     )
 
 

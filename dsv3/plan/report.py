@@ -11,7 +11,7 @@ import torch
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.model import Transformer, count_parameters, flops_per_token
-from dsv3.plan.costs import DTYPE_BYTES, GB, GIB, activation_bytes_per_token, split_counts
+from dsv3.plan.costs import ATTENTION_FORMS, DTYPE_BYTES, GB, GIB, planned_activations, split_counts
 from dsv3.plan.layouts import Layout, ModelParts, StagePlan, plan_layout, propose, relative_step_time
 from dsv3.plan.offload import PROCESS_BASELINE_BYTES
 from dsv3.training.schedule import schedule_table
@@ -49,6 +49,8 @@ def _layout_table(
         f"{precision}, activation checkpointing {'on' if L.checkpointing else 'off'}, {L.offload_text()}",
         f"            {_count(L.micro_batches, 'micro-batch')} of {L.micro_batch_size} per step; global batch "
         f"{L.micro_batch_size * L.micro_batches * L.dp} sequences",
+        f"            attention: {ATTENTION_FORMS[sp.attention]}"
+        + ("" if sp.attention_known else " (not measured on this machine yet: the candidate keeping the most)"),
     ]
     where = (
         f"pipeline stage {sp.stage} of {L.pp}: {_count(sp.blocks, 'block')}, "
@@ -243,7 +245,7 @@ def plan(
     m, p = cfg.model, cfg.parallel
     flops = flops_per_token(m, cfg.data.seq_len)
     cache = (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers
-    act = activation_bytes_per_token(m, cfg.train.precision)
+    act = planned_activations(cfg, p.micro_batch_size, cpu)[0]
     lines = [
         f"parameters  main {counts['main']:,}  (routed experts {experts:,}, other {other:,})",
         f"            MTP modules {counts['mtp']:,}  total {counts['total']:,}",

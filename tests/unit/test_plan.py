@@ -1,6 +1,7 @@
 """dsv3 plan: counts, memory per GPU, bubble and all-to-all volume, checked against numbers
 worked out by hand and against the tensors autograd actually keeps."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ from helpers import tiny_model
 from dsv3.cli import main
 from dsv3.config import load_config
 from dsv3.errors import DsvError
-from dsv3.model import Transformer
+from dsv3.model import Transformer, kernels
+from dsv3.model.attention import causal_attention, saved_form
 from dsv3.parallel.layout import check_launch
 from dsv3.plan import (
+    ATTENTION_FORMS,
     GIB,
     Layout,
     ModelParts,
@@ -24,6 +27,7 @@ from dsv3.plan import (
     pipeline_bubble,
     plan,
     plan_layout,
+    planned_activations,
     propose,
     split_counts,
     stage_layers,
@@ -78,8 +82,10 @@ def test_671b_split_and_deepseek_layout_fits(v3_parts):
     # the trainer's split by parameter count (the 3 dense blocks are small): 6 blocks on stage 0
     assert v3_parts.stage_counts(16) == [6] + [4] * 11 + [3] * 3 + [2]
     # stage 0: 6 blocks, 16 micro-batches in flight, each block keeps its bf16 input (2 x 7168 bytes
-    # per token), plus one MoE block recomputed: its activations for one 4096-token micro-batch
-    act = activation_bytes_per_token(cfg.model, "bf16")
+    # per token), plus one MoE block recomputed: its activations for one 4096-token micro-batch;
+    # a GPU's bf16 flash attention pads v (128) to the q/k head dim (192)
+    assert sp.attention == "padded" and sp.attention_known
+    act = activation_bytes_per_token(cfg.model, "bf16", "padded")
     s0 = sp.stages[0]
     assert s0.activations == pytest.approx(4096 * (16 * (6 * 2 * 7168 + 8) + act.block(True)))
     assert max(s.total for s in sp.stages) == sp.memory.total < 80 * GIB
@@ -93,7 +99,7 @@ def test_671b_deepseek_layout_without_checkpointing_does_not_fit(v3_parts):
     cfg = load_config(V3, DEEPSEEK_LAYOUT)
     sp = plan_layout(cfg, v3_parts, Layout(2048, 16, 64, 1, 1, 120, False))
     # stage 0 keeps 16 micro-batches x 4096 tokens of 3 dense + 3 MoE blocks: far beyond 80 GiB
-    act = activation_bytes_per_token(cfg.model, "bf16")
+    act = activation_bytes_per_token(cfg.model, "bf16", "padded")
     assert sp.stages[0].activations == pytest.approx(16 * 4096 * (3 * act.block(False) + 3 * act.block(True) + 8))
     assert sp.memory.total > 150 * GIB
 
@@ -176,6 +182,33 @@ def test_activation_bytes_by_hand():
         activation_bytes_per_token(m, "fp16")
 
 
+def test_attention_forms_by_hand():
+    """What each attention kernel keeps, per token (H=2 heads, Dk = dn + dr = 24, dn = dv = 16,
+    T = 64): the fused kernel q, k, the kv_b output, the output and a log-sum-exp per head."""
+    m = load_config(None, TINY).model
+    for a, precision in ((4, "fp32"), (2, "bf16")):
+        rest = activation_bytes_per_token(m, precision).attention - (a * 2 * (24 + 24 + 32 + 16) + 4 * 2)
+
+        def att(form, precision=precision, rest=rest):
+            return activation_bytes_per_token(m, precision, form, 64).attention - rest
+
+        # q, k, v and the output padded to 24, the log-sum-exp, the unpadded output for o_proj
+        assert att("padded") == a * 2 * (4 * 24 + 16) + 4 * 2
+        # fp32 copies of q and k (scaled), the probabilities and v, whatever the dtype; o_proj's input
+        assert att("math") == 4 * 2 * (24 + 24 + 64 + 16) + a * 2 * 16
+        # scaled q, k, the probabilities and v in the activations' dtype; o_proj's input
+        assert att("matmul") == a * 2 * (24 + 24 + 64 + 16) + a * 2 * 16
+    assert (
+        activation_bytes_per_token(m, "fp32", "matmul", 128).attention
+        - activation_bytes_per_token(m, "fp32", "matmul", 64).attention
+        == 4 * 2 * 64
+    )  # one more probability per head per extra key
+    with pytest.raises(DsvError, match="give seq_len"):
+        activation_bytes_per_token(m, "fp32", "matmul")
+    with pytest.raises(DsvError, match="attention form 'flash' is unknown"):
+        activation_bytes_per_token(m, "fp32", "flash", 64)
+
+
 def test_tiny_stage_activations_by_hand():
     cfg = load_config(None, TINY + ["train.precision=fp32"])
     with torch.device("meta"):
@@ -215,18 +248,50 @@ def test_a2a_volume_and_buffer_by_hand():
     assert a2a_buffer_bytes(tokens, m, 4, 1, 2) == 2 * tokens * 2 * 64 * (1 + 2) == 49_152
 
 
-def test_activation_formula_matches_saved_tensors(one_torch_thread, monkeypatch):
-    """Sum the bytes of the tensors autograd saves for backward (each storage once, parameters
-    excluded) in a real forward of the tiny model and compare with the formula.
+def _saved_bytes(cfg, B, T):
+    """Bytes of the tensors autograd saves for backward in a real forward of ``cfg``'s model
+    (each storage once, parameters excluded)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    model.init_weights(0)
+    if cfg.train.precision == "bf16":
+        model.to(torch.bfloat16)
+        model.init_rope()
+    ids = torch.randint(0, cfg.model.vocab_size, (B, T))
+    labels = torch.roll(ids, -1, 1)
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = {}
 
-    v_head_dim = qk_head_dim (24) so that CPU attention takes the fused kernel, as a GPU does
-    (the unfused fallback keeps the T x T attention matrix, which the formula does not count;
-    so do the matmul attention and the padded experts a CPU may choose by measuring: the fixed
-    rules here). The MTP module sees T - 1 positions. Tolerance 1.5%: parameter-sized casts
-    (norm and gate weights in fp32) are kept too and are not per-token.
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, labels)
+    out.local_loss(0.3, 1e-4).backward()  # the saved tensors are what backward needs
+    return sum(saved.values())
+
+
+def _planned_bytes(cfg, form, B, T):
+    """The formula's bytes for that forward, attention of saved form ``form``."""
+    act = activation_bytes_per_token(cfg.model, cfg.train.precision, form, T)
+    n = cfg.model.n_layers
+    main = act.embedding + act.block(False) + (n - 1) * act.block(True) + act.head
+    mtp = act.mtp_module() + act.head
+    return B * T * main + B * (T - 1) * mtp  # the MTP module sees T - 1 positions
+
+
+def test_activation_formula_matches_saved_tensors(one_torch_thread, monkeypatch):
+    """The formula against the tensors autograd really saves in the tiny model.
+
+    v_head_dim = qk_head_dim (24) so that CPU attention takes the fused kernel, as a GPU does;
+    the padded experts a CPU may choose by measuring are ruled out (the fixed rules). Tolerance
+    1.5%: parameter-sized casts (norm and gate weights in fp32) are kept too and are not
+    per-token.
     """
     monkeypatch.setenv("DSV3_KERNELS", "rules")
-    B, T = 2, 32
     wider = [
         "model.q_lora_rank=48",
         "model.n_routed_experts=16",
@@ -238,32 +303,27 @@ def test_activation_formula_matches_saved_tensors(one_torch_thread, monkeypatch)
     ]
     for precision, extra in (("fp32", []), ("bf16", []), ("fp32", wider), ("bf16", wider)):
         cfg = load_config(None, TINY + extra + ["model.v_head_dim=24", f"train.precision={precision}"])
-        torch.manual_seed(0)
-        model = Transformer(cfg.model)
-        model.init_weights(0)
-        if precision == "bf16":
-            model.to(torch.bfloat16)
-            model.init_rope()
-        ids = torch.randint(0, cfg.model.vocab_size, (B, T))
-        labels = torch.roll(ids, -1, 1)
-        owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-        saved = {}
+        saved = _saved_bytes(cfg, 2, 32)
+        assert saved == pytest.approx(_planned_bytes(cfg, "fused", 2, 32), rel=0.015), (precision, extra)
 
-        def pack(t, owned=owned, saved=saved):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in owned:
-                saved[ptr] = t.untyped_storage().nbytes()
-            return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(ids, labels)
-        out.local_loss(0.3, 1e-4).backward()  # the saved tensors are what backward needs
-        act = activation_bytes_per_token(cfg.model, precision)
-        n = cfg.model.n_layers
-        main = act.embedding + act.block(False) + (n - 1) * act.block(True) + act.head
-        mtp = act.mtp_module() + act.head
-        expected = B * T * main + B * (T - 1) * mtp
-        assert sum(saved.values()) == pytest.approx(expected, rel=0.015), (precision, extra)
+def test_each_attention_kernel_keeps_what_the_plan_counts(one_torch_thread, monkeypatch):
+    """With v narrower than q/k (16 against 24, as in DeepSeek-V3: 128 against 192) each CPU
+    attention kernel keeps something else: flash the padded v and output, SDPA's math kernel
+    and the matmul attention the (T, T) probabilities (fp32 in the math kernel). The plan
+    counts the form of the kernel that runs (:func:`saved_form`), within 1.5% of what autograd
+    saves, and closer than any form that counts other bytes."""
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(None, TINY + [f"train.precision={precision}"])
+        for kernel, form in (("flash", "padded"), ("sdpa", "math"), ("matmul", "matmul")):
+            assert saved_form(kernel, 24, 16, "cpu") == form
+            monkeypatch.setenv("DSV3_KERNELS", f"attention={kernel},experts=grouped_mm")
+            saved = _saved_bytes(cfg, 2, 64)
+            planned = {f: _planned_bytes(cfg, f, 2, 64) for f in ATTENTION_FORMS}
+            assert saved == pytest.approx(planned[form], rel=0.015), (precision, kernel)
+            others = [abs(saved - b) for f, b in planned.items() if b != planned[form]]
+            assert abs(saved - planned[form]) < min(others), (precision, kernel, planned)
+    assert saved_form("sdpa", 24, 16, "cuda") == "fused" and saved_form("sdpa", 24, 24, "cpu") == "fused"
 
 
 def test_cli_plan_propose_and_errors(capsys):
@@ -296,3 +356,46 @@ def test_bad_layouts():
     check_launch(load_config(None, ["parallel.pp=2"]), 2)  # pipelines train (ZeRO 0-1)
     with pytest.raises(DsvError, match="zero_stage=2 is not available with pipeline parallelism"):
         check_launch(load_config(None, ["parallel.pp=2", "parallel.zero_stage=2"]), 2)
+
+
+def test_the_cpu_plan_counts_the_attention_the_machine_chose(tmp_path, monkeypatch):
+    """On a CPU the attention kernel is measured on first use: the plan counts the recorded
+    choice (this process's, else the machine's record), the candidate keeping the most before
+    any measurement, the fixed rule under DSV3_KERNELS=rules; a GPU plan its flash kernel."""
+    monkeypatch.setenv("DSV3_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv("DSV3_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_made", {})
+    cfg = load_config(None, TINY + ["train.precision=bf16", "parallel.micro_batch_size=2"])
+    m, T = cfg.model, cfg.data.seq_len
+
+    def planned():
+        act, form, known = planned_activations(cfg, 2, cpu=True)
+        assert act == activation_bytes_per_token(m, "bf16", form, T)
+        sp = plan_layout(cfg, ModelParts.of(Transformer(m)), Layout(1, 1, 1, 0, 2, 1, False), cpu=True)
+        assert (sp.attention, sp.attention_known) == (form, known)
+        return form, known
+
+    # bf16 on a CPU: sdpa (its math kernel keeps fp32 probabilities), flash or matmul
+    assert planned() == ("math", False)
+    assert planned_activations(cfg, 2, cpu=False)[1:] == ("padded", True)
+    # the run measures (timings replaced by a fixed answer here) and records its choice
+    monkeypatch.setattr(kernels, "_measure", lambda candidates, run, streamed=False: {"choice": "matmul"})
+    q, k = (torch.randn(2, m.n_heads, T, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, m.n_heads, T, 16, dtype=torch.bfloat16, requires_grad=True)
+    causal_attention(q, k, v, 0.2).sum().backward()
+    ((key, entry),) = kernels.choices().items()
+    (recorded,) = json.loads((tmp_path / "kernels.json").read_text()).values()  # one machine
+    assert entry["choice"] == recorded[key]["choice"] == "matmul"
+    monkeypatch.setattr(kernels, "_made", {})  # another process on the machine: the record
+    assert planned() == ("matmul", True)
+    kernels.preload({key: {"choice": "flash"}})
+    assert planned() == ("padded", True)  # this process's choice (e.g. from a checkpoint) first
+    monkeypatch.setenv("DSV3_KERNELS", "rules")
+    assert planned() == ("math", True)
+    monkeypatch.setenv("DSV3_KERNELS", "attention=matmul")
+    assert planned() == ("matmul", True)
+    # equal head dims: SDPA's fused kernel, or the matmul attention while its scores fit its limit
+    monkeypatch.delenv("DSV3_KERNELS")
+    for seq_len, expected in ((64, ("matmul", False)), (8192, ("fused", True))):
+        same = load_config(None, TINY + ["model.v_head_dim=24", f"data.seq_len={seq_len}", "model.max_seq_len=8192"])
+        assert planned_activations(same, 2, cpu=True)[1:] == expected
