@@ -488,19 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides given between or after the options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handlers = {
-        "prepare": _cmd_prepare,
-        "train": _cmd_train,
-        "generate": _cmd_generate,
-        "convert": _cmd_convert,
-        "sft": _cmd_sft,
-        "plan": _cmd_plan,
-        "chat": _cmd_chat,
-        "bench": _cmd_bench,
-        "eval": _cmd_eval,
-    }
+    if args.command in ("train", "sft", "generate", "chat", "bench", "eval"):  # before the first tensor
+        from dsv3.hardware import tune_host_allocator
+
+        tune_host_allocator()
     try:
-        handlers[args.command](args)
+        globals()[f"_cmd_{args.command}"](args)
     except DsvError as err:
         print(f"dsv3: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

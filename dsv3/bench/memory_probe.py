@@ -32,6 +32,7 @@ import torch  # noqa: F401
 
 from dsv3.config import load_config
 from dsv3.fileio import atomic_write_text
+from dsv3.hardware import tune_host_allocator
 from dsv3.parallel.layout import stage_of_rank
 from dsv3.parallel.memory import held_bytes, reset_peak_rss, rss_bytes
 from dsv3.training.trainer import Trainer
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    tune_host_allocator()  # as the dsv3 command does
     probe(a.config, a.overrides, Path(a.out), a.steps)
     import torch.distributed as dist
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -19,6 +22,7 @@ from dsv3 import bench
 from dsv3.cli import main
 from dsv3.config import load_config
 from dsv3.errors import DsvError
+from dsv3.hardware import HOST_ALLOCATOR
 from dsv3.model import flops_per_token
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,6 +47,8 @@ def test_bench_train_writes_result(tmp_path, capsys):
         assert row["mfu"] == pytest.approx(row["model_tflops"] / r["peak_tflops"]["fp32"])
     assert r["peak_tflops"]["fp32"] > 0 and r["peak_tflops"]["bf16"] > 0
     assert r["machine"]["torch"] == torch.__version__ and r["machine"]["torch_threads"] == 1
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert r["machine"]["host_allocator"] == (HOST_ALLOCATOR if glibc else None)
     # the kernels chosen by measurement, with the candidates' timings
     (attn,) = [v for k, v in r["kernels"].items() if k.startswith("attention | float32 train 2x2x32 24/16")]
     assert attn["choice"] in attn["ms"] and set(attn["ms"]) == {"flash", "sdpa", "matmul"}
@@ -199,3 +205,52 @@ def test_peak_tflops_auto_config():
     assert load_config(None, ["train.peak_tflops=312"]).train.peak_tflops == 312.0
     with pytest.raises(DsvError, match="peak_tflops"):
         load_config(None, ["train.peak_tflops=fast"])
+
+
+ALLOCATOR_PROBE = """
+import ctypes, json, sys
+import torch
+from dsv3.hardware import tune_host_allocator
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def mapped_by(nbytes):  # regions mmapped while a tensor of nbytes lives
+    before = libc.mallinfo2().hblks
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    t.fill_(1)
+    n = libc.mallinfo2().hblks - before
+    del t
+    return n
+
+first = mapped_by(4 << 20)
+settings = tune_host_allocator() if sys.argv[1] == "tune" else None
+big = mapped_by(16 << 20)
+print(json.dumps({"settings": settings, "first": first, "big": big}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+def test_host_allocator_serves_tensors_from_the_heap():
+    """glibc maps a fresh region for every allocation above its (adaptive) threshold: a 4 MiB
+    tensor at first, 16 MiB after that; tuned, a 16 MiB tensor comes from the heap. The user's
+    own malloc settings (MALLOC_* variables, GLIBC_TUNABLES) leave glibc alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def probe(mode, **extra):
+        out = subprocess.run(
+            [sys.executable, "-c", ALLOCATOR_PROBE, mode], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    plain, tuned = probe("plain"), probe("tune")
+    assert plain["settings"] is None and tuned["settings"] == HOST_ALLOCATOR
+    assert plain["first"] == tuned["first"] == 1  # glibc's default: a 4 MiB tensor is mmapped
+    assert plain["big"] == 1 and tuned["big"] == 0  # 16 MiB: above glibc's raised threshold, below ours
+    assert probe("tune", MALLOC_TRIM_THRESHOLD_="0")["settings"] is None
+    assert probe("tune", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536")["settings"] is None
