@@ -60,6 +60,9 @@ def test_profile_phases_flops_and_groups(precision, monkeypatch):
     # the experts' gate and up projections: B T K = 128 routed rows, one grouped product each
     experts = fwd[("aten::_grouped_mm", "[[128, 64], [8, 64, 32], [8]]")]
     assert experts["count"] == 2 and experts["flops"] == 2 * 2 * 128 * 64 * 32
+    # recorded operator calls per call: a linear layer a product and its views; on CPU a
+    # grouped product one product, views and copies per group (8 here)
+    assert 2 <= o_proj["ops_per_call"] < 8 * 3 <= experts["ops_per_call"]
     for g in p["matmuls"]:
         assert g["tflops"] == pytest.approx(g["flops"] / (g["time_ms"] * 1e-3) / 1e12)
         assert g["of_peak"] == pytest.approx(g["tflops"] / p["peak_tflops"])
