@@ -188,7 +188,8 @@ def known(op: str, key: str, candidates: Sequence[str], device_type: str = "cpu"
     given = _given(op, key, candidates, device_type)
     if given is not None:
         return given
-    entry = _read(cache_path()).get(_machine(), {}).get(f"{op} | {key}")
+    machine = _read(cache_path()).get(_machine())
+    entry = machine.get(f"{op} | {key}") if isinstance(machine, dict) else None
     if isinstance(entry, dict) and entry.get("choice") in candidates:
         return entry["choice"]
     return None
