@@ -26,7 +26,8 @@ CPU only: other devices, code being compiled and a choice asked for while candid
 timed (a candidate containing another measured operation, unless that choice was made before)
 use the first candidate. :func:`choices`
 returns this process's choices with their timings (written next to a benchmark result and
-into each checkpoint).
+into each checkpoint); :func:`known` answers what :func:`choose` would return without timing
+anything (None when the machine has not measured that key), for the memory plan.
 """
 
 from __future__ import annotations
