@@ -492,8 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         from dsv3.hardware import tune_host_allocator
 
         tune_host_allocator()
+    handlers = {"prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate, "sft": _cmd_sft,
+                "convert": _cmd_convert, "plan": _cmd_plan, "chat": _cmd_chat, "bench": _cmd_bench,
+                "eval": _cmd_eval}  # fmt: skip
     try:
-        globals()[f"_cmd_{args.command}"](args)
+        handlers[args.command](args)
     except DsvError as err:
         print(f"dsv3: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

@@ -153,15 +153,15 @@ def planned_attention(
         dtype: the activations' dtype; device_type: ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        ``(kinds, known)``: the distinct :func:`saved_form` of the kernel(s) that may run, and
+        ``(forms, known)``: the distinct :func:`saved_form` of the kernel(s) that may run, and
         whether the kernel is known (else the machine has not measured this shape yet).
     """
     candidates = _attention_candidates(B, H, T, Dk, Dv, dtype, device_type)
     key = _attention_key(B, H, T, Dk, Dv, dtype, train=True)
     choice = candidates[0] if len(candidates) == 1 else kernels.known("attention", key, candidates, device_type)
     names = candidates if choice is None else [choice]
-    kinds = list(dict.fromkeys(saved_form(n, Dk, Dv, device_type) for n in names))
-    return kinds, choice is not None
+    forms = list(dict.fromkeys(saved_form(n, Dk, Dv, device_type) for n in names))
+    return forms, choice is not None
 
 
 def saved_form(kernel: str, Dk: int, Dv: int, device_type: str) -> str:

@@ -7,10 +7,9 @@ import bisect
 import itertools
 from dataclasses import dataclass
 
-import torch
-
 from dsv3.config import Config, ModelConfig
 from dsv3.errors import DsvError
+from dsv3.hardware import DTYPES
 from dsv3.model import Transformer, count_parameters
 from dsv3.model.attention import planned_attention
 
@@ -327,16 +326,16 @@ def planned_activations(cfg: Config, micro_batch_size: int, cpu: bool = False) -
     On a GPU the fused or padded flash attention (the fixed rule); on a CPU the kernel is
     measured on first use (:func:`dsv3.model.attention.planned_attention`): the recorded choice
     when the machine has one for this micro-batch shape, else the candidate that keeps the most
-    (the matmul attention's (T, T) probabilities, while it is a candidate).
+    (SDPA's math kernel or the matmul attention, with their (T, T) probabilities).
 
     Returns:
         ``(bytes, form, known)``: :func:`dsv3.plan.costs.activation_bytes_per_token` with the
         attention's saved form ``form``, and whether the kernel is known.
     """
     m, T = cfg.model, cfg.data.seq_len
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     dk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    forms, known = planned_attention(micro_batch_size, m.n_heads, T, dk, m.v_head_dim, dtype, "cpu" if cpu else "cuda")
+    dtype, device_type = DTYPES[cfg.train.precision], "cpu" if cpu else "cuda"
+    forms, known = planned_attention(micro_batch_size, m.n_heads, T, dk, m.v_head_dim, dtype, device_type)
     acts = {f: activation_bytes_per_token(m, cfg.train.precision, f, T) for f in forms}
     form = max(forms, key=lambda f: acts[f].attention)
     return acts[form], form, known
