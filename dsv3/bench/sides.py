@@ -13,6 +13,7 @@ import torch
 from dsv3.config import Config
 from dsv3.errors import DsvError
 from dsv3.hardware import DTYPES
+from dsv3.parallel.engine import adamw_kernel, param_groups
 
 HF_EXPERTS = ("eager", "grouped_mm")  # "batched_mm" is far slower on CPU (85 tokens/s on tiny); opt in
 
@@ -72,25 +73,16 @@ class MasterWeightAdamW:
             p.grad = None
 
 
-def _adamw_kwargs(cfg: Config, device: torch.device) -> dict[str, Any]:
+def make_optimizer(model: torch.nn.Module, cfg: Config, precision: str, master: bool):
+    """torch AdamW (fp32 weights or pure low precision), or :class:`MasterWeightAdamW`; in the
+    implementation :func:`dsv3.parallel.engine.adamw_kernel` picks, as ``dsv3 train`` does."""
+    groups = param_groups(model, cfg.train.weight_decay)
     t = cfg.train
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, weight_decay=t.weight_decay)
-    kw["fused"] = True  # torch's fused AdamW exists for CPU and CUDA
-    return kw
-
-
-def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, precision: str, master: bool):
-    """torch AdamW (fp32 weights or pure low precision), or :class:`MasterWeightAdamW`."""
-    device = next(model.parameters()).device
-    groups = _decay_groups(model, cfg.train.weight_decay)
-    kw = _adamw_kwargs(cfg, device)
-    if precision != "fp32" and master:
+    masters = precision != "fp32" and master
+    kernel = adamw_kernel([p for g in groups for p in g["params"]], torch.float32 if masters else None)
+    kw[kernel] = True
+    if masters:
         return MasterWeightAdamW(groups, **kw)
     return torch.optim.AdamW(groups, **kw)
 

@@ -5,8 +5,9 @@ rounding and whose speed depends on the CPU (its bf16 units: AVX-512-BF16, AMX) 
 shapes: the causal attention of training, evaluation and prefill
 (``scaled_dot_product_attention``'s flash kernel, SDPA as given, or two matrix products around
 a softmax), the routed experts' products (``torch._grouped_mm`` or one padded ``bmm``), the
-experts of a few decoding tokens (grouped, or every expert on every token), and the linear
-products of a few decoding tokens (``F.linear``, or oneDNN with a prepacked weight).
+experts of a few decoding tokens (grouped, or every expert on every token), the linear
+products of a few decoding tokens (``F.linear``, or oneDNN with a prepacked weight), and the
+optimizer's update (torch AdamW fused or foreach, :func:`dsv3.parallel.engine.adamw_kernel`).
 :func:`choose` picks among such candidates:
 
 1. ``DSV3_KERNELS`` set to ``rules`` uses the first candidate (the fixed rule) everywhere, and
@@ -106,7 +107,7 @@ def choose(
     """The candidate to use for operation ``op`` at ``key`` (dtype and shape), see the module doc.
 
     Args:
-        op: operation name (``attention``, ``experts``, ``decode_experts``, ``decode_linear``).
+        op: operation name (``attention``, ``experts``, ``decode_linear``, ``optimizer``, ...).
         key: what the choice depends on besides the machine, e.g. ``"bf16 train 4x8x512x96"``.
         candidates: names; the first is the fixed rule used where nothing is measured.
         run: ``run(name)`` executes candidate ``name`` once on synthetic inputs (the timed work).

@@ -22,8 +22,8 @@ The folder layout and its names are :mod:`dsv3.checkpoint.files`; under
 
 Both safetensors files are written by all ranks at once, each writing the bytes it holds
 (:mod:`dsv3.parallel.unsplit_save`): no rank ever holds more than its own share.
-Restoring the RNG states is :func:`load_rng`; finding the checkpoint to resume is
-:func:`dsv3.checkpoint.files.resume_candidates`.
+Restoring the RNG states is :func:`load_rng`, the kernel choices :func:`load_kernels`; finding
+the checkpoint to resume is :func:`dsv3.checkpoint.files.resume_candidates`.
 
 ``latest`` is rewritten (temp file + rename) only after every rank has finished writing, so
 an interrupted save leaves the previous checkpoint as the one that resumes. On start-up a
@@ -216,14 +216,19 @@ def save_checkpoint(
     return folder
 
 
-def load_rng(folder: Path, rank: int) -> bool:
-    """Restore this rank's RNG states from ``folder`` and the kernel choices recorded there
-    (:func:`dsv3.model.kernels.preload`, so the resumed steps compute as the saved run did);
-    False if that rank saved no RNG states."""
+def load_kernels(folder: Path) -> None:
+    """Use the kernel choices recorded in checkpoint ``folder``
+    (:func:`dsv3.model.kernels.preload`, so the resumed steps compute as the saved run did,
+    the optimizer's implementation included: called before the model and optimizer are
+    built); nothing for a checkpoint written before kernels were recorded."""
     try:
         kernels.preload(json.loads((folder / KERNELS).read_text(encoding="utf-8")))
     except (OSError, ValueError):
-        pass  # a checkpoint written before kernels were recorded
+        pass
+
+
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG states from ``folder``; False if that rank saved no RNG states."""
     f = rng_file(folder, rank)
     if not f.is_file():
         return False

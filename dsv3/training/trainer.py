@@ -56,7 +56,7 @@ from dsv3.parallel.layout import check_launch
 from dsv3.parallel.pipeline import PipelineRun
 from dsv3.tokenizer_files import open_tokenizer
 from dsv3.training.balance import update_expert_bias
-from dsv3.training.checkpoint import load_rng, pick_checkpoint, save_checkpoint, seed_everything
+from dsv3.training.checkpoint import load_kernels, load_rng, pick_checkpoint, save_checkpoint, seed_everything
 from dsv3.training.init_from import with_init_from
 from dsv3.training.metrics import Console, MetricsLogger, perf_record, step_record
 from dsv3.training.schedule import Schedules, schedule_warning, tokens_text
@@ -106,6 +106,8 @@ class Trainer:
 
         # the checkpoint to resume, picked before anything is written into out_dir
         self.resume_tag = pick_checkpoint(self.ckpt_root, lambda msg: _log(self.info, msg))
+        if self.resume_tag is not None:  # the saved run's kernels, before any is chosen here
+            load_kernels(self.ckpt_root / self.resume_tag)
         self.tokenizer_files: list[Path] = []  # the run's tokenizer files (rank 0), copied into each checkpoint
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ def test_bench_train_writes_result(tmp_path, capsys):
     # the kernels chosen by measurement, with the candidates' timings
     (attn,) = [v for k, v in r["kernels"].items() if k.startswith("attention | float32 train 2x2x32 24/16")]
     assert attn["choice"] in attn["ms"] and set(attn["ms"]) == {"flash", "sdpa", "matmul"}
+    (adamw,) = [v for k, v in r["kernels"].items() if k.startswith("optimizer | float32 ")]
+    assert adamw["choice"] in adamw["ms"] and set(adamw["ms"]) == {"fused", "foreach"}
     # activation checkpointing keeps only block inputs for the backward pass
     assert 0 < r["results"]["dsv3+ckpt"]["activation_mib"] < 0.5 * r["results"]["dsv3"]["activation_mib"]
     out = capsys.readouterr().out

@@ -447,3 +447,46 @@ def test_remembered_answers_follow_the_state_and_the_pinned_environment(record, 
     kernels.remembered(("op", 2), answer)
     kernels.remembered(("op", 2), answer)
     assert len(asked) == 5  # asked each time while timing, nothing kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_implementations_update_alike_and_the_run_takes_the_measured_one(dtype, record, monkeypatch):
+    """torch AdamW fused and foreach give the same weights after three updates (to rounding);
+    the choice is measured once per dtype and rounded size (both timed, recorded); the run's
+    optimizer (dsv3.parallel.engine.make_optimizer) is built with the chosen or forced one."""
+    from dsv3.config import load_config
+    from dsv3.parallel.engine import ADAMW_KERNELS, adamw_kernel, make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(33, 17), (17,), (5, 4, 3)]
+    init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(3)]
+    after = {}
+    for name in ADAMW_KERNELS:
+        ws = [w.clone().requires_grad_() for w in init]
+        opt = torch.optim.AdamW(ws, lr=1e-2, weight_decay=0.1, **{name: True})
+        for gs in grads:
+            for w, g in zip(ws, gs):
+                w.grad = g.clone()
+            opt.step()
+        after[name] = [w.detach().float() for w in ws]
+    # bf16: foreach rounds each step of the update to bf16, fused once: up to 4 units in the last place
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=4 * 2**-7)
+    for a, b, w in zip(*after.values(), init):
+        assert (a - w.float()).abs().max() > 5e-3  # each moved the weights (by about 3 lr)
+        torch.testing.assert_close(a, b, **tol)
+    params = [torch.zeros(100, 60, dtype=dtype) for _ in range(70)]  # 420,000 elements, 70 tensors
+    choice = adamw_kernel(params)
+    name = str(dtype).removeprefix("torch.")
+    entry = kernels.choices()[f"optimizer | {name} 524288 in 64"]
+    assert entry["choice"] == choice and set(entry["ms"]) == set(ADAMW_KERNELS)
+    assert adamw_kernel(params, torch.float32) == kernels.choices()["optimizer | float32 524288 in 64"]["choice"]
+    assert adamw_kernel(params[:3]) in ADAMW_KERNELS and f"optimizer | {name} 32768 in 4" in kernels.choices()
+    assert adamw_kernel([torch.zeros(3, device="meta")]) == "fused"  # not a CPU: the rule
+    cfg = load_config(None, tiny_model())
+    groups = [{"params": params[:40], "weight_decay": 0.1}, {"params": params[40:], "weight_decay": 0.0}]
+    assert make_optimizer(groups, cfg).defaults[choice] is True
+    for forced in ADAMW_KERNELS:
+        monkeypatch.setenv("DSV3_KERNELS", f"optimizer={forced}")
+        opt = make_optimizer(groups, cfg)
+        assert opt.defaults[forced] is True and not any(opt.defaults[k] for k in ADAMW_KERNELS if k != forced)
