@@ -170,6 +170,25 @@ def test_master_weight_adamw_keeps_small_updates():
     assert torch.equal(plain, torch.ones_like(plain))  # pure bf16 loses every one of those updates
 
 
+@pytest.mark.parametrize("forced", ["fused", "foreach"])
+def test_bench_optimizers_take_the_chosen_adamw(forced, monkeypatch, tmp_path):
+    """Both sides' AdamW runs the implementation chosen for the dtype its update runs in: fp32
+    for dsv3's masters of bf16 weights, bf16 for transformers' pure bf16 weights."""
+    from dsv3.model import kernels
+
+    monkeypatch.setenv("DSV3_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(kernels, "_made", {})
+    model = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    cfg = load_config(None, TINY)
+    other = {"fused": "foreach", "foreach": "fused"}[forced]
+    kernels.preload({"optimizer | float32 4096 in 2": {"choice": forced}})
+    kernels.preload({"optimizer | bfloat16 4096 in 2": {"choice": other}})
+    master = bench.make_optimizer(model, cfg, "bf16", master=True)
+    assert isinstance(master, bench.MasterWeightAdamW) and master.optimizer.defaults[forced] is True
+    pure = bench.make_optimizer(model, cfg, "bf16", master=False)
+    assert isinstance(pure, torch.optim.AdamW) and pure.defaults[other] is True
+
+
 def test_bad_input():
     cfg = load_config(None, TINY)
     with pytest.raises(DsvError, match="precision"):
