@@ -16,6 +16,7 @@ product reads its weight at about a third of the speed of the packed one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -126,6 +127,20 @@ def packing(dtype: torch.dtype) -> bool:
 
 
 _packed_bytes = [0]  # bytes of the prepacked copies alive in this process
+_plain = [False]  # inside plain_products(): every product reads its weight as it is
+
+
+@contextlib.contextmanager
+def plain_products(on: bool = True):
+    """Inside (with ``on``), every :func:`linear` reads its weight as it is, whatever the
+    products' own choices: the ``plain`` candidate of a whole decoding step
+    (:meth:`dsv3.model.transformer.Transformer.decode_kernel`)."""
+    outer = _plain[0]
+    _plain[0] = on
+    try:
+        yield
+    finally:
+        _plain[0] = outer
 
 
 @functools.cache
@@ -171,8 +186,8 @@ def linear(
     choice ``decode_linear`` (``plain`` or ``packed``, per dtype, row count and weight shape)
     may read W from a copy reordered once for oneDNN's blocked layout (:func:`derived` from
     ``sources``, kept while they are unchanged), while all such copies stay within
-    :func:`pack_budget`. The packed product equals the plain one to rounding (another
-    summation order).
+    :func:`pack_budget`; never inside :func:`plain_products`. The packed product equals the
+    plain one to rounding (another summation order).
 
     Args:
         owner: the module that keeps derived weights.
@@ -186,7 +201,7 @@ def linear(
     Returns:
         (..., out), dtype of ``x``.
     """
-    if _packed_wanted(x, shape):
+    if not _plain[0] and _packed_wanted(x, shape):
         if name + " packed" in owner.__dict__.get(_STORE, {}) or _fits(shape[0] * shape[1] * x.element_size()):
             make = (lambda: weight) if weight is not None else build or (lambda: sources[0])
             return _packed_product(x, derived(owner, name + " packed", sources, lambda: _pack(make())))

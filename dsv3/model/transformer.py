@@ -12,7 +12,6 @@ Hugging Face as layer ``n_layers + k - 1``; here it is ``mtp.{k-1}``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -254,13 +253,13 @@ class Transformer(nn.Module):
             ValueError: the sequence does not fit ``max_seq_len`` or the cache.
         """
         if labels is None:
-            step = cache is not None and fast_inference()  # an eager decoding step: DSV3_KERNELS read once
-            with kernels.pinned() if step else contextlib.nullcontext():
+            if cache is None or not fast_inference():
                 h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
-                if step and fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
-                    w = self.lm_head.weight
-                    return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
                 return decode.project(self.lm_head, h).float()
+            with kernels.pinned():  # the eager path with a cache: DSV3_KERNELS read once
+                plain = self.decode_kernel(input_ids, cache, attn_mask, position_ids) == "plain"
+                with decode.plain_products(plain):
+                    return self._cached_logits(input_ids, cache, attn_mask, position_ids)
         valid = labels != IGNORE_INDEX  # (B, T)
         h, auxes = self._trunk(input_ids, attn_mask=attn_mask, valid=valid, position_ids=position_ids)
         h = self.norm(h)  # (B, T, D): read by the head and by MTP depth 1
@@ -292,6 +291,58 @@ class Transformer(nn.Module):
             balance_loss=sum((a.balance_loss for a in auxes), torch.zeros((), device=dev)),
             expert_load=torch.stack([a.load for a in auxes]) if auxes else torch.zeros(0, 0, dtype=torch.long),
         )
+
+    def _cached_logits(self, input_ids, cache, attn_mask, position_ids) -> torch.Tensor:
+        """:meth:`forward`'s logits on the eager inference path with a cache."""
+        h = self.hidden_states(input_ids, cache, attn_mask, position_ids)
+        if fast_inference(self.lm_head):  # a few rows: maybe a prepacked head
+            w = self.lm_head.weight
+            return decode.linear(self, "head", h, (w,), tuple(w.shape)).float()
+        return decode.project(self.lm_head, h).float()
+
+    def decode_kernel(self, input_ids, cache, attn_mask=None, position_ids=None) -> str:
+        """How the products of an eager decoding step read their weights: ``measured`` (each by
+        its own measured choice, ``decode_linear``: plain or prepacked) or ``plain`` (all as they
+        are). A choice of :mod:`dsv3.model.kernels` (op ``decode_step``) per dtype, batch and
+        the model's shapes, for a CPU model that runs one token per row (else ``measured``),
+        timed on this model's own step: the products that measure faster prepacked alone may
+        not be inside a step (``tiny`` fp32 at batch 1 on a 2-core AMD EPYC: every product
+        plain 987 against 1060 us per step; at batch 8 the measured mix 2159 against 3120 us).
+
+        Timing runs the step on these inputs with each candidate (after one untimed step that
+        makes the products' own choices), then restores the cache lengths; the positions it
+        writes are written again by the step that follows. Arguments as in :meth:`forward`.
+        """
+        B, T = input_ids.shape
+        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        if T != 1 or B > decode.PACK_MAX_ROWS or device.type != "cpu" or not decode.packing(dtype):
+            return "measured"
+        if hasattr(self, "hf_device_map"):  # dispatched (offloaded layers): no timing of whole steps
+            return "measured"
+        c = self.cfg
+        key = (
+            f"{str(dtype).removeprefix('torch.')} B={B} dim={c.dim} layers={c.n_layers}/{c.n_dense_layers} "
+            f"heads={c.n_heads} q={c.q_lora_rank} kv={c.kv_lora_rank}+{c.qk_rope_head_dim} "
+            f"ffn={c.inter_dim} experts={c.n_routed_experts}x{c.moe_inter_dim}/{c.n_activated_experts}"
+            f"+{c.n_shared_experts} vocab={c.vocab_size}"
+        )
+        return kernels.remembered(
+            ("decode_step", key), lambda: self._decode_choice(key, input_ids, cache, attn_mask, position_ids)
+        )
+
+    def _decode_choice(self, key, input_ids, cache, attn_mask, position_ids) -> str:
+        lengths = [layer_cache.length for layer_cache in cache]
+        candidates = ["measured", "plain"]
+
+        def run(name):
+            with decode.plain_products(name == "plain"):
+                self._cached_logits(input_ids, cache, attn_mask, position_ids)
+            for layer_cache, n in zip(cache, lengths):
+                layer_cache.length = n
+
+        if kernels.known("decode_step", key, candidates) is None:
+            run("measured")  # the products' own choices, made outside the timing (inside it: the rule)
+        return kernels.choose("decode_step", key, candidates, run, self.embed_tokens.weight.device)
 
     def hidden_states(
         self,

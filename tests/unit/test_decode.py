@@ -222,3 +222,57 @@ def test_hooked_modules_keep_the_plain_path():
     # kv_b_proj is never called on the cache path: its weight is split for the absorbed form
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "kv_b_proj" not in n}
     assert called == linears
+
+
+def _decode_run(model, prompt, steps, after_prefill=list):
+    """Prefill ``prompt`` (B, T), call ``after_prefill()``, then ``steps`` greedy steps: (the
+    steps' logits, the caches' buffers, their lengths)."""
+    logits = []
+    with torch.inference_mode():
+        cache = model.new_cache(prompt.shape[0], 32)
+        out = model(prompt, cache=cache)
+        after_prefill()
+        for _ in range(steps):
+            out = model(out[:, -1:].argmax(-1), cache=cache)
+            logits.append(out)
+    return logits, [c.buf.clone() for c in cache], [c.length for c in cache]
+
+
+def test_the_decoding_step_choice_is_timed_on_the_step_and_leaves_no_trace(tmp_path, monkeypatch):
+    """The eager decoding step's choice (op ``decode_step``: each product's own kernel, here
+    forced prepacked, or every product plain) is timed on the model's own first step, both
+    candidates recorded, once per dtype, batch and shapes; the timing leaves the cache as it
+    was (the next steps' logits and the caches equal, bit for bit, those of a run given the
+    same choice without timing); inside ``plain`` no product reads a prepacked weight; a
+    prompt (several tokens per row) takes the products' own kernels without timing."""
+    from dsv3.model import decode, kernels
+
+    if not decode.packing(torch.float32):
+        pytest.skip("oneDNN does not run fp32 on this CPU")
+    monkeypatch.setenv("DSV3_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setenv("DSV3_KERNELS", "decode_linear=packed")
+    monkeypatch.setattr(kernels, "_made", {})
+    model = random_model(tiny(q_lora_rank=24), seed=5)
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    timed = _decode_run(model, prompt, 3)
+    (key,) = [k for k in kernels.choices() if k.startswith("decode_step | ")]
+    entry = kernels.choices()[key]
+    assert key.startswith("decode_step | float32 B=2 dim=64 layers=3/1 ") and set(entry["ms"]) == {"measured", "plain"}
+    assert timed[2] == [9, 9, 9]
+    calls = []
+    real = decode._packed_product
+    monkeypatch.setattr(decode, "_packed_product", lambda *a: calls.append(1) or real(*a))
+    for choice in ("measured", "plain"):
+        monkeypatch.setenv("DSV3_KERNELS", f"decode_linear=packed,decode_step={choice}")
+        logits, bufs, lengths = _decode_run(model, prompt, 3, calls.clear)  # (the prompt's 12 rows: packed)
+        assert (len(calls) > 0) == (choice == "measured"), choice
+        if choice == entry["choice"]:
+            assert all(torch.equal(a, b) for a, b in zip(logits, timed[0]))
+            assert all(torch.equal(a, b) for a, b in zip(bufs, timed[1])) and lengths == timed[2]
+        else:  # the other candidate: the same values to rounding
+            for a, b in zip(logits, timed[0]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("DSV3_KERNELS", "decode_linear=packed")
+    with torch.inference_mode():
+        assert model.decode_kernel(prompt, model.new_cache(2, 32)) == "measured"
+    assert [k for k in kernels.choices() if k.startswith("decode_step | ")] == [key]
