@@ -11,6 +11,7 @@ Three computations of the same next-token logits are compared at every decode st
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 import torch
@@ -240,8 +241,8 @@ def _decode_run(model, prompt, steps, after_prefill=list):
 
 def test_the_decoding_step_choice_is_timed_on_the_step_and_leaves_no_trace(tmp_path, monkeypatch):
     """The eager decoding step's choice (op ``decode_step``: each product's own kernel, here
-    forced prepacked, or every product plain) is timed on the model's own first step, both
-    candidates recorded, once per dtype, batch and shapes; the timing leaves the cache as it
+    forced prepacked and made slow, or every product plain) is timed on the model's own first
+    step, both candidates recorded (plain chosen), once per dtype, batch and shapes; the timing leaves the cache as it
     was (the next steps' logits and the caches equal, bit for bit, those of a run given the
     same choice without timing); inside ``plain`` no product reads a prepacked weight; a
     prompt (several tokens per row) takes the products' own kernels without timing."""
@@ -254,13 +255,15 @@ def test_the_decoding_step_choice_is_timed_on_the_step_and_leaves_no_trace(tmp_p
     monkeypatch.setattr(kernels, "_made", {})
     model = random_model(tiny(q_lora_rank=24), seed=5)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    real = decode._packed_product
+    monkeypatch.setattr(decode, "_packed_product", lambda *a: time.sleep(1e-3) or real(*a))  # made slow
     timed = _decode_run(model, prompt, 3)
     (key,) = [k for k in kernels.choices() if k.startswith("decode_step | ")]
     entry = kernels.choices()[key]
-    assert key.startswith("decode_step | float32 B=2 dim=64 layers=3/1 ") and set(entry["ms"]) == {"measured", "plain"}
+    assert key.startswith("decode_step | float32 B=2 dim=64 layers=3/1 ") and entry["choice"] == "plain"
+    assert entry["ms"]["measured"] > entry["ms"]["plain"] + 10  # (the products' 10+ slowed calls)
     assert timed[2] == [9, 9, 9]
     calls = []
-    real = decode._packed_product
     monkeypatch.setattr(decode, "_packed_product", lambda *a: calls.append(1) or real(*a))
     for choice in ("measured", "plain"):
         monkeypatch.setenv("DSV3_KERNELS", f"decode_linear=packed,decode_step={choice}")
