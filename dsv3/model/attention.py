@@ -66,9 +66,11 @@ def _matmul(q, k, v, scale):
     CPU, forward + backward of 4 x 8 heads x 512 tokens took 47 ms against 104 for flash."""
     T, S = q.shape[-2], k.shape[-2]
     s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, S)
-    masked = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)  # query t sees keys <= S-T+t
+    # -inf above the causal diagonal (query t sees keys <= S-T+t), added: a broadcast add_ ran in
+    # a quarter of the time of masked_fill_ with a (T, S) bool mask (1M bf16 scores: 149 / 580 us)
+    mask = torch.full((T, S), float("-inf"), dtype=s.dtype, device=s.device).triu_(S - T + 1)
     with torch.no_grad():  # not recorded: the softmax's gradient at a masked score is 0 already (p = 0 there)
-        s.masked_fill_(masked, float("-inf"))
+        s.add_(mask)
     p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v)  # (B, H, T, dv)
 

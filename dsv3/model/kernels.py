@@ -7,7 +7,8 @@ shapes: the causal attention of training, evaluation and prefill
 a softmax), the routed experts' products (``torch._grouped_mm`` or one padded ``bmm``), the
 experts of a few decoding tokens (grouped, or every expert on every token), the linear
 products of a few decoding tokens (``F.linear``, or oneDNN with a prepacked weight; and for a
-whole decoding step, those choices or every product plain), and the optimizer's update (torch AdamW fused or foreach, :func:`dsv3.parallel.engine.adamw_kernel`).
+whole decoding step, those choices or every product plain), and the optimizer's update
+(torch AdamW fused or foreach, :func:`dsv3.parallel.engine.adamw_kernel`).
 :func:`choose` picks among such candidates:
 
 1. ``DSV3_KERNELS`` set to ``rules`` uses the first candidate (the fixed rule) everywhere, and
