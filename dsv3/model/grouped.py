@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.model import kernels
+
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, kernel: str = "grouped_mm") -> torch.Tensor:
     """``x[rows of group e] @ w[e].T`` for every group e, as one grouped product.
@@ -46,6 +48,50 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, kern
     width = int(counts.max()) if x.shape[0] else 0
     padded = x.new_zeros(E, width, in_dim).index_put((expert, slot), x)  # (E, C, In)
     return torch.bmm(padded, w.transpose(-2, -1))[expert, slot]  # (M, Out)
+
+
+def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
+    """The multiple to which the grouped expert products pad each expert's rows: 0 (none)
+    except for a bf16 / fp16 layer on CPU outside compiled code, where it is an eighth of the
+    power of two at or above the mean rows per expert, at least 16 (``tiny``: 32, ``bench``:
+    64), so at most about 1/16 more rows on average.
+
+    Why: on CPU these dtypes run through oneDNN, which generates machine code for every new
+    product shape (a few hundred microseconds each, kept in a cache of 1024 shapes); the rows
+    per expert change at every step, so an unpadded layer kept generating kernels: in a
+    ``tiny`` bf16 training step, 244 kernels and 10-20 thousand page faults (their code
+    buffers), for 15-40 steps until the cache held every size; ``bench`` never got there. Padded,
+    the shapes repeat after a few steps: ``tiny`` steps 5-16 took 122-132 against 139-185 ms,
+    ``bench`` steps 10-24 680-720 against 740-840 ms (2-core AMD EPYC, one thread). fp32 products
+    (MKL) generate no code per shape.
+
+    Args:
+        rows: the rows of the grouped products (tokens x experts per token).
+        n_experts: E.
+        x: the layer's input (its dtype and device decide).
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return 0
+    return max(16, kernels.bucket(-(-rows // n_experts)) // 8)
+
+
+def pad_groups(
+    x: torch.Tensor, counts: torch.Tensor, group: torch.Tensor, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows sorted by group, each group followed by zero rows up to a multiple of ``pad``.
+
+    Args:
+        x: (M, D) rows sorted by group; counts: (E,) int64 rows per group; group: (M,) the
+            group of each row; pad: the multiple (:func:`padded_rows`).
+
+    Returns:
+        (padded (P, D) rows, (E,) padded counts, (M,) int64 row of each input row in it);
+        ``padded[dest] == x``, every other row is zero (a product of it is zero too).
+    """
+    padded = (counts + pad - 1) // pad * pad  # (E,)
+    rank = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[group]  # (M,)
+    dest = (padded.cumsum(0) - padded)[group] + rank  # (M,)
+    return x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, dest, x), padded, dest
 
 
 #: whether this torch build has ``torch._grouped_mm``

@@ -23,7 +23,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model import decode, kernels
 from dsv3.model.decode import derived, fast_inference
-from dsv3.model.grouped import ContiguousGrad, grouped_matmul, grouped_mm_ok
+from dsv3.model.grouped import ContiguousGrad, grouped_matmul, grouped_mm_ok, pad_groups, padded_rows
 
 
 class MLP(nn.Module):
@@ -236,13 +236,18 @@ class Experts(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat)
         )  # (E,)
-        offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         cg = ContiguousGrad.apply if torch.is_grad_enabled() else _same  # an autograd.Function call costs ~10 us
         xs = cg(x[token])  # (N*K, D)
+        dest = None
+        if pad := padded_rows(flat.numel(), self.n_experts, x):
+            xs, counts, dest = pad_groups(xs, counts, flat[order], pad)
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets, kernel)) * grouped_matmul(
             xs, self.up_proj, offsets, kernel
         )
         ys = grouped_matmul(cg(h), self.down_proj, offsets, kernel)  # (N*K, D)
+        if dest is not None:
+            ys = ys[dest]  # (N*K, D): the padding rows (zero in, zero out) dropped
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, cg(ys))
 

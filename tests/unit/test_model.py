@@ -527,3 +527,82 @@ def test_a_decoding_step_routed_on_the_host_equals_the_gated_layer(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert aux is None
     assert len(routed) == 4
+
+
+def test_pad_groups_by_hand():
+    """Groups of 2, 0 and 3 rows padded to multiples of 4: rows 0-1, 4-6 hold the input."""
+    from dsv3.model.grouped import pad_groups
+
+    x = torch.arange(10.0).view(5, 2)
+    padded, counts, dest = pad_groups(x, torch.tensor([2, 0, 3]), torch.tensor([0, 0, 2, 2, 2]), 4)
+    assert counts.tolist() == [4, 0, 4] and dest.tolist() == [0, 1, 4, 5, 6]
+    assert padded.shape == (8, 2) and torch.equal(padded[dest], x)
+    assert padded[[2, 3, 7]].abs().sum() == 0
+
+
+def test_padded_rows_rule():
+    """bf16 / fp16 on CPU: an eighth of the power of two at or above the mean rows per expert,
+    at least 16; fp32 and other devices: no padding."""
+    from dsv3.model.grouped import padded_rows
+
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    assert padded_rows(2048, 8, bf16) == 32 and padded_rows(8192, 16, bf16) == 64
+    assert padded_rows(2000, 8, bf16) == 32 and padded_rows(100, 8, bf16) == 16
+    assert padded_rows(2048, 8, torch.zeros(1, dtype=torch.float16)) == 32
+    assert padded_rows(2048, 8, torch.zeros(1)) == 0
+    assert padded_rows(2048, 8, torch.zeros(1, dtype=torch.bfloat16, device="meta")) == 0
+
+
+def test_padded_expert_products_see_few_shapes_and_compute_the_same(monkeypatch):
+    """In bf16 on CPU every grouped product of the routed experts (forward, input and weight
+    gradients) has its rows per expert in multiples of the padding, whatever the routing, so oneDNN's
+    per-shape kernels repeat; output and gradients equal the unpadded layer's to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dsv3.model import grouped
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.groups = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket == torch.ops.aten._grouped_mm:
+                offs = (kwargs or {}).get("offs", args[2] if len(args) > 2 else None)
+                ends = [0, *offs.tolist()]
+                self.groups.update(b - a for a, b in zip(ends, ends[1:]))  # rows (or depth) per expert
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("DSV3_KERNELS", "experts=grouped_mm")
+    torch.manual_seed(0)
+    E, D, I, N, K = 4, 16, 24, 50, 2
+    ex = Experts(E, D, I)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ex = ex.to(torch.bfloat16)
+    pad = grouped.padded_rows(N * K, E, torch.zeros(1, dtype=torch.bfloat16))
+    assert pad == 16
+    unpadded = set()
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(N, D, generator=g).to(torch.bfloat16).requires_grad_()
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+        w = torch.rand(N, K, generator=g)
+        got = {}
+        for padded in (True, False):
+            if not padded:
+                monkeypatch.setattr(grouped, "padded_rows", lambda *a: 0)
+                monkeypatch.setattr("dsv3.model.moe.padded_rows", lambda *a: 0)
+            with Shapes() as shapes:
+                y = ex(x, w, idx)
+                grads = torch.autograd.grad(y.float().square().sum(), [x, *ex.parameters()])
+            got[padded] = [y, *grads]
+            if padded:
+                assert shapes.groups and all(r % pad == 0 for r in shapes.groups), sorted(shapes.groups)
+            else:
+                unpadded |= shapes.groups
+            monkeypatch.undo()
+            monkeypatch.setenv("DSV3_KERNELS", "experts=grouped_mm")
+        for a, b in zip(got[True], got[False]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.05)
+    assert any(r % pad for r in unpadded)  # (what the padding changes)
