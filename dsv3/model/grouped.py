@@ -3,8 +3,9 @@
 ``grouped_matmul`` multiplies each group of rows (sorted by expert) by its expert's weight in
 one call: ``torch._grouped_mm`` where it runs (on CPU under ``torch.compile`` through an opaque
 custom op), else a padded batched product. :class:`ContiguousGrad` keeps the gradients it
-receives contiguous (``torch._grouped_mm`` rejects expanded ones). Used by the experts of
-:mod:`dsv3.model.moe` and of the expert-parallel layer.
+receives contiguous (``torch._grouped_mm`` rejects expanded ones). :func:`pad_groups` pads
+each group's rows to a multiple (:func:`padded_rows`) where the products' shapes should repeat
+(bf16 on CPU). Used by the experts of :mod:`dsv3.model.moe` and of the expert-parallel layer.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from dsv3.errors import DsvError
-from dsv3.model.grouped import ContiguousGrad, grouped_matmul
+from dsv3.model.grouped import ContiguousGrad, grouped_matmul, pad_groups, padded_rows
 from dsv3.model.moe import MoE
 from dsv3.parallel import ds_internals
 from dsv3.parallel.layout import check_expert_parallel
@@ -215,10 +215,17 @@ class ExpertParallelExperts(DeepSpeedMoE):
         xr = all_to_all(xs, recv_splits, send_splits, self.group)  # (M, D) by source rank, then local expert
         local = torch.arange(n, device=x.device).repeat(P)  # (P*n,) local expert of each received chunk
         perm = torch.repeat_interleave(local, recv_counts).argsort(stable=True)  # (M,) rows by local expert
-        offsets = recv_counts.view(P, n).sum(0).cumsum(0).to(torch.int32)  # (n,)
+        local_counts = recv_counts.view(P, n).sum(0)  # (n,)
         xe = ContiguousGrad.apply(xr[perm])  # (M, D)
+        dest = None
+        if pad := padded_rows(xe.shape[0], n, xe):  # (CPU bf16: shapes that oneDNN's kernel cache keeps)
+            group = torch.repeat_interleave(torch.arange(n, device=x.device), local_counts)  # (M,)
+            xe, local_counts, dest = pad_groups(xe, local_counts, group, pad)
+        offsets = local_counts.cumsum(0).to(torch.int32)  # (n,)
         h = F.silu(grouped_matmul(xe, self.gate_proj, offsets)) * grouped_matmul(xe, self.up_proj, offsets)
         ye = grouped_matmul(ContiguousGrad.apply(h), self.down_proj, offsets)  # (M, D)
+        if dest is not None:
+            ye = ye[dest]  # the padding rows dropped
         yr = ContiguousGrad.apply(ye[perm.argsort()])  # (M, D) back in received order
         ys = all_to_all(yr, send_splits, recv_splits, self.group)  # (N*K, D) in the order of xs
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
