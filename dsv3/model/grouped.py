@@ -53,9 +53,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, kern
 
 def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     """The multiple to which the grouped expert products pad each expert's rows: 0 (none)
-    except for a bf16 / fp16 layer on CPU outside compiled code, where it is an eighth of the
-    power of two at or above the mean rows per expert, at least 16 (``tiny``: 32, ``bench``:
-    64), so at most about 1/16 more rows on average.
+    except for a bf16 / fp16 layer on CPU outside compiled code with at least
+    :data:`PAD_MIN_ROWS` rows per expert on average, where it is an eighth of the power of two
+    at or above that mean (``tiny`` at 4 x 256 tokens: 32, ``bench``: 64), so about 1/16 more
+    rows on average, at most 1/4.
 
     Why: on CPU these dtypes run through oneDNN, which generates machine code for every new
     product shape (a few hundred microseconds each, kept in a cache of 1024 shapes); the rows
@@ -71,9 +72,15 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
         n_experts: E.
         x: the layer's input (its dtype and device decide).
     """
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+    mean = -(-rows // n_experts)
+    if mean < PAD_MIN_ROWS or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
         return 0
-    return max(16, kernels.bucket(-(-rows // n_experts)) // 8)
+    return 0 if torch.compiler.is_compiling() else kernels.bucket(mean) // 8
+
+
+#: the padding of :func:`padded_rows` starts at this many rows per expert (a multiple of 16):
+#: below it, padding would add too large a share of rows for what it saves
+PAD_MIN_ROWS = 128
 
 
 def pad_groups(
