@@ -270,6 +270,38 @@ def test_rope_rotation_by_hand():
     assert y.tolist() == pytest.approx(expect, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rope_gradient_is_the_inverse_rotation(dtype, per_row):
+    """apply_rope's backward (eager: a custom function) against autograd through the formula,
+    on a non-contiguous slice as MLA passes it, shared or per-row tables; and against the
+    rotation by hand: the gradient of a rotation is the rotation by the negative angle."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, d = 2, 5, 3, 8
+    full = torch.randn(B, T, H, 12 + d, generator=g).to(dtype)
+    ang = torch.rand(*((B, T) if per_row else (T,)), d // 2, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    up = torch.randn(B, T, H, d, generator=g).to(dtype)
+
+    def formula(x):
+        xf = x.float().unflatten(-1, (-1, 2))
+        c = cos.unsqueeze(-2) if per_row else cos[None, :, None, :]
+        s = sin.unsqueeze(-2) if per_row else sin[None, :, None, :]
+        x0, x1 = xf[..., 0], xf[..., 1]
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype)
+
+    grads = []
+    for f in (lambda x: apply_rope(x, cos, sin), formula):
+        x = full[..., 12:].detach().requires_grad_()  # (a view at an even offset, strided)
+        (y := f(x)).backward(up)
+        grads.append((y, x.grad))
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    back = apply_rope(up.float(), cos, -sin)  # rotated back
+    torch.testing.assert_close(grads[0][1].float(), back, **tol)
+
+
 def test_yarn_frequencies_and_softmax_scale():
     cfg = ModelConfig(
         qk_nope_head_dim=128,
