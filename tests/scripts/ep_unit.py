@@ -92,6 +92,25 @@ bias[: cfg.n_routed_experts // world] = 100.0  # route every token to the expert
 sq = check(bias, "all to rank 0")
 assert (sq == 0) == (rank != 0), (rank, sq)
 
+# bf16 with about 200 rows per local expert: the CPU pads each expert's rows
+# (dsv3.model.grouped.padded_rows) and computes what the unsplit layer does, to bf16 rounding
+import dsv3.parallel.expert_parallel as ep_module
+
+padded = []
+plain_pad = ep_module.pad_groups
+ep_module.pad_groups = lambda *a: padded.append(a[3]) or plain_pad(*a)
+ref16, m16 = build(torch.zeros(cfg.n_routed_experts)).bfloat16(), build(torch.zeros(cfg.n_routed_experts)).bfloat16()
+apply_expert_parallel(m16, world)
+x16 = torch.randn(1, 400, cfg.dim, generator=torch.Generator().manual_seed(7 + rank)).bfloat16()
+xa, xb = x16.clone().requires_grad_(), x16.clone().requires_grad_()
+y16, y_ref = m16(xa)[0], ref16(xb)[0]
+assert padded == [32], padded  # one padded layer: 200 rows per expert on average -> multiples of 32
+assert torch.allclose(y16.float(), y_ref.float(), atol=0.05, rtol=0.05), (y16.float() - y_ref.float()).abs().max()
+y16.float().square().sum().backward()
+y_ref.float().square().sum().backward()
+assert torch.allclose(xa.grad.float(), xb.grad.float(), atol=0.1, rtol=0.05), (xa.grad - xb.grad).abs().max()
+ep_module.pad_groups = plain_pad
+
 # built on the meta device: the split allocates nothing, then only this rank's block is allocated,
 # with the values the unsplit layer has (per-expert seeds of the global expert indices)
 from dsv3.model.init import allocated_elements, init_module_, materialize_
