@@ -35,7 +35,9 @@ Layout semantics (those of the trainer and DeepSpeed):
 Not counted: temporaries that live inside one operator (e.g. the logits' gradient) or one
 step (ZeRO's reduction bucket during the backward pass, the fp32 gradient partition and
 Adam's temporaries during the update, the fp32 weights before a bf16 cast at start-up), the
-CUDA context and allocator fragmentation (typically 1-3 GiB on a GPU) and NCCL's own buffers.
+CUDA context and allocator fragmentation (typically 1-3 GiB on a GPU) and NCCL's own buffers;
+on a CPU in bf16, the zero rows that pad each routed expert's rows
+(:func:`dsv3.model.grouped.padded_rows`: about 1/16 more expert rows, at most 1/4).
 """
 
 from dsv3.plan.costs import (
