@@ -237,7 +237,7 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat)
         )  # (E,)
         cg = ContiguousGrad.apply if torch.is_grad_enabled() else _same  # an autograd.Function call costs ~10 us
-        xs = cg(x[token])  # (N*K, D)
+        xs = cg(x.index_select(0, token))  # (N*K, D); backward: index_add_ (8x faster than x[token]'s in bf16)
         dest = None
         if pad := padded_rows(flat.numel(), self.n_experts, x):
             xs, counts, dest = pad_groups(xs, counts, flat[order], pad)
@@ -247,7 +247,7 @@ class Experts(nn.Module):
         )
         ys = grouped_matmul(cg(h), self.down_proj, offsets, kernel)  # (N*K, D)
         if dest is not None:
-            ys = ys[dest]  # (N*K, D): the padding rows (zero in, zero out) dropped
+            ys = ys.index_select(0, dest)  # (N*K, D): the padding rows (zero in, zero out) dropped
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, cg(ys))
 

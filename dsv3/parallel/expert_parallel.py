@@ -211,12 +211,12 @@ class ExpertParallelExperts(DeepSpeedMoE):
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         send_splits = counts.view(P, n).sum(1).tolist()
         recv_splits = recv_counts.view(P, n).sum(1).tolist()
-        xs = ContiguousGrad.apply(x[token])  # (N*K, D)
+        xs = ContiguousGrad.apply(x.index_select(0, token))  # (N*K, D) (index_select: backward index_add_)
         xr = all_to_all(xs, recv_splits, send_splits, self.group)  # (M, D) by source rank, then local expert
         local = torch.arange(n, device=x.device).repeat(P)  # (P*n,) local expert of each received chunk
         perm = torch.repeat_interleave(local, recv_counts).argsort(stable=True)  # (M,) rows by local expert
         local_counts = recv_counts.view(P, n).sum(0)  # (n,)
-        xe = ContiguousGrad.apply(xr[perm])  # (M, D)
+        xe = ContiguousGrad.apply(xr.index_select(0, perm))  # (M, D)
         dest = None
         if pad := padded_rows(xe.shape[0], n, xe):  # (CPU bf16: shapes that oneDNN's kernel cache keeps)
             group = torch.repeat_interleave(torch.arange(n, device=x.device), local_counts)  # (M,)
@@ -225,8 +225,8 @@ class ExpertParallelExperts(DeepSpeedMoE):
         h = F.silu(grouped_matmul(xe, self.gate_proj, offsets)) * grouped_matmul(xe, self.up_proj, offsets)
         ye = grouped_matmul(ContiguousGrad.apply(h), self.down_proj, offsets)  # (M, D)
         if dest is not None:
-            ye = ye[dest]  # the padding rows dropped
-        yr = ContiguousGrad.apply(ye[perm.argsort()])  # (M, D) back in received order
+            ye = ye.index_select(0, dest)  # the padding rows dropped
+        yr = ContiguousGrad.apply(ye.index_select(0, perm.argsort()))  # (M, D) back in received order
         ys = all_to_all(yr, send_splits, recv_splits, self.group)  # (N*K, D) in the order of xs
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ContiguousGrad.apply(ys))
