@@ -12,6 +12,7 @@ Hugging Face as layer ``n_layers + k - 1``; here it is ``mtp.{k-1}``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -319,15 +320,23 @@ class Transformer(nn.Module):
             return "measured"
         if hasattr(self, "hf_device_map"):  # dispatched (offloaded layers): no timing of whole steps
             return "measured"
-        c = self.cfg
-        key = (
-            f"{str(dtype).removeprefix('torch.')} B={B} dim={c.dim} layers={c.n_layers}/{c.n_dense_layers} "
-            f"heads={c.n_heads} q={c.q_lora_rank} kv={c.kv_lora_rank}+{c.qk_rope_head_dim} "
-            f"ffn={c.inter_dim} experts={c.n_routed_experts}x{c.moe_inter_dim}/{c.n_activated_experts}"
-            f"+{c.n_shared_experts} vocab={c.vocab_size}"
-        )
+        shapes = self._shapes
         return kernels.remembered(
-            ("decode_step", key), lambda: self._decode_choice(key, input_ids, cache, attn_mask, position_ids)
+            ("decode_step", dtype, B, shapes),
+            lambda: self._decode_choice(
+                f"{str(dtype).removeprefix('torch.')} B={B} {shapes}", input_ids, cache, attn_mask, position_ids
+            ),
+        )
+
+    @functools.cached_property
+    def _shapes(self) -> str:
+        """The model's shapes as the key of its whole-step choices (:meth:`decode_kernel`)."""
+        c = self.cfg
+        return (
+            f"dim={c.dim} layers={c.n_layers}/{c.n_dense_layers} heads={c.n_heads} q={c.q_lora_rank} "
+            f"kv={c.kv_lora_rank}+{c.qk_rope_head_dim} ffn={c.inter_dim} "
+            f"experts={c.n_routed_experts}x{c.moe_inter_dim}/{c.n_activated_experts}+{c.n_shared_experts} "
+            f"vocab={c.vocab_size}"
         )
 
     def _decode_choice(self, key, input_ids, cache, attn_mask, position_ids) -> str:

@@ -88,7 +88,6 @@ class Trainer:
         self.global_batch = p.micro_batch_size * p.grad_accum * dp  # after the batch ramp, if any
         self.schedules = Schedules(cfg, dp)  # every scheduled value of every step; checks the ramp
 
-        # data: rank 0 prepares (or finds the cache), the others then read the same folder
         for turn in ("main", "others"):  # rank 0 prepares (or finds the cache), then the others read it
             if self.info.is_main == (turn == "main"):
                 self.data_dir = self._prepare(progress=self.info.is_main)
@@ -106,8 +105,6 @@ class Trainer:
 
         # the checkpoint to resume, picked before anything is written into out_dir
         self.resume_tag = pick_checkpoint(self.ckpt_root, lambda msg: _log(self.info, msg))
-        if self.resume_tag is not None:  # the saved run's kernels, before any is chosen here
-            load_kernels(self.ckpt_root / self.resume_tag)
         self.tokenizer_files: list[Path] = []  # the run's tokenizer files (rank 0), copied into each checkpoint
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +117,8 @@ class Trainer:
         # another parallel layout than the save's: resume from plain-name weights + per-parameter
         # optimizer state (dsv3.parallel.layout_free) instead of DeepSpeed's layout-bound files
         self.layout_free = False
-        if self.resume_tag is not None:
+        if self.resume_tag is not None:  # (and the saved run's kernels, before any is chosen here)
+            load_kernels(self.ckpt_root / self.resume_tag)
             self.layout_free = layout_free.resumes_layout_free(cfg, self.ckpt_root / self.resume_tag, dp)
         # each rank allocates only what it holds: built on the meta device, split (EP, PP), then
         # materialized with layout-independent values (dsv3.model.init) or read from the weights
