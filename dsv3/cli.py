@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --speculative: also decode plainly, check the outputs match, report the speed-up",
     )
+    p.add_argument("--cuda-graph", action="store_true", help="decode each step as one replayed CUDA graph (GPU)")
     p = sub.add_parser("chat", help="interactive chat on stdin/stdout (works with a pipe)")
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or Hugging Face folder")
     p.add_argument("--system", default=None, help="system prompt")
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train, decode)")
+    p.add_argument("--cuda-graph", action="store_true", help="decode: fixed-shape steps, one CUDA graph on a GPU")
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps per round (train, default 3); steps per layout (memory, 2)"
     )
@@ -296,6 +298,7 @@ def _cmd_bench(args) -> None:
         args.out_dir,
         profile=args.profile,
         layouts=None if args.layouts is None else [x for arg in args.layouts for x in arg.split(";") if x.strip()],
+        cuda_graph=args.cuda_graph,
     )
 
 
@@ -412,6 +415,8 @@ def _cmd_generate(args) -> None:
         raise DsvError(f"--max-new-tokens {args.max_new_tokens} must be positive")
     if args.compare and not args.speculative:
         raise DsvError("--compare only applies with --speculative mtp; add it or drop --compare")
+    if args.cuda_graph and args.speculative:
+        raise DsvError("--cuda-graph applies to plain decoding; drop --speculative or --cuda-graph")
     if not args.prompt:
         raise DsvError("--prompt is empty; give the text to continue")
     model = _load_for_inference(args)
@@ -431,6 +436,7 @@ def _cmd_generate(args) -> None:
             args.seed,
             eos_ids=[tok.eos_id],
             repetition_penalty=args.repetition_penalty,
+            cuda_graph=args.cuda_graph,
         )
         print(args.prompt + tok.decode(ids))
         return

@@ -27,6 +27,7 @@ import torch
 
 from dsv3.errors import DsvError
 from dsv3.model import Transformer
+from dsv3.model.graph_decode import decoder_for
 
 #: Finish reasons: a stop id was produced / ``max_new_tokens`` were produced.
 STOP, LENGTH = "stop", "length"
@@ -177,6 +178,7 @@ def generate_batch(
     stop_ids: Iterable[int] = (),
     repetition_penalty: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
+    cuda_graph: bool = False,
 ) -> list[GenerationResult]:
     """Continue several prompts at once (left padding, one shared latent cache).
 
@@ -199,12 +201,17 @@ def generate_batch(
             (see :func:`apply_repetition_penalty`); 1 = off.
         on_token: called as ``on_token(row, id)`` for each new id as soon as it is chosen
             (streaming).
+        cuda_graph: decode at fixed shapes (:class:`dsv3.model.graph_decode.GraphedDecoder`,
+            kept on the model for the next call of this batch and length): on a CUDA device
+            each step replays one captured CUDA graph; elsewhere the fixed-shape step runs
+            eagerly. Needs a plain :class:`~dsv3.model.Transformer` on one device.
 
     Returns:
         One :class:`GenerationResult` per prompt, in order.
 
     Raises:
         ValueError: empty prompt list or prompt, or settings out of range.
+        DsvError: ``cuda_graph`` for a compiled or dispatched model.
     """
     if not prompts:
         raise ValueError("no prompts given")
@@ -243,8 +250,12 @@ def generate_batch(
     mode = torch.inference_mode() if isinstance(model, Transformer) else torch.no_grad()
     try:
         with mode:
-            cache = model.new_cache(B, total)
-            logits = model(ids, cache=cache, **prefill_kw)[:, -1]  # (B, V)
+            if cuda_graph:
+                graphed = decoder_for(model, B, total)
+                logits = graphed.prefill(ids, pad, **prefill_kw)  # (B, V)
+            else:
+                cache = model.new_cache(B, total)
+                logits = model(ids, cache=cache, **prefill_kw)[:, -1]  # (B, V)
             out: list[list[int]] = [[] for _ in range(B)]
             reason = [LENGTH] * B
             active = [True] * B
@@ -270,6 +281,9 @@ def generate_batch(
                 new = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
                 if seen is not None:
                     seen[torch.arange(B, device=device), new[:, 0]] = True
+                if cuda_graph:
+                    logits = graphed.step(new)
+                    continue
                 end = cache[0].length + 1
                 kw = dict(attn_mask=key_ok[:, None, None, :end], position_ids=pos[:, end - 1 : end]) if padded else {}
                 logits = model(new, cache=cache, **kw)[:, -1]
@@ -289,6 +303,7 @@ def generate(
     eos_ids: Iterable[int] = (),
     on_token: Callable[[int], None] | None = None,
     repetition_penalty: float = 1.0,
+    cuda_graph: bool = False,
 ) -> list[int]:
     """Continue one prompt by up to ``max_new_tokens`` tokens (a one-row :func:`generate_batch`).
 
@@ -302,6 +317,7 @@ def generate(
         eos_ids: generation stops after emitting any of these ids (it is included).
         on_token: called with each new id as soon as it is chosen (streaming).
         repetition_penalty: see :func:`apply_repetition_penalty`; 1 = off.
+        cuda_graph: decode at fixed shapes, a CUDA graph on CUDA (see :func:`generate_batch`).
 
     Returns:
         The new token ids (without the prompt).
@@ -314,7 +330,17 @@ def generate(
         raise ValueError("the prompt is empty; give at least one token")
     stream = None if on_token is None else (lambda _row, i: on_token(i))
     return generate_batch(
-        model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, eos_ids, repetition_penalty, stream
+        model,
+        [prompt_ids],
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        eos_ids,
+        repetition_penalty,
+        stream,
+        cuda_graph=cuda_graph,
     )[0].ids
 
 

@@ -83,6 +83,7 @@ def run_cli(
     out_dir: str = "bench",
     profile: bool = False,
     layouts: list[str] | None = None,
+    cuda_graph: bool = False,
 ) -> Path:
     """``dsv3 bench KIND``: run, write the JSON result, print the table; returns the file.
 
@@ -95,6 +96,8 @@ def run_cli(
         raise DsvError(f"--profile is for dsv3 bench train, not {kind}")
     if layouts is not None and kind != "memory":
         raise DsvError(f"--layouts is for dsv3 bench memory, not {kind}")
+    if cuda_graph and kind != "decode":
+        raise DsvError(f"--cuda-graph is for dsv3 bench decode, not {kind}")
     if kind == "memory":
         return _run_memory(config, overrides, 2 if steps is None else steps, out_dir, layouts)
     steps = 3 if steps is None else steps
@@ -108,7 +111,9 @@ def run_cli(
             cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps, profile=profile
         )
     elif kind == "decode":
-        result = bench_decode(cfg, precision, vs_hf=vs == "hf", reps=reps, compile_model=compile_model)
+        result = bench_decode(
+            cfg, precision, vs_hf=vs == "hf", reps=reps, compile_model=compile_model, cuda_graph=cuda_graph
+        )
     elif kind == "data":
         result = bench_data(cfg)
     else:
@@ -120,6 +125,7 @@ def run_cli(
         + ([f"--vs {vs}"] if vs else [])
         + ([f"--precision {precision}"] if kind != "data" else [])
         + (["--compile"] if compile_model else [])
+        + (["--cuda-graph"] if cuda_graph else [])
         + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else [])
         + ([f"--reps {reps}"] if kind == "decode" else [])
         + (["--profile"] if profile else [])

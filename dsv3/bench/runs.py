@@ -234,6 +234,7 @@ def bench_decode(
     reps: int = 3,
     device: str | None = None,
     compile_model: bool = False,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Greedy decode tokens/s for each batch size, dsv3's :func:`dsv3.generation.generate_batch`
     against transformers' ``generate`` on the same weights (same prompts, same number of new
@@ -244,14 +245,19 @@ def bench_decode(
 
     ``compile_model``: decode with ``torch.compile(model, dynamic=True)`` (one compilation
     for all cache lengths and batch sizes; its time is spent in the untimed warm-up run).
+    ``cuda_graph``: decode at fixed shapes (``generate_batch(cuda_graph=True)``: one captured
+    CUDA graph per step on a GPU, captured in the warm-up run; the fixed-shape step eagerly
+    elsewhere).
 
     Raises:
-        DsvError: bad precision or lengths.
+        DsvError: bad precision or lengths, or ``cuda_graph`` with ``compile_model``.
     """
     from dsv3.generation import generate_batch
 
     if precision not in DTYPES:
         raise DsvError(f"--precision {precision} is not one of {sorted(DTYPES)}")
+    if cuda_graph and compile_model:
+        raise DsvError("--cuda-graph decodes the eager model; drop --compile (or --cuda-graph)")
     if prompt_len + new_tokens > cfg.model.max_seq_len:
         raise DsvError(
             f"prompt {prompt_len} + {new_tokens} new tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
@@ -276,7 +282,9 @@ def bench_decode(
     for B in batches:
         prompts = torch.randint(0, cfg.model.vocab_size, (B, prompt_len), generator=g)
         runs: dict[str, Callable[[], list[list[int]]]] = {
-            "dsv3": lambda p=prompts: [r.ids for r in generate_batch(runner, p.tolist(), new_tokens, temperature=0)],
+            "dsv3": lambda p=prompts: [
+                r.ids for r in generate_batch(runner, p.tolist(), new_tokens, temperature=0, cuda_graph=cuda_graph)
+            ],
         }
         for ex, hm in hf_models.items():
 
@@ -319,6 +327,7 @@ def bench_decode(
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "compile": compile_model,
+        "cuda_graph": cuda_graph,
         "threads": torch.get_num_threads(),
         "cache_bytes_per_token": per_token,
         "cache_bytes_formula": formula,

@@ -195,6 +195,10 @@ class LatentCache:
             position holds ``[c_kv ; k_rope]``, so attention reads keys as one tensor.
         kv: (B, max_len, kv_lora_rank) latent keys/values (a view of ``buf``).
         pe: (B, max_len, qk_rope_head_dim) rotated rope keys (a view of ``buf``).
+        slot: None, or a 0-dim int64 tensor on the cache's device: the position a fixed-shape
+            step writes its one token per row at (:class:`dsv3.model.graph_decode.GraphedDecoder`,
+            which advances it); such a step attends over all ``max_len`` positions under the
+            caller's mask instead of slicing the filled ones.
     Positions ``[0, length)`` are filled; ``length`` grows by the tokens of each forward.
     Bytes per token: ``(kv_lora_rank + qk_rope_head_dim) * element size`` per layer.
     """
@@ -204,6 +208,7 @@ class LatentCache:
         self.kv = self.buf[..., : cfg.kv_lora_rank]
         self.pe = self.buf[..., cfg.kv_lora_rank :]
         self.length = 0
+        self.slot: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -295,6 +300,8 @@ class MLA(nn.Module):
             o = o.transpose(1, 2).flatten(2)  # (B, T, H*dv)
             return self.o_proj(o)
 
+        if cache.slot is not None:
+            raise ValueError("a fixed-shape decoding step runs only on the eager inference path (no forward hooks)")
         start = cache.length
         end = start + T
         if end > cache.max_len:
@@ -366,14 +373,19 @@ class MLA(nn.Module):
             cos, sin = interleaved_rope_tables(cos, sin)
             cos, sin = (cos.unsqueeze(-2), sin.unsqueeze(-2)) if cos.dim() == 3 else (cos[:, None], sin[:, None])
         pe = rotate_interleaved(torch.cat([q[..., dn:], k_pe.unsqueeze(2)], dim=2), cos, sin)  # (B, T, H+1, dr)
-        start = cache.length
-        end = start + T
-        if end > cache.max_len:
-            raise ValueError(f"decode cache holds {cache.max_len} positions; {end} needed")
-        cache.kv[:B, start:end] = self.kv_a_layernorm(c_kv)
-        cache.pe[:B, start:end] = pe[:, :, H]
-        cache.length = end
-        keys = cache.buf[:B, :end]  # (B, S, C + dr): [c_kv ; k_rope] per position
+        if cache.slot is not None:  # a fixed-shape step: write at the device-side slot, read every position
+            new = torch.cat([self.kv_a_layernorm(c_kv), pe[:, :, H]], dim=-1)  # (B, 1, C + dr)
+            cache.buf[:B].index_copy_(1, cache.slot.view(1), new.to(cache.buf.dtype))
+            keys, end = cache.buf[:B], cache.max_len  # (the caller's attn_mask hides the unwritten positions)
+        else:
+            start = cache.length
+            end = start + T
+            if end > cache.max_len:
+                raise ValueError(f"decode cache holds {cache.max_len} positions; {end} needed")
+            cache.kv[:B, start:end] = self.kv_a_layernorm(c_kv)
+            cache.pe[:B, start:end] = pe[:, :, H]
+            cache.length = end
+            keys = cache.buf[:B, :end]  # (B, S, C + dr): [c_kv ; k_rope] per position
         allowed = None
         if attn_mask is not None or T > 1:
             if attn_mask is None:  # causal: query t sees positions <= start + t

@@ -217,7 +217,9 @@ class Experts(nn.Module):
         """
         N, K = indices.shape
         flat = indices.flatten()  # (N*K,)
-        if not torch.is_grad_enabled() and N * K < self.n_experts:
+        # (a CUDA graph being captured cannot read the padded product's block size from the data)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing() and self.kernel(x, N, K) == "bmm"
+        if not torch.is_grad_enabled() and (N * K < self.n_experts or capturing):
             if x.device.type == "cpu" and fast_inference(self) and self.few_kernel(x, N, K) == "loop":
                 return self._chosen_loop(x, weights, flat, N, K)
             return self._few_tokens(x, weights, flat, N, K)

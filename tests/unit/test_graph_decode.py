@@ -1,0 +1,130 @@
+"""The fixed-shape decoding step (CUDA graphs on a GPU): the same logits as the ordinary step.
+
+On CPU the fixed-shape step runs eagerly, so these tests check what a captured graph replays:
+the cache slot and rope positions kept on the device, attention over every cache position
+under the key mask, the buffers advanced by the step itself. The capture itself is checked on
+a CUDA device only (skipped elsewhere).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.errors import DsvError
+from dsv3.generation import generate_batch
+from dsv3.model.graph_decode import GraphedDecoder, decoder_for
+from tests.unit.test_decode import random_model, tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+def test_fixed_shape_step_gives_the_ordinary_steps_logits(q_lora_rank):
+    model = random_model(tiny(q_lora_rank=q_lora_rank))
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 4], [100, 101, 102, 103]]  # left padding 0, 4, 2
+    P, B, steps, total = 6, 3, 7, 20
+    pad = torch.tensor([P - len(p) for p in prompts])
+    ids = torch.zeros(B, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p) :] = torch.tensor(p)
+    cols = torch.arange(total)
+    key_ok = cols[None, :] >= pad[:, None]
+    pos = (cols[None, :] - pad[:, None]).clamp(min=0)
+    causal = cols[:P, None] >= cols[None, :P]
+    mask = ((causal & key_ok[:, None, :P]) | torch.eye(P, dtype=torch.bool))[:, None]
+    g = torch.Generator().manual_seed(0)
+    feed = torch.randint(0, 128, (steps, B, 1), generator=g)
+    with torch.inference_mode():
+        cache = model.new_cache(B, total)
+        want = [model(ids, cache=cache, attn_mask=mask, position_ids=pos[:, :P])[:, -1]]
+        dec = GraphedDecoder(model, B, total)
+        got = [dec.prefill(ids, pad, attn_mask=mask, position_ids=pos[:, :P])]
+        for i in range(steps):
+            end = P + i + 1
+            kw = dict(attn_mask=key_ok[:, None, None, :end], position_ids=pos[:, end - 1 : end])
+            want.append(model(feed[i], cache=cache, **kw)[:, -1])
+            got.append(dec.step(feed[i]))
+            assert dec.length == end and int(dec.slot) == end  # the step advanced its own slot
+    assert dec.graph is None and not dec.capture  # CPU: the fixed-shape step ran eagerly
+    for w, g_ in zip(want, got):
+        assert g_.shape == (B, 128) and g_.dtype == torch.float32
+        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
+    # the latent cache holds what the ordinary step wrote, padding columns included
+    for c_dyn, c_fix in zip(cache, dec.cache):
+        torch.testing.assert_close(c_fix.buf[:, : P + steps], c_dyn.buf[:, : P + steps], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_batch_with_fixed_shape_steps_gives_the_same_tokens():
+    model = random_model(tiny())
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102, 103]]
+    plain = generate_batch(model, prompts, 12, temperature=0, repetition_penalty=1.3)
+    fixed = generate_batch(model, prompts, 12, temperature=0, repetition_penalty=1.3, cuda_graph=True)
+    assert [r.ids for r in fixed] == [r.ids for r in plain]
+    stop = plain[1].ids[3]  # row 1 stops early, the others run on
+    plain = generate_batch(model, prompts, 12, temperature=0, stop_ids=[stop])
+    fixed = generate_batch(model, prompts, 12, temperature=0, stop_ids=[stop], cuda_graph=True)
+    assert fixed == plain and plain[1].finish_reason == "stop"
+    kept = model.__dict__["_dsv3_graphed"]
+    generate_batch(model, prompts, 12, temperature=0, cuda_graph=True)
+    assert model.__dict__["_dsv3_graphed"] is kept  # same batch and length: the decoder is reused
+    generate_batch(model, prompts[:2], 12, temperature=0, cuda_graph=True)
+    assert model.__dict__["_dsv3_graphed"] is not kept
+
+
+def test_a_kept_capture_is_dropped_when_the_weights_change():
+    model = random_model(tiny())
+    dec = decoder_for(model, 1, 16)
+    assert decoder_for(model, 1, 16) is dec and decoder_for(model, 1, 17) is not dec
+    dec = decoder_for(model, 1, 16)
+    ids = torch.tensor([[1, 2, 3]])
+    marker = object()  # stands for a captured graph (CPU has none)
+    dec.graph, dec._weights = marker, dec._tensor_state()
+    dec.prefill(ids)
+    assert dec.graph is marker  # unchanged model: the capture is kept for the next prompt
+    with torch.no_grad():
+        model.layers[1].mlp.experts.down_proj.mul_(1.5)  # an in-place update (an optimizer step)
+    dec.prefill(ids)
+    assert dec.graph is None
+
+
+def test_fixed_shape_decoding_refuses_what_it_cannot_run():
+    model = random_model(tiny())
+    with pytest.raises(DsvError, match="CUDA device"):
+        GraphedDecoder(model, 1, 16, capture=True)
+    with pytest.raises(DsvError, match="plain dsv3 Transformer"):
+        GraphedDecoder(torch.nn.Linear(2, 2), 1, 16)
+    handle = model.layers[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(DsvError, match="forward hooks"):
+        generate_batch(model, [[1, 2]], 4, temperature=0, cuda_graph=True)
+    handle.remove()
+    dec = GraphedDecoder(model, 1, 5)
+    with pytest.raises(ValueError, match="prefill"):
+        dec.step(torch.tensor([[1]]))
+    dec.prefill(torch.tensor([[1, 2, 3, 4]]))
+    dec.step(torch.tensor([[5]]))
+    with pytest.raises(ValueError, match="holds 5 positions"):
+        dec.step(torch.tensor([[6]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_graph_replays_the_eager_fixed_shape_step(dtype):
+    model = random_model(tiny(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1)).to("cuda", dtype)
+    prompts = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(0)).tolist()
+    eager = generate_batch(model, prompts, 10, temperature=0)
+    graphed = generate_batch(model, prompts, 10, temperature=0, cuda_graph=True)
+    assert model.__dict__["_dsv3_graphed"].graph is not None  # captured once, replayed per token
+    if dtype == torch.float32:  # (bf16 rounds differently over the longer masked rows)
+        assert [r.ids for r in graphed] == [r.ids for r in eager]
+    with torch.inference_mode():
+        dec = decoder_for(model, 1, 12)
+        ids = torch.tensor([[3, 4, 5]], device="cuda")
+        first = dec.prefill(ids)
+        dec.step(torch.tensor([[7]], device="cuda"))
+        replayed = dec.step(torch.tensor([[8]], device="cuda")).clone()
+        plain = GraphedDecoder(model, 1, 12, capture=False)
+        plain.prefill(ids)
+        plain.step(torch.tensor([[7]], device="cuda"))
+        torch.testing.assert_close(replayed, plain.step(torch.tensor([[8]], device="cuda")))
+        assert first.isfinite().all()
