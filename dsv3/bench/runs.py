@@ -70,6 +70,35 @@ def _time_sides(
             between()
 
 
+#: bytes of model state per parameter of a training side: bf16 weights with fp32 masters
+#: (weight, gradient, master, its gradient, two moments), fp32, and pure bf16 (the peers)
+STATE_BYTES = {("bf16", True): 20, ("fp32", True): 16, ("fp32", False): 16, ("bf16", False): 8}
+
+
+def side_room(
+    device_bytes: int | None, params: int, precision: str, notes: list[str]
+) -> Callable[[str, str, bool], bool]:
+    """A check ``room(name, precision, master)`` that one more side's model state
+    (:data:`STATE_BYTES` per parameter; the first side, dsv3 in ``precision``, already counted)
+    keeps every side's state within 3/4 of ``device_bytes`` (the rest for activations); a side
+    that does not fit is noted in ``notes`` and left out. ``device_bytes`` None (CPU, whose
+    benchmarks are small): every side fits."""
+    if device_bytes is None:
+        return lambda name, prec, master: True
+    budget = device_bytes * 3 // 4
+    used = [params * STATE_BYTES[(precision, True)]]
+
+    def room(name: str, prec: str, master: bool) -> bool:
+        need = params * STATE_BYTES[(prec, master)]
+        if used[0] + need > budget:
+            notes.append(f"{name} left out: its model state ({need / 2**30:.1f} GiB) would not fit beside the others")
+            return False
+        used[0] += need
+        return True
+
+    return room
+
+
 def bench_train(
     cfg: Config,
     precision: str = "fp32",
@@ -126,7 +155,9 @@ def bench_train(
     sides.append(
         Side("dsv3", model, make_optimizer(model, cfg, precision, master=True), dsv3_loss(cfg), cfg.train.grad_clip)
     )
-    if checkpointing and not compile_model:  # (a second compilation would double the start-up time)
+    cuda_bytes = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    room = side_room(cuda_bytes, sum(p.numel() for p in model.parameters()), precision, notes)
+    if checkpointing and not compile_model and room("dsv3+ckpt", precision, True):  # (not compiled twice)
         m2 = build_dsv3(cfg, dev, precision, checkpointing=True, seed=seed)
         sides.append(
             Side("dsv3+ckpt", m2, make_optimizer(m2, cfg, precision, master=True), dsv3_loss(cfg), cfg.train.grad_clip)
@@ -137,6 +168,8 @@ def bench_train(
         state = dsv3_state(cfg, seed)
         for hp in hf_precisions or (("fp32", "bf16") if precision == "bf16" else ("fp32",)):
             for ex in HF_EXPERTS:
+                if not room(f"hf:{hp}:{ex}", hp, False):
+                    continue
                 hm = build_hf(cfg, state, dev, DTYPES[hp], experts=ex)
                 sides.append(
                     Side(f"hf:{hp}:{ex}", hm, make_optimizer(hm, cfg, hp, master=False), hf_loss, cfg.train.grad_clip)
@@ -203,7 +236,7 @@ def bench_train(
             "model_flops_per_step": fpt * tokens,
             **prof,
         }
-    if vs_hf:
+    if vs_hf and any(k.startswith("hf:") for k in rows):
         hf_rows = {k: v for k, v in rows.items() if k.startswith("hf:")}
         best = max(hf_rows, key=lambda k: hf_rows[k]["tokens_per_s"])
         result["hf_parity_max_abs_logit_diff"] = parity

@@ -190,6 +190,20 @@ def test_bench_optimizers_take_the_chosen_adamw(forced, monkeypatch, tmp_path):
     assert isinstance(pure, torch.optim.AdamW) and pure.defaults[other] is True
 
 
+def test_sides_that_would_not_fit_the_device_are_left_out():
+    notes = []
+    room = bench.runs.side_room(100 * 2**30, 10**9, "bf16", notes)  # states within 75 GiB (80.5 GB); dsv3: 20 GB
+    assert room("dsv3+ckpt", "bf16", True)  # 40 GB
+    assert room("hf:fp32:eager", "fp32", False)  # 56
+    assert room("hf:fp32:grouped_mm", "fp32", False)  # 72
+    assert room("hf:bf16:eager", "bf16", False)  # 80
+    assert not room("hf:bf16:grouped_mm", "bf16", False)  # 88: left out, and not counted
+    assert not room("dsv3+ckpt", "fp32", True)  # 96
+    assert notes[0] == "hf:bf16:grouped_mm left out: its model state (7.5 GiB) would not fit beside the others"
+    assert len(notes) == 2
+    assert bench.runs.side_room(None, 10**12, "bf16", notes)("dsv3+ckpt", "bf16", True)  # CPU: no limit
+
+
 def test_bad_input():
     cfg = load_config(None, TINY)
     with pytest.raises(DsvError, match="precision"):

@@ -338,6 +338,11 @@ def test_generate_speculative_cli(tok, ckpt):
     assert "drafts accepted" in proc.stderr and "outputs identical" in proc.stderr
     proc = _dsv3(["generate", "--ckpt", str(ckpt), "--prompt", "x", "--max-new-tokens", "8", "--speculative", "mtp"])
     assert proc.returncode == 2 and "greedy" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "20"]
+    proc = _dsv3([*args, "--cuda-graph"])  # the fixed-shape steps (eager on this CPU): the same text
+    assert proc.returncode == 0 and proc.stdout == "def " + tok.decode(ids) + "\n", proc.stderr
+    proc = _dsv3([*args, "--cuda-graph", "--speculative", "mtp"])
+    assert proc.returncode == 2 and "--cuda-graph applies to plain decoding" in proc.stderr
 
 
 def test_parse_max_memory():
