@@ -123,6 +123,7 @@ class GraphedDecoder:
 
         Raises:
             ValueError: before :meth:`prefill`, or the cache is full.
+            DsvError: the first step's capture failed (CUDA).
         """
         n = self.length
         if self.cache[0].slot is None:
@@ -162,10 +163,14 @@ class GraphedDecoder:
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them: the state stays
-            self.logits = self._run()
-        self._weights = self._tensor_state()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records the kernels without running them: the state stays
+                logits = self._run()
+        except RuntimeError as e:  # e.g. an operation that reads a device value on the host
+            msg = f"capturing the decoding step as a CUDA graph failed ({e}); decode without --cuda-graph"
+            raise DsvError(msg) from e
+        self.graph, self.logits, self._weights = graph, logits, self._tensor_state()
 
     def _tensor_state(self) -> list[tuple[int, int]]:
         """(address, version) of every parameter and buffer of the model (version -1 for an

@@ -8,6 +8,9 @@ a CUDA device only (skipped elsewhere).
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import pytest
 import torch
 from test_decode import random_model, tiny
@@ -105,6 +108,72 @@ def test_fixed_shape_decoding_refuses_what_it_cannot_run():
     dec.step(torch.tensor([[5]]))
     with pytest.raises(ValueError, match="holds 5 positions"):
         dec.step(torch.tensor([[6]]))
+
+
+class _FakeGraph:
+    """Stands for ``torch.cuda.CUDAGraph`` on CPU: its capture (:func:`_fake_capture`) runs the
+    step once and then puts back what the run changed, as a capture runs no kernel; ``replay``
+    runs the decoder's step into the output tensor of the capture."""
+
+    decoder = None
+    captures = 0
+
+    def replay(self):
+        d = _FakeGraph.decoder
+        d.logits.copy_(d._run())
+
+
+@contextlib.contextmanager
+def _fake_capture(graph, fail=False):
+    d = _FakeGraph.decoder
+    state = [d.slot, d.positions, d.key_ok, *(c.buf for c in d.cache)]
+    saved = [t.clone() for t in state]
+    _FakeGraph.captures += 1
+    yield
+    if fail:
+        raise RuntimeError("operation not permitted when stream is capturing")
+    for t, v in zip(state, saved):
+        t.copy_(v)
+
+
+def test_capture_warm_up_and_replay_keep_the_decoding_state(monkeypatch):
+    """The CUDA path of GraphedDecoder with the CUDA calls replaced: warm-up runs on the side
+    stream leave the step's state as it was, the first step captures, every step replays into
+    the one output buffer, a weight change captures again, and a failed capture is one clear
+    error."""
+    no_stream = types.SimpleNamespace(wait_stream=lambda s: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: no_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: no_stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _fake_capture)
+    model = random_model(tiny())
+    dec = GraphedDecoder(model, 2, 16)
+    dec.capture = True  # (the constructor refuses capture off CUDA)
+    _FakeGraph.decoder, _FakeGraph.captures = dec, 0
+    ref = GraphedDecoder(model, 2, 16, capture=False)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    feed = torch.randint(0, 128, (6, 2, 1), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # a second prompt reuses the capture
+        torch.testing.assert_close(dec.prefill(ids), ref.prefill(ids))
+        outs = []
+        for t in feed:
+            out = dec.step(t)
+            outs.append(out)
+            torch.testing.assert_close(out, ref.step(t), rtol=0, atol=0)
+            assert int(dec.slot) == int(ref.slot) == dec.length
+        assert all(o is dec.logits for o in outs)  # one output buffer, overwritten by each step
+    assert _FakeGraph.captures == 1
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    dec.prefill(ids)
+    ref.prefill(ids)
+    torch.testing.assert_close(dec.step(feed[0]), ref.step(feed[0]), rtol=0, atol=0)
+    assert _FakeGraph.captures == 2  # the changed weight was captured again
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: _fake_capture(g, fail=True))
+    dec.graph = None
+    with pytest.raises(DsvError, match="capturing the decoding step as a CUDA graph failed .*without --cuda-graph"):
+        dec.step(feed[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
