@@ -16,9 +16,10 @@ same fixed-shape step runs eagerly (no capture: that is how the CPU tests check 
 ordinary step). The prompt runs through the ordinary path.
 
 A decoder keeps its cache and graph for further prompts of the same batch and ``max_len``
-(:func:`decoder_for` keeps one per model); it captures again when a parameter or buffer of the
-model was changed or replaced since its capture (the graph replays the weights it was captured
-with, including the derived copies).
+(:func:`decoder_for` keeps one per model); when a prompt is prefilled it captures again if a
+parameter or buffer of the model was changed or replaced since its capture (the graph replays
+the weights it was captured with, including the derived copies: do not change weights between
+the steps of one generation).
 """
 
 from __future__ import annotations
