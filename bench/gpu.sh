@@ -3,7 +3,8 @@
 # >= 9.0), attention through scaled_dot_product_attention (flash / memory-efficient kernels),
 # fp32 master weights in AdamW. Writes bench/*.json and prints the tables (MFU against the
 # measured bf16 matmul peak, tokens/s, peak memory per micro-batch).
-#   bench/gpu.sh                      # the CUDA-only tests, configs/bench.yaml, then configs/bench_1b.yaml
+#   bench/gpu.sh                      # the CUDA-only tests, a short training run and decoding from it,
+#                                     # configs/bench.yaml, then configs/bench_1b.yaml
 #   bench/gpu.sh --config CFG [KEY=VALUE ...]
 # A step that fails is reported and the others still run; the exit status is 1 if any failed.
 set -uo pipefail
@@ -28,6 +29,23 @@ if [[ " $* " == *" --config "* ]]; then
 else
   # CUDA graph capture against the eager fixed-shape step (skipped on a machine without CUDA)
   run python -m pytest -q -p no:cacheprovider tests/unit/test_graph_decode.py
+  # training through DeepSpeed on the GPU (NCCL), a checkpoint, and decoding from it with and
+  # without CUDA graphs; needs deepspeed and datasets: from .whl/ (bench/offline_wheels.sh)
+  # where the machine has neither and no package index
+  if ! python -c 'import deepspeed, datasets' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/dsv3-site .whl/*.whl \
+      && export PYTHONPATH="/tmp/dsv3-site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if python -c 'import deepspeed, datasets' 2>/dev/null; then
+    out=runs/gpu-tiny
+    rm -rf "$out"
+    run python -m dsv3 train --config configs/tiny.yaml train.steps=100 train.eval_every=50 \
+      train.precision=bf16 "train.out_dir=$out"
+    run python -m dsv3 generate --ckpt "$out" --prompt "def " --temperature 0 --max-new-tokens 48
+    run python -m dsv3 generate --ckpt "$out" --prompt "def " --temperature 0 --max-new-tokens 48 --cuda-graph
+  else
+    echo "skipped: dsv3 train on the GPU needs deepspeed and datasets (bench/offline_wheels.sh fills .whl/)"
+  fi
   suite --config configs/bench.yaml "$@"
   # the ~1B-activated config: no transformers peer in training (a second model and optimizer
   # of this size would not fit beside dsv3's), which bench train leaves out by itself anyway
