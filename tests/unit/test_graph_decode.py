@@ -150,7 +150,8 @@ def test_capture_warm_up_and_replay_keep_the_decoding_state(monkeypatch):
     model = random_model(tiny())
     dec = GraphedDecoder(model, 2, 16)
     dec.capture = True  # (the constructor refuses capture off CUDA)
-    _FakeGraph.decoder, _FakeGraph.captures = dec, 0
+    monkeypatch.setattr(_FakeGraph, "decoder", dec)  # (dropped after the test, with the model)
+    monkeypatch.setattr(_FakeGraph, "captures", 0)
     ref = GraphedDecoder(model, 2, 16, capture=False)
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     feed = torch.randint(0, 128, (6, 2, 1), generator=torch.Generator().manual_seed(1))
