@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fill .whl/ (ignored by git) with the wheels that a GPU machine without a package index needs to
-# run all of bench/gpu.sh: DeepSpeed and datasets with the dependencies that a CUDA PyTorch image
-# usually lacks (torch, transformers, numpy, pyarrow, pandas, ... are expected there already).
+# run all of bench/gpu.sh: DeepSpeed and datasets with their dependencies that are not in a CUDA
+# PyTorch image with torch, transformers, numpy, pyarrow, pandas, sentencepiece, tensorboard,
+# psutil, einops, msgpack, xxhash and pytest (what bench/gpu.sh expects there).
 # Run on a machine that reaches PyPI; copy .whl/ along with the checkout; bench/gpu.sh installs
 # them into a temporary folder when deepspeed or datasets cannot be imported.
 #   bench/offline_wheels.sh [PYTHON_VERSION]      # the GPU machine's Python, default 3.12
@@ -9,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-3.12}"
 mkdir -p .whl
+rm -f .whl/*.whl  # (one Python version's wheels at a time: pip refuses the others)
 # DeepSpeed publishes only a source distribution: build its wheel here (pure Python; its CPU and
 # CUDA ops are compiled on first use on the target machine)
 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 \

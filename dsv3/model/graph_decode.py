@@ -184,10 +184,13 @@ def _check(model) -> None:
     """Raise :class:`DsvError` unless ``model`` is a plain Transformer that the fixed-shape step can run."""
     from dsv3.model.transformer import Transformer
 
-    if not isinstance(model, Transformer) or hasattr(model, "hf_device_map"):
+    if not isinstance(model, Transformer):
+        msg = "fixed-shape (CUDA graph) decoding runs the eager dsv3 Transformer; drop --compile or --cuda-graph"
+        raise DsvError(msg)
+    if hasattr(model, "hf_device_map"):
         raise DsvError(
-            "fixed-shape (CUDA graph) decoding needs a plain dsv3 Transformer on one device; "
-            "drop torch.compile, --max-memory and --offload-folder, or decode without --cuda-graph"
+            "fixed-shape (CUDA graph) decoding needs the whole model on one device; "
+            "drop --max-memory and --offload-folder, or decode without --cuda-graph"
         )
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         raise DsvError("fixed-shape (CUDA graph) decoding cannot run modules with forward hooks; remove the hooks")

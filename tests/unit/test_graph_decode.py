@@ -95,8 +95,12 @@ def test_fixed_shape_decoding_refuses_what_it_cannot_run():
     model = random_model(tiny())
     with pytest.raises(DsvError, match="CUDA device"):
         GraphedDecoder(model, 1, 16, capture=True)
-    with pytest.raises(DsvError, match="plain dsv3 Transformer"):
+    with pytest.raises(DsvError, match="runs the eager dsv3 Transformer; drop --compile"):
         GraphedDecoder(torch.nn.Linear(2, 2), 1, 16)
+    model.hf_device_map = {"": "cpu"}  # as accelerate marks a dispatched model
+    with pytest.raises(DsvError, match="whole model on one device; drop --max-memory and --offload-folder"):
+        generate_batch(model, [[1, 2]], 4, temperature=0, cuda_graph=True)
+    del model.hf_device_map
     handle = model.layers[0].register_forward_hook(lambda *a: None)
     with pytest.raises(DsvError, match="forward hooks"):
         generate_batch(model, [[1, 2]], 4, temperature=0, cuda_graph=True)
