@@ -236,8 +236,8 @@ def bench_train(
             "model_flops_per_step": fpt * tokens,
             **prof,
         }
-    if vs_hf and any(k.startswith("hf:") for k in rows):
-        hf_rows = {k: v for k, v in rows.items() if k.startswith("hf:")}
+    hf_rows = {k: v for k, v in rows.items() if k.startswith("hf:")}
+    if vs_hf and hf_rows:
         best = max(hf_rows, key=lambda k: hf_rows[k]["tokens_per_s"])
         result["hf_parity_max_abs_logit_diff"] = parity
         result["hf_best"] = best

@@ -374,6 +374,8 @@ class MLA(nn.Module):
             cos, sin = (cos.unsqueeze(-2), sin.unsqueeze(-2)) if cos.dim() == 3 else (cos[:, None], sin[:, None])
         pe = rotate_interleaved(torch.cat([q[..., dn:], k_pe.unsqueeze(2)], dim=2), cos, sin)  # (B, T, H+1, dr)
         if cache.slot is not None:  # a fixed-shape step: write at the device-side slot, read every position
+            if T != 1 or attn_mask is None:
+                raise ValueError("a fixed-shape decoding step takes one token per row and the key mask of its cache")
             new = torch.cat([self.kv_a_layernorm(c_kv), pe[:, :, H]], dim=-1)  # (B, 1, C + dr)
             cache.buf[:B].index_copy_(1, cache.slot.view(1), new.to(cache.buf.dtype))
             keys, end = cache.buf[:B], cache.max_len  # (the caller's attn_mask hides the unwritten positions)

@@ -28,7 +28,7 @@ import torch
 
 from dsv3.errors import DsvError
 
-#: warm-up runs before a capture (the first builds lazy state, the second checks it is stable)
+#: warm-up runs before a capture, on a side stream (lazy state and the derived weights are built there)
 WARMUP_STEPS = 2
 
 
