@@ -486,14 +486,21 @@ def _cmd_chat(args) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dsv3`` console script; returns the exit code."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``sys.argv[1:]`` when None) as :func:`main` reads it: KEY=VALUE
+    overrides may also come between or after the options; anything else unknown exits 2."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]  # KEY=VALUE overrides given between or after the options
+        args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dsv3`` console script; returns the exit code."""
+    args = parse_args(argv)
     if args.command in ("train", "sft", "generate", "chat", "bench", "eval"):  # before the first tensor
         from dsv3.hardware import tune_host_allocator
 

@@ -394,8 +394,8 @@ def test_mtp_matches_transformers_mtp_model(tmp_path):
     ``shared_head.norm`` output for the next, as the released DeepSeek-V3 MTP weights expect.
     """
     layers = pytest.importorskip("transformers.modeling_layers")
-    if not hasattr(layers, "MtpModel"):
-        pytest.skip("this transformers version has no MtpModel")
+    if not hasattr(getattr(layers, "MtpModel", None), "forward_layer"):  # added in 5.x, reworked later
+        pytest.skip("this transformers version has no MtpModel with forward_layer")
     mcfg = ModelConfig(
         vocab_size=VOCAB,
         dim=64,
