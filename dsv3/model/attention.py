@@ -100,23 +100,38 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     candidates = _attention_candidates(B, H, T, Dk, Dv, q.dtype, q.device.type)
-    if len(candidates) == 1 or q.device.type != "cpu" or torch.compiler.is_compiling():
+    if len(candidates) == 1 or q.device.type != "cpu":
         return ATTENTION_KERNELS[candidates[0]](q, k, v, scale)
-    train = not torch.is_inference_mode_enabled()
-    key = _attention_key(B, H, T, Dk, Dv, q.dtype, train)
+    if not torch.compiler.is_compiling():
+        name = _measured_attention(B, H, T, Dk, Dv, q.dtype, not torch.is_inference_mode_enabled())
+    elif all(type(n) is int for n in (B, H, T)):  # static shapes: measured once, where traced
+        name = _traced_attention(B, H, T, Dk, Dv, q.dtype, torch.is_grad_enabled())  # (compiled: no inference mode)
+    else:
+        name = candidates[0]
+    return ATTENTION_KERNELS[name](q, k, v, scale)
+
+
+def _measured_attention(B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, train: bool) -> str:
+    """:func:`causal_attention`'s kernel on a CPU: the measured choice (:func:`dsv3.model.kernels.choose`)."""
+    candidates = _attention_candidates(B, H, T, Dk, Dv, dtype, "cpu")
+    key = _attention_key(B, H, T, Dk, Dv, dtype, train)
 
     def run(name, data={}):  # noqa: B006 - the synthetic inputs, made on the first call
         if not data:
             g, n = kernels.generator(), kernels.bucket(T)
-            data["q"], data["k"] = (torch.randn(B, H, n, Dk, generator=g).to(q.dtype) for _ in range(2))
-            data["v"] = torch.randn(B, H, n, Dv, generator=g).to(q.dtype)
+            data["q"], data["k"] = (torch.randn(B, H, n, Dk, generator=g).to(dtype) for _ in range(2))
+            data["v"] = torch.randn(B, H, n, Dv, generator=g).to(dtype)
         with torch.enable_grad() if train else torch.inference_mode():
             qs, ks, vs = (data[x].detach().requires_grad_(train) for x in "qkv")
-            o = ATTENTION_KERNELS[name](qs, ks, vs, scale)
+            o = ATTENTION_KERNELS[name](qs, ks, vs, Dk**-0.5)
             if train:
                 o.sum().backward()
 
-    return ATTENTION_KERNELS[kernels.choose("attention", key, candidates, run, q.device)](q, k, v, scale)
+    return kernels.choose("attention", key, candidates, run, torch.device("cpu"))
+
+
+#: :func:`_measured_attention` for compiled code (:func:`dsv3.model.kernels.at_trace_time`)
+_traced_attention = kernels.at_trace_time(_measured_attention)
 
 
 def _attention_candidates(B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, device_type: str) -> list[str]:

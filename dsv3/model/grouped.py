@@ -53,7 +53,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, kern
 
 def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     """The multiple to which the grouped expert products pad each expert's rows: 0 (none)
-    except for a bf16 / fp16 layer on CPU outside compiled code with at least
+    except for a bf16 / fp16 layer on CPU with at least
     :data:`PAD_MIN_ROWS` rows per expert on average, where it is an eighth of the power of two
     at or above that mean (``tiny`` at 4 x 256 tokens: 32, ``bench``: 64), so about 1/16 more
     rows on average, at most 1/4.
@@ -65,7 +65,9 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     buffers), for 15-40 steps until the cache held every size; ``bench`` never got there. Padded,
     the shapes repeat after a few steps: ``tiny`` steps 5-16 took 122-132 against 139-185 ms,
     ``bench`` steps 10-24 680-720 against 740-840 ms (2-core AMD EPYC, one thread). fp32 products
-    (MKL) generate no code per shape.
+    (MKL) generate no code per shape. Compiled code pads too (unpadded, the compiled ``tiny``
+    bf16 step spent 60 against 19 ms in its grouped products), into a block of a fixed number
+    of rows (:func:`pad_groups` with ``rows``).
 
     Args:
         rows: the rows of the grouped products (tokens x experts per token).
@@ -75,7 +77,7 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     mean = -(-rows // n_experts)
     if mean < PAD_MIN_ROWS or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
         return 0
-    return 0 if torch.compiler.is_compiling() else kernels.bucket(mean) // 8
+    return kernels.bucket(mean) // 8
 
 
 #: the padding of :func:`padded_rows` starts at this many rows per expert (a multiple of 16):
@@ -84,22 +86,27 @@ PAD_MIN_ROWS = 128
 
 
 def pad_groups(
-    x: torch.Tensor, counts: torch.Tensor, group: torch.Tensor, pad: int
+    x: torch.Tensor, counts: torch.Tensor, group: torch.Tensor, pad: int, rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows sorted by group, each group followed by zero rows up to a multiple of ``pad``.
 
     Args:
         x: (M, D) rows sorted by group; counts: (E,) int64 rows per group; group: (M,) the
             group of each row; pad: the multiple (:func:`padded_rows`).
+        rows: the rows of the padded block, at least the padded total (for compiled code, whose
+            shapes may not depend on the data: ``M + E * (pad - 1)`` always holds it); default
+            that total, read from the data.
 
     Returns:
         (padded (P, D) rows, (E,) padded counts, (M,) int64 row of each input row in it);
-        ``padded[dest] == x``, every other row is zero (a product of it is zero too).
+        ``padded[dest] == x``, every other row is zero (a product of it is zero too). Rows after
+        the last padded group belong to no group.
     """
     padded = (counts + pad - 1) // pad * pad  # (E,)
     rank = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[group]  # (M,)
     dest = (padded.cumsum(0) - padded)[group] + rank  # (M,)
-    return x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, dest, x), padded, dest
+    P = int(padded.sum()) if rows is None else rows
+    return x.new_zeros(P, x.shape[1]).index_copy(0, dest, x), padded, dest
 
 
 #: whether this torch build has ``torch._grouped_mm``
@@ -128,8 +135,11 @@ if HAS_GROUPED_MM:
 
     @torch.library.custom_op("dsv3::grouped_mm_cpu", mutates_args=())
     def _grouped_mm_cpu(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """(M, In) x (E, Out, In) -> (M, Out): rows ``offsets[e-1]:offsets[e]`` times ``w[e].T``."""
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+        """(M, In) x (E, Out, In) -> (M, Out): rows ``offsets[e-1]:offsets[e]`` times ``w[e].T``;
+        rows after the last group are zero (``torch._grouped_mm`` leaves them unwritten)."""
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+        y[int(offsets[-1]) :].zero_()  # (eager code on CPU: reading the offset is free)
+        return y
 
     @_grouped_mm_cpu.register_fake
     def _(x, w, offsets):

@@ -24,7 +24,8 @@ whole decoding step, those choices or every product plain), and the optimizer's 
    candidate is within :data:`MARGIN` of it; the timings go to the record.
 
 Measuring uses its own random generator (the run's random state is untouched) and happens on
-CPU only: other devices, code being compiled and a choice asked for while candidates are being
+CPU only: other devices, code being compiled (except through :func:`at_trace_time`, which
+measures once where the code is traced) and a choice asked for while candidates are being
 timed (a candidate containing another measured operation, unless that choice was made before)
 use the first candidate. :func:`choices`
 returns this process's choices with their timings (written next to a benchmark result and
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import time
@@ -164,7 +166,7 @@ def _given(op: str, key: str, candidates: Sequence[str], device_type: str) -> st
     """The choice :func:`choose` makes before reading the machine's record (steps 1-2 of the
     module doc, a device other than the CPU, code being compiled), else None."""
     forced = _forced()
-    if forced == "rules" or device_type != "cpu" or torch.compiler.is_compiling():
+    if forced == "rules" or device_type != "cpu" or (torch.compiler.is_compiling() and not _traced):
         return candidates[0]
     if forced and op in forced:
         if forced[op] not in candidates:
@@ -177,6 +179,29 @@ def _given(op: str, key: str, candidates: Sequence[str], device_type: str) -> st
     if made is not None and made["choice"] in candidates:
         return made["choice"]
     return None
+
+
+#: set while a function of :func:`at_trace_time` runs
+_traced = False
+
+
+def at_trace_time(fn: Callable[..., str]) -> Callable[..., str]:
+    """``fn`` (whose arguments are Python constants: ints, strings, dtypes) for code that
+    ``torch.compile`` may trace: where it is traced, ``fn`` runs once, eagerly and outside the
+    graph (``torch.compiler.assume_constant_result``), and the graph keeps its result as a
+    constant; the choices it asks of :func:`choose` are then measured (or read from this
+    process or the machine's record) as in eager code instead of falling back to the rule. In
+    eager code it is ``fn``."""
+
+    def run(*args):
+        global _traced
+        before, _traced = _traced, True
+        try:
+            return fn(*args)
+        finally:
+            _traced = before
+
+    return torch.compiler.assume_constant_result(functools.wraps(fn)(run))
 
 
 def known(op: str, key: str, candidates: Sequence[str], device_type: str = "cpu") -> str | None:

@@ -107,6 +107,33 @@ def test_attention_kernels_agree(dtype, record):
     assert set(entry["ms"]) == {"flash", "sdpa", "matmul"}
 
 
+def test_compiled_attention_takes_the_measured_or_forced_kernel(record, monkeypatch):
+    """Compiled code asks the kernel choice once, where it is traced (outside the graph): the
+    attention of a compiled function is measured like eager code's and recorded (before,
+    compiled code took the fixed rule), and a forced kernel applies there too."""
+    from dsv3.model import attention
+
+    B, H, T, Dk, Dv = 1, 2, 24, 16, 8
+    q, k, v = (torch.randn(B, H, T, d, generator=torch.Generator().manual_seed(d)) for d in (Dk, Dk, Dv))
+    want = causal_attention(q, k, v, 0.25)
+    (key,) = kernels.choices()  # the eager call measured it
+    monkeypatch.setattr(kernels, "_made", {})
+    torch._dynamo.reset()
+    got = torch.compile(lambda a, b, c: causal_attention(a, b, c, 0.25), backend="eager", fullgraph=True)(q, k, v)
+    assert list(kernels.choices()) == [key]  # measured again at trace time, in this fresh "process"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # forced: a stand-in kernel shows which one the compiled graph runs
+    monkeypatch.setitem(attention.ATTENTION_KERNELS, "matmul", lambda a, b, c, s: torch.zeros_like(c))
+    monkeypatch.setenv("DSV3_KERNELS", "attention=matmul")
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, b, c: causal_attention(a, b, c, 0.25), backend="eager", fullgraph=True)(q, k, v)
+    assert out.abs().sum() == 0
+    monkeypatch.setenv("DSV3_KERNELS", "rules")  # the rule: flash (fp32 on CPU)
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, b, c: causal_attention(a, b, c, 0.25), backend="eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, attention._flash(q, k, v, 0.25), atol=0, rtol=0)
+
+
 def _experts(E: int, D: int, dtype: torch.dtype) -> Experts:
     """E routed experts of width D (hidden 32), weights N(0, 0.3) from seed 0, in ``dtype``."""
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Component tests of the model math against values computed by hand or by plain loops."""
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -211,6 +212,57 @@ def test_experts_compile_whole_graph_on_cpu(dtype):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **tol)
     assert got[2][E - 1].abs().sum() == 0  # unused expert: zero gradient
+
+
+def test_compiled_experts_pad_their_groups_into_a_fixed_block():
+    """bf16 on CPU with enough rows per expert: compiled code pads each expert's rows too (into
+    a block of a fixed row count, the rows after the last group left to no expert), stays one
+    graph, and matches the eager layer (which pads to the exact total) in output and every
+    gradient."""
+    from dsv3.model import grouped
+
+    torch.manual_seed(0)
+    E, D, H, N, K = 4, 16, 16, 256, 2
+    ex = Experts(E, D, H).to(torch.bfloat16)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(N, D, dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    assert grouped.padded_rows(N * K, E, x) == 16  # 128 rows per expert on average
+    w = torch.rand(N, K)
+    g = torch.randn(N, D)
+    params = [x, ex.gate_proj, ex.up_proj, ex.down_proj]
+    y = ex(x, w, idx)
+    ref = [y.detach()] + list(torch.autograd.grad((y.float() * g).sum(), params))
+    shapes = []
+    real = torch._grouped_mm
+
+    def spy(a, b, offs):
+        shapes.append((tuple(a.shape), int(offs[-1])))
+        return real(a, b, offs=offs)
+
+    torch._dynamo.reset()
+    fn = torch.compile(ex, fullgraph=True)
+    with patch.object(torch, "_grouped_mm", lambda a, b, offs: spy(a, b, offs)):
+        y2 = fn(x, w, idx)
+        got = [y2.detach()] + list(torch.autograd.grad((y2.float() * g).sum(), params))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)  # bf16 roundings differ (as unpadded)
+    bound = N * K + E * 15
+    assert shapes[0][0] == (bound, D) and shapes[0][1] % 16 == 0 and N * K <= shapes[0][1] <= bound
+
+
+def test_cpu_grouped_op_zeroes_the_rows_after_the_last_group():
+    """torch._grouped_mm leaves the rows after the last group unwritten; the op compiled code
+    calls returns zeros there, so that a padded block's spare rows stay finite."""
+    from dsv3.model.grouped import _grouped_mm_cpu
+
+    x = torch.full((40, 16), float("nan"), dtype=torch.bfloat16)
+    x[:20] = 1
+    w = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    y = _grouped_mm_cpu(x, w, torch.tensor([10, 20], dtype=torch.int32))
+    assert torch.equal(y[20:], torch.zeros(20, 8, dtype=torch.bfloat16))
+    torch.testing.assert_close(y[:10].float(), (x[:10].float() @ w[0].float().T), atol=0.05, rtol=0.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
