@@ -118,7 +118,8 @@ def bench_train(
         cfg: run config; batch = ``parallel.micro_batch_size``, sequence = ``data.seq_len``.
         precision: ``fp32`` or ``bf16``.
         vs_hf: also time transformers' DeepseekV3ForCausalLM in each setting.
-        compile_model: ``torch.compile`` the dsv3 model.
+        compile_model: ``torch.compile`` the dsv3 model and each transformers peer (its sides
+            are then named ``hf:<precision>:<experts>:compiled``).
         steps, reps, warmup: timed steps per round, rounds, untimed warm-up steps per side.
         checkpointing: also time dsv3 with activation checkpointing (not with ``compile_model``).
         hf_precisions: peer precisions (default: fp32, plus bf16 when ``precision`` is bf16).
@@ -168,12 +169,13 @@ def bench_train(
         state = dsv3_state(cfg, seed)
         for hp in hf_precisions or (("fp32", "bf16") if precision == "bf16" else ("fp32",)):
             for ex in HF_EXPERTS:
-                if not room(f"hf:{hp}:{ex}", hp, False):
+                name = f"hf:{hp}:{ex}" + (":compiled" if compile_model else "")
+                if not room(name, hp, False):
                     continue
                 hm = build_hf(cfg, state, dev, DTYPES[hp], experts=ex)
-                sides.append(
-                    Side(f"hf:{hp}:{ex}", hm, make_optimizer(hm, cfg, hp, master=False), hf_loss, cfg.train.grad_clip)
-                )
+                opt = make_optimizer(hm, cfg, hp, master=False)  # (on the parameters: before compiling)
+                hm = torch.compile(hm) if compile_model else hm  # the peer compiled too: like for like
+                sides.append(Side(name, hm, opt, hf_loss, cfg.train.grad_clip))
 
     memory = {}
     for s in sides:

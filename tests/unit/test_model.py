@@ -271,7 +271,7 @@ def test_whole_model_traces_as_one_graph(dtype):
     the loss sums) raises on any graph break: checked for the training forward with
     backward and for the evaluation forward under ``no_grad`` (what ``train.compile`` runs),
     with the eager backend (tracing only). Values match the plain model's (which may run other
-    measured kernels: compiled code takes the fixed rules)."""
+    measured kernels: compiled code takes the fixed rules, except the attention's choice)."""
     torch.manual_seed(0)
     model = Transformer(small_cfg())
     model.init_weights(seed=0)
