@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio"
     )
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the dsv3 model (train, decode; train: the transformers peers too)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the dsv3 model (train, decode; train: the peers too)"
+    )
     p.add_argument("--cuda-graph", action="store_true", help="decode: fixed-shape steps, one CUDA graph on a GPU")
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps per round (train, default 3); steps per layout (memory, 2)"

@@ -100,7 +100,10 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Computed block by block (:class:`_BlockedCrossEntropy`), equal to
     ``F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-    reduction="sum")`` up to fp32 rounding.
+    reduction="sum")`` up to fp32 rounding; compiled code (``torch.compile``) takes that
+    expression itself, which the compiler fuses into one pass forward and one backward (the
+    blocked function's in-place block updates compiled to a 3x slower backward: 13 against
+    4.4 ms for 2048 x 8192 bf16 logits on a 2-core CPU).
 
     Args:
         logits: (B, T, V), any float dtype (computed in fp32).
@@ -109,6 +112,10 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar fp32 tensor (0 when no position is labelled).
     """
+    if torch.compiler.is_compiling():
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     return _BlockedCrossEntropy.apply(logits.flatten(0, 1), labels.flatten())
 
 
