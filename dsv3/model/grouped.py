@@ -11,6 +11,7 @@ each group's rows to a multiple (:func:`padded_rows`) where the products' shapes
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dsv3.model import kernels
 
@@ -67,7 +68,8 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     ``bench`` steps 10-24 680-720 against 740-840 ms (2-core AMD EPYC, one thread). fp32 products
     (MKL) generate no code per shape. Compiled code pads too (unpadded, the compiled ``tiny``
     bf16 step spent 60 against 19 ms in its grouped products), into a block of a fixed number
-    of rows (:func:`pad_groups` with ``rows``).
+    of rows (:func:`pad_groups` with ``rows``), unless the row count is a symbol (dynamic
+    shapes, as in compiled generation): padding would make the graph depend on its value.
 
     Args:
         rows: the rows of the grouped products (tokens x experts per token).
@@ -75,7 +77,9 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
         x: the layer's input (its dtype and device decide).
     """
     mean = -(-rows // n_experts)
-    if mean < PAD_MIN_ROWS or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    if not statically_known_true(mean >= PAD_MIN_ROWS):  # (also a dynamic shape of compiled code: no guard)
         return 0
     return kernels.bucket(mean) // 8
 

@@ -250,6 +250,13 @@ def test_compiled_experts_pad_their_groups_into_a_fixed_block():
         torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)  # bf16 roundings differ (as unpadded)
     bound = N * K + E * 15
     assert shapes[0][0] == (bound, D) and shapes[0][1] % 16 == 0 and N * K <= shapes[0][1] <= bound
+    # with dynamic shapes (compiled generation) the row count is a symbol: not padded, so a
+    # new token count needs no new graph
+    torch._dynamo.reset()
+    dyn = torch.compile(ex, dynamic=True, fullgraph=True, backend="eager")
+    with torch.no_grad(), patch.object(torch._dynamo.config, "error_on_recompile", True):
+        torch.testing.assert_close(dyn(x, w, idx), y, atol=0.1, rtol=0.05)
+        assert dyn(x[:200], w[:200], idx[:200]).shape == (200, D)
 
 
 def test_cpu_grouped_op_zeroes_the_rows_after_the_last_group():
