@@ -104,7 +104,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return ATTENTION_KERNELS[candidates[0]](q, k, v, scale)
     if not torch.compiler.is_compiling():
         name = _measured_attention(B, H, T, Dk, Dv, q.dtype, not torch.is_inference_mode_enabled())
-    elif all(type(n) is int for n in (B, H, T)):  # static shapes: measured once, where traced
+    elif kernels.static_ints(B, H, T):  # static shapes: measured once, where traced
         name = _traced_attention(B, H, T, Dk, Dv, q.dtype, torch.is_grad_enabled())  # (compiled: no inference mode)
     else:
         name = candidates[0]

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
@@ -185,13 +186,21 @@ def _given(op: str, key: str, candidates: Sequence[str], device_type: str) -> st
 _traced = False
 
 
+def static_ints(*ns: int) -> bool:
+    """Whether every one of ``ns`` is a plain int, also where ``torch.compile`` traces, where a
+    dynamic size is a symbol that passes ``isinstance(n, int)``; asks nothing that would add a
+    guard on a symbol's value (a symbol's range is unbounded above)."""
+    return all(statically_known_true(n < 2**62) for n in ns)
+
+
 def at_trace_time(fn: Callable[..., str]) -> Callable[..., str]:
     """``fn`` (whose arguments are Python constants: ints, strings, dtypes) for code that
     ``torch.compile`` may trace: where it is traced, ``fn`` runs once, eagerly and outside the
     graph (``torch.compiler.assume_constant_result``), and the graph keeps its result as a
-    constant; the choices it asks of :func:`choose` are then measured (or read from this
-    process or the machine's record) as in eager code instead of falling back to the rule. In
-    eager code it is ``fn``."""
+    constant (a symbolic size as argument would break the graph: see :func:`static_ints`);
+    the choices it asks of :func:`choose` are then measured (or read from this process or the
+    machine's record) as in eager code instead of falling back to the rule. In eager code it
+    is ``fn``."""
 
     def run(*args):
         global _traced

@@ -132,6 +132,14 @@ def test_compiled_attention_takes_the_measured_or_forced_kernel(record, monkeypa
     torch._dynamo.reset()
     out = torch.compile(lambda a, b, c: causal_attention(a, b, c, 0.25), backend="eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, attention._flash(q, k, v, 0.25), atol=0, rtol=0)
+    # dynamic shapes (compiled generation): the length is a symbol, so the rule (asking the
+    # choice with a symbol would break the graph; a forced matmul would show as zeros)
+    monkeypatch.setenv("DSV3_KERNELS", "attention=matmul")
+    torch._dynamo.reset()
+    dyn = torch.compile(lambda a, b, c: causal_attention(a, b, c, 0.25), backend="eager", fullgraph=True, dynamic=True)
+    for n in (T, T - 5):
+        a, b, c = (t[:, :, :n].contiguous() for t in (q, k, v))
+        torch.testing.assert_close(dyn(a, b, c), attention._flash(a, b, c, 0.25))
 
 
 def _experts(E: int, D: int, dtype: torch.dtype) -> Experts:
