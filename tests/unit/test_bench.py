@@ -76,6 +76,26 @@ def test_vs_hf_ratio_and_parity(tmp_path):
     assert r["model"]["mtp_depth"] == 0 and r["notes"]  # transformers has no MTP: both run without it
 
 
+def test_compiled_bench_compiles_the_peers_too(monkeypatch):
+    """``--compile`` compares compiled against compiled: every transformers side goes through
+    ``torch.compile`` as well as dsv3's model, and its name says so (the compiler replaced by
+    a recorder here: the sides run eagerly)."""
+    pytest.importorskip("transformers")
+    compiled = []
+
+    def record(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    cfg = load_config(None, TINY)
+    r = bench.bench_train(cfg, "fp32", vs_hf=True, compile_model=True, steps=1, reps=1, warmup=0)
+    assert r["compile"] is True
+    assert set(r["results"]) == {"dsv3"} | {f"hf:fp32:{e}:compiled" for e in bench.HF_EXPERTS}  # no checkpointing side
+    assert compiled == ["Transformer"] + ["DeepseekV3ForCausalLM"] * len(bench.HF_EXPERTS)
+    assert r["hf_best"].endswith(":compiled")
+
+
 @pytest.mark.parametrize("precision,size", [("fp32", 4), ("bf16", 2)])
 def test_decode_cache_bytes_per_token(precision, size):
     cfg = load_config(None, TINY)
