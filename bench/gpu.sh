@@ -4,7 +4,8 @@
 # fp32 master weights in AdamW. Writes bench/*.json and prints the tables (MFU against the
 # measured bf16 matmul peak, tokens/s, peak memory per micro-batch).
 #   bench/gpu.sh                      # every step below, most wanted first
-#   bench/gpu.sh --config CFG [KEY=VALUE ...]   # the bench suite of one config
+#   bench/gpu.sh [KEY=VALUE ...]      # overrides go to every bench command (not the DeepSpeed run)
+#   bench/gpu.sh --config CFG [KEY=VALUE ...]   # only the bench suite of one config
 #   bench/gpu.sh --dry-run [...]      # print the commands, run nothing (no GPU needed)
 # Steps, in this order: the CUDA-only tests; configs/bench.yaml trained against transformers;
 # the ~1B-activated configs/bench_1b.yaml trained; decoding of bench.yaml against transformers,
@@ -27,10 +28,34 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}" PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 step_s="${STEP_S:-300}"
 budget_s="${BUDGET_S:-540}"
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() {
+  echo "bench/gpu.sh: $*" >&2
+  exit 2
+}
+for v in STEP_S BUDGET_S; do
+  [[ "${!v:-1}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a whole number of seconds (got '${!v}')"
+done
 dry=0
 args=()
-for a in "$@"; do
-  if [[ "$a" == --dry-run ]]; then dry=1; else args+=("$a"); fi
+while (($#)); do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --config | --config=*)
+      if [[ "$1" == --config ]]; then
+        (($# > 1)) || die "--config needs a config file, e.g. --config configs/bench.yaml"
+        cfg="$2"
+        shift
+      else
+        cfg="${1#--config=}"
+      fi
+      [[ -f "$cfg" ]] || die "no config file $cfg (the configs are in configs/)"
+      args+=(--config "$cfg") ;;
+    *=*) args+=("$1") ;;
+    *) die "unknown argument $1 (takes --config CFG, KEY=VALUE overrides, --dry-run, --help)" ;;
+  esac
+  shift
 done
 set -- "${args[@]+"${args[@]}"}"
 out="${OUT:-}"
@@ -75,7 +100,7 @@ run() {
   collect
 }
 dsv3=("$python" -m dsv3)
-if [[ " $* " == *" --config "* || " $* " == *" --config="* ]]; then
+if [[ " $* " == *" --config "* ]]; then
   run "${dsv3[@]}" bench train --precision bf16 --vs hf --steps 10 --reps 3 "$@"
   run "${dsv3[@]}" bench decode --precision bf16 --vs hf "$@"
   run "${dsv3[@]}" bench decode --precision bf16 --cuda-graph --vs hf "$@"

@@ -158,6 +158,8 @@ def bench_train(
     )
     cuda_bytes = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     room = side_room(cuda_bytes, sum(p.numel() for p in model.parameters()), precision, notes)
+    if checkpointing and compile_model:
+        notes.append("no dsv3+ckpt side with --compile (the model is not compiled twice)")
     if checkpointing and not compile_model and room("dsv3+ckpt", precision, True):  # (not compiled twice)
         m2 = build_dsv3(cfg, dev, precision, checkpointing=True, seed=seed)
         sides.append(

@@ -240,6 +240,7 @@ def activation_bytes(side: Side, inputs: torch.Tensor, labels: torch.Tensor) -> 
     params = {p.untyped_storage().data_ptr() for p in side.model.parameters()}
     seen: dict[int, int] = {}
 
+    @torch.compiler.disable  # a compiled model calls it from its graphs: not traced (one graph per stride)
     def pack(t):
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             try:

@@ -115,3 +115,34 @@ def test_time_limits_and_results_under_out(tmp_path):
         assert tar.getnames() == ["bench/result-1.json"]
         assert tar.extractfile("bench/result-1.json").read() == b'{"n": 1}\n'
     assert sorted(p.name for p in out.iterdir()) == ["gpu-results.tar.gz", "gpu.log"]
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--bogus"], {}, "unknown argument --bogus (takes --config CFG"),
+        (["--config"], {}, "--config needs a config file"),
+        (["--config", "configs/nope.yaml"], {}, "no config file configs/nope.yaml"),
+        (["--dry-run"], {"STEP_S": "abc"}, "STEP_S must be a whole number of seconds (got 'abc')"),
+        (["--dry-run"], {"BUDGET_S": "0"}, "BUDGET_S must be a whole number of seconds (got '0')"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(args, env, message, tmp_path):
+    """One line naming the problem, exit 2, before the GPU check (here no GPU: it would say so)."""
+    fake = tmp_path / "python3"
+    fake.write_text("#!/usr/bin/env bash\necho ran >&2\nexit 1\n")
+    fake.chmod(0o755)
+    r = subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        env={**os.environ, "PYTHON": str(fake), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"bench/gpu.sh: {message}" + r.stderr.split(message, 1)[1] and r.stderr.count("\n") == 1
+
+
+def test_help_prints_the_usage():
+    r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.startswith("The benchmarks on one CUDA GPU") and "--dry-run" in r.stdout and "STEP_S" in r.stdout
