@@ -14,7 +14,7 @@
 # takes minutes).
 # Time: every step runs under `timeout` (STEP_S, default 300 s); once BUDGET_S (default 540 s)
 # have passed since the start, the steps left are skipped and named, and the step running then
-# is stopped 50 s after it at the latest, so that a machine lent for a few minutes returns the
+# is stopped 50 s after it at the latest, so that a short GPU allocation returns the
 # most wanted figures first. A step that fails or times out is
 # reported and the others still run; the exit status is 1 if any failed.
 # Results: where OUT names a folder (e.g. a job's output folder), gpu.log (everything printed)
