@@ -111,14 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train (prepares data first when needed; resumes from out_dir)")
     _add_config_args(p, required=False)
     p.add_argument("--no-sample", action="store_true", help="do not print a generated sample at the end")
-    p.add_argument(
-        "--check",
-        type=int,
-        default=None,
-        metavar="WORLD",
-        help="only check the config and its parallel layout for WORLD processes, then exit (the "
-        "launch scripts run this before starting any process)",
-    )
+    p.add_argument("--check", type=int, default=None, metavar="WORLD", help="only check the config and its "
+                   "parallel layout for WORLD processes, then exit (the launch scripts run this first)")  # fmt: skip
     # the deepspeed launcher appends --local_rank=N (the rank is also in $LOCAL_RANK)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant replies only)")
@@ -216,9 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio"
     )
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile the dsv3 model (train, decode; train: the peers too)"
-    )
+    p.add_argument("--compile", action="store_true", help="torch.compile dsv3 (train, decode; train: the peers too)")
     p.add_argument("--cuda-graph", action="store_true", help="decode: fixed-shape steps, one CUDA graph on a GPU")
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps per round (train, default 3); steps per layout (memory, 2)"
@@ -233,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reps", type=int, default=2, help="rounds (train) / repetitions (decode)")
     p.add_argument("--out-dir", default="bench", help="folder for the JSON results")
-    p.add_argument(
-        "--profile", action="store_true", help="train: per-operator breakdown of a step to <stem>.profile.json"
-    )
+    p.add_argument("--profile", action="store_true", help="train: per-operator breakdown to <stem>.profile.json")
     return parser
 
 
@@ -489,8 +479,7 @@ def _cmd_chat(args) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (``sys.argv[1:]`` when None) as :func:`main` reads it: KEY=VALUE
-    overrides may also come between or after the options; anything else unknown exits 2."""
+    """The command line (``sys.argv[1:]`` if None) as :func:`main` reads it (KEY=VALUE anywhere; else exit 2)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -103,17 +103,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if len(candidates) == 1 or q.device.type != "cpu":
         return ATTENTION_KERNELS[candidates[0]](q, k, v, scale)
     if not torch.compiler.is_compiling():
-        name = _measured_attention(B, H, T, Dk, Dv, q.dtype, not torch.is_inference_mode_enabled())
-    elif kernels.static_ints(B, H, T):  # static shapes: measured once, where traced
-        name = _traced_attention(B, H, T, Dk, Dv, q.dtype, torch.is_grad_enabled())  # (compiled: no inference mode)
+        name = _measured_attention(B, H, T, Dk, Dv, q.dtype, not torch.is_inference_mode_enabled(), tuple(candidates))
+    elif kernels.static_ints(B, H, T):  # static shapes: measured once, where traced (compiled: no inference mode)
+        name = _traced_attention(B, H, T, Dk, Dv, q.dtype, torch.is_grad_enabled(), tuple(candidates))
     else:
         name = candidates[0]
     return ATTENTION_KERNELS[name](q, k, v, scale)
 
 
-def _measured_attention(B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, train: bool) -> str:
-    """:func:`causal_attention`'s kernel on a CPU: the measured choice (:func:`dsv3.model.kernels.choose`)."""
-    candidates = _attention_candidates(B, H, T, Dk, Dv, dtype, "cpu")
+def _measured_attention(
+    B: int, H: int, T: int, Dk: int, Dv: int, dtype: torch.dtype, train: bool, candidates: tuple[str, ...]
+) -> str:
+    """:func:`causal_attention`'s kernel on a CPU among ``candidates`` (:func:`_attention_candidates`):
+    the measured choice (:func:`dsv3.model.kernels.choose`)."""
     key = _attention_key(B, H, T, Dk, Dv, dtype, train)
 
     def run(name, data={}):  # noqa: B006 - the synthetic inputs, made on the first call

@@ -68,7 +68,7 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     ``bench`` steps 10-24 680-720 against 740-840 ms (2-core AMD EPYC, one thread). fp32 products
     (MKL) generate no code per shape. Compiled code pads too (unpadded, the compiled ``tiny``
     bf16 step spent 60 against 19 ms in its grouped products), into a block of a fixed number
-    of rows (:func:`pad_groups` with ``rows``), unless the row count is a symbol (dynamic
+    of rows (:func:`pad_groups`), unless the row count is a symbol (dynamic
     shapes, as in compiled generation): padding would make the graph depend on its value.
 
     Args:
@@ -90,26 +90,25 @@ PAD_MIN_ROWS = 128
 
 
 def pad_groups(
-    x: torch.Tensor, counts: torch.Tensor, group: torch.Tensor, pad: int, rows: int | None = None
+    x: torch.Tensor, counts: torch.Tensor, group: torch.Tensor, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows sorted by group, each group followed by zero rows up to a multiple of ``pad``.
 
     Args:
         x: (M, D) rows sorted by group; counts: (E,) int64 rows per group; group: (M,) the
             group of each row; pad: the multiple (:func:`padded_rows`).
-        rows: the rows of the padded block, at least the padded total (for compiled code, whose
-            shapes may not depend on the data: ``M + E * (pad - 1)`` always holds it); default
-            that total, read from the data.
 
     Returns:
         (padded (P, D) rows, (E,) padded counts, (M,) int64 row of each input row in it);
-        ``padded[dest] == x``, every other row is zero (a product of it is zero too). Rows after
-        the last padded group belong to no group.
+        ``padded[dest] == x``, every other row is zero (a product of it is zero too). P is the
+        padded total, read from the data; in compiled code, whose shapes may not depend on the
+        data, ``M + E * (pad - 1)``, which always holds it (rows after the last padded group
+        then belong to no group).
     """
     padded = (counts + pad - 1) // pad * pad  # (E,)
     rank = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[group]  # (M,)
     dest = (padded.cumsum(0) - padded)[group] + rank  # (M,)
-    P = int(padded.sum()) if rows is None else rows
+    P = x.shape[0] + counts.shape[0] * (pad - 1) if torch.compiler.is_compiling() else int(padded.sum())
     return x.new_zeros(P, x.shape[1]).index_copy(0, dest, x), padded, dest
 
 

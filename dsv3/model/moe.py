@@ -241,10 +241,11 @@ class Experts(nn.Module):
         cg = ContiguousGrad.apply if torch.is_grad_enabled() else _same  # an autograd.Function call costs ~10 us
         xs = cg(x.index_select(0, token))  # (N*K, D); backward: index_add_ (8x faster than x[token]'s in bf16)
         dest = None
-        compiling = torch.compiler.is_compiling()  # (compiled: padded to a fixed row count, grouped_mm only)
-        if pad := padded_rows(flat.numel(), self.n_experts, x) if kernel == "grouped_mm" or not compiling else 0:
-            bound = flat.numel() + self.n_experts * (pad - 1) if compiling else None
-            xs, counts, dest = pad_groups(xs, counts, flat[order], pad, bound)
+        # (compiled code pads into a fixed block whose spare rows only grouped_mm leaves alone)
+        if kernel == "grouped_mm" or not torch.compiler.is_compiling():
+            pad = padded_rows(flat.numel(), self.n_experts, x)
+            if pad:
+                xs, counts, dest = pad_groups(xs, counts, flat[order], pad)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,)
         h = F.silu(grouped_matmul(xs, self.gate_proj, offsets, kernel)) * grouped_matmul(
             xs, self.up_proj, offsets, kernel
