@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vs", choices=["hf"], default=None, help="also run transformers' DeepseekV3ForCausalLM; print the ratio"
     )
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="auto: the faster one here")
     p.add_argument("--compile", action="store_true", help="torch.compile dsv3 (train, decode; train: the peers too)")
     p.add_argument("--cuda-graph", action="store_true", help="decode: fixed-shape steps, one CUDA graph on a GPU")
     p.add_argument(

@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dsv3.bench.memory import bench_memory, memory_table
 from dsv3.bench.profile import format_profile, profile_path, write_profile
 from dsv3.bench.runs import bench_data, bench_decode, bench_train
@@ -106,6 +108,12 @@ def run_cli(
     if vs not in (None, "hf"):
         raise DsvError(f"--vs {vs}: the only peer is 'hf' (transformers)")
     name = Path(config).stem if config else "tiny"
+    asked, note = precision, None
+    if kind in ("train", "decode"):  # auto: the faster precision here; bf16 where fp32 is faster: a note
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision, note = kernels.resolve_precision(precision, device, "--precision")
+        if note:
+            print(note, flush=True)
     if kind == "train":
         result = bench_train(
             cfg, precision, vs_hf=vs == "hf", compile_model=compile_model, steps=steps, reps=reps, profile=profile
@@ -119,11 +127,13 @@ def run_cli(
     else:
         raise DsvError(f"unknown benchmark {kind!r}; use train, decode, data or memory")
     result["config"] = name
+    if note:
+        result["notes"] = [*result.get("notes", []), note]
     result["command"] = "dsv3 bench " + " ".join(
         [kind]
         + ([f"--config {config}"] if config else [])
         + ([f"--vs {vs}"] if vs else [])
-        + ([f"--precision {precision}"] if kind != "data" else [])
+        + ([f"--precision {asked}"] if kind != "data" else [])
         + (["--compile"] if compile_model else [])
         + (["--cuda-graph"] if cuda_graph else [])
         + ([f"--steps {steps}", f"--reps {reps}"] if kind == "train" else [])

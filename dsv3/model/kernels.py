@@ -8,7 +8,8 @@ a softmax), the routed experts' products (``torch._grouped_mm`` or one padded ``
 experts of a few decoding tokens (grouped, or every expert on every token), the linear
 products of a few decoding tokens (``F.linear``, or oneDNN with a prepacked weight; and for a
 whole decoding step, those choices or every product plain), and the optimizer's update
-(torch AdamW fused or foreach, :func:`dsv3.parallel.engine.adamw_kernel`).
+(torch AdamW fused or foreach, :func:`dsv3.parallel.engine.adamw_kernel`); and which precision
+trains faster here (:func:`faster_precision`, for ``train.precision: auto``).
 :func:`choose` picks among such candidates:
 
 1. ``DSV3_KERNELS`` set to ``rules`` uses the first candidate (the fixed rule) everywhere, and
@@ -49,7 +50,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
-from dsv3.hardware import cpu_info
+from dsv3.hardware import cpu_info, device_name
 
 #: the first candidate is kept unless another is faster by more than this fraction
 MARGIN = 0.1
@@ -367,6 +368,68 @@ def preload(recorded: dict[str, dict]) -> None:
         if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
             _made[key] = {"choice": entry["choice"]}
     _bump()
+
+
+#: the linear layer :func:`faster_precision` times: (rows, in, out)
+PRECISION_PROBE = (512, 512, 512)
+
+
+def faster_precision(device: torch.device) -> str:
+    """``"bf16"`` unless fp32 trains faster on this machine: what ``train.precision: auto``
+    (and ``dsv3 bench --precision auto``) becomes.
+
+    A linear layer of :data:`PRECISION_PROBE` is timed forward and backward in each precision
+    through :func:`choose` (op ``precision``; bf16 is the rule, kept unless fp32 is faster by
+    more than :data:`MARGIN`; recorded per machine like every choice). A CPU whose bf16
+    products have no native instructions (AVX2 without AVX-512-BF16 or AMX) runs bf16 several
+    times slower than fp32: a 2-core AMD EPYC with AVX2 only trained ``tiny`` at 90 tokens/s in
+    bf16 against 3438 in fp32. Any device but the CPU gets bf16.
+    """
+    rows, d_in, d_out = PRECISION_PROBE
+    gen = generator()
+    x32 = torch.randn(rows, d_in, generator=gen)
+    w32 = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    grad32 = torch.randn(rows, d_out, generator=gen)
+    operands = {
+        name: (x32.to(dtype), w32.to(dtype).requires_grad_(), grad32.to(dtype))
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    }
+
+    def run(name: str) -> None:
+        x, w, grad = operands[name]
+        x.requires_grad_(True)
+        torch.nn.functional.linear(x, w).backward(grad)
+        x.grad = w.grad = None
+
+    return choose("precision", "linear train {}x{}x{}".format(*PRECISION_PROBE), ("bf16", "fp32"), run, device)
+
+
+def resolve_precision(precision: str, device: torch.device, label: str = "train.precision") -> tuple[str, str | None]:
+    """A precision as it will run: ``auto`` becomes :func:`faster_precision`; ``fp32`` and
+    ``bf16`` stay.
+
+    Args:
+        precision: ``fp32``, ``bf16`` or ``auto``.
+        device: where it runs.
+        label: how the user set it, for the message (``train.precision``, ``--precision``).
+
+    Returns:
+        (``"fp32"`` or ``"bf16"``, a line to show the user or None): for ``auto``, what it
+        became and why; for ``bf16`` on a CPU where fp32 runs faster, that it does and by how
+        much (the user may still want bf16, e.g. to compare with a GPU run).
+    """
+    if precision not in ("auto", "bf16") or (precision == "bf16" and device.type != "cpu"):
+        return precision, None
+    if device.type != "cpu":
+        return "bf16", f"{label}=auto: bf16 on {device.type}"
+    choice = faster_precision(device)
+    ms = _made.get("precision | linear train {}x{}x{}".format(*PRECISION_PROBE), {}).get("ms")
+    timing = f" (a linear layer's forward and backward: bf16 {ms['bf16']:g} ms, fp32 {ms['fp32']:g} ms)" if ms else ""
+    if precision == "auto":
+        return choice, f"{label}=auto: {choice} on {device_name(device)}{timing}"
+    if choice == "fp32":
+        return "bf16", f"{label}=bf16 runs slower than fp32 on this CPU{timing}; {label}=fp32 (or auto) is faster here"
+    return "bf16", None
 
 
 def generator() -> torch.Generator:

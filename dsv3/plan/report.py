@@ -4,13 +4,14 @@ and all-to-all figures, the proposals and the schedules."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from dsv3.config import Config
 from dsv3.errors import DsvError
-from dsv3.model import Transformer, count_parameters, flops_per_token
+from dsv3.model import Transformer, count_parameters, flops_per_token, kernels
 from dsv3.plan.costs import ATTENTION_FORMS, DTYPE_BYTES, GB, GIB, planned_activations, split_counts
 from dsv3.plan.layouts import Layout, ModelParts, StagePlan, plan_layout, propose, relative_step_time
 from dsv3.plan.offload import PROCESS_BASELINE_BYTES
@@ -237,6 +238,10 @@ def plan(
     for name, dt in (("dispatch", dispatch), ("combine", combine)):
         if dt is not None and dt not in DTYPE_BYTES:
             raise DsvError(f"all-to-all {name} dtype {dt!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
+    auto_note = None
+    if cfg.train.precision == "auto":  # GPUs train in bf16; a CPU plan takes the faster precision of this CPU
+        cfg = copy.deepcopy(cfg)
+        cfg.train.precision, auto_note = kernels.resolve_precision("auto", torch.device("cpu" if cpu else "cuda"))
     with torch.device("meta"):
         model = Transformer(cfg.model)
     counts = count_parameters(model)
@@ -256,6 +261,8 @@ def plan(
         f"activations {act.block(True) / 1024:,.1f} KiB per token per MoE block, {act.block(False) / 1024:,.1f} "
         f"dense, {act.block_input / 1024:,.1f} with checkpointing ({cfg.train.precision})",
     ]
+    if auto_note:
+        lines.append(f"precision   {auto_note}")
     dispatch = dispatch or cfg.train.precision
     combine = combine or cfg.train.precision
     layout = Layout.of(p, gpus)

@@ -41,11 +41,11 @@ from dsv3.checkpoint import (
     saved_world_size,
     tag_for,
 )
-from dsv3.collectives import all_reduce_sum, barrier
+from dsv3.collectives import all_gather_object, all_reduce_sum, barrier
 from dsv3.config import Config, save_config
 from dsv3.errors import DsvError, StopRequested, TrainingDiverged
 from dsv3.hardware import DTYPES, measure_peak_tflops
-from dsv3.model import IGNORE_INDEX, Transformer, label_counts, materialize_, training_loss
+from dsv3.model import IGNORE_INDEX, Transformer, kernels, label_counts, materialize_, training_loss
 from dsv3.model.init import allocated_elements
 from dsv3.parallel import expert_parallel, layout_free
 from dsv3.parallel.checkpointing import apply_activation_checkpointing
@@ -63,8 +63,8 @@ from dsv3.training.schedule import Schedules, schedule_warning, tokens_text
 from dsv3.training.signals import StopSignal
 
 
-def _log(info: DistInfo, msg: str) -> None:
-    if info.is_main:
+def _log(info: DistInfo, msg: str | None) -> None:
+    if info.is_main and msg:
         print(msg, flush=True)
 
 
@@ -74,18 +74,18 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.info = init_distributed()
         cfg, init_source, changed = with_init_from(cfg)
+        precision, note = kernels.resolve_precision(cfg.train.precision, self.info.device)  # (auto: measured)
+        cfg.train.precision = all_gather_object(precision)[0]  # rank 0's: every node trains alike
         self.cfg = cfg
-        if changed:
-            _log(self.info, f"context extension of {cfg.train.init_from}: {changed}")
+        _log(self.info, note)
+        _log(self.info, changed and f"context extension of {cfg.train.init_from}: {changed}")
         self.ep = cfg.parallel.ep
         self.pipe = None  # a dsv3.parallel.pipeline.PipelineRun with parallel.pp > 1
         stage_blocks = check_launch(cfg, self.info.world_size)  # the same checks as `dsv3 train --check`
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / CHECKPOINTS
-        dp = self.info.world_size // cfg.parallel.pp
-        p = cfg.parallel
-        self.dp = dp
-        self.global_batch = p.micro_batch_size * p.grad_accum * dp  # after the batch ramp, if any
+        self.dp = dp = self.info.world_size // cfg.parallel.pp
+        self.global_batch = cfg.parallel.micro_batch_size * cfg.parallel.grad_accum * dp  # after the batch ramp, if any
         self.schedules = Schedules(cfg, dp)  # every scheduled value of every step; checks the ramp
 
         for turn in ("main", "others"):  # rank 0 prepares (or finds the cache), then the others read it

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from helpers import ROOT, TIMING, run_dsv3, run_script, tiny_overrides
 
 
@@ -145,7 +146,8 @@ def test_convert_round_trip_through_cli(trained, tmp_path):
 
 def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     out = tmp_path / "bf16"
-    run_dsv3(
+    # train.precision=auto on a machine where bf16 measured faster (forced here): the run is bf16
+    proc = run_dsv3(
         [
             "train",
             "--no-sample",
@@ -154,15 +156,18 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
                 data_cache,
                 out,
                 **{
-                    "train.precision": "bf16",
+                    "train.precision": "auto",
                     "parallel.zero_stage": 1,
                     "train.steps": 4,
                     "ckpt.every": 4,
                     "train.eval_every": 4,
                 },
             ),
-        ]
+        ],
+        env={"DSV3_KERNELS": "precision=bf16"},
     )
+    assert "train.precision=auto: bf16 on cpu (" in proc.stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "bf16"
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
     assert all(0 < r["grad_norm"] < 100 for r in recs[1:])
@@ -176,7 +181,7 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
     # ZeRO-0 in bf16 (DeepSpeed's unfused optimizer, which steps once at start-up to create the
     # Adam state) takes the same 4 AdamW updates: the same losses, step count 4
     zero0 = tmp_path / "bf16-zero0"
-    run_dsv3(
+    proc = run_dsv3(
         [
             "train",
             "--no-sample",
@@ -192,8 +197,10 @@ def test_bf16_zero1_trains(corpus_dir, data_cache, tmp_path):
                     "train.eval_every": 4,
                 },
             ),
-        ]
+        ],
+        env={"DSV3_KERNELS": "precision=fp32"},  # as if fp32 measured faster: told so, still bf16
     )
+    assert "train.precision=bf16 runs slower than fp32 on this CPU; train.precision=fp32 (or auto)" in proc.stdout
     for a, b in zip(read_metrics(zero0), recs):
         assert a["loss" if "loss" in b else "val_loss"] == pytest.approx(
             b["loss" if "loss" in b else "val_loss"], rel=2e-5

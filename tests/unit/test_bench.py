@@ -22,8 +22,8 @@ from dsv3 import bench
 from dsv3.cli import main
 from dsv3.config import load_config
 from dsv3.errors import DsvError
-from dsv3.hardware import HOST_ALLOCATOR
-from dsv3.model import flops_per_token
+from dsv3.hardware import HOST_ALLOCATOR, device_name
+from dsv3.model import flops_per_token, kernels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,6 +106,21 @@ def test_decode_cache_bytes_per_token(precision, size):
     )
     assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b2"] > 0
     assert r["results"]["dsv3@b2"]["tokens_per_s"] == pytest.approx(2 * 3 / r["results"]["dsv3@b2"]["seconds"])
+
+
+def test_precision_auto_benchmarks_the_faster_precision(tmp_path, capsys, monkeypatch):
+    """``--precision auto`` benchmarks the precision this CPU measured faster (forced here to
+    fp32): the result file, its precision and notes say which, the command keeps ``auto``."""
+    monkeypatch.setenv("DSV3_KERNELS", "precision=fp32")
+    monkeypatch.setattr(kernels, "_made", {})
+    args = ["bench", "decode", "--precision", "auto", "--reps", "1", "--out-dir", str(tmp_path), *TINY]
+    assert main(args) == 0
+    (path,) = tmp_path.glob("decode-tiny-*.json")
+    r = json.loads(path.read_text())
+    assert path.name.startswith("decode-tiny-fp32-") and r["precision"] == "fp32"
+    assert "--precision auto" in r["command"] and r["cache_bytes_per_token"] == (16 + 8) * 2 * 4
+    note = f"--precision=auto: fp32 on {device_name(torch.device('cpu'))}"
+    assert note in r["notes"] and capsys.readouterr().out.startswith(note + "\n")
 
 
 class SyncCounter(TorchDispatchMode):

@@ -67,7 +67,7 @@ def test_overrides_are_typed():
         (["model.qk_rope_head_dim=15"], "qk_rope_head_dim=15 must be even"),
         (["model.n_dense_layers=9"], "n_dense_layers=9 exceeds model.n_layers=4"),
         (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=1024"),
-        (["train.precision=fp16"], "train.precision='fp16' is not supported; use fp32 or bf16"),
+        (["train.precision=fp16"], "train.precision='fp16' is not supported; use fp32, bf16 or auto"),
         (["model.n_expert_groups=8", "model.n_limited_groups=4"], "leaves 1 expert per group"),
     ],
 )

@@ -526,3 +526,41 @@ def test_adamw_implementations_update_alike_and_the_run_takes_the_measured_one(d
         monkeypatch.setenv("DSV3_KERNELS", f"optimizer={forced}")
         opt = make_optimizer(groups, cfg)
         assert opt.defaults[forced] is True and not any(opt.defaults[k] for k in ADAMW_KERNELS if k != forced)
+
+
+def test_precision_auto_takes_the_faster_one_and_bf16_is_told_when_fp32_is_faster(record, monkeypatch):
+    """``auto`` becomes the precision whose linear layer trained faster here (recorded with both
+    timings, bf16 kept within the margin); an explicit bf16 stays bf16, with a note when fp32
+    measured faster; fp32 asks nothing; a GPU gets bf16 without measuring."""
+    cpu = torch.device("cpu")
+    assert kernels.resolve_precision("fp32", cpu) == ("fp32", None)
+    assert kernels.choices() == {}  # nothing measured for fp32
+    choice, note = kernels.resolve_precision("auto", cpu)
+    (key,) = kernels.choices()
+    entry = kernels.choices()[key]
+    assert key == "precision | linear train 512x512x512" and set(entry["ms"]) == {"bf16", "fp32"}
+    ms = entry["ms"]
+    assert choice == entry["choice"] == ("bf16" if ms["bf16"] <= ms["fp32"] * (1 + kernels.MARGIN) else "fp32")
+    assert note == (
+        f"train.precision=auto: {choice} on {kernels.device_name(cpu)} (a linear layer's forward and backward: "
+        f"bf16 {ms['bf16']:g} ms, fp32 {ms['fp32']:g} ms)"
+    )
+    assert json.loads(record.read_text()).popitem()[1][key] == entry  # the machine's record
+    bf16, bf16_note = kernels.resolve_precision("bf16", cpu, "--precision")
+    assert bf16 == "bf16" and (bf16_note is None) == (choice == "bf16")
+    if bf16_note:
+        assert bf16_note.startswith("--precision=bf16 runs slower than fp32 on this CPU (a linear layer's")
+        assert bf16_note.endswith("; --precision=fp32 (or auto) is faster here")
+    # forced either way (DSV3_KERNELS): the same answers without timings
+    for forced in ("fp32", "bf16"):
+        monkeypatch.setattr(kernels, "_made", {})
+        monkeypatch.setenv("DSV3_KERNELS", f"precision={forced}")
+        assert kernels.resolve_precision("auto", cpu)[0] == forced
+        note = kernels.resolve_precision("bf16", cpu)[1]
+        assert note == (
+            None
+            if forced == "bf16"
+            else "train.precision=bf16 runs slower than fp32 on this CPU; train.precision=fp32 (or auto) is faster here"
+        )
+    assert kernels.resolve_precision("auto", torch.device("cuda")) == ("bf16", "train.precision=auto: bf16 on cuda")
+    assert kernels.resolve_precision("bf16", torch.device("cuda")) == ("bf16", None)

@@ -399,3 +399,24 @@ def test_the_cpu_plan_counts_the_attention_the_machine_chose(tmp_path, monkeypat
     for seq_len, expected in ((64, ("matmul", False)), (8192, ("fused", True))):
         same = load_config(None, TINY + ["model.v_head_dim=24", f"data.seq_len={seq_len}", "model.max_seq_len=8192"])
         assert planned_activations(same, 2, cpu=True)[1:] == expected
+
+
+def test_plan_of_precision_auto(monkeypatch):
+    """``train.precision=auto`` plans GPUs in bf16 and a CPU run in the precision this CPU trains
+    faster in (forced here), saying so; the rest of the report is that precision's."""
+
+    def without_auto_line(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if not line.startswith("precision   "))
+
+    cfg = load_config(None, ["train.precision=auto"])
+    gpu = plan(cfg, 2, 80)
+    assert "\nprecision   train.precision=auto: bf16 on cuda\n" in gpu
+    assert without_auto_line(gpu) == plan(load_config(None, ["train.precision=bf16"]), 2, 80)
+    assert cfg.train.precision == "auto"  # the caller's config is left as it was
+    for forced in ("fp32", "bf16"):
+        monkeypatch.setenv("DSV3_KERNELS", f"precision={forced}")
+        monkeypatch.setattr(kernels, "_made", {})
+        text = plan(cfg, 1, None, cpu=True, host_memory_gib=24)
+        assert f"\nprecision   train.precision=auto: {forced} on cpu (" in text
+        fixed = plan(load_config(None, [f"train.precision={forced}"]), 1, None, cpu=True, host_memory_gib=24)
+        assert without_auto_line(text) == fixed
