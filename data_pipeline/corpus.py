@@ -31,11 +31,12 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from dsv3.errors import DsvError
+
+if TYPE_CHECKING:  # imported where a corpus is read: it adds most of a second to every process's start
+    import datasets
 
 TEXT_EXTS = (".txt", ".py", ".md")
 #: Compressed JSON lines: only the compressions ``datasets`` can decompress in this environment.
@@ -206,6 +207,8 @@ def describe_source(source: str | None) -> str:
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
     """Turn ``datasets`` progress bars on or off for the duration of a ``with`` block."""
+    import datasets
+
     was = datasets.is_progress_bar_enabled()
     (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
     try:
@@ -241,6 +244,8 @@ def _raise_unreadable(source: str, files: list[Path], exc: BaseException) -> Non
 
 def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
     """Reduce ``ds`` to a single string column named ``text``."""
+    import datasets
+
     if text_field not in ds.column_names:
         raise DsvError(
             f"{where} has no column {text_field!r} (columns: {', '.join(ds.column_names) or 'none'}); "
@@ -258,6 +263,8 @@ def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.
 
 
 def _load_local(source: str, files: list[Path], text_field: str, cache_dir: str | None) -> datasets.Dataset:
+    import datasets
+
     groups = {
         "text": [str(f) for f in files if file_ext(f) in TEXT_EXTS],
         "json": [str(f) for f in files if file_ext(f) in JSON_EXTS],
@@ -280,6 +287,8 @@ def _load_local(source: str, files: list[Path], text_field: str, cache_dir: str 
 
 
 def load_hub(source: str, text_field: str, cache_dir: str | None) -> datasets.Dataset:
+    import datasets
+
     try:
         ds = datasets.load_dataset(source, split="train", cache_dir=cache_dir)
     except Exception as exc:

@@ -11,7 +11,6 @@ each group's rows to a multiple (:func:`padded_rows`) where the products' shapes
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dsv3.model import kernels
 
@@ -79,7 +78,7 @@ def padded_rows(rows: int, n_experts: int, x: torch.Tensor) -> int:
     mean = -(-rows // n_experts)
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
         return 0
-    if not statically_known_true(mean >= PAD_MIN_ROWS):  # (also a dynamic shape of compiled code: no guard)
+    if not kernels.known_true(mean >= PAD_MIN_ROWS):  # (also a dynamic shape of compiled code: no guard)
         return 0
     return kernels.bucket(mean) // 8
 

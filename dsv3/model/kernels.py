@@ -41,12 +41,12 @@ import fcntl
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dsv3.errors import DsvError
 from dsv3.fileio import atomic_write_text
@@ -191,7 +191,31 @@ def static_ints(*ns: int) -> bool:
     """Whether every one of ``ns`` is a plain int, also where ``torch.compile`` traces, where a
     dynamic size is a symbol that passes ``isinstance(n, int)``; asks nothing that would add a
     guard on a symbol's value (a symbol's range is unbounded above)."""
-    return all(statically_known_true(n < 2**62) for n in ns)
+    return all(known_true(n < 2**62) for n in ns)
+
+
+def known_true(condition: bool | torch.SymBool) -> bool:
+    """``torch.fx.experimental.symbolic_shapes.statically_known_true``: whether ``condition``
+    holds for every value a symbolic size may take (a plain bool: itself), without adding a
+    guard. Imported where code is compiled: the module pulls in sympy, half a second of every
+    process's start on a slow CPU, which eager code never needs."""
+    if isinstance(condition, bool) and not torch.compiler.is_compiling():  # (traced, a symbol passes for a bool)
+        return condition
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(condition)
+
+
+def assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (a
+    second of every process's start on a slow CPU) where nothing has imported it yet: the
+    public function imports it and marks ``fn`` with ``_dynamo_marked_constant``, which this
+    sets itself then (``tests/unit/test_kernels.py`` checks that the public function sets
+    exactly that mark in the installed torch)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def at_trace_time(fn: Callable[..., str]) -> Callable[..., str]:
@@ -211,7 +235,7 @@ def at_trace_time(fn: Callable[..., str]) -> Callable[..., str]:
         finally:
             _traced = before
 
-    return torch.compiler.assume_constant_result(functools.wraps(fn)(run))
+    return assume_constant_result(functools.wraps(fn)(run))
 
 
 def known(op: str, key: str, candidates: Sequence[str], device_type: str = "cpu") -> str | None:

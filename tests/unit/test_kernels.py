@@ -4,7 +4,9 @@ forced settings, and every candidate computing the same values as the fixed rule
 from __future__ import annotations
 
 import json
+import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -564,3 +566,22 @@ def test_precision_auto_takes_the_faster_one_and_bf16_is_told_when_fp32_is_faste
         )
     assert kernels.resolve_precision("auto", torch.device("cuda")) == ("bf16", "train.precision=auto: bf16 on cuda")
     assert kernels.resolve_precision("bf16", torch.device("cuda")) == ("bf16", None)
+
+
+def test_assume_constant_result_sets_the_mark_torch_sets():
+    """:func:`kernels.assume_constant_result` marks a function as the public
+    ``torch.compiler.assume_constant_result`` does in this torch (which it stands in for while
+    ``torch._dynamo`` is not imported), and defers to it once it is."""
+
+    def public():
+        return 1
+
+    def ours():
+        return 1
+
+    assert torch.compiler.assume_constant_result(public) is public
+    with mock.patch.dict(sys.modules):  # (restored on exit)
+        sys.modules.pop("torch._dynamo", None)
+        assert kernels.assume_constant_result(ours) is ours
+    assert vars(ours) == vars(public) == {"_dynamo_marked_constant": True}
+    assert kernels.known_true(True) and not kernels.known_true(3 < 2)
