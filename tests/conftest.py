@@ -1,11 +1,27 @@
 """Shared fixtures: a small real corpus (files of this interpreter's standard library) and
 one intra-op thread for modules of tiny-matrix tests. Plain helpers are in ``helpers.py``."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from helpers import CORPUS_FILES, STDLIB
+
+
+def _share_the_cores() -> None:
+    """With several pytest-xdist workers, each worker and the processes its tests start use the
+    cores of one worker (``OMP_NUM_THREADS``): more threads than cores spin against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 
 @pytest.fixture(scope="module")

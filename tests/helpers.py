@@ -434,7 +434,7 @@ def chat_jsonl(run, n: int, text: str) -> dict:
         text=True,
         timeout=180,
         cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1"),
     )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return json.loads(proc.stdout)

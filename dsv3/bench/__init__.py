@@ -24,7 +24,7 @@ at 85 tokens/s on ``tiny``, 40x slower); SDPA attention. The ratio is taken agai
 fastest setting.
 
 MFU = model FLOPs per token (:func:`dsv3.model.flops_per_token`, 6N + attention) x tokens/s
-divided by a peak measured on this machine with a square matmul of the benchmark's dtype
+divided by a peak measured on this machine with a square matmul of the benchmark's dtype (the faster layout)
 (:func:`dsv3.hardware.measure_peak_tflops`; the bf16 peak is the reference for the bf16 goal).
 
 Memory per micro-batch: on CUDA ``torch.cuda.max_memory_allocated`` over one step; on CPU

@@ -564,6 +564,8 @@ def test_precision_auto_takes_the_faster_one_and_bf16_is_told_when_fp32_is_faste
             if forced == "bf16"
             else "train.precision=bf16 runs slower than fp32 on this CPU; train.precision=fp32 (or auto) is faster here"
         )
+    monkeypatch.setenv("DSV3_KERNELS", "rules")  # the rule: bf16
+    assert kernels.resolve_precision("auto", cpu)[0] == "bf16"
     assert kernels.resolve_precision("auto", torch.device("cuda")) == ("bf16", "train.precision=auto: bf16 on cuda")
     assert kernels.resolve_precision("bf16", torch.device("cuda")) == ("bf16", None)
 
