@@ -37,7 +37,7 @@ import torch
 from dsv3.config import load_config
 from dsv3.errors import DsvError
 from dsv3.hardware import device_name
-from dsv3.model import Transformer, count_parameters
+from dsv3.model import Transformer, count_parameters, kernels
 from dsv3.parallel.layout import stage_of_rank
 from dsv3.plan.costs import split_counts
 from dsv3.plan.layouts import Layout, ModelParts, plan_layout
@@ -249,6 +249,8 @@ def measure_layout(config: str | None, base: list[str], layout: MemoryLayout, st
     except DsvError as err:
         entry.update(error=str(err), ranks=[])
         return entry
+    # auto: what the ranks' trainers make of it on this machine (the same measured choice)
+    cfg.train.precision = kernels.resolve_precision(cfg.train.precision, torch.device("cpu"))[0]
     p = cfg.parallel
     entry.update(
         pp=p.pp,

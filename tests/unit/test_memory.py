@@ -137,10 +137,15 @@ def test_layout_specs():
 @pytest.fixture(scope="module")
 def zero3_process(one_torch_thread):
     """This process as a world of one (gloo), for DeepSpeed engines built in-process; the process
-    group and the launcher variables it set are removed afterwards."""
+    group and the launcher variables it set are removed afterwards, and ``F.linear``, which a
+    ZeRO-3 engine replaces for the rest of the process (DeepSpeed's ``memory_efficient_linear``),
+    is put back for the tests that run after these in the same process."""
     import os
 
     import torch.distributed as dist
+    import torch.nn.functional as F
+
+    linear = F.linear
 
     from dsv3.parallel.distributed import init_distributed
 
@@ -148,6 +153,7 @@ def zero3_process(one_torch_thread):
     started_here = not dist.is_initialized()
     init_distributed()
     yield
+    F.linear = linear
     if started_here and dist.is_initialized():
         dist.destroy_process_group()
     for k, v in before.items():
