@@ -394,8 +394,9 @@ def preload(recorded: dict[str, dict]) -> None:
     _bump()
 
 
-#: the linear layer :func:`faster_precision` times: (rows, in, out)
+#: the linear layer :func:`faster_precision` times: (rows, in, out), and its record key
 PRECISION_PROBE = (512, 512, 512)
+_PRECISION_KEY = "linear train {}x{}x{}".format(*PRECISION_PROBE)
 
 
 def faster_precision(device: torch.device) -> str:
@@ -425,7 +426,7 @@ def faster_precision(device: torch.device) -> str:
         torch.nn.functional.linear(x, w).backward(grad)
         x.grad = w.grad = None
 
-    return choose("precision", "linear train {}x{}x{}".format(*PRECISION_PROBE), ("bf16", "fp32"), run, device)
+    return choose("precision", _PRECISION_KEY, ("bf16", "fp32"), run, device)
 
 
 def resolve_precision(precision: str, device: torch.device, label: str = "train.precision") -> tuple[str, str | None]:
@@ -447,7 +448,7 @@ def resolve_precision(precision: str, device: torch.device, label: str = "train.
     if device.type != "cpu":
         return "bf16", f"{label}=auto: bf16 on {device.type}"
     choice = faster_precision(device)
-    ms = _made.get("precision | linear train {}x{}x{}".format(*PRECISION_PROBE), {}).get("ms")
+    ms = _made.get(f"precision | {_PRECISION_KEY}", {}).get("ms")
     timing = f" (a linear layer's forward and backward: bf16 {ms['bf16']:g} ms, fp32 {ms['fp32']:g} ms)" if ms else ""
     if precision == "auto":
         return choice, f"{label}=auto: {choice} on {device_name(device)}{timing}"
